@@ -1,0 +1,316 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    FLOAT32: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
+    INT8: _ClassVar[DType]
+    UINT8: _ClassVar[DType]
+    UINT16: _ClassVar[DType]
+    INT64: _ClassVar[DType]
+
+class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLE_UNSPECIFIED: _ClassVar[Role]
+    SENSOR: _ClassVar[Role]
+    TRAINER: _ClassVar[Role]
+    GROUND_STATION: _ClassVar[Role]
+DTYPE_UNSPECIFIED: DType
+FLOAT32: DType
+FLOAT16: DType
+INT8: DType
+UINT8: DType
+UINT16: DType
+INT64: DType
+ROLE_UNSPECIFIED: Role
+SENSOR: Role
+TRAINER: Role
+GROUND_STATION: Role
+
+class Tensor(_message.Message):
+    __slots__ = ("shape", "dtype", "data", "scale")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DType
+    data: bytes
+    scale: float
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ..., scale: _Optional[float] = ...) -> None: ...
+
+class PatchPayload(_message.Message):
+    __slots__ = ("height", "width", "channels", "grid", "visible_idx", "pixels")
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    GRID_FIELD_NUMBER: _ClassVar[int]
+    VISIBLE_IDX_FIELD_NUMBER: _ClassVar[int]
+    PIXELS_FIELD_NUMBER: _ClassVar[int]
+    height: int
+    width: int
+    channels: int
+    grid: int
+    visible_idx: bytes
+    pixels: bytes
+    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., grid: _Optional[int] = ..., visible_idx: _Optional[bytes] = ..., pixels: _Optional[bytes] = ...) -> None: ...
+
+class ClsPayload(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: Tensor
+    def __init__(self, token: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class Sample(_message.Message):
+    __slots__ = ("sample_id", "sensor_id", "label", "patches", "cls")
+    SAMPLE_ID_FIELD_NUMBER: _ClassVar[int]
+    SENSOR_ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PATCHES_FIELD_NUMBER: _ClassVar[int]
+    CLS_FIELD_NUMBER: _ClassVar[int]
+    sample_id: str
+    sensor_id: str
+    label: int
+    patches: PatchPayload
+    cls: ClsPayload
+    def __init__(self, sample_id: _Optional[str] = ..., sensor_id: _Optional[str] = ..., label: _Optional[int] = ..., patches: _Optional[_Union[PatchPayload, _Mapping]] = ..., cls: _Optional[_Union[ClsPayload, _Mapping]] = ...) -> None: ...
+
+class SampleAck(_message.Message):
+    __slots__ = ("sample_id", "duplicate")
+    SAMPLE_ID_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    sample_id: str
+    duplicate: bool
+    def __init__(self, sample_id: _Optional[str] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("node_id", "role", "address", "satellite_ids", "device")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SATELLITE_IDS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    role: Role
+    address: str
+    satellite_ids: _containers.RepeatedScalarFieldContainer[str]
+    device: str
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., satellite_ids: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ...) -> None: ...
+
+class RegisterReply(_message.Message):
+    __slots__ = ("config_json",)
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    config_json: str
+    def __init__(self, config_json: _Optional[str] = ...) -> None: ...
+
+class NodeInfo(_message.Message):
+    __slots__ = ("node_id", "role", "address", "satellite_ids", "device")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SATELLITE_IDS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    role: Role
+    address: str
+    satellite_ids: _containers.RepeatedScalarFieldContainer[str]
+    device: str
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., satellite_ids: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ...) -> None: ...
+
+class ListNodesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListNodesReply(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...
+
+class HealthRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HealthReply(_message.Message):
+    __slots__ = ("node_id", "role", "ready", "bytes_received", "bytes_sent")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    role: Role
+    ready: bool
+    bytes_received: int
+    bytes_sent: int
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., ready: _Optional[bool] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ...) -> None: ...
+
+class TransmitRequest(_message.Message):
+    __slots__ = ("satellite_id", "max_bytes", "max_samples")
+    SATELLITE_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    satellite_id: str
+    max_bytes: int
+    max_samples: int
+    def __init__(self, satellite_id: _Optional[str] = ..., max_bytes: _Optional[int] = ..., max_samples: _Optional[int] = ...) -> None: ...
+
+class TransmitReport(_message.Message):
+    __slots__ = ("satellite_id", "message_bytes", "acked", "duplicates", "remaining", "next_bytes")
+    SATELLITE_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACKED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    NEXT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    satellite_id: str
+    message_bytes: _containers.RepeatedScalarFieldContainer[int]
+    acked: int
+    duplicates: int
+    remaining: int
+    next_bytes: int
+    def __init__(self, satellite_id: _Optional[str] = ..., message_bytes: _Optional[_Iterable[int]] = ..., acked: _Optional[int] = ..., duplicates: _Optional[int] = ..., remaining: _Optional[int] = ..., next_bytes: _Optional[int] = ...) -> None: ...
+
+class DatasetChunk(_message.Message):
+    __slots__ = ("dataset_id", "total_rows", "features", "labels")
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROWS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    dataset_id: str
+    total_rows: int
+    features: Tensor
+    labels: Tensor
+    def __init__(self, dataset_id: _Optional[str] = ..., total_rows: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class LoadDatasetReply(_message.Message):
+    __slots__ = ("dataset_id", "rows")
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    dataset_id: str
+    rows: int
+    def __init__(self, dataset_id: _Optional[str] = ..., rows: _Optional[int] = ...) -> None: ...
+
+class NamedTensor(_message.Message):
+    __slots__ = ("name", "tensor")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tensor: Tensor
+    def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class TrainRequest(_message.Message):
+    __slots__ = ("dataset_id", "round", "worker", "steps", "batch_size", "lr", "seed", "params")
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    dataset_id: str
+    round: int
+    worker: int
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int
+    params: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, dataset_id: _Optional[str] = ..., round: _Optional[int] = ..., worker: _Optional[int] = ..., steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ..., params: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+
+class TrainReply(_message.Message):
+    __slots__ = ("params", "steps_done", "mean_loss")
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_DONE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    params: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    steps_done: int
+    mean_loss: float
+    def __init__(self, params: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., steps_done: _Optional[int] = ..., mean_loss: _Optional[float] = ...) -> None: ...
+
+class PrepareRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Progress(_message.Message):
+    __slots__ = ("stage", "done", "total")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    done: int
+    total: int
+    def __init__(self, stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
+
+class WorkerBytes(_message.Message):
+    __slots__ = ("node_id", "sent", "received")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SENT_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    sent: int
+    received: int
+    def __init__(self, node_id: _Optional[str] = ..., sent: _Optional[int] = ..., received: _Optional[int] = ...) -> None: ...
+
+class RoundBytes(_message.Message):
+    __slots__ = ("round", "workers")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerBytes]
+    def __init__(self, round: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerBytes, _Mapping]]] = ...) -> None: ...
+
+class TrainEpochRequest(_message.Message):
+    __slots__ = ("epoch",)
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    def __init__(self, epoch: _Optional[int] = ...) -> None: ...
+
+class EpochReport(_message.Message):
+    __slots__ = ("epoch", "accuracy", "test_loss", "train_loss", "dataset_bytes", "rounds", "samples_trained")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    TEST_LOSS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_TRAINED_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    accuracy: float
+    test_loss: float
+    train_loss: float
+    dataset_bytes: _containers.RepeatedCompositeFieldContainer[WorkerBytes]
+    rounds: _containers.RepeatedCompositeFieldContainer[RoundBytes]
+    samples_trained: int
+    def __init__(self, epoch: _Optional[int] = ..., accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., train_loss: _Optional[float] = ..., dataset_bytes: _Optional[_Iterable[_Union[WorkerBytes, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundBytes, _Mapping]]] = ..., samples_trained: _Optional[int] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatsReply(_message.Message):
+    __slots__ = ("samples_stored", "samples_received", "duplicates", "rejected", "downlink_bytes_received", "train_tokens", "test_tokens")
+    SAMPLES_STORED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    DOWNLINK_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEST_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    samples_stored: int
+    samples_received: int
+    duplicates: int
+    rejected: int
+    downlink_bytes_received: int
+    train_tokens: int
+    test_tokens: int
+    def __init__(self, samples_stored: _Optional[int] = ..., samples_received: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ..., downlink_bytes_received: _Optional[int] = ..., train_tokens: _Optional[int] = ..., test_tokens: _Optional[int] = ...) -> None: ...
