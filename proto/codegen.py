@@ -21,9 +21,9 @@ def proto_files() -> list[Path]:
 
 def generate(out_root: Path = REPO_ROOT) -> list[Path]:
     """Run protoc on every .proto file; returns the generated files."""
-    from grpc_tools import protoc  # imported here: only codegen needs grpcio-tools
-
     import importlib.resources
+
+    from grpc_tools import protoc  # imported here: only codegen needs grpcio-tools
 
     include = str(importlib.resources.files("grpc_tools") / "_proto")
     out_root.mkdir(parents=True, exist_ok=True)

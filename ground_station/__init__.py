@@ -1,0 +1,1 @@
+"""The ground station: ingest, token store, encoder stage, training coordinator."""

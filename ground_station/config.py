@@ -1,0 +1,39 @@
+"""Plain configuration of the ground station, built from a scenario by `sim`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from node.config import SensorConfig
+
+Strategy = Literal["centralized", "ist"]
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    strategy: Strategy = "ist"
+    workers: int = 2  # K; centralized always uses 1
+    local_steps: int = 10  # L: local Adam steps per round
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 1e-3
+    hidden: tuple[int, int] = (1000, 1000)
+    seed: int = 0
+    round_timeout_s: float = 600.0
+
+    @property
+    def num_workers(self) -> int:
+        return 1 if self.strategy == "centralized" else self.workers
+
+
+@dataclass(frozen=True)
+class GroundStationConfig:
+    sensor: SensorConfig  # what every sensor is told when it registers
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    store_dir: Path = Path("runs/store")
+    node_id: str = "ground-station"
+    test_subset: int | None = None  # evaluate on the first N of a seeded test permutation
+    device: str = "auto"  # where the encoder stage runs
+    encode_batch: int = 256

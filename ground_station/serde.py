@@ -1,0 +1,32 @@
+"""protobuf <-> plain Python for the ground station's own messages."""
+
+from __future__ import annotations
+
+from ground_station.coordinator import EpochResult, WorkerBytes
+from proto.sparsat.v1 import sparsat_pb2 as pb
+
+
+def _worker(w: WorkerBytes) -> pb.WorkerBytes:
+    return pb.WorkerBytes(node_id=w.node_id, sent=w.sent, received=w.received)
+
+
+def epoch_to_pb(r: EpochResult) -> pb.EpochReport:
+    return pb.EpochReport(
+        epoch=r.epoch, accuracy=r.accuracy, test_loss=r.test_loss, train_loss=r.train_loss,
+        dataset_bytes=[_worker(w) for w in r.dataset_bytes],
+        rounds=[pb.RoundBytes(round=i, workers=[_worker(w) for w in ws])
+                for i, ws in enumerate(r.rounds)],
+        samples_trained=r.samples_trained,
+    )
+
+
+def pb_to_epoch(m: pb.EpochReport) -> EpochResult:
+    def worker(w: pb.WorkerBytes) -> WorkerBytes:
+        return WorkerBytes(w.node_id, int(w.sent), int(w.received))
+
+    return EpochResult(
+        epoch=int(m.epoch), accuracy=float(m.accuracy), test_loss=float(m.test_loss),
+        train_loss=float(m.train_loss), dataset_bytes=[worker(w) for w in m.dataset_bytes],
+        rounds=[[worker(w) for w in r.workers] for r in m.rounds],
+        samples_trained=int(m.samples_trained),
+    )

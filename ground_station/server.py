@@ -1,0 +1,241 @@
+"""The ground-station process: Downlink, Registry, Health and Mission services.
+
+Servicers are thin: decode with serde, validate with plain functions, map errors to status
+codes, and call the store, the encoder stage or the coordinator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+
+from ground_station import serde as gs_serde
+from ground_station.config import GroundStationConfig
+from ground_station.coordinator import Coordinator, TrainerClient
+from ground_station.encoding import TokenSet, encode_samples, encode_split
+from ground_station.ingest import IngestError, IngestRules, max_sample_bytes, validate
+from ground_station.store import SampleStore
+from node import encoders
+from node import serde as node_serde
+from node.codec import CodecError
+from node.datasets import load_dataset
+from node.rpc import ByteCounter, bind, make_server, wire_size
+from node.training import resolve_device
+from proto.sparsat.v1 import sparsat_pb2 as pb
+from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+
+log = logging.getLogger("sparsat.ground_station")
+
+
+@dataclass
+class Counters:
+    received: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
+                    pb_grpc.HealthServicer, pb_grpc.MissionServicer):
+    def __init__(self, cfg: GroundStationConfig) -> None:
+        self.cfg = cfg
+        self.store = SampleStore(Path(cfg.store_dir) / "samples.sqlite")
+        self.bytes = ByteCounter()
+        self.counters = Counters()
+        self.test_data = load_dataset(cfg.sensor.dataset, "test")
+        enc = encoders.config(cfg.sensor.encoder)
+        self.rules = IngestRules(
+            payload=cfg.sensor.payload, grid=enc.grid, dim=enc.embed_dim,
+            num_classes=self.test_data.num_classes, image_shape=self.test_data.image_shape,
+            max_sample_bytes=max_sample_bytes(self.test_data.image_shape, enc.grid,
+                                              enc.embed_dim),
+        )
+        self.nodes: dict[str, pb.NodeInfo] = {}
+        self.known_sensors: set[str] = set()
+        self._lock = threading.Lock()  # nodes, tokens, coordinator
+        self.train_tokens: TokenSet | None = None
+        self.test_tokens: TokenSet | None = None
+        self.coordinator: Coordinator | None = None
+
+    # ---- Downlink ------------------------------------------------------------------------
+
+    def Send(self, request_iterator: Iterator[pb.Sample],
+             context: grpc.ServicerContext) -> Iterator[pb.SampleAck]:
+        for msg in request_iterator:
+            size = wire_size(msg)
+            self.bytes.add(received=size)
+            try:
+                sample = node_serde.pb_to_sample(msg)
+                validate(sample, size, self.rules, self.known_sensors)
+            except (CodecError, IngestError) as e:
+                with self.counters.lock:
+                    self.counters.rejected += 1
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"sample {msg.sample_id!r}: {e}")
+            new = self.store.put(sample.sample_id, sample.sensor_id, sample.label,
+                                 msg.SerializeToString())
+            with self.counters.lock:
+                self.counters.received += 1
+                self.counters.duplicates += int(not new)
+            ack = pb.SampleAck(sample_id=sample.sample_id, duplicate=not new)
+            self.bytes.add(sent=wire_size(ack))
+            yield ack
+
+    # ---- Registry and Health --------------------------------------------------------------
+
+    def Register(self, request: pb.RegisterRequest,
+                 context: grpc.ServicerContext) -> pb.RegisterReply:
+        if not request.node_id or not request.address:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node_id and address are required")
+        if request.role == pb.SENSOR:
+            stray = [s for s in request.satellite_ids if s not in self.cfg.sensor.satellites]
+            if not request.satellite_ids or stray:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"satellites {stray or '[]'} are not in this scenario")
+            config_json = self.cfg.sensor.to_json()
+        elif request.role == pb.TRAINER:
+            config_json = json.dumps({"training": self.cfg.training.strategy})
+        else:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "role must be SENSOR or TRAINER")
+        info = pb.NodeInfo(node_id=request.node_id, role=request.role, address=request.address,
+                           satellite_ids=request.satellite_ids, device=request.device)
+        with self._lock:
+            self.nodes[request.node_id] = info
+            self.known_sensors.update(request.satellite_ids)
+        log.info("registered %s (%s) at %s", request.node_id, pb.Role.Name(request.role),
+                 request.address)
+        return pb.RegisterReply(config_json=config_json)
+
+    def ListNodes(self, request: pb.ListNodesRequest,
+                  context: grpc.ServicerContext) -> pb.ListNodesReply:
+        with self._lock:
+            return pb.ListNodesReply(nodes=sorted(self.nodes.values(), key=lambda n: n.node_id))
+
+    def Check(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
+        return pb.HealthReply(node_id=self.cfg.node_id, role=pb.GROUND_STATION, ready=True,
+                              bytes_received=self.bytes.received, bytes_sent=self.bytes.sent)
+
+    # ---- Mission ----------------------------------------------------------------------------
+
+    def Prepare(self, request: pb.PrepareRequest,
+                context: grpc.ServicerContext) -> Iterator[pb.Progress]:
+        """Encode the store and the test split, connect the trainers; streams progress."""
+        total = len(self.store)
+        if total == 0:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no samples stored yet")
+        trainers = self._trainers(context)
+        cfg = self.cfg
+        encoder = encoders.create(cfg.sensor.encoder, cfg.sensor.encoder_weights,
+                                  cfg.sensor.encoder_seed).to(resolve_device(cfg.device))
+        updates: list[pb.Progress] = []
+
+        def progress(stage: str) -> Callable[[int, int], None]:
+            return lambda done, n: updates.append(pb.Progress(stage=stage, done=done, total=n))
+
+        samples = (node_serde.pb_to_sample(pb.Sample.FromString(m))
+                   for m in self.store.messages())
+        # Encoding runs in a worker thread so progress can stream while it works.
+        result: dict[str, TokenSet] = {}
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                result["train"] = encode_samples(samples, total, encoder, cfg.encode_batch,
+                                                 progress("encode train"))
+                result["test"] = encode_split(
+                    self.test_data, "test", cfg.sensor.dataset.name, cfg.sensor.mask, encoder,
+                    cfg.encode_batch, cfg.test_subset, cfg.sensor.train_indices_seed,
+                    progress("encode test"))
+            except BaseException as e:  # reported to the caller below
+                errors.append(e)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        sent = 0
+        while thread.is_alive() or sent < len(updates):
+            thread.join(timeout=0.2)
+            while sent < len(updates):
+                yield updates[sent]
+                sent += 1
+        if errors:
+            log.exception("encoding failed", exc_info=errors[0])
+            context.abort(grpc.StatusCode.INTERNAL, f"encoding failed: {errors[0]}")
+        with self._lock:
+            self.train_tokens, self.test_tokens = result["train"], result["test"]
+            if self.coordinator is not None:
+                self.coordinator.close()
+            self.coordinator = Coordinator(cfg.training, trainers, encoder.dim,
+                                           self.test_data.num_classes)
+
+    def _trainers(self, context: grpc.ServicerContext) -> list[TrainerClient]:
+        k = self.cfg.training.num_workers
+        with self._lock:
+            found = [n for n in sorted(self.nodes.values(), key=lambda n: n.node_id)
+                     if n.role == pb.TRAINER]
+        if len(found) < k:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"{self.cfg.training.strategy} needs {k} trainers, "
+                          f"{len(found)} registered")
+        return [TrainerClient(n.node_id, n.address) for n in found[:k]]
+
+    def TrainEpoch(self, request: pb.TrainEpochRequest,
+                   context: grpc.ServicerContext) -> pb.EpochReport:
+        with self._lock:
+            coord, train, test = self.coordinator, self.train_tokens, self.test_tokens
+        if coord is None or train is None or test is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "call Prepare first")
+        digest = hashlib.blake2b(train.features.tobytes(), digest_size=8).hexdigest()
+        try:
+            uploads = coord.upload(f"train-{len(train.labels)}-{digest}", train.features,
+                                   train.labels)
+            result = coord.train_epoch(int(request.epoch), len(train.labels),
+                                       torch.from_numpy(test.features),
+                                       torch.from_numpy(test.labels))
+        except grpc.RpcError as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"trainer failed: {e.details()}")
+        result.dataset_bytes = uploads
+        log.info("epoch %d: accuracy %.4f", result.epoch, result.accuracy)
+        return gs_serde.epoch_to_pb(result)
+
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsReply:
+        with self.counters.lock:
+            received, dups, rejected = (self.counters.received, self.counters.duplicates,
+                                        self.counters.rejected)
+        return pb.StatsReply(
+            samples_stored=len(self.store), samples_received=received, duplicates=dups,
+            rejected=rejected, downlink_bytes_received=self.bytes.received,
+            train_tokens=len(self.train_tokens.labels) if self.train_tokens else 0,
+            test_tokens=len(self.test_tokens.labels) if self.test_tokens else 0,
+        )
+
+
+def build_server(station: GroundStation, listen: str) -> tuple[grpc.Server, str]:
+    server = make_server(max_workers=32)
+    pb_grpc.add_DownlinkServicer_to_server(station, server)
+    pb_grpc.add_RegistryServicer_to_server(station, server)
+    pb_grpc.add_HealthServicer_to_server(station, server)
+    pb_grpc.add_MissionServicer_to_server(station, server)
+    return server, bind(server, listen)
+
+
+def serve(cfg: GroundStationConfig, listen: str, port_file: Path | None = None) -> None:
+    station = GroundStation(cfg)
+    server, address = build_server(station, listen)
+    server.start()
+    log.info("ground station serving on %s", address)
+    if port_file is not None:
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(address)
+        tmp.replace(port_file)  # atomic: a reader never sees half an address
+    server.wait_for_termination()
+
+
+

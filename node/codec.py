@@ -1,0 +1,137 @@
+"""Payload codecs: visible patches at native resolution, and CLS tokens.
+
+Patches: the mask lives on the encoder's g x g token grid; token i maps to one native tile
+with edges round(k * H / g), so tiles partition the image exactly even when g does not
+divide H. A payload is the visible indices plus those tiles' uint8 pixels, concatenated.
+CLS tokens: float32, float16, or int8 with one symmetric scale per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class CodecError(ValueError):
+    """A payload whose fields do not describe a valid image or token."""
+
+
+@dataclass(frozen=True)
+class PatchData:
+    height: int
+    width: int
+    channels: int
+    grid: int
+    visible_idx: np.ndarray  # (L,) uint16, sorted, unique
+    pixels: bytes  # uint8 tiles (h, w, C) concatenated in visible_idx order
+
+
+def tile_edges(size: int, grid: int) -> np.ndarray:
+    # floor(x + 0.5), not np.round: banker's rounding would make edges differ from round().
+    return np.floor(np.arange(grid + 1) * size / grid + 0.5).astype(np.int64)
+
+
+def tile_sizes(height: int, width: int, grid: int) -> np.ndarray:
+    """Pixels per channel of each token's tile, (g*g,) row-major."""
+    hs = np.diff(tile_edges(height, grid))
+    ws = np.diff(tile_edges(width, grid))
+    return np.outer(hs, ws).reshape(-1)
+
+
+def encode_patches(image: np.ndarray, grid: int, visible_idx: np.ndarray) -> PatchData:
+    """Cut the visible tiles out of `image` (H, W, C) uint8."""
+    if image.dtype != np.uint8 or image.ndim != 3:
+        raise CodecError(f"image must be uint8 (H, W, C), got {image.dtype} {image.shape}")
+    height, width, channels = image.shape
+    if grid < 1 or grid > min(height, width):
+        raise CodecError(f"grid {grid} does not fit a {height}x{width} image")
+    idx = np.asarray(visible_idx, dtype=np.uint16)
+    ys, xs = tile_edges(height, grid), tile_edges(width, grid)
+    parts = []
+    for t in idx.tolist():
+        r, c = divmod(t, grid)
+        parts.append(image[ys[r] : ys[r + 1], xs[c] : xs[c + 1], :].tobytes())
+    return PatchData(height, width, channels, grid, idx, b"".join(parts))
+
+
+def check_patches(data: PatchData, max_side: int = 8192) -> None:
+    """Raise CodecError naming the first field that is wrong."""
+    if not (1 <= data.height <= max_side and 1 <= data.width <= max_side):
+        raise CodecError(f"image size {data.height}x{data.width} out of range 1..{max_side}")
+    if data.channels not in (1, 3):
+        raise CodecError(f"channels must be 1 or 3, got {data.channels}")
+    if not 1 <= data.grid <= min(data.height, data.width):
+        raise CodecError(f"grid {data.grid} does not fit a {data.height}x{data.width} image")
+    idx = data.visible_idx
+    n_tokens = data.grid * data.grid
+    if idx.size == 0:
+        raise CodecError("no visible tokens")
+    if idx.size > n_tokens:
+        raise CodecError(f"{idx.size} visible tokens on a grid of {n_tokens}")
+    if int(idx.max()) >= n_tokens:
+        raise CodecError(f"visible index {int(idx.max())} out of range for grid {data.grid}")
+    if idx.size > 1 and not bool(np.all(np.diff(idx.astype(np.int64)) > 0)):
+        raise CodecError("visible indices must be sorted and unique")
+    expected = int(tile_sizes(data.height, data.width, data.grid)[idx].sum()) * data.channels
+    if len(data.pixels) != expected:
+        raise CodecError(f"pixels: {len(data.pixels)} bytes, the visible tiles need {expected}")
+
+
+def decode_patches(data: PatchData) -> np.ndarray:
+    """The canvas (H, W, C) uint8 with the visible tiles in place and zeros elsewhere."""
+    check_patches(data)
+    canvas = np.zeros((data.height, data.width, data.channels), dtype=np.uint8)
+    ys, xs = tile_edges(data.height, data.grid), tile_edges(data.width, data.grid)
+    buf = np.frombuffer(data.pixels, dtype=np.uint8)
+    offset = 0
+    for t in data.visible_idx.tolist():
+        r, c = divmod(t, data.grid)
+        h, w = ys[r + 1] - ys[r], xs[c + 1] - xs[c]
+        n = int(h * w * data.channels)
+        canvas[ys[r] : ys[r + 1], xs[c] : xs[c + 1], :] = buf[offset : offset + n].reshape(
+            h, w, data.channels
+        )
+        offset += n
+    return canvas
+
+
+def masked_canvas(image: np.ndarray, grid: int, visible_idx: np.ndarray) -> np.ndarray:
+    """What the ground station rebuilds from a patch payload; sensors encode the same canvas."""
+    return decode_patches(encode_patches(image, grid, visible_idx))
+
+
+# ---- CLS tokens ---------------------------------------------------------------------------
+
+CLS_DTYPES = ("float32", "float16", "int8")
+
+
+def quantize_token(token: np.ndarray, dtype: str) -> tuple[bytes, float]:
+    """(bytes, scale) of one (D,) float token; scale is 0.0 unless dtype is int8."""
+    vec = np.asarray(token, dtype=np.float32).reshape(-1)
+    if dtype == "float32":
+        return vec.astype("<f4").tobytes(), 0.0
+    if dtype == "float16":
+        return vec.astype("<f2").tobytes(), 0.0
+    if dtype == "int8":
+        peak = float(np.abs(vec).max()) if vec.size else 0.0
+        scale = peak / 127.0 if peak > 0 else 1.0
+        q = np.clip(np.rint(vec / scale), -127, 127).astype(np.int8)
+        return q.tobytes(), scale
+    raise CodecError(f"CLS dtype must be one of {CLS_DTYPES}, got {dtype!r}")
+
+
+def dequantize_token(data: bytes, dtype: str, dim: int, scale: float = 0.0) -> np.ndarray:
+    itemsize = {"float32": 4, "float16": 2, "int8": 1}.get(dtype)
+    if itemsize is None:
+        raise CodecError(f"CLS dtype must be one of {CLS_DTYPES}, got {dtype!r}")
+    if len(data) != dim * itemsize:
+        raise CodecError(f"CLS token: {len(data)} bytes, {dtype} x {dim} needs {dim * itemsize}")
+    if dtype == "int8":
+        if not (np.isfinite(scale) and scale > 0):
+            raise CodecError(f"int8 CLS token needs a finite positive scale, got {scale}")
+        return np.frombuffer(data, dtype=np.int8).astype(np.float32) * np.float32(scale)
+    vec = np.frombuffer(data, dtype="<f4" if dtype == "float32" else "<f2").astype(np.float32)
+    if not bool(np.all(np.isfinite(vec))):
+        raise CodecError("CLS token contains NaN or Inf")
+    return vec

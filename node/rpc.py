@@ -1,0 +1,61 @@
+"""gRPC plumbing shared by every node: message limits, byte accounting, servers, channels."""
+
+from __future__ import annotations
+
+import threading
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+GRPC_FRAME_BYTES = 5  # gRPC length-prefixed message: 1 flag byte + 4 length bytes
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # explicit, both directions; large tensors are chunked below
+CHUNK_BYTES = 1024 * 1024  # target size of one streamed dataset chunk
+
+_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def wire_size(message: Any) -> int:
+    """Bytes a message costs on a link: its serialized size plus gRPC's frame."""
+    return int(message.ByteSize()) + GRPC_FRAME_BYTES
+
+
+class ByteCounter:
+    """Thread-safe totals of bytes received and sent by a node (servicers run in a pool)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.received = 0
+        self.sent = 0
+
+    def add(self, received: int = 0, sent: int = 0) -> None:
+        with self._lock:
+            self.received += received
+            self.sent += sent
+
+
+def make_server(max_workers: int = 8) -> grpc.Server:
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_OPTIONS)
+
+
+def bind(server: grpc.Server, listen: str) -> str:
+    """Bind `listen` (host:port, port 0 for a free one); returns the bound host:port."""
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"listen address must be HOST:PORT, got {listen!r}")
+    bound = server.add_insecure_port(listen)
+    if bound == 0:
+        raise OSError(f"cannot listen on {listen}")
+    advertised = "127.0.0.1" if host in ("0.0.0.0", "[::]", "::") else host
+    return f"{advertised}:{bound}"
+
+
+def channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=_OPTIONS)
+
+
+def wait_ready(ch: grpc.Channel, timeout_s: float = 30.0) -> None:
+    grpc.channel_ready_future(ch).result(timeout=timeout_s)

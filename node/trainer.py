@@ -1,0 +1,132 @@
+"""Trainer node: a gRPC server that trains the MLP pieces it is sent.
+
+It holds token datasets streamed to it once, and for each Train call builds the (sub)network
+from the received parameters, runs exactly the requested number of local steps, and returns
+the parameters. It never sees the encoder, the partition, or other workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import torch
+
+from node import serde
+from node.codec import CodecError
+from node.mlp import MLP
+from node.rpc import ByteCounter, bind, channel, make_server, wait_ready, wire_size
+from node.training import resolve_device, train_steps
+from proto.sparsat.v1 import sparsat_pb2 as pb
+from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+
+log = logging.getLogger("sparsat.trainer")
+
+
+class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
+    def __init__(self, node_id: str, device: torch.device) -> None:
+        self.node_id = node_id
+        self.device = device
+        self.bytes = ByteCounter()
+        self.datasets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def LoadDataset(
+        self, request_iterator: Iterator[pb.DatasetChunk], context: grpc.ServicerContext
+    ) -> pb.LoadDatasetReply:
+        feats: list[np.ndarray] = []
+        labels: list[np.ndarray] = []
+        dataset_id, total = "", 0
+        for chunk in request_iterator:
+            self.bytes.add(received=wire_size(chunk))
+            if dataset_id and chunk.dataset_id != dataset_id:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "dataset_id changed mid-stream")
+            dataset_id, total = chunk.dataset_id, chunk.total_rows
+            try:
+                x, y = serde.pb_to_ndarray(chunk.features), serde.pb_to_ndarray(chunk.labels)
+            except CodecError as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dataset chunk: {e}")
+            if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or x.dtype != np.float32:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              "dataset chunk: features must be (rows, dim) float32, labels (rows,)")
+            if feats and x.shape[1] != feats[0].shape[1]:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "dataset chunk: dim changed")
+            feats.append(x)
+            labels.append(y)
+        rows = sum(len(x) for x in feats)
+        if not dataset_id or rows == 0 or rows != total:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"dataset {dataset_id!r}: got {rows} rows, announced {total}")
+        x_all = torch.from_numpy(np.concatenate(feats)).to(self.device)
+        y_all = torch.from_numpy(np.concatenate(labels)).to(self.device)
+        with self._lock:
+            self.datasets[dataset_id] = (x_all, y_all)
+        log.info("dataset %s loaded: %d rows on %s", dataset_id, rows, self.device)
+        reply = pb.LoadDatasetReply(dataset_id=dataset_id, rows=rows)
+        self.bytes.add(sent=wire_size(reply))
+        return reply
+
+    def Train(self, request: pb.TrainRequest, context: grpc.ServicerContext) -> pb.TrainReply:
+        self.bytes.add(received=wire_size(request))
+        if request.dataset_id not in self.datasets:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"dataset {request.dataset_id!r} not loaded on {self.node_id}")
+        if request.steps == 0 or request.batch_size == 0 or not request.lr > 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "steps, batch_size and lr must be > 0")
+        try:
+            job = serde.pb_to_train_job(request)
+            model = MLP.from_params(job.params)
+        except (CodecError, ValueError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        x, y = self.datasets[job.dataset_id]
+        if model.fc1.in_features != x.shape[1]:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"w1 expects {model.fc1.in_features} features, dataset has {x.shape[1]}")
+        if int(y.max()) >= model.fc3.out_features:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"labels reach {int(y.max())}, the model has {model.fc3.out_features}")
+        model.to(self.device)
+        steps, loss = train_steps(model, x, y, job.steps, job.batch_size, job.lr, job.seed)
+        reply = pb.TrainReply(params=serde.params_to_pb(model.params()), steps_done=steps,
+                              mean_loss=loss)
+        self.bytes.add(sent=wire_size(reply))
+        return reply
+
+    def Check(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
+        return pb.HealthReply(node_id=self.node_id, role=pb.TRAINER, ready=True,
+                              bytes_received=self.bytes.received, bytes_sent=self.bytes.sent)
+
+
+def register(ground_station: str, request: pb.RegisterRequest, timeout_s: float = 60.0) -> str:
+    """Register with the ground station (waiting for it to come up); returns config_json."""
+    ch = channel(ground_station)
+    try:
+        wait_ready(ch, timeout_s)
+        reply = pb_grpc.RegistryStub(ch).Register(request, timeout=timeout_s)
+        return str(reply.config_json)
+    finally:
+        ch.close()
+
+
+def serve(
+    listen: str, ground_station: str | None, device: str = "auto", node_id: str | None = None
+) -> None:
+    """Run a trainer until interrupted; registers with `ground_station` when given."""
+    node_id = node_id or f"trainer-{uuid.uuid4().hex[:6]}"
+    dev = resolve_device(device)
+    servicer = TrainerServicer(node_id, dev)
+    server = make_server()
+    pb_grpc.add_TrainerServicer_to_server(servicer, server)
+    pb_grpc.add_HealthServicer_to_server(servicer, server)
+    address = bind(server, listen)
+    server.start()
+    log.info("trainer %s serving on %s (device %s)", node_id, address, dev)
+    if ground_station:
+        register(ground_station, pb.RegisterRequest(
+            node_id=node_id, role=pb.TRAINER, address=address, device=str(dev)))
+        log.info("registered with ground station %s", ground_station)
+    server.wait_for_termination()
