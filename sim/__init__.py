@@ -1,0 +1,1 @@
+"""Mission control: scenarios, contact windows, SimPy links, the local launcher, the CLI."""

@@ -1,0 +1,135 @@
+"""The `sparsat` command line: every service is runnable from here; the CLI only wires."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+DESCRIPTION = "sparsat: simulated satellite-constellation edge learning"
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sim import report
+    from sim.launcher import LocalCluster
+    from sim.mission import MissionControl
+    from sim.scenario import dump, load
+
+    scenario = load(args.scenario)
+    if args.device:
+        scenario = scenario.model_copy(update={
+            "training": scenario.training.model_copy(update={"device": args.device})})
+    out = Path(args.out or f"runs/{scenario.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = out / "config.yaml"
+    resolved.write_text(dump(scenario))
+    show = not args.quiet
+    if args.ground_station:  # a deployment already running elsewhere
+        results = MissionControl(scenario, args.ground_station, show).run()
+    else:
+        with LocalCluster(scenario, resolved, out) as cluster:
+            if show:
+                print(f"started {len(cluster.procs)} node processes; logs in {out / 'logs'}",
+                      file=sys.stderr)
+            results = MissionControl(scenario, cluster.address, show).run()
+    report.write(out, scenario, results)
+    print(report.summary(results))
+    print(f"results in {out}/results.json")
+    return 0
+
+
+def cmd_ground_station(args: argparse.Namespace) -> int:
+    from ground_station.server import serve
+    from sim.scenario import ground_station_config, load
+
+    scenario = load(args.scenario)
+    store = Path(args.store or f"runs/{scenario.name}/store")
+    serve(ground_station_config(scenario, store), args.listen,
+          Path(args.port_file) if args.port_file else None)
+    return 0
+
+
+def cmd_sensor(args: argparse.Namespace) -> int:
+    from node.sensor import serve
+
+    serve(args.listen, args.ground_station, args.id, args.node_id)
+    return 0
+
+
+def cmd_trainer(args: argparse.Namespace) -> int:
+    from node.trainer import serve
+
+    serve(args.listen, args.ground_station, args.device, args.id)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparsat", description=DESCRIPTION)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a scenario: start the nodes locally, drive the mission")
+    run.add_argument("scenario", help="scenario YAML file")
+    run.add_argument("--out", help="output directory (default runs/<scenario name>)")
+    run.add_argument("--ground-station", metavar="HOST:PORT",
+                     help="drive an already running deployment instead of starting one")
+    run.add_argument("--device", help="trainer device for local trainers (auto, cpu, cuda)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
+
+    gs = sub.add_parser("ground-station", help="serve the ground station")
+    gs.add_argument("--listen", default="0.0.0.0:50051", metavar="HOST:PORT")
+    gs.add_argument("--scenario", required=True, help="scenario YAML file")
+    gs.add_argument("--store", help="sample store directory (default runs/<name>/store)")
+    gs.add_argument("--port-file", help="write the bound HOST:PORT here once serving")
+    gs.set_defaults(func=cmd_ground_station)
+
+    node = sub.add_parser("node", help="serve a sensor or trainer node")
+    kinds = node.add_subparsers(dest="kind", required=True, metavar="KIND")
+    sensor = kinds.add_parser("sensor", help="host one or more satellites")
+    sensor.add_argument("--id", action="append", required=True, metavar="SAT",
+                        help="satellite id from the scenario (repeat to host several)")
+    sensor.add_argument("--ground-station", required=True, metavar="HOST:PORT")
+    sensor.add_argument("--listen", default="0.0.0.0:0", metavar="HOST:PORT")
+    sensor.add_argument("--node-id", help="this process's node id (default from the first --id)")
+    sensor.set_defaults(func=cmd_sensor)
+    trainer = kinds.add_parser("trainer", help="train MLP subnets sent by the ground station")
+    trainer.add_argument("--listen", default="0.0.0.0:50052", metavar="HOST:PORT")
+    trainer.add_argument("--ground-station", metavar="HOST:PORT", help="register here")
+    trainer.add_argument("--id", help="node id (default: random)")
+    trainer.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    trainer.set_defaults(func=cmd_trainer)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    _logging(args.log_level)
+    # SIGTERM behaves like Ctrl-C, so `finally` blocks stop child processes
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a one-line error for users; --log-level debug shows the trace
+        from sim.launcher import LaunchError
+        from sim.mission import MissionError
+        from sim.scenario import ScenarioError
+
+        known = (ScenarioError, MissionError, LaunchError, FileNotFoundError, ValueError)
+        if isinstance(e, known) and args.log_level != "debug":
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

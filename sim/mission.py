@@ -1,0 +1,220 @@
+"""Mission control: drives a deployed constellation through one scenario on a SimPy clock.
+
+Every transfer is a real gRPC call; its measured size (ByteSize + 5 per message) is charged
+on a SimPy link, which gives the mission time. Phases: downlink (each satellite sends inside
+its contact windows until its shard is delivered), encoding at the ground station, then
+training epochs whose dataset uploads and rounds are charged on the ground-trainer links.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import simpy
+from tqdm import tqdm
+
+from ground_station.serde import pb_to_epoch
+from node.rpc import channel, wait_ready
+from proto.sparsat.v1 import sparsat_pb2 as pb
+from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sim.links import Link, PeriodicPasses
+from sim.scenario import Scenario
+
+TRANSMIT_MAX_SAMPLES = 256  # samples per Transmit call: keeps satellites interleaved in time
+REGISTER_TIMEOUT_S = 180.0
+
+
+class MissionError(RuntimeError):
+    pass
+
+
+@dataclass
+class Tally:
+    downlink_bytes: int = 0
+    downlink_messages: int = 0
+    duplicates: int = 0
+    trainer_bytes: int = 0
+    per_round_bytes: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    per_link: dict[str, int] = field(default_factory=dict)
+
+
+def wait_for_nodes(registry: pb_grpc.RegistryStub, satellites: list[str], trainers: int,
+                   timeout_s: float = REGISTER_TIMEOUT_S) -> list[pb.NodeInfo]:
+    """Block until every satellite and `trainers` trainers have registered."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = list(registry.ListNodes(pb.ListNodesRequest(), timeout=10).nodes)
+        hosted = {s for n in nodes if n.role == pb.SENSOR for s in n.satellite_ids}
+        n_trainers = sum(n.role == pb.TRAINER for n in nodes)
+        missing = [s for s in satellites if s not in hosted]
+        if not missing and n_trainers >= trainers:
+            return nodes
+        if time.monotonic() > deadline:
+            raise MissionError(f"nodes missing after {timeout_s:.0f} s: satellites {missing}, "
+                               f"trainers {n_trainers}/{trainers}")
+        time.sleep(0.2)
+
+
+def _health(address: str, timeout_s: float) -> None:
+    ch = channel(address)
+    try:
+        pb_grpc.HealthStub(ch).Check(pb.HealthRequest(), timeout=timeout_s, wait_for_ready=True)
+    finally:
+        ch.close()
+
+
+class MissionControl:
+    def __init__(self, scenario: Scenario, ground_station: str, show_progress: bool = True):
+        self.s = scenario
+        self.ground_station = ground_station
+        self.show_progress = show_progress
+        self.env = simpy.Environment()
+        self.tally = Tally()
+        self.gs_channel = channel(ground_station)
+        self.mission = pb_grpc.MissionStub(self.gs_channel)
+        self.registry = pb_grpc.RegistryStub(self.gs_channel)
+
+    # ---- actors -----------------------------------------------------------------------------
+
+    def satellite(self, sat_id: str, sensor: pb_grpc.SensorStub, link: Link,
+                  passes: PeriodicPasses, bar: tqdm) -> Generator[simpy.Event, Any, None]:
+        env = self.env
+        while True:
+            start, end = passes.window_at(env.now)
+            if env.now < start:
+                yield env.timeout(start - env.now)
+            budget = link.capacity(end - env.now)
+            report = sensor.Transmit(pb.TransmitRequest(
+                satellite_id=sat_id, max_bytes=budget, max_samples=TRANSMIT_MAX_SAMPLES))
+            sent = sum(report.message_bytes)
+            self.tally.downlink_bytes += sent
+            self.tally.downlink_messages += len(report.message_bytes)
+            self.tally.duplicates += report.duplicates
+            bar.update(report.acked - report.duplicates)
+            if sent:
+                yield env.process(link.transfer(sent))
+            if report.remaining == 0:
+                return
+            if not sent:
+                if report.next_bytes > link.capacity(passes.duration_s):
+                    raise MissionError(f"{sat_id}: a {report.next_bytes}-byte sample never fits "
+                                       f"a pass ({link.capacity(passes.duration_s)} bytes)")
+                yield env.timeout(end - env.now)  # the rest of this pass is too short
+
+    def training(self, downlink_done: simpy.Event, links: dict[str, Link]
+                 ) -> Generator[simpy.Event, Any, None]:
+        yield downlink_done
+        self._prepare()
+        epochs = range(1, self.s.training.epochs + 1)
+        for epoch in tqdm(epochs, desc="training", unit="epoch", disable=not self.show_progress):
+            report = pb_to_epoch(self.mission.TrainEpoch(pb.TrainEpochRequest(epoch=epoch)))
+            # dataset uploads, then rounds: workers in parallel, each on its own link
+            stages = [report.dataset_bytes] if report.dataset_bytes else []
+            stages += report.rounds
+            for i, workers in enumerate(stages):
+                transfers = []
+                for w in workers:
+                    self.tally.trainer_bytes += w.sent + w.received
+                    # down then up on the same link: the reply waits for the request
+                    transfers.append(self.env.process(self._round_trip(links[w.node_id], w)))
+                yield self.env.all_of(transfers)
+                if i >= len(stages) - len(report.rounds):
+                    self.tally.per_round_bytes.append({
+                        "epoch": epoch,
+                        "workers": {w.node_id: {"sent": w.sent, "received": w.received}
+                                    for w in workers},
+                    })
+            self.tally.history.append({
+                "epoch": epoch,
+                "accuracy": report.accuracy,
+                "test_loss": report.test_loss,
+                "train_loss": report.train_loss,
+                "bytes_total": self.tally.downlink_bytes + self.tally.trainer_bytes,
+                "sim_time_s": self.env.now,
+            })
+
+    def _round_trip(self, link: Link, w: Any) -> Generator[simpy.Event, Any, None]:
+        yield self.env.process(link.transfer(w.sent))
+        yield self.env.process(link.transfer(w.received))
+
+    def _prepare(self) -> None:
+        bars: dict[str, tqdm] = {}
+        for update in self.mission.Prepare(pb.PrepareRequest()):
+            bar = bars.get(update.stage)
+            if bar is None:
+                bar = bars[update.stage] = tqdm(total=update.total, desc=update.stage,
+                                                unit="img", disable=not self.show_progress)
+            bar.update(update.done - bar.n)
+        for bar in bars.values():
+            bar.close()
+
+    # ---- the run ------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        s = self.s
+        wall0 = time.monotonic()
+        wait_ready(self.gs_channel, 60)
+        satellites = s.sensors.ids()
+        nodes = wait_for_nodes(self.registry, satellites, s.training.workers
+                               if s.training.strategy == "ist" else 1)
+        for n in nodes:
+            _health(n.address, 120)
+        host_of = {sat: n for n in nodes if n.role == pb.SENSOR for sat in n.satellite_ids}
+        stubs: dict[str, pb_grpc.SensorStub] = {}
+        channels = {}
+        for n in {n.node_id: n for n in host_of.values()}.values():
+            channels[n.node_id] = channel(n.address)
+            stubs[n.node_id] = pb_grpc.SensorStub(channels[n.node_id])
+        down = s.links.downlink
+        dlinks = {sat: Link(self.env, f"downlink:{sat}", down.rate_bps, down.latency_s)
+                  for sat in satellites}
+        tl = s.links.trainer
+        tlinks = {n.node_id: Link(self.env, f"trainer:{n.node_id}", tl.rate_bps, tl.latency_s)
+                  for n in nodes if n.role == pb.TRAINER}
+        expected = s.dataset.train_subset
+        bar = tqdm(total=expected, desc="downlink", unit="sample", disable=not self.show_progress)
+        p = s.passes
+        sats = []
+        for i, sat in enumerate(satellites):
+            offset = p.offset_s if p.offset_s is not None else i * p.period_s / len(satellites)
+            passes = PeriodicPasses(p.period_s, p.duration_s, offset)
+            sats.append(self.env.process(self.satellite(
+                sat, stubs[host_of[sat].node_id], dlinks[sat], passes, bar)))
+        try:
+            done = self.env.all_of(sats)
+            trainer = self.env.process(self.training(done, tlinks))
+            self.env.run(until=trainer)
+        except grpc.RpcError as e:
+            raise MissionError(f"{e.code().name}: {e.details()}") from e
+        finally:
+            bar.close()
+            for ch in channels.values():
+                ch.close()
+        stats = self.mission.Stats(pb.StatsRequest())
+        self.gs_channel.close()
+        t = self.tally
+        for link in [*dlinks.values(), *tlinks.values()]:
+            t.per_link[link.name] = link.bytes
+        accs = [h["accuracy"] for h in t.history]
+        return {
+            "scenario": s.name,
+            "final_accuracy": accs[-1],
+            "best_accuracy": max(accs),
+            "bytes": {"downlink": t.downlink_bytes, "trainer": t.trainer_bytes,
+                      "total": t.downlink_bytes + t.trainer_bytes},
+            "sim_time_s": self.env.now,
+            "wall_time_s": time.monotonic() - wall0,
+            "samples": {"sent": t.downlink_messages, "stored": int(stats.samples_stored),
+                        "trained_on": int(stats.train_tokens),
+                        "duplicates": int(stats.duplicates), "test": int(stats.test_tokens)},
+            "ground_station": {"downlink_bytes_received": int(stats.downlink_bytes_received),
+                               "rejected": int(stats.rejected)},
+            "per_link_bytes": t.per_link,
+            "per_round_bytes": t.per_round_bytes,
+            "history": t.history,
+        }

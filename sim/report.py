@@ -1,0 +1,56 @@
+"""Run outputs: results.json, config.yaml, history.csv and the accuracy-vs-bytes plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from sim.scenario import Scenario, dump
+
+HISTORY_FIELDS = ("epoch", "accuracy", "test_loss", "train_loss", "bytes_total", "sim_time_s")
+
+
+def write(out_dir: Path, scenario: Scenario, results: dict[str, Any]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "config.yaml").write_text(dump(scenario))
+    with open(out_dir / "history.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(results["history"])
+    plot(out_dir / "accuracy_vs_bytes.png", results)
+
+
+def plot(path: Path, results: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and in CI
+    import matplotlib.pyplot as plt
+
+    hist = results["history"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([h["bytes_total"] / 1e6 for h in hist], [h["accuracy"] for h in hist], marker="o")
+    ax.set_xlabel("bytes sent (MB, downlink + trainer links)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"{results['scenario']}: accuracy vs bytes")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summary(results: dict[str, Any]) -> str:
+    b = results["bytes"]
+    s = results["samples"]
+    return "\n".join([
+        f"scenario        {results['scenario']}",
+        f"final accuracy  {results['final_accuracy']:.4f}  (best {results['best_accuracy']:.4f},"
+        f" {s['test']} test images)",
+        f"bytes sent      {b['total']:,}  (downlink {b['downlink']:,}, trainer {b['trainer']:,})",
+        f"samples         sent {s['sent']:,}, stored {s['stored']:,}, "
+        f"trained on {s['trained_on']:,}",
+        f"mission time    {results['sim_time_s']:,.1f} s",
+        f"wall time       {results['wall_time_s']:.1f} s",
+    ])

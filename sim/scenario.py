@@ -1,0 +1,168 @@
+"""Scenario files: YAML validated by pydantic (a misspelt key is an error, not a default)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ground_station.config import GroundStationConfig, TrainingConfig
+from node.config import SensorConfig
+from node.datasets import DatasetSpec
+from node.encoders import ENCODERS
+from node.masking import MaskSpec
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetCfg(Model):
+    name: Literal["fashion_mnist", "cifar10", "eurosat", "imagefolder"] = "fashion_mnist"
+    root: str | None = None  # None: $SPARSAT_DATA or ~/.cache/sparsat/data
+    download: bool = True
+    train_subset: int | None = Field(None, ge=1)  # use the first N of a seeded permutation
+    test_subset: int | None = Field(None, ge=1)
+    split_seed: int = 0
+
+
+class EncoderCfg(Model):
+    name: str = "vit_tiny_patch4_28"
+    weights: str | None = None  # path to a checkpoint; None: random weights from `seed`
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _known(self) -> EncoderCfg:
+        if self.name not in ENCODERS:
+            raise ValueError(f"unknown encoder {self.name!r}; known: {sorted(ENCODERS)}")
+        return self
+
+
+class MaskCfg(Model):
+    kind: Literal["none", "fixed", "random"] = "fixed"
+    ratio: float = Field(0.5, ge=0.0, lt=1.0)
+
+
+class PayloadCfg(Model):
+    kind: Literal["patches", "cls"] = "patches"
+    cls_dtype: Literal["float32", "float16", "int8"] = "float16"
+
+
+class SensorsCfg(Model):
+    count: int = Field(4, ge=1)
+    prefix: str = "sat-"
+    per_process: int = Field(16, ge=1)  # satellites hosted by one sensor process
+    mask: MaskCfg = MaskCfg()
+    payload: PayloadCfg = PayloadCfg()
+
+    def ids(self) -> list[str]:
+        return [f"{self.prefix}{i}" for i in range(self.count)]
+
+
+class PassesCfg(Model):
+    """Placeholder pass model: satellite i is in view for duration_s every period_s."""
+
+    period_s: float = Field(5_700.0, gt=0)  # ~95 min low Earth orbit
+    duration_s: float = Field(600.0, gt=0)  # ~10 min pass
+    offset_s: float | None = None  # None: staggered, i * period / count
+
+    @model_validator(mode="after")
+    def _fits(self) -> PassesCfg:
+        if self.duration_s > self.period_s:
+            raise ValueError("duration_s must not exceed period_s")
+        return self
+
+
+class LinkCfg(Model):
+    rate_bps: float = Field(gt=0)
+    latency_s: float = Field(0.0, ge=0)
+
+
+class LinksCfg(Model):
+    downlink: LinkCfg = LinkCfg(rate_bps=1_000_000, latency_s=0.01)
+    trainer: LinkCfg = LinkCfg(rate_bps=1_000_000_000, latency_s=0.001)
+
+
+class TrainingCfg(Model):
+    strategy: Literal["centralized", "ist"] = "ist"
+    workers: int = Field(2, ge=1)
+    local_steps: int = Field(10, ge=1)
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    hidden: tuple[int, int] = (1000, 1000)
+    device: str = "auto"  # trainer nodes started by `sparsat run`
+    round_timeout_s: float = Field(600.0, gt=0)
+
+
+class Scenario(Model):
+    name: str
+    seed: int = 0
+    dataset: DatasetCfg = DatasetCfg()
+    encoder: EncoderCfg = EncoderCfg()
+    sensors: SensorsCfg = SensorsCfg()
+    passes: PassesCfg = PassesCfg()
+    links: LinksCfg = LinksCfg()
+    training: TrainingCfg = TrainingCfg()
+
+    @model_validator(mode="after")
+    def _workers(self) -> Scenario:
+        if self.training.strategy == "ist" and self.training.workers < 2:
+            raise ValueError("ist needs workers >= 2 (use strategy: centralized for one)")
+        if min(self.training.hidden) < self.training.workers:
+            raise ValueError("each hidden layer needs at least one neuron per worker")
+        return self
+
+
+class ScenarioError(ValueError):
+    pass
+
+
+def load(path: str | Path) -> Scenario:
+    path = Path(path)
+    if not path.exists():
+        raise ScenarioError(f"scenario file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+        return Scenario.model_validate(raw if raw is not None else {})
+    except yaml.YAMLError as e:
+        raise ScenarioError(f"{path}: not valid YAML: {e}") from e
+    except ValidationError as e:
+        raise ScenarioError(f"{path}: {e}") from e
+
+
+def dump(scenario: Scenario) -> str:
+    return yaml.safe_dump(scenario.model_dump(mode="json"), sort_keys=False)
+
+
+def sensor_config(s: Scenario) -> SensorConfig:
+    d = s.dataset
+    return SensorConfig(
+        dataset=DatasetSpec(name=d.name, root=d.root, download=d.download,
+                            split_seed=d.split_seed),
+        mask=MaskSpec(kind=s.sensors.mask.kind, ratio=s.sensors.mask.ratio, seed=s.seed),
+        payload=s.sensors.payload.kind,
+        cls_dtype=s.sensors.payload.cls_dtype,
+        encoder=s.encoder.name,
+        encoder_weights=s.encoder.weights,
+        encoder_seed=s.encoder.seed,
+        satellites=s.sensors.ids(),
+        train_indices_seed=s.seed,
+        train_subset=d.train_subset,
+    )
+
+
+def ground_station_config(s: Scenario, store_dir: Path) -> GroundStationConfig:
+    t = s.training
+    return GroundStationConfig(
+        sensor=sensor_config(s),
+        training=TrainingConfig(
+            strategy=t.strategy, workers=t.workers, local_steps=t.local_steps, epochs=t.epochs,
+            batch_size=t.batch_size, lr=t.lr, hidden=t.hidden, seed=s.seed,
+            round_timeout_s=t.round_timeout_s,
+        ),
+        store_dir=store_dir,
+        test_subset=s.dataset.test_subset,
+    )
