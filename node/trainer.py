@@ -113,10 +113,14 @@ def register(ground_station: str, request: pb.RegisterRequest, timeout_s: float 
 
 
 def serve(
-    listen: str, ground_station: str | None, device: str = "auto", node_id: str | None = None
+    listen: str, ground_station: str | None, device: str = "auto", node_id: str | None = None,
+    threads: int | None = None,
 ) -> None:
     """Run a trainer until interrupted; registers with `ground_station` when given."""
     node_id = node_id or f"trainer-{uuid.uuid4().hex[:6]}"
+    if threads:
+        # several trainers on one machine: oversubscribed intra-op pools spin against each other
+        torch.set_num_threads(threads)
     dev = resolve_device(device)
     servicer = TrainerServicer(node_id, dev)
     server = make_server()

@@ -66,7 +66,7 @@ def cmd_sensor(args: argparse.Namespace) -> int:
 def cmd_trainer(args: argparse.Namespace) -> int:
     from node.trainer import serve
 
-    serve(args.listen, args.ground_station, args.device, args.id)
+    serve(args.listen, args.ground_station, args.device, args.id, args.threads)
     return 0
 
 
@@ -105,6 +105,7 @@ def parser() -> argparse.ArgumentParser:
     trainer.add_argument("--ground-station", metavar="HOST:PORT", help="register here")
     trainer.add_argument("--id", help="node id (default: random)")
     trainer.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    trainer.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     trainer.set_defaults(func=cmd_trainer)
     return p
 

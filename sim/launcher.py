@@ -7,6 +7,7 @@ including on error or Ctrl-C.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -65,10 +66,13 @@ class LocalCluster:
             time.sleep(0.1)
         self.address = port_file.read_text().strip()
         t = self.s.training
-        for k in range(t.workers if t.strategy == "ist" else 1):
+        k_workers = t.workers if t.strategy == "ist" else 1
+        # the workers of a round run at once: share this machine's cores between them
+        threads = max(1, (os.cpu_count() or 1) // k_workers)
+        for k in range(k_workers):
             self._spawn(f"trainer-{k}", [
                 "node", "trainer", "--listen", "127.0.0.1:0", "--ground-station", self.address,
-                "--id", f"trainer-{k}", "--device", t.device])
+                "--id", f"trainer-{k}", "--device", t.device, "--threads", str(threads)])
         sats = self.s.sensors.ids()
         per = self.s.sensors.per_process
         for h, start in enumerate(range(0, len(sats), per)):

@@ -41,6 +41,7 @@ class Tally:
     per_round_bytes: list[dict[str, Any]] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     per_link: dict[str, int] = field(default_factory=dict)
+    downlink_done_s: float = 0.0
 
 
 def wait_for_nodes(registry: pb_grpc.RegistryStub, satellites: list[str], trainers: int,
@@ -60,10 +61,11 @@ def wait_for_nodes(registry: pb_grpc.RegistryStub, satellites: list[str], traine
         time.sleep(0.2)
 
 
-def _health(address: str, timeout_s: float) -> None:
+def _health(address: str, timeout_s: float) -> pb.HealthReply:
     ch = channel(address)
     try:
-        pb_grpc.HealthStub(ch).Check(pb.HealthRequest(), timeout=timeout_s, wait_for_ready=True)
+        return pb_grpc.HealthStub(ch).Check(pb.HealthRequest(), timeout=timeout_s,
+                                            wait_for_ready=True)
     finally:
         ch.close()
 
@@ -106,9 +108,11 @@ class MissionControl:
                                        f"a pass ({link.capacity(passes.duration_s)} bytes)")
                 yield env.timeout(end - env.now)  # the rest of this pass is too short
 
-    def training(self, downlink_done: simpy.Event, links: dict[str, Link]
+    def training(self, downlink_done: simpy.Event, links: dict[str, Link], bar: tqdm
                  ) -> Generator[simpy.Event, Any, None]:
         yield downlink_done
+        bar.close()
+        self.tally.downlink_done_s = self.env.now
         self._prepare()
         epochs = range(1, self.s.training.epochs + 1)
         for epoch in tqdm(epochs, desc="training", unit="epoch", disable=not self.show_progress):
@@ -187,8 +191,10 @@ class MissionControl:
                 sat, stubs[host_of[sat].node_id], dlinks[sat], passes, bar)))
         try:
             done = self.env.all_of(sats)
-            trainer = self.env.process(self.training(done, tlinks))
+            trainer = self.env.process(self.training(done, tlinks, bar))
             self.env.run(until=trainer)
+            # each node's own count of what it sent and received: a second measurement
+            counted = {n.node_id: _health(n.address, 30) for n in nodes}
         except grpc.RpcError as e:
             raise MissionError(f"{e.code().name}: {e.details()}") from e
         finally:
@@ -208,6 +214,7 @@ class MissionControl:
             "bytes": {"downlink": t.downlink_bytes, "trainer": t.trainer_bytes,
                       "total": t.downlink_bytes + t.trainer_bytes},
             "sim_time_s": self.env.now,
+            "downlink_done_s": t.downlink_done_s,
             "wall_time_s": time.monotonic() - wall0,
             "samples": {"sent": t.downlink_messages, "stored": int(stats.samples_stored),
                         "trained_on": int(stats.train_tokens),
@@ -215,6 +222,8 @@ class MissionControl:
             "ground_station": {"downlink_bytes_received": int(stats.downlink_bytes_received),
                                "rejected": int(stats.rejected)},
             "per_link_bytes": t.per_link,
+            "node_bytes": {k: {"sent": int(v.bytes_sent), "received": int(v.bytes_received)}
+                           for k, v in counted.items()},
             "per_round_bytes": t.per_round_bytes,
             "history": t.history,
         }

@@ -1,0 +1,136 @@
+"""End to end over real gRPC on localhost: real node processes, real byte accounting."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from node.rpc import GRPC_FRAME_BYTES
+from sim.cli import main
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "name": "tiny",
+    "seed": 3,
+    "dataset": {"name": "fashion_mnist", "train_subset": 480, "test_subset": 500},
+    "sensors": {"count": 3, "per_process": 2, "mask": {"kind": "fixed", "ratio": 0.5},
+                "payload": {"kind": "patches"}},
+    "passes": {"period_s": 600, "duration_s": 60},
+    "links": {"downlink": {"rate_bps": 9600, "latency_s": 0.05},
+              "trainer": {"rate_bps": 1.0e8, "latency_s": 0.001}},
+    "training": {"strategy": "ist", "workers": 2, "local_steps": 3, "epochs": 2,
+                 "batch_size": 32, "hidden": [64, 48]},
+}
+
+
+def _write(tmp_path: Path, scenario: dict[str, Any]) -> Path:
+    path = tmp_path / "scenario.yaml"
+    path.write_text(yaml.safe_dump(scenario))
+    return path
+
+
+def _stored_wire_bytes(store: Path) -> tuple[int, int]:
+    with sqlite3.connect(store / "samples.sqlite") as db:
+        rows = db.execute("SELECT length(message) FROM samples").fetchall()
+    return len(rows), sum(n + GRPC_FRAME_BYTES for (n,) in rows)
+
+
+def _check_common(results: dict[str, Any], scenario: dict[str, Any]) -> None:
+    n = scenario["dataset"]["train_subset"]
+    b = results["bytes"]
+    assert b["total"] == b["downlink"] + b["trainer"]
+    assert results["samples"] == {**results["samples"], "sent": n, "stored": n, "trained_on": n}
+    # downlink: sensors' count == ground station's count
+    assert results["ground_station"]["downlink_bytes_received"] == b["downlink"]
+    sensors = {k: v for k, v in results["node_bytes"].items() if k.startswith("sensors")}
+    assert sum(v["sent"] for v in sensors.values()) == b["downlink"]
+    # trainer links: coordinator's count == what the trainer processes counted themselves
+    trainers = {k: v for k, v in results["node_bytes"].items() if k.startswith("trainer")}
+    assert sum(v["sent"] + v["received"] for v in trainers.values()) == b["trainer"]
+    assert sum(results["per_link_bytes"].values()) == b["total"]
+    hist = results["history"]
+    assert [h["epoch"] for h in hist] == list(range(1, scenario["training"]["epochs"] + 1))
+    assert all(0.0 <= h["accuracy"] <= 1.0 for h in hist)
+    assert hist[-1]["bytes_total"] == b["total"]
+    assert all(a["bytes_total"] < c["bytes_total"] for a, c in zip(hist, hist[1:], strict=False))
+    assert results["sim_time_s"] == hist[-1]["sim_time_s"] > results["downlink_done_s"] > 0
+    assert results["final_accuracy"] == hist[-1]["accuracy"]
+    assert results["best_accuracy"] == max(h["accuracy"] for h in hist)
+
+
+def test_local_run_patches_ist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    scenario_file = _write(tmp_path, TINY)
+    out = tmp_path / "out"
+
+    code = main(["run", str(scenario_file), "--out", str(out), "--quiet"])
+
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    _check_common(results, TINY)
+    # every byte charged on the downlink is a stored message's serialized size + frame
+    count, wire = _stored_wire_bytes(out / "store")
+    assert count == TINY["dataset"]["train_subset"]
+    assert wire == results["bytes"]["downlink"]
+    # 480 samples / (2 workers * 3 steps * 32) = 3 rounds per epoch, 2 workers each
+    assert len(results["per_round_bytes"]) == 2 * 3
+    assert all(len(r["workers"]) == 2 for r in results["per_round_bytes"])
+    # 9.6 kbit/s in 60 s passes: the downlink needs several passes of 600 s
+    assert results["downlink_done_s"] > 600
+    for name in ("config.yaml", "history.csv", "accuracy_vs_bytes.png"):
+        assert (out / name).stat().st_size > 0
+    assert "final accuracy" in capsys.readouterr().out
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as f:
+        return subprocess.Popen([sys.executable, "-m", "sim.cli", *args], stdout=f,
+                                stderr=subprocess.STDOUT)
+
+
+def test_deployed_nodes_cls_centralized(tmp_path: Path) -> None:
+    """Nodes started one by one, as on separate machines; `sparsat run` attaches to them."""
+    scenario = {**TINY, "name": "deployed",
+                "sensors": {**TINY["sensors"], "payload": {"kind": "cls", "cls_dtype": "int8"}},
+                "training": {**TINY["training"], "strategy": "centralized", "workers": 1}}
+    scenario_file = _write(tmp_path, scenario)
+    addr_file = tmp_path / "gs.addr"
+    procs = [_spawn(["ground-station", "--listen", "127.0.0.1:0", "--scenario",
+                     str(scenario_file), "--store", str(tmp_path / "store"),
+                     "--port-file", str(addr_file)], tmp_path / "gs.log")]
+    try:
+        deadline = time.monotonic() + 120
+        while not addr_file.exists():
+            assert procs[0].poll() is None, (tmp_path / "gs.log").read_text()
+            assert time.monotonic() < deadline, "ground station did not start"
+            time.sleep(0.1)
+        gs = addr_file.read_text()
+        procs.append(_spawn(["node", "trainer", "--listen", "127.0.0.1:0", "--ground-station",
+                             gs, "--id", "trainer-a", "--device", "cpu"], tmp_path / "t.log"))
+        procs.append(_spawn(["node", "sensor", "--ground-station", gs, "--listen",
+                             "127.0.0.1:0", "--id", "sat-0", "--id", "sat-1", "--id", "sat-2"],
+                            tmp_path / "s.log"))
+
+        code = main(["run", str(scenario_file), "--out", str(tmp_path / "out"), "--quiet",
+                     "--ground-station", gs])
+
+        assert code == 0
+        results = json.loads((tmp_path / "out" / "results.json").read_text())
+        _check_common(results, scenario)
+        count, wire = _stored_wire_bytes(tmp_path / "store")
+        assert wire == results["bytes"]["downlink"]
+        # an int8 CLS token of the default encoder: 192 bytes + its scale and framing
+        assert 192 < wire / count < 192 + 64
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=20)
