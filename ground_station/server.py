@@ -109,7 +109,8 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                            satellite_ids=request.satellite_ids, device=request.device)
         with self._lock:
             self.nodes[request.node_id] = info
-            self.known_sensors.update(request.satellite_ids)
+            if request.role == pb.SENSOR:  # only validated sensor registrations count
+                self.known_sensors.update(request.satellite_ids)
         log.info("registered %s (%s) at %s", request.node_id, pb.Role.Name(request.role),
                  request.address)
         return pb.RegisterReply(config_json=config_json)

@@ -28,7 +28,8 @@ class PatchData:
 
 
 def tile_edges(size: int, grid: int) -> np.ndarray:
-    # floor(x + 0.5), not np.round: banker's rounding would make edges differ from round().
+    # Round half up, floor(x + 0.5): np.round and Python's round() round half to even, which
+    # is harder to reproduce exactly in other languages.
     return np.floor(np.arange(grid + 1) * size / grid + 0.5).astype(np.int64)
 
 
@@ -46,7 +47,10 @@ def encode_patches(image: np.ndarray, grid: int, visible_idx: np.ndarray) -> Pat
     height, width, channels = image.shape
     if grid < 1 or grid > min(height, width):
         raise CodecError(f"grid {grid} does not fit a {height}x{width} image")
-    idx = np.asarray(visible_idx, dtype=np.uint16)
+    raw = np.asarray(visible_idx)
+    if raw.size and (int(raw.min()) < 0 or int(raw.max()) >= grid * grid):
+        raise CodecError(f"visible indices must be in [0, {grid * grid})")  # before uint16 wraps
+    idx = raw.astype(np.uint16)
     ys, xs = tile_edges(height, grid), tile_edges(width, grid)
     parts = []
     for t in idx.tolist():

@@ -11,12 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+
+Pooling = Literal["cls", "mean"]
 
 
 @dataclass(frozen=True)
@@ -55,9 +59,12 @@ def config(name: str) -> EncoderConfig:
 class Encoder(nn.Module):
     """A timm VisionTransformer run on visible tokens only."""
 
-    def __init__(self, cfg: EncoderConfig) -> None:
+    def __init__(self, cfg: EncoderConfig, pooling: Pooling = "cls") -> None:
         super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be cls or mean, got {pooling!r}")
         self.cfg = cfg
+        self.pooling = pooling
         self.vit = VisionTransformer(
             img_size=cfg.img_size,
             patch_size=cfg.patch_size,
@@ -83,7 +90,16 @@ class Encoder(nn.Module):
         return self.cfg.grid * self.cfg.grid
 
     def encode(self, images: torch.Tensor, visible_idx: torch.Tensor) -> torch.Tensor:
-        """images (B, C, S, S) normalised, visible_idx (B, L) -> CLS (B, D)."""
+        """images (B, C, S, S) normalised, visible_idx (B, L) -> features (B, D).
+
+        The CLS token after the final norm, or with pooling "mean" the mean of the visible
+        tokens' outputs.
+        """
+        x = self.forward_tokens(images, visible_idx)  # (B, 1 + L, D)
+        return x[:, 1:].mean(1) if self.pooling == "mean" else x[:, 0]
+
+    def forward_tokens(self, images: torch.Tensor, visible_idx: torch.Tensor) -> torch.Tensor:
+        """All output tokens, CLS first: (B, 1 + L, D)."""
         vit = self.vit
         x = vit.patch_embed(images)  # (B, N, D)
         x = x + vit.pos_embed[:, 1:, :]
@@ -92,8 +108,7 @@ class Encoder(nn.Module):
         cls = (vit.cls_token + vit.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)  # (B, 1 + L, D)
         x = vit.blocks(x)
-        x = vit.norm(x)
-        return x[:, 0]
+        return vit.norm(x)
 
     def preprocess(self, canvases: np.ndarray) -> torch.Tensor:
         """uint8 canvases (B, H, W, C) -> normalised float (B, in_chans, S, S)."""
@@ -129,7 +144,8 @@ class Encoder(nn.Module):
         return out
 
 
-def create(name: str, weights: str | Path | None = None, seed: int = 0) -> Encoder:
+def create(name: str, weights: str | Path | None = None, seed: int = 0,
+           pooling: Pooling = "cls") -> Encoder:
     """Build encoder `name`; random weights drawn from `seed` unless a weights file is given.
 
     The seed makes a sensor's encoder and the ground station's identical without shipping
@@ -138,7 +154,7 @@ def create(name: str, weights: str | Path | None = None, seed: int = 0) -> Encod
     cfg = config(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        encoder = Encoder(cfg)
+        encoder = Encoder(cfg, pooling)
     if weights is not None:
         load_weights(encoder, Path(weights))
     return encoder.eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -28,12 +29,13 @@ _CLS_NAME_OF = {v: k for k, v in CLS_DTYPE_NAMES.items()}
 
 
 def ndarray_to_pb(array: np.ndarray, scale: float = 0.0) -> pb.Tensor:
+    shape = np.shape(array)  # before ascontiguousarray, which turns 0-d into 1-d
     arr = np.ascontiguousarray(array)
     dtype = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
     if dtype not in _DTYPE_OF_NP:
         raise TypeError(f"no wire dtype for {arr.dtype}")
     return pb.Tensor(
-        shape=list(arr.shape), dtype=_DTYPE_OF_NP[dtype], data=arr.astype(dtype).tobytes(),
+        shape=list(shape), dtype=_DTYPE_OF_NP[dtype], data=arr.astype(dtype).tobytes(),
         scale=scale,
     )
 
@@ -45,7 +47,7 @@ def pb_to_ndarray(tensor: pb.Tensor) -> np.ndarray:
     if any(d < 0 for d in tensor.shape):
         raise CodecError(f"tensor shape {list(tensor.shape)} has a negative dimension")
     dtype = _NP_OF_DTYPE[tensor.dtype]
-    count = int(np.prod(tensor.shape)) if tensor.shape else 1
+    count = math.prod(tensor.shape)  # Python ints: np.prod wraps around on huge shapes
     if len(tensor.data) != count * dtype.itemsize:
         raise CodecError(
             f"tensor data is {len(tensor.data)} bytes, shape {list(tensor.shape)} of "

@@ -50,9 +50,13 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
                 x, y = serde.pb_to_ndarray(chunk.features), serde.pb_to_ndarray(chunk.labels)
             except CodecError as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dataset chunk: {e}")
-            if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or x.dtype != np.float32:
+            if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or x.dtype != np.float32 \
+                    or y.dtype != np.int64:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "dataset chunk: features must be "
+                              "(rows, dim) float32, labels (rows,) int64")
+            if len(y) and int(y.min()) < 0:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              "dataset chunk: features must be (rows, dim) float32, labels (rows,)")
+                              f"dataset chunk: negative label {int(y.min())}")
             if feats and x.shape[1] != feats[0].shape[1]:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "dataset chunk: dim changed")
             feats.append(x)

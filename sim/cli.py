@@ -70,6 +70,32 @@ def cmd_trainer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from node.datasets import DatasetSpec, load_dataset
+    from node.encoders import config
+    from node.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(encoder=args.encoder, dataset=args.dataset, epochs=args.epochs,
+                         batch_size=args.batch_size, lr=args.lr, mask_ratio=args.mask_ratio,
+                         seed=args.seed)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    data = load_dataset(DatasetSpec(args.dataset, root=args.data_root), "train")
+    size = config(args.encoder).img_size
+    if data.image_shape is None or data.image_shape[:2] != (size, size):
+        raise ValueError(f"pretraining needs {size}x{size} images; {args.dataset} has "
+                         f"{data.image_shape}")
+    # training images only, labels never read
+    images = np.stack([data.image(i) for i in range(len(data))])
+    out = pretrain(images, cfg, Path(args.out))
+    print(f"encoder weights: {out}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsat", description=DESCRIPTION)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -83,6 +109,20 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="trainer device for local trainers (auto, cpu, cuda)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
+
+    pre = sub.add_parser("pretrain", help="MAE-pretrain an encoder on unlabelled images")
+    pre.add_argument("--encoder", default="vit_tiny_patch4_28")
+    pre.add_argument("--dataset", default="fashion_mnist")
+    pre.add_argument("--data-root", help="dataset root (default $SPARSAT_DATA or the cache)")
+    pre.add_argument("--epochs", type=int, default=30)
+    pre.add_argument("--batch-size", type=int, default=256)
+    pre.add_argument("--lr", type=float, default=1e-3)
+    pre.add_argument("--mask-ratio", type=float, default=0.75)
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--threads", type=int, help="CPU threads for torch")
+    pre.add_argument("--out", required=True,
+                     help="work directory: checkpoints (resumed from), encoder.pt, pretrain.json")
+    pre.set_defaults(func=cmd_pretrain)
 
     gs = sub.add_parser("ground-station", help="serve the ground station")
     gs.add_argument("--listen", default="0.0.0.0:50051", metavar="HOST:PORT")
