@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-
 Pooling = Literal["cls", "mean"]
 
 
