@@ -52,8 +52,8 @@ def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    dim: int = 128
-    depth: int = 2
+    dim: int = 96
+    depth: int = 1
     num_heads: int = 4
 
 
@@ -103,7 +103,7 @@ class MaskedAutoencoder(nn.Module):
 class PretrainConfig:
     encoder: str = "vit_tiny_patch4_28"
     dataset: str = "fashion_mnist"
-    epochs: int = 30
+    epochs: int = 12
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.05

@@ -75,11 +75,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     from node.datasets import DatasetSpec, load_dataset
     from node.encoders import config
-    from node.pretrain import PretrainConfig, pretrain
+    from node.pretrain import DecoderConfig, PretrainConfig, pretrain
 
     cfg = PretrainConfig(encoder=args.encoder, dataset=args.dataset, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, mask_ratio=args.mask_ratio,
-                         seed=args.seed)
+                         seed=args.seed,
+                         decoder=DecoderConfig(args.decoder_dim, args.decoder_depth, 4))
     if args.threads:
         import torch
 
@@ -114,10 +115,12 @@ def parser() -> argparse.ArgumentParser:
     pre.add_argument("--encoder", default="vit_tiny_patch4_28")
     pre.add_argument("--dataset", default="fashion_mnist")
     pre.add_argument("--data-root", help="dataset root (default $SPARSAT_DATA or the cache)")
-    pre.add_argument("--epochs", type=int, default=30)
+    pre.add_argument("--epochs", type=int, default=12)
     pre.add_argument("--batch-size", type=int, default=256)
     pre.add_argument("--lr", type=float, default=1e-3)
     pre.add_argument("--mask-ratio", type=float, default=0.75)
+    pre.add_argument("--decoder-dim", type=int, default=96)
+    pre.add_argument("--decoder-depth", type=int, default=1)
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--threads", type=int, help="CPU threads for torch")
     pre.add_argument("--out", required=True,
