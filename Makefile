@@ -32,6 +32,8 @@ run: install data
 	$(VENV)/bin/sparsat run $(SCENARIO) --out $(OUT)
 
 test: install data
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy node ground_station sim
 	$(PY) -m pytest -q
 
 proto: install

@@ -27,7 +27,7 @@ from node import encoders
 from node import serde as node_serde
 from node.codec import CodecError
 from node.datasets import load_dataset
-from node.rpc import ByteCounter, bind, make_server, wire_size
+from node.rpc import ByteCounter, abort, bind, make_server, wire_size
 from node.training import resolve_device
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
@@ -78,7 +78,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             except (CodecError, IngestError) as e:
                 with self.counters.lock:
                     self.counters.rejected += 1
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                               f"sample {msg.sample_id!r}: {e}")
             new = self.store.put(sample.sample_id, sample.sensor_id, sample.label,
                                  msg.SerializeToString())
@@ -94,17 +94,17 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
     def Register(self, request: pb.RegisterRequest,
                  context: grpc.ServicerContext) -> pb.RegisterReply:
         if not request.node_id or not request.address:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node_id and address are required")
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "node_id and address are required")
         if request.role == pb.SENSOR:
             stray = [s for s in request.satellite_ids if s not in self.cfg.sensor.satellites]
             if not request.satellite_ids or stray:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                               f"satellites {stray or '[]'} are not in this scenario")
             config_json = self.cfg.sensor.to_json()
         elif request.role == pb.TRAINER:
             config_json = json.dumps({"training": self.cfg.training.strategy})
         else:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "role must be SENSOR or TRAINER")
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "role must be SENSOR or TRAINER")
         info = pb.NodeInfo(node_id=request.node_id, role=request.role, address=request.address,
                            satellite_ids=request.satellite_ids, device=request.device)
         with self._lock:
@@ -118,7 +118,8 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
     def ListNodes(self, request: pb.ListNodesRequest,
                   context: grpc.ServicerContext) -> pb.ListNodesReply:
         with self._lock:
-            return pb.ListNodesReply(nodes=sorted(self.nodes.values(), key=lambda n: n.node_id))
+            nodes = [self.nodes[k] for k in sorted(self.nodes)]
+        return pb.ListNodesReply(nodes=nodes)
 
     def Check(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         return pb.HealthReply(node_id=self.cfg.node_id, role=pb.GROUND_STATION, ready=True,
@@ -131,11 +132,13 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         """Encode the store and the test split, connect the trainers; streams progress."""
         total = len(self.store)
         if total == 0:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no samples stored yet")
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION, "no samples stored yet")
         trainers = self._trainers(context)
         cfg = self.cfg
-        encoder = encoders.create(cfg.sensor.encoder, cfg.sensor.encoder_weights,
-                                  cfg.sensor.encoder_seed).to(resolve_device(cfg.device))
+        encoder = encoders.create(
+            cfg.sensor.encoder, cfg.sensor.encoder_weights, cfg.sensor.encoder_seed,
+            cfg.sensor.encoder_pooling,  # type: ignore[arg-type]
+        ).to(resolve_device(cfg.device))
         updates: list[pb.Progress] = []
 
         def progress(stage: str) -> Callable[[int, int], None]:
@@ -168,7 +171,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                 sent += 1
         if errors:
             log.exception("encoding failed", exc_info=errors[0])
-            context.abort(grpc.StatusCode.INTERNAL, f"encoding failed: {errors[0]}")
+            abort(context, grpc.StatusCode.INTERNAL, f"encoding failed: {errors[0]}")
         with self._lock:
             self.train_tokens, self.test_tokens = result["train"], result["test"]
             if self.coordinator is not None:
@@ -182,7 +185,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             found = [n for n in sorted(self.nodes.values(), key=lambda n: n.node_id)
                      if n.role == pb.TRAINER]
         if len(found) < k:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                           f"{self.cfg.training.strategy} needs {k} trainers, "
                           f"{len(found)} registered")
         return [TrainerClient(n.node_id, n.address) for n in found[:k]]
@@ -192,7 +195,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         with self._lock:
             coord, train, test = self.coordinator, self.train_tokens, self.test_tokens
         if coord is None or train is None or test is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "call Prepare first")
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION, "call Prepare first")
         digest = hashlib.blake2b(train.features.tobytes(), digest_size=8).hexdigest()
         try:
             uploads = coord.upload(f"train-{len(train.labels)}-{digest}", train.features,
@@ -201,7 +204,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                                        torch.from_numpy(test.features),
                                        torch.from_numpy(test.labels))
         except grpc.RpcError as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"trainer failed: {e.details()}")
+            abort(context, grpc.StatusCode.UNAVAILABLE, f"trainer failed: {e.details()}")
         result.dataset_bytes = uploads
         log.info("epoch %d: accuracy %.4f", result.epoch, result.accuracy)
         return gs_serde.epoch_to_pb(result)

@@ -23,8 +23,9 @@ class SensorConfig:
     payload: PayloadKind = "patches"
     cls_dtype: str = "float16"
     encoder: str = "vit_tiny_patch4_28"
-    encoder_weights: str | None = None
+    encoder_weights: str | None = None  # None: the encoder's default; see encoders.create
     encoder_seed: int = 0
+    encoder_pooling: str = "cls"  # "cls" | "mean" of the visible tokens
     satellites: list[str] = field(default_factory=list)  # the whole constellation, in order
     train_indices_seed: int = 0
     train_subset: int | None = None  # first N of a seeded permutation of the training split

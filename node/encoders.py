@@ -8,7 +8,7 @@ positional embedding), blocks, final norm, read CLS.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,6 +20,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 Pooling = Literal["cls", "mean"]
+Ragged = Literal["group", "pad"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class EncoderConfig:
     num_heads: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    default_weights: str = "random"  # what `weights=None` means: see `create`
 
     @property
     def grid(self) -> int:
@@ -41,12 +43,23 @@ class EncoderConfig:
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DEFAULT_TINY_WEIGHTS = WEIGHTS_DIR / "vit_tiny_patch4_28_fmnist_mae.pt"
+
 ENCODERS: dict[str, EncoderConfig] = {
-    # Small ViT for 28x28 grey images (Fashion-MNIST): a 7x7 grid of 4x4 patches.
-    "vit_tiny_patch4_28": EncoderConfig(28, 4, 1, 192, 6, 3, (0.2860,), (0.3530,)),
-    # The paper's encoder: timm vit_base_patch16_224, MAE-pretrained weights.
-    "mae_vit_base_patch16": EncoderConfig(224, 16, 3, 768, 12, 12, IMAGENET_MEAN, IMAGENET_STD),
+    # Small ViT for 28x28 grey images (Fashion-MNIST): a 7x7 grid of 4x4 patches, MAE-
+    # pretrained offline by `sparsat pretrain` (docs/pretraining.md); the checkpoint ships here.
+    "vit_tiny_patch4_28": EncoderConfig(28, 4, 1, 192, 6, 3, (0.2860,), (0.3530,),
+                                        default_weights=str(DEFAULT_TINY_WEIGHTS)),
+    # The paper's encoder: timm vit_base_patch16_224 with the official MAE weights, from
+    # mae_pretrain_vit_base.pth (give its path) or timm's hub when the machine is online.
+    "mae_vit_base_patch16": EncoderConfig(224, 16, 3, 768, 12, 12, IMAGENET_MEAN, IMAGENET_STD,
+                                          default_weights="timm:vit_base_patch16_224.mae"),
 }
+
+
+class EncoderWeightsError(FileNotFoundError):
+    """Weights that cannot be found or do not fit the architecture."""
 
 
 def config(name: str) -> EncoderConfig:
@@ -57,6 +70,9 @@ def config(name: str) -> EncoderConfig:
 
 class Encoder(nn.Module):
     """A timm VisionTransformer run on visible tokens only."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, cfg: EncoderConfig, pooling: Pooling = "cls") -> None:
         super().__init__()
@@ -88,25 +104,41 @@ class Encoder(nn.Module):
     def num_tokens(self) -> int:
         return self.cfg.grid * self.cfg.grid
 
-    def encode(self, images: torch.Tensor, visible_idx: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, visible_idx: torch.Tensor,
+               valid: torch.Tensor | None = None) -> torch.Tensor:
         """images (B, C, S, S) normalised, visible_idx (B, L) -> features (B, D).
 
         The CLS token after the final norm, or with pooling "mean" the mean of the visible
-        tokens' outputs.
+        tokens' outputs. `valid` (B, L) bool marks real entries when rows were padded to a
+        common L; padded entries are masked out of attention and of the mean.
         """
-        x = self.forward_tokens(images, visible_idx)  # (B, 1 + L, D)
-        return x[:, 1:].mean(1) if self.pooling == "mean" else x[:, 0]
+        x = self.forward_tokens(images, visible_idx, valid)  # (B, 1 + L, D)
+        if self.pooling == "cls":
+            return x[:, 0]
+        if valid is None:
+            return x[:, 1:].mean(1)
+        w = valid.unsqueeze(-1).to(x.dtype)  # (B, L, 1)
+        return (x[:, 1:] * w).sum(1) / w.sum(1)
 
-    def forward_tokens(self, images: torch.Tensor, visible_idx: torch.Tensor) -> torch.Tensor:
+    def forward_tokens(self, images: torch.Tensor, visible_idx: torch.Tensor,
+                       valid: torch.Tensor | None = None) -> torch.Tensor:
         """All output tokens, CLS first: (B, 1 + L, D)."""
         vit = self.vit
+        pos = vit.pos_embed
+        assert pos is not None and vit.cls_token is not None  # built with class_token=True
         x = vit.patch_embed(images)  # (B, N, D)
-        x = x + vit.pos_embed[:, 1:, :]
+        x = x + pos[:, 1:, :]
         idx = visible_idx.long().unsqueeze(-1).expand(-1, -1, x.shape[-1])
         x = torch.gather(x, 1, idx)  # (B, L, D)
-        cls = (vit.cls_token + vit.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        cls = (vit.cls_token + pos[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)  # (B, 1 + L, D)
-        x = vit.blocks(x)
+        if valid is None:
+            x = vit.blocks(x)
+        else:
+            keys = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)  # CLS always on
+            mask = keys[:, None, None, :]  # (B, 1, 1, 1 + L): True = may be attended to
+            for blk in vit.blocks:
+                x = blk(x, attn_mask=mask)
         return vit.norm(x)
 
     def preprocess(self, canvases: np.ndarray) -> torch.Tensor:
@@ -122,53 +154,99 @@ class Encoder(nn.Module):
 
     @torch.no_grad()
     def encode_canvases(
-        self, canvases: Sequence[np.ndarray], visible: Sequence[np.ndarray], batch_size: int = 256
+        self, canvases: Sequence[np.ndarray], visible: Sequence[np.ndarray],
+        batch_size: int = 256, ragged: Ragged = "group",
     ) -> np.ndarray:
-        """CLS tokens (N, D) float32 for images whose visible counts may differ.
+        """Features (N, D) float32 for images whose visible counts may differ.
 
-        Images are grouped by their number of visible tokens so each forward is a dense batch;
-        every token of every image is used exactly once and the output keeps the input order.
+        ragged="group" batches images with the same number of visible tokens together (dense
+        batches, no wasted work); "pad" pads every batch to its longest row and masks the
+        padding in attention. Both use every token exactly once and keep the input order;
+        bench/encoder.py measures which is faster.
         """
         out = np.empty((len(canvases), self.dim), dtype=np.float32)
-        groups: dict[int, list[int]] = {}
-        for i, v in enumerate(visible):
-            groups.setdefault(len(v), []).append(i)
         device = self.mean.device
-        for members in groups.values():
-            for start in range(0, len(members), batch_size):
-                rows = members[start : start + batch_size]
-                images = self.preprocess(np.stack([canvases[i] for i in rows]))
-                idx = torch.from_numpy(np.stack([visible[i] for i in rows]).astype(np.int64))
-                out[rows] = self.encode(images, idx.to(device)).float().cpu().numpy()
+        if ragged == "pad":
+            batches = [list(range(s, min(s + batch_size, len(canvases))))
+                       for s in range(0, len(canvases), batch_size)]
+        else:
+            groups: dict[int, list[int]] = {}
+            for i, v in enumerate(visible):
+                groups.setdefault(len(v), []).append(i)
+            batches = [m[s : s + batch_size] for m in groups.values()
+                       for s in range(0, len(m), batch_size)]
+        for rows in batches:
+            images = self.preprocess(np.stack([canvases[i] for i in rows]))
+            width = max(len(visible[i]) for i in rows)
+            idx = np.zeros((len(rows), width), dtype=np.int64)
+            valid = np.zeros((len(rows), width), dtype=bool)
+            for r, i in enumerate(rows):
+                idx[r, : len(visible[i])] = visible[i]
+                valid[r, : len(visible[i])] = True
+            mask = None if valid.all() else torch.from_numpy(valid).to(device)
+            feats = self.encode(images, torch.from_numpy(idx).to(device), mask)
+            out[rows] = feats.float().cpu().numpy()
         return out
 
 
 def create(name: str, weights: str | Path | None = None, seed: int = 0,
            pooling: Pooling = "cls") -> Encoder:
-    """Build encoder `name`; random weights drawn from `seed` unless a weights file is given.
+    """Build encoder `name` with `weights`:
 
-    The seed makes a sensor's encoder and the ground station's identical without shipping
-    weights, as long as both run the same torch version.
+    - None: the encoder's default (the shipped checkpoint, or timm's hub for MAE ViT-B);
+    - "random": random weights drawn from `seed` (identical on every machine with the same
+      torch version, so a sensor and the ground station agree without shipping weights);
+    - "timm:NAME": a pretrained timm model from the hub (needs internet);
+    - a path: a timm-layout state dict, our fp16 checkpoint, or an official MAE checkpoint
+      (`mae_pretrain_vit_base.pth`; a `_full` one has its decoder and mask token dropped).
     """
     cfg = config(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = Encoder(cfg, pooling)
-    if weights is not None:
-        load_weights(encoder, Path(weights))
+    spec = str(weights) if weights is not None else cfg.default_weights
+    if spec.startswith("timm:"):
+        load_state(encoder, _timm_state(spec[5:], name), spec)
+    elif spec != "random":
+        load_state(encoder, _file_state(Path(spec), name), spec)
     return encoder.eval()
 
 
-def load_weights(encoder: Encoder, path: Path) -> None:
-    """Load a timm-layout state dict, or an MAE checkpoint (`'model'` dict, decoder dropped)."""
+def _file_state(path: Path, name: str) -> dict[str, torch.Tensor]:
     if not path.exists():
-        raise FileNotFoundError(f"encoder weights not found: {path}")
+        raise EncoderWeightsError(
+            f"weights for {name} not found: {path}. Give the path of a checkpoint (for "
+            f"mae_vit_base_patch16: mae_pretrain_vit_base.pth from "
+            f"https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth), "
+            f"'timm:<model>' to download from timm's hub, or 'random'")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state:
+    if isinstance(state, dict) and "model" in state:  # MAE's checkpoints wrap the weights
         state = state["model"]
-    drop: Callable[[str], bool] = lambda k: k.startswith("decoder") or k == "mask_token"  # noqa: E731
-    state = {k: v for k, v in state.items() if not drop(k)}
-    missing, unexpected = encoder.vit.load_state_dict(state, strict=False)
+    return {k: v for k, v in state.items() if not k.startswith("decoder") and k != "mask_token"}
+
+
+def _timm_state(timm_name: str, name: str) -> dict[str, torch.Tensor]:
+    import timm
+
+    try:
+        model = timm.create_model(timm_name, pretrained=True, num_classes=0)
+    except Exception as e:  # offline, hub errors, unknown names: one clear message
+        raise EncoderWeightsError(
+            f"cannot get {timm_name} weights for {name} from timm's hub ({type(e).__name__}: "
+            f"{e}). Offline, download mae_pretrain_vit_base.pth elsewhere and set "
+            f"`encoder.weights: /path/to/mae_pretrain_vit_base.pth` in the scenario") from e
+    return dict(model.state_dict())
+
+
+def load_state(encoder: Encoder, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a timm-layout state dict into the encoder's ViT; the classifier head is optional."""
+    state = {k: v.float() for k, v in state.items() if not k.startswith("head")}
+    try:
+        missing, unexpected = encoder.vit.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise EncoderWeightsError(f"{source} does not fit {encoder.cfg}: {e}") from e
     missing = [k for k in missing if not k.startswith("head")]
     if missing or unexpected:
-        raise ValueError(f"{path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        raise EncoderWeightsError(
+            f"{source} does not fit {encoder.cfg}: missing keys {missing[:5]}, unexpected "
+            f"keys {unexpected[:5]}")

@@ -58,14 +58,17 @@ class DecoderConfig:
 
 
 class MaskedAutoencoder(nn.Module):
+    decoder_pos_embed: torch.Tensor
     def __init__(self, encoder: Encoder, dec: DecoderConfig) -> None:
         super().__init__()
         self.encoder = encoder
         cfg = encoder.cfg
         n = cfg.grid * cfg.grid
+        pos = encoder.vit.pos_embed
+        assert pos is not None
         with torch.no_grad():
-            encoder.vit.pos_embed.copy_(sincos_2d(cfg.embed_dim, cfg.grid, cls_token=True))
-        encoder.vit.pos_embed.requires_grad_(False)
+            pos.copy_(sincos_2d(cfg.embed_dim, cfg.grid, cls_token=True))
+        pos.requires_grad_(False)
         self.decoder_embed = nn.Linear(cfg.embed_dim, dec.dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dec.dim))
         self.register_buffer("decoder_pos_embed", sincos_2d(dec.dim, cfg.grid, cls_token=True))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from concurrent import futures
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -59,3 +59,9 @@ def channel(address: str) -> grpc.Channel:
 
 def wait_ready(ch: grpc.Channel, timeout_s: float = 30.0) -> None:
     grpc.channel_ready_future(ch).result(timeout=timeout_s)
+
+
+def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    """context.abort, typed: it always raises, so code after it is unreachable."""
+    context.abort(code, message)
+    raise AssertionError("unreachable: context.abort raises")

@@ -22,7 +22,7 @@ from node.codec import encode_patches, masked_canvas, quantize_token
 from node.config import SensorConfig
 from node.datasets import ImageDataset, load_dataset
 from node.masking import visible_indices
-from node.rpc import ByteCounter, bind, channel, make_server, wire_size
+from node.rpc import ByteCounter, abort, bind, channel, make_server, wire_size
 from node.trainer import register
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
@@ -64,7 +64,8 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         self.cfg = cfg
         self.bytes = ByteCounter()
         self.dataset: ImageDataset = load_dataset(cfg.dataset, "train")
-        self.encoder = encoders.create(cfg.encoder, cfg.encoder_weights, cfg.encoder_seed)
+        self.encoder = encoders.create(cfg.encoder, cfg.encoder_weights, cfg.encoder_seed,
+                                       cfg.encoder_pooling)  # type: ignore[arg-type]
         self.rng = np.random.default_rng()  # only `random` masks use it
         subset = train_subset(len(self.dataset), cfg.train_subset, cfg.train_indices_seed)
         n = len(cfg.satellites)
@@ -109,7 +110,7 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
                  context: grpc.ServicerContext) -> pb.TransmitReport:
         sat = self.satellites.get(request.satellite_id)
         if sat is None:
-            context.abort(grpc.StatusCode.NOT_FOUND,
+            abort(context, grpc.StatusCode.NOT_FOUND,
                           f"{request.satellite_id!r} is not hosted by {self.node_id}")
         with sat.lock:
             batch: list[pb.Sample] = []
@@ -143,7 +144,7 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
                 sat.pending = keep
             if error is not None:
                 log.warning("%s: downlink failed after %d acks: %s", sat.sat_id, acked, error)
-                context.abort(error.code(), f"downlink from {sat.sat_id}: {error.details()}")
+                abort(context, error.code(), f"downlink from {sat.sat_id}: {error.details()}")
             next_bytes = wire_size(self._message(sat, 0)) if sat.pending else 0
             return pb.TransmitReport(
                 satellite_id=sat.sat_id, message_bytes=sizes, acked=acked, duplicates=duplicates,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,7 +13,7 @@ import torch
 from node.codec import CodecError, PatchData
 from proto.sparsat.v1 import sparsat_pb2 as pb
 
-_NP_OF_DTYPE = {
+_NP_OF_DTYPE: dict[int, np.dtype[Any]] = {
     pb.FLOAT32: np.dtype("<f4"),
     pb.FLOAT16: np.dtype("<f2"),
     pb.INT8: np.dtype("i1"),
@@ -35,8 +36,8 @@ def ndarray_to_pb(array: np.ndarray, scale: float = 0.0) -> pb.Tensor:
     if dtype not in _DTYPE_OF_NP:
         raise TypeError(f"no wire dtype for {arr.dtype}")
     return pb.Tensor(
-        shape=list(shape), dtype=_DTYPE_OF_NP[dtype], data=arr.astype(dtype).tobytes(),
-        scale=scale,
+        shape=list(shape), dtype=_DTYPE_OF_NP[dtype],  # type: ignore[arg-type]  # enum int
+        data=arr.astype(dtype).tobytes(), scale=scale,
     )
 
 
@@ -63,9 +64,9 @@ def params_to_pb(params: dict[str, torch.Tensor]) -> list[pb.NamedTensor]:
     ]
 
 
-def pb_to_params(named: list[pb.NamedTensor] | object) -> dict[str, torch.Tensor]:
+def pb_to_params(named: Iterable[pb.NamedTensor]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    for nt in named:  # type: ignore[attr-defined]
+    for nt in named:
         arr = pb_to_ndarray(nt.tensor)
         if arr.dtype != np.float32:
             raise CodecError(f"parameter {nt.name} must be FLOAT32")

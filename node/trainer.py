@@ -19,7 +19,7 @@ import torch
 from node import serde
 from node.codec import CodecError
 from node.mlp import MLP
-from node.rpc import ByteCounter, bind, channel, make_server, wait_ready, wire_size
+from node.rpc import ByteCounter, abort, bind, channel, make_server, wait_ready, wire_size
 from node.training import resolve_device, train_steps
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
@@ -44,26 +44,26 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
         for chunk in request_iterator:
             self.bytes.add(received=wire_size(chunk))
             if dataset_id and chunk.dataset_id != dataset_id:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "dataset_id changed mid-stream")
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT, "dataset_id changed mid-stream")
             dataset_id, total = chunk.dataset_id, chunk.total_rows
             try:
                 x, y = serde.pb_to_ndarray(chunk.features), serde.pb_to_ndarray(chunk.labels)
             except CodecError as e:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dataset chunk: {e}")
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"dataset chunk: {e}")
             if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or x.dtype != np.float32 \
                     or y.dtype != np.int64:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "dataset chunk: features must be "
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT, "dataset chunk: features must be "
                               "(rows, dim) float32, labels (rows,) int64")
             if len(y) and int(y.min()) < 0:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                               f"dataset chunk: negative label {int(y.min())}")
             if feats and x.shape[1] != feats[0].shape[1]:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "dataset chunk: dim changed")
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT, "dataset chunk: dim changed")
             feats.append(x)
             labels.append(y)
         rows = sum(len(x) for x in feats)
         if not dataset_id or rows == 0 or rows != total:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                           f"dataset {dataset_id!r}: got {rows} rows, announced {total}")
         x_all = torch.from_numpy(np.concatenate(feats)).to(self.device)
         y_all = torch.from_numpy(np.concatenate(labels)).to(self.device)
@@ -77,21 +77,21 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
     def Train(self, request: pb.TrainRequest, context: grpc.ServicerContext) -> pb.TrainReply:
         self.bytes.add(received=wire_size(request))
         if request.dataset_id not in self.datasets:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                           f"dataset {request.dataset_id!r} not loaded on {self.node_id}")
         if request.steps == 0 or request.batch_size == 0 or not request.lr > 0:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "steps, batch_size and lr must be > 0")
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "steps, batch_size and lr must be > 0")
         try:
             job = serde.pb_to_train_job(request)
             model = MLP.from_params(job.params)
         except (CodecError, ValueError) as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         x, y = self.datasets[job.dataset_id]
         if model.fc1.in_features != x.shape[1]:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                           f"w1 expects {model.fc1.in_features} features, dataset has {x.shape[1]}")
         if int(y.max()) >= model.fc3.out_features:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                           f"labels reach {int(y.max())}, the model has {model.fc3.out_features}")
         model.to(self.device)
         steps, loss = train_steps(model, x, y, job.steps, job.batch_size, job.lr, job.seed)

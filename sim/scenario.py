@@ -30,8 +30,12 @@ class DatasetCfg(Model):
 
 class EncoderCfg(Model):
     name: str = "vit_tiny_patch4_28"
-    weights: str | None = None  # path to a checkpoint; None: random weights from `seed`
-    seed: int = 0
+    # None: the encoder's default (vit_tiny_patch4_28: the shipped MAE checkpoint;
+    # mae_vit_base_patch16: timm's hub). "random": seeded random weights. "timm:NAME", or
+    # the path of a checkpoint (e.g. the official mae_pretrain_vit_base.pth).
+    weights: str | None = None
+    seed: int = 0  # random weights only
+    pooling: Literal["cls", "mean"] = "cls"  # CLS token, or mean of the visible tokens
 
     @model_validator(mode="after")
     def _known(self) -> EncoderCfg:
@@ -148,6 +152,7 @@ def sensor_config(s: Scenario) -> SensorConfig:
         encoder=s.encoder.name,
         encoder_weights=s.encoder.weights,
         encoder_seed=s.encoder.seed,
+        encoder_pooling=s.encoder.pooling,
         satellites=s.sensors.ids(),
         train_indices_seed=s.seed,
         train_subset=d.train_subset,

@@ -1,0 +1,112 @@
+"""Encoder benchmark: images/s of visible-token encoding vs full-image encoding.
+
+Run from the repo root: .venv/bin/python bench/encoder.py [--batch 32] [--repeat 3]
+For each encoder and masking ratio r, `visible` runs only the visible tokens through the ViT
+(what sparsat does); `full` runs every token of the zero-filled canvas, which costs the same
+whatever r is. Also times the two ways of batching images with different visible counts
+(group by count vs pad + attention mask). The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from node import encoders
+from node.encoders import Encoder
+from node.masking import num_visible
+
+RATIOS = (0.0, 0.5, 0.75)
+
+
+def images_per_s(fn: Callable[[], object], n_images: int, repeat: int) -> float:
+    fn()  # warm-up: allocator, kernels
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return n_images / best
+
+
+def bench_encoder(enc: Encoder, batch: int, repeat: int, device: torch.device,
+                  figures: dict[str, float], tag: str) -> None:
+    cfg = enc.cfg
+    n = enc.num_tokens
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, generator=gen)
+    images = images.to(device)
+    full_idx = torch.arange(n).expand(batch, -1).to(device)
+    with torch.no_grad():
+        full = images_per_s(lambda: enc.encode(images, full_idx), batch, repeat)
+        figures[f"{tag}_full_images_per_s"] = round(full, 1)
+        print(f"{tag:24s} full image ({n} tokens)       {full:9.1f} img/s")
+        for r in RATIOS:
+            keep = num_visible(n, r)
+            idx = torch.stack([torch.randperm(n, generator=gen)[:keep].sort().values
+                               for _ in range(batch)]).to(device)
+            vis = images_per_s(lambda idx=idx: enc.encode(images, idx), batch, repeat)
+            figures[f"{tag}_r{r}_visible_images_per_s"] = round(vis, 1)
+            figures[f"{tag}_r{r}_speedup_vs_full"] = round(vis / full, 2)
+            print(f"{tag:24s} r={r:<4} visible ({keep:3d} tokens) {vis:9.1f} img/s"
+                  f"   x{vis / full:.2f} vs full")
+    figures[f"{tag}_r0.75_over_r0"] = round(
+        figures[f"{tag}_r0.75_visible_images_per_s"] / figures[f"{tag}_r0.0_visible_images_per_s"],
+        2)
+
+
+def bench_ragged(enc: Encoder, batch: int, repeat: int, figures: dict[str, float],
+                 tag: str) -> None:
+    """Natural masks: each image keeps its own number of tokens."""
+    n, size = enc.num_tokens, enc.cfg.img_size
+    rng = np.random.default_rng(0)
+    count = 8 * batch
+    canvases = [rng.integers(0, 256, (size, size, enc.cfg.in_chans), dtype=np.uint8)
+                for _ in range(count)]
+    visible = [np.sort(rng.permutation(n)[: rng.integers(1, n + 1)]).astype(np.uint16)
+               for _ in range(count)]
+    for ragged in ("group", "pad"):
+        rate = images_per_s(lambda ragged=ragged: enc.encode_canvases(
+            canvases, visible, batch_size=batch, ragged=ragged), count, repeat)
+        figures[f"{tag}_ragged_{ragged}_images_per_s"] = round(rate, 1)
+        print(f"{tag:24s} mixed counts, {ragged:5s}         {rate:9.1f} img/s")
+    figures[f"{tag}_ragged_group_over_pad"] = round(
+        figures[f"{tag}_ragged_group_images_per_s"] / figures[f"{tag}_ragged_pad_images_per_s"],
+        2)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--encoders", default="vit_tiny_patch4_28,mae_vit_base_patch16")
+    args = parser.parse_args(argv)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available()
+                                       else [])
+    figures: dict[str, float] = {"batch": args.batch, "threads": torch.get_num_threads()}
+    t0 = time.perf_counter()
+    for name in args.encoders.split(","):
+        # speed does not depend on the weights' values: random weights, nothing to download
+        enc = encoders.create(name, weights="random")
+        for device in devices:
+            tag = f"{name}_{device.type}"
+            bench_encoder(enc.to(device), args.batch, args.repeat, device, figures, tag)
+            bench_ragged(enc, args.batch, args.repeat, figures, tag)
+    figures["runtime_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(figures))
+    return figures
+
+
+if __name__ == "__main__":
+    main()
