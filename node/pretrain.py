@@ -123,11 +123,14 @@ def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
 
 
 def pretrain(images: np.ndarray, cfg: PretrainConfig, work_dir: Path,
-             log: Callable[[str], None] = print) -> Path:
+             log: Callable[[str], None] = print, stop_after: int | None = None) -> Path | None:
     """MAE-pretrain `cfg.encoder` on uint8 images (N, H, W, C) at the encoder's input size.
 
     Checkpoints to work_dir/last.pt every epoch (resumed from if present) and writes the
-    final encoder weights, fp16, to work_dir/encoder.pt; returns that path.
+    final encoder weights, fp16, to work_dir/encoder.pt; returns that path. With `stop_after`,
+    stops (checkpointed, returning None) after that many epochs of this call: a later call
+    resumes, and every epoch's randomness is seeded by (seed, epoch), so the result is the
+    same as one uninterrupted run.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     enc_cfg: EncoderConfig = config(cfg.encoder)
@@ -154,7 +157,8 @@ def pretrain(images: np.ndarray, cfg: PretrainConfig, work_dir: Path,
         start_epoch, history, elapsed = state["epoch"], state["history"], state["elapsed_s"]
         log(f"resuming from {ckpt} after epoch {start_epoch}")
     data = torch.from_numpy(images)
-    for epoch in range(start_epoch, cfg.epochs):
+    end = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
+    for epoch in range(start_epoch, end):
         t0 = time.monotonic()
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         order = torch.randperm(len(data), generator=gen)
@@ -186,6 +190,8 @@ def pretrain(images: np.ndarray, cfg: PretrainConfig, work_dir: Path,
                     "epoch": epoch + 1, "history": history, "elapsed_s": elapsed,
                     "config": asdict(cfg)}, tmp)
         tmp.replace(ckpt)  # atomic: an interrupt never leaves half a checkpoint
+    if end < cfg.epochs:
+        return None
     out = work_dir / "encoder.pt"
     weights = {k: v.half() for k, v in model.encoder.vit.state_dict().items()}
     torch.save(weights, out)

@@ -24,15 +24,17 @@ def train_steps(
     batch_size: int,
     lr: float,
     seed: int,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> tuple[int, float]:
     """Exactly `steps` Adam steps on minibatches drawn from (features, labels).
 
-    Returns (steps done, mean loss). A fresh Adam: moments start at zero each call.
+    Returns (steps done, mean loss). Without `optimizer`, a fresh Adam: moments start at zero.
     """
     if steps <= 0:
         return 0, 0.0
     device = features.device
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    if optimizer is None:
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     batches = minibatch_indices(len(features), steps, batch_size, seed).to(device)
     model.train()
     total = torch.zeros((), device=device)

@@ -92,8 +92,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                          f"{data.image_shape}")
     # training images only, labels never read
     images = np.stack([data.image(i) for i in range(len(data))])
-    out = pretrain(images, cfg, Path(args.out))
-    print(f"encoder weights: {out}")
+    out = pretrain(images, cfg, Path(args.out), stop_after=args.stop_after)
+    print(f"encoder weights: {out}" if out else f"stopped; resume with the same command")
     return 0
 
 
@@ -123,6 +123,7 @@ def parser() -> argparse.ArgumentParser:
     pre.add_argument("--decoder-depth", type=int, default=1)
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--threads", type=int, help="CPU threads for torch")
+    pre.add_argument("--stop-after", type=int, help="stop after this many epochs (resumable)")
     pre.add_argument("--out", required=True,
                      help="work directory: checkpoints (resumed from), encoder.pt, pretrain.json")
     pre.set_defaults(func=cmd_pretrain)

@@ -1,0 +1,125 @@
+"""Encoder quality: best test accuracy of the MLP probe vs masking ratio (centralized).
+
+Run from the repo root:
+    .venv/bin/python bench/probe.py [--weights PATH|random] [--ratios 0,0.25,0.5,0.75,0.9]
+        [--epochs 10] [--pooling cls|mean] [--train-subset N] [--test-subset N]
+Fixed masks (drawn from the seed and each sample_id, as sensors do), the visible tokens
+encoded by the same code the ground station runs, the paper's MLP (d-1000-1000-C, Adam lr
+1e-3, batch 64) trained centrally; prints the best test accuracy per ratio and ends with one
+JSON line. It measures features, not transport: no gRPC here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ground_station.encoding import encode_split
+from node import encoders
+from node.datasets import DatasetSpec, load_dataset
+from node.masking import MaskSpec, stable_seed
+from node.mlp import MLP
+from node.training import evaluate, train_steps
+
+
+def probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+          epochs: int, seed: int, n_classes: int) -> list[float]:
+    """Accuracy after each epoch of centralized MLP training."""
+    torch.manual_seed(seed)
+    model = MLP(train_x.shape[1], 1000, 1000, n_classes)
+    x, y = torch.from_numpy(train_x), torch.from_numpy(train_y)
+    tx, ty = torch.from_numpy(test_x), torch.from_numpy(test_y)
+    steps = len(x) // 64
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)  # one Adam for the whole run
+    accs = []
+    for epoch in range(epochs):
+        train_steps(model, x, y, steps, 64, 1e-3, stable_seed(seed, "probe", epoch), optimizer)
+        accs.append(evaluate(model, tx, ty)[0])
+    return accs
+
+
+class BothPoolings(encoders.Encoder):
+    """The same encoder returning [CLS, mean of visible tokens]: one pass, two probes."""
+
+    def __init__(self, enc: encoders.Encoder) -> None:
+        super().__init__(enc.cfg)
+        self.load_state_dict(enc.state_dict())
+        self.eval()
+
+    @property
+    def dim(self) -> int:
+        return 2 * self.cfg.embed_dim
+
+    def encode(self, images: torch.Tensor, visible_idx: torch.Tensor,
+               valid: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.forward_tokens(images, visible_idx, valid)
+        return torch.cat([x[:, 0], x[:, 1:].mean(1)], dim=1)
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--encoder", default="vit_tiny_patch4_28")
+    p.add_argument("--weights", default=None, help="default: the encoder's default weights")
+    p.add_argument("--pooling", default="cls", choices=["cls", "mean", "both"],
+                   help="both: one encoding pass, CLS and mean probed separately")
+    p.add_argument("--ratios", default="0,0.25,0.5,0.75,0.9")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--train-subset", type=int, default=None)
+    p.add_argument("--test-subset", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    spec = DatasetSpec("fashion_mnist")
+    train, test = load_dataset(spec, "train"), load_dataset(spec, "test")
+    enc = encoders.create(args.encoder, args.weights)
+    if args.pooling == "mean":
+        enc.pooling = "mean"
+    elif args.pooling == "both":
+        enc = BothPoolings(enc)
+    poolings = ["cls", "mean"] if args.pooling == "both" else [args.pooling]
+    figures: dict[str, object] = {"encoder": args.encoder, "weights": args.weights or "default",
+                                  "pooling": args.pooling, "epochs": args.epochs}
+    for r in (float(v) for v in args.ratios.split(",")):
+        mask = MaskSpec("fixed", r, args.seed)
+        bars = {s: tqdm(desc=f"r={r} encode {s}", unit="img", leave=False)
+                for s in ("train", "test")}
+
+        def progress(split: str, bars: dict[str, tqdm] = bars) -> Callable[[int, int], None]:
+            def update(done: int, total: int) -> None:
+                bars[split].total = total
+                bars[split].update(done - bars[split].n)
+            return update
+
+        tr = encode_split(train, "train", spec.name, mask, enc, 256, args.train_subset,
+                          args.seed, progress("train"))
+        te = encode_split(test, "test", spec.name, mask, enc, 256, args.test_subset,
+                          args.seed, progress("test"))
+        for bar in bars.values():
+            bar.close()
+        d = tr.features.shape[1] // len(poolings)
+        for k, pooling in enumerate(poolings):
+            cols = slice(k * d, (k + 1) * d)
+            accs = probe(tr.features[:, cols], tr.labels, te.features[:, cols], te.labels,
+                         args.epochs, args.seed, train.num_classes)
+            best = max(accs)
+            figures[f"{pooling}_r{r}_best_accuracy"] = round(best, 4)
+            figures[f"{pooling}_r{r}_curve"] = [round(a, 4) for a in accs]
+            print(f"{pooling:4s} r={r:<5} best {best:.4f} "
+                  f"(epoch {int(np.argmax(accs)) + 1}/{args.epochs})", flush=True)
+    figures["runtime_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(figures))
+    return figures
+
+
+if __name__ == "__main__":
+    main()
