@@ -178,7 +178,7 @@ def pretrain(images: np.ndarray, cfg: PretrainConfig, work_dir: Path,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         elapsed += time.monotonic() - t0
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)),

@@ -93,7 +93,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     # training images only, labels never read
     images = np.stack([data.image(i) for i in range(len(data))])
     out = pretrain(images, cfg, Path(args.out), stop_after=args.stop_after)
-    print(f"encoder weights: {out}" if out else f"stopped; resume with the same command")
+    print(f"encoder weights: {out}" if out else "stopped; resume with the same command")
     return 0
 
 
