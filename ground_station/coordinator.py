@@ -96,8 +96,9 @@ class Coordinator:
             return []
         futures = [self._pool.submit(t.load_dataset, dataset_id, x, y, self.cfg.round_timeout_s)
                    for t in self.trainers]
-        self.dataset_id = dataset_id
-        return [f.result() for f in futures]
+        uploads = [f.result() for f in futures]
+        self.dataset_id = dataset_id  # only once every trainer has it
+        return uploads
 
     def train_epoch(self, epoch: int, n_rows: int, test_x: torch.Tensor,
                     test_y: torch.Tensor) -> EpochResult:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from node.codec import decode_patches, dequantize_token, masked_canvas
+from node.codec import decode_patches, dequantize_token, masked_canvas, quantize_token
 from node.datasets import ImageDataset
 from node.encoders import Encoder
 from node.masking import MaskSpec, visible_indices
@@ -83,3 +83,12 @@ def encode_split(dataset: ImageDataset, split: str, name: str, mask: MaskSpec,
         if progress:
             progress(rows.stop, len(indices))
     return TokenSet(features, labels, ids)
+
+
+def requantize(features: np.ndarray, dtype: str) -> np.ndarray:
+    """Round-trip tokens through the wire dtype, as a satellite's CLS payload would be."""
+    out = np.empty_like(features)
+    for i, tok in enumerate(features):
+        data, scale = quantize_token(tok, dtype)
+        out[i] = dequantize_token(data, dtype, len(tok), scale)
+    return out

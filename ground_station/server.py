@@ -20,7 +20,7 @@ import torch
 from ground_station import serde as gs_serde
 from ground_station.config import GroundStationConfig
 from ground_station.coordinator import Coordinator, TrainerClient
-from ground_station.encoding import TokenSet, encode_samples, encode_split
+from ground_station.encoding import TokenSet, encode_samples, encode_split, requantize
 from ground_station.ingest import IngestError, IngestRules, max_sample_bytes, validate
 from ground_station.store import SampleStore
 from node import encoders
@@ -48,6 +48,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
     def __init__(self, cfg: GroundStationConfig) -> None:
         self.cfg = cfg
         self.store = SampleStore(Path(cfg.store_dir) / "samples.sqlite")
+        self.store.bind(hashlib.blake2b(cfg.sensor.to_json().encode(), digest_size=16).hexdigest())
         self.bytes = ByteCounter()
         self.counters = Counters()
         self.test_data = load_dataset(cfg.sensor.dataset, "test")
@@ -61,6 +62,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         self.nodes: dict[str, pb.NodeInfo] = {}
         self.known_sensors: set[str] = set()
         self._lock = threading.Lock()  # nodes, tokens, coordinator
+        self._train_lock = threading.Lock()  # one Prepare or TrainEpoch at a time
         self.train_tokens: TokenSet | None = None
         self.test_tokens: TokenSet | None = None
         self.coordinator: Coordinator | None = None
@@ -130,34 +132,48 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
     def Prepare(self, request: pb.PrepareRequest,
                 context: grpc.ServicerContext) -> Iterator[pb.Progress]:
         """Encode the store and the test split, connect the trainers; streams progress."""
-        total = len(self.store)
-        if total == 0:
-            abort(context, grpc.StatusCode.FAILED_PRECONDITION, "no samples stored yet")
-        trainers = self._trainers(context)
+        if not self._train_lock.acquire(blocking=False):
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION, "Prepare or TrainEpoch running")
+        try:
+            yield from self._prepare(context)
+        finally:
+            self._train_lock.release()
+
+    def _prepare(self, context: grpc.ServicerContext) -> Iterator[pb.Progress]:
         cfg = self.cfg
-        encoder = encoders.create(
-            cfg.sensor.encoder, cfg.sensor.encoder_weights, cfg.sensor.encoder_seed,
-            cfg.sensor.encoder_pooling,  # type: ignore[arg-type]
-        ).to(resolve_device(cfg.device))
+        messages = list(self.store.messages())  # a snapshot: samples may still arrive
+        if not messages:
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION, "no samples stored yet")
+        self._trainer_nodes(context)  # fail early, before the long encoding
+        try:
+            encoder = encoders.create(
+                cfg.sensor.encoder, cfg.sensor.encoder_weights, cfg.sensor.encoder_seed,
+                cfg.sensor.encoder_pooling,  # type: ignore[arg-type]
+            ).to(resolve_device(cfg.device))
+        except (OSError, ValueError) as e:
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"encoder: {e}")
         updates: list[pb.Progress] = []
 
         def progress(stage: str) -> Callable[[int, int], None]:
             return lambda done, n: updates.append(pb.Progress(stage=stage, done=done, total=n))
 
-        samples = (node_serde.pb_to_sample(pb.Sample.FromString(m))
-                   for m in self.store.messages())
+        samples = (node_serde.pb_to_sample(pb.Sample.FromString(m)) for m in messages)
         # Encoding runs in a worker thread so progress can stream while it works.
         result: dict[str, TokenSet] = {}
         errors: list[BaseException] = []
 
         def work() -> None:
             try:
-                result["train"] = encode_samples(samples, total, encoder, cfg.encode_batch,
-                                                 progress("encode train"))
-                result["test"] = encode_split(
+                result["train"] = encode_samples(samples, len(messages), encoder,
+                                                 cfg.encode_batch, progress("encode train"))
+                test = encode_split(
                     self.test_data, "test", cfg.sensor.dataset.name, cfg.sensor.mask, encoder,
                     cfg.encode_batch, cfg.test_subset, cfg.sensor.train_indices_seed,
                     progress("encode test"))
+                if cfg.sensor.payload == "cls":
+                    # train tokens were quantized on the satellites: evaluate like for like
+                    test.features = requantize(test.features, cfg.sensor.cls_dtype)
+                result["test"] = test
             except BaseException as e:  # reported to the caller below
                 errors.append(e)
 
@@ -170,8 +186,9 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                 yield updates[sent]
                 sent += 1
         if errors:
-            log.exception("encoding failed", exc_info=errors[0])
+            log.error("encoding failed", exc_info=errors[0])
             abort(context, grpc.StatusCode.INTERNAL, f"encoding failed: {errors[0]}")
+        trainers = [TrainerClient(n.node_id, n.address) for n in self._trainer_nodes(context)]
         with self._lock:
             self.train_tokens, self.test_tokens = result["train"], result["test"]
             if self.coordinator is not None:
@@ -179,19 +196,27 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             self.coordinator = Coordinator(cfg.training, trainers, encoder.dim,
                                            self.test_data.num_classes)
 
-    def _trainers(self, context: grpc.ServicerContext) -> list[TrainerClient]:
+    def _trainer_nodes(self, context: grpc.ServicerContext) -> list[pb.NodeInfo]:
         k = self.cfg.training.num_workers
         with self._lock:
-            found = [n for n in sorted(self.nodes.values(), key=lambda n: n.node_id)
-                     if n.role == pb.TRAINER]
+            found = [self.nodes[n] for n in sorted(self.nodes)
+                     if self.nodes[n].role == pb.TRAINER]
         if len(found) < k:
             abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                          f"{self.cfg.training.strategy} needs {k} trainers, "
-                          f"{len(found)} registered")
-        return [TrainerClient(n.node_id, n.address) for n in found[:k]]
+                  f"{self.cfg.training.strategy} needs {k} trainers, {len(found)} registered")
+        return found[:k]
 
     def TrainEpoch(self, request: pb.TrainEpochRequest,
                    context: grpc.ServicerContext) -> pb.EpochReport:
+        if not self._train_lock.acquire(blocking=False):
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION, "Prepare or TrainEpoch running")
+        try:
+            return self._train_epoch(request, context)
+        finally:
+            self._train_lock.release()
+
+    def _train_epoch(self, request: pb.TrainEpochRequest,
+                     context: grpc.ServicerContext) -> pb.EpochReport:
         with self._lock:
             coord, train, test = self.coordinator, self.train_tokens, self.test_tokens
         if coord is None or train is None or test is None:
@@ -205,6 +230,9 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                                        torch.from_numpy(test.labels))
         except grpc.RpcError as e:
             abort(context, grpc.StatusCode.UNAVAILABLE, f"trainer failed: {e.details()}")
+        except (CodecError, RuntimeError, ValueError) as e:  # a trainer's reply made no sense
+            log.error("epoch %d failed", request.epoch, exc_info=e)
+            abort(context, grpc.StatusCode.INTERNAL, f"training failed: {e}")
         result.dataset_bytes = uploads
         log.info("epoch %d: accuracy %.4f", result.epoch, result.accuracy)
         return gs_serde.epoch_to_pb(result)

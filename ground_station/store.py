@@ -12,6 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+class StoreMismatchError(ValueError):
+    pass
+
+
 class SampleStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -26,7 +30,21 @@ class SampleStore:
             "CREATE TABLE IF NOT EXISTS samples (sample_id TEXT PRIMARY KEY, sensor_id TEXT"
             " NOT NULL, label INTEGER NOT NULL, message BLOB NOT NULL)"
         )
+        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         self._db.commit()
+
+    def bind(self, fingerprint: str) -> None:
+        """Tie the store to one sensor configuration: samples made under another (mask,
+        payload, dataset...) would be acked as duplicates and silently trained on."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'config'").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO meta VALUES ('config', ?)", (fingerprint,))
+                self._db.commit()
+            elif row[0] != fingerprint:
+                raise StoreMismatchError(
+                    f"{self.path} holds samples of another scenario configuration; "
+                    f"use another --store directory or delete it")
 
     def put(self, sample_id: str, sensor_id: str, label: int, message: bytes) -> bool:
         """Store one serialized Sample; False (and nothing written) if sample_id is known."""

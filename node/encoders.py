@@ -142,15 +142,16 @@ class Encoder(nn.Module):
         return vit.norm(x)
 
     def preprocess(self, canvases: np.ndarray) -> torch.Tensor:
-        """uint8 canvases (B, H, W, C) -> normalised float (B, in_chans, S, S)."""
-        x = torch.from_numpy(np.ascontiguousarray(canvases)).permute(0, 3, 1, 2).float() / 255.0
+        """uint8 canvases (B, H, W, C) -> normalised float (B, in_chans, S, S) on my device."""
+        x = torch.from_numpy(np.ascontiguousarray(canvases)).to(self.mean.device)
+        x = x.permute(0, 3, 1, 2).float() / 255.0
         if x.shape[1] != self.cfg.in_chans:
             # grey -> RGB by repetition, RGB -> grey by the mean: the encoder's channels rule
             x = x.mean(1, keepdim=True) if self.cfg.in_chans == 1 else x.expand(-1, 3, -1, -1)
         size = self.cfg.img_size
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        return ((x - self.mean) / self.std).to(self.mean.device)
+        return (x - self.mean) / self.std
 
     @torch.no_grad()
     def encode_canvases(

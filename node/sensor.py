@@ -21,7 +21,7 @@ from node import encoders, serde
 from node.codec import encode_patches, masked_canvas, quantize_token
 from node.config import SensorConfig
 from node.datasets import ImageDataset, load_dataset
-from node.masking import visible_indices
+from node.masking import stable_seed, visible_indices
 from node.rpc import ByteCounter, abort, bind, channel, make_server, wire_size
 from node.trainer import register
 from proto.sparsat.v1 import sparsat_pb2 as pb
@@ -30,6 +30,12 @@ from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 log = logging.getLogger("sparsat.sensor")
 
 CLS_BATCH = 64  # CLS payloads are encoded this many at a time
+SEND_TIMEOUT_S = 60.0  # one Transmit's stream, at most TRANSMIT_MAX_SAMPLES samples
+
+
+def exchange_bytes(msg: pb.Sample) -> int:
+    """Link bytes of one sample and its ack (a duplicate's ack, the larger of the two)."""
+    return wire_size(msg) + wire_size(pb.SampleAck(sample_id=msg.sample_id, duplicate=True))
 
 
 def train_subset(n_train: int, subset: int | None, seed: int) -> np.ndarray:
@@ -47,8 +53,11 @@ def sample_id(dataset: str, split: str, index: int) -> str:
 
 
 class Satellite:
-    def __init__(self, sat_id: str, indices: np.ndarray) -> None:
+    def __init__(self, sat_id: str, indices: np.ndarray, seed: int = 0) -> None:
         self.sat_id = sat_id
+        # `random` masks: a fresh draw per image, the same for the same seed and satellite
+        # whichever process hosts it
+        self.rng = np.random.default_rng(stable_seed(seed, "random", sat_id))
         self.pending: deque[int] = deque(int(i) for i in indices)
         self.built: dict[int, pb.Sample] = {}  # messages built and not yet acked
         self.lock = threading.Lock()
@@ -64,13 +73,16 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         self.cfg = cfg
         self.bytes = ByteCounter()
         self.dataset: ImageDataset = load_dataset(cfg.dataset, "train")
-        self.encoder = encoders.create(cfg.encoder, cfg.encoder_weights, cfg.encoder_seed,
-                                       cfg.encoder_pooling)  # type: ignore[arg-type]
-        self.rng = np.random.default_rng()  # only `random` masks use it
+        self.grid = encoders.config(cfg.encoder).grid
+        # patch payloads need only the token grid; the ViT is built when the sensor encodes
+        self.encoder = (encoders.create(cfg.encoder, cfg.encoder_weights, cfg.encoder_seed,
+                                        cfg.encoder_pooling)  # type: ignore[arg-type]
+                        if cfg.payload == "cls" else None)
         subset = train_subset(len(self.dataset), cfg.train_subset, cfg.train_indices_seed)
         n = len(cfg.satellites)
         self.satellites = {
-            s: Satellite(s, shard(subset, cfg.satellites.index(s), n)) for s in satellite_ids
+            s: Satellite(s, shard(subset, cfg.satellites.index(s), n), cfg.mask.seed)
+            for s in satellite_ids
         }
         self.channel = channel(ground_station)
         self.downlink = pb_grpc.DownlinkStub(self.channel)
@@ -78,14 +90,15 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
     # ---- payloads -------------------------------------------------------------------------
 
     def _build(self, sat: Satellite, indices: list[int]) -> None:
-        grid = self.encoder.grid
+        grid = self.grid
         ids = [sample_id(self.cfg.dataset.name, "train", i) for i in indices]
         images = [self.dataset.image(i) for i in indices]
-        vis = [visible_indices(self.cfg.mask, grid * grid, sid, self.rng) for sid in ids]
+        vis = [visible_indices(self.cfg.mask, grid * grid, sid, sat.rng) for sid in ids]
         payloads: list[serde.PatchData | serde.ClsData]
         if self.cfg.payload == "patches":
             payloads = [encode_patches(im, grid, v) for im, v in zip(images, vis, strict=True)]
         else:
+            assert self.encoder is not None
             canvases = [masked_canvas(im, grid, v) for im, v in zip(images, vis, strict=True)]
             tokens = self.encoder.encode_canvases(canvases, vis)
             payloads = []
@@ -108,10 +121,15 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
 
     def Transmit(self, request: pb.TransmitRequest,
                  context: grpc.ServicerContext) -> pb.TransmitReport:
+        """Send whole samples (and room for their acks) within the byte budget.
+
+        A failed stream is reported, not raised: the bytes already sent were spent, and the
+        unacked samples stay queued, so mission control charges them and retries later.
+        """
         sat = self.satellites.get(request.satellite_id)
         if sat is None:
             abort(context, grpc.StatusCode.NOT_FOUND,
-                          f"{request.satellite_id!r} is not hosted by {self.node_id}")
+                  f"{request.satellite_id!r} is not hosted by {self.node_id}")
         with sat.lock:
             batch: list[pb.Sample] = []
             budget = request.max_bytes
@@ -119,42 +137,46 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
                 request.max_samples == 0 or len(batch) < request.max_samples
             ):
                 msg = self._message(sat, len(batch))
-                if wire_size(msg) > budget:
+                if exchange_bytes(msg) > budget:
                     break
-                budget -= wire_size(msg)
+                budget -= exchange_bytes(msg)
                 batch.append(msg)
-            sizes = [wire_size(m) for m in batch]
-            acked, duplicates = 0, 0
-            error: grpc.RpcError | None = None
+            report = pb.TransmitReport(satellite_id=sat.sat_id)
             if batch:
-                acked_ids: set[str] = set()
-                try:
-                    for ack in self.downlink.Send(self._counted(batch)):
-                        self.bytes.add(received=wire_size(ack))
-                        acked_ids.add(ack.sample_id)
-                        duplicates += int(ack.duplicate)
-                except grpc.RpcError as e:
-                    error = e
-                acked = len(acked_ids)
-                keep = deque(i for i in sat.pending if sat.built.get(i) is None
-                             or sat.built[i].sample_id not in acked_ids)
-                for i in list(sat.built):
-                    if sat.built[i].sample_id in acked_ids:
-                        del sat.built[i]
-                sat.pending = keep
-            if error is not None:
-                log.warning("%s: downlink failed after %d acks: %s", sat.sat_id, acked, error)
-                abort(context, error.code(), f"downlink from {sat.sat_id}: {error.details()}")
-            next_bytes = wire_size(self._message(sat, 0)) if sat.pending else 0
-            return pb.TransmitReport(
-                satellite_id=sat.sat_id, message_bytes=sizes, acked=acked, duplicates=duplicates,
-                remaining=len(sat.pending), next_bytes=next_bytes,
-            )
+                self._send(sat, batch, report)
+            report.remaining = len(sat.pending)
+            report.next_bytes = exchange_bytes(self._message(sat, 0)) if sat.pending else 0
+            return report
 
-    def _counted(self, batch: list[pb.Sample]) -> Iterator[pb.Sample]:
-        for msg in batch:
-            self.bytes.add(sent=wire_size(msg))
-            yield msg
+    def _send(self, sat: Satellite, batch: list[pb.Sample], report: pb.TransmitReport) -> None:
+        acked_ids: set[str] = set()
+
+        def counted() -> Iterator[pb.Sample]:
+            for msg in batch:
+                size = wire_size(msg)
+                self.bytes.add(sent=size)
+                report.message_bytes.append(size)
+                yield msg
+
+        try:
+            # wait_for_ready: ride out a reconnect instead of failing at once
+            for ack in self.downlink.Send(counted(), wait_for_ready=True,
+                                          timeout=SEND_TIMEOUT_S):
+                size = wire_size(ack)
+                self.bytes.add(received=size)
+                report.ack_bytes += size
+                acked_ids.add(ack.sample_id)
+                report.duplicates += int(ack.duplicate)
+        except grpc.RpcError as e:
+            report.error_code = e.code().value[0]
+            report.error = str(e.details())
+            log.warning("%s: downlink failed after %d acks: %s", sat.sat_id, len(acked_ids),
+                        e.details())
+        report.acked = len(acked_ids)
+        done = {i for i, m in sat.built.items() if m.sample_id in acked_ids}
+        sat.pending = deque(i for i in sat.pending if i not in done)
+        for i in done:
+            del sat.built[i]
 
     def Check(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         return pb.HealthReply(node_id=self.node_id, role=pb.SENSOR, ready=True,

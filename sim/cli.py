@@ -38,7 +38,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             if show:
                 print(f"started {len(cluster.procs)} node processes; logs in {out / 'logs'}",
                       file=sys.stderr)
-            results = MissionControl(scenario, cluster.address, show).run()
+            results = MissionControl(scenario, cluster.address, show,
+                                     alive=cluster.check_alive).run()
     report.write(out, scenario, results)
     print(report.summary(results))
     print(f"results in {out}/results.json")

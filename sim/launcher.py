@@ -8,6 +8,7 @@ including on error or Ctrl-C.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -55,6 +56,8 @@ class LocalCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         port_file = self.out_dir / "ground_station.addr"
         port_file.unlink(missing_ok=True)
+        # a new run starts from an empty store: old samples would be acked as duplicates
+        shutil.rmtree(self.out_dir / "store", ignore_errors=True)
         self._spawn("ground-station", [
             "ground-station", "--listen", "127.0.0.1:0", "--scenario", str(self.scenario_file),
             "--store", str(self.out_dir / "store"), "--port-file", str(port_file)])

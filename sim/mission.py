@@ -9,7 +9,7 @@ training epochs whose dataset uploads and rounds are charged on the ground-train
 from __future__ import annotations
 
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from sim.links import Link, PeriodicPasses
 from sim.scenario import Scenario
 
 TRANSMIT_MAX_SAMPLES = 256  # samples per Transmit call: keeps satellites interleaved in time
+MAX_DOWNLINK_FAILURES = 5  # consecutive failed streams before a satellite gives up
 REGISTER_TIMEOUT_S = 180.0
 
 
@@ -42,13 +43,21 @@ class Tally:
     history: list[dict[str, Any]] = field(default_factory=list)
     per_link: dict[str, int] = field(default_factory=dict)
     downlink_done_s: float = 0.0
+    uplink_bytes: int = 0  # SampleAcks, ground station -> satellites
+    downlink_failures: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return self.downlink_bytes + self.uplink_bytes + self.trainer_bytes
 
 
 def wait_for_nodes(registry: pb_grpc.RegistryStub, satellites: list[str], trainers: int,
-                   timeout_s: float = REGISTER_TIMEOUT_S) -> list[pb.NodeInfo]:
+                   timeout_s: float = REGISTER_TIMEOUT_S,
+                   alive: Callable[[], None] = lambda: None) -> list[pb.NodeInfo]:
     """Block until every satellite and `trainers` trainers have registered."""
     deadline = time.monotonic() + timeout_s
     while True:
+        alive()
         nodes = list(registry.ListNodes(pb.ListNodesRequest(), timeout=10).nodes)
         hosted = {s for n in nodes if n.role == pb.SENSOR for s in n.satellite_ids}
         n_trainers = sum(n.role == pb.TRAINER for n in nodes)
@@ -71,8 +80,10 @@ def _health(address: str, timeout_s: float) -> pb.HealthReply:
 
 
 class MissionControl:
-    def __init__(self, scenario: Scenario, ground_station: str, show_progress: bool = True):
+    def __init__(self, scenario: Scenario, ground_station: str, show_progress: bool = True,
+                 alive: Callable[[], None] = lambda: None):
         self.s = scenario
+        self.alive = alive  # raises when a locally launched node has died
         self.ground_station = ground_station
         self.show_progress = show_progress
         self.env = simpy.Environment()
@@ -85,7 +96,8 @@ class MissionControl:
 
     def satellite(self, sat_id: str, sensor: pb_grpc.SensorStub, link: Link,
                   passes: PeriodicPasses, bar: tqdm) -> Generator[simpy.Event, Any, None]:
-        env = self.env
+        env, t = self.env, self.tally
+        failures = 0
         while True:
             start, end = passes.window_at(env.now)
             if env.now < start:
@@ -94,12 +106,22 @@ class MissionControl:
             report = sensor.Transmit(pb.TransmitRequest(
                 satellite_id=sat_id, max_bytes=budget, max_samples=TRANSMIT_MAX_SAMPLES))
             sent = sum(report.message_bytes)
-            self.tally.downlink_bytes += sent
-            self.tally.downlink_messages += len(report.message_bytes)
-            self.tally.duplicates += report.duplicates
+            t.downlink_bytes += sent
+            t.uplink_bytes += report.ack_bytes
+            t.downlink_messages += len(report.message_bytes)
+            t.duplicates += report.duplicates
             bar.update(report.acked - report.duplicates)
-            if sent:
-                yield env.process(link.transfer(sent))
+            if sent or report.ack_bytes:
+                # acks share the satellite's radio link: half duplex, charged after the data
+                yield env.process(link.transfer(sent + report.ack_bytes))
+            if report.error_code:
+                failures += 1
+                code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+                if report.error_code == code or failures > MAX_DOWNLINK_FAILURES:
+                    raise MissionError(f"{sat_id}: downlink failed: {report.error}")
+                t.downlink_failures += 1
+                continue  # unacked samples stay queued: try again in what is left of the pass
+            failures = 0
             if report.remaining == 0:
                 return
             if not sent:
@@ -110,6 +132,13 @@ class MissionControl:
 
     def training(self, downlink_done: simpy.Event, links: dict[str, Link], bar: tqdm
                  ) -> Generator[simpy.Event, Any, None]:
+        tl = self.s.links.trainer
+
+        def link(node_id: str) -> Link:  # trainers the coordinator actually used
+            if node_id not in links:
+                links[node_id] = Link(self.env, f"trainer:{node_id}", tl.rate_bps, tl.latency_s)
+            return links[node_id]
+
         yield downlink_done
         bar.close()
         self.tally.downlink_done_s = self.env.now
@@ -125,7 +154,7 @@ class MissionControl:
                 for w in workers:
                     self.tally.trainer_bytes += w.sent + w.received
                     # down then up on the same link: the reply waits for the request
-                    transfers.append(self.env.process(self._round_trip(links[w.node_id], w)))
+                    transfers.append(self.env.process(self._round_trip(link(w.node_id), w)))
                 yield self.env.all_of(transfers)
                 if i >= len(stages) - len(report.rounds):
                     self.tally.per_round_bytes.append({
@@ -138,7 +167,7 @@ class MissionControl:
                 "accuracy": report.accuracy,
                 "test_loss": report.test_loss,
                 "train_loss": report.train_loss,
-                "bytes_total": self.tally.downlink_bytes + self.tally.trainer_bytes,
+                "bytes_total": self.tally.total_bytes,
                 "sim_time_s": self.env.now,
             })
 
@@ -160,28 +189,42 @@ class MissionControl:
     # ---- the run ------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        except grpc.RpcError as e:
+            raise MissionError(f"{e.code().name}: {e.details()}") from e
+        except grpc.FutureTimeoutError as e:
+            raise MissionError(f"ground station {self.ground_station} not reachable") from e
+        finally:
+            self.gs_channel.close()
+
+    def _run(self) -> dict[str, Any]:
         s = self.s
         wall0 = time.monotonic()
         wait_ready(self.gs_channel, 60)
         satellites = s.sensors.ids()
-        nodes = wait_for_nodes(self.registry, satellites, s.training.workers
-                               if s.training.strategy == "ist" else 1)
-        for n in nodes:
-            _health(n.address, 120)
+        k = s.training.workers if s.training.strategy == "ist" else 1
+        nodes = wait_for_nodes(self.registry, satellites, k, alive=self.alive)
+        for n in nodes:  # registered is not yet serving: sensors register, then load data
+            deadline = time.monotonic() + 120
+            while True:
+                self.alive()
+                try:
+                    _health(n.address, 2)
+                    break
+                except grpc.RpcError:
+                    if time.monotonic() > deadline:
+                        raise
+
         host_of = {sat: n for n in nodes if n.role == pb.SENSOR for sat in n.satellite_ids}
-        stubs: dict[str, pb_grpc.SensorStub] = {}
-        channels = {}
-        for n in {n.node_id: n for n in host_of.values()}.values():
-            channels[n.node_id] = channel(n.address)
-            stubs[n.node_id] = pb_grpc.SensorStub(channels[n.node_id])
+        channels = {n.node_id: channel(n.address) for n in host_of.values()}
+        stubs = {node_id: pb_grpc.SensorStub(ch) for node_id, ch in channels.items()}
         down = s.links.downlink
         dlinks = {sat: Link(self.env, f"downlink:{sat}", down.rate_bps, down.latency_s)
                   for sat in satellites}
-        tl = s.links.trainer
-        tlinks = {n.node_id: Link(self.env, f"trainer:{n.node_id}", tl.rate_bps, tl.latency_s)
-                  for n in nodes if n.role == pb.TRAINER}
-        expected = s.dataset.train_subset
-        bar = tqdm(total=expected, desc="downlink", unit="sample", disable=not self.show_progress)
+        tlinks: dict[str, Link] = {}
+        bar = tqdm(total=s.dataset.train_subset, desc="downlink", unit="sample",
+                   disable=not self.show_progress)
         p = s.passes
         sats = []
         for i, sat in enumerate(satellites):
@@ -190,19 +233,15 @@ class MissionControl:
             sats.append(self.env.process(self.satellite(
                 sat, stubs[host_of[sat].node_id], dlinks[sat], passes, bar)))
         try:
-            done = self.env.all_of(sats)
-            trainer = self.env.process(self.training(done, tlinks, bar))
+            trainer = self.env.process(self.training(self.env.all_of(sats), tlinks, bar))
             self.env.run(until=trainer)
             # each node's own count of what it sent and received: a second measurement
             counted = {n.node_id: _health(n.address, 30) for n in nodes}
-        except grpc.RpcError as e:
-            raise MissionError(f"{e.code().name}: {e.details()}") from e
         finally:
             bar.close()
             for ch in channels.values():
                 ch.close()
         stats = self.mission.Stats(pb.StatsRequest())
-        self.gs_channel.close()
         t = self.tally
         for link in [*dlinks.values(), *tlinks.values()]:
             t.per_link[link.name] = link.bytes
@@ -211,14 +250,15 @@ class MissionControl:
             "scenario": s.name,
             "final_accuracy": accs[-1],
             "best_accuracy": max(accs),
-            "bytes": {"downlink": t.downlink_bytes, "trainer": t.trainer_bytes,
-                      "total": t.downlink_bytes + t.trainer_bytes},
+            "bytes": {"downlink": t.downlink_bytes, "uplink": t.uplink_bytes,
+                      "trainer": t.trainer_bytes, "total": t.total_bytes},
             "sim_time_s": self.env.now,
             "downlink_done_s": t.downlink_done_s,
             "wall_time_s": time.monotonic() - wall0,
             "samples": {"sent": t.downlink_messages, "stored": int(stats.samples_stored),
                         "trained_on": int(stats.train_tokens),
                         "duplicates": int(stats.duplicates), "test": int(stats.test_tokens)},
+            "downlink_failures": t.downlink_failures,
             "ground_station": {"downlink_bytes_received": int(stats.downlink_bytes_received),
                                "rejected": int(stats.rejected)},
             "per_link_bytes": t.per_link,

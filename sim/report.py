@@ -1,4 +1,4 @@
-"""Run outputs: results.json, config.yaml, history.csv and the accuracy-vs-bytes plot."""
+"""Run outputs: results.json, config.yaml, history.csv, accuracy vs bytes and vs mission time."""
 
 from __future__ import annotations
 
@@ -20,25 +20,32 @@ def write(out_dir: Path, scenario: Scenario, results: dict[str, Any]) -> None:
         writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(results["history"])
-    plot(out_dir / "accuracy_vs_bytes.png", results)
+    plot(out_dir, results)
 
 
-def plot(path: Path, results: dict[str, Any]) -> None:
+def plot(out_dir: Path, results: dict[str, Any]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and in CI
     import matplotlib.pyplot as plt
 
     hist = results["history"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([h["bytes_total"] / 1e6 for h in hist], [h["accuracy"] for h in hist], marker="o")
-    ax.set_xlabel("bytes sent (MB, downlink + trainer links)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"{results['scenario']}: accuracy vs bytes")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    acc = [h["accuracy"] for h in hist]
+    for name, xs, label in (
+        ("accuracy_vs_bytes.png", [h["bytes_total"] / 1e6 for h in hist],
+         "bytes sent (MB, all links)"),
+        ("accuracy_vs_mission_time.png", [h["sim_time_s"] / 3600 for h in hist],
+         "mission time (h)"),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(xs, acc, marker="o")
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"{results['scenario']}: accuracy vs {label.split(' (')[0]}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=120)
+        plt.close(fig)
 
 
 def summary(results: dict[str, Any]) -> str:
@@ -48,7 +55,8 @@ def summary(results: dict[str, Any]) -> str:
         f"scenario        {results['scenario']}",
         f"final accuracy  {results['final_accuracy']:.4f}  (best {results['best_accuracy']:.4f},"
         f" {s['test']} test images)",
-        f"bytes sent      {b['total']:,}  (downlink {b['downlink']:,}, trainer {b['trainer']:,})",
+        f"bytes sent      {b['total']:,}  (downlink {b['downlink']:,}, acks {b['uplink']:,},"
+        f" trainer links {b['trainer']:,})",
         f"samples         sent {s['sent']:,}, stored {s['stored']:,}, "
         f"trained on {s['trained_on']:,}",
         f"mission time    {results['sim_time_s']:,.1f} s",

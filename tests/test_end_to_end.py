@@ -47,12 +47,13 @@ def _stored_wire_bytes(store: Path) -> tuple[int, int]:
 def _check_common(results: dict[str, Any], scenario: dict[str, Any]) -> None:
     n = scenario["dataset"]["train_subset"]
     b = results["bytes"]
-    assert b["total"] == b["downlink"] + b["trainer"]
+    assert b["total"] == b["downlink"] + b["uplink"] + b["trainer"]
     assert results["samples"] == {**results["samples"], "sent": n, "stored": n, "trained_on": n}
     # downlink: sensors' count == ground station's count
     assert results["ground_station"]["downlink_bytes_received"] == b["downlink"]
     sensors = {k: v for k, v in results["node_bytes"].items() if k.startswith("sensors")}
     assert sum(v["sent"] for v in sensors.values()) == b["downlink"]
+    assert sum(v["received"] for v in sensors.values()) == b["uplink"] > 0  # the acks
     # trainer links: coordinator's count == what the trainer processes counted themselves
     trainers = {k: v for k, v in results["node_bytes"].items() if k.startswith("trainer")}
     assert sum(v["sent"] + v["received"] for v in trainers.values()) == b["trainer"]
@@ -85,7 +86,8 @@ def test_local_run_patches_ist(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert all(len(r["workers"]) == 2 for r in results["per_round_bytes"])
     # 9.6 kbit/s in 60 s passes: the downlink needs several passes of 600 s
     assert results["downlink_done_s"] > 600
-    for name in ("config.yaml", "history.csv", "accuracy_vs_bytes.png"):
+    for name in ("config.yaml", "history.csv", "accuracy_vs_bytes.png",
+                 "accuracy_vs_mission_time.png"):
         assert (out / name).stat().st_size > 0
     assert "final accuracy" in capsys.readouterr().out
 

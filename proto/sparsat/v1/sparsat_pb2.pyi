@@ -164,20 +164,26 @@ class TransmitRequest(_message.Message):
     def __init__(self, satellite_id: _Optional[str] = ..., max_bytes: _Optional[int] = ..., max_samples: _Optional[int] = ...) -> None: ...
 
 class TransmitReport(_message.Message):
-    __slots__ = ("satellite_id", "message_bytes", "acked", "duplicates", "remaining", "next_bytes")
+    __slots__ = ("satellite_id", "message_bytes", "acked", "duplicates", "remaining", "next_bytes", "ack_bytes", "error_code", "error")
     SATELLITE_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ACKED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     REMAINING_FIELD_NUMBER: _ClassVar[int]
     NEXT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     satellite_id: str
     message_bytes: _containers.RepeatedScalarFieldContainer[int]
     acked: int
     duplicates: int
     remaining: int
     next_bytes: int
-    def __init__(self, satellite_id: _Optional[str] = ..., message_bytes: _Optional[_Iterable[int]] = ..., acked: _Optional[int] = ..., duplicates: _Optional[int] = ..., remaining: _Optional[int] = ..., next_bytes: _Optional[int] = ...) -> None: ...
+    ack_bytes: int
+    error_code: int
+    error: str
+    def __init__(self, satellite_id: _Optional[str] = ..., message_bytes: _Optional[_Iterable[int]] = ..., acked: _Optional[int] = ..., duplicates: _Optional[int] = ..., remaining: _Optional[int] = ..., next_bytes: _Optional[int] = ..., ack_bytes: _Optional[int] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class DatasetChunk(_message.Message):
     __slots__ = ("dataset_id", "total_rows", "features", "labels")
