@@ -14,11 +14,11 @@ import pytest
 
 from ground_station.config import GroundStationConfig
 from ground_station.server import GroundStation, build_server
+from node import sensor as sensor_module
 from node.config import SensorConfig
 from node.datasets import DatasetSpec
 from node.masking import MaskSpec
 from node.rpc import GRPC_FRAME_BYTES, channel
-from node import sensor as sensor_module
 from node.sensor import SensorServicer, exchange_bytes
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
