@@ -77,7 +77,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--test-subset", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     spec = DatasetSpec("fashion_mnist")
     train, test = load_dataset(spec, "train"), load_dataset(spec, "test")

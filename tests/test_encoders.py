@@ -170,3 +170,12 @@ def test_unknown_encoder_and_pooling() -> None:
         encoders.create("resnet50")
     with pytest.raises(ValueError, match="pooling"):
         Encoder(SMALL, pooling="max")  # type: ignore[arg-type]
+
+
+def test_shipped_default_checkpoint_loads_and_is_small() -> None:
+    path = encoders.DEFAULT_TINY_WEIGHTS
+    assert path.exists(), "the offline default encoder must ship with the package"
+    assert path.stat().st_size <= 8 * 1024 * 1024
+    enc = encoders.create("vit_tiny_patch4_28")  # weights=None: the shipped checkpoint
+    random = encoders.create("vit_tiny_patch4_28", weights="random")
+    assert not torch.equal(enc.vit.blocks[0].attn.qkv.weight, random.vit.blocks[0].attn.qkv.weight)
