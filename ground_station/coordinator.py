@@ -8,7 +8,6 @@ number of samples for every K: rounds = ceil(N / (K * L * batch)).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -68,9 +67,6 @@ class TrainerClient:
 
     def close(self) -> None:
         self.channel.close()
-
-
-Log = Callable[[str], None]
 
 
 class Coordinator:

@@ -8,6 +8,9 @@ from typing import Any, NoReturn
 
 import grpc
 
+from proto.sparsat.v1 import sparsat_pb2 as pb
+from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+
 GRPC_FRAME_BYTES = 5  # gRPC length-prefixed message: 1 flag byte + 4 length bytes
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # explicit, both directions; large tensors are chunked below
 CHUNK_BYTES = 1024 * 1024  # target size of one streamed dataset chunk
@@ -65,3 +68,14 @@ def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) ->
     """context.abort, typed: it always raises, so code after it is unreachable."""
     context.abort(code, message)
     raise AssertionError("unreachable: context.abort raises")
+
+
+def register(ground_station: str, request: pb.RegisterRequest, timeout_s: float = 60.0) -> str:
+    """Register with the ground station (waiting for it to come up); returns config_json."""
+    ch = channel(ground_station)
+    try:
+        wait_ready(ch, timeout_s)
+        reply = pb_grpc.RegistryStub(ch).Register(request, timeout=timeout_s)
+        return str(reply.config_json)
+    finally:
+        ch.close()

@@ -22,8 +22,7 @@ from node.codec import encode_patches, masked_canvas, quantize_token
 from node.config import SensorConfig
 from node.datasets import ImageDataset, load_dataset
 from node.masking import stable_seed, visible_indices
-from node.rpc import ByteCounter, abort, bind, channel, make_server, wire_size
-from node.trainer import register
+from node.rpc import ByteCounter, abort, bind, channel, make_server, register, wire_size
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 

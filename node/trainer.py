@@ -19,7 +19,7 @@ import torch
 from node import serde
 from node.codec import CodecError
 from node.mlp import MLP
-from node.rpc import ByteCounter, abort, bind, channel, make_server, wait_ready, wire_size
+from node.rpc import ByteCounter, abort, bind, make_server, register, wire_size
 from node.training import resolve_device, train_steps
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
@@ -103,17 +103,6 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
     def Check(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         return pb.HealthReply(node_id=self.node_id, role=pb.TRAINER, ready=True,
                               bytes_received=self.bytes.received, bytes_sent=self.bytes.sent)
-
-
-def register(ground_station: str, request: pb.RegisterRequest, timeout_s: float = 60.0) -> str:
-    """Register with the ground station (waiting for it to come up); returns config_json."""
-    ch = channel(ground_station)
-    try:
-        wait_ready(ch, timeout_s)
-        reply = pb_grpc.RegistryStub(ch).Register(request, timeout=timeout_s)
-        return str(reply.config_json)
-    finally:
-        ch.close()
 
 
 def serve(
