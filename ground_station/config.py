@@ -8,7 +8,9 @@ from typing import Literal
 
 from node.config import SensorConfig
 
-Strategy = Literal["centralized", "ist"]
+Strategy = Literal["centralized", "ist", "local_sgd"]
+Moments = Literal["travel", "reset"]
+SubnetScale = Literal["none", "k"]
 
 
 @dataclass(frozen=True)
@@ -16,6 +18,8 @@ class TrainingConfig:
     strategy: Strategy = "ist"
     workers: int = 2  # K; centralized always uses 1
     local_steps: int = 10  # L: local Adam steps per round
+    moments: Moments = "reset"  # Adam state: shipped with the pieces, or fresh every round
+    subnet_scale: SubnetScale = "none"  # IST: hidden outputs x K while a subnet trains
     epochs: int = 5
     batch_size: int = 64
     lr: float = 1e-3
@@ -37,3 +41,5 @@ class GroundStationConfig:
     test_subset: int | None = None  # evaluate on the first N of a seeded test permutation
     device: str = "auto"  # where the encoder stage runs
     encode_batch: int = 256
+    checkpoint_dir: Path | None = None  # the coordinator's per-round checkpoint
+    resume: bool = False  # continue from checkpoint_dir's checkpoint when there is one

@@ -7,7 +7,7 @@ from proto.sparsat.v1 import sparsat_pb2 as pb
 
 
 def _worker(w: WorkerBytes) -> pb.WorkerBytes:
-    return pb.WorkerBytes(node_id=w.node_id, sent=w.sent, received=w.received)
+    return pb.WorkerBytes(node_id=w.node_id, sent=w.sent, received=w.received, error=w.error)
 
 
 def epoch_to_pb(r: EpochResult) -> pb.EpochReport:
@@ -16,17 +16,19 @@ def epoch_to_pb(r: EpochResult) -> pb.EpochReport:
         dataset_bytes=[_worker(w) for w in r.dataset_bytes],
         rounds=[pb.RoundBytes(round=i, workers=[_worker(w) for w in ws])
                 for i, ws in enumerate(r.rounds)],
-        samples_trained=r.samples_trained,
+        samples_trained=r.samples_trained, rounds_resumed=r.rounds_resumed,
+        local_sgd_round_bytes=r.local_sgd_round_bytes,
     )
 
 
 def pb_to_epoch(m: pb.EpochReport) -> EpochResult:
     def worker(w: pb.WorkerBytes) -> WorkerBytes:
-        return WorkerBytes(w.node_id, int(w.sent), int(w.received))
+        return WorkerBytes(w.node_id, int(w.sent), int(w.received), w.error)
 
     return EpochResult(
         epoch=int(m.epoch), accuracy=float(m.accuracy), test_loss=float(m.test_loss),
         train_loss=float(m.train_loss), dataset_bytes=[worker(w) for w in m.dataset_bytes],
         rounds=[[worker(w) for w in r.workers] for r in m.rounds],
-        samples_trained=int(m.samples_trained),
+        samples_trained=int(m.samples_trained), rounds_resumed=int(m.rounds_resumed),
+        local_sgd_round_bytes=int(m.local_sgd_round_bytes),
     )

@@ -19,7 +19,7 @@ import torch
 
 from ground_station import serde as gs_serde
 from ground_station.config import GroundStationConfig
-from ground_station.coordinator import Coordinator, TrainerClient
+from ground_station.coordinator import CheckpointError, Coordinator, TrainerUnavailable
 from ground_station.encoding import TokenSet, encode_samples, encode_split, requantize
 from ground_station.ingest import IngestError, IngestRules, max_sample_bytes, validate
 from ground_station.store import SampleStore
@@ -113,6 +113,8 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             self.nodes[request.node_id] = info
             if request.role == pb.SENSOR:  # only validated sensor registrations count
                 self.known_sensors.update(request.satellite_ids)
+            elif self.coordinator is not None:  # a trainer (back) during training: it rejoins
+                self.coordinator.add_trainer(request.node_id, request.address)
         log.info("registered %s (%s) at %s", request.node_id, pb.Role.Name(request.role),
                  request.address)
         return pb.RegisterReply(config_json=config_json)
@@ -188,13 +190,24 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         if errors:
             log.error("encoding failed", exc_info=errors[0])
             abort(context, grpc.StatusCode.INTERNAL, f"encoding failed: {errors[0]}")
-        trainers = [TrainerClient(n.node_id, n.address) for n in self._trainer_nodes(context)]
-        with self._lock:
-            self.train_tokens, self.test_tokens = result["train"], result["test"]
+        train = result["train"]
+        digest = hashlib.blake2b(train.features.tobytes(), digest_size=8).hexdigest()
+        coord = Coordinator(cfg.training, encoder.dim, self.test_data.num_classes,
+                            cfg.checkpoint_dir)
+        coord.set_dataset(f"train-{len(train.labels)}-{digest}", train.features, train.labels)
+        if cfg.resume:
+            try:
+                coord.load_checkpoint()
+            except (CheckpointError, OSError, KeyError) as e:
+                abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"resume: {e}")
+        with self._lock:  # with the registry locked: no trainer registers in between
+            for n in self.nodes.values():
+                if n.role == pb.TRAINER:
+                    coord.add_trainer(n.node_id, n.address)
+            self.train_tokens, self.test_tokens = train, result["test"]
             if self.coordinator is not None:
                 self.coordinator.close()
-            self.coordinator = Coordinator(cfg.training, trainers, encoder.dim,
-                                           self.test_data.num_classes)
+            self.coordinator = coord
 
     def _trainer_nodes(self, context: grpc.ServicerContext) -> list[pb.NodeInfo]:
         k = self.cfg.training.num_workers
@@ -204,7 +217,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         if len(found) < k:
             abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                   f"{self.cfg.training.strategy} needs {k} trainers, {len(found)} registered")
-        return found[:k]
+        return found
 
     def TrainEpoch(self, request: pb.TrainEpochRequest,
                    context: grpc.ServicerContext) -> pb.EpochReport:
@@ -221,19 +234,16 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             coord, train, test = self.coordinator, self.train_tokens, self.test_tokens
         if coord is None or train is None or test is None:
             abort(context, grpc.StatusCode.FAILED_PRECONDITION, "call Prepare first")
-        digest = hashlib.blake2b(train.features.tobytes(), digest_size=8).hexdigest()
         try:
-            uploads = coord.upload(f"train-{len(train.labels)}-{digest}", train.features,
-                                   train.labels)
-            result = coord.train_epoch(int(request.epoch), len(train.labels),
-                                       torch.from_numpy(test.features),
+            result = coord.train_epoch(int(request.epoch), torch.from_numpy(test.features),
                                        torch.from_numpy(test.labels))
-        except grpc.RpcError as e:
-            abort(context, grpc.StatusCode.UNAVAILABLE, f"trainer failed: {e.details()}")
-        except (CodecError, RuntimeError, ValueError) as e:  # a trainer's reply made no sense
+        except TrainerUnavailable as e:
+            abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
+        except CheckpointError as e:
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except (RuntimeError, ValueError) as e:
             log.error("epoch %d failed", request.epoch, exc_info=e)
             abort(context, grpc.StatusCode.INTERNAL, f"training failed: {e}")
-        result.dataset_bytes = uploads
         log.info("epoch %d: accuracy %.4f", result.epoch, result.accuracy)
         return gs_serde.epoch_to_pb(result)
 

@@ -15,11 +15,23 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(d_in, hidden1)
         self.fc2 = nn.Linear(hidden1, hidden2)
         self.fc3 = nn.Linear(hidden2, n_classes)
+        # An IST subnet holding 1/K of each hidden layer may train with its hidden outputs
+        # scaled by K, so the next layer sees sums of the full network's size.
+        self.hidden_scale = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.fc1(x))  # (B, h1)
+        if self.hidden_scale != 1.0:
+            x = x * self.hidden_scale
         x = torch.relu(self.fc2(x))  # (B, h2)
+        if self.hidden_scale != 1.0:
+            x = x * self.hidden_scale
         return self.fc3(x)  # (B, C)
+
+    def wire_parameters(self) -> dict[str, torch.Tensor]:
+        """The live parameters under their wire names (for the optimizer)."""
+        return {"w1": self.fc1.weight, "b1": self.fc1.bias, "w2": self.fc2.weight,
+                "b2": self.fc2.bias, "w3": self.fc3.weight, "b3": self.fc3.bias}
 
     def params(self) -> dict[str, torch.Tensor]:
         """Detached copies of the parameters under their wire names."""

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from node.codec import CodecError, PatchData
+from node.training import AdamState
 from proto.sparsat.v1 import sparsat_pb2 as pb
 
 _NP_OF_DTYPE: dict[int, np.dtype[Any]] = {
@@ -164,17 +165,49 @@ class TrainJob:
     lr: float
     seed: int
     params: dict[str, torch.Tensor]
+    moments: AdamState | None = None  # None: the trainer starts from fresh moments
+    hidden_scale: float = 1.0
+
+
+def adam_to_pb(state: AdamState) -> pb.AdamState:
+    return pb.AdamState(exp_avg=params_to_pb(state.exp_avg),
+                        exp_avg_sq=params_to_pb(state.exp_avg_sq),
+                        step=params_to_pb(state.step))
+
+
+def pb_to_adam(msg: pb.AdamState, params: dict[str, torch.Tensor]) -> AdamState:
+    """Decode moments for `params`, checking that they cover them with matching shapes."""
+    state = AdamState(pb_to_params(msg.exp_avg), pb_to_params(msg.exp_avg_sq),
+                      pb_to_params(msg.step))
+    for name, p in params.items():
+        for kind, table in (("exp_avg", state.exp_avg), ("exp_avg_sq", state.exp_avg_sq)):
+            if name not in table or table[name].shape != p.shape:
+                raise CodecError(f"moments {kind}.{name} must have shape {tuple(p.shape)}")
+        t = state.step.get(name)
+        if t is None or (t.dim() and t.shape != p.shape):
+            raise CodecError(f"moments step.{name} must be a scalar or of shape "
+                             f"{tuple(p.shape)}")
+        if bool((t < 0).any()) or bool((state.exp_avg_sq[name] < 0).any()):
+            raise CodecError(f"moments for {name}: negative step count or second moment")
+    return state
 
 
 def train_job_to_pb(job: TrainJob) -> pb.TrainRequest:
     return pb.TrainRequest(
         dataset_id=job.dataset_id, round=job.round, worker=job.worker, steps=job.steps,
         batch_size=job.batch_size, lr=job.lr, seed=job.seed, params=params_to_pb(job.params),
+        moments=adam_to_pb(job.moments) if job.moments is not None else None,
+        hidden_scale=job.hidden_scale,
     )
 
 
 def pb_to_train_job(msg: pb.TrainRequest) -> TrainJob:
+    params = pb_to_params(msg.params)
+    if not (msg.hidden_scale >= 0 and math.isfinite(msg.hidden_scale)):
+        raise CodecError(f"hidden_scale must be >= 0, got {msg.hidden_scale}")
     return TrainJob(
         dataset_id=msg.dataset_id, round=msg.round, worker=msg.worker, steps=msg.steps,
-        batch_size=msg.batch_size, lr=msg.lr, seed=msg.seed, params=pb_to_params(msg.params),
+        batch_size=msg.batch_size, lr=msg.lr, seed=msg.seed, params=params,
+        moments=pb_to_adam(msg.moments, params) if msg.HasField("moments") else None,
+        hidden_scale=msg.hidden_scale or 1.0,
     )

@@ -20,7 +20,7 @@ from node import serde
 from node.codec import CodecError
 from node.mlp import MLP
 from node.rpc import ByteCounter, abort, bind, make_server, register, wire_size
-from node.training import resolve_device, train_steps
+from node.training import Adam, resolve_device, train_steps
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
@@ -94,9 +94,13 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
             abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                           f"labels reach {int(y.max())}, the model has {model.fc3.out_features}")
         model.to(self.device)
-        steps, loss = train_steps(model, x, y, job.steps, job.batch_size, job.lr, job.seed)
+        model.hidden_scale = job.hidden_scale
+        adam = Adam(model.wire_parameters(), job.lr, job.moments)  # moments None: fresh
+        steps, loss = train_steps(model, x, y, job.steps, job.batch_size, job.lr, job.seed, adam)
         reply = pb.TrainReply(params=serde.params_to_pb(model.params()), steps_done=steps,
                               mean_loss=loss)
+        if job.moments is not None:  # moments travel: send them back with the weights
+            reply.moments.CopyFrom(serde.adam_to_pb(adam.state.compact()))
         self.bytes.add(sent=wire_size(reply))
         return reply
 

@@ -1,10 +1,108 @@
-"""The training step and evaluation, as plain functions of explicit arguments."""
+"""The training step, Adam with shippable state, and evaluation."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults
+EPS = 1e-8
+
+
+@dataclass
+class AdamState:
+    """Adam's moments and step counts per named parameter.
+
+    `step[name]` is a 0-dim tensor when every element has had the same number of updates,
+    else a tensor of the parameter's shape: IST's coordinator keeps per-element counts
+    because off-diagonal W2 blocks skip the rounds their rows and columns are apart."""
+
+    exp_avg: dict[str, torch.Tensor]
+    exp_avg_sq: dict[str, torch.Tensor]
+    step: dict[str, torch.Tensor]
+
+    @classmethod
+    def zeros(cls, params: Mapping[str, torch.Tensor], full_steps: bool = False) -> AdamState:
+        def step(p: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(p.shape if full_steps else (), dtype=torch.float32)
+
+        return cls({n: torch.zeros_like(p) for n, p in params.items()},
+                   {n: torch.zeros_like(p) for n, p in params.items()},
+                   {n: step(p) for n, p in params.items()})
+
+    def compact(self) -> AdamState:
+        """Uniform step tensors become 0-dim: nothing per element travels when not needed."""
+        def squeeze(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() and t.numel() and bool((t == t.reshape(-1)[0]).all()):
+                return t.reshape(-1)[0].clone()
+            return t
+
+        return AdamState(dict(self.exp_avg), dict(self.exp_avg_sq),
+                         {n: squeeze(t) for n, t in self.step.items()})
+
+    def expand(self, like: Mapping[str, torch.Tensor]) -> AdamState:
+        """Step tensors at the parameters' full shapes."""
+        return AdamState(dict(self.exp_avg), dict(self.exp_avg_sq),
+                         {n: t.expand(like[n].shape).clone() for n, t in self.step.items()})
+
+    def to(self, device: torch.device) -> AdamState:
+        # 0-dim step counts stay on the CPU: reading them never waits for a GPU
+        return AdamState({n: t.to(device) for n, t in self.exp_avg.items()},
+                         {n: t.to(device) for n, t in self.exp_avg_sq.items()},
+                         {n: t if t.dim() == 0 else t.to(device) for n, t in self.step.items()})
+
+    def names(self) -> set[str]:
+        return set(self.exp_avg)
+
+
+class Adam:
+    """Adam with torch.optim.Adam's update, in its order of operations, over named
+    parameters whose state can be sliced, shipped and merged (see AdamState)."""
+
+    def __init__(self, params: Mapping[str, torch.Tensor], lr: float,
+                 state: AdamState | None = None) -> None:
+        self.params = dict(params)
+        self.lr = lr
+        if state is None:
+            state = AdamState.zeros(self.params)
+        for name, p in self.params.items():
+            for kind, table in (("exp_avg", state.exp_avg), ("exp_avg_sq", state.exp_avg_sq)):
+                if name not in table or table[name].shape != p.shape:
+                    raise ValueError(f"Adam state {kind}.{name} must have shape "
+                                     f"{tuple(p.shape)}")
+            t = state.step.get(name)
+            if t is None or (t.dim() and t.shape != p.shape):
+                raise ValueError(f"Adam state step.{name} must be a scalar or have shape "
+                                 f"{tuple(p.shape)}")
+        self.state = state.to(next(iter(self.params.values())).device)
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        b1, b2 = BETAS
+        for name, p in self.params.items():
+            if p.grad is None:
+                continue
+            g = p.grad
+            m, v, t = self.state.exp_avg[name], self.state.exp_avg_sq[name], self.state.step[name]
+            t += 1
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            if t.dim() == 0:  # exactly torch.optim.Adam's single-tensor path
+                n = float(t)
+                step_size = self.lr / (1 - b1**n)
+                denom = (v.sqrt() / (1 - b2**n) ** 0.5).add_(EPS)
+                p.addcdiv_(m, denom, value=-step_size)
+            else:  # per-element counts
+                denom = (v.sqrt() / (1 - b2**t).sqrt()).add_(EPS)
+                p.sub_(m / denom * (self.lr / (1 - b1**t)))
 
 
 def minibatch_indices(n_rows: int, steps: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -24,7 +122,7 @@ def train_steps(
     batch_size: int,
     lr: float,
     seed: int,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: Adam | torch.optim.Optimizer | None = None,
 ) -> tuple[int, float]:
     """Exactly `steps` Adam steps on minibatches drawn from (features, labels).
 
@@ -40,7 +138,7 @@ def train_steps(
     total = torch.zeros((), device=device)
     for rows in batches:
         loss = F.cross_entropy(model(features[rows]), labels[rows])
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         total += loss.detach()

@@ -22,24 +22,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sim.mission import MissionControl
     from sim.scenario import dump, load
 
-    scenario = load(args.scenario)
+    if args.resume:
+        if args.scenario or args.out:
+            raise ValueError("--resume DIR takes the scenario from DIR/config.yaml and writes "
+                             "to DIR: give neither a scenario nor --out")
+        out = Path(args.resume)
+        if not (out / "config.yaml").exists():
+            raise FileNotFoundError(f"nothing to resume: {out / 'config.yaml'} not found")
+        scenario = load(out / "config.yaml")
+    elif not args.scenario:
+        raise ValueError("give a scenario file, or --resume DIR")
+    else:
+        scenario = load(args.scenario)
+        out = Path(args.out or f"runs/{scenario.name}")
     if args.device:
         scenario = scenario.model_copy(update={
             "training": scenario.training.model_copy(update={"device": args.device})})
-    out = Path(args.out or f"runs/{scenario.name}")
     out.mkdir(parents=True, exist_ok=True)
     resolved = out / "config.yaml"
     resolved.write_text(dump(scenario))
     show = not args.quiet
+    state = out / "mission_state.json"
+    if not args.resume:
+        state.unlink(missing_ok=True)
     if args.ground_station:  # a deployment already running elsewhere
-        results = MissionControl(scenario, args.ground_station, show).run()
+        results = MissionControl(scenario, args.ground_station, show, state_file=state,
+                                 resume=bool(args.resume)).run()
     else:
-        with LocalCluster(scenario, resolved, out) as cluster:
+        with LocalCluster(scenario, resolved, out, resume=bool(args.resume)) as cluster:
             if show:
                 print(f"started {len(cluster.procs)} node processes; logs in {out / 'logs'}",
                       file=sys.stderr)
             results = MissionControl(scenario, cluster.address, show,
-                                     alive=cluster.check_alive).run()
+                                     alive=cluster.check_alive, state_file=state,
+                                     resume=bool(args.resume)).run()
     report.write(out, scenario, results)
     print(report.summary(results))
     print(f"results in {out}/results.json")
@@ -52,7 +68,10 @@ def cmd_ground_station(args: argparse.Namespace) -> int:
 
     scenario = load(args.scenario)
     store = Path(args.store or f"runs/{scenario.name}/store")
-    serve(ground_station_config(scenario, store), args.listen,
+    checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+    if args.resume and checkpoints is None:
+        raise ValueError("--resume needs --checkpoint-dir")
+    serve(ground_station_config(scenario, store, checkpoints, args.resume), args.listen,
           Path(args.port_file) if args.port_file else None)
     return 0
 
@@ -104,8 +123,11 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a scenario: start the nodes locally, drive the mission")
-    run.add_argument("scenario", help="scenario YAML file")
+    run.add_argument("scenario", nargs="?", help="scenario YAML file")
     run.add_argument("--out", help="output directory (default runs/<scenario name>)")
+    run.add_argument("--resume", metavar="DIR",
+                     help="continue the run in DIR from its last checkpoint (after the "
+                          "downlink: from the last training round)")
     run.add_argument("--ground-station", metavar="HOST:PORT",
                      help="drive an already running deployment instead of starting one")
     run.add_argument("--device", help="trainer device for local trainers (auto, cpu, cuda)")
@@ -134,6 +156,9 @@ def parser() -> argparse.ArgumentParser:
     gs.add_argument("--scenario", required=True, help="scenario YAML file")
     gs.add_argument("--store", help="sample store directory (default runs/<name>/store)")
     gs.add_argument("--port-file", help="write the bound HOST:PORT here once serving")
+    gs.add_argument("--checkpoint-dir", help="checkpoint the coordinator here every round")
+    gs.add_argument("--resume", action="store_true",
+                    help="continue training from the checkpoint in --checkpoint-dir")
     gs.set_defaults(func=cmd_ground_station)
 
     node = sub.add_parser("node", help="serve a sensor or trainer node")

@@ -25,8 +25,10 @@ class LaunchError(RuntimeError):
 
 
 class LocalCluster:
-    def __init__(self, scenario: Scenario, scenario_file: Path, out_dir: Path) -> None:
+    def __init__(self, scenario: Scenario, scenario_file: Path, out_dir: Path,
+                 resume: bool = False) -> None:
         self.s = scenario
+        self.resume = resume  # keep the store and the coordinator's checkpoint
         self.scenario_file = scenario_file
         self.out_dir = out_dir
         self.log_dir = out_dir / "logs"
@@ -56,11 +58,16 @@ class LocalCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         port_file = self.out_dir / "ground_station.addr"
         port_file.unlink(missing_ok=True)
-        # a new run starts from an empty store: old samples would be acked as duplicates
-        shutil.rmtree(self.out_dir / "store", ignore_errors=True)
+        if not self.resume:
+            # a new run starts from an empty store (old samples would be acked as duplicates)
+            # and without an old checkpoint
+            shutil.rmtree(self.out_dir / "store", ignore_errors=True)
+            shutil.rmtree(self.out_dir / "checkpoint", ignore_errors=True)
         self._spawn("ground-station", [
             "ground-station", "--listen", "127.0.0.1:0", "--scenario", str(self.scenario_file),
-            "--store", str(self.out_dir / "store"), "--port-file", str(port_file)])
+            "--store", str(self.out_dir / "store"), "--port-file", str(port_file),
+            "--checkpoint-dir", str(self.out_dir / "checkpoint"),
+            *(["--resume"] if self.resume else [])])
         deadline = time.monotonic() + START_TIMEOUT_S
         while not port_file.exists():
             self.check_alive()
@@ -68,14 +75,8 @@ class LocalCluster:
                 raise LaunchError(f"ground station did not start in {START_TIMEOUT_S:.0f} s")
             time.sleep(0.1)
         self.address = port_file.read_text().strip()
-        t = self.s.training
-        k_workers = t.workers if t.strategy == "ist" else 1
-        # the workers of a round run at once: share this machine's cores between them
-        threads = max(1, (os.cpu_count() or 1) // k_workers)
-        for k in range(k_workers):
-            self._spawn(f"trainer-{k}", [
-                "node", "trainer", "--listen", "127.0.0.1:0", "--ground-station", self.address,
-                "--id", f"trainer-{k}", "--device", t.device, "--threads", str(threads)])
+        for k in range(self.s.training.num_workers):
+            self.spawn_trainer(f"trainer-{k}")
         sats = self.s.sensors.ids()
         per = self.s.sensors.per_process
         for h, start in enumerate(range(0, len(sats), per)):
@@ -84,6 +85,15 @@ class LocalCluster:
                 "node", "sensor", "--listen", "127.0.0.1:0", "--ground-station", self.address,
                 "--node-id", f"sensors-{h}", *ids])
         return self.address
+
+    def spawn_trainer(self, node_id: str, name: str | None = None) -> subprocess.Popen[bytes]:
+        """Start a trainer process that registers with the ground station as `node_id`."""
+        t = self.s.training
+        # the workers of a round run at once: share this machine's cores between them
+        threads = max(1, (os.cpu_count() or 1) // t.num_workers)
+        return self._spawn(name or node_id, [
+            "node", "trainer", "--listen", "127.0.0.1:0", "--ground-station", self.address,
+            "--id", node_id, "--device", t.device, "--threads", str(threads)])
 
     def stop(self) -> None:
         for proc in self.procs.values():

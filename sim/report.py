@@ -59,6 +59,20 @@ def summary(results: dict[str, Any]) -> str:
         f" trainer links {b['trainer']:,})",
         f"samples         sent {s['sent']:,}, stored {s['stored']:,}, "
         f"trained on {s['trained_on']:,}",
+        _rounds_line(results),
         f"mission time    {results['sim_time_s']:,.1f} s",
         f"wall time       {results['wall_time_s']:.1f} s",
+        *([f"trainer faults  {len(results['trainer_failures'])} failed calls (see "
+           "results.json trainer_failures)"] if results.get("trainer_failures") else []),
     ])
+
+
+def _rounds_line(results: dict[str, Any]) -> str:
+    rb = results.get("round_bytes") or {}
+    if not rb.get("rounds"):
+        return "trainer rounds  none"
+    line = f"trainer rounds  {rb['rounds']:,} x {rb['mean'] / 1e6:,.3f} MB"
+    if rb.get("local_sgd"):
+        line += (f"  (one local-SGD round of this model would move {rb['local_sgd'] / 1e6:,.3f}"
+                 f" MB: x{rb['ratio_to_local_sgd']:.2f})")
+    return line

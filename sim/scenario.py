@@ -90,15 +90,23 @@ class LinksCfg(Model):
 
 
 class TrainingCfg(Model):
-    strategy: Literal["centralized", "ist"] = "ist"
-    workers: int = Field(2, ge=1)
+    strategy: Literal["centralized", "ist", "local_sgd"] = "ist"
+    workers: int = Field(2, ge=1)  # K (ist, local_sgd); centralized uses one trainer
     local_steps: int = Field(10, ge=1)
+    # Adam state: `travel` ships each piece's moments with its weights, `reset` starts
+    # every round from fresh moments (nothing extra sent)
+    moments: Literal["travel", "reset"] = "reset"
+    subnet_scale: Literal["none", "k"] = "none"  # ist: hidden outputs x K while training
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     hidden: tuple[int, int] = (1000, 1000)
     device: str = "auto"  # trainer nodes started by `sparsat run`
     round_timeout_s: float = Field(600.0, gt=0)
+
+    @property
+    def num_workers(self) -> int:
+        return 1 if self.strategy == "centralized" else self.workers
 
 
 class Scenario(Model):
@@ -113,9 +121,11 @@ class Scenario(Model):
 
     @model_validator(mode="after")
     def _workers(self) -> Scenario:
-        if self.training.strategy == "ist" and self.training.workers < 2:
-            raise ValueError("ist needs workers >= 2 (use strategy: centralized for one)")
-        if min(self.training.hidden) < self.training.workers:
+        t = self.training
+        if t.strategy in ("ist", "local_sgd") and t.workers < 2:
+            raise ValueError(f"{t.strategy} needs workers >= 2 (use strategy: centralized "
+                             "for one)")
+        if t.strategy == "ist" and min(t.hidden) < t.workers:
             raise ValueError("each hidden layer needs at least one neuron per worker")
         return self
 
@@ -159,15 +169,18 @@ def sensor_config(s: Scenario) -> SensorConfig:
     )
 
 
-def ground_station_config(s: Scenario, store_dir: Path) -> GroundStationConfig:
+def ground_station_config(s: Scenario, store_dir: Path, checkpoint_dir: Path | None = None,
+                          resume: bool = False) -> GroundStationConfig:
     t = s.training
     return GroundStationConfig(
         sensor=sensor_config(s),
         training=TrainingConfig(
             strategy=t.strategy, workers=t.workers, local_steps=t.local_steps, epochs=t.epochs,
             batch_size=t.batch_size, lr=t.lr, hidden=t.hidden, seed=s.seed,
-            round_timeout_s=t.round_timeout_s,
+            round_timeout_s=t.round_timeout_s, moments=t.moments, subnet_scale=t.subnet_scale,
         ),
         store_dir=store_dir,
         test_subset=s.dataset.test_subset,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
     )

@@ -1,36 +1,54 @@
-"""The IST coordinator against real trainer servers on localhost."""
+"""The training coordinator against real trainer servers on localhost."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import torch
 
+from ground_station import ist
 from ground_station.config import TrainingConfig
-from ground_station.coordinator import Coordinator, TrainerClient
+from ground_station.coordinator import CheckpointError, Coordinator
+from node.masking import stable_seed
+from node.mlp import MLP
 from node.rpc import bind, make_server
 from node.trainer import TrainerServicer
+from node.training import Adam, train_steps
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
 DIM, CLASSES, ROWS = 16, 4, 1024
 
 
-@pytest.fixture()
-def trainers() -> Iterator[list[tuple[TrainerServicer, str]]]:
-    out, servers = [], []
-    for k in range(2):
-        servicer = TrainerServicer(f"trainer-{k}", torch.device("cpu"))
+class Trainers:
+    """Trainer servers on localhost that a test can stop and start again."""
+
+    def __init__(self) -> None:
+        self.servers: dict[str, grpc.Server] = {}
+        self.servicers: dict[str, TrainerServicer] = {}
+        self.addresses: dict[str, str] = {}
+
+    def start(self, node_id: str) -> str:
+        servicer = TrainerServicer(node_id, torch.device("cpu"))
         server = make_server()
         pb_grpc.add_TrainerServicer_to_server(servicer, server)
-        address = bind(server, "127.0.0.1:0")
+        self.addresses[node_id] = bind(server, "127.0.0.1:0")
         server.start()
-        servers.append(server)
-        out.append((servicer, address))
-    yield out
-    for server in servers:
+        self.servers[node_id], self.servicers[node_id] = server, servicer
+        return self.addresses[node_id]
+
+    def stop(self, node_id: str) -> None:
+        self.servers.pop(node_id).stop(None)
+
+
+@pytest.fixture()
+def trainers() -> Iterator[Trainers]:
+    t = Trainers()
+    yield t
+    for server in t.servers.values():
         server.stop(None)
 
 
@@ -41,43 +59,254 @@ def _data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return (centers[y] + rng.normal(0, 1, (ROWS, DIM))).astype(np.float32), y.astype(np.int64)
 
 
-@pytest.mark.parametrize("strategy, k", [("centralized", 1), ("ist", 2)])
-def test_epochs_train_and_bytes_match_the_trainers_counts(
-        trainers: list[tuple[TrainerServicer, str]], strategy: str, k: int) -> None:
-    cfg = TrainingConfig(strategy=strategy, workers=k, local_steps=4, batch_size=32,  # type: ignore[arg-type]
-                         hidden=(33, 17), seed=1, lr=1e-2)
-    clients = [TrainerClient(s.node_id, a) for s, a in trainers[:k]]
-    coord = Coordinator(cfg, clients, DIM, CLASSES)
+def _coordinator(trainers: Trainers, cfg: TrainingConfig, n: int | None = None,
+                 checkpoint_dir: Path | None = None) -> Coordinator:
+    coord = Coordinator(cfg, DIM, CLASSES, checkpoint_dir)
+    for k in range(cfg.num_workers if n is None else n):
+        node_id = f"trainer-{k}"
+        coord.add_trainer(node_id, trainers.addresses.get(node_id) or trainers.start(node_id))
     x, y = _data()
+    coord.set_dataset("d1", x, y)
+    return coord
+
+
+def _test_set() -> tuple[torch.Tensor, torch.Tensor]:
     tx, ty = _data(1)
+    return torch.from_numpy(tx), torch.from_numpy(ty)
+
+
+@pytest.mark.parametrize("strategy, k, moments", [
+    ("centralized", 1, "travel"), ("ist", 2, "reset"), ("ist", 2, "travel"),
+    ("local_sgd", 2, "reset"), ("local_sgd", 2, "travel")])
+def test_epochs_train_and_bytes_match_the_trainers_counts(
+        trainers: Trainers, strategy: str, k: int, moments: str) -> None:
+    cfg = TrainingConfig(strategy=strategy, workers=k, local_steps=4, batch_size=32,  # type: ignore[arg-type]
+                         hidden=(33, 17), seed=1, lr=1e-2, moments=moments)  # type: ignore[arg-type]
+    coord = _coordinator(trainers, cfg)
     before = {n: v.clone() for n, v in coord.params.items()}
 
-    uploads = coord.upload("d1", x, y)
-    again = coord.upload("d1", x, y)  # the dataset travels once
-    first = coord.train_epoch(1, ROWS, torch.from_numpy(tx), torch.from_numpy(ty))
-    second = coord.train_epoch(2, ROWS, torch.from_numpy(tx), torch.from_numpy(ty))
+    first = coord.train_epoch(1, *_test_set())
+    second = coord.train_epoch(2, *_test_set())
     coord.close()
 
-    assert len(uploads) == k and again == []
+    assert len(first.dataset_bytes) == k and second.dataset_bytes == []  # sent once
     rounds = -(-ROWS // (k * 4 * 32))  # an epoch is the same number of samples for every K
     assert len(first.rounds) == len(second.rounds) == rounds
     assert first.samples_trained == rounds * k * 4 * 32
     assert second.accuracy > 0.9  # four well separated blobs
     assert all(not torch.equal(before[n], coord.params[n]) for n in before)
-    for servicer, _ in trainers[:k]:  # what the coordinator charged == what each trainer saw
-        mine = [w for r in first.rounds + second.rounds for w in r if w.node_id == servicer.node_id]
-        up = [w for w in uploads if w.node_id == servicer.node_id]
+    for node_id, servicer in trainers.servicers.items():  # charged == what each trainer saw
+        mine = [w for r in first.rounds + second.rounds for w in r if w.node_id == node_id]
+        up = [w for w in first.dataset_bytes if w.node_id == node_id]
         assert servicer.bytes.received == sum(w.sent for w in mine + up)
         assert servicer.bytes.sent == sum(w.received for w in mine + up)
 
 
-def test_a_dead_trainer_fails_the_epoch_loudly(trainers: list[tuple[TrainerServicer, str]]) -> None:
-    cfg = TrainingConfig(strategy="ist", workers=2, local_steps=2, batch_size=32,
-                         hidden=(8, 8), round_timeout_s=5)
-    clients = [TrainerClient("trainer-0", trainers[0][1]), TrainerClient("gone", "127.0.0.1:1")]
-    coord = Coordinator(cfg, clients, DIM, CLASSES)
-    x, y = _data()
-    with pytest.raises(grpc.RpcError):
-        coord.upload("d1", x, y)
-    assert coord.dataset_id == ""  # not marked as uploaded: the next epoch tries again
+def _centralized_reference(cfg: TrainingConfig, rounds: int) -> dict[str, torch.Tensor]:
+    """Plain centralized training: torch.optim.Adam kept for the whole run, the same
+    minibatches the coordinator asks for."""
+    x, y = (torch.from_numpy(a) for a in _data())
+    torch.manual_seed(cfg.seed)
+    model = MLP(DIM, cfg.hidden[0], cfg.hidden[1], CLASSES)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    for r in range(rounds):
+        train_steps(model, x, y, cfg.local_steps, cfg.batch_size, cfg.lr,
+                    stable_seed(cfg.seed, "batches", r, 0), optimizer)
+    return model.params()
+
+
+def test_k1_with_travelling_moments_is_centralized_training_step_for_step(
+        trainers: Trainers) -> None:
+    cfg = TrainingConfig(strategy="ist", workers=1, local_steps=5, batch_size=32,
+                         hidden=(33, 17), seed=3, lr=1e-2, moments="travel")
+    coord = _coordinator(trainers, cfg)
+    coord.train_epoch(1, *_test_set())
+    coord.train_epoch(2, *_test_set())
     coord.close()
+    reference = _centralized_reference(cfg, coord.round)
+    assert coord.round == 2 * (-(-ROWS // (5 * 32)))
+    for name, ref in reference.items():
+        torch.testing.assert_close(coord.params[name], ref, rtol=1e-5, atol=1e-6)
+
+    # and resetting the moments every round is measurably not the same training
+    reset = _coordinator(trainers, TrainingConfig(**{**cfg.__dict__, "moments": "reset"}))
+    reset.train_epoch(1, *_test_set())
+    reset.train_epoch(2, *_test_set())
+    reset.close()
+    assert (reset.params["w1"] - reference["w1"]).abs().max() > 1e-3
+
+
+def test_our_adam_is_torch_adam() -> None:
+    x, y = (torch.from_numpy(a) for a in _data())
+    torch.manual_seed(0)
+    a = MLP(DIM, 20, 10, CLASSES)
+    b = MLP(DIM, 20, 10, CLASSES)
+    b.load_params(a.params())
+    train_steps(a, x, y, 25, 32, 1e-2, 7, torch.optim.Adam(a.parameters(), lr=1e-2))
+    train_steps(b, x, y, 25, 32, 1e-2, 7, Adam(b.wire_parameters(), 1e-2))
+    for name, p in a.params().items():
+        torch.testing.assert_close(b.params()[name], p, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("scale", ["none", "k"])
+def test_an_ist_round_is_each_subnet_trained_exactly_l_steps_and_written_back(
+        trainers: Trainers, scale: str) -> None:
+    cfg = TrainingConfig(strategy="ist", workers=3, local_steps=6, batch_size=16,
+                         hidden=(31, 20), seed=5, lr=1e-2, moments="travel",
+                         subnet_scale=scale)  # type: ignore[arg-type]
+    coord = _coordinator(trainers, cfg)
+    before = {n: v.clone() for n, v in coord.params.items()}
+    generator = torch.Generator().manual_seed(stable_seed(cfg.seed, "partition"))
+    part = ist.partition(31, 20, 3, generator)  # the coordinator's first partition
+    progress = coord._start_epoch(1, 1)
+    coord._round(1, progress)
+    coord.close()
+
+    x, y = (torch.from_numpy(a) for a in _data())
+    expected = {n: v.clone() for n, v in before.items()}
+    pieces = {}
+    for w in range(3):
+        model = MLP.from_params(ist.subnet(before, part, w))
+        model.hidden_scale = 3.0 if scale == "k" else 1.0
+        steps, _ = train_steps(model, x, y, 6, 16, 1e-2, stable_seed(cfg.seed, "batches", 0, w),
+                               torch.optim.Adam(model.parameters(), lr=1e-2))
+        assert steps == 6
+        pieces[w] = model.params()
+    ist.write_back(expected, part, pieces)
+    for name in expected:
+        torch.testing.assert_close(coord.params[name], expected[name], rtol=1e-5, atol=1e-6)
+    off_diagonal = torch.ones(20, 31, dtype=torch.bool)
+    for g1, g2 in zip(part.hidden1, part.hidden2, strict=True):
+        off_diagonal[g2.unsqueeze(1), g1.unsqueeze(0)] = False
+    assert torch.equal(coord.params["w2"][off_diagonal], before["w2"][off_diagonal])
+    assert coord.state is not None  # moments and step counts went back beside the weights
+    assert torch.all(coord.state.step["w2"][off_diagonal] == 0)
+    assert torch.all(coord.state.step["w2"][~off_diagonal] == 6)
+    assert torch.all(coord.state.step["w1"] == 6) and torch.all(coord.state.step["b3"] == 6)
+    assert torch.all(coord.state.exp_avg["w2"][off_diagonal] == 0)
+
+
+def test_step_counts_follow_each_w2_element_over_rounds(trainers: Trainers) -> None:
+    cfg = TrainingConfig(strategy="ist", workers=2, local_steps=3, batch_size=32,
+                         hidden=(12, 10), seed=2, moments="travel")
+    coord = _coordinator(trainers, cfg)
+    coord.train_epoch(1, *_test_set())
+    coord.close()
+    assert coord.state is not None
+    steps = coord.state.step
+    total = coord.round * 3
+    assert torch.all(steps["w1"] == total) and torch.all(steps["w3"] == total)
+    w2 = steps["w2"]
+    assert torch.all(w2 % 3 == 0) and w2.max() <= total and w2.min() < w2.max()
+    # each round, each row of W2 is trained in one of its columns' groups: half the columns
+    assert torch.allclose(w2.sum(1), torch.full((10,), total * 6.0))
+
+
+def test_local_sgd_averages_the_replicas(trainers: Trainers) -> None:
+    cfg = TrainingConfig(strategy="local_sgd", workers=2, local_steps=4, batch_size=32,
+                         hidden=(9, 7), seed=4, lr=1e-2)
+    coord = _coordinator(trainers, cfg)
+    before = {n: v.clone() for n, v in coord.params.items()}
+    coord._round(1, coord._start_epoch(1, 1))
+    coord.close()
+    x, y = (torch.from_numpy(a) for a in _data())
+    replicas = []
+    for w in range(2):
+        model = MLP.from_params(before)
+        train_steps(model, x, y, 4, 32, 1e-2, stable_seed(cfg.seed, "batches", 0, w))
+        replicas.append(model.params())
+    for name in before:
+        mean = (replicas[0][name] + replicas[1][name]) / 2
+        torch.testing.assert_close(coord.params[name], mean, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failed_trainer_keeps_its_pieces_and_rejoins_after_registering_again(
+        trainers: Trainers) -> None:
+    cfg = TrainingConfig(strategy="ist", workers=2, local_steps=2, batch_size=32,
+                         hidden=(8, 8), round_timeout_s=5, moments="travel")
+    coord = _coordinator(trainers, cfg)
+    coord.train_epoch(1, *_test_set())
+    trainers.stop("trainer-1")
+    before = {n: v.clone() for n, v in coord.params.items()}
+    state_before = {n: v.clone() for n, v in coord.state.exp_avg.items()}  # type: ignore[union-attr]
+    generator = torch.Generator()
+    generator.set_state(coord.generator.get_state())
+    part = ist.partition(8, 8, 2, generator)
+    progress = coord._start_epoch(2, 3)
+    coord._round(2, progress)  # trainer-1 is gone: its group keeps its pre-round state
+    assert [w.error != "" for w in progress.rounds[0]] == [False, True]
+    g1 = part.hidden1[1]
+    assert torch.equal(coord.params["w1"][g1], before["w1"][g1])
+    assert torch.equal(coord.state.exp_avg["w1"][g1], state_before["w1"][g1])  # type: ignore[union-attr]
+    assert not torch.equal(coord.params["w1"][part.hidden1[0]], before["w1"][part.hidden1[0]])
+    assert [f["node_id"] for f in coord.failures] == ["trainer-1"]
+
+    coord._round(2, progress)  # one trainer left: the round runs on it alone
+    assert [w.node_id for w in progress.rounds[1]] == ["trainer-0"]
+
+    coord.add_trainer("trainer-1", trainers.start("trainer-1"))  # back, with no dataset
+    coord._round(2, progress)
+    assert [w.node_id for w in progress.rounds[2]] == ["trainer-0", "trainer-1"]
+    assert [w.node_id for w in progress.dataset_bytes] == ["trainer-1"]
+    assert all(w.error == "" for w in progress.rounds[2])
+    coord.close()
+
+
+def test_no_trainer_at_all_fails_the_epoch_after_the_round_timeout(trainers: Trainers) -> None:
+    from ground_station.coordinator import TrainerUnavailable
+
+    cfg = TrainingConfig(strategy="ist", workers=2, local_steps=2, batch_size=32,
+                         hidden=(8, 8), round_timeout_s=1)
+    coord = Coordinator(cfg, DIM, CLASSES)
+    coord.add_trainer("gone", "127.0.0.1:1")
+    coord.set_dataset("d1", *_data())
+    with pytest.raises(TrainerUnavailable):
+        coord.train_epoch(1, *_test_set())
+    assert coord.failures and coord.failures[0]["node_id"] == "gone"
+    coord.close()
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resuming_mid_epoch_from_the_checkpoint_equals_an_uninterrupted_run(
+        trainers: Trainers, tmp_path: Path) -> None:
+    cfg = TrainingConfig(strategy="ist", workers=2, local_steps=3, batch_size=32,
+                         hidden=(12, 10), seed=6, moments="travel")
+    whole = _coordinator(trainers, cfg)
+    for epoch in (1, 2):
+        whole.train_epoch(epoch, *_test_set())
+    whole.close()
+
+    first = _coordinator(trainers, cfg, checkpoint_dir=tmp_path)
+    first.train_epoch(1, *_test_set())
+    original = first._round
+
+    def crash_after_two(epoch: int, progress: object) -> None:
+        if first.round >= whole.round // 2 + 2:
+            raise _Crash
+        original(epoch, progress)  # type: ignore[arg-type]
+
+    first._round = crash_after_two  # type: ignore[method-assign]
+    with pytest.raises(_Crash):
+        first.train_epoch(2, *_test_set())
+    first.close()
+
+    second = _coordinator(trainers, cfg, checkpoint_dir=tmp_path)
+    assert second.load_checkpoint()
+    with pytest.raises(CheckpointError):  # the checkpoint stopped in epoch 2
+        second._start_epoch(3, 1)
+    assert second.load_checkpoint()
+    result = second.train_epoch(2, *_test_set())
+    second.close()
+    assert result.rounds_resumed == 2
+    assert len(result.rounds) == whole.round // 2
+    for name in whole.params:
+        assert torch.equal(second.params[name], whole.params[name])
+
+    other = Coordinator(TrainingConfig(**{**cfg.__dict__, "lr": 0.5}), DIM, CLASSES, tmp_path)
+    other.set_dataset("d1", *_data())
+    with pytest.raises(CheckpointError, match="other training settings"):
+        other.load_checkpoint()
+    other.close()

@@ -136,3 +136,109 @@ def test_deployed_nodes_cls_centralized(tmp_path: Path) -> None:
             p.terminate()
         for p in procs:
             p.wait(timeout=20)
+
+
+# ---- failures and resume, with real processes --------------------------------------------
+
+FAULTS = {**TINY, "name": "faults",
+          "training": {**TINY["training"], "epochs": 4, "moments": "travel",
+                       "round_timeout_s": 20}}
+
+
+def _node_address(cluster: Any, node_id: str) -> str:
+    import grpc  # noqa: F401  (imported for the stub's errors)
+
+    from node.rpc import channel
+    from proto.sparsat.v1 import sparsat_pb2 as pb
+    from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+
+    ch = channel(cluster.address)
+    try:
+        nodes = pb_grpc.RegistryStub(ch).ListNodes(pb.ListNodesRequest(), timeout=10).nodes
+    finally:
+        ch.close()
+    return next((n.address for n in nodes if n.node_id == node_id), "")
+
+
+def test_a_killed_trainer_does_not_stop_the_run_and_rejoins_when_it_registers_again(
+        tmp_path: Path) -> None:
+    from sim.launcher import LocalCluster
+    from sim.mission import MissionControl
+    from sim.scenario import Scenario, dump
+
+    scenario = Scenario.model_validate(FAULTS)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.yaml").write_text(dump(scenario))
+    with LocalCluster(scenario, out / "config.yaml", out) as cluster:
+        def on_epoch(entry: dict[str, Any]) -> None:
+            if entry["epoch"] == 1:  # the next round finds it dead
+                cluster.procs["trainer-1"].kill()
+                cluster.procs["trainer-1"].wait()
+            if entry["epoch"] == 2:  # back as a new process, before epoch 3 starts
+                old = _node_address(cluster, "trainer-1")
+                cluster.spawn_trainer("trainer-1", name="trainer-1-again")
+                deadline = time.monotonic() + 120
+                while _node_address(cluster, "trainer-1") == old:
+                    assert time.monotonic() < deadline, cluster.log_tail("trainer-1-again")
+                    time.sleep(0.2)
+
+        results = MissionControl(scenario, cluster.address, False, on_epoch=on_epoch).run()
+
+    rounds = results["per_round_bytes"]
+    per_epoch = 3  # 480 / (2 * 3 * 32)
+    assert len(rounds) == 4 * per_epoch
+    assert [r["epoch"] for r in rounds] == [e for e in (1, 2, 3, 4) for _ in range(per_epoch)]
+    failures = results["trainer_failures"]
+    assert [(f["epoch"], f["round"], f["node_id"]) for f in failures] == [(2, 0, "trainer-1")]
+    assert "UNAVAILABLE" in failures[0]["error"]
+    epoch2 = [r for r in rounds if r["epoch"] == 2]
+    assert set(epoch2[0]["workers"]) == {"trainer-0", "trainer-1"}
+    assert "error" in epoch2[0]["workers"]["trainer-1"]
+    assert all(set(r["workers"]) == {"trainer-0"} for r in epoch2[1:])  # alone meanwhile
+    assert all(set(r["workers"]) == {"trainer-0", "trainer-1"}
+               for r in rounds if r["epoch"] >= 3)  # rejoined
+    assert [h["epoch"] for h in results["history"]] == [1, 2, 3, 4]
+    assert results["final_accuracy"] > 0.2  # 10 classes, 480 samples, 4 short epochs
+    # the new trainer process counted exactly what was charged to it after it came back
+    later = sum(w["sent"] + w["received"] for r in rounds if r["epoch"] >= 3
+                for n, w in r["workers"].items() if n == "trainer-1")
+    node = results["node_bytes"]["trainer-1"]
+    assert node["sent"] + node["received"] > later  # + the dataset it was sent again
+
+
+def test_run_resume_continues_a_run_whose_ground_station_was_killed(tmp_path: Path) -> None:
+    from sim.launcher import LocalCluster
+    from sim.mission import MissionControl, MissionError
+    from sim.scenario import Scenario, dump
+
+    scenario = Scenario.model_validate({**FAULTS, "name": "resume"})
+    whole = tmp_path / "whole"
+    assert main(["run", str(_write(tmp_path, {**FAULTS, "name": "resume"})), "--out",
+                 str(whole), "--quiet"]) == 0
+    expected = json.loads((whole / "results.json").read_text())
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.yaml").write_text(dump(scenario))
+    with LocalCluster(scenario, out / "config.yaml", out) as cluster:
+        def on_epoch(entry: dict[str, Any]) -> None:
+            if entry["epoch"] == 2:
+                cluster.procs["ground-station"].kill()
+                cluster.procs["ground-station"].wait()
+
+        with pytest.raises(MissionError):
+            MissionControl(scenario, cluster.address, False, state_file=out / "mission_state.json",
+                           on_epoch=on_epoch).run()
+    assert (out / "checkpoint" / "coordinator.pt").exists()
+
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["resumed"] == 1
+    assert [h["epoch"] for h in results["history"]] == [1, 2, 3, 4]
+    assert [h["accuracy"] for h in results["history"]] == \
+        [h["accuracy"] for h in expected["history"]]
+    assert results["bytes"]["downlink"] == expected["bytes"]["downlink"]  # not sent twice
+    assert results["samples"]["sent"] == expected["samples"]["sent"]
+    assert len(results["per_round_bytes"]) == len(expected["per_round_bytes"])
+    assert results["sim_time_s"] >= expected["sim_time_s"]  # + the dataset sent again

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eproto/sparsat/v1/sparsat.proto\x12\nsparsat.v1\"V\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.sparsat.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05scale\x18\x04 \x01(\x02\"r\n\x0cPatchPayload\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x10\n\x08\x63hannels\x18\x03 \x01(\r\x12\x0c\n\x04grid\x18\x04 \x01(\r\x12\x13\n\x0bvisible_idx\x18\x05 \x01(\x0c\x12\x0e\n\x06pixels\x18\x06 \x01(\x0c\"/\n\nClsPayload\x12!\n\x05token\x18\x01 \x01(\x0b\x32\x12.sparsat.v1.Tensor\"\x9c\x01\n\x06Sample\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12\x11\n\tsensor_id\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\x05\x12+\n\x07patches\x18\x04 \x01(\x0b\x32\x18.sparsat.v1.PatchPayloadH\x00\x12%\n\x03\x63ls\x18\x05 \x01(\x0b\x32\x16.sparsat.v1.ClsPayloadH\x00\x42\t\n\x07payload\"1\n\tSampleAck\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"z\n\x0fRegisterRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.sparsat.v1.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x15\n\rsatellite_ids\x18\x04 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\"$\n\rRegisterReply\x12\x13\n\x0b\x63onfig_json\x18\x01 \x01(\t\"s\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.sparsat.v1.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x15\n\rsatellite_ids\x18\x04 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\"\x12\n\x10ListNodesRequest\"5\n\x0eListNodesReply\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.sparsat.v1.NodeInfo\"\x0f\n\rHealthRequest\"y\n\x0bHealthReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.sparsat.v1.Role\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x04\x12\x12\n\nbytes_sent\x18\x05 \x01(\x04\"O\n\x0fTransmitRequest\x12\x14\n\x0csatellite_id\x18\x01 \x01(\t\x12\x11\n\tmax_bytes\x18\x02 \x01(\x04\x12\x13\n\x0bmax_samples\x18\x03 \x01(\r\"\xbd\x01\n\x0eTransmitReport\x12\x14\n\x0csatellite_id\x18\x01 \x01(\t\x12\x15\n\rmessage_bytes\x18\x02 \x03(\x04\x12\r\n\x05\x61\x63ked\x18\x03 \x01(\r\x12\x12\n\nduplicates\x18\x04 \x01(\r\x12\x11\n\tremaining\x18\x05 \x01(\r\x12\x12\n\nnext_bytes\x18\x06 \x01(\x04\x12\x11\n\tack_bytes\x18\x07 \x01(\x04\x12\x12\n\nerror_code\x18\x08 \x01(\x05\x12\r\n\x05\x65rror\x18\t \x01(\t\"\x80\x01\n\x0c\x44\x61tasetChunk\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x12\n\ntotal_rows\x18\x02 \x01(\x04\x12$\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x12.sparsat.v1.Tensor\x12\"\n\x06labels\x18\x04 \x01(\x0b\x32\x12.sparsat.v1.Tensor\"4\n\x10LoadDatasetReply\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\x04\"?\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x06tensor\x18\x02 \x01(\x0b\x32\x12.sparsat.v1.Tensor\"\xa7\x01\n\x0cTrainRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0e\n\x06worker\x18\x03 \x01(\r\x12\r\n\x05steps\x18\x04 \x01(\r\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\n\n\x02lr\x18\x06 \x01(\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\'\n\x06params\x18\x08 \x03(\x0b\x32\x17.sparsat.v1.NamedTensor\"\\\n\nTrainReply\x12\'\n\x06params\x18\x01 \x03(\x0b\x32\x17.sparsat.v1.NamedTensor\x12\x12\n\nsteps_done\x18\x02 \x01(\r\x12\x11\n\tmean_loss\x18\x03 \x01(\x02\"\x10\n\x0ePrepareRequest\"6\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x04\x12\r\n\x05total\x18\x03 \x01(\x04\">\n\x0bWorkerBytes\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04sent\x18\x02 \x01(\x04\x12\x10\n\x08received\x18\x03 \x01(\x04\"E\n\nRoundBytes\x12\r\n\x05round\x18\x01 \x01(\x04\x12(\n\x07workers\x18\x02 \x03(\x0b\x32\x17.sparsat.v1.WorkerBytes\"\"\n\x11TrainEpochRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\r\"\xc6\x01\n\x0b\x45pochReport\x12\r\n\x05\x65poch\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x11\n\ttest_loss\x18\x03 \x01(\x01\x12\x12\n\ntrain_loss\x18\x04 \x01(\x01\x12.\n\rdataset_bytes\x18\x05 \x03(\x0b\x32\x17.sparsat.v1.WorkerBytes\x12&\n\x06rounds\x18\x06 \x03(\x0b\x32\x16.sparsat.v1.RoundBytes\x12\x17\n\x0fsamples_trained\x18\x07 \x01(\x04\"\x0e\n\x0cStatsRequest\"\xb0\x01\n\nStatsReply\x12\x16\n\x0esamples_stored\x18\x01 \x01(\x04\x12\x18\n\x10samples_received\x18\x02 \x01(\x04\x12\x12\n\nduplicates\x18\x03 \x01(\x04\x12\x10\n\x08rejected\x18\x04 \x01(\x04\x12\x1f\n\x17\x64ownlink_bytes_received\x18\x05 \x01(\x04\x12\x14\n\x0ctrain_tokens\x18\x06 \x01(\x04\x12\x13\n\x0btest_tokens\x18\x07 \x01(\x04*d\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x08\n\x04INT8\x10\x03\x12\t\n\x05UINT8\x10\x04\x12\n\n\x06UINT16\x10\x05\x12\t\n\x05INT64\x10\x06*I\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\n\n\x06SENSOR\x10\x01\x12\x0b\n\x07TRAINER\x10\x02\x12\x12\n\x0eGROUND_STATION\x10\x03\x32\x41\n\x08\x44ownlink\x12\x35\n\x04Send\x12\x12.sparsat.v1.Sample\x1a\x15.sparsat.v1.SampleAck(\x01\x30\x01\x32\x95\x01\n\x08Registry\x12\x42\n\x08Register\x12\x1b.sparsat.v1.RegisterRequest\x1a\x19.sparsat.v1.RegisterReply\x12\x45\n\tListNodes\x12\x1c.sparsat.v1.ListNodesRequest\x1a\x1a.sparsat.v1.ListNodesReply2E\n\x06Health\x12;\n\x05\x43heck\x12\x19.sparsat.v1.HealthRequest\x1a\x17.sparsat.v1.HealthReply2M\n\x06Sensor\x12\x43\n\x08Transmit\x12\x1b.sparsat.v1.TransmitRequest\x1a\x1a.sparsat.v1.TransmitReport2\x8d\x01\n\x07Trainer\x12G\n\x0bLoadDataset\x12\x18.sparsat.v1.DatasetChunk\x1a\x1c.sparsat.v1.LoadDatasetReply(\x01\x12\x39\n\x05Train\x12\x18.sparsat.v1.TrainRequest\x1a\x16.sparsat.v1.TrainReply2\xc9\x01\n\x07Mission\x12=\n\x07Prepare\x12\x1a.sparsat.v1.PrepareRequest\x1a\x14.sparsat.v1.Progress0\x01\x12\x44\n\nTrainEpoch\x12\x1d.sparsat.v1.TrainEpochRequest\x1a\x17.sparsat.v1.EpochReport\x12\x39\n\x05Stats\x12\x18.sparsat.v1.StatsRequest\x1a\x16.sparsat.v1.StatsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eproto/sparsat/v1/sparsat.proto\x12\nsparsat.v1\"V\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.sparsat.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05scale\x18\x04 \x01(\x02\"r\n\x0cPatchPayload\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x10\n\x08\x63hannels\x18\x03 \x01(\r\x12\x0c\n\x04grid\x18\x04 \x01(\r\x12\x13\n\x0bvisible_idx\x18\x05 \x01(\x0c\x12\x0e\n\x06pixels\x18\x06 \x01(\x0c\"/\n\nClsPayload\x12!\n\x05token\x18\x01 \x01(\x0b\x32\x12.sparsat.v1.Tensor\"\x9c\x01\n\x06Sample\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12\x11\n\tsensor_id\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\x05\x12+\n\x07patches\x18\x04 \x01(\x0b\x32\x18.sparsat.v1.PatchPayloadH\x00\x12%\n\x03\x63ls\x18\x05 \x01(\x0b\x32\x16.sparsat.v1.ClsPayloadH\x00\x42\t\n\x07payload\"1\n\tSampleAck\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"z\n\x0fRegisterRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.sparsat.v1.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x15\n\rsatellite_ids\x18\x04 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\"$\n\rRegisterReply\x12\x13\n\x0b\x63onfig_json\x18\x01 \x01(\t\"s\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.sparsat.v1.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x15\n\rsatellite_ids\x18\x04 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\"\x12\n\x10ListNodesRequest\"5\n\x0eListNodesReply\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.sparsat.v1.NodeInfo\"\x0f\n\rHealthRequest\"y\n\x0bHealthReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.sparsat.v1.Role\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x04\x12\x12\n\nbytes_sent\x18\x05 \x01(\x04\"O\n\x0fTransmitRequest\x12\x14\n\x0csatellite_id\x18\x01 \x01(\t\x12\x11\n\tmax_bytes\x18\x02 \x01(\x04\x12\x13\n\x0bmax_samples\x18\x03 \x01(\r\"\xbd\x01\n\x0eTransmitReport\x12\x14\n\x0csatellite_id\x18\x01 \x01(\t\x12\x15\n\rmessage_bytes\x18\x02 \x03(\x04\x12\r\n\x05\x61\x63ked\x18\x03 \x01(\r\x12\x12\n\nduplicates\x18\x04 \x01(\r\x12\x11\n\tremaining\x18\x05 \x01(\r\x12\x12\n\nnext_bytes\x18\x06 \x01(\x04\x12\x11\n\tack_bytes\x18\x07 \x01(\x04\x12\x12\n\nerror_code\x18\x08 \x01(\x05\x12\r\n\x05\x65rror\x18\t \x01(\t\"\x80\x01\n\x0c\x44\x61tasetChunk\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x12\n\ntotal_rows\x18\x02 \x01(\x04\x12$\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x12.sparsat.v1.Tensor\x12\"\n\x06labels\x18\x04 \x01(\x0b\x32\x12.sparsat.v1.Tensor\"4\n\x10LoadDatasetReply\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\x04\"?\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x06tensor\x18\x02 \x01(\x0b\x32\x12.sparsat.v1.Tensor\"\xe5\x01\n\x0cTrainRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0e\n\x06worker\x18\x03 \x01(\r\x12\r\n\x05steps\x18\x04 \x01(\r\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\n\n\x02lr\x18\x06 \x01(\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\'\n\x06params\x18\x08 \x03(\x0b\x32\x17.sparsat.v1.NamedTensor\x12&\n\x07moments\x18\t \x01(\x0b\x32\x15.sparsat.v1.AdamState\x12\x14\n\x0chidden_scale\x18\n \x01(\x02\"\x89\x01\n\tAdamState\x12(\n\x07\x65xp_avg\x18\x01 \x03(\x0b\x32\x17.sparsat.v1.NamedTensor\x12+\n\nexp_avg_sq\x18\x02 \x03(\x0b\x32\x17.sparsat.v1.NamedTensor\x12%\n\x04step\x18\x03 \x03(\x0b\x32\x17.sparsat.v1.NamedTensor\"\x84\x01\n\nTrainReply\x12\'\n\x06params\x18\x01 \x03(\x0b\x32\x17.sparsat.v1.NamedTensor\x12\x12\n\nsteps_done\x18\x02 \x01(\r\x12\x11\n\tmean_loss\x18\x03 \x01(\x02\x12&\n\x07moments\x18\x04 \x01(\x0b\x32\x15.sparsat.v1.AdamState\"\x10\n\x0ePrepareRequest\"6\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x04\x12\r\n\x05total\x18\x03 \x01(\x04\"M\n\x0bWorkerBytes\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04sent\x18\x02 \x01(\x04\x12\x10\n\x08received\x18\x03 \x01(\x04\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"E\n\nRoundBytes\x12\r\n\x05round\x18\x01 \x01(\x04\x12(\n\x07workers\x18\x02 \x03(\x0b\x32\x17.sparsat.v1.WorkerBytes\"\"\n\x11TrainEpochRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\r\"\xfd\x01\n\x0b\x45pochReport\x12\r\n\x05\x65poch\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x11\n\ttest_loss\x18\x03 \x01(\x01\x12\x12\n\ntrain_loss\x18\x04 \x01(\x01\x12.\n\rdataset_bytes\x18\x05 \x03(\x0b\x32\x17.sparsat.v1.WorkerBytes\x12&\n\x06rounds\x18\x06 \x03(\x0b\x32\x16.sparsat.v1.RoundBytes\x12\x17\n\x0fsamples_trained\x18\x07 \x01(\x04\x12\x16\n\x0erounds_resumed\x18\x08 \x01(\x04\x12\x1d\n\x15local_sgd_round_bytes\x18\t \x01(\x04\"\x0e\n\x0cStatsRequest\"\xb0\x01\n\nStatsReply\x12\x16\n\x0esamples_stored\x18\x01 \x01(\x04\x12\x18\n\x10samples_received\x18\x02 \x01(\x04\x12\x12\n\nduplicates\x18\x03 \x01(\x04\x12\x10\n\x08rejected\x18\x04 \x01(\x04\x12\x1f\n\x17\x64ownlink_bytes_received\x18\x05 \x01(\x04\x12\x14\n\x0ctrain_tokens\x18\x06 \x01(\x04\x12\x13\n\x0btest_tokens\x18\x07 \x01(\x04*d\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x08\n\x04INT8\x10\x03\x12\t\n\x05UINT8\x10\x04\x12\n\n\x06UINT16\x10\x05\x12\t\n\x05INT64\x10\x06*I\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\n\n\x06SENSOR\x10\x01\x12\x0b\n\x07TRAINER\x10\x02\x12\x12\n\x0eGROUND_STATION\x10\x03\x32\x41\n\x08\x44ownlink\x12\x35\n\x04Send\x12\x12.sparsat.v1.Sample\x1a\x15.sparsat.v1.SampleAck(\x01\x30\x01\x32\x95\x01\n\x08Registry\x12\x42\n\x08Register\x12\x1b.sparsat.v1.RegisterRequest\x1a\x19.sparsat.v1.RegisterReply\x12\x45\n\tListNodes\x12\x1c.sparsat.v1.ListNodesRequest\x1a\x1a.sparsat.v1.ListNodesReply2E\n\x06Health\x12;\n\x05\x43heck\x12\x19.sparsat.v1.HealthRequest\x1a\x17.sparsat.v1.HealthReply2M\n\x06Sensor\x12\x43\n\x08Transmit\x12\x1b.sparsat.v1.TransmitRequest\x1a\x1a.sparsat.v1.TransmitReport2\x8d\x01\n\x07Trainer\x12G\n\x0bLoadDataset\x12\x18.sparsat.v1.DatasetChunk\x1a\x1c.sparsat.v1.LoadDatasetReply(\x01\x12\x39\n\x05Train\x12\x18.sparsat.v1.TrainRequest\x1a\x16.sparsat.v1.TrainReply2\xc9\x01\n\x07Mission\x12=\n\x07Prepare\x12\x1a.sparsat.v1.PrepareRequest\x1a\x14.sparsat.v1.Progress0\x01\x12\x44\n\nTrainEpoch\x12\x1d.sparsat.v1.TrainEpochRequest\x1a\x17.sparsat.v1.EpochReport\x12\x39\n\x05Stats\x12\x18.sparsat.v1.StatsRequest\x1a\x16.sparsat.v1.StatsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.sparsat.v1.sparsat_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2431
-  _globals['_DTYPE']._serialized_end=2531
-  _globals['_ROLE']._serialized_start=2533
-  _globals['_ROLE']._serialized_end=2606
+  _globals['_DTYPE']._serialized_start=2744
+  _globals['_DTYPE']._serialized_end=2844
+  _globals['_ROLE']._serialized_start=2846
+  _globals['_ROLE']._serialized_end=2919
   _globals['_TENSOR']._serialized_start=46
   _globals['_TENSOR']._serialized_end=132
   _globals['_PATCHPAYLOAD']._serialized_start=134
@@ -70,35 +70,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NAMEDTENSOR']._serialized_start=1461
   _globals['_NAMEDTENSOR']._serialized_end=1524
   _globals['_TRAINREQUEST']._serialized_start=1527
-  _globals['_TRAINREQUEST']._serialized_end=1694
-  _globals['_TRAINREPLY']._serialized_start=1696
-  _globals['_TRAINREPLY']._serialized_end=1788
-  _globals['_PREPAREREQUEST']._serialized_start=1790
-  _globals['_PREPAREREQUEST']._serialized_end=1806
-  _globals['_PROGRESS']._serialized_start=1808
-  _globals['_PROGRESS']._serialized_end=1862
-  _globals['_WORKERBYTES']._serialized_start=1864
-  _globals['_WORKERBYTES']._serialized_end=1926
-  _globals['_ROUNDBYTES']._serialized_start=1928
-  _globals['_ROUNDBYTES']._serialized_end=1997
-  _globals['_TRAINEPOCHREQUEST']._serialized_start=1999
-  _globals['_TRAINEPOCHREQUEST']._serialized_end=2033
-  _globals['_EPOCHREPORT']._serialized_start=2036
-  _globals['_EPOCHREPORT']._serialized_end=2234
-  _globals['_STATSREQUEST']._serialized_start=2236
-  _globals['_STATSREQUEST']._serialized_end=2250
-  _globals['_STATSREPLY']._serialized_start=2253
-  _globals['_STATSREPLY']._serialized_end=2429
-  _globals['_DOWNLINK']._serialized_start=2608
-  _globals['_DOWNLINK']._serialized_end=2673
-  _globals['_REGISTRY']._serialized_start=2676
-  _globals['_REGISTRY']._serialized_end=2825
-  _globals['_HEALTH']._serialized_start=2827
-  _globals['_HEALTH']._serialized_end=2896
-  _globals['_SENSOR']._serialized_start=2898
-  _globals['_SENSOR']._serialized_end=2975
-  _globals['_TRAINER']._serialized_start=2978
-  _globals['_TRAINER']._serialized_end=3119
-  _globals['_MISSION']._serialized_start=3122
-  _globals['_MISSION']._serialized_end=3323
+  _globals['_TRAINREQUEST']._serialized_end=1756
+  _globals['_ADAMSTATE']._serialized_start=1759
+  _globals['_ADAMSTATE']._serialized_end=1896
+  _globals['_TRAINREPLY']._serialized_start=1899
+  _globals['_TRAINREPLY']._serialized_end=2031
+  _globals['_PREPAREREQUEST']._serialized_start=2033
+  _globals['_PREPAREREQUEST']._serialized_end=2049
+  _globals['_PROGRESS']._serialized_start=2051
+  _globals['_PROGRESS']._serialized_end=2105
+  _globals['_WORKERBYTES']._serialized_start=2107
+  _globals['_WORKERBYTES']._serialized_end=2184
+  _globals['_ROUNDBYTES']._serialized_start=2186
+  _globals['_ROUNDBYTES']._serialized_end=2255
+  _globals['_TRAINEPOCHREQUEST']._serialized_start=2257
+  _globals['_TRAINEPOCHREQUEST']._serialized_end=2291
+  _globals['_EPOCHREPORT']._serialized_start=2294
+  _globals['_EPOCHREPORT']._serialized_end=2547
+  _globals['_STATSREQUEST']._serialized_start=2549
+  _globals['_STATSREQUEST']._serialized_end=2563
+  _globals['_STATSREPLY']._serialized_start=2566
+  _globals['_STATSREPLY']._serialized_end=2742
+  _globals['_DOWNLINK']._serialized_start=2921
+  _globals['_DOWNLINK']._serialized_end=2986
+  _globals['_REGISTRY']._serialized_start=2989
+  _globals['_REGISTRY']._serialized_end=3138
+  _globals['_HEALTH']._serialized_start=3140
+  _globals['_HEALTH']._serialized_end=3209
+  _globals['_SENSOR']._serialized_start=3211
+  _globals['_SENSOR']._serialized_end=3288
+  _globals['_TRAINER']._serialized_start=3291
+  _globals['_TRAINER']._serialized_end=3432
+  _globals['_MISSION']._serialized_start=3435
+  _globals['_MISSION']._serialized_end=3636
 # @@protoc_insertion_point(module_scope)

@@ -214,7 +214,7 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("dataset_id", "round", "worker", "steps", "batch_size", "lr", "seed", "params")
+    __slots__ = ("dataset_id", "round", "worker", "steps", "batch_size", "lr", "seed", "params", "moments", "hidden_scale")
     DATASET_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
@@ -223,6 +223,8 @@ class TrainRequest(_message.Message):
     LR_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    MOMENTS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SCALE_FIELD_NUMBER: _ClassVar[int]
     dataset_id: str
     round: int
     worker: int
@@ -231,17 +233,31 @@ class TrainRequest(_message.Message):
     lr: float
     seed: int
     params: _containers.RepeatedCompositeFieldContainer[NamedTensor]
-    def __init__(self, dataset_id: _Optional[str] = ..., round: _Optional[int] = ..., worker: _Optional[int] = ..., steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ..., params: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+    moments: AdamState
+    hidden_scale: float
+    def __init__(self, dataset_id: _Optional[str] = ..., round: _Optional[int] = ..., worker: _Optional[int] = ..., steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ..., params: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., moments: _Optional[_Union[AdamState, _Mapping]] = ..., hidden_scale: _Optional[float] = ...) -> None: ...
+
+class AdamState(_message.Message):
+    __slots__ = ("exp_avg", "exp_avg_sq", "step")
+    EXP_AVG_FIELD_NUMBER: _ClassVar[int]
+    EXP_AVG_SQ_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    exp_avg: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    exp_avg_sq: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    step: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, exp_avg: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., exp_avg_sq: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., step: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class TrainReply(_message.Message):
-    __slots__ = ("params", "steps_done", "mean_loss")
+    __slots__ = ("params", "steps_done", "mean_loss", "moments")
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     STEPS_DONE_FIELD_NUMBER: _ClassVar[int]
     MEAN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    MOMENTS_FIELD_NUMBER: _ClassVar[int]
     params: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     steps_done: int
     mean_loss: float
-    def __init__(self, params: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., steps_done: _Optional[int] = ..., mean_loss: _Optional[float] = ...) -> None: ...
+    moments: AdamState
+    def __init__(self, params: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., steps_done: _Optional[int] = ..., mean_loss: _Optional[float] = ..., moments: _Optional[_Union[AdamState, _Mapping]] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
     __slots__ = ()
@@ -258,14 +274,16 @@ class Progress(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
 
 class WorkerBytes(_message.Message):
-    __slots__ = ("node_id", "sent", "received")
+    __slots__ = ("node_id", "sent", "received", "error")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SENT_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     sent: int
     received: int
-    def __init__(self, node_id: _Optional[str] = ..., sent: _Optional[int] = ..., received: _Optional[int] = ...) -> None: ...
+    error: str
+    def __init__(self, node_id: _Optional[str] = ..., sent: _Optional[int] = ..., received: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class RoundBytes(_message.Message):
     __slots__ = ("round", "workers")
@@ -282,7 +300,7 @@ class TrainEpochRequest(_message.Message):
     def __init__(self, epoch: _Optional[int] = ...) -> None: ...
 
 class EpochReport(_message.Message):
-    __slots__ = ("epoch", "accuracy", "test_loss", "train_loss", "dataset_bytes", "rounds", "samples_trained")
+    __slots__ = ("epoch", "accuracy", "test_loss", "train_loss", "dataset_bytes", "rounds", "samples_trained", "rounds_resumed", "local_sgd_round_bytes")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     TEST_LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -290,6 +308,8 @@ class EpochReport(_message.Message):
     DATASET_BYTES_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_TRAINED_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_RESUMED_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_SGD_ROUND_BYTES_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     accuracy: float
     test_loss: float
@@ -297,7 +317,9 @@ class EpochReport(_message.Message):
     dataset_bytes: _containers.RepeatedCompositeFieldContainer[WorkerBytes]
     rounds: _containers.RepeatedCompositeFieldContainer[RoundBytes]
     samples_trained: int
-    def __init__(self, epoch: _Optional[int] = ..., accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., train_loss: _Optional[float] = ..., dataset_bytes: _Optional[_Iterable[_Union[WorkerBytes, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundBytes, _Mapping]]] = ..., samples_trained: _Optional[int] = ...) -> None: ...
+    rounds_resumed: int
+    local_sgd_round_bytes: int
+    def __init__(self, epoch: _Optional[int] = ..., accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., train_loss: _Optional[float] = ..., dataset_bytes: _Optional[_Iterable[_Union[WorkerBytes, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundBytes, _Mapping]]] = ..., samples_trained: _Optional[int] = ..., rounds_resumed: _Optional[int] = ..., local_sgd_round_bytes: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
