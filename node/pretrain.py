@@ -114,6 +114,7 @@ class PretrainConfig:
     mask_ratio: float = 0.75
     seed: int = 0
     decoder: DecoderConfig = DecoderConfig()
+    init: str | None = None  # start from this last.pt's weights (a new schedule, fresh AdamW)
 
 
 def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -156,6 +157,15 @@ def pretrain(images: np.ndarray, cfg: PretrainConfig, work_dir: Path,
         opt.load_state_dict(state["optimizer"])
         start_epoch, history, elapsed = state["epoch"], state["history"], state["elapsed_s"]
         log(f"resuming from {ckpt} after epoch {start_epoch}")
+    elif cfg.init:
+        init = torch.load(cfg.init, map_location="cpu", weights_only=False)
+        try:
+            model.load_state_dict(init["model"])
+        except (KeyError, RuntimeError) as e:
+            raise ValueError(f"--init {cfg.init}: not a pretraining checkpoint of this "
+                             f"encoder and decoder ({e})") from e
+        history = []  # this run's epochs only; the earlier run's are in its own pretrain.json
+        log(f"starting from the weights of {cfg.init} ({init['epoch']} epochs)")
     data = torch.from_numpy(images)
     end = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
     for epoch in range(start_epoch, end):

@@ -100,7 +100,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = PretrainConfig(encoder=args.encoder, dataset=args.dataset, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, mask_ratio=args.mask_ratio,
                          seed=args.seed,
-                         decoder=DecoderConfig(args.decoder_dim, args.decoder_depth, 4))
+                         decoder=DecoderConfig(args.decoder_dim, args.decoder_depth, 4),
+                         warmup_epochs=args.warmup_epochs,
+                         init=str(Path(args.init).resolve()) if args.init else None)
     if args.threads:
         import torch
 
@@ -142,6 +144,10 @@ def parser() -> argparse.ArgumentParser:
     pre.add_argument("--batch-size", type=int, default=256)
     pre.add_argument("--lr", type=float, default=1e-3)
     pre.add_argument("--mask-ratio", type=float, default=0.75)
+    pre.add_argument("--warmup-epochs", type=int, default=1)
+    pre.add_argument("--init", metavar="LAST_PT",
+                     help="continue from an earlier run's last.pt (same encoder and decoder) "
+                          "with a new learning-rate schedule")
     pre.add_argument("--decoder-dim", type=int, default=96)
     pre.add_argument("--decoder-depth", type=int, default=1)
     pre.add_argument("--seed", type=int, default=0)

@@ -59,3 +59,24 @@ def test_patchify_and_sincos() -> None:
     emb = sincos_2d(8, 3, cls_token=True)
     assert emb.shape == (1, 10, 8) and torch.all(emb[0, 0] == 0)
     assert len({tuple(r.tolist()) for r in emb[0, 1:]}) == 9  # every position distinct
+
+
+def test_init_continues_from_an_earlier_runs_weights(tmp_path: Path) -> None:
+    first = pretrain(_images(), CFG, tmp_path / "first", log=lambda _: None)
+    assert first is not None
+    # a vanishing learning rate: the continued run ends where the earlier one did
+    cont = PretrainConfig(**{**CFG.__dict__, "epochs": 1, "lr": 1e-12,
+                             "init": str(tmp_path / "first" / "last.pt")})
+    seen: list[str] = []
+    out = pretrain(_images(), cont, tmp_path / "cont", log=seen.append)
+    assert out is not None and any("starting from the weights" in line for line in seen)
+    a, b = torch.load(first), torch.load(out)
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3) for k in a)
+    fresh = pretrain(_images(), PretrainConfig(**{**cont.__dict__, "init": None}),
+                     tmp_path / "fresh", log=lambda _: None)
+    assert fresh is not None
+    c = torch.load(fresh)
+    assert not all(torch.allclose(a[k].float(), c[k].float(), atol=1e-3) for k in a)
+    bad = PretrainConfig(**{**cont.__dict__, "decoder": DecoderConfig(16, 1, 2)})
+    with pytest.raises(ValueError, match="not a pretraining checkpoint"):
+        pretrain(_images(), bad, tmp_path / "bad", log=lambda _: None)

@@ -1,0 +1,219 @@
+"""IST benchmark: wall time and bytes per epoch, and accuracy, vs K and strategy.
+
+Run from the repo root:
+    .venv/bin/python bench/ist.py [--rows 60000] [--epochs 1]
+        bytes and wall time per epoch on the paper's 768-1000-1000-10 MLP (random 768-d
+        features: sizes and time do not depend on their values), for IST K = 1, 2, 4 and
+        local SGD K = 2, 4, each with moments reset and travel.
+    .venv/bin/python bench/ist.py --accuracy [--ratios 0,0.5] [--epochs 5] [--configs ...]
+        best test accuracy on Fashion-MNIST tokens of the default encoder (fixed masks,
+        the scenario's mean pooling), for the configurations named in --configs.
+Trainers are local `sparsat node trainer` processes on localhost; the coordinator is the
+ground station's own, talking real gRPC to them. Every figure is measured from the messages.
+The last stdout line is one JSON object with every figure, including ist_k4_round_bytes and
+local_sgd_k4_round_bytes (all workers, both directions, moments reset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import grpc
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ground_station.config import TrainingConfig
+from ground_station.coordinator import Coordinator
+from node.rpc import channel
+from proto.sparsat.v1 import sparsat_pb2 as pb
+from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+
+# name: (strategy, K, moments, subnet_scale)
+CONFIGS: dict[str, tuple[str, int, str, str]] = {
+    "ist_k1_travel": ("ist", 1, "travel", "none"),  # = centralized training
+    "ist_k1_reset": ("ist", 1, "reset", "none"),
+    "ist_k2_reset": ("ist", 2, "reset", "none"),
+    "ist_k2_travel": ("ist", 2, "travel", "none"),
+    "ist_k2_reset_scale": ("ist", 2, "reset", "k"),
+    "ist_k2_travel_scale": ("ist", 2, "travel", "k"),
+    "ist_k4_reset": ("ist", 4, "reset", "none"),
+    "ist_k4_travel": ("ist", 4, "travel", "none"),
+    "ist_k4_reset_scale": ("ist", 4, "reset", "k"),
+    "ist_k4_travel_scale": ("ist", 4, "travel", "k"),
+    "local_sgd_k2_reset": ("local_sgd", 2, "reset", "none"),
+    "local_sgd_k2_travel": ("local_sgd", 2, "travel", "none"),
+    "local_sgd_k4_reset": ("local_sgd", 4, "reset", "none"),
+    "local_sgd_k4_travel": ("local_sgd", 4, "travel", "none"),
+}
+BYTES_CONFIGS = ["ist_k1_travel", "ist_k1_reset", "ist_k2_reset", "ist_k2_travel",
+                 "ist_k4_reset", "ist_k4_travel", "local_sgd_k2_reset", "local_sgd_k4_reset",
+                 "local_sgd_k4_travel"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def local_trainers(k: int, log_dir: Path) -> Iterator[list[tuple[str, str]]]:
+    """K trainer processes sharing this machine's cores; yields (node_id, address)."""
+    threads = max(1, (os.cpu_count() or 1) // k)
+    procs, out = [], []
+    try:
+        for i in range(k):
+            address = f"127.0.0.1:{_free_port()}"
+            log = open(log_dir / f"trainer-{i}.log", "wb")  # noqa: SIM115 - owned by the child
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "sim.cli", "--log-level", "warning", "node", "trainer",
+                 "--listen", address, "--id", f"trainer-{i}", "--device", "cpu",
+                 "--threads", str(threads)], stdout=log, stderr=subprocess.STDOUT))
+            log.close()
+            out.append((f"trainer-{i}", address))
+        for _, address in out:
+            ch = channel(address)
+            pb_grpc.HealthStub(ch).Check(pb.HealthRequest(), timeout=120, wait_for_ready=True)
+            ch.close()
+        yield out
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=20)
+
+
+def run_config(name: str, x: np.ndarray, y: np.ndarray, tx: np.ndarray, ty: np.ndarray,
+               epochs: int, local_steps: int, n_classes: int, log_dir: Path
+               ) -> dict[str, object]:
+    strategy, k, moments, scale = CONFIGS[name]
+    cfg = TrainingConfig(strategy=strategy, workers=k, local_steps=local_steps,  # type: ignore[arg-type]
+                         moments=moments, subnet_scale=scale, hidden=(1000, 1000),  # type: ignore[arg-type]
+                         batch_size=64, lr=1e-3, seed=0)
+    with local_trainers(k, log_dir) as trainers:
+        coord = Coordinator(cfg, x.shape[1], n_classes)
+        for node_id, address in trainers:
+            coord.add_trainer(node_id, address)
+        coord.set_dataset(f"bench-{len(x)}", x, y)
+        test_x, test_y = torch.from_numpy(tx), torch.from_numpy(ty)
+        accs, walls, epoch_bytes, round_bytes, upload = [], [], [], [], 0
+        try:
+            for epoch in tqdm(range(1, epochs + 1), desc=name, unit="epoch", leave=False):
+                t0 = time.perf_counter()
+                r = coord.train_epoch(epoch, test_x, test_y)
+                walls.append(time.perf_counter() - t0)
+                accs.append(r.accuracy)
+                upload += sum(w.sent + w.received for w in r.dataset_bytes)
+                rounds = [sum(w.sent + w.received for w in ws) for ws in r.rounds]
+                epoch_bytes.append(sum(rounds))
+                round_bytes += rounds
+            failures = len(coord.failures)
+        finally:
+            coord.close()
+    return {"strategy": strategy, "k": k, "moments": moments, "subnet_scale": scale,
+            "rounds_per_epoch": len(round_bytes) // epochs,
+            "round_bytes": int(np.mean(round_bytes)), "epoch_bytes": int(np.mean(epoch_bytes)),
+            "dataset_bytes": upload, "epoch_wall_s": round(float(np.median(walls)), 2),
+            "accuracy": [round(a, 4) for a in accs], "best_accuracy": round(max(accs), 4),
+            "failures": failures}
+
+
+def fmnist_tokens(ratio: float, cache: Path) -> tuple[np.ndarray, ...]:
+    """Default-encoder tokens (mean pooling, fixed masks) of the whole train and test sets."""
+    path = cache / f"fmnist_tokens_r{ratio}.npz"
+    if path.exists():
+        d = np.load(path)
+        return d["x"], d["y"], d["tx"], d["ty"]
+    from ground_station.encoding import encode_split
+    from node import encoders
+    from node.datasets import DatasetSpec, load_dataset
+    from node.masking import MaskSpec
+
+    enc = encoders.create("vit_tiny_patch4_28", pooling="mean")
+    mask = MaskSpec("fixed", ratio, 0)
+    spec = DatasetSpec("fashion_mnist")
+    sets = []
+    for split in ("train", "test"):
+        data = load_dataset(spec, split)
+        bar = tqdm(desc=f"encode {split} r={ratio}", unit="img", leave=False)
+
+        def progress(done: int, total: int, bar: tqdm = bar) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        sets.append(encode_split(data, split, spec.name, mask, enc, 256, None, 0, progress))
+        bar.close()
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(path, x=sets[0].features, y=sets[0].labels, tx=sets[1].features, ty=sets[1].labels)
+    return sets[0].features, sets[0].labels, sets[1].features, sets[1].labels
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--accuracy", action="store_true",
+                   help="Fashion-MNIST tokens of the default encoder instead of random features")
+    p.add_argument("--ratios", default="0,0.5", help="--accuracy: masking ratios")
+    p.add_argument("--configs", help="comma-separated names from: " + ", ".join(CONFIGS))
+    p.add_argument("--rows", type=int, default=60000, help="random features: training rows")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "sparsat-bench"),
+                   help="--accuracy: where encoded tokens are kept between runs")
+    args = p.parse_args(argv)
+    names = args.configs.split(",") if args.configs else (
+        list(CONFIGS) if args.accuracy else BYTES_CONFIGS)
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        p.error(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
+    figures: dict[str, object] = {"epochs": args.epochs, "local_steps": args.local_steps,
+                                  "cores": os.cpu_count()}
+    log_dir = Path(tempfile.mkdtemp(prefix="sparsat-bench-ist-"))
+    if args.accuracy:
+        datasets = {f"r{r}": fmnist_tokens(float(r), Path(args.cache))
+                    for r in args.ratios.split(",")}
+    else:
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((args.rows, 768), dtype=np.float32)
+        y = rng.integers(0, 10, args.rows)
+        datasets = {"random768": (x, y, x[:1000], y[:1000])}
+    for data_name, (x, y, tx, ty) in datasets.items():
+        for name in names:
+            try:
+                res = run_config(name, x, y, tx, ty, args.epochs, args.local_steps,
+                                 int(max(y.max(), ty.max())) + 1, log_dir)
+            except grpc.RpcError as e:
+                print(f"{name}: {e.code().name} {e.details()} (logs in {log_dir})")
+                raise
+            figures[f"{data_name}/{name}"] = res
+            print(f"{data_name:9s} {name:22s} round {res['round_bytes'] / 1e6:8.3f} MB  "
+                  f"epoch {res['epoch_bytes'] / 1e6:9.1f} MB  {res['epoch_wall_s']:7.2f} s/epoch"
+                  f"  best acc {res['best_accuracy']:.4f}", flush=True)
+    first = next(iter(datasets))
+    for key, cfg in (("ist_k4_round_bytes", "ist_k4_reset"),
+                     ("local_sgd_k4_round_bytes", "local_sgd_k4_reset")):
+        res = figures.get(f"{first}/{cfg}")
+        if isinstance(res, dict):
+            figures[key] = res["round_bytes"]
+    if "ist_k4_round_bytes" in figures and "local_sgd_k4_round_bytes" in figures:
+        ratio = int(figures["ist_k4_round_bytes"]) / int(figures["local_sgd_k4_round_bytes"])  # type: ignore[call-overload]
+        figures["ist_over_local_sgd_k4"] = round(ratio, 4)
+        print(f"IST K=4 round / local-SGD K=4 round (moments reset): {ratio:.4f}")
+    print(json.dumps(figures))
+    return figures
+
+
+if __name__ == "__main__":
+    main()
