@@ -178,10 +178,12 @@ class Coordinator:
             self._active.add(node_id)
             self._loaded.pop(node_id, None)
 
-    def _fail(self, node_id: str, epoch: int, error: str) -> None:
+    def _fail(self, client: TrainerClient, epoch: int, error: str) -> None:
+        node_id = client.node_id
         with self._lock:
-            self._active.discard(node_id)
-            self._loaded.pop(node_id, None)
+            if self._trainers.get(node_id) is client:  # not registered again meanwhile
+                self._active.discard(node_id)
+                self._loaded.pop(node_id, None)
         self.failures.append({"epoch": epoch, "round": self.round, "node_id": node_id,
                               "error": error})
         log.warning("round %d: trainer %s failed (%s); its pieces keep their pre-round state",
@@ -224,7 +226,7 @@ class Coordinator:
             try:
                 uploads.append(futures[w.node_id].result())
             except (grpc.RpcError, RuntimeError) as e:
-                self._fail(w.node_id, epoch, f"dataset upload: {_describe(e)}")
+                self._fail(w, epoch, f"dataset upload: {_describe(e)}")
                 continue
             with self._lock:
                 self._loaded[w.node_id] = dataset_id
@@ -311,12 +313,12 @@ class Coordinator:
             try:
                 params, moments, loss, size = f.result()
             except grpc.RpcError as e:
-                self._fail(t.node_id, epoch, _describe(e))
+                self._fail(t, epoch, _describe(e))
                 sizes.append(WorkerBytes(t.node_id, getattr(e, "request_bytes", 0), 0,
                                          _describe(e)))
                 continue
             except (CodecError, RuntimeError) as e:  # a reply that makes no sense
-                self._fail(t.node_id, epoch, str(e))
+                self._fail(t, epoch, str(e))
                 sizes.append(WorkerBytes(t.node_id, wire_size(serde.train_job_to_pb(jobs[w])),
                                          0, str(e)))
                 continue

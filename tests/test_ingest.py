@@ -27,6 +27,7 @@ from node.masking import MaskSpec, fixed_mask
 from node.rpc import bind, channel, make_server, wait_ready, wire_size
 from node.serde import ClsData, SampleData
 from node.trainer import TrainerServicer
+from node.training import AdamState
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
@@ -820,3 +821,60 @@ def test_trainer_byte_counters_equal_wire_sizes(fresh_trainer: Trainer) -> None:
     assert health.role == pb.TRAINER and health.node_id == "trainer-test"
     assert health.bytes_received == sum(wire_size(c) for c in chunks) + wire_size(request)
     assert health.bytes_sent == wire_size(load_reply) + wire_size(train_reply)
+
+
+def _moments(params: dict[str, torch.Tensor]) -> AdamState:
+    return AdamState({k: torch.zeros_like(v) for k, v in params.items()},
+                     {k: torch.zeros_like(v) for k, v in params.items()},
+                     {k: torch.zeros(()) for k in params})
+
+
+def _with_moments(change: Callable[[AdamState], None]) -> pb.TrainRequest:
+    params = _mlp_params()
+    state = _moments(params)
+    change(state)
+    request = _train_request(params)
+    request.moments.CopyFrom(serde.adam_to_pb(state))
+    return request
+
+
+BAD_MOMENTS: list[tuple[str, Callable[[AdamState], None], str]] = [
+    ("exp_avg missing", lambda s: s.exp_avg.pop("w2"), "exp_avg.w2"),
+    ("exp_avg_sq wrong shape", lambda s: s.exp_avg_sq.update(b1=torch.zeros(3)),
+     "exp_avg_sq.b1"),
+    ("step wrong shape", lambda s: s.step.update(w1=torch.zeros(2, 2)), "step.w1"),
+    ("negative second moment", lambda s: s.exp_avg_sq["b2"].fill_(-1.0), "negative"),
+    ("NaN first moment", lambda s: s.exp_avg["w3"].fill_(float("nan")), "NaN"),
+]
+
+
+@pytest.mark.parametrize(("change", "match"), [c[1:] for c in BAD_MOMENTS],
+                         ids=[c[0] for c in BAD_MOMENTS])
+def test_train_rejects_bad_moments(
+    trainer: Trainer, change: Callable[[AdamState], None], match: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        trainer.stub.Train(_with_moments(change), timeout=10)
+
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert match in (info.value.details() or "")
+
+
+def test_train_rejects_a_negative_hidden_scale(trainer: Trainer) -> None:
+    request = _train_request()
+    request.hidden_scale = -2.0
+
+    with pytest.raises(grpc.RpcError) as info:
+        trainer.stub.Train(request, timeout=10)
+
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_moments_sent_come_back_advanced_by_the_steps_done(trainer: Trainer) -> None:
+    reply = trainer.stub.Train(_with_moments(lambda s: None), timeout=20)
+
+    back = serde.pb_to_adam(reply.moments, serde.pb_to_params(reply.params))
+    assert all(float(t) == reply.steps_done for t in back.step.values())
+    assert all(bool((m != 0).any()) for m in back.exp_avg.values())
+    plain = trainer.stub.Train(_train_request(), timeout=20)
+    assert not plain.HasField("moments")  # moments: reset sends none back
