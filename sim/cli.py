@@ -62,6 +62,48 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_contacts(args: argparse.Namespace) -> int:
+    import csv
+    import time
+
+    from sim import orbits
+    from sim.scenario import load
+
+    scenario = load(args.scenario)
+    if scenario.orbits is None:
+        raise ValueError(f"{args.scenario} has no `orbits` section (constellation and stations)")
+    o = scenario.orbits
+    sats = orbits.constellation(scenario, Path(args.scenario).resolve().parent)
+    sites = orbits.stations(scenario)
+    if args.hours <= 0:
+        raise ValueError("--hours must be > 0")
+    t0 = time.perf_counter()
+    windows = orbits.contact_windows(sats, sites, o.epoch, args.hours * 3600.0,
+                                     args.step or o.step_s, o.tolerance_s)
+    seconds = time.perf_counter() - t0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["satellite", "station", "start_utc", "end_utc", "start_s", "end_s",
+                    "max_elevation_deg"])
+        for c in windows:
+            w.writerow([c.satellite, c.station, orbits.utc(o.epoch, c.start_s),
+                        orbits.utc(o.epoch, c.end_s), f"{c.start_s:.3f}", f"{c.end_s:.3f}",
+                        f"{c.max_elevation_deg:.3f}"])
+    if args.tle_out:
+        orbits.write_tle(sats, args.tle_out)
+    if args.stations_out:
+        with open(args.stations_out, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["station", "lat_deg", "lon_deg", "alt_m", "min_elevation_deg"])
+            for st in sites:
+                w.writerow([st.name, st.lat_deg, st.lon_deg, st.alt_m, st.min_elevation_deg])
+    print(f"{len(windows)} contact windows of {len(sats)} satellites over {len(sites)} "
+          f"stations in {args.hours:g} h (computed in {seconds:.1f} s) -> {out}")
+    return 0
+
+
 def cmd_ground_station(args: argparse.Namespace) -> int:
     from ground_station.server import serve
     from sim.scenario import ground_station_config, load
@@ -156,6 +198,15 @@ def parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", required=True,
                      help="work directory: checkpoints (resumed from), encoder.pt, pretrain.json")
     pre.set_defaults(func=cmd_pretrain)
+
+    con = sub.add_parser("contacts", help="contact windows of the scenario's constellation (SGP4)")
+    con.add_argument("scenario", help="scenario YAML file with an `orbits` section")
+    con.add_argument("--hours", type=float, default=24.0, help="span from the epoch (default 24)")
+    con.add_argument("--out", required=True, metavar="FILE.csv", help="windows CSV")
+    con.add_argument("--step", type=float, help="coarse search grid, s (default orbits.step_s)")
+    con.add_argument("--tle-out", metavar="FILE", help="also write the constellation as TLEs")
+    con.add_argument("--stations-out", metavar="FILE.csv", help="also write the stations")
+    con.set_defaults(func=cmd_contacts)
 
     gs = sub.add_parser("ground-station", help="serve the ground station")
     gs.add_argument("--listen", default="0.0.0.0:50051", metavar="HOST:PORT")

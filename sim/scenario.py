@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ground_station.config import GroundStationConfig, TrainingConfig
 from node.config import SensorConfig
@@ -79,6 +80,51 @@ class PassesCfg(Model):
         return self
 
 
+class WalkerCfg(Model):
+    """Walker-delta i:t/p/f: `planes` x `per_plane` circular orbits."""
+
+    planes: int = Field(ge=1)
+    per_plane: int = Field(ge=1)
+    phasing: int = Field(0, ge=0)  # f: adjacent planes shifted by f * 360 / t in anomaly
+    altitude_km: float = Field(gt=100)
+    inclination_deg: float = Field(ge=0, le=180)
+
+    @model_validator(mode="after")
+    def _phasing(self) -> WalkerCfg:
+        if self.phasing >= self.planes:
+            raise ValueError(f"phasing must be in [0, planes - 1], got {self.phasing}")
+        return self
+
+
+class StationCfg(Model):
+    name: str
+    lat_deg: float = Field(ge=-90, le=90)
+    lon_deg: float = Field(ge=-180, le=360)
+    alt_m: float = 0.0
+    min_elevation_deg: float = Field(10.0, ge=0, lt=90)
+
+
+class OrbitsCfg(Model):
+    """The constellation (a Walker pattern or a TLE file, satellites in sensor-id order) and
+    the ground stations. Contact windows come from SGP4: `sparsat contacts`."""
+
+    epoch: AwareDatetime = datetime.fromisoformat("2026-01-01T00:00:00+00:00")
+    walker: WalkerCfg | None = None
+    tle: str | None = None  # two/three-line element sets, one per satellite, in order
+    stations: list[StationCfg] = Field(min_length=1)
+    step_s: float = Field(30.0, gt=0)  # coarse grid of the window search
+    tolerance_s: float = Field(1.0, gt=0)  # window edges refined to this
+
+    @model_validator(mode="after")
+    def _one_source(self) -> OrbitsCfg:
+        if (self.walker is None) == (self.tle is None):
+            raise ValueError("orbits needs exactly one of walker or tle")
+        names = [st.name for st in self.stations]
+        if len(set(names)) != len(names):
+            raise ValueError(f"station names must be unique: {names}")
+        return self
+
+
 class LinkCfg(Model):
     rate_bps: float = Field(gt=0)
     latency_s: float = Field(0.0, ge=0)
@@ -118,6 +164,15 @@ class Scenario(Model):
     passes: PassesCfg = PassesCfg()
     links: LinksCfg = LinksCfg()
     training: TrainingCfg = TrainingCfg()
+    orbits: OrbitsCfg | None = None  # None: the periodic pass placeholder (`passes`)
+
+    @model_validator(mode="after")
+    def _constellation(self) -> Scenario:
+        w = self.orbits.walker if self.orbits else None
+        if w is not None and w.planes * w.per_plane != self.sensors.count:
+            raise ValueError(f"orbits.walker has {w.planes * w.per_plane} satellites, "
+                             f"sensors.count is {self.sensors.count}")
+        return self
 
     @model_validator(mode="after")
     def _workers(self) -> Scenario:

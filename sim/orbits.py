@@ -1,0 +1,341 @@
+"""Orbits and contact windows: Walker-delta constellations or TLE files, propagated with SGP4.
+
+Satellites are `sgp4.api.Satrec` objects, built with `sgp4init` (nothing is downloaded) or
+read from two-line element sets. Positions come from `SatrecArray` (all satellites x all
+times in one C call) in the TEME frame and are rotated to Earth-fixed coordinates by the
+Greenwich mean sidereal time (IAU 1982, polar motion ignored). A station's elevation angle is
+measured in its topocentric frame on the WGS-84 ellipsoid. Contact windows are found on a
+coarse grid, their edges refined by bisection to `tol_s`, their peak elevation by a golden
+section search.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from sgp4.api import WGS72, Satrec, SatrecArray, jday
+from sgp4.exporter import export_tle
+
+if TYPE_CHECKING:
+    from sim.scenario import Scenario
+
+MU_KM3_S2 = 398600.4418  # WGS-84 gravitational parameter
+WGS84_A_KM = 6378.137
+WGS84_F = 1 / 298.257223563
+WGS84_E2 = WGS84_F * (2 - WGS84_F)
+SGP4_EPOCH_JD = 2433281.5  # sgp4init counts epoch days from 1949 December 31 00:00 UT
+GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+class OrbitError(ValueError):
+    """Bad orbital elements, a TLE that does not parse, or a propagation failure."""
+
+
+@dataclass(frozen=True)
+class Station:
+    name: str
+    lat_deg: float
+    lon_deg: float
+    alt_m: float = 0.0
+    min_elevation_deg: float = 10.0
+
+
+@dataclass(frozen=True)
+class Satellite:
+    name: str
+    satrec: Satrec
+
+
+@dataclass(frozen=True)
+class Contact:
+    satellite: str
+    station: str
+    start_s: float  # seconds from the epoch
+    end_s: float
+    max_elevation_deg: float
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
+
+
+# ---- constellations ---------------------------------------------------------------------------
+
+
+def mean_motion_rad_min(altitude_km: float) -> float:
+    """Two-body mean motion of a circular orbit at `altitude_km` above the equator."""
+    a = WGS84_A_KM + altitude_km
+    return math.sqrt(MU_KM3_S2 / a**3) * 60.0
+
+
+def walker_delta(planes: int, per_plane: int, phasing: int, altitude_km: float,
+                 inclination_deg: float, epoch: datetime, prefix: str = "sat-",
+                 first_satnum: int = 1) -> list[Satellite]:
+    """A Walker-delta constellation i:t/p/f, t = planes * per_plane: planes spread over 360°
+    of right ascension, satellites evenly spaced in each plane, adjacent planes shifted by
+    f * 360° / t in mean anomaly. Circular orbits; names `prefix` + index, plane by plane."""
+    t = planes * per_plane
+    if planes < 1 or per_plane < 1:
+        raise OrbitError(f"a Walker constellation needs planes and per_plane >= 1, got "
+                         f"{planes} and {per_plane}")
+    if not 0 <= phasing < max(planes, 1):
+        raise OrbitError(f"phasing must be in [0, planes - 1] = [0, {planes - 1}], got {phasing}")
+    if altitude_km < 100:
+        raise OrbitError(f"altitude {altitude_km} km is inside the atmosphere")
+    if not 0 <= inclination_deg <= 180:
+        raise OrbitError(f"inclination must be in [0, 180] degrees, got {inclination_deg}")
+    n = mean_motion_rad_min(altitude_km)
+    epoch_days = _julian(epoch) - SGP4_EPOCH_JD
+    sats: list[Satellite] = []
+    for p in range(planes):
+        raan = 2 * math.pi * p / planes
+        for s in range(per_plane):
+            mean_anomaly = 2 * math.pi * (s / per_plane + phasing * p / t)
+            rec = Satrec()
+            rec.sgp4init(WGS72, "i", first_satnum + len(sats), epoch_days, 0.0, 0.0, 0.0,
+                         0.0, 0.0, math.radians(inclination_deg),
+                         mean_anomaly % (2 * math.pi), n, raan)
+            sats.append(Satellite(f"{prefix}{len(sats)}", rec))
+    return sats
+
+
+def load_tle(path: str | Path, prefix: str = "sat-") -> list[Satellite]:
+    """Two- or three-line element sets; unnamed sets are called `prefix` + index."""
+    path = Path(path)
+    if not path.exists():
+        raise OrbitError(f"TLE file not found: {path}")
+    lines = [ln.rstrip() for ln in path.read_text().splitlines() if ln.strip()]
+    sats: list[Satellite] = []
+    name: str | None = None
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("1 ") and i + 1 < len(lines) and lines[i + 1].startswith("2 "):
+            try:
+                rec = Satrec.twoline2rv(line, lines[i + 1])
+            except ValueError as e:
+                raise OrbitError(f"{path}: line {i + 1}: {e}") from e
+            sats.append(Satellite(name or f"{prefix}{len(sats)}", rec))
+            name, i = None, i + 2
+        elif not line.startswith(("1 ", "2 ")):
+            name, i = line.removeprefix("0 ").strip(), i + 1
+        else:
+            raise OrbitError(f"{path}: line {i + 1} is not part of a two-line element set")
+    if not sats:
+        raise OrbitError(f"{path}: no two-line element sets found")
+    return sats
+
+
+def write_tle(sats: Iterable[Satellite], path: str | Path) -> None:
+    """Three-line sets: the name, then the standard two lines."""
+    out = []
+    for sat in sats:
+        line1, line2 = export_tle(sat.satrec)
+        out += [sat.name, line1, line2]
+    Path(path).write_text("\n".join(out) + "\n")
+
+
+# ---- geometry ---------------------------------------------------------------------------------
+
+
+def _julian(t: datetime) -> float:
+    t = t.astimezone(UTC) if t.tzinfo else t.replace(tzinfo=UTC)
+    jd, fr = jday(t.year, t.month, t.day, t.hour, t.minute, t.second + t.microsecond * 1e-6)
+    return jd + fr
+
+
+def gmst_rad(jd_ut1_days_since_j2000: np.ndarray) -> np.ndarray:
+    """Greenwich mean sidereal time (IAU 1982), from days since J2000.0 (2451545.0)."""
+    t = jd_ut1_days_since_j2000 / 36525.0
+    seconds = (-6.2e-6 * t**3 + 0.093104 * t**2 + (876600.0 * 3600 + 8640184.812866) * t
+               + 67310.54841)
+    return np.mod(np.radians(seconds / 240.0), 2 * np.pi)
+
+
+def station_ecef_km(st: Station) -> np.ndarray:
+    lat, lon = math.radians(st.lat_deg), math.radians(st.lon_deg)
+    n = WGS84_A_KM / math.sqrt(1 - WGS84_E2 * math.sin(lat) ** 2)
+    h = st.alt_m / 1000.0
+    return np.array([(n + h) * math.cos(lat) * math.cos(lon),
+                     (n + h) * math.cos(lat) * math.sin(lon),
+                     (n * (1 - WGS84_E2) + h) * math.sin(lat)])
+
+
+def _up(st: Station) -> np.ndarray:
+    lat, lon = math.radians(st.lat_deg), math.radians(st.lon_deg)
+    return np.array([math.cos(lat) * math.cos(lon), math.cos(lat) * math.sin(lon),
+                     math.sin(lat)])
+
+
+def _teme_to_ecef(r: np.ndarray, epoch_jd: float, times_s: np.ndarray) -> np.ndarray:
+    theta = gmst_rad((epoch_jd - 2451545.0) + times_s / 86400.0)
+    c, s = np.cos(theta), np.sin(theta)
+    x, y = r[..., 0], r[..., 1]
+    return np.stack([c * x + s * y, -s * x + c * y, r[..., 2]], axis=-1)
+
+
+def ecef_positions_km(sats: Sequence[Satellite], epoch: datetime,
+                      times_s: np.ndarray) -> np.ndarray:
+    """(satellites, times, 3) Earth-fixed positions at `times_s` seconds from `epoch`."""
+    epoch_jd = _julian(epoch)
+    jd0 = math.floor(epoch_jd - 0.5) + 0.5
+    fr = (epoch_jd - jd0) + np.asarray(times_s, dtype=np.float64) / 86400.0
+    jd = np.full_like(fr, jd0)
+    err, r, _ = SatrecArray([s.satrec for s in sats]).sgp4(jd, fr)
+    if np.any(err):
+        bad = sorted({sats[int(i)].name for i in np.nonzero(err)[0]})
+        raise OrbitError(f"SGP4 failed for {bad[:5]} (decayed or invalid elements)")
+    return _teme_to_ecef(r, epoch_jd, np.asarray(times_s, dtype=np.float64))
+
+
+def elevation_deg(pos_ecef_km: np.ndarray, st: Station) -> np.ndarray:
+    """Elevation of positions (..., 3) above the station's horizon, degrees."""
+    rho = pos_ecef_km - station_ecef_km(st)
+    dist = np.linalg.norm(rho, axis=-1)
+    return np.degrees(np.arcsin(np.clip((rho @ _up(st)) / dist, -1.0, 1.0)))
+
+
+def slant_range_km(pos_ecef_km: np.ndarray, st: Station) -> np.ndarray:
+    return np.asarray(np.linalg.norm(pos_ecef_km - station_ecef_km(st), axis=-1))
+
+
+# ---- contact windows --------------------------------------------------------------------------
+
+
+class _Sites:
+    """Stations as arrays, so one propagation serves crossings at several stations."""
+
+    def __init__(self, stations: Sequence[Station]) -> None:
+        self.ecef = np.stack([station_ecef_km(st) for st in stations])  # (N, 3)
+        self.up = np.stack([_up(st) for st in stations])
+        self.min_el = np.array([st.min_elevation_deg for st in stations])
+
+    def elevation(self, pos: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        rho = pos - self.ecef[idx]
+        dist = np.linalg.norm(rho, axis=-1)
+        return np.degrees(np.arcsin(np.clip((rho * self.up[idx]).sum(-1) / dist, -1.0, 1.0)))
+
+
+def _positions_one(sat: Satellite, epoch_jd: float, times_s: np.ndarray) -> np.ndarray:
+    jd0 = math.floor(epoch_jd - 0.5) + 0.5
+    fr = (epoch_jd - jd0) + times_s / 86400.0
+    err, r, _ = sat.satrec.sgp4_array(np.full_like(fr, jd0), fr)
+    if np.any(err):
+        raise OrbitError(f"SGP4 failed for {sat.name} (decayed or invalid elements)")
+    return _teme_to_ecef(r, epoch_jd, times_s)
+
+
+def contact_windows(sats: Sequence[Satellite], stations: Sequence[Station], epoch: datetime,
+                    duration_s: float, step_s: float = 30.0, tol_s: float = 1.0,
+                    chunk: int = 200) -> list[Contact]:
+    """Every interval in [0, duration_s] when a satellite is at or above a station's minimum
+    elevation, sorted by start. Edges are refined to within `tol_s`; a window that is open at
+    0 or at `duration_s` is cut there. Passes shorter than `step_s` that fall between two grid
+    points can be missed: pick `step_s` below the shortest pass that matters."""
+    if duration_s <= 0 or step_s <= 0 or tol_s <= 0:
+        raise OrbitError("duration_s, step_s and tol_s must be > 0")
+    if not stations:
+        return []
+    times = np.arange(0.0, duration_s + step_s, step_s)
+    times[-1] = min(times[-1], duration_s)
+    sites, epoch_jd = _Sites(stations), _julian(epoch)
+    out: list[Contact] = []
+    for first in range(0, len(sats), chunk):  # bounded memory for big constellations
+        group = sats[first : first + chunk]
+        pos = ecef_positions_km(group, epoch, times)  # (S, T, 3)
+        above = np.stack([elevation_deg(pos, st) >= st.min_elevation_deg
+                          for st in stations], axis=1)  # (S, N, T)
+        for i, sat in enumerate(group):
+            if above[i].any():
+                out += _windows(sat, stations, sites, epoch_jd, times, above[i], tol_s)
+    out.sort(key=lambda c: (c.start_s, c.satellite, c.station))
+    return out
+
+
+def _windows(sat: Satellite, stations: Sequence[Station], sites: _Sites, epoch_jd: float,
+             times: np.ndarray, above: np.ndarray, tol_s: float) -> list[Contact]:
+    """One satellite's windows at every station: all edges of all stations bisected at once,
+    then all peaks searched at once (one SGP4 call per iteration)."""
+    edges = np.diff(above.astype(np.int8), axis=1)  # (N, T-1)
+    st_rise, i_rise = np.nonzero(edges == 1)  # in view from i + 1
+    st_set, i_set = np.nonzero(edges == -1)  # in view until i
+    idx = np.concatenate([st_rise, st_set])
+    rising = np.concatenate([np.ones(len(st_rise), bool), np.zeros(len(st_set), bool)])
+    lo = np.concatenate([times[i_rise], times[i_set]])
+    hi = np.concatenate([times[i_rise + 1], times[i_set + 1]])
+    while len(lo) and float(np.max(hi - lo)) > tol_s:
+        mid = (lo + hi) / 2
+        up = sites.elevation(_positions_one(sat, epoch_jd, mid), idx) >= sites.min_el[idx]
+        move_hi = up == rising  # rising: below at lo, above at hi; setting: the reverse
+        hi, lo = np.where(move_hi, mid, hi), np.where(move_hi, lo, mid)
+    edge_t = np.where(rising, hi, lo)  # the in-view side of each crossing
+    starts_all = {n: sorted(edge_t[(idx == n) & rising]) for n in range(len(stations))}
+    ends_all = {n: sorted(edge_t[(idx == n) & ~rising]) for n in range(len(stations))}
+    pairs: list[tuple[int, float, float]] = []
+    for n in range(len(stations)):
+        starts = ([0.0] if above[n, 0] else []) + [float(t) for t in starts_all[n]]
+        ends = [float(t) for t in ends_all[n]] + ([float(times[-1])] if above[n, -1] else [])
+        pairs += [(n, a, b) for a, b in zip(starts, ends, strict=True)]
+    if not pairs:
+        return []
+    peaks = _peaks(sat, sites, epoch_jd, pairs)
+    return [Contact(sat.name, stations[n].name, a, b, float(e))
+            for (n, a, b), e in zip(pairs, peaks, strict=True)]
+
+
+def _peaks(sat: Satellite, sites: _Sites, epoch_jd: float,
+           pairs: list[tuple[int, float, float]]) -> np.ndarray:
+    """Highest elevation in each window, by golden-section search to ~0.5 s (a pass has one
+    maximum), checked against the window's edges."""
+    idx = np.array([n for n, _, _ in pairs])
+    a = np.array([s for _, s, _ in pairs])
+    b = np.array([e for _, _, e in pairs])
+    start, end = a.copy(), b.copy()
+    while float(np.max(b - a)) > 0.5:
+        c, d = b - GOLDEN * (b - a), a + GOLDEN * (b - a)
+        el = sites.elevation(_positions_one(sat, epoch_jd, np.concatenate([c, d])),
+                             np.concatenate([idx, idx]))
+        left = el[: len(c)] >= el[len(c) :]
+        b, a = np.where(left, d, b), np.where(left, a, c)
+    probe = np.concatenate([start, (a + b) / 2, end])
+    el = sites.elevation(_positions_one(sat, epoch_jd, probe), np.concatenate([idx] * 3))
+    return np.asarray(el.reshape(3, -1).max(0))
+
+
+def utc(epoch: datetime, seconds: float) -> str:
+    """ISO-8601 UTC of `seconds` after `epoch`, to the millisecond."""
+    t = (epoch.astimezone(UTC) if epoch.tzinfo else epoch.replace(tzinfo=UTC))
+    return (t + timedelta(seconds=seconds)).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def constellation(scenario: Scenario, base_dir: Path | None = None) -> list[Satellite]:
+    """The scenario's satellites, named by its sensor ids."""
+    o = scenario.orbits
+    if o is None:
+        raise OrbitError("the scenario has no `orbits` section")
+    names = scenario.sensors.ids()
+    if o.walker is not None:
+        w = o.walker
+        sats = walker_delta(w.planes, w.per_plane, w.phasing, w.altitude_km, w.inclination_deg,
+                            o.epoch, scenario.sensors.prefix)
+    else:
+        path = Path(o.tle or "")
+        sats = load_tle(path if path.is_absolute() or base_dir is None else base_dir / path)
+        if len(sats) != len(names):
+            raise OrbitError(f"{o.tle} holds {len(sats)} satellites, sensors.count is "
+                             f"{len(names)}")
+    return [Satellite(n, s.satrec) for n, s in zip(names, sats, strict=True)]
+
+
+def stations(scenario: Scenario) -> list[Station]:
+    if scenario.orbits is None:
+        raise OrbitError("the scenario has no `orbits` section")
+    return [Station(s.name, s.lat_deg, s.lon_deg, s.alt_m, s.min_elevation_deg)
+            for s in scenario.orbits.stations]
