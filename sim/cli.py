@@ -73,7 +73,7 @@ def cmd_contacts(args: argparse.Namespace) -> int:
     if scenario.orbits is None:
         raise ValueError(f"{args.scenario} has no `orbits` section (constellation and stations)")
     o = scenario.orbits
-    sats = orbits.constellation(scenario, Path(args.scenario).resolve().parent)
+    sats = orbits.constellation(scenario)
     sites = orbits.stations(scenario)
     if args.hours <= 0:
         raise ValueError("--hours must be > 0")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Generator
 from dataclasses import dataclass
 
@@ -55,3 +57,47 @@ class PeriodicPasses:
         if t >= start + self.duration_s:
             start += self.period_s
         return start, start + self.duration_s
+
+
+C_KM_S = 299_792.458
+BOLTZMANN_DBW = -228.6  # 10 log10(k), dBW/(K Hz)
+
+
+@dataclass(frozen=True)
+class LinkBudget:
+    """A simple downlink budget: free-space path loss -> SNR -> Shannon capacity, capped at
+    the modem's rate. SNR = EIRP + G/T - FSPL - losses - k - 10 log10(B)."""
+
+    frequency_hz: float
+    eirp_dbw: float  # satellite transmitter power + antenna gain
+    gt_dbk: float  # ground station figure of merit G/T
+    bandwidth_hz: float
+    modem_rate_bps: float  # the radio's maximum
+    losses_db: float = 3.0  # atmosphere, pointing, polarisation, implementation
+
+    def fspl_db(self, range_km: float) -> float:
+        return 20 * math.log10(range_km) + 20 * math.log10(self.frequency_hz / 1e6) + 32.44
+
+    def snr_db(self, range_km: float) -> float:
+        return (self.eirp_dbw + self.gt_dbk - self.fspl_db(range_km) - self.losses_db
+                - BOLTZMANN_DBW - 10 * math.log10(self.bandwidth_hz))
+
+    def rate_bps(self, range_km: float) -> float:
+        snr = 10 ** (self.snr_db(range_km) / 10)
+        return min(self.modem_rate_bps, self.bandwidth_hz * math.log2(1 + snr))
+
+
+def retransmitted(nbytes: int, loss: float, frame_bytes: int, rng: random.Random) -> int:
+    """Bytes on the air to deliver `nbytes` in frames of `frame_bytes` when each frame is
+    lost with probability `loss` and resent until it arrives (every copy is charged)."""
+    if loss <= 0 or nbytes <= 0:
+        return nbytes
+    frames = -(-nbytes // frame_bytes)
+    sent = 0
+    for i in range(frames):
+        size = frame_bytes if i < frames - 1 else nbytes - frame_bytes * (frames - 1)
+        tries = 1
+        while rng.random() < loss:
+            tries += 1
+        sent += size * tries
+    return sent

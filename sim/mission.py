@@ -14,6 +14,7 @@ started with it).
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import simpy
 from tqdm import tqdm
 
@@ -28,7 +30,8 @@ from ground_station.serde import pb_to_epoch
 from node.rpc import channel, wait_ready
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
-from sim.links import Link, PeriodicPasses
+from sim import orbits
+from sim.links import C_KM_S, Link, LinkBudget, PeriodicPasses, retransmitted
 from sim.scenario import Scenario
 
 TRANSMIT_MAX_SAMPLES = 256  # samples per Transmit call: keeps satellites interleaved in time
@@ -56,10 +59,13 @@ class Tally:
     local_sgd_round_bytes: int = 0  # what a local-SGD round of the same model would move
     wall_time_s: float = 0.0  # of earlier, interrupted runs of this mission
     resumed: int = 0
+    retransmitted_bytes: int = 0  # radio frames sent again after a loss
+    stations: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
-        return self.downlink_bytes + self.uplink_bytes + self.trainer_bytes
+        return (self.downlink_bytes + self.uplink_bytes + self.retransmitted_bytes
+                + self.trainer_bytes)
 
 
 def wait_for_nodes(registry: pb_grpc.RegistryStub, satellites: list[str], trainers: int,
@@ -94,8 +100,13 @@ class MissionControl:
     def __init__(self, scenario: Scenario, ground_station: str, show_progress: bool = True,
                  alive: Callable[[], None] = lambda: None, state_file: Path | None = None,
                  resume: bool = False,
-                 on_epoch: Callable[[dict[str, Any]], None] = lambda h: None):
+                 on_epoch: Callable[[dict[str, Any]], None] = lambda h: None,
+                 base_dir: Path | None = None):
         self.s = scenario
+        self.base_dir = base_dir  # relative paths in the scenario (a TLE file) start here
+        self._epoch = scenario.orbits.epoch if scenario.orbits else None
+        self._sites: dict[str, orbits.Station] = {}
+        self._budget: LinkBudget | None = None
         self.on_epoch = on_epoch  # called with each epoch's history entry, once it is saved
         self.alive = alive  # raises when a locally launched node has died
         self.ground_station = ground_station
@@ -117,7 +128,7 @@ class MissionControl:
 
     def satellite(self, sat_id: str, sensor: pb_grpc.SensorStub, link: Link,
                   passes: PeriodicPasses, bar: tqdm) -> Generator[simpy.Event, Any, None]:
-        env, t = self.env, self.tally
+        env = self.env
         failures = 0
         while True:
             start, end = passes.window_at(env.now)
@@ -126,21 +137,13 @@ class MissionControl:
             budget = link.capacity(end - env.now)
             report = sensor.Transmit(pb.TransmitRequest(
                 satellite_id=sat_id, max_bytes=budget, max_samples=TRANSMIT_MAX_SAMPLES))
-            sent = sum(report.message_bytes)
-            t.downlink_bytes += sent
-            t.uplink_bytes += report.ack_bytes
-            t.downlink_messages += len(report.message_bytes)
-            t.duplicates += report.duplicates
-            bar.update(report.acked - report.duplicates)
+            sent = self._count(report, bar)
             if sent or report.ack_bytes:
                 # acks share the satellite's radio link: half duplex, charged after the data
                 yield env.process(link.transfer(sent + report.ack_bytes))
             if report.error_code:
                 failures += 1
-                code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
-                if report.error_code == code or failures > MAX_DOWNLINK_FAILURES:
-                    raise MissionError(f"{sat_id}: downlink failed: {report.error}")
-                t.downlink_failures += 1
+                self._check_failure(sat_id, report, failures)
                 continue  # unacked samples stay queued: try again in what is left of the pass
             failures = 0
             if report.remaining == 0:
@@ -150,6 +153,90 @@ class MissionControl:
                     raise MissionError(f"{sat_id}: a {report.next_bytes}-byte sample never fits "
                                        f"a pass ({link.capacity(passes.duration_s)} bytes)")
                 yield env.timeout(end - env.now)  # the rest of this pass is too short
+
+    def satellite_in_orbit(self, sat: orbits.Satellite, sensor: pb_grpc.SensorStub,
+                           radio: Link, windows: list[orbits.Contact],
+                           antennas: dict[str, simpy.Resource], bar: tqdm
+                           ) -> Generator[simpy.Event, Any, None]:
+        """Transmit only inside contact windows, on one of the station's antennas (queued
+        when other satellites hold them), at the rate the range allows at each call."""
+        env, t, down = self.env, self.tally, self.s.links.downlink
+        rng = random.Random(f"{self.s.seed}-loss-{sat.name}")
+        failures, remaining = 0, -1
+        for c in windows:
+            if env.now >= c.end_s:
+                continue
+            if env.now < c.start_s:
+                yield env.timeout(c.start_s - env.now)
+            station = t.stations[c.station]
+            asked = env.now
+            req = antennas[c.station].request()
+            got = yield req | env.timeout(c.end_s - env.now)
+            station["queued_s"] += env.now - asked
+            if req not in got:  # every antenna stayed busy until the window closed
+                req.cancel()
+                continue
+            try:
+                while env.now < c.end_s:
+                    rate, latency = self._radio(sat, c.station, env.now)
+                    # the budget leaves room for the expected resends of lost frames
+                    budget = int((c.end_s - env.now - latency) * rate / 8 * (1 - down.loss))
+                    if budget <= 0:
+                        break
+                    report = sensor.Transmit(pb.TransmitRequest(
+                        satellite_id=sat.name, max_bytes=budget,
+                        max_samples=TRANSMIT_MAX_SAMPLES))
+                    sent = self._count(report, bar)
+                    delivered = sent + report.ack_bytes
+                    on_air = retransmitted(delivered, down.loss, down.frame_bytes, rng)
+                    t.retransmitted_bytes += on_air - delivered
+                    if on_air:
+                        seconds = latency + 8.0 * on_air / rate
+                        radio.bytes += on_air
+                        radio.busy_s += seconds
+                        station["bytes"] += on_air
+                        station["busy_s"] += seconds
+                        yield env.timeout(seconds)
+                    if report.error_code:
+                        failures += 1
+                        self._check_failure(sat.name, report, failures)
+                        continue
+                    failures, remaining = 0, report.remaining
+                    if remaining == 0:
+                        return
+                    if not sent:
+                        break  # the next sample does not fit in what is left of this window
+            finally:
+                antennas[c.station].release(req)
+        raise MissionError(
+            f"{sat.name}: {remaining if remaining >= 0 else 'all'} samples still queued after "
+            f"its last contact window ({self.s.orbits.horizon_h if self.s.orbits else 0:g} h "
+            "computed): raise orbits.horizon_h, the link rate or the number of stations")
+
+    def _radio(self, sat: orbits.Satellite, station: str, now: float) -> tuple[float, float]:
+        """(rate bit/s, latency s) from the slant range at `now`."""
+        down = self.s.links.downlink
+        assert self._epoch is not None
+        pos = orbits.ecef_positions_km([sat], self._epoch, np.array([now]))[0]
+        rng_km = float(orbits.slant_range_km(pos, self._sites[station])[0])
+        rate = self._budget.rate_bps(rng_km) if self._budget is not None else down.rate_bps
+        return rate, rng_km / C_KM_S + down.latency_s
+
+    def _count(self, report: pb.TransmitReport, bar: tqdm) -> int:
+        t = self.tally
+        sent = sum(report.message_bytes)
+        t.downlink_bytes += sent
+        t.uplink_bytes += report.ack_bytes
+        t.downlink_messages += len(report.message_bytes)
+        t.duplicates += report.duplicates
+        bar.update(report.acked - report.duplicates)
+        return sent
+
+    def _check_failure(self, sat_id: str, report: pb.TransmitReport, failures: int) -> None:
+        code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        if report.error_code == code or failures > MAX_DOWNLINK_FAILURES:
+            raise MissionError(f"{sat_id}: downlink failed: {report.error}")
+        self.tally.downlink_failures += 1
 
     def training(self, downlink_done: simpy.Event, links: dict[str, Link], bar: tqdm
                  ) -> Generator[simpy.Event, Any, None]:
@@ -230,6 +317,33 @@ class MissionControl:
         self.saved_links = dict(state["per_link"])
         return float(state["sim_time_s"])
 
+    def _orbital_processes(self, stubs: dict[str, pb_grpc.SensorStub],
+                           host_of: dict[str, pb.NodeInfo], dlinks: dict[str, Link],
+                           bar: tqdm) -> list[simpy.Process]:
+        s, o = self.s, self.s.orbits
+        assert o is not None
+        self._epoch = o.epoch
+        sats = orbits.constellation(s, self.base_dir)
+        sites = orbits.stations(s)
+        self._sites = {st.name: st for st in sites}
+        b = s.links.downlink.budget
+        self._budget = (LinkBudget(b.frequency_hz, b.eirp_dbw, b.gt_dbk, b.bandwidth_hz,
+                                   s.links.downlink.rate_bps, b.losses_db) if b else None)
+        windows = orbits.contact_windows(sats, sites, o.epoch, o.horizon_h * 3600.0, o.step_s,
+                                         o.tolerance_s)
+        antennas = {st.name: simpy.Resource(self.env, capacity=st.antennas)
+                    for st in o.stations}
+        for st in o.stations:
+            self.tally.stations[st.name] = {
+                "antennas": st.antennas, "bytes": 0, "busy_s": 0.0, "queued_s": 0.0,
+                "contact_s": sum(c.duration_s for c in windows if c.station == st.name)}
+        per_sat: dict[str, list[orbits.Contact]] = {sat.name: [] for sat in sats}
+        for c in windows:
+            per_sat[c.satellite].append(c)
+        return [self.env.process(self.satellite_in_orbit(
+            sat, stubs[host_of[sat.name].node_id], dlinks[sat.name], per_sat[sat.name],
+            antennas, bar)) for sat in sats]
+
     def _round_trip(self, link: Link, w: Any) -> Generator[simpy.Event, Any, None]:
         yield self.env.process(link.transfer(w.sent))
         yield self.env.process(link.transfer(w.received))
@@ -289,7 +403,9 @@ class MissionControl:
                    disable=not self.show_progress)
         p = s.passes
         sats = []
-        for i, sat in enumerate(satellites if not self.resume else []):
+        if s.orbits is not None and not self.resume:
+            sats = self._orbital_processes(stubs, host_of, dlinks, bar)
+        for i, sat in enumerate(satellites if not (self.resume or s.orbits) else []):
             offset = p.offset_s if p.offset_s is not None else i * p.period_s / len(satellites)
             passes = PeriodicPasses(p.period_s, p.duration_s, offset)
             sats.append(self.env.process(self.satellite(
@@ -315,12 +431,18 @@ class MissionControl:
         for link in [*dlinks.values(), *tlinks.values()]:
             t.per_link[link.name] = link.bytes
         accs = [h["accuracy"] for h in t.history]
+        target = s.training.target_accuracy
+        reached = [h["sim_time_s"] for h in t.history if target and h["accuracy"] >= target]
+        links = [*dlinks.values(), *tlinks.values()]
         return {
             "scenario": s.name,
             "final_accuracy": accs[-1],
             "best_accuracy": max(accs),
             "bytes": {"downlink": t.downlink_bytes, "uplink": t.uplink_bytes,
-                      "trainer": t.trainer_bytes, "total": t.total_bytes},
+                      "retransmitted": t.retransmitted_bytes, "trainer": t.trainer_bytes,
+                      "total": t.total_bytes},
+            "target_accuracy": target,
+            "time_to_accuracy_s": reached[0] if reached else None,
             "sim_time_s": self.env.now,
             "downlink_done_s": t.downlink_done_s,
             "wall_time_s": t.wall_time_s + time.monotonic() - wall0,
@@ -332,6 +454,11 @@ class MissionControl:
             "ground_station": {"downlink_bytes_received": int(stats.downlink_bytes_received),
                                "rejected": int(stats.rejected)},
             "per_link_bytes": t.per_link,
+            # busy time / mission time; stations: busy / (antennas x mission time)
+            "link_utilisation": {link.name: link.busy_s / self.env.now if self.env.now else 0.0
+                                 for link in links},
+            "stations": {name: {**v, "utilisation": v["busy_s"] / (v["antennas"] * self.env.now)
+                                if self.env.now else 0.0} for name, v in t.stations.items()},
             "node_bytes": {k: {"sent": int(v.bytes_sent), "received": int(v.bytes_received)}
                            for k, v in counted.items()},
             "unreachable_nodes": unreachable,

@@ -102,6 +102,7 @@ class StationCfg(Model):
     lon_deg: float = Field(ge=-180, le=360)
     alt_m: float = 0.0
     min_elevation_deg: float = Field(10.0, ge=0, lt=90)
+    antennas: int = Field(1, ge=1)  # satellites in view at once queue for these
 
 
 class OrbitsCfg(Model):
@@ -114,6 +115,7 @@ class OrbitsCfg(Model):
     stations: list[StationCfg] = Field(min_length=1)
     step_s: float = Field(30.0, gt=0)  # coarse grid of the window search
     tolerance_s: float = Field(1.0, gt=0)  # window edges refined to this
+    horizon_h: float = Field(48.0, gt=0)  # contact windows computed this far ahead
 
     @model_validator(mode="after")
     def _one_source(self) -> OrbitsCfg:
@@ -125,9 +127,22 @@ class OrbitsCfg(Model):
         return self
 
 
+class BudgetCfg(Model):
+    """Downlink budget: the rate follows the slant range (sim.links.LinkBudget)."""
+
+    frequency_hz: float = Field(gt=0)
+    eirp_dbw: float
+    gt_dbk: float
+    bandwidth_hz: float = Field(gt=0)
+    losses_db: float = Field(3.0, ge=0)
+
+
 class LinkCfg(Model):
-    rate_bps: float = Field(gt=0)
-    latency_s: float = Field(0.0, ge=0)
+    rate_bps: float = Field(gt=0)  # the modem's rate (the cap when a budget is given)
+    latency_s: float = Field(0.0, ge=0)  # with orbits: processing only, + slant range / c
+    loss: float = Field(0.0, ge=0, lt=1)  # frame loss probability, lost frames resent
+    frame_bytes: int = Field(256, ge=1)
+    budget: BudgetCfg | None = None  # orbits only: rate from slant range
 
 
 class LinksCfg(Model):
@@ -149,6 +164,7 @@ class TrainingCfg(Model):
     hidden: tuple[int, int] = (1000, 1000)
     device: str = "auto"  # trainer nodes started by `sparsat run`
     round_timeout_s: float = Field(600.0, gt=0)
+    target_accuracy: float | None = Field(None, gt=0, le=1)  # results: time_to_accuracy_s
 
     @property
     def num_workers(self) -> int:
@@ -195,11 +211,17 @@ def load(path: str | Path) -> Scenario:
         raise ScenarioError(f"scenario file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text())
-        return Scenario.model_validate(raw if raw is not None else {})
+        scenario = Scenario.model_validate(raw if raw is not None else {})
     except yaml.YAMLError as e:
         raise ScenarioError(f"{path}: not valid YAML: {e}") from e
     except ValidationError as e:
         raise ScenarioError(f"{path}: {e}") from e
+    o = scenario.orbits
+    if o is not None and o.tle is not None and not Path(o.tle).is_absolute():
+        # a TLE file named in a scenario is found beside the scenario
+        tle = str((path.parent / o.tle).resolve())
+        scenario = scenario.model_copy(update={"orbits": o.model_copy(update={"tle": tle})})
+    return scenario
 
 
 def dump(scenario: Scenario) -> str:

@@ -242,3 +242,72 @@ def test_run_resume_continues_a_run_whose_ground_station_was_killed(tmp_path: Pa
     assert results["samples"]["sent"] == expected["samples"]["sent"]
     assert len(results["per_round_bytes"]) == len(expected["per_round_bytes"])
     assert results["sim_time_s"] >= expected["sim_time_s"]  # + the dataset sent again
+
+
+# ---- orbits: contact windows, link budget, losses, antenna queues --------------------------
+
+
+def _twin_tle(path: Path) -> None:
+    """Two satellites 2 degrees apart in one polar orbit: always in view together."""
+    from datetime import UTC, datetime
+
+    from sgp4.api import WGS72, Satrec
+
+    from sim import orbits
+
+    epoch = datetime(2026, 1, 1, tzinfo=UTC)
+    days = orbits._julian(epoch) - orbits.SGP4_EPOCH_JD
+    n = orbits.mean_motion_rad_min(550.0)
+    sats = []
+    for k, anomaly in enumerate((0.0, 0.035)):
+        rec = Satrec()
+        rec.sgp4init(WGS72, "i", k + 1, days, 0.0, 0.0, 0.0, 0.0, 0.0, 1.7, anomaly, n, 0.3)
+        sats.append(orbits.Satellite(f"sat-{k}", rec))
+    orbits.write_tle(sats, path)
+
+
+@pytest.mark.parametrize("antennas", [1, 2])
+def test_orbital_downlink_uses_only_contact_windows_and_queues_for_antennas(
+        tmp_path: Path, antennas: int) -> None:
+    from sim import orbits
+    from sim.scenario import load
+
+    _twin_tle(tmp_path / "twins.tle")
+    scenario = {
+        **TINY, "name": "orbital", "dataset": {**TINY["dataset"], "train_subset": 240},
+        "sensors": {**TINY["sensors"], "count": 2},
+        "orbits": {"epoch": "2026-01-01T00:00:00Z", "tle": "twins.tle", "horizon_h": 24,
+                   "stations": [{"name": "svalbard", "lat_deg": 78.23, "lon_deg": 15.39,
+                                 "min_elevation_deg": 5, "antennas": antennas}]},
+        "links": {"downlink": {"rate_bps": 9600, "latency_s": 0.05, "loss": 0.05,
+                               "budget": {"frequency_hz": 437e6, "eirp_dbw": 0.0,
+                                          "gt_dbk": -15.0, "bandwidth_hz": 25e3}},
+                  "trainer": TINY["links"]["trainer"]},
+        "training": {**TINY["training"], "strategy": "centralized", "workers": 1, "epochs": 1,
+                     "target_accuracy": 0.05},
+    }
+    path = _write(tmp_path, scenario)
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+
+    b = results["bytes"]
+    assert b["retransmitted"] > 0  # 5% of frames lost, resent and charged
+    assert b["total"] == b["downlink"] + b["uplink"] + b["retransmitted"] + b["trainer"]
+    assert sum(results["per_link_bytes"].values()) == b["total"]
+    assert results["samples"]["stored"] == 240
+    s = load(path)
+    windows = orbits.contact_windows(orbits.constellation(s), orbits.stations(s),
+                                     s.orbits.epoch, 24 * 3600.0)
+    assert windows[0].start_s > 0
+    done = results["downlink_done_s"]
+    assert done > windows[0].start_s  # nothing moves before the first contact
+    assert any(c.start_s < done <= c.end_s + 1 for c in windows)  # it ends inside one
+    station = results["stations"]["svalbard"]
+    assert station["bytes"] == b["downlink"] + b["uplink"] + b["retransmitted"]
+    assert 0 < station["utilisation"] <= 1
+    if antennas == 1:  # the twins are in view together: one waits for the other
+        assert station["queued_s"] > 0
+    else:
+        assert station["queued_s"] == 0
+    assert results["time_to_accuracy_s"] == results["history"][0]["sim_time_s"]
