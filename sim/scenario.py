@@ -156,7 +156,8 @@ class TrainingCfg(Model):
     local_steps: int = Field(10, ge=1)
     # Adam state: `travel` ships each piece's moments with its weights, `reset` starts
     # every round from fresh moments (nothing extra sent)
-    moments: Literal["travel", "reset"] = "reset"
+    # (default: travel for centralized, where it is plain Adam; reset for ist and local_sgd)
+    moments: Literal["travel", "reset"] | None = None
     subnet_scale: Literal["none", "k"] = "none"  # ist: hidden outputs x K while training
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -254,7 +255,8 @@ def ground_station_config(s: Scenario, store_dir: Path, checkpoint_dir: Path | N
         training=TrainingConfig(
             strategy=t.strategy, workers=t.workers, local_steps=t.local_steps, epochs=t.epochs,
             batch_size=t.batch_size, lr=t.lr, hidden=t.hidden, seed=s.seed,
-            round_timeout_s=t.round_timeout_s, moments=t.moments, subnet_scale=t.subnet_scale,
+            round_timeout_s=t.round_timeout_s, subnet_scale=t.subnet_scale,
+            moments=t.moments or ("travel" if t.strategy == "centralized" else "reset"),
         ),
         store_dir=store_dir,
         test_subset=s.dataset.test_subset,

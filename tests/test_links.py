@@ -48,3 +48,33 @@ def test_capacity_leaves_room_for_latency() -> None:
 def test_periodic_windows(t: float, window: tuple[float, float]) -> None:
     passes = PeriodicPasses(period_s=1_000.0, duration_s=60.0, offset_s=100.0)
     assert passes.window_at(t) == pytest.approx(window)
+
+
+def test_link_budget_follows_range_and_caps_at_the_modem() -> None:
+    import math
+
+    from sim.links import LinkBudget
+
+    b = LinkBudget(frequency_hz=2.2e9, eirp_dbw=3.0, gt_dbk=2.0, bandwidth_hz=2e6,
+                   modem_rate_bps=2e6, losses_db=3.0)
+    # free-space path loss at 2.2 GHz over 1,000 km: 20 log10(1000) + 20 log10(2200) + 32.44
+    assert b.fspl_db(1000.0) == pytest.approx(60 + 66.848 + 32.44, abs=0.01)
+    assert b.snr_db(2000.0) == pytest.approx(b.snr_db(1000.0) - 6.02, abs=0.01)  # 1/r^2
+    far = b.rate_bps(3000.0)
+    snr = 10 ** (b.snr_db(3000.0) / 10)
+    assert far == pytest.approx(2e6 * math.log2(1 + snr)) and far < 2e6
+    assert b.rate_bps(500.0) == 2e6  # capped
+
+
+def test_retransmission_charges_every_lost_frame_again() -> None:
+    import random
+
+    from sim.links import retransmitted
+
+    assert retransmitted(10_000, 0.0, 256, random.Random(0)) == 10_000
+    sent = [retransmitted(25_600, 0.2, 256, random.Random(s)) for s in range(200)]
+    assert min(sent) >= 25_600 and all(s % 256 == 0 for s in sent)
+    assert sum(sent) / len(sent) == pytest.approx(25_600 / 0.8, rel=0.03)  # geometric tries
+    assert retransmitted(300, 0.5, 256, random.Random(1)) in {300 + 256 * i + 44 * j
+                                                              for i in range(20)
+                                                              for j in range(20)}
