@@ -56,11 +56,13 @@ def summary(results: dict[str, Any]) -> str:
         f"final accuracy  {results['final_accuracy']:.4f}  (best {results['best_accuracy']:.4f},"
         f" {s['test']} test images)",
         f"bytes sent      {b['total']:,}  (downlink {b['downlink']:,}, acks {b['uplink']:,},"
-        f" trainer links {b['trainer']:,})",
+        + (f" resent {b['retransmitted']:,}," if b.get("retransmitted") else "")
+        + f" trainer links {b['trainer']:,})",
         f"samples         sent {s['sent']:,}, stored {s['stored']:,}, "
         f"trained on {s['trained_on']:,}",
         _rounds_line(results),
         f"mission time    {results['sim_time_s']:,.1f} s",
+        *([_target_line(results)] if results.get("target_accuracy") else []),
         f"wall time       {results['wall_time_s']:.1f} s",
         *([f"trainer faults  {len(results['trainer_failures'])} failed calls (see "
            "results.json trainer_failures)"] if results.get("trainer_failures") else []),
@@ -76,3 +78,11 @@ def _rounds_line(results: dict[str, Any]) -> str:
         line += (f"  (one local-SGD round of this model would move {rb['local_sgd'] / 1e6:,.3f}"
                  f" MB: x{rb['ratio_to_local_sgd']:.2f})")
     return line
+
+
+def _target_line(results: dict[str, Any]) -> str:
+    reached = results.get("time_to_accuracy_s")
+    target = results["target_accuracy"]
+    if reached is None:
+        return f"time to {target:.3f}  not reached"
+    return f"time to {target:.3f}  {reached:,.1f} s of mission time"
