@@ -197,7 +197,7 @@ def train_job_to_pb(job: TrainJob) -> pb.TrainRequest:
         dataset_id=job.dataset_id, round=job.round, worker=job.worker, steps=job.steps,
         batch_size=job.batch_size, lr=job.lr, seed=job.seed, params=params_to_pb(job.params),
         moments=adam_to_pb(job.moments) if job.moments is not None else None,
-        hidden_scale=job.hidden_scale,
+        hidden_scale=job.hidden_scale if job.hidden_scale != 1.0 else 0.0,  # 0: 1, unsent
     )
 
 
