@@ -100,10 +100,8 @@ class MissionControl:
     def __init__(self, scenario: Scenario, ground_station: str, show_progress: bool = True,
                  alive: Callable[[], None] = lambda: None, state_file: Path | None = None,
                  resume: bool = False,
-                 on_epoch: Callable[[dict[str, Any]], None] = lambda h: None,
-                 base_dir: Path | None = None):
+                 on_epoch: Callable[[dict[str, Any]], None] = lambda h: None):
         self.s = scenario
-        self.base_dir = base_dir  # relative paths in the scenario (a TLE file) start here
         self._epoch = scenario.orbits.epoch if scenario.orbits else None
         self._sites: dict[str, orbits.Station] = {}
         self._budget: LinkBudget | None = None
@@ -296,14 +294,17 @@ class MissionControl:
     def save_state(self, links: dict[str, Link]) -> None:
         if self.state_file is None:
             return
-        per_link = {**self.saved_links, **{link.name: link.bytes for link in links.values()}}
-        per_link.update({link.name: link.bytes for link in self._downlinks.values()})
         state = {"sim_time_s": self.env.now, "epochs_done": self.epochs_done,
-                 "tally": asdict(self.tally), "per_link": per_link,
+                 "tally": asdict(self.tally),
+                 "per_link": self._per_link([*self._downlinks.values(), *links.values()]),
                  "wall_time_s": self.tally.wall_time_s + time.monotonic() - self._wall0}
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
         tmp.replace(self.state_file)
+
+    def _per_link(self, links: list[Link]) -> dict[str, int]:
+        """Bytes per link: links of earlier, interrupted runs, updated by this run's."""
+        return {**self.saved_links, **{link.name: link.bytes for link in links}}
 
     def _load_state(self) -> float:
         if self.state_file is None or not self.state_file.exists():
@@ -322,8 +323,7 @@ class MissionControl:
                            bar: tqdm) -> list[simpy.Process]:
         s, o = self.s, self.s.orbits
         assert o is not None
-        self._epoch = o.epoch
-        sats = orbits.constellation(s, self.base_dir)
+        sats = orbits.constellation(s)
         sites = orbits.stations(s)
         self._sites = {st.name: st for st in sites}
         b = s.links.downlink.budget
@@ -427,13 +427,11 @@ class MissionControl:
                 ch.close()
         stats = self.mission.Stats(pb.StatsRequest())
         t = self.tally
-        t.per_link = dict(self.saved_links)
-        for link in [*dlinks.values(), *tlinks.values()]:
-            t.per_link[link.name] = link.bytes
+        links = [*dlinks.values(), *tlinks.values()]
+        t.per_link = self._per_link(links)
         accs = [h["accuracy"] for h in t.history]
         target = s.training.target_accuracy
         reached = [h["sim_time_s"] for h in t.history if target and h["accuracy"] >= target]
-        links = [*dlinks.values(), *tlinks.values()]
         return {
             "scenario": s.name,
             "final_accuracy": accs[-1],

@@ -180,25 +180,35 @@ def _teme_to_ecef(r: np.ndarray, epoch_jd: float, times_s: np.ndarray) -> np.nda
     return np.stack([c * x + s * y, -s * x + c * y, r[..., 2]], axis=-1)
 
 
+def _jd_fr(epoch_jd: float, times_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """SGP4's (whole Julian day, day fraction) for `times_s` after the epoch: split so the
+    fraction keeps sub-millisecond precision."""
+    jd0 = math.floor(epoch_jd - 0.5) + 0.5
+    fr = (epoch_jd - jd0) + times_s / 86400.0
+    return np.full_like(fr, jd0), fr
+
+
 def ecef_positions_km(sats: Sequence[Satellite], epoch: datetime,
                       times_s: np.ndarray) -> np.ndarray:
     """(satellites, times, 3) Earth-fixed positions at `times_s` seconds from `epoch`."""
-    epoch_jd = _julian(epoch)
-    jd0 = math.floor(epoch_jd - 0.5) + 0.5
-    fr = (epoch_jd - jd0) + np.asarray(times_s, dtype=np.float64) / 86400.0
-    jd = np.full_like(fr, jd0)
-    err, r, _ = SatrecArray([s.satrec for s in sats]).sgp4(jd, fr)
+    epoch_jd, times_s = _julian(epoch), np.asarray(times_s, dtype=np.float64)
+    err, r, _ = SatrecArray([s.satrec for s in sats]).sgp4(*_jd_fr(epoch_jd, times_s))
     if np.any(err):
         bad = sorted({sats[int(i)].name for i in np.nonzero(err)[0]})
         raise OrbitError(f"SGP4 failed for {bad[:5]} (decayed or invalid elements)")
-    return _teme_to_ecef(r, epoch_jd, np.asarray(times_s, dtype=np.float64))
+    return _teme_to_ecef(r, epoch_jd, times_s)
+
+
+def _elevation(rho: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """Degrees above the horizon of line-of-sight vectors `rho` from sites whose local
+    vertical is `up` (both (..., 3), broadcast)."""
+    dist = np.linalg.norm(rho, axis=-1)
+    return np.degrees(np.arcsin(np.clip((rho * up).sum(-1) / dist, -1.0, 1.0)))
 
 
 def elevation_deg(pos_ecef_km: np.ndarray, st: Station) -> np.ndarray:
     """Elevation of positions (..., 3) above the station's horizon, degrees."""
-    rho = pos_ecef_km - station_ecef_km(st)
-    dist = np.linalg.norm(rho, axis=-1)
-    return np.degrees(np.arcsin(np.clip((rho @ _up(st)) / dist, -1.0, 1.0)))
+    return _elevation(pos_ecef_km - station_ecef_km(st), _up(st))
 
 
 def slant_range_km(pos_ecef_km: np.ndarray, st: Station) -> np.ndarray:
@@ -217,15 +227,11 @@ class _Sites:
         self.min_el = np.array([st.min_elevation_deg for st in stations])
 
     def elevation(self, pos: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        rho = pos - self.ecef[idx]
-        dist = np.linalg.norm(rho, axis=-1)
-        return np.degrees(np.arcsin(np.clip((rho * self.up[idx]).sum(-1) / dist, -1.0, 1.0)))
+        return _elevation(pos - self.ecef[idx], self.up[idx])
 
 
 def _positions_one(sat: Satellite, epoch_jd: float, times_s: np.ndarray) -> np.ndarray:
-    jd0 = math.floor(epoch_jd - 0.5) + 0.5
-    fr = (epoch_jd - jd0) + times_s / 86400.0
-    err, r, _ = sat.satrec.sgp4_array(np.full_like(fr, jd0), fr)
+    err, r, _ = sat.satrec.sgp4_array(*_jd_fr(epoch_jd, times_s))
     if np.any(err):
         raise OrbitError(f"SGP4 failed for {sat.name} (decayed or invalid elements)")
     return _teme_to_ecef(r, epoch_jd, times_s)
@@ -315,8 +321,9 @@ def utc(epoch: datetime, seconds: float) -> str:
         "+00:00", "Z")
 
 
-def constellation(scenario: Scenario, base_dir: Path | None = None) -> list[Satellite]:
-    """The scenario's satellites, named by its sensor ids."""
+def constellation(scenario: Scenario) -> list[Satellite]:
+    """The scenario's satellites, named by its sensor ids (`sim.scenario.load` has made a
+    TLE path relative to the scenario file absolute)."""
     o = scenario.orbits
     if o is None:
         raise OrbitError("the scenario has no `orbits` section")
@@ -326,8 +333,7 @@ def constellation(scenario: Scenario, base_dir: Path | None = None) -> list[Sate
         sats = walker_delta(w.planes, w.per_plane, w.phasing, w.altitude_km, w.inclination_deg,
                             o.epoch, scenario.sensors.prefix)
     else:
-        path = Path(o.tle or "")
-        sats = load_tle(path if path.is_absolute() or base_dir is None else base_dir / path)
+        sats = load_tle(o.tle or "")
         if len(sats) != len(names):
             raise OrbitError(f"{o.tle} holds {len(sats)} satellites, sensors.count is "
                              f"{len(names)}")
