@@ -116,12 +116,18 @@ class TrainerClient:
 
     def train(self, job: serde.TrainJob, timeout_s: float
               ) -> tuple[ist.Params, AdamState | None, float, WorkerBytes]:
+        """The trained pieces, their moments (when sent), the mean loss and the bytes. A
+        failed call or a reply that makes no sense raises, carrying `request_bytes`."""
         request = serde.train_job_to_pb(job)
         try:
-            reply = self.stub.Train(request, timeout=timeout_s)
-        except grpc.RpcError as e:
-            e.request_bytes = wire_size(request)  # type: ignore[attr-defined]
+            return self._train(job, request, timeout_s)
+        except (grpc.RpcError, CodecError, RuntimeError) as e:
+            e.request_bytes = wire_size(request)  # type: ignore[union-attr]
             raise
+
+    def _train(self, job: serde.TrainJob, request: pb.TrainRequest, timeout_s: float
+               ) -> tuple[ist.Params, AdamState | None, float, WorkerBytes]:
+        reply = self.stub.Train(request, timeout=timeout_s)
         if reply.steps_done != job.steps:
             raise RuntimeError(f"{self.node_id} did {reply.steps_done} steps, asked {job.steps}")
         params = serde.pb_to_params(reply.params)
@@ -204,6 +210,10 @@ class Coordinator:
 
     # ---- dataset -----------------------------------------------------------------------------
 
+    @property
+    def dataset_id(self) -> str:
+        return self._dataset[0] if self._dataset else ""
+
     def set_dataset(self, dataset_id: str, x: np.ndarray, y: np.ndarray) -> None:
         """The token dataset every worker trains on; each trainer receives it once, before
         its first job (again only after it restarts)."""
@@ -260,10 +270,10 @@ class Coordinator:
         full-model requests and replies, sized from the messages themselves."""
         cfg = self.cfg
         state = self.state.compact() if self.state is not None else None
-        job = serde.TrainJob(self._dataset[0] if self._dataset else "", self.round,
+        job = serde.TrainJob(self.dataset_id, self.round,
                              cfg.num_workers - 1, cfg.local_steps, cfg.batch_size, cfg.lr,
                              stable_seed(cfg.seed, "batches", self.round, 0), self.params,
-                             state if state is not None else None)
+                             state)
         reply = pb.TrainReply(params=serde.params_to_pb(self.params), steps_done=cfg.local_steps,
                               mean_loss=1.0)
         if state is not None:
@@ -301,7 +311,7 @@ class Coordinator:
             pieces = [ist.subnet(self.params, part, w) for w in range(k)]
             states = [_slice_state(self.state, part, w) for w in range(k)]
         scale = float(k) if cfg.strategy == "ist" and cfg.subnet_scale == "k" else 1.0
-        jobs = [serde.TrainJob(self._dataset[0] if self._dataset else "", self.round, w,
+        jobs = [serde.TrainJob(self.dataset_id, self.round, w,
                                cfg.local_steps, cfg.batch_size, cfg.lr,
                                stable_seed(cfg.seed, "batches", self.round, w), pieces[w],
                                states[w], scale) for w in range(k)]
@@ -312,15 +322,10 @@ class Coordinator:
         for w, (t, f) in enumerate(zip(workers, futures, strict=True)):
             try:
                 params, moments, loss, size = f.result()
-            except grpc.RpcError as e:
+            except (grpc.RpcError, CodecError, RuntimeError) as e:  # or a reply that makes no sense
                 self._fail(t, epoch, _describe(e))
                 sizes.append(WorkerBytes(t.node_id, getattr(e, "request_bytes", 0), 0,
                                          _describe(e)))
-                continue
-            except (CodecError, RuntimeError) as e:  # a reply that makes no sense
-                self._fail(t, epoch, str(e))
-                sizes.append(WorkerBytes(t.node_id, wire_size(serde.train_job_to_pb(jobs[w])),
-                                         0, str(e)))
                 continue
             done[w] = (params, moments)
             progress.losses.append(loss)
@@ -364,7 +369,7 @@ class Coordinator:
         settings = {k: v for k, v in asdict(self.cfg).items()
                     if k not in ("epochs", "round_timeout_s")}
         key = json.dumps([settings, self.dim, self.n_classes,
-                          self._dataset[0] if self._dataset else ""], sort_keys=True)
+                          self.dataset_id], sort_keys=True)
         return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
 
     def save_checkpoint(self) -> None:

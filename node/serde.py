@@ -179,15 +179,12 @@ def pb_to_adam(msg: pb.AdamState, params: dict[str, torch.Tensor]) -> AdamState:
     """Decode moments for `params`, checking that they cover them with matching shapes."""
     state = AdamState(pb_to_params(msg.exp_avg), pb_to_params(msg.exp_avg_sq),
                       pb_to_params(msg.step))
-    for name, p in params.items():
-        for kind, table in (("exp_avg", state.exp_avg), ("exp_avg_sq", state.exp_avg_sq)):
-            if name not in table or table[name].shape != p.shape:
-                raise CodecError(f"moments {kind}.{name} must have shape {tuple(p.shape)}")
-        t = state.step.get(name)
-        if t is None or (t.dim() and t.shape != p.shape):
-            raise CodecError(f"moments step.{name} must be a scalar or of shape "
-                             f"{tuple(p.shape)}")
-        if bool((t < 0).any()) or bool((state.exp_avg_sq[name] < 0).any()):
+    try:
+        state.check(params)
+    except ValueError as e:
+        raise CodecError(f"moments {e}") from e
+    for name in params:
+        if bool((state.step[name] < 0).any()) or bool((state.exp_avg_sq[name] < 0).any()):
             raise CodecError(f"moments for {name}: negative step count or second moment")
     return state
 

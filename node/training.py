@@ -55,8 +55,16 @@ class AdamState:
                          {n: t.to(device) for n, t in self.exp_avg_sq.items()},
                          {n: t if t.dim() == 0 else t.to(device) for n, t in self.step.items()})
 
-    def names(self) -> set[str]:
-        return set(self.exp_avg)
+    def check(self, params: Mapping[str, torch.Tensor]) -> None:
+        """ValueError unless the state covers `params`: moments of their shapes, step counts
+        scalar or of their shapes."""
+        for name, p in params.items():
+            for kind, table in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+                if name not in table or table[name].shape != p.shape:
+                    raise ValueError(f"{kind}.{name} must have shape {tuple(p.shape)}")
+            t = self.step.get(name)
+            if t is None or (t.dim() and t.shape != p.shape):
+                raise ValueError(f"step.{name} must be a scalar or of shape {tuple(p.shape)}")
 
 
 class Adam:
@@ -69,15 +77,10 @@ class Adam:
         self.lr = lr
         if state is None:
             state = AdamState.zeros(self.params)
-        for name, p in self.params.items():
-            for kind, table in (("exp_avg", state.exp_avg), ("exp_avg_sq", state.exp_avg_sq)):
-                if name not in table or table[name].shape != p.shape:
-                    raise ValueError(f"Adam state {kind}.{name} must have shape "
-                                     f"{tuple(p.shape)}")
-            t = state.step.get(name)
-            if t is None or (t.dim() and t.shape != p.shape):
-                raise ValueError(f"Adam state step.{name} must be a scalar or have shape "
-                                 f"{tuple(p.shape)}")
+        try:
+            state.check(self.params)
+        except ValueError as e:
+            raise ValueError(f"Adam state {e}") from e
         self.state = state.to(next(iter(self.params.values())).device)
 
     def zero_grad(self) -> None:
