@@ -7,7 +7,9 @@ Run from the repo root:
         local SGD K = 2, 4, each with moments reset and travel.
     .venv/bin/python bench/ist.py --accuracy [--ratios 0,0.5] [--epochs 5] [--configs ...]
         best test accuracy on Fashion-MNIST tokens of the default encoder (fixed masks,
-        the scenario's mean pooling), for the configurations named in --configs.
+        the scenario's mean pooling), for the configurations named in --configs;
+        --weights PATH for another checkpoint. Tokens are cached in --cache, keyed by
+        the weights' sha256 and the ratio.
 Trainers are local `sparsat node trainer` processes on localhost; the coordinator is the
 ground station's own, talking real gRPC to them. Every figure is measured from the messages.
 The last stdout line is one JSON object with every figure, including ist_k4_round_bytes and
@@ -17,6 +19,7 @@ local_sgd_k4_round_bytes (all workers, both directions, moments reset).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import socket
@@ -131,9 +134,21 @@ def run_config(name: str, x: np.ndarray, y: np.ndarray, tx: np.ndarray, ty: np.n
             "failures": failures}
 
 
-def fmnist_tokens(ratio: float, cache: Path) -> tuple[np.ndarray, ...]:
-    """Default-encoder tokens (mean pooling, fixed masks) of the whole train and test sets."""
-    path = cache / f"fmnist_tokens_r{ratio}.npz"
+def weights_tag(weights: str | None) -> str:
+    """A cache key for the encoder's weights: what the file holds, not its name."""
+    from node import encoders
+
+    path = Path(weights) if weights else encoders.DEFAULT_TINY_WEIGHTS
+    if weights == "random":
+        return "random"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+def fmnist_tokens(ratio: float, cache: Path, weights: str | None = None
+                  ) -> tuple[np.ndarray, ...]:
+    """Encoder tokens (mean pooling, fixed masks) of the whole train and test sets; the
+    default encoder's unless `weights` names others."""
+    path = cache / f"fmnist_tokens_{weights_tag(weights)}_r{ratio}.npz"
     if path.exists():
         d = np.load(path)
         return d["x"], d["y"], d["tx"], d["ty"]
@@ -142,7 +157,7 @@ def fmnist_tokens(ratio: float, cache: Path) -> tuple[np.ndarray, ...]:
     from node.datasets import DatasetSpec, load_dataset
     from node.masking import MaskSpec
 
-    enc = encoders.create("vit_tiny_patch4_28", pooling="mean")
+    enc = encoders.create("vit_tiny_patch4_28", weights, pooling="mean")
     mask = MaskSpec("fixed", ratio, 0)
     spec = DatasetSpec("fashion_mnist")
     sets = []
@@ -166,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--accuracy", action="store_true",
                    help="Fashion-MNIST tokens of the default encoder instead of random features")
     p.add_argument("--ratios", default="0,0.5", help="--accuracy: masking ratios")
+    p.add_argument("--weights", help="--accuracy: encoder weights (default: the shipped ones)")
     p.add_argument("--configs", help="comma-separated names from: " + ", ".join(CONFIGS))
     p.add_argument("--rows", type=int, default=60000, help="random features: training rows")
     p.add_argument("--epochs", type=int, default=1)
@@ -182,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                                   "cores": os.cpu_count()}
     log_dir = Path(tempfile.mkdtemp(prefix="sparsat-bench-ist-"))
     if args.accuracy:
-        datasets = {f"r{r}": fmnist_tokens(float(r), Path(args.cache))
+        datasets = {f"r{r}": fmnist_tokens(float(r), Path(args.cache), args.weights)
                     for r in args.ratios.split(",")}
     else:
         rng = np.random.default_rng(0)

@@ -44,7 +44,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-DEFAULT_TINY_WEIGHTS = WEIGHTS_DIR / "vit_tiny_patch4_28_fmnist_mae.pt"
+DEFAULT_TINY_WEIGHTS = WEIGHTS_DIR / "vit_tiny_patch4_28_fmnist_mae_e32.pt"
 
 ENCODERS: dict[str, EncoderConfig] = {
     # Small ViT for 28x28 grey images (Fashion-MNIST): a 7x7 grid of 4x4 patches, MAE-
