@@ -138,9 +138,11 @@ def weights_tag(weights: str | None) -> str:
     """A cache key for the encoder's weights: what the file holds, not its name."""
     from node import encoders
 
-    path = Path(weights) if weights else encoders.DEFAULT_TINY_WEIGHTS
     if weights == "random":
         return "random"
+    path = Path(weights) if weights else encoders.DEFAULT_TINY_WEIGHTS
+    if not path.is_file():
+        raise SystemExit(f"--weights {path}: no such file")
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
