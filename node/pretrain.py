@@ -123,6 +123,29 @@ def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def _load_init(model: MaskedAutoencoder, init: object, path: str) -> bool:
+    """Load an earlier run's weights; returns True when only its encoder fitted.
+
+    The encoder must match; a decoder of another width or depth is left freshly initialised,
+    so a run can go on with a larger decoder than the one it started with.
+    """
+    if not isinstance(init, dict) or not isinstance(init.get("model"), dict):
+        raise ValueError(f"--init {path}: not a pretraining checkpoint (no 'model' weights)")
+    state = init["model"]
+    try:
+        model.load_state_dict(state)
+        return False
+    except RuntimeError:
+        pass
+    own = {k: v for k, v in state.items() if k.startswith("encoder.")}
+    try:
+        model.encoder.load_state_dict({k[len("encoder."):]: v for k, v in own.items()})
+    except RuntimeError as e:
+        raise ValueError(f"--init {path}: not a pretraining checkpoint of this encoder "
+                         f"({e})") from e
+    return True
+
+
 def pretrain(images: np.ndarray, cfg: PretrainConfig, work_dir: Path,
              log: Callable[[str], None] = print, stop_after: int | None = None) -> Path | None:
     """MAE-pretrain `cfg.encoder` on uint8 images (N, H, W, C) at the encoder's input size.
@@ -159,13 +182,11 @@ def pretrain(images: np.ndarray, cfg: PretrainConfig, work_dir: Path,
         log(f"resuming from {ckpt} after epoch {start_epoch}")
     elif cfg.init:
         init = torch.load(cfg.init, map_location="cpu", weights_only=False)
-        try:
-            model.load_state_dict(init["model"])
-        except (KeyError, RuntimeError) as e:
-            raise ValueError(f"--init {cfg.init}: not a pretraining checkpoint of this "
-                             f"encoder and decoder ({e})") from e
+        fresh_decoder = _load_init(model, init, cfg.init)
         history = []  # this run's epochs only; the earlier run's are in its own pretrain.json
-        log(f"starting from the weights of {cfg.init} ({init['epoch']} epochs)")
+        log(f"starting from the weights of {cfg.init} ({init['epoch']} epochs)"
+            + (": its encoder only, with a fresh decoder (the decoders differ)"
+               if fresh_decoder else ""))
     data = torch.from_numpy(images)
     end = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
     for epoch in range(start_epoch, end):

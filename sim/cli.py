@@ -188,8 +188,8 @@ def parser() -> argparse.ArgumentParser:
     pre.add_argument("--mask-ratio", type=float, default=0.75)
     pre.add_argument("--warmup-epochs", type=int, default=1)
     pre.add_argument("--init", metavar="LAST_PT",
-                     help="continue from an earlier run's last.pt (same encoder and decoder) "
-                          "with a new learning-rate schedule")
+                     help="continue from an earlier run's last.pt (same encoder) with a new "
+                          "learning-rate schedule; a different decoder starts fresh")
     pre.add_argument("--decoder-dim", type=int, default=96)
     pre.add_argument("--decoder-depth", type=int, default=1)
     pre.add_argument("--seed", type=int, default=0)

@@ -77,6 +77,23 @@ def test_init_continues_from_an_earlier_runs_weights(tmp_path: Path) -> None:
     assert fresh is not None
     c = torch.load(fresh)
     assert not all(torch.allclose(a[k].float(), c[k].float(), atol=1e-3) for k in a)
-    bad = PretrainConfig(**{**cont.__dict__, "decoder": DecoderConfig(16, 1, 2)})
-    with pytest.raises(ValueError, match="not a pretraining checkpoint"):
-        pretrain(_images(), bad, tmp_path / "bad", log=lambda _: None)
+    # another decoder: the encoder carries over, the decoder starts fresh
+    wider = PretrainConfig(**{**cont.__dict__, "decoder": DecoderConfig(16, 2, 2)})
+    seen.clear()
+    out = pretrain(_images(), wider, tmp_path / "wider", log=seen.append)
+    assert out is not None and any("fresh decoder" in line for line in seen)
+    d = torch.load(out)
+    assert all(torch.allclose(a[k].float(), d[k].float(), atol=1e-3) for k in a)
+
+
+def test_init_refuses_what_is_not_this_encoders_checkpoint(tmp_path: Path) -> None:
+    assert pretrain(_images(), CFG, tmp_path / "first", log=lambda _: None) is not None
+    state = torch.load(tmp_path / "first" / "last.pt", weights_only=False)
+    state["model"]["encoder.vit.pos_embed"] = torch.zeros(1, 17, 192)  # another grid
+    torch.save(state, tmp_path / "other.pt")
+    torch.save({"weights": {}}, tmp_path / "junk.pt")
+    for path, match in [(tmp_path / "other.pt", "not a pretraining checkpoint of this encoder"),
+                        (tmp_path / "junk.pt", "no 'model' weights")]:
+        cfg = PretrainConfig(**{**CFG.__dict__, "epochs": 1, "init": str(path)})
+        with pytest.raises(ValueError, match=match):
+            pretrain(_images(), cfg, tmp_path / path.stem, log=lambda _: None)
