@@ -132,14 +132,15 @@ def _load_init(model: MaskedAutoencoder, init: object, path: str) -> bool:
     if not isinstance(init, dict) or not isinstance(init.get("model"), dict):
         raise ValueError(f"--init {path}: not a pretraining checkpoint (no 'model' weights)")
     state = init["model"]
-    try:
+    # decided up front: a failed strict load_state_dict has already copied every tensor
+    # whose shape matched, which would leave the "fresh" decoder partly the old one
+    own = model.state_dict()
+    if state.keys() == own.keys() and all(state[k].shape == own[k].shape for k in own):
         model.load_state_dict(state)
         return False
-    except RuntimeError:
-        pass
-    own = {k: v for k, v in state.items() if k.startswith("encoder.")}
+    encoder = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
     try:
-        model.encoder.load_state_dict({k[len("encoder."):]: v for k, v in own.items()})
+        model.encoder.load_state_dict(encoder)
     except RuntimeError as e:
         raise ValueError(f"--init {path}: not a pretraining checkpoint of this encoder "
                          f"({e})") from e

@@ -77,13 +77,19 @@ def test_init_continues_from_an_earlier_runs_weights(tmp_path: Path) -> None:
     assert fresh is not None
     c = torch.load(fresh)
     assert not all(torch.allclose(a[k].float(), c[k].float(), atol=1e-3) for k in a)
-    # another decoder: the encoder carries over, the decoder starts fresh
-    wider = PretrainConfig(**{**cont.__dict__, "decoder": DecoderConfig(16, 2, 2)})
+    # another decoder: the encoder carries over, the decoder starts fresh, all of it, even
+    # the parts whose shapes match (here the width is the same, one block more)
+    deeper = PretrainConfig(**{**cont.__dict__, "decoder": DecoderConfig(32, 2, 2)})
     seen.clear()
-    out = pretrain(_images(), wider, tmp_path / "wider", log=seen.append)
+    out = pretrain(_images(), deeper, tmp_path / "deeper", log=seen.append)
     assert out is not None and any("fresh decoder" in line for line in seen)
     d = torch.load(out)
     assert all(torch.allclose(a[k].float(), d[k].float(), atol=1e-3) for k in a)
+    old = torch.load(tmp_path / "first" / "last.pt", weights_only=False)["model"]
+    new = torch.load(tmp_path / "deeper" / "last.pt", weights_only=False)["model"]
+    for k in ("mask_token", "decoder_embed.weight", "decoder_blocks.0.attn.qkv.weight",
+              "decoder_pred.weight"):
+        assert old[k].shape == new[k].shape and not torch.allclose(old[k], new[k], atol=1e-3), k
 
 
 def test_init_refuses_what_is_not_this_encoders_checkpoint(tmp_path: Path) -> None:
