@@ -51,6 +51,9 @@ ENCODERS: dict[str, EncoderConfig] = {
     # pretrained offline by `sparsat pretrain` (docs/pretraining.md); the checkpoint ships here.
     "vit_tiny_patch4_28": EncoderConfig(28, 4, 1, 192, 6, 3, (0.2860,), (0.3530,),
                                         default_weights=str(DEFAULT_TINY_WEIGHTS)),
+    # The same, two blocks deeper (3.6 M parameters, 7.1 MB in fp16): the largest that fits
+    # the 8 MB checkpoint cap at this width; pretrained with `sparsat pretrain --encoder`.
+    "vit_tiny_d8_patch4_28": EncoderConfig(28, 4, 1, 192, 8, 3, (0.2860,), (0.3530,)),
     # The paper's encoder: timm vit_base_patch16_224 with the official MAE weights, from
     # mae_pretrain_vit_base.pth (give its path) or timm's hub when the machine is online.
     "mae_vit_base_patch16": EncoderConfig(224, 16, 3, 768, 12, 12, IMAGENET_MEAN, IMAGENET_STD,

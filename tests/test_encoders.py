@@ -179,3 +179,10 @@ def test_shipped_default_checkpoint_loads_and_is_small() -> None:
     enc = encoders.create("vit_tiny_patch4_28")  # weights=None: the shipped checkpoint
     random = encoders.create("vit_tiny_patch4_28", weights="random")
     assert not torch.equal(enc.vit.blocks[0].attn.qkv.weight, random.vit.blocks[0].attn.qkv.weight)
+
+
+def test_deeper_tiny_encoder_fits_the_checkpoint_cap() -> None:
+    enc = encoders.create("vit_tiny_d8_patch4_28", weights="random")
+    assert len(enc.vit.blocks) == 8 and enc.dim == 192 and enc.grid == 7
+    fp16_bytes = sum(t.numel() * 2 for t in enc.vit.state_dict().values())
+    assert 6 * 1024 * 1024 < fp16_bytes <= 8 * 1024 * 1024, fp16_bytes
