@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -101,7 +102,7 @@ def local_trainers(k: int, log_dir: Path) -> Iterator[list[tuple[str, str]]]:
 
 def run_config(name: str, x: np.ndarray, y: np.ndarray, tx: np.ndarray, ty: np.ndarray,
                epochs: int, local_steps: int, n_classes: int, log_dir: Path
-               ) -> dict[str, object]:
+               ) -> dict[str, Any]:
     strategy, k, moments, scale = CONFIGS[name]
     cfg = TrainingConfig(strategy=strategy, workers=k, local_steps=local_steps,  # type: ignore[arg-type]
                          moments=moments, subnet_scale=scale, hidden=(1000, 1000),  # type: ignore[arg-type]
@@ -222,9 +223,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     first = next(iter(datasets))
     for key, cfg in (("ist_k4_round_bytes", "ist_k4_reset"),
                      ("local_sgd_k4_round_bytes", "local_sgd_k4_reset")):
-        res = figures.get(f"{first}/{cfg}")
-        if isinstance(res, dict):
-            figures[key] = res["round_bytes"]
+        found = figures.get(f"{first}/{cfg}")
+        if isinstance(found, dict):
+            figures[key] = found["round_bytes"]
     if "ist_k4_round_bytes" in figures and "local_sgd_k4_round_bytes" in figures:
         ratio = int(figures["ist_k4_round_bytes"]) / int(figures["local_sgd_k4_round_bytes"])  # type: ignore[call-overload]
         figures["ist_over_local_sgd_k4"] = round(ratio, 4)
