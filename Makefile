@@ -33,7 +33,7 @@ run: install data
 
 test: install data
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy node ground_station sim
+	$(VENV)/bin/mypy node ground_station sim bench
 	$(PY) -m pytest -q
 
 proto: install
@@ -41,7 +41,7 @@ proto: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy node ground_station sim
+	$(VENV)/bin/mypy node ground_station sim bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -14,6 +14,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -56,7 +57,7 @@ def bench_encoder(enc: Encoder, batch: int, repeat: int, device: torch.device,
             keep = num_visible(n, r)
             idx = torch.stack([torch.randperm(n, generator=gen)[:keep].sort().values
                                for _ in range(batch)]).to(device)
-            vis = images_per_s(lambda idx=idx: enc.encode(images, idx), batch, repeat)
+            vis = images_per_s(partial(enc.encode, images, idx), batch, repeat)
             figures[f"{tag}_r{r}_visible_images_per_s"] = round(vis, 1)
             figures[f"{tag}_r{r}_speedup_vs_full"] = round(vis / full, 2)
             print(f"{tag:24s} r={r:<4} visible ({keep:3d} tokens) {vis:9.1f} img/s"
@@ -76,8 +77,8 @@ def bench_ragged(enc: Encoder, batch: int, repeat: int, figures: dict[str, float
     visible = [np.sort(rng.permutation(n)[: rng.integers(1, n + 1)]).astype(np.uint16)
                for _ in range(count)]
     for ragged in ("group", "pad"):
-        rate = images_per_s(lambda ragged=ragged: enc.encode_canvases(
-            canvases, visible, batch_size=batch, ragged=ragged), count, repeat)
+        rate = images_per_s(partial(enc.encode_canvases, canvases, visible, batch_size=batch,
+                                    ragged=ragged), count, repeat)
         figures[f"{tag}_ragged_{ragged}_images_per_s"] = round(rate, 1)
         print(f"{tag:24s} mixed counts, {ragged:5s}         {rate:9.1f} img/s")
     figures[f"{tag}_ragged_group_over_pad"] = round(
