@@ -8,8 +8,8 @@ Run from the repo root:
     .venv/bin/python bench/ist.py --accuracy [--ratios 0,0.5] [--epochs 5] [--configs ...]
         best test accuracy on Fashion-MNIST tokens of the default encoder (fixed masks,
         the scenario's mean pooling), for the configurations named in --configs;
-        --weights PATH for another checkpoint. Tokens are cached in --cache, keyed by
-        the weights' sha256 and the ratio.
+        --encoder NAME / --weights PATH for another encoder or checkpoint. Tokens are
+        cached in --cache, keyed by the encoder, the weights' sha256 and the ratio.
 Trainers are local `sparsat node trainer` processes on localhost; the coordinator is the
 ground station's own, talking real gRPC to them. Every figure is measured from the messages.
 The last stdout line is one JSON object with every figure, including ist_k4_round_bytes and
@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from ground_station.config import TrainingConfig
 from ground_station.coordinator import Coordinator
+from node.encoders import DEFAULT_ENCODER
 from node.rpc import channel
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
@@ -135,23 +136,23 @@ def run_config(name: str, x: np.ndarray, y: np.ndarray, tx: np.ndarray, ty: np.n
             "failures": failures}
 
 
-def weights_tag(weights: str | None) -> str:
+def weights_tag(encoder: str, weights: str | None) -> str:
     """A cache key for the encoder's weights: what the file holds, not its name."""
     from node import encoders
 
     if weights == "random":
-        return "random"
-    path = Path(weights) if weights else encoders.DEFAULT_TINY_WEIGHTS
+        return f"{encoder}_random"
+    path = Path(weights) if weights else Path(encoders.config(encoder).default_weights)
     if not path.is_file():
         raise SystemExit(f"--weights {path}: no such file")
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
-def fmnist_tokens(ratio: float, cache: Path, weights: str | None = None
-                  ) -> tuple[np.ndarray, ...]:
+def fmnist_tokens(ratio: float, cache: Path, encoder: str = DEFAULT_ENCODER,
+                  weights: str | None = None) -> tuple[np.ndarray, ...]:
     """Encoder tokens (mean pooling, fixed masks) of the whole train and test sets; the
-    default encoder's unless `weights` names others."""
-    path = cache / f"fmnist_tokens_{weights_tag(weights)}_r{ratio}.npz"
+    encoder's shipped weights unless `weights` names others."""
+    path = cache / f"fmnist_tokens_{weights_tag(encoder, weights)}_r{ratio}.npz"
     if path.exists():
         d = np.load(path)
         return d["x"], d["y"], d["tx"], d["ty"]
@@ -160,7 +161,7 @@ def fmnist_tokens(ratio: float, cache: Path, weights: str | None = None
     from node.datasets import DatasetSpec, load_dataset
     from node.masking import MaskSpec
 
-    enc = encoders.create("vit_tiny_patch4_28", weights, pooling="mean")
+    enc = encoders.create(encoder, weights, pooling="mean")
     mask = MaskSpec("fixed", ratio, 0)
     spec = DatasetSpec("fashion_mnist")
     sets = []
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--accuracy", action="store_true",
                    help="Fashion-MNIST tokens of the default encoder instead of random features")
     p.add_argument("--ratios", default="0,0.5", help="--accuracy: masking ratios")
+    p.add_argument("--encoder", default=DEFAULT_ENCODER, help="--accuracy: encoder name")
     p.add_argument("--weights", help="--accuracy: encoder weights (default: the shipped ones)")
     p.add_argument("--configs", help="comma-separated names from: " + ", ".join(CONFIGS))
     p.add_argument("--rows", type=int, default=60000, help="random features: training rows")
@@ -201,7 +203,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                                   "cores": os.cpu_count()}
     log_dir = Path(tempfile.mkdtemp(prefix="sparsat-bench-ist-"))
     if args.accuracy:
-        datasets = {f"r{r}": fmnist_tokens(float(r), Path(args.cache), args.weights)
+        datasets = {f"r{r}": fmnist_tokens(float(r), Path(args.cache), args.encoder,
+                                               args.weights)
                     for r in args.ratios.split(",")}
     else:
         rng = np.random.default_rng(0)

@@ -68,7 +68,7 @@ class BothPoolings(encoders.Encoder):
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--encoder", default="vit_tiny_patch4_28")
+    p.add_argument("--encoder", default=encoders.DEFAULT_ENCODER)
     p.add_argument("--weights", default=None, help="default: the encoder's default weights")
     p.add_argument("--pooling", default="cls", choices=["cls", "mean", "both"],
                    help="both: one encoding pass, CLS and mean probed separately")

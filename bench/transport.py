@@ -2,7 +2,7 @@
 
 Run from the repo root: .venv/bin/python bench/transport.py [--samples N] [--repeat R]
 Samples are real Downlink messages: Fashion-MNIST images with fixed masks on the 7x7 grid of
-vit_tiny_patch4_28, or random CLS tokens of dim 192 (their size does not depend on their
+vit_tiny_d8_patch4_28, or random CLS tokens of dim 192 (their size does not depend on their
 values). Throughput streams them through DownlinkStub.Send to an ack-only servicer and to the
 real GroundStation (decode, validate, SQLite), and sends the same serialized, gRPC-framed
 bytes over a raw TCP socket. The last stdout line is one JSON object with every figure.
@@ -40,7 +40,7 @@ from node.sensor import sample_id
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
-ENCODER = encoders.config("vit_tiny_patch4_28")
+ENCODER = encoders.config(encoders.DEFAULT_ENCODER)
 GRID, DIM = ENCODER.grid, ENCODER.embed_dim
 RATIOS = (0.0, 0.5, 0.75)
 SENSOR = "sat-0"

@@ -22,7 +22,7 @@ class SensorConfig:
     mask: MaskSpec
     payload: PayloadKind = "patches"
     cls_dtype: str = "float16"
-    encoder: str = "vit_tiny_patch4_28"
+    encoder: str = "vit_tiny_d8_patch4_28"  # node.encoders.DEFAULT_ENCODER (no torch import here)
     encoder_weights: str | None = None  # None: the encoder's default; see encoders.create
     encoder_seed: int = 0
     encoder_pooling: str = "cls"  # "cls" | "mean" of the visible tokens

@@ -43,17 +43,21 @@ class EncoderConfig:
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+DEFAULT_ENCODER = "vit_tiny_d8_patch4_28"  # what scenarios, nodes and benchmarks use unless told
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-DEFAULT_TINY_WEIGHTS = WEIGHTS_DIR / "vit_tiny_patch4_28_fmnist_mae_e32.pt"
+DEFAULT_TINY_WEIGHTS = WEIGHTS_DIR / "vit_tiny_d8_patch4_28_fmnist_mae_e32.pt"
+TINY_D6_WEIGHTS = WEIGHTS_DIR / "vit_tiny_patch4_28_fmnist_mae_e32.pt"
 
 ENCODERS: dict[str, EncoderConfig] = {
-    # Small ViT for 28x28 grey images (Fashion-MNIST): a 7x7 grid of 4x4 patches, MAE-
-    # pretrained offline by `sparsat pretrain` (docs/pretraining.md); the checkpoint ships here.
+    # The default: a small ViT for 28x28 grey images (Fashion-MNIST), a 7x7 grid of 4x4
+    # patches, width 192, depth 8 (3.6 M parameters, 7.1 MB in fp16: the deepest that fits the
+    # 8 MB checkpoint cap at this width), MAE-pretrained offline by `sparsat pretrain`
+    # (docs/pretraining.md); the checkpoint ships here.
+    "vit_tiny_d8_patch4_28": EncoderConfig(28, 4, 1, 192, 8, 3, (0.2860,), (0.3530,),
+                                           default_weights=str(DEFAULT_TINY_WEIGHTS)),
+    # The same, two blocks shallower (2.7 M parameters): the default until 2026-11-26.
     "vit_tiny_patch4_28": EncoderConfig(28, 4, 1, 192, 6, 3, (0.2860,), (0.3530,),
-                                        default_weights=str(DEFAULT_TINY_WEIGHTS)),
-    # The same, two blocks deeper (3.6 M parameters, 7.1 MB in fp16): the largest that fits
-    # the 8 MB checkpoint cap at this width; pretrained with `sparsat pretrain --encoder`.
-    "vit_tiny_d8_patch4_28": EncoderConfig(28, 4, 1, 192, 8, 3, (0.2860,), (0.3530,)),
+                                        default_weights=str(TINY_D6_WEIGHTS)),
     # The paper's encoder: timm vit_base_patch16_224 with the official MAE weights, from
     # mae_pretrain_vit_base.pth (give its path) or timm's hub when the machine is online.
     "mae_vit_base_patch16": EncoderConfig(224, 16, 3, 768, 12, 12, IMAGENET_MEAN, IMAGENET_STD,

@@ -22,7 +22,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from tqdm import tqdm
 
-from node.encoders import Encoder, EncoderConfig, config
+from node.encoders import DEFAULT_ENCODER, Encoder, EncoderConfig, config
 
 
 def sincos_2d(dim: int, grid: int, cls_token: bool) -> torch.Tensor:
@@ -104,9 +104,9 @@ class MaskedAutoencoder(nn.Module):
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    encoder: str = "vit_tiny_patch4_28"
+    encoder: str = DEFAULT_ENCODER
     dataset: str = "fashion_mnist"
-    epochs: int = 12
+    epochs: int = 32  # the shipped default encoder's recipe (docs/pretraining.md)
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.05

@@ -179,10 +179,10 @@ def parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     pre = sub.add_parser("pretrain", help="MAE-pretrain an encoder on unlabelled images")
-    pre.add_argument("--encoder", default="vit_tiny_patch4_28")
+    pre.add_argument("--encoder", default="vit_tiny_d8_patch4_28")  # encoders.DEFAULT_ENCODER
     pre.add_argument("--dataset", default="fashion_mnist")
     pre.add_argument("--data-root", help="dataset root (default $SPARSAT_DATA or the cache)")
-    pre.add_argument("--epochs", type=int, default=12)
+    pre.add_argument("--epochs", type=int, default=32)
     pre.add_argument("--batch-size", type=int, default=256)
     pre.add_argument("--lr", type=float, default=1e-3)
     pre.add_argument("--mask-ratio", type=float, default=0.75)

@@ -12,7 +12,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 from ground_station.config import GroundStationConfig, TrainingConfig
 from node.config import SensorConfig
 from node.datasets import DatasetSpec
-from node.encoders import ENCODERS
+from node.encoders import DEFAULT_ENCODER, ENCODERS
 from node.masking import MaskSpec
 
 
@@ -30,8 +30,8 @@ class DatasetCfg(Model):
 
 
 class EncoderCfg(Model):
-    name: str = "vit_tiny_patch4_28"
-    # None: the encoder's default (vit_tiny_patch4_28: the shipped MAE checkpoint;
+    name: str = DEFAULT_ENCODER
+    # None: the encoder's default (vit_tiny_d8_patch4_28: the shipped MAE checkpoint;
     # mae_vit_base_patch16: timm's hub). "random": seeded random weights. "timm:NAME", or
     # the path of a checkpoint (e.g. the official mae_pretrain_vit_base.pth).
     weights: str | None = None

@@ -172,13 +172,26 @@ def test_unknown_encoder_and_pooling() -> None:
         Encoder(SMALL, pooling="max")  # type: ignore[arg-type]
 
 
-def test_shipped_default_checkpoint_loads_and_is_small() -> None:
-    path = encoders.DEFAULT_TINY_WEIGHTS
-    assert path.exists(), "the offline default encoder must ship with the package"
+@pytest.mark.parametrize("name", ["vit_tiny_d8_patch4_28", "vit_tiny_patch4_28"])
+def test_shipped_checkpoints_load_and_are_small(name: str) -> None:
+    path = Path(encoders.config(name).default_weights)
+    assert path.exists(), "the offline encoders' weights must ship with the package"
     assert path.stat().st_size <= 8 * 1024 * 1024
-    enc = encoders.create("vit_tiny_patch4_28")  # weights=None: the shipped checkpoint
-    random = encoders.create("vit_tiny_patch4_28", weights="random")
+    enc = encoders.create(name)  # weights=None: the shipped checkpoint
+    random = encoders.create(name, weights="random")
     assert not torch.equal(enc.vit.blocks[0].attn.qkv.weight, random.vit.blocks[0].attn.qkv.weight)
+
+
+def test_every_default_names_the_same_encoder() -> None:
+    from node.config import SensorConfig
+    from sim.cli import parser
+    from sim.scenario import EncoderCfg
+
+    assert encoders.config(encoders.DEFAULT_ENCODER).default_weights == str(
+        encoders.DEFAULT_TINY_WEIGHTS)
+    assert SensorConfig.encoder == EncoderCfg().name == encoders.DEFAULT_ENCODER
+    pre = parser().parse_args(["pretrain", "--out", "x"])
+    assert pre.encoder == encoders.DEFAULT_ENCODER
 
 
 def test_deeper_tiny_encoder_fits_the_checkpoint_cap() -> None:

@@ -39,7 +39,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
     # and the checkpoint is a working encoder, fp16 on disk
     assert a["pos_embed"].dtype == torch.float16
-    enc = encoders.create("vit_tiny_patch4_28", weights=whole)
+    enc = encoders.create(CFG.encoder, weights=whole)
     assert enc.encode(torch.zeros(1, 1, 28, 28), torch.arange(49)[None]).shape == (1, 192)
 
 
