@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--encoders", default="vit_tiny_patch4_28,mae_vit_base_patch16")
+    parser.add_argument("--encoders", default=f"{encoders.DEFAULT_ENCODER},mae_vit_base_patch16")
     parser.add_argument("--ragged-images", type=int, default=256,
                         help="images with mixed visible counts for group vs pad (0: skip)")
     args = parser.parse_args(argv)

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from node.encoders import DEFAULT_ENCODER, Encoder, EncoderConfig, config
+from node.training import resolve_device
 
 
 def sincos_2d(dim: int, grid: int, cls_token: bool) -> torch.Tensor:
@@ -148,19 +149,22 @@ def _load_init(model: MaskedAutoencoder, init: object, path: str) -> bool:
 
 
 def pretrain(images: np.ndarray, cfg: PretrainConfig, work_dir: Path,
-             log: Callable[[str], None] = print, stop_after: int | None = None) -> Path | None:
+             log: Callable[[str], None] = print, stop_after: int | None = None,
+             device: str = "cpu") -> Path | None:
     """MAE-pretrain `cfg.encoder` on uint8 images (N, H, W, C) at the encoder's input size.
 
     Checkpoints to work_dir/last.pt every epoch (resumed from if present) and writes the
     final encoder weights, fp16, to work_dir/encoder.pt; returns that path. With `stop_after`,
     stops (checkpointed, returning None) after that many epochs of this call: a later call
     resumes, and every epoch's randomness is seeded by (seed, epoch), so the result is the
-    same as one uninterrupted run.
+    same as one uninterrupted run. `device` ("cpu", "cuda", "auto") is where the model
+    trains; the masks and the data order come from CPU generators whatever it is, and a
+    checkpoint made on one device resumes on another.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     enc_cfg: EncoderConfig = config(cfg.encoder)
     torch.manual_seed(cfg.seed)
-    model = MaskedAutoencoder(Encoder(enc_cfg), cfg.decoder)
+    model = MaskedAutoencoder(Encoder(enc_cfg), cfg.decoder).to(resolve_device(device))
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1
              and "token" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim <= 1
@@ -174,7 +178,7 @@ def pretrain(images: np.ndarray, cfg: PretrainConfig, work_dir: Path,
     start_epoch, elapsed = 0, 0.0
     ckpt = work_dir / "last.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)  # copied in below
         if state["config"] != asdict(cfg):
             raise ValueError(f"{ckpt} was made with another configuration; use a new directory")
         model.load_state_dict(state["model"])
@@ -204,7 +208,7 @@ def pretrain(images: np.ndarray, cfg: PretrainConfig, work_dir: Path,
                 group["lr"] = _lr_at(step, total, cfg.warmup_epochs * steps_per_epoch, cfg.lr)
             batch = data[order[i * cfg.batch_size : (i + 1) * cfg.batch_size]]
             x = model.encoder.preprocess(batch.numpy())
-            flip = torch.rand(len(x), generator=gen) < 0.5
+            flip = (torch.rand(len(x), generator=gen) < 0.5).to(x.device)
             x[flip] = x[flip].flip(-1)  # the only augmentation: masking does the rest
             loss = model(x, cfg.mask_ratio, gen)
             opt.zero_grad(set_to_none=True)
@@ -225,7 +229,7 @@ def pretrain(images: np.ndarray, cfg: PretrainConfig, work_dir: Path,
     if end < cfg.epochs:
         return None
     out = work_dir / "encoder.pt"
-    weights = {k: v.half() for k, v in model.encoder.vit.state_dict().items()}
+    weights = {k: v.half().cpu() for k, v in model.encoder.vit.state_dict().items()}
     torch.save(weights, out)
     (work_dir / "pretrain.json").write_text(json.dumps(
         {"config": asdict(cfg), "history": history, "elapsed_s": elapsed}, indent=2) + "\n")

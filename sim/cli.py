@@ -156,7 +156,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                          f"{data.image_shape}")
     # training images only, labels never read
     images = np.stack([data.image(i) for i in range(len(data))])
-    out = pretrain(images, cfg, Path(args.out), stop_after=args.stop_after)
+    out = pretrain(images, cfg, Path(args.out), stop_after=args.stop_after, device=args.device)
     print(f"encoder weights: {out}" if out else "stopped; resume with the same command")
     return 0
 
@@ -194,6 +194,7 @@ def parser() -> argparse.ArgumentParser:
     pre.add_argument("--decoder-depth", type=int, default=1)
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--threads", type=int, help="CPU threads for torch")
+    pre.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     pre.add_argument("--stop-after", type=int, help="stop after this many epochs (resumable)")
     pre.add_argument("--out", required=True,
                      help="work directory: checkpoints (resumed from), encoder.pt, pretrain.json")

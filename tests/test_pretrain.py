@@ -103,3 +103,23 @@ def test_init_refuses_what_is_not_this_encoders_checkpoint(tmp_path: Path) -> No
         cfg = PretrainConfig(**{**CFG.__dict__, "epochs": 1, "init": str(path)})
         with pytest.raises(ValueError, match=match):
             pretrain(_images(), cfg, tmp_path / path.stem, log=lambda _: None)
+
+
+def test_unavailable_device_is_a_clear_error(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        pretrain(_images(), CFG, tmp_path / "gpu", log=lambda _: None, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpu_checkpoint_resumes_on_cuda(tmp_path: Path) -> None:
+    # one epoch on the CPU, the second on the GPU: the result loads and is close to a CPU run
+    assert pretrain(_images(), CFG, tmp_path / "mixed", log=lambda _: None, stop_after=1) is None
+    mixed = pretrain(_images(), CFG, tmp_path / "mixed", log=lambda _: None, device="cuda")
+    cpu = pretrain(_images(), CFG, tmp_path / "cpu", log=lambda _: None)
+    assert mixed is not None and cpu is not None
+    a, b = torch.load(mixed), torch.load(cpu)
+    assert all(v.device.type == "cpu" for v in a.values())
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=5e-2) for k in a)
+    encoders.create(CFG.encoder, weights=mixed)
