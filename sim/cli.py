@@ -138,6 +138,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from node.datasets import DatasetSpec, load_dataset
     from node.encoders import config
     from node.pretrain import DecoderConfig, PretrainConfig, pretrain
+    from node.training import resolve_device
+
+    resolve_device(args.device)  # an unavailable device fails before the dataset is read
 
     cfg = PretrainConfig(encoder=args.encoder, dataset=args.dataset, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, mask_ratio=args.mask_ratio,
