@@ -9,7 +9,8 @@ Run from the repo root:
         best test accuracy on Fashion-MNIST tokens of the default encoder (fixed masks,
         the scenario's mean pooling), for the configurations named in --configs;
         --encoder NAME / --weights PATH for another encoder or checkpoint. Tokens are
-        cached in --cache, keyed by the encoder, the weights' sha256 and the ratio.
+        cached in --cache, keyed by the weights' sha256 (the encoder's name for random
+        weights) and the ratio.
 Trainers are local `sparsat node trainer` processes on localhost; the coordinator is the
 ground station's own, talking real gRPC to them. Every figure is measured from the messages.
 The last stdout line is one JSON object with every figure, including ist_k4_round_bytes and

@@ -45,19 +45,19 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 DEFAULT_ENCODER = "vit_tiny_d8_patch4_28"  # what scenarios, nodes and benchmarks use unless told
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-DEFAULT_TINY_WEIGHTS = WEIGHTS_DIR / "vit_tiny_d8_patch4_28_fmnist_mae_e32.pt"
-TINY_D6_WEIGHTS = WEIGHTS_DIR / "vit_tiny_patch4_28_fmnist_mae_e32.pt"
 
 ENCODERS: dict[str, EncoderConfig] = {
     # The default: a small ViT for 28x28 grey images (Fashion-MNIST), a 7x7 grid of 4x4
-    # patches, width 192, depth 8 (3.6 M parameters, 7.1 MB in fp16: the deepest that fits the
+    # patches, width 192, depth 8 (3.6 M parameters, 7.2 MB in fp16: the deepest that fits the
     # 8 MB checkpoint cap at this width), MAE-pretrained offline by `sparsat pretrain`
     # (docs/pretraining.md); the checkpoint ships here.
-    "vit_tiny_d8_patch4_28": EncoderConfig(28, 4, 1, 192, 8, 3, (0.2860,), (0.3530,),
-                                           default_weights=str(DEFAULT_TINY_WEIGHTS)),
+    "vit_tiny_d8_patch4_28": EncoderConfig(
+        28, 4, 1, 192, 8, 3, (0.2860,), (0.3530,),
+        default_weights=str(WEIGHTS_DIR / "vit_tiny_d8_patch4_28_fmnist_mae_e32.pt")),
     # The same, two blocks shallower (2.7 M parameters): the default until 2026-11-26.
-    "vit_tiny_patch4_28": EncoderConfig(28, 4, 1, 192, 6, 3, (0.2860,), (0.3530,),
-                                        default_weights=str(TINY_D6_WEIGHTS)),
+    "vit_tiny_patch4_28": EncoderConfig(
+        28, 4, 1, 192, 6, 3, (0.2860,), (0.3530,),
+        default_weights=str(WEIGHTS_DIR / "vit_tiny_patch4_28_fmnist_mae_e32.pt")),
     # The paper's encoder: timm vit_base_patch16_224 with the official MAE weights, from
     # mae_pretrain_vit_base.pth (give its path) or timm's hub when the machine is online.
     "mae_vit_base_patch16": EncoderConfig(224, 16, 3, 768, 12, 12, IMAGENET_MEAN, IMAGENET_STD,
