@@ -29,7 +29,7 @@ from node import encoders
 from node.datasets import DatasetSpec, load_dataset
 from node.masking import MaskSpec, stable_seed
 from node.mlp import MLP
-from node.training import evaluate, train_steps
+from node.training import epoch_order, evaluate, train_steps
 
 
 def probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
@@ -43,7 +43,8 @@ def probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: 
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)  # one Adam for the whole run
     accs = []
     for epoch in range(epochs):
-        train_steps(model, x, y, steps, 64, 1e-3, stable_seed(seed, "probe", epoch), optimizer)
+        order = torch.from_numpy(epoch_order(len(x), stable_seed(seed, "probe", epoch)))
+        train_steps(model, x, y, order[: steps * 64], 64, optimizer)
         accs.append(evaluate(model, tx, ty)[0])
     return accs
 

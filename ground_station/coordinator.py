@@ -13,11 +13,18 @@ Moments (`TrainingConfig.moments`):
   each piece's state with its weights and writes the returned state back beside them.
 - `reset`: every round starts from fresh moments; nothing but weights travels.
 
-An epoch is the same number of samples for every K: rounds = ceil(N / (K * L * batch)).
-A worker whose call fails or times out is dropped for the rest of the run (its pieces keep
-their pre-round weights and moments); it rejoins when it registers again. With fewer live
-trainers than K, rounds use the ones there are. Every round can be checkpointed; a coordinator
-loaded from the checkpoint continues mid-epoch where it stopped.
+An epoch is one pass over the epoch's dataset: its rows in a seeded order (the same on the
+trainers, which receive only the seed and their slice), cut into jobs of L batches, one job
+per worker per round, so every row is trained on exactly once. The last round takes what is
+left in whole batches split as evenly as possible over the workers (only the epoch's very last
+batch can be short, and a worker may get fewer than L steps or none). A worker whose call
+fails or times out is dropped for the rest of the run (its pieces keep their pre-round weights
+and moments; its rows go back to the end of the epoch's queue); it rejoins when it registers
+again. With fewer live trainers than K, rounds use the ones there are. Every round can be
+checkpointed; a coordinator loaded from the checkpoint continues mid-epoch where it stopped.
+
+`random` masks bring one dataset per epoch (each a freshly masked copy of every image):
+epoch e trains on dataset (e - 1) mod len(datasets).
 """
 
 from __future__ import annotations
@@ -43,8 +50,8 @@ from node import serde
 from node.codec import CodecError
 from node.masking import stable_seed
 from node.mlp import MLP
-from node.rpc import CHUNK_BYTES, channel, wire_size
-from node.training import AdamState, evaluate
+from node.rpc import CHUNK_BYTES, Outbox, channel, wire_size
+from node.training import AdamState, epoch_order, evaluate, steps_for, train_flops
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
@@ -65,9 +72,21 @@ class CheckpointError(RuntimeError):
 @dataclass
 class WorkerBytes:
     node_id: str
-    sent: int = 0  # ground station -> trainer
+    sent: int = 0  # ground station -> trainer: what went out, also of a failed call
     received: int = 0  # trainer -> ground station
     error: str = ""  # the call failed: nothing was written back
+    flops: int = 0  # the job's training compute (node.training.train_flops)
+    wall_s: float = 0.0  # measured wall time of the call
+    rows: int = 0  # rows trained on
+
+
+class CallFailed(RuntimeError):
+    """A trainer call that failed, or came back with a reply that makes no sense; `bytes`
+    holds what did cross the wire before it failed."""
+
+    def __init__(self, message: str, bytes: WorkerBytes) -> None:
+        super().__init__(message)
+        self.bytes = bytes
 
 
 @dataclass
@@ -78,9 +97,12 @@ class EpochResult:
     train_loss: float
     dataset_bytes: list[WorkerBytes] = field(default_factory=list)
     rounds: list[list[WorkerBytes]] = field(default_factory=list)
-    samples_trained: int = 0
+    samples_trained: int = 0  # rows trained on this epoch
     rounds_resumed: int = 0  # rounds restored from a checkpoint, not run again
     local_sgd_round_bytes: int = 0  # one local-SGD round of this model and K, for comparison
+    distinct_trained: int = 0  # distinct rows of every dataset trained on so far
+    group_accuracy: dict[str, float] = field(default_factory=dict)  # per test group
+    group_size: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -88,7 +110,7 @@ class _Progress:
     """The epoch in flight: what a checkpoint must carry to continue it."""
 
     epoch: int
-    total_rounds: int
+    todo: list[tuple[int, int]]  # (offset, rows) of the epoch's order not trained yet
     rounds: list[list[WorkerBytes]] = field(default_factory=list)
     dataset_bytes: list[WorkerBytes] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
@@ -96,7 +118,27 @@ class _Progress:
 
     @property
     def complete(self) -> bool:
-        return len(self.rounds) >= self.total_rounds
+        return not self.todo
+
+    @property
+    def remaining(self) -> int:
+        return sum(n for _, n in self.todo)
+
+    def take(self, quotas: list[int]) -> list[tuple[int, int]]:
+        """One contiguous slice of the order per quota (shorter where a slice of rows that
+        failed earlier ends first)."""
+        jobs = []
+        for q in quotas:
+            if q == 0 or not self.todo:
+                continue
+            offset, n = self.todo[0]
+            take = min(q, n)
+            jobs.append((offset, take))
+            if take == n:
+                self.todo.pop(0)
+            else:
+                self.todo[0] = (offset + take, n - take)
+        return jobs
 
 
 class TrainerClient:
@@ -108,26 +150,43 @@ class TrainerClient:
 
     def load_dataset(self, dataset_id: str, x: np.ndarray, y: np.ndarray,
                      timeout_s: float) -> WorkerBytes:
-        chunks = list(serde.dataset_chunks(dataset_id, x, y, CHUNK_BYTES))
-        reply = self.stub.LoadDataset(iter(chunks), timeout=timeout_s)
+        outbox = Outbox(serde.dataset_chunks(dataset_id, x, y, CHUNK_BYTES))
+        t0 = time.monotonic()
+        try:
+            reply = self.stub.LoadDataset(iter(outbox), timeout=timeout_s)
+        except grpc.RpcError as e:
+            raise CallFailed(f"dataset upload: {_describe(e)}", WorkerBytes(
+                self.node_id, outbox.bytes, 0, "", wall_s=time.monotonic() - t0)) from e
+        size = WorkerBytes(self.node_id, outbox.bytes, wire_size(reply),
+                           wall_s=time.monotonic() - t0)
         if reply.rows != len(x):
-            raise RuntimeError(f"{self.node_id} loaded {reply.rows} rows, sent {len(x)}")
-        return WorkerBytes(self.node_id, sum(wire_size(c) for c in chunks), wire_size(reply))
+            raise CallFailed(f"dataset upload: {self.node_id} loaded {reply.rows} rows, sent "
+                             f"{len(x)}", size)
+        return size
 
     def train(self, job: serde.TrainJob, timeout_s: float
               ) -> tuple[ist.Params, AdamState | None, float, WorkerBytes]:
         """The trained pieces, their moments (when sent), the mean loss and the bytes. A
-        failed call or a reply that makes no sense raises, carrying `request_bytes`."""
-        request = serde.train_job_to_pb(job)
+        failed call or a reply that makes no sense raises CallFailed with what was sent."""
+        outbox = Outbox(serde.split_request(serde.train_job_to_pb(job), CHUNK_BYTES))
+        t0 = time.monotonic()
         try:
-            return self._train(job, request, timeout_s)
-        except (grpc.RpcError, CodecError, RuntimeError) as e:
-            e.request_bytes = wire_size(request)  # type: ignore[union-attr]
-            raise
+            reply = self.stub.Train(iter(outbox), timeout=timeout_s)
+        except grpc.RpcError as e:
+            raise CallFailed(_describe(e), WorkerBytes(
+                self.node_id, outbox.bytes, 0, wall_s=time.monotonic() - t0)) from e
+        size = WorkerBytes(self.node_id, outbox.bytes, wire_size(reply),
+                           wall_s=time.monotonic() - t0, rows=job.rows,
+                           flops=train_flops(job.params, job.rows, job.batch_size))
+        try:
+            params, moments = self._check(job, reply)
+        except (CodecError, RuntimeError) as e:
+            size.flops, size.rows = 0, 0
+            raise CallFailed(str(e), size) from e
+        return params, moments, float(reply.mean_loss), size
 
-    def _train(self, job: serde.TrainJob, request: pb.TrainRequest, timeout_s: float
-               ) -> tuple[ist.Params, AdamState | None, float, WorkerBytes]:
-        reply = self.stub.Train(request, timeout=timeout_s)
+    def _check(self, job: serde.TrainJob, reply: pb.TrainReply
+               ) -> tuple[ist.Params, AdamState | None]:
         if reply.steps_done != job.steps:
             raise RuntimeError(f"{self.node_id} did {reply.steps_done} steps, asked {job.steps}")
         params = serde.pb_to_params(reply.params)
@@ -139,8 +198,7 @@ class TrainerClient:
             if not reply.HasField("moments"):
                 raise RuntimeError(f"{self.node_id} did not return the moments it was sent")
             moments = serde.pb_to_adam(reply.moments, params)
-        return params, moments, float(reply.mean_loss), WorkerBytes(
-            self.node_id, wire_size(request), wire_size(reply))
+        return params, moments
 
     def close(self) -> None:
         self.channel.close()
@@ -164,7 +222,9 @@ class Coordinator:
         self.failures: list[dict[str, Any]] = []
         self._progress: _Progress | None = None
         self._resumed: _Progress | None = None  # loaded from a checkpoint, not yet continued
-        self._dataset: tuple[str, np.ndarray, np.ndarray] | None = None
+        self._datasets: list[tuple[str, np.ndarray, np.ndarray]] = []
+        self._seen: dict[str, np.ndarray] = {}  # dataset_id -> rows trained on (bool)
+        self._order_cache: tuple[int, int, np.ndarray] | None = None
         self._trainers: dict[str, TrainerClient] = {}
         self._active: set[str] = set()  # registered and not failed since
         self._loaded: dict[str, str] = {}  # node_id -> dataset_id it holds
@@ -212,18 +272,36 @@ class Coordinator:
 
     @property
     def dataset_id(self) -> str:
-        return self._dataset[0] if self._dataset else ""
+        """The dataset of the epoch in flight (the first before training starts)."""
+        if not self._datasets:
+            return ""
+        epoch = self._progress.epoch if self._progress is not None else 1
+        return self._dataset_of(epoch)[0]
+
+    def _dataset_of(self, epoch: int) -> tuple[str, np.ndarray, np.ndarray]:
+        return self._datasets[(epoch - 1) % len(self._datasets)]
 
     def set_dataset(self, dataset_id: str, x: np.ndarray, y: np.ndarray) -> None:
         """The token dataset every worker trains on; each trainer receives it once, before
         its first job (again only after it restarts)."""
-        self._dataset = (dataset_id, x, y)
+        self.set_datasets([(dataset_id, x, y)])
+
+    def set_datasets(self, datasets: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
+        """One dataset per epoch, cycled (random masks: epoch e trains on copy e)."""
+        if not datasets:
+            raise ValueError("no datasets")
+        self._datasets = list(datasets)
+        self._seen = {d: np.zeros(len(y), dtype=bool) for d, _, y in datasets}
+
+    @property
+    def distinct_trained(self) -> int:
+        return int(sum(seen.sum() for seen in self._seen.values()))
 
     def _upload(self, workers: list[TrainerClient], epoch: int) -> tuple[
             list[TrainerClient], list[WorkerBytes]]:
-        if self._dataset is None:
+        if not self._datasets:
             raise RuntimeError("no dataset: call set_dataset first")
-        dataset_id, x, y = self._dataset
+        dataset_id, x, y = self._dataset_of(epoch)
         with self._lock:
             need = [w for w in workers if self._loaded.get(w.node_id) != dataset_id]
         futures = {w.node_id: self._pool.submit(w.load_dataset, dataset_id, x, y,
@@ -235,8 +313,9 @@ class Coordinator:
                 continue
             try:
                 uploads.append(futures[w.node_id].result())
-            except (grpc.RpcError, RuntimeError) as e:
-                self._fail(w, epoch, f"dataset upload: {_describe(e)}")
+            except CallFailed as e:
+                self._fail(w, epoch, str(e))
+                uploads.append(_failed(e))  # what went out before it failed is charged
                 continue
             with self._lock:
                 self._loaded[w.node_id] = dataset_id
@@ -246,54 +325,101 @@ class Coordinator:
     # ---- rounds ------------------------------------------------------------------------------
 
     def rounds_per_epoch(self, n_rows: int) -> int:
+        """Rounds of a pass over `n_rows` rows with all K workers live."""
         cfg = self.cfg
         return math.ceil(n_rows / (cfg.num_workers * cfg.local_steps * cfg.batch_size))
 
-    def train_epoch(self, epoch: int, test_x: torch.Tensor, test_y: torch.Tensor) -> EpochResult:
-        if self._dataset is None:
+    def train_epoch(self, epoch: int, test_x: torch.Tensor, test_y: torch.Tensor,
+                    groups: dict[str, torch.Tensor] | None = None) -> EpochResult:
+        """One pass over the epoch's dataset, then the test set (`groups`: boolean masks of
+        test rows whose accuracy is reported apart)."""
+        if not self._datasets:
             raise RuntimeError("no dataset: call set_dataset first")
-        progress = self._start_epoch(epoch, self.rounds_per_epoch(len(self._dataset[2])))
+        progress = self._start_epoch(epoch, len(self._dataset_of(epoch)[2]))
         resumed = len(progress.rounds)
         while not progress.complete:
             self._round(epoch, progress)
             self.save_checkpoint()
         self.model.load_params(self.params)
         accuracy, test_loss = evaluate(self.model, test_x, test_y)
+        group_accuracy, group_size = {}, {}
+        for name, rows in (groups or {}).items():
+            group_size[name] = int(rows.sum())
+            if group_size[name]:
+                group_accuracy[name] = evaluate(self.model, test_x[rows], test_y[rows])[0]
         return EpochResult(
             epoch, accuracy, test_loss,
             float(np.mean(progress.losses)) if progress.losses else 0.0,
             list(progress.dataset_bytes), [list(r) for r in progress.rounds],
-            progress.samples_trained, resumed, self.local_sgd_round_bytes())
+            progress.samples_trained, resumed, self.local_sgd_round_bytes(),
+            self.distinct_trained, group_accuracy, group_size)
 
     def local_sgd_round_bytes(self) -> int:
-        """Bytes one local-SGD round would move with this model, K and moments setting: K
-        full-model requests and replies, sized from the messages themselves."""
+        """Bytes one full round of local SGD moves with this model, K and moments setting:
+        the K requests and replies that round would send (full replicas, L batches each, and
+        local SGD's own Adam state: full moments, one step count per tensor), sized from the
+        messages themselves."""
         cfg = self.cfg
-        state = self.state.compact() if self.state is not None else None
-        job = serde.TrainJob(self.dataset_id, self.round,
-                             cfg.num_workers - 1, cfg.local_steps, cfg.batch_size, cfg.lr,
-                             stable_seed(cfg.seed, "batches", self.round, 0), self.params,
-                             state)
-        reply = pb.TrainReply(params=serde.params_to_pb(self.params), steps_done=cfg.local_steps,
-                              mean_loss=1.0)
-        if state is not None:
-            reply.moments.CopyFrom(serde.adam_to_pb(state))
-        return cfg.num_workers * (wire_size(serde.train_job_to_pb(job)) + wire_size(reply))
+        k, rows = cfg.num_workers, cfg.local_steps * cfg.batch_size
+        state = AdamState.zeros(self.params) if self.state is not None else None
+        # the round that would come next: its number and offsets (varints) as a real one's
+        epoch = self._progress.epoch if self._progress is not None else 1
+        offset = self._progress.todo[0][0] if self._progress and self._progress.todo else 0
+        total = 0
+        for w in range(k):
+            job = self._job(w, self.params, state, 1.0, epoch,
+                            stable_seed(cfg.seed, "order", epoch), (offset + w * rows, rows))
+            total += sum(wire_size(m) for m in serde.split_request(
+                serde.train_job_to_pb(job), CHUNK_BYTES))
+            reply = pb.TrainReply(params=serde.params_to_pb(self.params),
+                                  steps_done=job.steps, mean_loss=1.0)
+            if state is not None:
+                reply.moments.CopyFrom(serde.adam_to_pb(state.compact()))
+            total += wire_size(reply)
+        return total
 
-    def _start_epoch(self, epoch: int, total_rounds: int) -> _Progress:
+    def _job(self, w: int, params: ist.Params, state: AdamState | None, scale: float,
+             epoch: int, order_seed: int, rows: tuple[int, int]) -> serde.TrainJob:
+        cfg = self.cfg
+        offset, n = rows
+        return serde.TrainJob(self._dataset_of(max(epoch, 1))[0], self.round, w,
+                              steps_for(n, cfg.batch_size), cfg.batch_size, cfg.lr, order_seed,
+                              params, state, scale, offset, n)
+
+    def _start_epoch(self, epoch: int, n_rows: int) -> _Progress:
         resumed, self._resumed = self._resumed, None
         if resumed is not None:
             if resumed.epoch == epoch:
-                log.info("epoch %d: continuing after round %d/%d from the checkpoint", epoch,
-                         len(resumed.rounds), resumed.total_rounds)
+                log.info("epoch %d: continuing after round %d with %d rows to go from the "
+                         "checkpoint", epoch, len(resumed.rounds), resumed.remaining)
                 self._progress = resumed
                 return resumed
             if not (resumed.complete and resumed.epoch == epoch - 1):
                 raise CheckpointError(
                     f"the checkpoint stopped in epoch {resumed.epoch} after round "
-                    f"{len(resumed.rounds)}/{resumed.total_rounds}; asked for epoch {epoch}")
-        self._progress = _Progress(epoch, total_rounds)
+                    f"{len(resumed.rounds)} with {resumed.remaining} rows to go; asked for "
+                    f"epoch {epoch}")
+        self._progress = _Progress(epoch, [(0, n_rows)] if n_rows else [])
         return self._progress
+
+    def _order(self, n_rows: int, seed: int) -> np.ndarray:
+        if self._order_cache is None or self._order_cache[:2] != (n_rows, seed):
+            self._order_cache = (n_rows, seed, epoch_order(n_rows, seed))
+        return self._order_cache[2]
+
+    def _quotas(self, remaining: int, k: int) -> list[int]:
+        """Rows per worker this round: L batches each, or, when less than that is left for
+        all k, what is left in whole batches spread evenly (the last worker's may be short)."""
+        cfg = self.cfg
+        full = cfg.local_steps * cfg.batch_size
+        if remaining >= k * full:
+            return [full] * k
+        batches = steps_for(remaining, cfg.batch_size)
+        per = [batches // k + (1 if w < batches % k else 0) for w in range(k)]
+        quotas = [b * cfg.batch_size for b in per]
+        last = max(w for w in range(k) if per[w]) if batches else 0
+        quotas[last] -= sum(quotas) - remaining
+        return quotas
 
     def _round(self, epoch: int, progress: _Progress) -> None:
         cfg = self.cfg
@@ -301,6 +427,8 @@ class Coordinator:
         progress.dataset_bytes += uploads
         if not workers:  # every upload failed: try again with whoever is left
             return
+        slices = progress.take(self._quotas(progress.remaining, len(workers)))
+        workers = workers[: len(slices)]
         k = len(workers)
         if cfg.strategy == "local_sgd":
             part = None
@@ -311,25 +439,27 @@ class Coordinator:
             pieces = [ist.subnet(self.params, part, w) for w in range(k)]
             states = [_slice_state(self.state, part, w) for w in range(k)]
         scale = float(k) if cfg.strategy == "ist" and cfg.subnet_scale == "k" else 1.0
-        jobs = [serde.TrainJob(self.dataset_id, self.round, w,
-                               cfg.local_steps, cfg.batch_size, cfg.lr,
-                               stable_seed(cfg.seed, "batches", self.round, w), pieces[w],
-                               states[w], scale) for w in range(k)]
+        order_seed = stable_seed(cfg.seed, "order", epoch)
+        jobs = [self._job(w, pieces[w], states[w], scale, epoch, order_seed, slices[w])
+                for w in range(k)]
         futures = [self._pool.submit(t.train, job, cfg.round_timeout_s)
                    for t, job in zip(workers, jobs, strict=True)]
         done: dict[int, tuple[ist.Params, AdamState | None]] = {}
         sizes: list[WorkerBytes] = []
+        seen = self._seen[jobs[0].dataset_id]
         for w, (t, f) in enumerate(zip(workers, futures, strict=True)):
             try:
                 params, moments, loss, size = f.result()
-            except (grpc.RpcError, CodecError, RuntimeError) as e:  # or a reply that makes no sense
-                self._fail(t, epoch, _describe(e))
-                sizes.append(WorkerBytes(t.node_id, getattr(e, "request_bytes", 0), 0,
-                                         _describe(e)))
+            except CallFailed as e:  # or a reply that makes no sense
+                self._fail(t, epoch, str(e))
+                sizes.append(_failed(e))
+                progress.todo.append(slices[w])  # its rows are trained later this epoch
                 continue
             done[w] = (params, moments)
             progress.losses.append(loss)
-            progress.samples_trained += cfg.local_steps * cfg.batch_size
+            progress.samples_trained += size.rows
+            offset, n = slices[w]
+            seen[self._order(len(seen), order_seed)[offset : offset + n]] = True
             sizes.append(size)
         self._merge(part, done)
         progress.rounds.append(sizes)
@@ -369,7 +499,7 @@ class Coordinator:
         settings = {k: v for k, v in asdict(self.cfg).items()
                     if k not in ("epochs", "round_timeout_s")}
         key = json.dumps([settings, self.dim, self.n_classes,
-                          self.dataset_id], sort_keys=True)
+                          [d for d, _, _ in self._datasets]], sort_keys=True)
         return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
 
     def save_checkpoint(self) -> None:
@@ -383,6 +513,7 @@ class Coordinator:
             "state": asdict(self.state) if self.state is not None else None,
             "generator": self.generator.get_state(), "failures": self.failures,
             "progress": asdict(self._progress) if self._progress is not None else None,
+            "seen": self._seen,
         }, tmp)
         tmp.replace(path)  # atomic: a crash leaves the previous round's checkpoint
 
@@ -403,10 +534,11 @@ class Coordinator:
         p = ckpt["progress"]
         if p is not None:
             self._resumed = _Progress(
-                p["epoch"], p["total_rounds"],
+                p["epoch"], [tuple(t) for t in p["todo"]],
                 [[WorkerBytes(**w) for w in r] for r in p["rounds"]],
                 [WorkerBytes(**w) for w in p["dataset_bytes"]], p["losses"],
                 p["samples_trained"])
+        self._seen = ckpt["seen"]
         self.model.load_params(self.params)
         log.info("resumed from %s at round %d", path, self.round)
         return True
@@ -423,6 +555,10 @@ def _slice_state(state: AdamState | None, part: ist.Partition, w: int) -> AdamSt
         return None
     return AdamState(ist.subnet(state.exp_avg, part, w), ist.subnet(state.exp_avg_sq, part, w),
                      ist.subnet(state.step, part, w)).compact()
+
+
+def _failed(e: CallFailed) -> WorkerBytes:
+    return WorkerBytes(**{**asdict(e.bytes), "error": str(e)})
 
 
 def _describe(e: BaseException) -> str:

@@ -7,7 +7,8 @@ from proto.sparsat.v1 import sparsat_pb2 as pb
 
 
 def _worker(w: WorkerBytes) -> pb.WorkerBytes:
-    return pb.WorkerBytes(node_id=w.node_id, sent=w.sent, received=w.received, error=w.error)
+    return pb.WorkerBytes(node_id=w.node_id, sent=w.sent, received=w.received, error=w.error,
+                          flops=w.flops, wall_s=w.wall_s, rows=w.rows)
 
 
 def epoch_to_pb(r: EpochResult) -> pb.EpochReport:
@@ -17,13 +18,15 @@ def epoch_to_pb(r: EpochResult) -> pb.EpochReport:
         rounds=[pb.RoundBytes(round=i, workers=[_worker(w) for w in ws])
                 for i, ws in enumerate(r.rounds)],
         samples_trained=r.samples_trained, rounds_resumed=r.rounds_resumed,
-        local_sgd_round_bytes=r.local_sgd_round_bytes,
+        local_sgd_round_bytes=r.local_sgd_round_bytes, distinct_trained=r.distinct_trained,
+        group_accuracy=r.group_accuracy, group_size=r.group_size,
     )
 
 
 def pb_to_epoch(m: pb.EpochReport) -> EpochResult:
     def worker(w: pb.WorkerBytes) -> WorkerBytes:
-        return WorkerBytes(w.node_id, int(w.sent), int(w.received), w.error)
+        return WorkerBytes(w.node_id, int(w.sent), int(w.received), w.error, int(w.flops),
+                           float(w.wall_s), int(w.rows))
 
     return EpochResult(
         epoch=int(m.epoch), accuracy=float(m.accuracy), test_loss=float(m.test_loss),
@@ -31,4 +34,6 @@ def pb_to_epoch(m: pb.EpochReport) -> EpochResult:
         rounds=[[worker(w) for w in r.workers] for r in m.rounds],
         samples_trained=int(m.samples_trained), rounds_resumed=int(m.rounds_resumed),
         local_sgd_round_bytes=int(m.local_sgd_round_bytes),
+        distinct_trained=int(m.distinct_trained), group_accuracy=dict(m.group_accuracy),
+        group_size={k: int(v) for k, v in m.group_size.items()},
     )

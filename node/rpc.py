@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+import uuid
+from collections.abc import Iterable, Iterator
 from concurrent import futures
-from typing import Any, NoReturn
+from typing import Any, Generic, NoReturn, TypeVar
 
 import grpc
 
@@ -24,6 +26,32 @@ _OPTIONS = [
 def wire_size(message: Any) -> int:
     """Bytes a message costs on a link: its serialized size plus gRPC's frame."""
     return int(message.ByteSize()) + GRPC_FRAME_BYTES
+
+
+INSTANCE = uuid.uuid4().hex  # this process: a node that restarts gets another one
+
+M = TypeVar("M")
+
+
+class Outbox(Generic[M]):
+    """The request stream of a client-streaming call, counting what went out.
+
+    gRPC Python pulls the next request only once the previous one's write has completed
+    (handed to the transport), so a message is counted when the next is asked for, or when
+    the stream ends. A call that fails half way is charged the messages written before it
+    failed, and nothing when the connection was refused (the first write never completes).
+    """
+
+    def __init__(self, messages: Iterable[M]) -> None:
+        self._messages = messages
+        self.written = 0  # messages
+        self.bytes = 0  # their wire size
+
+    def __iter__(self) -> Iterator[M]:
+        for msg in self._messages:
+            yield msg
+            self.written += 1
+            self.bytes += wire_size(msg)
 
 
 class ByteCounter:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from node.codec import CodecError, PatchData
+from node.rpc import wire_size
 from node.training import AdamState
 from proto.sparsat.v1 import sparsat_pb2 as pb
 
@@ -163,10 +164,12 @@ class TrainJob:
     steps: int
     batch_size: int
     lr: float
-    seed: int
+    seed: int  # the epoch's row order (node.training.epoch_order)
     params: dict[str, torch.Tensor]
     moments: AdamState | None = None  # None: the trainer starts from fresh moments
     hidden_scale: float = 1.0
+    offset: int = 0  # rows order[offset : offset + rows] of the epoch's order
+    rows: int = 0
 
 
 def adam_to_pb(state: AdamState) -> pb.AdamState:
@@ -195,7 +198,46 @@ def train_job_to_pb(job: TrainJob) -> pb.TrainRequest:
         batch_size=job.batch_size, lr=job.lr, seed=job.seed, params=params_to_pb(job.params),
         moments=adam_to_pb(job.moments) if job.moments is not None else None,
         hidden_scale=job.hidden_scale if job.hidden_scale != 1.0 else 0.0,  # 0: 1, unsent
+        offset=job.offset, rows=job.rows,
     )
+
+
+def split_request(request: pb.TrainRequest, part_bytes: int) -> list[pb.TrainRequest]:
+    """Cut a TrainRequest into parts of about `part_bytes` (whole tensors; the first carries
+    the scalar fields). Merged in order with MergeFrom, they give the request back: repeated
+    fields append, the moments submessage merges field by field."""
+    head = pb.TrainRequest()
+    head.CopyFrom(request)
+    del head.params[:]
+    head.ClearField("moments")
+    parts = [head]
+    room = part_bytes - head.ByteSize()
+
+    def add(build: Any, size: int) -> None:
+        nonlocal room
+        if size > room and (parts[-1].params or parts[-1].HasField("moments")):
+            parts.append(pb.TrainRequest())
+            room = part_bytes
+        build(parts[-1])
+        room -= size
+
+    for nt in request.params:
+        add(lambda m, nt=nt: m.params.append(nt), nt.ByteSize())
+    if request.HasField("moments"):
+        mo = request.moments
+        for field in ("exp_avg", "exp_avg_sq", "step"):
+            for nt in getattr(mo, field):
+                add(lambda m, f=field, nt=nt: getattr(m.moments, f).append(nt), nt.ByteSize())
+    return parts
+
+
+def merge_request(parts: Iterable[pb.TrainRequest]) -> tuple[pb.TrainRequest, int]:
+    """The TrainRequest from its parts, and their wire size."""
+    request, size = pb.TrainRequest(), 0
+    for part in parts:
+        size += wire_size(part)
+        request.MergeFrom(part)
+    return request, size
 
 
 def pb_to_train_job(msg: pb.TrainRequest) -> TrainJob:
@@ -206,5 +248,5 @@ def pb_to_train_job(msg: pb.TrainRequest) -> TrainJob:
         dataset_id=msg.dataset_id, round=msg.round, worker=msg.worker, steps=msg.steps,
         batch_size=msg.batch_size, lr=msg.lr, seed=msg.seed, params=params,
         moments=pb_to_adam(msg.moments, params) if msg.HasField("moments") else None,
-        hidden_scale=msg.hidden_scale or 1.0,
+        hidden_scale=msg.hidden_scale or 1.0, offset=msg.offset, rows=msg.rows,
     )

@@ -19,12 +19,14 @@ import torch
 from node import serde
 from node.codec import CodecError
 from node.mlp import MLP
-from node.rpc import ByteCounter, abort, bind, make_server, register, wire_size
-from node.training import Adam, resolve_device, train_steps
+from node.rpc import INSTANCE, ByteCounter, abort, bind, make_server, register, wire_size
+from node.training import Adam, epoch_order, resolve_device, steps_for, train_steps
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
 log = logging.getLogger("sparsat.trainer")
+
+MAX_DATASETS = 2  # token datasets a trainer holds at once
 
 
 class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
@@ -68,25 +70,38 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
         x_all = torch.from_numpy(np.concatenate(feats)).to(self.device)
         y_all = torch.from_numpy(np.concatenate(labels)).to(self.device)
         with self._lock:
+            self.datasets.pop(dataset_id, None)
             self.datasets[dataset_id] = (x_all, y_all)
+            # random masks bring a new dataset every epoch: keep the newest few only
+            while len(self.datasets) > MAX_DATASETS:
+                del self.datasets[next(iter(self.datasets))]
         log.info("dataset %s loaded: %d rows on %s", dataset_id, rows, self.device)
         reply = pb.LoadDatasetReply(dataset_id=dataset_id, rows=rows)
         self.bytes.add(sent=wire_size(reply))
         return reply
 
-    def Train(self, request: pb.TrainRequest, context: grpc.ServicerContext) -> pb.TrainReply:
-        self.bytes.add(received=wire_size(request))
+    def Train(self, request_iterator: Iterator[pb.TrainRequest],
+              context: grpc.ServicerContext) -> pb.TrainReply:
+        request, size = serde.merge_request(request_iterator)
+        self.bytes.add(received=size)
         if request.dataset_id not in self.datasets:
             abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                           f"dataset {request.dataset_id!r} not loaded on {self.node_id}")
-        if request.steps == 0 or request.batch_size == 0 or not request.lr > 0:
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "steps, batch_size and lr must be > 0")
+        if request.rows == 0 or request.batch_size == 0 or not request.lr > 0:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "rows, batch_size and lr must be > 0")
+        if request.steps != steps_for(request.rows, request.batch_size):
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                  f"{request.rows} rows in batches of {request.batch_size} are "
+                  f"{steps_for(request.rows, request.batch_size)} steps, not {request.steps}")
         try:
             job = serde.pb_to_train_job(request)
             model = MLP.from_params(job.params)
         except (CodecError, ValueError) as e:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         x, y = self.datasets[job.dataset_id]
+        if job.offset + job.rows > len(x):
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                  f"rows [{job.offset}, {job.offset + job.rows}) are past the dataset's {len(x)}")
         if model.fc1.in_features != x.shape[1]:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                           f"w1 expects {model.fc1.in_features} features, dataset has {x.shape[1]}")
@@ -96,7 +111,8 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
         model.to(self.device)
         model.hidden_scale = job.hidden_scale
         adam = Adam(model.wire_parameters(), job.lr, job.moments)  # moments None: fresh
-        steps, loss = train_steps(model, x, y, job.steps, job.batch_size, job.lr, job.seed, adam)
+        rows = torch.from_numpy(epoch_order(len(x), job.seed)[job.offset : job.offset + job.rows])
+        steps, loss = train_steps(model, x, y, rows, job.batch_size, adam)
         reply = pb.TrainReply(params=serde.params_to_pb(model.params()), steps_done=steps,
                               mean_loss=loss)
         if job.moments is not None:  # moments travel: send them back with the weights
@@ -106,7 +122,8 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
 
     def Check(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         return pb.HealthReply(node_id=self.node_id, role=pb.TRAINER, ready=True,
-                              bytes_received=self.bytes.received, bytes_sent=self.bytes.sent)
+                              bytes_received=self.bytes.received, bytes_sent=self.bytes.sent,
+                              instance=INSTANCE)
 
 
 def serve(

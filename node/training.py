@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -108,44 +109,59 @@ class Adam:
                 p.sub_(m / denom * (self.lr / (1 - b1**t)))
 
 
-def minibatch_indices(n_rows: int, steps: int, batch_size: int, seed: int) -> torch.Tensor:
-    """(steps, batch) row indices: passes over seeded permutations, so no row repeats
-    within a pass. Drawn on the CPU so a worker's batches do not depend on its device."""
-    gen = torch.Generator().manual_seed(seed)
-    need = steps * batch_size
-    passes = [torch.randperm(n_rows, generator=gen) for _ in range(-(-need // n_rows))]
-    return torch.cat(passes)[:need].view(steps, batch_size)
+def epoch_order(n_rows: int, seed: int) -> np.ndarray:
+    """The order an epoch visits its rows in: a seeded permutation, identical on every machine
+    (numpy's PCG64 stream is stable across versions), so a trainer and the coordinator agree
+    on it from the seed alone."""
+    return np.random.default_rng(seed).permutation(n_rows)
+
+
+def steps_for(rows: int, batch_size: int) -> int:
+    """Optimizer steps over `rows` rows in minibatches of `batch_size` (the last may be short)."""
+    return -(-rows // batch_size)
 
 
 def train_steps(
     model: nn.Module,
     features: torch.Tensor,
     labels: torch.Tensor,
-    steps: int,
+    rows: torch.Tensor,
     batch_size: int,
-    lr: float,
-    seed: int,
-    optimizer: Adam | torch.optim.Optimizer | None = None,
+    optimizer: Adam | torch.optim.Optimizer,
 ) -> tuple[int, float]:
-    """Exactly `steps` Adam steps on minibatches drawn from (features, labels).
-
-    Returns (steps done, mean loss). Without `optimizer`, a fresh Adam: moments start at zero.
-    """
-    if steps <= 0:
+    """One Adam step per `batch_size` rows of `rows` (row indices, in order); the last batch
+    holds what is left. Every row is used exactly once. Returns (steps done, mean loss)."""
+    if len(rows) == 0:
         return 0, 0.0
     device = features.device
-    if optimizer is None:
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    batches = minibatch_indices(len(features), steps, batch_size, seed).to(device)
+    rows = rows.to(device)
     model.train()
     total = torch.zeros((), device=device)
-    for rows in batches:
-        loss = F.cross_entropy(model(features[rows]), labels[rows])
+    steps = 0
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        loss = F.cross_entropy(model(features[batch]), labels[batch])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         total += loss.detach()
+        steps += 1
     return steps, float(total) / steps
+
+
+def step_flops(params: Mapping[str, torch.Tensor], batch: int) -> int:
+    """FLOPs of one training step of an MLP with these parameters on `batch` rows: forward
+    2 per multiply-add, backward twice the forward (input and weight gradients), and Adam's
+    update about 10 per parameter. Used to put compute on the mission clock."""
+    macs = sum(int(p.numel()) for n, p in params.items() if n.startswith("w"))
+    n_params = sum(int(p.numel()) for p in params.values())
+    return 6 * macs * batch + 10 * n_params
+
+
+def train_flops(params: Mapping[str, torch.Tensor], rows: int, batch_size: int) -> int:
+    """FLOPs of training on `rows` rows in minibatches of `batch_size`."""
+    full, last = divmod(rows, batch_size)
+    return full * step_flops(params, batch_size) + (step_flops(params, last) if last else 0)
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,11 +14,13 @@ import torch
 from ground_station import ist
 from ground_station.config import TrainingConfig
 from ground_station.coordinator import CheckpointError, Coordinator
+from node import serde
 from node.masking import stable_seed
 from node.mlp import MLP
-from node.rpc import bind, make_server
+from node.rpc import CHUNK_BYTES, bind, make_server, wire_size
 from node.trainer import TrainerServicer
-from node.training import Adam, train_steps
+from node.training import Adam, epoch_order, train_steps
+from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
 DIM, CLASSES, ROWS = 16, 4, 1024
@@ -70,6 +73,12 @@ def _coordinator(trainers: Trainers, cfg: TrainingConfig, n: int | None = None,
     return coord
 
 
+def _rows(seed: int, epoch: int, start: int, n: int) -> torch.Tensor:
+    """Rows [start, start + n) of the coordinator's order for `epoch`."""
+    order = epoch_order(ROWS, stable_seed(seed, "order", epoch))
+    return torch.from_numpy(order[start : start + n])
+
+
 def _test_set() -> tuple[torch.Tensor, torch.Tensor]:
     tx, ty = _data(1)
     return torch.from_numpy(tx), torch.from_numpy(ty)
@@ -92,7 +101,8 @@ def test_epochs_train_and_bytes_match_the_trainers_counts(
     assert len(first.dataset_bytes) == k and second.dataset_bytes == []  # sent once
     rounds = -(-ROWS // (k * 4 * 32))  # an epoch is the same number of samples for every K
     assert len(first.rounds) == len(second.rounds) == rounds
-    assert first.samples_trained == rounds * k * 4 * 32
+    assert first.samples_trained == second.samples_trained == ROWS  # every row, once
+    assert first.distinct_trained == second.distinct_trained == ROWS
     assert second.accuracy > 0.9  # four well separated blobs
     assert all(not torch.equal(before[n], coord.params[n]) for n in before)
     for node_id, servicer in trainers.servicers.items():  # charged == what each trainer saw
@@ -102,16 +112,15 @@ def test_epochs_train_and_bytes_match_the_trainers_counts(
         assert servicer.bytes.sent == sum(w.received for w in mine + up)
 
 
-def _centralized_reference(cfg: TrainingConfig, rounds: int) -> dict[str, torch.Tensor]:
-    """Plain centralized training: torch.optim.Adam kept for the whole run, the same
-    minibatches the coordinator asks for."""
+def _centralized_reference(cfg: TrainingConfig, epochs: int) -> dict[str, torch.Tensor]:
+    """Plain centralized training: torch.optim.Adam kept for the whole run, one pass over
+    the rows per epoch in the coordinator's order."""
     x, y = (torch.from_numpy(a) for a in _data())
     torch.manual_seed(cfg.seed)
     model = MLP(DIM, cfg.hidden[0], cfg.hidden[1], CLASSES)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    for r in range(rounds):
-        train_steps(model, x, y, cfg.local_steps, cfg.batch_size, cfg.lr,
-                    stable_seed(cfg.seed, "batches", r, 0), optimizer)
+    for epoch in range(1, epochs + 1):
+        train_steps(model, x, y, _rows(cfg.seed, epoch, 0, ROWS), cfg.batch_size, optimizer)
     return model.params()
 
 
@@ -123,8 +132,8 @@ def test_k1_with_travelling_moments_is_centralized_training_step_for_step(
     coord.train_epoch(1, *_test_set())
     coord.train_epoch(2, *_test_set())
     coord.close()
-    reference = _centralized_reference(cfg, coord.round)
-    assert coord.round == 2 * (-(-ROWS // (5 * 32)))
+    reference = _centralized_reference(cfg, 2)
+    assert coord.round == 2 * (-(-ROWS // (5 * 32)))  # 1024 rows: 6 rounds of 5, one of 2
     for name, ref in reference.items():
         torch.testing.assert_close(coord.params[name], ref, rtol=1e-5, atol=1e-6)
 
@@ -142,8 +151,9 @@ def test_our_adam_is_torch_adam() -> None:
     a = MLP(DIM, 20, 10, CLASSES)
     b = MLP(DIM, 20, 10, CLASSES)
     b.load_params(a.params())
-    train_steps(a, x, y, 25, 32, 1e-2, 7, torch.optim.Adam(a.parameters(), lr=1e-2))
-    train_steps(b, x, y, 25, 32, 1e-2, 7, Adam(b.wire_parameters(), 1e-2))
+    rows = torch.from_numpy(epoch_order(ROWS, 7)[: 25 * 32 + 5])  # 25 steps and a short one
+    train_steps(a, x, y, rows, 32, torch.optim.Adam(a.parameters(), lr=1e-2))
+    train_steps(b, x, y, rows, 32, Adam(b.wire_parameters(), 1e-2))
     for name, p in a.params().items():
         torch.testing.assert_close(b.params()[name], p, rtol=0, atol=1e-7)
 
@@ -158,7 +168,7 @@ def test_an_ist_round_is_each_subnet_trained_exactly_l_steps_and_written_back(
     before = {n: v.clone() for n, v in coord.params.items()}
     generator = torch.Generator().manual_seed(stable_seed(cfg.seed, "partition"))
     part = ist.partition(31, 20, 3, generator)  # the coordinator's first partition
-    progress = coord._start_epoch(1, 1)
+    progress = coord._start_epoch(1, ROWS)
     coord._round(1, progress)
     coord.close()
 
@@ -168,7 +178,7 @@ def test_an_ist_round_is_each_subnet_trained_exactly_l_steps_and_written_back(
     for w in range(3):
         model = MLP.from_params(ist.subnet(before, part, w))
         model.hidden_scale = 3.0 if scale == "k" else 1.0
-        steps, _ = train_steps(model, x, y, 6, 16, 1e-2, stable_seed(cfg.seed, "batches", 0, w),
+        steps, _ = train_steps(model, x, y, _rows(cfg.seed, 1, w * 96, 96), 16,
                                torch.optim.Adam(model.parameters(), lr=1e-2))
         assert steps == 6
         pieces[w] = model.params()
@@ -194,10 +204,12 @@ def test_step_counts_follow_each_w2_element_over_rounds(trainers: Trainers) -> N
     coord.close()
     assert coord.state is not None
     steps = coord.state.step
-    total = coord.round * 3
+    # 1024 rows: 5 rounds of 3 batches per worker, then 2 batches left: one each
+    assert coord.round == 6
+    total = 5 * 3 + 1
     assert torch.all(steps["w1"] == total) and torch.all(steps["w3"] == total)
     w2 = steps["w2"]
-    assert torch.all(w2 % 3 == 0) and w2.max() <= total and w2.min() < w2.max()
+    assert w2.max() <= total and w2.min() < w2.max()
     # each round, each row of W2 is trained in one of its columns' groups: half the columns
     assert torch.allclose(w2.sum(1), torch.full((10,), total * 6.0))
 
@@ -207,13 +219,14 @@ def test_local_sgd_averages_the_replicas(trainers: Trainers) -> None:
                          hidden=(9, 7), seed=4, lr=1e-2)
     coord = _coordinator(trainers, cfg)
     before = {n: v.clone() for n, v in coord.params.items()}
-    coord._round(1, coord._start_epoch(1, 1))
+    coord._round(1, coord._start_epoch(1, ROWS))
     coord.close()
     x, y = (torch.from_numpy(a) for a in _data())
     replicas = []
     for w in range(2):
         model = MLP.from_params(before)
-        train_steps(model, x, y, 4, 32, 1e-2, stable_seed(cfg.seed, "batches", 0, w))
+        train_steps(model, x, y, _rows(cfg.seed, 1, w * 128, 128), 32,
+                    torch.optim.Adam(model.parameters(), lr=1e-2))
         replicas.append(model.params())
     for name in before:
         mean = (replicas[0][name] + replicas[1][name]) / 2
@@ -232,9 +245,11 @@ def test_a_failed_trainer_keeps_its_pieces_and_rejoins_after_registering_again(
     generator = torch.Generator()
     generator.set_state(coord.generator.get_state())
     part = ist.partition(8, 8, 2, generator)
-    progress = coord._start_epoch(2, 3)
+    progress = coord._start_epoch(2, ROWS)
     coord._round(2, progress)  # trainer-1 is gone: its group keeps its pre-round state
     assert [w.error != "" for w in progress.rounds[0]] == [False, True]
+    assert progress.todo[-1] == (64, 64)  # its rows wait at the end of the epoch's queue
+    assert progress.samples_trained == 64
     g1 = part.hidden1[1]
     assert torch.equal(coord.params["w1"][g1], before["w1"][g1])
     assert torch.equal(coord.state.exp_avg["w1"][g1], state_before["w1"][g1])  # type: ignore[union-attr]
@@ -296,7 +311,7 @@ def test_resuming_mid_epoch_from_the_checkpoint_equals_an_uninterrupted_run(
     second = _coordinator(trainers, cfg, checkpoint_dir=tmp_path)
     assert second.load_checkpoint()
     with pytest.raises(CheckpointError):  # the checkpoint stopped in epoch 2
-        second._start_epoch(3, 1)
+        second._start_epoch(3, ROWS)
     assert second.load_checkpoint()
     result = second.train_epoch(2, *_test_set())
     second.close()
@@ -310,3 +325,94 @@ def test_resuming_mid_epoch_from_the_checkpoint_equals_an_uninterrupted_run(
     with pytest.raises(CheckpointError, match="other training settings"):
         other.load_checkpoint()
     other.close()
+
+
+@pytest.mark.parametrize("rows, k, steps, batch", [(1000, 2, 3, 64), (1001, 3, 2, 10),
+                                                   (5, 4, 3, 2), (64, 2, 10, 64)])
+def test_an_epoch_visits_every_row_once_and_only_the_last_batch_is_short(
+        rows: int, k: int, steps: int, batch: int) -> None:
+    coord = Coordinator(TrainingConfig(strategy="ist", workers=k, local_steps=steps,
+                                       batch_size=batch, hidden=(8, 8)), DIM, CLASSES)
+    progress = coord._start_epoch(1, rows)
+    slices = []
+    while not progress.complete:
+        quotas = coord._quotas(progress.remaining, k)
+        assert len(quotas) == k and all(q <= steps * batch for q in quotas)
+        slices += progress.take(quotas)
+    coord.close()
+    covered = np.concatenate([np.arange(o, o + n) for o, n in slices])
+    assert np.array_equal(covered, np.arange(rows))  # each row of the order once, in order
+    short = [n for _, n in slices if n % batch]
+    assert len(short) <= 1 and (not short or slices[-1][1] % batch)
+
+
+def test_a_failed_call_is_charged_what_went_out(trainers: Trainers) -> None:
+    """Connection refused: nothing. A trainer that stops reading half way: the parts of
+    the request that went out, not the request's size."""
+    cfg = TrainingConfig(strategy="ist", workers=2, local_steps=2, batch_size=32,
+                         hidden=(2000, 1000), round_timeout_s=10)
+    coord = _coordinator(trainers, cfg, n=1)
+    coord.add_trainer("gone", "127.0.0.1:1")  # nothing listens on port 1
+    quits = Quitter()
+    server = make_server()
+    pb_grpc.add_TrainerServicer_to_server(quits, server)
+    coord.add_trainer("quits", bind(server, "127.0.0.1:0"))
+    server.start()
+    try:
+        progress = coord._start_epoch(1, ROWS)
+        coord._round(1, progress)  # workers "gone" (refused) and "quits" (aborts Train)
+        coord._round(1, progress)  # the one left: trainer-0, the same (whole-model) job
+    finally:
+        server.stop(None)
+        coord.close()
+    upload = {w.node_id: w for w in progress.dataset_bytes}
+    assert upload["gone"].sent == 0 and upload["gone"].error
+    assert upload["quits"].sent == upload["trainer-0"].sent > 0
+    first, second = ({w.node_id: w for w in r} for r in progress.rounds)
+    assert list(first) == ["quits"] and list(second) == ["trainer-0"]
+    quit = first["quits"]
+    assert quit.error and quit.received == 0 and quit.rows == 0
+    # parts (head, W1, b1), W2, (b2, W3, b3): charged whole parts that went out, at least
+    # the one it read (how many more the transport took in before the abort is up to HTTP/2
+    # flow control), never more than the request
+    full = second["trainer-0"].sent
+    job = serde.TrainJob("d1", 0, 0, 2, 32, 1e-3, 0, coord.params, rows=64)
+    parts = [wire_size(p) for p in serde.split_request(serde.train_job_to_pb(job), CHUNK_BYTES)]
+    assert len(parts) == 3  # the head's varints (round, seed, offset) differ from quits' job
+    assert quit.sent - quits.parts[0] in (0, parts[1], parts[1] + parts[2])
+    assert abs(quits.parts[0] + parts[1] + parts[2] - full) < 32  # whole: as trainer-0's
+
+
+class Quitter(pb_grpc.TrainerServicer):
+    """Takes datasets like a trainer; reads one part of a Train call and gives up."""
+
+    def __init__(self) -> None:
+        self.parts: list[int] = []
+
+    def LoadDataset(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        rows = sum(int(c.labels.shape[0]) for c in request_iterator)
+        return pb.LoadDatasetReply(dataset_id="d1", rows=rows)
+
+    def Train(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        self.parts = [wire_size(next(request_iterator))]
+        time.sleep(0.3)  # the client sees its first write complete and starts the second
+        context.abort(grpc.StatusCode.INTERNAL, "gave up")
+
+
+@pytest.mark.parametrize("moments", ["reset", "travel"])
+def test_the_local_sgd_comparison_is_the_size_of_a_real_local_sgd_round(
+        trainers: Trainers, moments: str) -> None:
+    common = dict(workers=2, local_steps=4, batch_size=32, hidden=(40, 30), seed=1,
+                  moments=moments)
+    ist_coord = _coordinator(trainers, TrainingConfig(strategy="ist", **common))  # type: ignore[arg-type]
+    ist_coord._round(1, ist_coord._start_epoch(1, ROWS))  # IST's state: per-element steps
+    ist_coord._round(1, ist_coord._progress)  # type: ignore[arg-type]
+    predicted = ist_coord.local_sgd_round_bytes()
+    ist_coord.close()
+    sgd = _coordinator(trainers, TrainingConfig(strategy="local_sgd", **common))  # type: ignore[arg-type]
+    progress = sgd._start_epoch(1, ROWS)
+    for _ in range(3):  # the round after two: where the IST coordinator stands
+        sgd._round(1, progress)
+    sgd.close()
+    measured = sum(w.sent + w.received for w in progress.rounds[-1])
+    assert predicted == measured

@@ -584,7 +584,7 @@ def _train_request(params: dict[str, torch.Tensor] | None = None, dataset_id: st
                    steps: int = 3) -> pb.TrainRequest:
     return serde.train_job_to_pb(serde.TrainJob(
         dataset_id=dataset_id, round=0, worker=0, steps=steps, batch_size=8, lr=1e-2, seed=1,
-        params=params if params is not None else _mlp_params()))
+        params=params if params is not None else _mlp_params(), rows=steps * 8))
 
 
 @pytest.fixture(scope="module")
@@ -611,7 +611,7 @@ def _load_error(t: Trainer, chunks: list[pb.DatasetChunk]) -> grpc.RpcError:
 def test_train_before_load_dataset_fails_precondition(fresh_trainer: Trainer) -> None:
     # Execute
     with pytest.raises(grpc.RpcError) as info:
-        fresh_trainer.stub.Train(_train_request(), timeout=10)
+        fresh_trainer.stub.Train(iter([_train_request()]), timeout=10)
 
     # Assert
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -727,14 +727,14 @@ def test_train_rejects_bad_parameters(
 ) -> None:
     # Execute
     with pytest.raises(grpc.RpcError) as info:
-        trainer.stub.Train(_train_request(make()), timeout=10)
+        trainer.stub.Train(iter([_train_request(make())]), timeout=10)
 
     # Assert
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert match in (info.value.details() or "")
 
 
-@pytest.mark.parametrize("field", ["steps", "batch_size", "lr"])
+@pytest.mark.parametrize("field", ["rows", "batch_size", "lr", "steps"])
 def test_train_rejects_zero_hyperparameters(trainer: Trainer, field: str) -> None:
     # Prepare
     request = _train_request()
@@ -742,7 +742,7 @@ def test_train_rejects_zero_hyperparameters(trainer: Trainer, field: str) -> Non
 
     # Execute
     with pytest.raises(grpc.RpcError) as info:
-        trainer.stub.Train(request, timeout=10)
+        trainer.stub.Train(iter([request]), timeout=10)
 
     # Assert
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -753,7 +753,7 @@ def test_train_returns_trained_params_of_the_same_shapes(trainer: Trainer) -> No
     sent = _mlp_params()
 
     # Execute
-    reply = trainer.stub.Train(_train_request(sent, steps=4), timeout=20)
+    reply = trainer.stub.Train(iter([_train_request(sent, steps=4)]), timeout=20)
     got = serde.pb_to_params(reply.params)
 
     # Assert
@@ -767,8 +767,8 @@ def test_train_returns_trained_params_of_the_same_shapes(trainer: Trainer) -> No
 
 def test_train_is_deterministic_for_the_same_request(trainer: Trainer) -> None:
     # Execute
-    a = serde.pb_to_params(trainer.stub.Train(_train_request(), timeout=20).params)
-    b = serde.pb_to_params(trainer.stub.Train(_train_request(), timeout=20).params)
+    a = serde.pb_to_params(trainer.stub.Train(iter([_train_request()]), timeout=20).params)
+    b = serde.pb_to_params(trainer.stub.Train(iter([_train_request()]), timeout=20).params)
 
     # Assert
     for k in a:
@@ -783,7 +783,7 @@ def test_negative_labels_are_invalid_argument(fresh_trainer: Trainer) -> None:
     # Execute
     with pytest.raises(grpc.RpcError) as info:
         fresh_trainer.stub.LoadDataset(serde.dataset_chunks("neg", x, y, 1 << 20), timeout=10)
-        fresh_trainer.stub.Train(_train_request(dataset_id="neg"), timeout=10)
+        fresh_trainer.stub.Train(iter([_train_request(dataset_id="neg")]), timeout=10)
 
     # Assert
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -798,7 +798,7 @@ def test_float_labels_are_invalid_argument(fresh_trainer: Trainer) -> None:
     # Execute
     with pytest.raises(grpc.RpcError) as info:
         fresh_trainer.stub.LoadDataset(iter([chunk]), timeout=10)
-        fresh_trainer.stub.Train(_train_request(dataset_id="flt"), timeout=10)
+        fresh_trainer.stub.Train(iter([_train_request(dataset_id="flt")]), timeout=10)
 
     # Assert
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -813,7 +813,7 @@ def test_trainer_byte_counters_equal_wire_sizes(fresh_trainer: Trainer) -> None:
 
     # Execute
     load_reply = fresh_trainer.stub.LoadDataset(iter(chunks), timeout=10)
-    train_reply = fresh_trainer.stub.Train(request, timeout=20)
+    train_reply = fresh_trainer.stub.Train(iter([request]), timeout=20)
     health = fresh_trainer.health.Check(pb.HealthRequest(), timeout=10)
 
     # Assert
@@ -854,7 +854,7 @@ def test_train_rejects_bad_moments(
     trainer: Trainer, change: Callable[[AdamState], None], match: str
 ) -> None:
     with pytest.raises(grpc.RpcError) as info:
-        trainer.stub.Train(_with_moments(change), timeout=10)
+        trainer.stub.Train(iter([_with_moments(change)]), timeout=10)
 
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert match in (info.value.details() or "")
@@ -865,16 +865,16 @@ def test_train_rejects_a_negative_hidden_scale(trainer: Trainer) -> None:
     request.hidden_scale = -2.0
 
     with pytest.raises(grpc.RpcError) as info:
-        trainer.stub.Train(request, timeout=10)
+        trainer.stub.Train(iter([request]), timeout=10)
 
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_moments_sent_come_back_advanced_by_the_steps_done(trainer: Trainer) -> None:
-    reply = trainer.stub.Train(_with_moments(lambda s: None), timeout=20)
+    reply = trainer.stub.Train(iter([_with_moments(lambda s: None)]), timeout=20)
 
     back = serde.pb_to_adam(reply.moments, serde.pb_to_params(reply.params))
     assert all(float(t) == reply.steps_done for t in back.step.values())
     assert all(bool((m != 0).any()) for m in back.exp_avg.values())
-    plain = trainer.stub.Train(_train_request(), timeout=20)
+    plain = trainer.stub.Train(iter([_train_request()]), timeout=20)
     assert not plain.HasField("moments")  # moments: reset sends none back

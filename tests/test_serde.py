@@ -14,6 +14,7 @@ from node import serde
 from node.codec import CodecError, PatchData, encode_patches, quantize_token
 from node.rpc import GRPC_FRAME_BYTES, wire_size
 from node.serde import ClsData, SampleData, TrainJob
+from node.training import AdamState
 from proto.sparsat.v1 import sparsat_pb2 as pb
 
 M = TypeVar("M")
@@ -349,6 +350,27 @@ def test_train_job_round_trip() -> None:
     assert list(back.params) == list(job.params)
     for k in job.params:
         assert torch.equal(back.params[k], job.params[k])
+
+
+@pytest.mark.parametrize("part_bytes", [1, 100, 10_000, 1 << 30])
+def test_a_train_request_split_into_parts_merges_back_whole(part_bytes: int) -> None:
+    # Prepare
+    params = _params(2)
+    job = TrainJob("d", 3, 1, 2, 64, 1e-3, 99, params,
+                   AdamState.zeros(params, full_steps=True), 2.0, offset=640, rows=100)
+    request = serde.train_job_to_pb(job)
+
+    # Execute
+    parts = serde.split_request(request, part_bytes)
+    merged, size = serde.merge_request(iter(parts))
+
+    # Assert
+    assert merged == request
+    assert size == sum(wire_size(p) for p in parts)
+    assert len(parts) == (1 if part_bytes >= request.ByteSize() else len(parts))
+    if part_bytes == 1:  # one tensor a part, the scalars with the first
+        assert len(parts) == len(params) * 4 and len(parts[0].params) == 1
+    assert sum(p.ByteSize() for p in parts) - request.ByteSize() < 8 * len(parts)
 
 
 def test_epoch_round_trip() -> None:

@@ -140,18 +140,20 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("node_id", "role", "ready", "bytes_received", "bytes_sent")
+    __slots__ = ("node_id", "role", "ready", "bytes_received", "bytes_sent", "instance")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     role: Role
     ready: bool
     bytes_received: int
     bytes_sent: int
-    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., ready: _Optional[bool] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ...) -> None: ...
+    instance: str
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., ready: _Optional[bool] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class TransmitRequest(_message.Message):
     __slots__ = ("satellite_id", "max_bytes", "max_samples")
@@ -164,7 +166,7 @@ class TransmitRequest(_message.Message):
     def __init__(self, satellite_id: _Optional[str] = ..., max_bytes: _Optional[int] = ..., max_samples: _Optional[int] = ...) -> None: ...
 
 class TransmitReport(_message.Message):
-    __slots__ = ("satellite_id", "message_bytes", "acked", "duplicates", "remaining", "next_bytes", "ack_bytes", "error_code", "error")
+    __slots__ = ("satellite_id", "message_bytes", "acked", "duplicates", "remaining", "next_bytes", "ack_bytes", "error_code", "error", "encode_flops", "encode_s", "skipped")
     SATELLITE_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ACKED_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +176,9 @@ class TransmitReport(_message.Message):
     ACK_BYTES_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_S_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
     satellite_id: str
     message_bytes: _containers.RepeatedScalarFieldContainer[int]
     acked: int
@@ -183,7 +188,10 @@ class TransmitReport(_message.Message):
     ack_bytes: int
     error_code: int
     error: str
-    def __init__(self, satellite_id: _Optional[str] = ..., message_bytes: _Optional[_Iterable[int]] = ..., acked: _Optional[int] = ..., duplicates: _Optional[int] = ..., remaining: _Optional[int] = ..., next_bytes: _Optional[int] = ..., ack_bytes: _Optional[int] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    encode_flops: int
+    encode_s: float
+    skipped: int
+    def __init__(self, satellite_id: _Optional[str] = ..., message_bytes: _Optional[_Iterable[int]] = ..., acked: _Optional[int] = ..., duplicates: _Optional[int] = ..., remaining: _Optional[int] = ..., next_bytes: _Optional[int] = ..., ack_bytes: _Optional[int] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ..., encode_flops: _Optional[int] = ..., encode_s: _Optional[float] = ..., skipped: _Optional[int] = ...) -> None: ...
 
 class DatasetChunk(_message.Message):
     __slots__ = ("dataset_id", "total_rows", "features", "labels")
@@ -214,7 +222,7 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("dataset_id", "round", "worker", "steps", "batch_size", "lr", "seed", "params", "moments", "hidden_scale")
+    __slots__ = ("dataset_id", "round", "worker", "steps", "batch_size", "lr", "seed", "offset", "rows", "params", "moments", "hidden_scale")
     DATASET_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
@@ -222,6 +230,8 @@ class TrainRequest(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     MOMENTS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SCALE_FIELD_NUMBER: _ClassVar[int]
@@ -232,10 +242,12 @@ class TrainRequest(_message.Message):
     batch_size: int
     lr: float
     seed: int
+    offset: int
+    rows: int
     params: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     moments: AdamState
     hidden_scale: float
-    def __init__(self, dataset_id: _Optional[str] = ..., round: _Optional[int] = ..., worker: _Optional[int] = ..., steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ..., params: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., moments: _Optional[_Union[AdamState, _Mapping]] = ..., hidden_scale: _Optional[float] = ...) -> None: ...
+    def __init__(self, dataset_id: _Optional[str] = ..., round: _Optional[int] = ..., worker: _Optional[int] = ..., steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ..., offset: _Optional[int] = ..., rows: _Optional[int] = ..., params: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., moments: _Optional[_Union[AdamState, _Mapping]] = ..., hidden_scale: _Optional[float] = ...) -> None: ...
 
 class AdamState(_message.Message):
     __slots__ = ("exp_avg", "exp_avg_sq", "step")
@@ -264,26 +276,36 @@ class PrepareRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("stage", "done", "total")
+    __slots__ = ("stage", "done", "total", "flops", "wall_s")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
+    FLOPS_FIELD_NUMBER: _ClassVar[int]
+    WALL_S_FIELD_NUMBER: _ClassVar[int]
     stage: str
     done: int
     total: int
-    def __init__(self, stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
+    flops: int
+    wall_s: float
+    def __init__(self, stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., flops: _Optional[int] = ..., wall_s: _Optional[float] = ...) -> None: ...
 
 class WorkerBytes(_message.Message):
-    __slots__ = ("node_id", "sent", "received", "error")
+    __slots__ = ("node_id", "sent", "received", "error", "flops", "wall_s", "rows")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SENT_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    FLOPS_FIELD_NUMBER: _ClassVar[int]
+    WALL_S_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     sent: int
     received: int
     error: str
-    def __init__(self, node_id: _Optional[str] = ..., sent: _Optional[int] = ..., received: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    flops: int
+    wall_s: float
+    rows: int
+    def __init__(self, node_id: _Optional[str] = ..., sent: _Optional[int] = ..., received: _Optional[int] = ..., error: _Optional[str] = ..., flops: _Optional[int] = ..., wall_s: _Optional[float] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class RoundBytes(_message.Message):
     __slots__ = ("round", "workers")
@@ -300,7 +322,21 @@ class TrainEpochRequest(_message.Message):
     def __init__(self, epoch: _Optional[int] = ...) -> None: ...
 
 class EpochReport(_message.Message):
-    __slots__ = ("epoch", "accuracy", "test_loss", "train_loss", "dataset_bytes", "rounds", "samples_trained", "rounds_resumed", "local_sgd_round_bytes")
+    __slots__ = ("epoch", "accuracy", "test_loss", "train_loss", "dataset_bytes", "rounds", "samples_trained", "rounds_resumed", "local_sgd_round_bytes", "distinct_trained", "group_accuracy", "group_size")
+    class GroupAccuracyEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class GroupSizeEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     TEST_LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -310,6 +346,9 @@ class EpochReport(_message.Message):
     SAMPLES_TRAINED_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_RESUMED_FIELD_NUMBER: _ClassVar[int]
     LOCAL_SGD_ROUND_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISTINCT_TRAINED_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     accuracy: float
     test_loss: float
@@ -319,14 +358,17 @@ class EpochReport(_message.Message):
     samples_trained: int
     rounds_resumed: int
     local_sgd_round_bytes: int
-    def __init__(self, epoch: _Optional[int] = ..., accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., train_loss: _Optional[float] = ..., dataset_bytes: _Optional[_Iterable[_Union[WorkerBytes, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundBytes, _Mapping]]] = ..., samples_trained: _Optional[int] = ..., rounds_resumed: _Optional[int] = ..., local_sgd_round_bytes: _Optional[int] = ...) -> None: ...
+    distinct_trained: int
+    group_accuracy: _containers.ScalarMap[str, float]
+    group_size: _containers.ScalarMap[str, int]
+    def __init__(self, epoch: _Optional[int] = ..., accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., train_loss: _Optional[float] = ..., dataset_bytes: _Optional[_Iterable[_Union[WorkerBytes, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundBytes, _Mapping]]] = ..., samples_trained: _Optional[int] = ..., rounds_resumed: _Optional[int] = ..., local_sgd_round_bytes: _Optional[int] = ..., distinct_trained: _Optional[int] = ..., group_accuracy: _Optional[_Mapping[str, float]] = ..., group_size: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("samples_stored", "samples_received", "duplicates", "rejected", "downlink_bytes_received", "train_tokens", "test_tokens")
+    __slots__ = ("samples_stored", "samples_received", "duplicates", "rejected", "downlink_bytes_received", "train_tokens", "test_tokens", "test_skipped", "encode_flops", "encode_wall_s", "test_encode_flops")
     SAMPLES_STORED_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
@@ -334,6 +376,10 @@ class StatsReply(_message.Message):
     DOWNLINK_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     TRAIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEST_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEST_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_WALL_S_FIELD_NUMBER: _ClassVar[int]
+    TEST_ENCODE_FLOPS_FIELD_NUMBER: _ClassVar[int]
     samples_stored: int
     samples_received: int
     duplicates: int
@@ -341,4 +387,8 @@ class StatsReply(_message.Message):
     downlink_bytes_received: int
     train_tokens: int
     test_tokens: int
-    def __init__(self, samples_stored: _Optional[int] = ..., samples_received: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ..., downlink_bytes_received: _Optional[int] = ..., train_tokens: _Optional[int] = ..., test_tokens: _Optional[int] = ...) -> None: ...
+    test_skipped: int
+    encode_flops: int
+    encode_wall_s: float
+    test_encode_flops: int
+    def __init__(self, samples_stored: _Optional[int] = ..., samples_received: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ..., downlink_bytes_received: _Optional[int] = ..., train_tokens: _Optional[int] = ..., test_tokens: _Optional[int] = ..., test_skipped: _Optional[int] = ..., encode_flops: _Optional[int] = ..., encode_wall_s: _Optional[float] = ..., test_encode_flops: _Optional[int] = ...) -> None: ...

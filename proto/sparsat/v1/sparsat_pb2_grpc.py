@@ -370,7 +370,7 @@ class TrainerStub:
                 request_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.DatasetChunk.SerializeToString,
                 response_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.LoadDatasetReply.FromString,
                 _registered_method=True)
-        self.Train = channel.unary_unary(
+        self.Train = channel.stream_unary(
                 '/sparsat.v1.Trainer/Train',
                 request_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.TrainRequest.SerializeToString,
                 response_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.TrainReply.FromString,
@@ -386,8 +386,10 @@ class TrainerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Train(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+    def Train(self, request_iterator, context):
+        """One TrainRequest cut into parts (each a TrainRequest; the trainer merges them in
+        order), so a call that fails half way is charged the parts that went out.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -400,7 +402,7 @@ def add_TrainerServicer_to_server(servicer, server):
                     request_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.DatasetChunk.FromString,
                     response_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.LoadDatasetReply.SerializeToString,
             ),
-            'Train': grpc.unary_unary_rpc_method_handler(
+            'Train': grpc.stream_unary_rpc_method_handler(
                     servicer.Train,
                     request_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.TrainRequest.FromString,
                     response_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.TrainReply.SerializeToString,
@@ -444,7 +446,7 @@ class Trainer:
             _registered_method=True)
 
     @staticmethod
-    def Train(request,
+    def Train(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -454,8 +456,8 @@ class Trainer:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_unary(
+            request_iterator,
             target,
             '/sparsat.v1.Trainer/Train',
             proto_dot_sparsat_dot_v1_dot_sparsat__pb2.TrainRequest.SerializeToString,
