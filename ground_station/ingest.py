@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from node.codec import CodecError, PatchData, check_patches, dequantize_token
+from node.masking import split_copy
 from node.serde import ClsData, SampleData
 
 MAX_ID_CHARS = 256
@@ -26,6 +27,7 @@ class IngestRules:
     num_classes: int
     image_shape: tuple[int, int, int] | None  # native (H, W, C) when the dataset fixes it
     max_sample_bytes: int
+    copies: int = 1  # random masks: ids carry a copy number in [0, copies)
 
 
 def max_sample_bytes(image_shape: tuple[int, int, int] | None, grid: int, dim: int) -> int:
@@ -41,6 +43,14 @@ def validate(sample: SampleData, wire_bytes: int, rules: IngestRules,
         raise IngestError(f"oversize sample: {wire_bytes} bytes > {rules.max_sample_bytes}")
     if not sample.sample_id or len(sample.sample_id) > MAX_ID_CHARS:
         raise IngestError(f"sample_id must be 1..{MAX_ID_CHARS} characters")
+    if rules.copies > 1:
+        try:
+            _, copy = split_copy(sample.sample_id)
+        except ValueError as e:
+            raise IngestError(str(e)) from e
+        if copy is None or copy >= rules.copies:
+            raise IngestError(f"sample_id {sample.sample_id!r} must end in #COPY, COPY in "
+                              f"[0, {rules.copies}): random masks send one copy per epoch")
     if sample.sensor_id not in known_sensors:
         raise IngestError(f"unknown sensor {sample.sensor_id!r}: not registered")
     if not 0 <= sample.label < rules.num_classes:

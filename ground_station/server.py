@@ -11,10 +11,10 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import numpy as np
 import torch
 
 from ground_station import serde as gs_serde
@@ -27,20 +27,13 @@ from node import encoders
 from node import serde as node_serde
 from node.codec import CodecError
 from node.datasets import load_dataset
-from node.rpc import ByteCounter, abort, bind, make_server, wire_size
+from node.masking import split_copy
+from node.rpc import INSTANCE, ByteCounter, abort, bind, make_server, wire_size
 from node.training import resolve_device
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
 log = logging.getLogger("sparsat.ground_station")
-
-
-@dataclass
-class Counters:
-    received: int = 0
-    duplicates: int = 0
-    rejected: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
@@ -49,8 +42,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         self.cfg = cfg
         self.store = SampleStore(Path(cfg.store_dir) / "samples.sqlite")
         self.store.bind(hashlib.blake2b(cfg.sensor.to_json().encode(), digest_size=16).hexdigest())
-        self.bytes = ByteCounter()
-        self.counters = Counters()
+        self.bytes = ByteCounter()  # this process's own count (Health)
         self.test_data = load_dataset(cfg.sensor.dataset, "test")
         enc = encoders.config(cfg.sensor.encoder)
         self.rules = IngestRules(
@@ -58,6 +50,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             num_classes=self.test_data.num_classes, image_shape=self.test_data.image_shape,
             max_sample_bytes=max_sample_bytes(self.test_data.image_shape, enc.grid,
                                               enc.embed_dim),
+            copies=cfg.sensor.mask.copies,
         )
         self.nodes: dict[str, pb.NodeInfo] = {}
         self.known_sensors: set[str] = set()
@@ -78,15 +71,11 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                 sample = node_serde.pb_to_sample(msg)
                 validate(sample, size, self.rules, self.known_sensors)
             except (CodecError, IngestError) as e:
-                with self.counters.lock:
-                    self.counters.rejected += 1
+                self.store.count(rejected=1, received_bytes=size)
                 abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                               f"sample {msg.sample_id!r}: {e}")
             new = self.store.put(sample.sample_id, sample.sensor_id, sample.label,
-                                 msg.SerializeToString())
-            with self.counters.lock:
-                self.counters.received += 1
-                self.counters.duplicates += int(not new)
+                                 msg.SerializeToString(), size)
             ack = pb.SampleAck(sample_id=sample.sample_id, duplicate=not new)
             self.bytes.add(sent=wire_size(ack))
             yield ack
@@ -127,7 +116,8 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
 
     def Check(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         return pb.HealthReply(node_id=self.cfg.node_id, role=pb.GROUND_STATION, ready=True,
-                              bytes_received=self.bytes.received, bytes_sent=self.bytes.sent)
+                              bytes_received=self.bytes.received, bytes_sent=self.bytes.sent,
+                              instance=INSTANCE)
 
     # ---- Mission ----------------------------------------------------------------------------
 
@@ -168,6 +158,9 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             try:
                 result["train"] = encode_samples(samples, len(messages), encoder,
                                                  cfg.encode_batch, progress("encode train"))
+                updates.append(pb.Progress(stage="encode train", done=len(messages),
+                                           total=len(messages), flops=result["train"].flops,
+                                           wall_s=result["train"].wall_s))
                 test = encode_split(
                     self.test_data, "test", cfg.sensor.dataset.name, cfg.sensor.mask, encoder,
                     cfg.encode_batch, cfg.test_subset, cfg.sensor.train_indices_seed,
@@ -191,10 +184,12 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             log.error("encoding failed", exc_info=errors[0])
             abort(context, grpc.StatusCode.INTERNAL, f"encoding failed: {errors[0]}")
         train = result["train"]
-        digest = hashlib.blake2b(train.features.tobytes(), digest_size=8).hexdigest()
         coord = Coordinator(cfg.training, encoder.dim, self.test_data.num_classes,
                             cfg.checkpoint_dir)
-        coord.set_dataset(f"train-{len(train.labels)}-{digest}", train.features, train.labels)
+        try:
+            coord.set_datasets(_per_copy(train, cfg.sensor.mask.copies))
+        except ValueError as e:
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"training data: {e}")
         if cfg.resume:
             try:
                 coord.load_checkpoint()
@@ -236,7 +231,8 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             abort(context, grpc.StatusCode.FAILED_PRECONDITION, "call Prepare first")
         try:
             result = coord.train_epoch(int(request.epoch), torch.from_numpy(test.features),
-                                       torch.from_numpy(test.labels))
+                                       torch.from_numpy(test.labels),
+                                       {k: torch.from_numpy(v) for k, v in test.groups.items()})
         except TrainerUnavailable as e:
             abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
         except CheckpointError as e:
@@ -248,15 +244,37 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         return gs_serde.epoch_to_pb(result)
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsReply:
-        with self.counters.lock:
-            received, dups, rejected = (self.counters.received, self.counters.duplicates,
-                                        self.counters.rejected)
+        c = self.store.counters()  # the store's: the whole run, across restarts
         return pb.StatsReply(
-            samples_stored=len(self.store), samples_received=received, duplicates=dups,
-            rejected=rejected, downlink_bytes_received=self.bytes.received,
+            samples_stored=len(self.store), samples_received=c.get("received", 0),
+            duplicates=c.get("duplicates", 0), rejected=c.get("rejected", 0),
+            downlink_bytes_received=c.get("received_bytes", 0),
             train_tokens=len(self.train_tokens.labels) if self.train_tokens else 0,
             test_tokens=len(self.test_tokens.labels) if self.test_tokens else 0,
+            test_skipped=self.test_tokens.skipped if self.test_tokens else 0,
+            encode_flops=self.train_tokens.flops if self.train_tokens else 0,
+            encode_wall_s=self.train_tokens.wall_s if self.train_tokens else 0.0,
+            test_encode_flops=self.test_tokens.flops if self.test_tokens else 0,
         )
+
+
+def _per_copy(train: TokenSet, copies: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The token datasets epochs train on: one, or with random masks one per copy (epoch e
+    trains on copy e - 1), each named by its size and a digest of its features."""
+    if copies == 1:
+        parts = [train]
+    else:
+        copy_of = np.array([split_copy(i)[1] for i in train.sample_ids])
+        parts = [train.subset(np.flatnonzero(copy_of == c)) for c in range(copies)]
+        empty = [c for c, p in enumerate(parts) if not len(p.labels)]
+        if empty:
+            raise ValueError(f"no samples stored for copies {empty}")
+    out = []
+    for c, p in enumerate(parts):
+        digest = hashlib.blake2b(p.features.tobytes(), digest_size=8).hexdigest()
+        name = f"train-{len(p.labels)}-{digest}" + (f"-copy{c}" if copies > 1 else "")
+        out.append((name, p.features, p.labels))
+    return out
 
 
 def build_server(station: GroundStation, listen: str) -> tuple[grpc.Server, str]:

@@ -1,7 +1,9 @@
 """The sample store: accepted samples on disk, idempotent by sample_id.
 
 SQLite gives us durability and a primary key for free: a sample is acked only after its row
-is committed, and a retried sample_id is recognised, never stored twice.
+is committed, and a retried sample_id is recognised, never stored twice. The ingest counters
+(messages and bytes received, duplicates, rejections) are committed with each sample, so a
+ground station restarted on the same store reports the whole run's figures.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class SampleStore:
             " NOT NULL, label INTEGER NOT NULL, message BLOB NOT NULL)"
         )
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value "
+                         "INTEGER NOT NULL)")
         self._db.commit()
 
     def bind(self, fingerprint: str) -> None:
@@ -46,15 +50,34 @@ class SampleStore:
                     f"{self.path} holds samples of another scenario configuration; "
                     f"use another --store directory or delete it")
 
-    def put(self, sample_id: str, sensor_id: str, label: int, message: bytes) -> bool:
-        """Store one serialized Sample; False (and nothing written) if sample_id is known."""
+    def put(self, sample_id: str, sensor_id: str, label: int, message: bytes,
+            wire_bytes: int = 0) -> bool:
+        """Store one serialized Sample; False (and nothing written) if sample_id is known.
+        Either way the message is counted as received, with its `wire_bytes`."""
         with self._lock:
             cur = self._db.execute(
                 "INSERT OR IGNORE INTO samples VALUES (?, ?, ?, ?)",
                 (sample_id, sensor_id, label, message),
             )
+            new = cur.rowcount == 1
+            self._add({"received": 1, "received_bytes": wire_bytes, "duplicates": int(not new)})
             self._db.commit()
-            return cur.rowcount == 1
+            return new
+
+    def count(self, **deltas: int) -> None:
+        """Add to named counters (e.g. rejected=1, received_bytes=n), committed at once."""
+        with self._lock:
+            self._add(deltas)
+            self._db.commit()
+
+    def _add(self, deltas: dict[str, int]) -> None:
+        self._db.executemany(
+            "INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value "
+            "+ excluded.value", list(deltas.items()))
+
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._db.execute("SELECT name, value FROM counters").fetchall())
 
     def __len__(self) -> int:
         with self._lock:

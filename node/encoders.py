@@ -65,6 +65,17 @@ ENCODERS: dict[str, EncoderConfig] = {
 }
 
 
+def encode_flops(cfg: EncoderConfig, n_visible: int) -> int:
+    """FLOPs of encoding one image from `n_visible` tokens (2 per multiply-add): the patch
+    embedding of the visible patches, then per block (n + 1 tokens with CLS) the qkv and
+    output projections (4 D^2), the MLP (8 D^2, ratio 4) and attention (2 n^2 D). Puts the
+    encoder's compute on the mission clock; norms and softmax are left out."""
+    d, n = cfg.embed_dim, n_visible + 1
+    embed = n_visible * cfg.patch_size**2 * cfg.in_chans * d
+    block = 12 * n * d * d + 2 * n * n * d
+    return 2 * (embed + cfg.depth * block)
+
+
 class EncoderWeightsError(FileNotFoundError):
     """Weights that cannot be found or do not fit the architecture."""
 

@@ -1,8 +1,11 @@
 """Sensor node: one process hosting any number of satellites.
 
 Each satellite owns a shard of the training split. When mission control grants it a byte
-budget (Transmit), it masks its next images, builds their payloads (visible patches, or the
-CLS token from its own encoder) and streams them to the ground station, which acks each one.
+budget (Transmit), it masks its next images (clouds drawn in, for natural masks), builds their
+payloads (visible patches, or the CLS token from its own encoder) and streams them to the
+ground station, which acks each one. With `random` masks it queues one freshly masked copy of
+every image per epoch (all first copies, then all second copies...). A scene that clouds leave
+with no usable token is dropped from the queue and counted, never sent.
 A sample stays queued until acked, so a failed or cut transfer is retried with the same
 message (same sample_id, same mask) and the ground station's dedupe keeps the store exact.
 """
@@ -11,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
-from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -21,8 +24,18 @@ from node import encoders, serde
 from node.codec import encode_patches, masked_canvas, quantize_token
 from node.config import SensorConfig
 from node.datasets import ImageDataset, load_dataset
-from node.masking import stable_seed, visible_indices
-from node.rpc import ByteCounter, abort, bind, channel, make_server, register, wire_size
+from node.masking import capture, copy_id
+from node.rpc import (
+    INSTANCE,
+    ByteCounter,
+    Outbox,
+    abort,
+    bind,
+    channel,
+    make_server,
+    register,
+    wire_size,
+)
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
@@ -51,14 +64,18 @@ def sample_id(dataset: str, split: str, index: int) -> str:
     return f"{dataset}/{split}/{index}"
 
 
+Key = tuple[int, int | None]  # (image index, copy): copy None unless masks are random
+
+
 class Satellite:
-    def __init__(self, sat_id: str, indices: np.ndarray, seed: int = 0) -> None:
+    def __init__(self, sat_id: str, indices: np.ndarray, copies: int = 1) -> None:
         self.sat_id = sat_id
-        # `random` masks: a fresh draw per image, the same for the same seed and satellite
-        # whichever process hosts it
-        self.rng = np.random.default_rng(stable_seed(seed, "random", sat_id))
-        self.pending: deque[int] = deque(int(i) for i in indices)
-        self.built: dict[int, pb.Sample] = {}  # messages built and not yet acked
+        self.pending: deque[Key] = deque(
+            (int(i), c if copies > 1 else None) for c in range(copies) for i in indices)
+        self.built: dict[Key, pb.Sample] = {}  # messages built and not yet acked
+        self.skipped = 0  # scenes with no usable token, not yet reported
+        self.encode_flops = 0  # on-board encoding not yet reported
+        self.encode_s = 0.0
         self.lock = threading.Lock()
 
 
@@ -80,7 +97,7 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         subset = train_subset(len(self.dataset), cfg.train_subset, cfg.train_indices_seed)
         n = len(cfg.satellites)
         self.satellites = {
-            s: Satellite(s, shard(subset, cfg.satellites.index(s), n), cfg.mask.seed)
+            s: Satellite(s, shard(subset, cfg.satellites.index(s), n), cfg.mask.copies)
             for s in satellite_ids
         }
         self.channel = channel(ground_station)
@@ -88,33 +105,47 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
 
     # ---- payloads -------------------------------------------------------------------------
 
-    def _build(self, sat: Satellite, indices: list[int]) -> None:
+    def _build(self, sat: Satellite, keys: list[Key]) -> None:
         grid = self.grid
-        ids = [sample_id(self.cfg.dataset.name, "train", i) for i in indices]
-        images = [self.dataset.image(i) for i in indices]
-        vis = [visible_indices(self.cfg.mask, grid * grid, sid, sat.rng) for sid in ids]
+        ids = [copy_id(sample_id(self.cfg.dataset.name, "train", i), c) for i, c in keys]
+        caps = [capture(self.cfg.mask, self.dataset.image(i), grid, sid)
+                for (i, _), sid in zip(keys, ids, strict=True)]
+        usable = [k for k, c in zip(keys, caps, strict=True) if len(c.visible)]
+        if len(usable) < len(keys):  # nothing to send: out of the queue, counted
+            sat.skipped += len(keys) - len(usable)
+            gone = set(keys) - set(usable)
+            sat.pending = deque(k for k in sat.pending if k not in gone)
+        ids = [sid for sid, c in zip(ids, caps, strict=True) if len(c.visible)]
+        caps = [c for c in caps if len(c.visible)]
         payloads: list[serde.PatchData | serde.ClsData]
         if self.cfg.payload == "patches":
-            payloads = [encode_patches(im, grid, v) for im, v in zip(images, vis, strict=True)]
+            payloads = [encode_patches(c.image, grid, c.visible) for c in caps]
         else:
             assert self.encoder is not None
-            canvases = [masked_canvas(im, grid, v) for im, v in zip(images, vis, strict=True)]
-            tokens = self.encoder.encode_canvases(canvases, vis)
+            t0 = time.perf_counter()
+            canvases = [masked_canvas(c.image, grid, c.visible) for c in caps]
+            tokens = self.encoder.encode_canvases(canvases, [c.visible for c in caps])
+            sat.encode_s += time.perf_counter() - t0
+            sat.encode_flops += sum(encoders.encode_flops(self.encoder.cfg, len(c.visible))
+                                    for c in caps)
             payloads = []
             for tok in tokens:
                 data, scale = quantize_token(tok, self.cfg.cls_dtype)
                 payloads.append(serde.ClsData(data, self.cfg.cls_dtype, len(tok), scale))
-        for i, sid, p in zip(indices, ids, payloads, strict=True):
+        for (i, c), sid, p in zip(usable, ids, payloads, strict=True):
             sample = serde.SampleData(sid, sat.sat_id, self.dataset.label(i), p)
-            sat.built[i] = serde.sample_to_pb(sample)
+            sat.built[(i, c)] = serde.sample_to_pb(sample)
 
-    def _message(self, sat: Satellite, pos: int) -> pb.Sample:
-        index = sat.pending[pos]
-        if index not in sat.built:
+    def _message(self, sat: Satellite, pos: int) -> pb.Sample | None:
+        """The message at queue position `pos`, built when needed; None past the end."""
+        while pos < len(sat.pending):
+            key = sat.pending[pos]
+            if key in sat.built:
+                return sat.built[key]
             ahead = CLS_BATCH if self.cfg.payload == "cls" else 1
-            todo = [i for i in list(sat.pending)[pos : pos + ahead] if i not in sat.built]
-            self._build(sat, todo)
-        return sat.built[index]
+            todo = [k for k in list(sat.pending)[pos : pos + ahead] if k not in sat.built]
+            self._build(sat, todo)  # may drop cloudy scenes from the queue
+        return None
 
     # ---- RPCs ------------------------------------------------------------------------------
 
@@ -132,34 +163,29 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         with sat.lock:
             batch: list[pb.Sample] = []
             budget = request.max_bytes
-            while len(batch) < len(sat.pending) and (
-                request.max_samples == 0 or len(batch) < request.max_samples
-            ):
+            while request.max_samples == 0 or len(batch) < request.max_samples:
                 msg = self._message(sat, len(batch))
-                if exchange_bytes(msg) > budget:
+                if msg is None or exchange_bytes(msg) > budget:
                     break
                 budget -= exchange_bytes(msg)
                 batch.append(msg)
             report = pb.TransmitReport(satellite_id=sat.sat_id)
             if batch:
                 self._send(sat, batch, report)
+            head = self._message(sat, 0)
             report.remaining = len(sat.pending)
-            report.next_bytes = exchange_bytes(self._message(sat, 0)) if sat.pending else 0
+            report.next_bytes = exchange_bytes(head) if head is not None else 0
+            report.skipped, report.encode_flops, report.encode_s = (
+                sat.skipped, sat.encode_flops, sat.encode_s)
+            sat.skipped, sat.encode_flops, sat.encode_s = 0, 0, 0.0
             return report
 
     def _send(self, sat: Satellite, batch: list[pb.Sample], report: pb.TransmitReport) -> None:
         acked_ids: set[str] = set()
-
-        def counted() -> Iterator[pb.Sample]:
-            for msg in batch:
-                size = wire_size(msg)
-                self.bytes.add(sent=size)
-                report.message_bytes.append(size)
-                yield msg
-
+        outbox = Outbox(batch)
         try:
             # wait_for_ready: ride out a reconnect instead of failing at once
-            for ack in self.downlink.Send(counted(), wait_for_ready=True,
+            for ack in self.downlink.Send(iter(outbox), wait_for_ready=True,
                                           timeout=SEND_TIMEOUT_S):
                 size = wire_size(ack)
                 self.bytes.add(received=size)
@@ -171,6 +197,13 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             report.error = str(e.details())
             log.warning("%s: downlink failed after %d acks: %s", sat.sat_id, len(acked_ids),
                         e.details())
+        # what went out: the messages whose write completed, and any acked (an ack proves it)
+        acked_at = max((i + 1 for i, m in enumerate(batch) if m.sample_id in acked_ids),
+                       default=0)
+        for msg in batch[: max(outbox.written, acked_at)]:
+            size = wire_size(msg)
+            self.bytes.add(sent=size)
+            report.message_bytes.append(size)
         report.acked = len(acked_ids)
         done = {i for i, m in sat.built.items() if m.sample_id in acked_ids}
         sat.pending = deque(i for i in sat.pending if i not in done)
@@ -179,7 +212,8 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
 
     def Check(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         return pb.HealthReply(node_id=self.node_id, role=pb.SENSOR, ready=True,
-                              bytes_received=self.bytes.received, bytes_sent=self.bytes.sent)
+                              bytes_received=self.bytes.received, bytes_sent=self.bytes.sent,
+                              instance=INSTANCE)
 
 
 def serve(listen: str, ground_station: str, satellite_ids: list[str],

@@ -1,9 +1,14 @@
 """Mission control: drives a deployed constellation through one scenario on a SimPy clock.
 
 Every transfer is a real gRPC call; its measured size (ByteSize + 5 per message) is charged
-on a SimPy link, which gives the mission time. Phases: downlink (each satellite sends inside
-its contact windows until its shard is delivered), encoding at the ground station, then
-training epochs whose dataset uploads and rounds are charged on the ground-trainer links.
+on a SimPy link, which gives the mission time. Compute is on the clock too, from FLOP counts
+and the scenario's throughputs (deterministic; the measured wall time is recorded beside it):
+a satellite's on-board encoding (CLS payloads) runs from the start and a sample cannot leave
+before it is encoded; the ground station's encoder stage runs after the downlink; each
+training job's local steps run between its request and its reply. Phases: downlink (each
+satellite sends inside its contact windows until its shard is delivered), encoding at the
+ground station, then training epochs whose dataset uploads and rounds are charged on the
+ground-trainer links.
 
 After the downlink and after every epoch, the mission's state (clock, tallies, history) is
 written to `state_file`; `resume=True` continues from it: the downlink is not repeated, and
@@ -61,6 +66,14 @@ class Tally:
     resumed: int = 0
     retransmitted_bytes: int = 0  # radio frames sent again after a loss
     stations: dict[str, dict[str, float]] = field(default_factory=dict)
+    cloudy_skipped: int = 0  # scenes the satellites dropped: no usable token
+    rows_trained: int = 0  # rows trained on, all epochs (each row once an epoch)
+    distinct_trained: int = 0  # distinct stored rows trained on
+    # compute: FLOPs, seconds on the mission clock, measured wall seconds
+    compute: dict[str, dict[str, float]] = field(default_factory=lambda: {
+        k: {"flops": 0, "sim_s": 0.0, "wall_s": 0.0}
+        for k in ("onboard_encoder", "ground_encoder", "trainers")})
+    node_bytes: dict[str, dict[str, Any]] = field(default_factory=dict)  # at the last save
 
     @property
     def total_bytes(self) -> int:
@@ -113,6 +126,7 @@ class MissionControl:
         self.tally = Tally()
         self.epochs_done = 0
         self.saved_links: dict[str, int] = {}
+        self._onboard_ready: dict[str, float] = {}  # satellite -> its encoder's backlog end
         now = 0.0
         if resume:
             now = self._load_state()
@@ -126,19 +140,24 @@ class MissionControl:
 
     def satellite(self, sat_id: str, sensor: pb_grpc.SensorStub, link: Link,
                   passes: PeriodicPasses, bar: tqdm) -> Generator[simpy.Event, Any, None]:
-        env = self.env
+        env, down = self.env, self.s.links.downlink
+        rng = random.Random(f"{self.s.seed}-loss-{sat_id}")
         failures = 0
         while True:
             start, end = passes.window_at(env.now)
             if env.now < start:
                 yield env.timeout(start - env.now)
-            budget = link.capacity(end - env.now)
+            # the budget leaves room for the expected resends of lost frames
+            budget = int(link.capacity(end - env.now) * (1 - down.loss))
             report = sensor.Transmit(pb.TransmitRequest(
                 satellite_id=sat_id, max_bytes=budget, max_samples=TRANSMIT_MAX_SAMPLES))
             sent = self._count(report, bar)
+            yield from self._onboard(sat_id, report)
             if sent or report.ack_bytes:
                 # acks share the satellite's radio link: half duplex, charged after the data
-                yield env.process(link.transfer(sent + report.ack_bytes))
+                on_air = retransmitted(sent + report.ack_bytes, down.loss, down.frame_bytes, rng)
+                self.tally.retransmitted_bytes += on_air - sent - report.ack_bytes
+                yield env.process(link.transfer(on_air))
             if report.error_code:
                 failures += 1
                 self._check_failure(sat_id, report, failures)
@@ -185,6 +204,7 @@ class MissionControl:
                         satellite_id=sat.name, max_bytes=budget,
                         max_samples=TRANSMIT_MAX_SAMPLES))
                     sent = self._count(report, bar)
+                    yield from self._onboard(sat.name, report)
                     delivered = sent + report.ack_bytes
                     on_air = retransmitted(delivered, down.loss, down.frame_bytes, rng)
                     t.retransmitted_bytes += on_air - delivered
@@ -220,8 +240,26 @@ class MissionControl:
         rate = self._budget.rate_bps(rng_km) if self._budget is not None else down.rate_bps
         return rate, rng_km / C_KM_S + down.latency_s
 
+    def _onboard(self, sat_id: str, report: pb.TransmitReport
+                 ) -> Generator[simpy.Event, Any, None]:
+        """On-board encoding (CLS payloads) runs back to back from the start of the mission:
+        what this call sent cannot leave before the satellite has encoded it."""
+        if not report.encode_flops:
+            return
+        c = self.tally.compute["onboard_encoder"]
+        seconds = report.encode_flops / self.s.sensors.onboard_flops
+        c["flops"] += report.encode_flops
+        c["sim_s"] += seconds
+        c["wall_s"] += report.encode_s
+        ready = self._onboard_ready.get(sat_id, 0.0) + seconds
+        self._onboard_ready[sat_id] = ready
+        if ready > self.env.now:
+            yield self.env.timeout(ready - self.env.now)
+
     def _count(self, report: pb.TransmitReport, bar: tqdm) -> int:
         t = self.tally
+        t.cloudy_skipped += report.skipped
+        bar.update(report.skipped)
         sent = sum(report.message_bytes)
         t.downlink_bytes += sent
         t.uplink_bytes += report.ack_bytes
@@ -251,7 +289,11 @@ class MissionControl:
         if not self.resume:
             self.tally.downlink_done_s = self.env.now
             self.save_state(links)
-        self._prepare()
+        flops, wall_s = self._prepare()
+        if not self.resume or not self.tally.compute["ground_encoder"]["flops"]:
+            c = self.tally.compute["ground_encoder"]
+            c.update(flops=flops, sim_s=flops / self.s.training.ground_flops, wall_s=wall_s)
+            yield self.env.timeout(c["sim_s"])  # the encoder stage, before training starts
         epochs = range(self.epochs_done + 1, self.s.training.epochs + 1)
         for epoch in tqdm(epochs, desc="training", unit="epoch", disable=not self.show_progress):
             report = pb_to_epoch(self.mission.TrainEpoch(pb.TrainEpochRequest(epoch=epoch)))
@@ -261,9 +303,10 @@ class MissionControl:
             stages += report.rounds
             for i, workers in enumerate(stages):
                 transfers = []
+                began = self.env.now
                 for w in workers:
                     self.tally.trainer_bytes += w.sent + w.received
-                    # down then up on the same link: the reply waits for the request
+                    # down, compute, then up on the same link: the reply waits for the request
                     transfers.append(self.env.process(self._round_trip(link(w.node_id), w)))
                 yield self.env.all_of(transfers)
                 if i >= len(stages) - len(report.rounds):
@@ -271,15 +314,21 @@ class MissionControl:
                     self.tally.per_round_bytes.append({
                         "epoch": epoch, "round": r,
                         "workers": {w.node_id: {"sent": w.sent, "received": w.received,
+                                                "rows": w.rows, "flops": w.flops,
                                                 **({"error": w.error} if w.error else {})}
                                     for w in workers},
+                        "sim_s": self.env.now - began,  # transfers and compute, mission clock
+                        "wall_s": max((w.wall_s for w in workers), default=0.0),  # measured
                     })
                     self.tally.trainer_failures += [
                         {"epoch": epoch, "round": r, "node_id": w.node_id, "error": w.error}
                         for w in workers if w.error]
+            self.tally.rows_trained += report.samples_trained
+            self.tally.distinct_trained = report.distinct_trained
             self.tally.history.append({
                 "epoch": epoch,
                 "accuracy": report.accuracy,
+                **{f"accuracy_{g}": a for g, a in sorted(report.group_accuracy.items())},
                 "test_loss": report.test_loss,
                 "train_loss": report.train_loss,
                 "bytes_total": self.tally.total_bytes,
@@ -294,6 +343,7 @@ class MissionControl:
     def save_state(self, links: dict[str, Link]) -> None:
         if self.state_file is None:
             return
+        self.tally.node_bytes = self._node_bytes()[0]
         state = {"sim_time_s": self.env.now, "epochs_done": self.epochs_done,
                  "tally": asdict(self.tally),
                  "per_link": self._per_link([*self._downlinks.values(), *links.values()]),
@@ -301,6 +351,32 @@ class MissionControl:
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
         tmp.replace(self.state_file)
+
+    def _node_bytes(self) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        """Each node's own count of what it sent and received, over the whole mission: a node
+        that restarted since the last save (another process instance) counts from zero again,
+        so its earlier count is added; one that did not already includes it."""
+        out: dict[str, dict[str, Any]] = {}
+        unreachable = []
+        for n in self.registry.ListNodes(pb.ListNodesRequest(), timeout=10).nodes:
+            try:
+                h = _health(n.address, 10)
+            except grpc.RpcError:
+                unreachable.append(n.node_id)
+                continue
+            old = self.tally.node_bytes.get(n.node_id)
+            base = {"sent": 0, "received": 0}
+            if old is not None and old["instance"] != h.instance:
+                base = {"sent": old["sent"] + old["base_sent"],
+                        "received": old["received"] + old["base_received"]}
+            elif old is not None:
+                base = {"sent": old["base_sent"], "received": old["base_received"]}
+            out[n.node_id] = {"sent": int(h.bytes_sent), "received": int(h.bytes_received),
+                              "base_sent": base["sent"], "base_received": base["received"],
+                              "instance": h.instance}
+        for node_id, old in self.tally.node_bytes.items():  # gone since: keep what it had
+            out.setdefault(node_id, old)
+        return out, unreachable
 
     def _per_link(self, links: list[Link]) -> dict[str, int]:
         """Bytes per link: links of earlier, interrupted runs, updated by this run's."""
@@ -346,11 +422,22 @@ class MissionControl:
 
     def _round_trip(self, link: Link, w: Any) -> Generator[simpy.Event, Any, None]:
         yield self.env.process(link.transfer(w.sent))
+        c = self.tally.compute["trainers"]
+        c["wall_s"] += w.wall_s
+        if w.flops:
+            seconds = w.flops / self.s.training.trainer_flops
+            c["flops"] += w.flops
+            c["sim_s"] += seconds
+            yield self.env.timeout(seconds)
         yield self.env.process(link.transfer(w.received))
 
-    def _prepare(self) -> None:
+    def _prepare(self) -> tuple[int, float]:
+        """Run the ground station's encoder stage; (FLOPs, wall s) of encoding the samples."""
         bars: dict[str, tqdm] = {}
+        flops, wall_s = 0, 0.0
         for update in self.mission.Prepare(pb.PrepareRequest()):
+            if update.stage == "encode train" and update.flops:
+                flops, wall_s = int(update.flops), float(update.wall_s)
             bar = bars.get(update.stage)
             if bar is None:
                 bar = bars[update.stage] = tqdm(total=update.total, desc=update.stage,
@@ -358,6 +445,7 @@ class MissionControl:
             bar.update(update.done - bar.n)
         for bar in bars.values():
             bar.close()
+        return flops, wall_s
 
     # ---- the run ------------------------------------------------------------------------------
 
@@ -399,8 +487,9 @@ class MissionControl:
         for link in dlinks.values():
             link.bytes = self.saved_links.get(link.name, 0)
         tlinks: dict[str, Link] = {}
-        bar = tqdm(total=s.dataset.train_subset, desc="downlink", unit="sample",
-                   disable=not self.show_progress)
+        copies = s.training.epochs if s.sensors.mask.kind == "random" else 1
+        bar = tqdm(total=s.dataset.train_subset and s.dataset.train_subset * copies,
+                   desc="downlink", unit="sample", disable=not self.show_progress)
         p = s.passes
         sats = []
         if s.orbits is not None and not self.resume:
@@ -415,12 +504,7 @@ class MissionControl:
             self.env.run(until=trainer)
             # each node's own count of what it sent and received: a second measurement
             # (nodes as registered now: a trainer may have restarted elsewhere)
-            counted, unreachable = {}, []
-            for n in self.registry.ListNodes(pb.ListNodesRequest(), timeout=10).nodes:
-                try:
-                    counted[n.node_id] = _health(n.address, 10)
-                except grpc.RpcError:
-                    unreachable.append(n.node_id)
+            counted, unreachable = self._node_bytes()
         finally:
             bar.close()
             for ch in channels.values():
@@ -446,8 +530,19 @@ class MissionControl:
             "wall_time_s": t.wall_time_s + time.monotonic() - wall0,
             "resumed": t.resumed,
             "samples": {"sent": t.downlink_messages, "stored": int(stats.samples_stored),
-                        "trained_on": int(stats.train_tokens),
-                        "duplicates": int(stats.duplicates), "test": int(stats.test_tokens)},
+                        # distinct stored rows used, and rows used over all epochs
+                        "trained_on": t.distinct_trained, "rows_trained": t.rows_trained,
+                        "train_tokens": int(stats.train_tokens),
+                        "duplicates": int(stats.duplicates), "test": int(stats.test_tokens),
+                        "cloudy_skipped": t.cloudy_skipped,
+                        "test_cloudy_skipped": int(stats.test_skipped)},
+            "accuracy_by_group": {k[len("accuracy_"):]: v for k, v in t.history[-1].items()
+                                  if k.startswith("accuracy_")},
+            "compute": {**t.compute, "flops_per_s": {
+                "onboard_encoder": s.sensors.onboard_flops,
+                "ground_encoder": s.training.ground_flops,
+                "trainers": s.training.trainer_flops},
+                "test_encoder_flops": int(stats.test_encode_flops)},
             "downlink_failures": t.downlink_failures,
             "ground_station": {"downlink_bytes_received": int(stats.downlink_bytes_received),
                                "rejected": int(stats.rejected)},
@@ -457,7 +552,8 @@ class MissionControl:
                                  for link in links},
             "stations": {name: {**v, "utilisation": v["busy_s"] / (v["antennas"] * self.env.now)
                                 if self.env.now else 0.0} for name, v in t.stations.items()},
-            "node_bytes": {k: {"sent": int(v.bytes_sent), "received": int(v.bytes_received)}
+            "node_bytes": {k: {"sent": v["sent"] + v["base_sent"],
+                               "received": v["received"] + v["base_received"]}
                            for k, v in counted.items()},
             "unreachable_nodes": unreachable,
             "per_round_bytes": t.per_round_bytes,

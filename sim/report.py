@@ -59,14 +59,31 @@ def summary(results: dict[str, Any]) -> str:
         + (f" resent {b['retransmitted']:,}," if b.get("retransmitted") else "")
         + f" trainer links {b['trainer']:,})",
         f"samples         sent {s['sent']:,}, stored {s['stored']:,}, "
-        f"trained on {s['trained_on']:,}",
+        f"trained on {s['trained_on']:,}"
+        + (f", cloudy scenes not sent {s['cloudy_skipped']:,}" if s.get("cloudy_skipped")
+           else ""),
+        *([_groups_line(results)] if results.get("accuracy_by_group") else []),
         _rounds_line(results),
-        f"mission time    {results['sim_time_s']:,.1f} s",
+        f"mission time    {results['sim_time_s']:,.1f} s" + _compute(results),
         *([_target_line(results)] if results.get("target_accuracy") else []),
         f"wall time       {results['wall_time_s']:.1f} s",
         *([f"trainer faults  {len(results['trainer_failures'])} failed calls (see "
            "results.json trainer_failures)"] if results.get("trainer_failures") else []),
     ])
+
+
+def _groups_line(results: dict[str, Any]) -> str:
+    groups = ", ".join(f"{k} {v:.4f}" for k, v in sorted(results["accuracy_by_group"].items()))
+    skipped = results["samples"].get("test_cloudy_skipped")
+    return f"test groups     {groups}" + (f" ({skipped:,} overcast test images left out)"
+                                           if skipped else "")
+
+
+def _compute(results: dict[str, Any]) -> str:
+    c = results.get("compute") or {}
+    parts = [f"{name.replace('_', ' ')} {v['sim_s']:,.1f} s" for name, v in c.items()
+             if isinstance(v, dict) and v.get("sim_s")]
+    return f"  (compute: {', '.join(parts)})" if parts else ""
 
 
 def _rounds_line(results: dict[str, Any]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
@@ -10,6 +11,7 @@ import yaml
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ground_station.config import GroundStationConfig, TrainingConfig
+from node.clouds import PRESETS, CloudSpec
 from node.config import SensorConfig
 from node.datasets import DatasetSpec
 from node.encoders import DEFAULT_ENCODER, ENCODERS
@@ -46,13 +48,50 @@ class EncoderCfg(Model):
 
 
 class MaskCfg(Model):
-    kind: Literal["none", "fixed", "random"] = "fixed"
+    """`fixed`: one mask per image. `random`: a new mask every epoch, so each image is
+    downlinked once per epoch (training.epochs copies). `clouds`: procedural clouds at the
+    image's native resolution; tokens more than `max_cloud` cloudy are dropped, then `ratio` of
+    the clear ones. Cloud climatology: a `preset` (global, land, ocean: docs/clouds.md), any
+    of whose numbers the keys below override."""
+
+    kind: Literal["none", "fixed", "random", "clouds"] = "fixed"
     ratio: float = Field(0.5, ge=0.0, lt=1.0)
+    preset: Literal["global", "land", "ocean"] = "global"
+    cover_mean: float | None = Field(None, gt=0, lt=1)  # mean cloud fraction of a scene
+    clear_share: float | None = Field(None, ge=0, lt=1)  # scenes with no cloud at all
+    overcast_share: float | None = Field(None, ge=0, lt=1)  # scenes fully covered
+    roughness: float | None = Field(None, ge=0, le=1)  # edge roughness (0.45: D = 1.33)
+    max_cloud: float = Field(0.25, ge=0, lt=1)  # a token more cloudy than this is dropped
+
+    @model_validator(mode="after")
+    def _clouds(self) -> MaskCfg:
+        cloud_keys = {"preset", "cover_mean", "clear_share", "overcast_share", "roughness",
+                      "max_cloud"} & self.model_fields_set
+        if self.kind != "clouds" and cloud_keys:
+            raise ValueError(f"{', '.join(sorted(cloud_keys))} only apply to kind: clouds "
+                             f"(kind is {self.kind})")
+        if self.kind == "none" and "ratio" in self.model_fields_set and self.ratio:
+            raise ValueError("ratio has no effect with kind: none (use kind: fixed)")
+        if self.kind == "clouds":
+            self.cloud_spec()  # an infeasible climatology fails here, naming the numbers
+        return self
+
+    def cloud_spec(self) -> CloudSpec:
+        base = PRESETS[self.preset]
+        update = {k: getattr(self, k) for k in ("cover_mean", "clear_share", "overcast_share",
+                                                "roughness") if getattr(self, k) is not None}
+        return replace(base, **update)
 
 
 class PayloadCfg(Model):
     kind: Literal["patches", "cls"] = "patches"
     cls_dtype: Literal["float32", "float16", "int8"] = "float16"
+
+    @model_validator(mode="after")
+    def _dtype(self) -> PayloadCfg:
+        if self.kind == "patches" and "cls_dtype" in self.model_fields_set:
+            raise ValueError("cls_dtype has no effect with kind: patches")
+        return self
 
 
 class SensorsCfg(Model):
@@ -61,6 +100,9 @@ class SensorsCfg(Model):
     per_process: int = Field(16, ge=1)  # satellites hosted by one sensor process
     mask: MaskCfg = MaskCfg()
     payload: PayloadCfg = PayloadCfg()
+    # on-board encoder throughput for CLS payloads, FLOP/s: an edge GPU of the Jetson class
+    # (order 1 TFLOP/s fp32); puts the satellites' encoding on the mission clock
+    onboard_flops: float = Field(1.0e12, gt=0)
 
     def ids(self) -> list[str]:
         return [f"{self.prefix}{i}" for i in range(self.count)]
@@ -145,9 +187,16 @@ class LinkCfg(Model):
     budget: BudgetCfg | None = None  # orbits only: rate from slant range
 
 
+class TrainerLinkCfg(Model):
+    """Ground station <-> trainer: a wired link with no frame loss or link budget."""
+
+    rate_bps: float = Field(gt=0)
+    latency_s: float = Field(0.0, ge=0)
+
+
 class LinksCfg(Model):
     downlink: LinkCfg = LinkCfg(rate_bps=1_000_000, latency_s=0.01)
-    trainer: LinkCfg = LinkCfg(rate_bps=1_000_000_000, latency_s=0.001)
+    trainer: TrainerLinkCfg = TrainerLinkCfg(rate_bps=1_000_000_000, latency_s=0.001)
 
 
 class TrainingCfg(Model):
@@ -166,6 +215,11 @@ class TrainingCfg(Model):
     device: str = "auto"  # trainer nodes started by `sparsat run`
     round_timeout_s: float = Field(600.0, gt=0)
     target_accuracy: float | None = Field(None, gt=0, le=1)  # results: time_to_accuracy_s
+    # a trainer's sustained throughput, FLOP/s, for the compute part of a round on the mission
+    # clock (the measured wall time is recorded beside it). Default: the paper's Tesla P100,
+    # 9.3 TFLOP/s fp32 peak; small MLPs reach a fraction of it, so set what yours sustain
+    trainer_flops: float = Field(9.3e12, gt=0)
+    ground_flops: float = Field(9.3e12, gt=0)  # the ground station's encoder stage, FLOP/s
 
     @property
     def num_workers(self) -> int:
@@ -189,6 +243,30 @@ class Scenario(Model):
         if w is not None and w.planes * w.per_plane != self.sensors.count:
             raise ValueError(f"orbits.walker has {w.planes * w.per_plane} satellites, "
                              f"sensors.count is {self.sensors.count}")
+        return self
+
+    @model_validator(mode="after")
+    def _no_dead_settings(self) -> Scenario:
+        """A setting that would change nothing is an error, not silently ignored."""
+        down = self.links.downlink
+        if self.orbits is None and down.budget is not None:
+            raise ValueError("links.downlink.budget needs an `orbits` section (the rate "
+                             "follows the slant range); without orbits use rate_bps")
+        if self.orbits is not None and self.model_fields_set & {"passes"}:
+            raise ValueError("`passes` has no effect with an `orbits` section (contact "
+                             "windows come from the orbits): remove one of them")
+        if self.orbits is None and "frame_bytes" in down.model_fields_set and down.loss == 0:
+            raise ValueError("links.downlink.frame_bytes has no effect without loss")
+        t = self.training
+        if t.strategy != "ist" and "subnet_scale" in t.model_fields_set:
+            raise ValueError(f"training.subnet_scale has no effect with strategy {t.strategy}")
+        if self.sensors.payload.kind != "cls" and "onboard_flops" in \
+                self.sensors.model_fields_set:
+            raise ValueError("sensors.onboard_flops has no effect with patch payloads (the "
+                             "satellites do not encode)")
+        e = self.encoder
+        if e.weights != "random" and "seed" in e.model_fields_set:
+            raise ValueError("encoder.seed only seeds random weights (weights: random)")
         return self
 
     @model_validator(mode="after")
@@ -229,12 +307,19 @@ def dump(scenario: Scenario) -> str:
     return yaml.safe_dump(scenario.model_dump(mode="json"), sort_keys=False)
 
 
+def mask_spec(s: Scenario) -> MaskSpec:
+    m = s.sensors.mask
+    return MaskSpec(kind=m.kind, ratio=m.ratio, seed=s.seed,
+                    copies=s.training.epochs if m.kind == "random" else 1,
+                    clouds=m.cloud_spec(), max_cloud=m.max_cloud)
+
+
 def sensor_config(s: Scenario) -> SensorConfig:
     d = s.dataset
     return SensorConfig(
         dataset=DatasetSpec(name=d.name, root=d.root, download=d.download,
                             split_seed=d.split_seed),
-        mask=MaskSpec(kind=s.sensors.mask.kind, ratio=s.sensors.mask.ratio, seed=s.seed),
+        mask=mask_spec(s),
         payload=s.sensors.payload.kind,
         cls_dtype=s.sensors.payload.cls_dtype,
         encoder=s.encoder.name,

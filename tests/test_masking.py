@@ -11,10 +11,13 @@ from node.masking import (
     MaskSpec,
     fixed_mask,
     num_visible,
-    random_mask,
     stable_seed,
     visible_indices,
+    capture,
+    copy_id,
+    split_copy,
 )
+from node.clouds import CloudSpec
 
 
 def _assert_valid_mask(idx: np.ndarray, num_tokens: int, expected_count: int) -> None:
@@ -92,18 +95,6 @@ def test_fixed_mask_is_deterministic_for_same_seed_and_sample_id() -> None:
     np.testing.assert_array_equal(a, c)
 
 
-def test_fixed_mask_does_not_depend_on_the_rng_argument() -> None:
-    # Prepare: a fixed mask must be reproducible anywhere, whatever rng a caller holds
-    spec = MaskSpec(kind="fixed", ratio=0.5, seed=1)
-
-    # Execute
-    a = visible_indices(spec, 49, "id-1", rng=np.random.default_rng(0))
-    b = visible_indices(spec, 49, "id-1", rng=np.random.default_rng(12345))
-
-    # Assert
-    np.testing.assert_array_equal(a, b)
-
-
 def test_fixed_masks_differ_across_sample_ids() -> None:
     # Prepare
     spec = MaskSpec(kind="fixed", ratio=0.5, seed=0)
@@ -148,36 +139,73 @@ def test_fixed_mask_has_right_count_and_format(grid: int, ratio: float) -> None:
 # ---- random masks ---------------------------------------------------------------------------
 
 
-def test_random_masks_differ_across_draws() -> None:
+def test_random_masks_differ_across_copies_and_are_reproducible() -> None:
     # Prepare
-    spec = MaskSpec(kind="random", ratio=0.5, seed=0)
-    rng = np.random.default_rng(0)
+    spec = MaskSpec(kind="random", ratio=0.5, seed=0, copies=10)
 
-    # Execute: the same image, ten epochs
-    masks = [visible_indices(spec, 196, "same-id", rng=rng) for _ in range(10)]
+    # Execute: the same image, ten epochs: ten copies
+    masks = [visible_indices(spec, 196, copy_id("same-id", c)) for c in range(10)]
+    again = [visible_indices(spec, 196, copy_id("same-id", c)) for c in range(10)]
 
     # Assert
     assert len({m.tobytes() for m in masks}) == 10
-    for m in masks:
+    for m, a in zip(masks, again, strict=True):
         _assert_valid_mask(m, 196, 98)
+        np.testing.assert_array_equal(m, a)
+    # and not the fixed mask of the same seed under another name
+    fixed = visible_indices(MaskSpec(kind="fixed", ratio=0.5, seed=0), 196, "same-id#0")
+    assert fixed.tobytes() != masks[0].tobytes()
 
 
-def test_random_mask_is_reproducible_from_the_same_rng_state() -> None:
+def test_copy_ids_round_trip_and_bad_copies_are_refused() -> None:
+    assert split_copy(copy_id("fashion_mnist/train/7", 3)) == ("fashion_mnist/train/7", 3)
+    assert split_copy("fashion_mnist/train/7") == ("fashion_mnist/train/7", None)
+    with pytest.raises(ValueError, match="not a number"):
+        split_copy("x#-1")
+    with pytest.raises(ValueError, match="copies"):
+        MaskSpec(kind="fixed", copies=2)
+
+
+# ---- clouds ---------------------------------------------------------------------------------
+
+
+def _scene(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 200, (28, 28, 1), dtype=np.uint8)
+
+
+def test_clouds_whiten_the_image_and_drop_cloudy_tokens() -> None:
+    # Prepare: many scenes of the default climatology
+    spec = MaskSpec(kind="clouds", ratio=0.0, seed=1, max_cloud=0.25)
+    image = _scene()
+
     # Execute
-    a = random_mask(49, 0.75, np.random.default_rng(42))
-    b = random_mask(49, 0.75, np.random.default_rng(42))
+    caps = [capture(spec, image, 7, f"fashion_mnist/train/{i}") for i in range(200)]
 
     # Assert
-    np.testing.assert_array_equal(a, b)
-    _assert_valid_mask(a, 49, 12)
+    covers = np.array([c.cover for c in caps])
+    assert (covers == 0).any() and (covers == 1).any() and ((covers > 0) & (covers < 1)).any()
+    for c in caps:
+        white = (c.image == 255) & (image != 255)  # pixels under a cloud
+        assert abs(white.mean() - c.cover) < 1.5 / 784  # exact cover, to the pixel
+        if c.cover == 0:
+            np.testing.assert_array_equal(c.visible, np.arange(49))  # clear: every token
+        if c.cover == 1:
+            assert len(c.visible) == 0  # overcast: nothing usable, not sent
+        for t in c.visible.tolist():  # every kept tile at most 25 % cloud
+            r, col = divmod(t, 7)
+            assert white[4 * r : 4 * r + 4, 4 * col : 4 * col + 4].mean() <= 0.25
+    again = capture(spec, image, 7, "fashion_mnist/train/5")
+    np.testing.assert_array_equal(again.visible, caps[5].visible)
 
 
-def test_random_mask_without_rng_still_valid() -> None:
-    # Execute
-    idx = visible_indices(MaskSpec(kind="random", ratio=0.75), 49, "x")
-
-    # Assert
-    _assert_valid_mask(idx, 49, 12)
+def test_the_ratio_applies_to_the_clear_tokens() -> None:
+    clear = CloudSpec(cover_mean=0.005, clear_share=0.99, overcast_share=0.0)  # nearly all clear
+    image = _scene()
+    for i in range(20):
+        full = capture(MaskSpec("clouds", 0.0, 3, clouds=clear), image, 7, f"s{i}")
+        half = capture(MaskSpec("clouds", 0.5, 3, clouds=clear), image, 7, f"s{i}")
+        assert len(half.visible) == num_visible(len(full.visible), 0.5)
+        assert set(half.visible.tolist()) <= set(full.visible.tolist())
 
 
 # ---- no masking -----------------------------------------------------------------------------
@@ -194,7 +222,7 @@ def test_random_mask_without_rng_still_valid() -> None:
 )
 def test_no_masking_returns_every_token(spec: MaskSpec) -> None:
     # Execute
-    idx = visible_indices(spec, 49, "img", rng=np.random.default_rng(0))
+    idx = visible_indices(spec, 49, "img")
 
     # Assert
     assert idx.dtype == np.uint16
@@ -233,7 +261,7 @@ def test_masks_are_sorted_unique_in_range_with_mae_count(
     expected = num_tokens if kind == "none" else max(1, int(num_tokens * (1.0 - ratio)))
 
     # Execute
-    idx = visible_indices(spec, num_tokens, sample_id, rng=np.random.default_rng(seed))
+    idx = visible_indices(spec, num_tokens, sample_id)
 
     # Assert
     assert num_visible(num_tokens, ratio) == max(1, int(num_tokens * (1.0 - ratio)))
