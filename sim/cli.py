@@ -164,6 +164,31 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_clouds(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    args.size = args.size or [28, 256]
+    from node.clouds import PRESETS, example_figure
+    from sim.scenario import load
+
+    if args.scenario:
+        scenario = load(args.scenario)
+        if scenario.sensors.mask.kind != "clouds":
+            raise ValueError(f"{args.scenario}: sensors.mask.kind is "
+                             f"{scenario.sensors.mask.kind}, not clouds")
+        spec = scenario.sensors.mask.cloud_spec()
+    else:
+        spec = PRESETS[args.preset]
+    if args.roughness is not None:
+        spec = replace(spec, roughness=args.roughness)
+    if args.n < 1 or any(s < 2 for s in args.size):
+        raise ValueError("--n must be >= 1 and every --size >= 2")
+    example_figure(Path(args.out), spec, n=args.n, sizes=tuple(args.size), seed=args.seed)
+    print(f"{args.n} example scenes ({spec.cover_mean:.2f} mean cover, {spec.clear_share:.2f} "
+          f"clear, {spec.overcast_share:.2f} overcast, roughness {spec.roughness}) in {args.out}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsat", description=DESCRIPTION)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -211,6 +236,17 @@ def parser() -> argparse.ArgumentParser:
     con.add_argument("--tle-out", metavar="FILE", help="also write the constellation as TLEs")
     con.add_argument("--stations-out", metavar="FILE.csv", help="also write the stations")
     con.set_defaults(func=cmd_contacts)
+
+    cl = sub.add_parser("clouds", help="write a picture of example cloud masks")
+    cl.add_argument("--out", required=True, metavar="FILE.png")
+    cl.add_argument("--scenario", help="take the climatology from this scenario's mask")
+    cl.add_argument("--preset", default="global", choices=["global", "land", "ocean"])
+    cl.add_argument("--roughness", type=float, help="override the edge roughness (0..1)")
+    cl.add_argument("--n", type=int, default=8, help="scenes (default 8)")
+    cl.add_argument("--size", type=int, action="append",
+                    help="resolutions to draw each scene at (default 28 and 256)")
+    cl.add_argument("--seed", type=int, default=0)
+    cl.set_defaults(func=cmd_clouds, size=None)
 
     gs = sub.add_parser("ground-station", help="serve the ground station")
     gs.add_argument("--listen", default="0.0.0.0:50051", metavar="HOST:PORT")

@@ -21,6 +21,14 @@ from node.masking import MaskSpec
 class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def changed(self, *names: str) -> list[str]:
+        """Those of `names` set to something other than their default (a resolved config
+        spells every default out; those change nothing)."""
+        fields = type(self).model_fields
+        return [n for n in names
+                if n in self.model_fields_set and getattr(self, n) != fields[n].get_default(
+                    call_default_factory=True)]
+
 
 class DatasetCfg(Model):
     name: Literal["fashion_mnist", "cifar10", "eurosat", "imagefolder"] = "fashion_mnist"
@@ -65,12 +73,12 @@ class MaskCfg(Model):
 
     @model_validator(mode="after")
     def _clouds(self) -> MaskCfg:
-        cloud_keys = {"preset", "cover_mean", "clear_share", "overcast_share", "roughness",
-                      "max_cloud"} & self.model_fields_set
+        cloud_keys = self.changed("preset", "cover_mean", "clear_share", "overcast_share",
+                                  "roughness", "max_cloud")
         if self.kind != "clouds" and cloud_keys:
             raise ValueError(f"{', '.join(sorted(cloud_keys))} only apply to kind: clouds "
                              f"(kind is {self.kind})")
-        if self.kind == "none" and "ratio" in self.model_fields_set and self.ratio:
+        if self.kind == "none" and self.changed("ratio") and self.ratio:
             raise ValueError("ratio has no effect with kind: none (use kind: fixed)")
         if self.kind == "clouds":
             self.cloud_spec()  # an infeasible climatology fails here, naming the numbers
@@ -89,7 +97,7 @@ class PayloadCfg(Model):
 
     @model_validator(mode="after")
     def _dtype(self) -> PayloadCfg:
-        if self.kind == "patches" and "cls_dtype" in self.model_fields_set:
+        if self.kind == "patches" and self.changed("cls_dtype"):
             raise ValueError("cls_dtype has no effect with kind: patches")
         return self
 
@@ -252,20 +260,19 @@ class Scenario(Model):
         if self.orbits is None and down.budget is not None:
             raise ValueError("links.downlink.budget needs an `orbits` section (the rate "
                              "follows the slant range); without orbits use rate_bps")
-        if self.orbits is not None and self.model_fields_set & {"passes"}:
+        if self.orbits is not None and self.changed("passes"):
             raise ValueError("`passes` has no effect with an `orbits` section (contact "
                              "windows come from the orbits): remove one of them")
-        if self.orbits is None and "frame_bytes" in down.model_fields_set and down.loss == 0:
+        if self.orbits is None and down.changed("frame_bytes") and down.loss == 0:
             raise ValueError("links.downlink.frame_bytes has no effect without loss")
         t = self.training
-        if t.strategy != "ist" and "subnet_scale" in t.model_fields_set:
+        if t.strategy != "ist" and t.changed("subnet_scale"):
             raise ValueError(f"training.subnet_scale has no effect with strategy {t.strategy}")
-        if self.sensors.payload.kind != "cls" and "onboard_flops" in \
-                self.sensors.model_fields_set:
+        if self.sensors.payload.kind != "cls" and self.sensors.changed("onboard_flops"):
             raise ValueError("sensors.onboard_flops has no effect with patch payloads (the "
                              "satellites do not encode)")
         e = self.encoder
-        if e.weights != "random" and "seed" in e.model_fields_set:
+        if e.weights != "random" and e.changed("seed"):
             raise ValueError("encoder.seed only seeds random weights (weights: random)")
         return self
 

@@ -92,6 +92,68 @@ def test_local_run_patches_ist(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "final accuracy" in capsys.readouterr().out
 
 
+def test_random_masks_downlink_one_copy_per_epoch_and_compute_is_on_the_clock(
+        tmp_path: Path) -> None:
+    """E epochs of random masks: E copies of every image downlinked, each charged and stored
+    as its own sample, each epoch trained on its copy; compute time on the mission clock."""
+    scenario = {**TINY, "name": "random",
+                "sensors": {**TINY["sensors"], "mask": {"kind": "random", "ratio": 0.5}},
+                "training": {**TINY["training"], "trainer_flops": 1.0e9, "ground_flops": 1.0e9}}
+    out = tmp_path / "out"
+
+    assert main(["run", str(_write(tmp_path, scenario)), "--out", str(out), "--quiet"]) == 0
+
+    results = json.loads((out / "results.json").read_text())
+    n, epochs = TINY["dataset"]["train_subset"], TINY["training"]["epochs"]
+    s = results["samples"]
+    assert s["sent"] == s["stored"] == s["trained_on"] == s["rows_trained"] == epochs * n
+    count, wire = _stored_wire_bytes(out / "store")
+    assert count == epochs * n and wire == results["bytes"]["downlink"]
+    with sqlite3.connect(out / "store" / "samples.sqlite") as db:
+        ids = [r[0] for r in db.execute("SELECT sample_id FROM samples")]
+    assert sorted({i.rsplit("#", 1)[1] for i in ids}) == [str(c) for c in range(epochs)]
+    # two copies of one image carry different masks
+    with sqlite3.connect(out / "store" / "samples.sqlite") as db:
+        a, b = (db.execute("SELECT message FROM samples WHERE sample_id = ?",
+                           (f"{ids[0].rsplit('#', 1)[0]}#{c}",)).fetchone()[0] for c in (0, 1))
+    assert a != b
+    # each epoch uploads its own copy to both trainers
+    trainers = {k: v for k, v in results["node_bytes"].items() if k.startswith("trainer")}
+    assert sum(v["sent"] + v["received"] for v in trainers.values()) == results["bytes"]["trainer"]
+    c = results["compute"]
+    flops = sum(w["flops"] for r in results["per_round_bytes"] for w in r["workers"].values())
+    assert c["trainers"]["flops"] == flops > 0
+    assert abs(c["trainers"]["sim_s"] - flops / 1.0e9) < 1e-6
+    assert c["ground_encoder"]["flops"] > 0 and c["ground_encoder"]["wall_s"] > 0
+    assert abs(c["ground_encoder"]["sim_s"] - c["ground_encoder"]["flops"] / 1.0e9) < 1e-6
+    # the mission clock holds the encoder stage and every round's compute
+    rounds = sum(r["sim_s"] for r in results["per_round_bytes"])
+    assert rounds >= c["trainers"]["sim_s"] / 2  # two workers compute side by side
+    assert results["sim_time_s"] >= results["downlink_done_s"] + c["ground_encoder"]["sim_s"] \
+        + rounds
+
+
+def test_clouds_drop_cloudy_tokens_skip_overcast_scenes_and_report_both_test_groups(
+        tmp_path: Path) -> None:
+    scenario = {**TINY, "name": "clouds",
+                "sensors": {**TINY["sensors"], "mask": {"kind": "clouds", "ratio": 0.5}}}
+    out = tmp_path / "out"
+
+    assert main(["run", str(_write(tmp_path, scenario)), "--out", str(out), "--quiet"]) == 0
+
+    results = json.loads((out / "results.json").read_text())
+    n, s = TINY["dataset"]["train_subset"], results["samples"]
+    # default climatology: about 27 % of scenes overcast, never sent
+    assert 0.15 * n < s["cloudy_skipped"] < 0.40 * n
+    assert s["sent"] + s["cloudy_skipped"] == n == s["stored"] + s["cloudy_skipped"]
+    count, wire = _stored_wire_bytes(out / "store")
+    assert count == s["stored"] and wire == results["bytes"]["downlink"]
+    groups = results["accuracy_by_group"]
+    assert set(groups) == {"clear", "cloudy"} and all(0 <= v <= 1 for v in groups.values())
+    assert 0 < s["test_cloudy_skipped"] < TINY["dataset"]["test_subset"] // 2
+    assert s["test"] + s["test_cloudy_skipped"] == TINY["dataset"]["test_subset"]
+
+
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as f:
         return subprocess.Popen([sys.executable, "-m", "sim.cli", *args], stdout=f,
@@ -186,9 +248,12 @@ def test_a_killed_trainer_does_not_stop_the_run_and_rejoins_when_it_registers_ag
         results = MissionControl(scenario, cluster.address, False, on_epoch=on_epoch).run()
 
     rounds = results["per_round_bytes"]
-    per_epoch = 3  # 480 / (2 * 3 * 32)
-    assert len(rounds) == 4 * per_epoch
-    assert [r["epoch"] for r in rounds] == [e for e in (1, 2, 3, 4) for _ in range(per_epoch)]
+    # 480 rows: 3 rounds of 2 x 96 (the third 64 + 32); in epoch 2 the first round's other half
+    # fails and trainer-0 takes the other 384 rows alone, 96 a round
+    per_epoch = {1: 3, 2: 5, 3: 3, 4: 3}
+    assert [r["epoch"] for r in rounds] == [e for e, n in per_epoch.items() for _ in range(n)]
+    assert all(sum(w["rows"] for r in rounds if r["epoch"] == e for w in r["workers"].values())
+               == 480 for e in per_epoch)  # every epoch, every row, once
     failures = results["trainer_failures"]
     assert [(f["epoch"], f["round"], f["node_id"]) for f in failures] == [(2, 0, "trainer-1")]
     assert "UNAVAILABLE" in failures[0]["error"]

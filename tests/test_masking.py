@@ -7,17 +7,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from node.clouds import CloudSpec
 from node.masking import (
     MaskSpec,
-    fixed_mask,
-    num_visible,
-    stable_seed,
-    visible_indices,
     capture,
     copy_id,
+    fixed_mask,
+    num_visible,
     split_copy,
+    stable_seed,
+    visible_indices,
 )
-from node.clouds import CloudSpec
 
 
 def _assert_valid_mask(idx: np.ndarray, num_tokens: int, expected_count: int) -> None:

@@ -28,6 +28,23 @@ def test_shipped_scenarios_load(path: Path) -> None:
     ("name: x\npasses: {period_s: 10, duration_s: 20}\n", "duration_s"),
     ("sensors: {count: 2}\n", "name"),
     ("name: [unclosed\n", "not valid YAML"),
+    # settings that would change nothing are refused, naming themselves
+    ("name: x\nlinks: {trainer: {rate_bps: 1.0e9, loss: 0.1}}\n", "trainer.loss"),
+    ("name: x\nlinks: {trainer: {rate_bps: 1.0e9, frame_bytes: 64}}\n", "trainer.frame_bytes"),
+    ("name: x\nlinks: {downlink: {rate_bps: 9600, budget: {frequency_hz: 2.2e9, eirp_dbw: 0,"
+     " gt_dbk: 0, bandwidth_hz: 1.0e6}}}\n", "budget needs an `orbits`"),
+    ("name: x\nlinks: {downlink: {rate_bps: 9600, frame_bytes: 64}}\n", "frame_bytes has no"),
+    ("name: x\nsensors: {mask: {kind: fixed, max_cloud: 0.5}}\n", "max_cloud only apply"),
+    ("name: x\nsensors: {mask: {kind: none, ratio: 0.75}}\n", "ratio has no effect"),
+    ("name: x\nsensors: {payload: {kind: patches, cls_dtype: int8}}\n", "cls_dtype"),
+    ("name: x\nsensors: {onboard_flops: 1.0e9}\n", "onboard_flops"),
+    ("name: x\ntraining: {strategy: local_sgd, subnet_scale: k}\n", "subnet_scale"),
+    ("name: x\nencoder: {seed: 3}\n", "encoder.seed"),
+    ("name: x\nsensors: {mask: {kind: clouds, cover_mean: 0.1, overcast_share: 0.5}}\n",
+     "infeasible"),
+    ("name: x\nsensors: {count: 1}\npasses: {period_s: 100, duration_s: 10}\norbits: "
+     "{walker: {planes: 1, per_plane: 1, altitude_km: 500, inclination_deg: 50}, "
+     "stations: [{name: a, lat_deg: 0, lon_deg: 0}]}\n", "`passes` has no effect"),
 ])
 def test_bad_scenarios_name_the_problem(tmp_path: Path, text: str, needle: str) -> None:
     path = tmp_path / "bad.yaml"
@@ -58,3 +75,28 @@ def test_a_tle_path_is_found_beside_the_scenario(tmp_path: Path) -> None:
     scenario = load(path)
     assert scenario.orbits is not None
     assert scenario.orbits.tle == str((tmp_path / "sub" / "c.tle").resolve())
+
+
+def test_loss_without_orbits_takes_effect_and_clouds_resolve(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("name: x\nlinks: {downlink: {rate_bps: 9600, loss: 0.1, frame_bytes: 64}}"
+                    "\nsensors: {mask: {kind: clouds, preset: ocean, roughness: 0.3}}\n")
+    cfg = ground_station_config(load(path), tmp_path)
+    assert cfg.sensor.mask.clouds.cover_mean == 0.72  # the ocean preset...
+    assert cfg.sensor.mask.clouds.roughness == 0.3  # ...with its roughness overridden
+
+
+def test_random_masks_send_one_copy_per_epoch(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("name: x\nsensors: {mask: {kind: random}}\ntraining: {epochs: 7}\n")
+    assert ground_station_config(load(path), tmp_path).sensor.mask.copies == 7
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.name)
+def test_a_resolved_scenario_loads_again(tmp_path: Path, path: Path) -> None:
+    """config.yaml spells every default out: none of them counts as a no-effect setting."""
+    from sim.scenario import dump
+
+    out = tmp_path / "config.yaml"
+    out.write_text(dump(load(path)))
+    assert load(out) == load(path)
