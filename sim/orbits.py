@@ -6,7 +6,8 @@ times in one C call) in the TEME frame and are rotated to Earth-fixed coordinate
 Greenwich mean sidereal time (IAU 1982, polar motion ignored). A station's elevation angle is
 measured in its topocentric frame on the WGS-84 ellipsoid. Contact windows are found on a
 coarse grid, their edges refined by bisection to `tol_s`, their peak elevation by a golden
-section search.
+section search; a pass that clears the minimum only between grid points is found by that same
+search from the sampled elevation's local maxima.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ WGS84_F = 1 / 298.257223563
 WGS84_E2 = WGS84_F * (2 - WGS84_F)
 SGP4_EPOCH_JD = 2433281.5  # sgp4init counts epoch days from 1949 December 31 00:00 UT
 GOLDEN = (math.sqrt(5) - 1) / 2
+EARTH_RATE_RAD_S = 7.2921150e-5  # sidereal rotation, IERS
 
 
 class OrbitError(ValueError):
@@ -242,8 +244,10 @@ def contact_windows(sats: Sequence[Satellite], stations: Sequence[Station], epoc
                     chunk: int = 200) -> list[Contact]:
     """Every interval in [0, duration_s] when a satellite is at or above a station's minimum
     elevation, sorted by start. Edges are refined to within `tol_s`; a window that is open at
-    0 or at `duration_s` is cut there. Passes shorter than `step_s` that fall between two grid
-    points can be missed: pick `step_s` below the shortest pass that matters."""
+    0 or at `duration_s` is cut there. A pass that clears the minimum only between two grid
+    points is found from the sampled elevation's local maxima, down to about 0.5 s long (the
+    peak search's resolution); `step_s` should stay well below a quarter of the orbital
+    period, so that a grid step holds at most one turn of the elevation."""
     if duration_s <= 0 or step_s <= 0 or tol_s <= 0:
         raise OrbitError("duration_s, step_s and tol_s must be > 0")
     if not stations:
@@ -255,32 +259,76 @@ def contact_windows(sats: Sequence[Satellite], stations: Sequence[Station], epoc
     for first in range(0, len(sats), chunk):  # bounded memory for big constellations
         group = sats[first : first + chunk]
         pos = ecef_positions_km(group, epoch, times)  # (S, T, 3)
-        above = np.stack([elevation_deg(pos, st) >= st.min_elevation_deg
-                          for st in stations], axis=1)  # (S, N, T)
+        el = np.stack([elevation_deg(pos, st) for st in stations], axis=1)  # (S, N, T)
+        above = el >= sites.min_el[:, None]
+        hidden = _hidden_peaks(group, sites, pos, el, above, step_s)
+        busy = np.asarray((above | hidden).any(axis=(1, 2)))  # (S,)
         for i, sat in enumerate(group):
-            if above[i].any():
-                out += _windows(sat, stations, sites, epoch_jd, times, above[i], tol_s)
+            if busy[i]:
+                out += _windows(sat, stations, sites, epoch_jd, times, above[i], hidden[i],
+                                tol_s)
     out.sort(key=lambda c: (c.start_s, c.satellite, c.station))
     return out
 
 
+def _hidden_peaks(group: Sequence[Satellite], sites: _Sites, pos: np.ndarray, el: np.ndarray,
+                  above: np.ndarray, step_s: float) -> np.ndarray:
+    """(S, N, T) sampled maxima of elevation `el` below the minimum whose pass may clear it
+    between grid points. Within a step of a sample at range rho the line of sight turns no
+    faster than k = v / (rho - v step); a peak d after a sample and step - d before its
+    neighbour is at most k d above the one and k (step - d) above the other, so at most
+    (e[i] + e[neighbour] + k step) / 2. That drops most sampled maxima (passes far below
+    the horizon) before any search."""
+    hidden = _local_maxima(el) & ~above
+    s, n, t = np.nonzero(hidden)
+    last = el.shape[-1] - 1
+    before, after = np.where(t > 0, t - 1, 1), np.where(t < last, t + 1, last - 1)  # T >= 2
+    neighbour = np.maximum(el[s, n, before], el[s, n, after])
+    rho = np.linalg.norm(pos[s, t] - sites.ecef[n], axis=-1)
+    reach = np.array([_speed_bound_km_s(sat) for sat in group])[s] * step_s  # km
+    turn = np.degrees(reach / np.maximum(rho - reach, 1e-9))  # k step, ~inf when in reach
+    hidden[s, n, t] = (el[s, n, t] + neighbour + turn) / 2 >= sites.min_el[n]
+    return hidden
+
+
+def _speed_bound_km_s(sat: Satellite) -> float:
+    """An upper bound on the satellite's Earth-fixed speed: the two-body speed at perigee
+    plus the Earth's rotation at apogee, 5% over for SGP4's perturbations (and WGS-72's mu)."""
+    rec = sat.satrec
+    a, r_p, r_a = (rec.radiusearthkm * x for x in (rec.a, 1 + rec.altp, 1 + rec.alta))
+    return 1.05 * (math.sqrt(MU_KM3_S2 * (2 / r_p - 1 / a)) + EARTH_RATE_RAD_S * r_a)
+
+
+def _local_maxima(el: np.ndarray) -> np.ndarray:
+    """Samples (..., T) above the sample before and at least the sample after (an end
+    compares with its one neighbour). If the curve turns once between grid points, its
+    maximum lies within one step of such a sample: a peak just past a sample on the rise
+    shows as the next sample being the last before the fall. A tie e[i] == e[i+1] means the
+    curve turns between them, so the first of the two is flagged (its neighbours bracket
+    the turn), and a plateau once, not once a sample."""
+    rises = np.diff(el, axis=-1) > 0  # (..., T-1)
+    peak = np.empty(el.shape, bool)
+    peak[..., 0] = ~rises[..., 0]
+    peak[..., 1:-1] = rises[..., :-1] & ~rises[..., 1:]
+    peak[..., -1] = rises[..., -1]
+    return peak
+
+
 def _windows(sat: Satellite, stations: Sequence[Station], sites: _Sites, epoch_jd: float,
-             times: np.ndarray, above: np.ndarray, tol_s: float) -> list[Contact]:
+             times: np.ndarray, above: np.ndarray, hidden: np.ndarray,
+             tol_s: float) -> list[Contact]:
     """One satellite's windows at every station: all edges of all stations bisected at once,
-    then all peaks searched at once (one SGP4 call per iteration)."""
+    then the peaks of the windows and of the `hidden` sampled maxima (N, T) searched at once
+    (one SGP4 call per iteration); a hidden maximum whose peak clears the minimum is a
+    window, its edges bisected from the peak."""
     edges = np.diff(above.astype(np.int8), axis=1)  # (N, T-1)
     st_rise, i_rise = np.nonzero(edges == 1)  # in view from i + 1
     st_set, i_set = np.nonzero(edges == -1)  # in view until i
     idx = np.concatenate([st_rise, st_set])
     rising = np.concatenate([np.ones(len(st_rise), bool), np.zeros(len(st_set), bool)])
-    lo = np.concatenate([times[i_rise], times[i_set]])
-    hi = np.concatenate([times[i_rise + 1], times[i_set + 1]])
-    while len(lo) and float(np.max(hi - lo)) > tol_s:
-        mid = (lo + hi) / 2
-        up = sites.elevation(_positions_one(sat, epoch_jd, mid), idx) >= sites.min_el[idx]
-        move_hi = up == rising  # rising: below at lo, above at hi; setting: the reverse
-        hi, lo = np.where(move_hi, mid, hi), np.where(move_hi, lo, mid)
-    edge_t = np.where(rising, hi, lo)  # the in-view side of each crossing
+    edge_t = _bisect(sat, sites, epoch_jd, idx, rising,
+                     np.concatenate([times[i_rise], times[i_set]]),
+                     np.concatenate([times[i_rise + 1], times[i_set + 1]]), tol_s)
     starts_all = {n: sorted(edge_t[(idx == n) & rising]) for n in range(len(stations))}
     ends_all = {n: sorted(edge_t[(idx == n) & ~rising]) for n in range(len(stations))}
     pairs: list[tuple[int, float, float]] = []
@@ -288,17 +336,45 @@ def _windows(sat: Satellite, stations: Sequence[Station], sites: _Sites, epoch_j
         starts = ([0.0] if above[n, 0] else []) + [float(t) for t in starts_all[n]]
         ends = [float(t) for t in ends_all[n]] + ([float(times[-1])] if above[n, -1] else [])
         pairs += [(n, a, b) for a, b in zip(starts, ends, strict=True)]
-    if not pairs:
+    st_h, i_h = np.nonzero(hidden)
+    lo_h = times[np.maximum(i_h - 1, 0)]  # every sample in [lo_h, hi_h] is below the minimum
+    hi_h = times[np.minimum(i_h + 1, len(times) - 1)]
+    probes = pairs + list(zip(st_h.tolist(), lo_h.tolist(), hi_h.tolist(), strict=True))
+    if not probes:
         return []
-    peaks = _peaks(sat, sites, epoch_jd, pairs)
-    return [Contact(sat.name, stations[n].name, a, b, float(e))
-            for (n, a, b), e in zip(pairs, peaks, strict=True)]
+    peak_t, peak_el = _peaks(sat, sites, epoch_jd, probes)
+    out = [Contact(sat.name, stations[n].name, a, b, float(e))
+           for (n, a, b), e in zip(pairs, peak_el[: len(pairs)], strict=True)]
+    clear = peak_el[len(pairs) :] >= sites.min_el[st_h]
+    if clear.any():  # grazing passes: below at lo_h and hi_h, in view at the peak
+        n_g, t_g, el_g = st_h[clear], peak_t[len(pairs) :][clear], peak_el[len(pairs) :][clear]
+        k = len(n_g)
+        rising = np.arange(2 * k) < k  # k rising edges in [lo_h, peak], then k setting
+        edge_g = _bisect(sat, sites, epoch_jd, np.concatenate([n_g, n_g]), rising,
+                         np.concatenate([lo_h[clear], t_g]),
+                         np.concatenate([t_g, hi_h[clear]]), tol_s)
+        out += [Contact(sat.name, stations[n].name, float(a), float(b), float(e))
+                for n, a, b, e in zip(n_g, edge_g[:k], edge_g[k:], el_g, strict=True)]
+    return out
+
+
+def _bisect(sat: Satellite, sites: _Sites, epoch_jd: float, idx: np.ndarray,
+            rising: np.ndarray, lo: np.ndarray, hi: np.ndarray, tol_s: float) -> np.ndarray:
+    """Horizon crossings of station `idx` in [lo, hi], all at once, to within `tol_s`: a
+    rising one is below at lo and in view at hi, a setting one the reverse. Returns the
+    in-view side of each."""
+    while len(lo) and float(np.max(hi - lo)) > tol_s:
+        mid = (lo + hi) / 2
+        up = sites.elevation(_positions_one(sat, epoch_jd, mid), idx) >= sites.min_el[idx]
+        move_hi = up == rising
+        hi, lo = np.where(move_hi, mid, hi), np.where(move_hi, lo, mid)
+    return np.asarray(np.where(rising, hi, lo))
 
 
 def _peaks(sat: Satellite, sites: _Sites, epoch_jd: float,
-           pairs: list[tuple[int, float, float]]) -> np.ndarray:
-    """Highest elevation in each window, by golden-section search to ~0.5 s (a pass has one
-    maximum), checked against the window's edges."""
+           pairs: list[tuple[int, float, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Time and elevation of the highest point in each interval, by golden-section search to
+    ~0.5 s (a pass has one maximum), checked against the interval's ends."""
     idx = np.array([n for n, _, _ in pairs])
     a = np.array([s for _, s, _ in pairs])
     b = np.array([e for _, _, e in pairs])
@@ -309,9 +385,12 @@ def _peaks(sat: Satellite, sites: _Sites, epoch_jd: float,
                              np.concatenate([idx, idx]))
         left = el[: len(c)] >= el[len(c) :]
         b, a = np.where(left, d, b), np.where(left, a, c)
-    probe = np.concatenate([start, (a + b) / 2, end])
-    el = sites.elevation(_positions_one(sat, epoch_jd, probe), np.concatenate([idx] * 3))
-    return np.asarray(el.reshape(3, -1).max(0))
+    probe = np.stack([start, (a + b) / 2, end])  # (3, P)
+    el = sites.elevation(_positions_one(sat, epoch_jd, probe.ravel()),
+                         np.concatenate([idx] * 3)).reshape(3, -1)
+    best = el.argmax(0)
+    cols = np.arange(len(idx))
+    return probe[best, cols], el[best, cols]
 
 
 def utc(epoch: datetime, seconds: float) -> str:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import csv
 import math
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,10 +14,11 @@ import yaml
 
 from sim import orbits
 from sim.cli import main
-from sim.orbits import OrbitError, Station, contact_windows, walker_delta
-from sim.scenario import Scenario
+from sim.orbits import Contact, OrbitError, Station, contact_windows, walker_delta
+from sim.scenario import Scenario, load
 
 EPOCH = datetime(2026, 3, 20, 12, 0, tzinfo=UTC)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _subpoint_lon_deg(sat: orbits.Satellite, t: float) -> tuple[float, float]:
@@ -94,6 +96,98 @@ def test_elevations_and_windows_match_skyfield(tmp_path: Path) -> None:
         edges = [e for c in mine for e in (c.start_s, c.end_s) if 0 < e < 86400.0]
         assert len(edges) == len(theirs)
         assert np.max(np.abs(np.array(edges) - np.array(theirs))) < 3.0
+
+
+def _skyfield_windows(api: Any, lines: list[str], st: Station, epoch: datetime,
+                      duration_s: float) -> list[tuple[float, float]]:
+    """skyfield's windows of one three-line set, cut at 0 and `duration_s` like ours."""
+    ts = api.load.timescale(builtin=True)
+    sf = api.EarthSatellite(lines[1], lines[2], lines[0], ts)
+    t0, t1 = ts.from_datetime(epoch), ts.from_datetime(epoch + timedelta(seconds=duration_s))
+    times, events = sf.find_events(api.wgs84.latlon(st.lat_deg, st.lon_deg, st.alt_m), t0, t1,
+                                   altitude_degrees=st.min_elevation_deg)
+    rises = [(t - t0) * 86400.0 for t, ev in zip(times, events, strict=True) if ev == 0]
+    sets = [(t - t0) * 86400.0 for t, ev in zip(times, events, strict=True) if ev == 2]
+    if sets and (not rises or sets[0] < rises[0]):
+        rises.insert(0, 0.0)
+    if len(rises) > len(sets):
+        sets.append(duration_s)
+    return list(zip(rises, sets, strict=True))
+
+
+def _by_pair(windows: list[Contact]) -> dict[tuple[str, str], list[tuple[float, float]]]:
+    pairs: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for c in windows:
+        pairs.setdefault((c.satellite, c.station), []).append((c.start_s, c.end_s))
+    return pairs
+
+
+def test_pleo_grazing_passes_between_grid_points_match_skyfield(tmp_path: Path) -> None:
+    """The reported case: over 24 h, pleo.yaml's sat-56 clears wallops's 10° for ~5.3 s
+    between two points of the 30 s grid. Every window skyfield finds for the exported TLEs
+    (120 satellites x 4 stations) is found, edges within 1.5 s (tolerance 1 s, the in-view
+    side, plus the two models' ~0.02°)."""
+    api = pytest.importorskip("skyfield.api")
+    scenario = load(ROOT / "scenarios" / "pleo.yaml")
+    assert scenario.orbits is not None
+    o, day = scenario.orbits, 86400.0
+    sats, sites = orbits.constellation(scenario), orbits.stations(scenario)
+    orbits.write_tle(sats, tmp_path / "c.tle")  # as `sparsat contacts --tle-out` does
+    lines = (tmp_path / "c.tle").read_text().splitlines()
+
+    windows = contact_windows(sats, sites, o.epoch, day, o.step_s, o.tolerance_s)
+
+    theirs = {(lines[3 * k], st.name): _skyfield_windows(api, lines[3 * k : 3 * k + 3], st,
+                                                         o.epoch, day)
+              for k in range(len(sats)) for st in sites}
+    ours = _by_pair(windows)
+    assert set(ours) <= {k for k, w in theirs.items() if w}
+    for key, expected in theirs.items():
+        found = np.array(ours.get(key, [])).reshape(-1, 2)
+        assert len(found) == len(expected), key
+        if len(found):
+            assert np.max(np.abs(found - np.array(expected))) < 1.5, key
+            assert np.all(found[1:, 0] > found[:-1, 1]), key  # apart, in order
+    assert [c.start_s for c in windows] == sorted(c.start_s for c in windows)
+    grazing = [(a, b) for a, b in theirs[("sat-56", "wallops")] if b - a < o.step_s]
+    assert len(grazing) == 1 and 5.0 < grazing[0][1] - grazing[0][0] < 5.6
+    mine = [c for c in windows if (c.satellite, c.station) == ("sat-56", "wallops")
+            and abs(c.start_s - grazing[0][0]) < 1.0 and abs(c.end_s - grazing[0][1]) < 1.0]
+    assert len(mine) == 1 and 10.0 <= mine[0].max_elevation_deg < 10.05
+
+
+def test_a_coarse_grid_finds_every_window_a_fine_grid_finds() -> None:
+    """A 120 s grid misses no window that a 1 s grid finds (13 are shorter than 120 s; the
+    grid alone missed 6 of them), edges within the tolerance, peaks within 0.02° (the peak
+    search stops at 0.5 s, ~0.013° near the zenith)."""
+    sats = walker_delta(4, 5, 1, 550.0, 53.0, EPOCH)
+    sites = [Station("wallops", 37.94, -75.46, 10.0, 10.0),
+             Station("kiruna", 67.86, 20.96, 400.0, 5.0),
+             Station("punta-arenas", -52.94, -70.85, 30.0, 5.0)]
+
+    fine = contact_windows(sats, sites, EPOCH, 86400.0, step_s=1.0, tol_s=1.0)
+    coarse = contact_windows(sats, sites, EPOCH, 86400.0, step_s=120.0, tol_s=1.0)
+
+    assert sum(c.duration_s < 120.0 for c in fine) >= 10
+    assert len(coarse) == len(fine)
+    for c in fine:
+        match = [m for m in coarse if (m.satellite, m.station) == (c.satellite, c.station)
+                 and abs(m.start_s - c.start_s) <= 1.0 and abs(m.end_s - c.end_s) <= 1.0]
+        assert len(match) == 1, c
+        assert match[0].max_elevation_deg == pytest.approx(c.max_elevation_deg, abs=0.02)
+
+
+def test_sampled_maxima_flag_one_sample_per_turn() -> None:
+    """Strictly above the sample before, at least the one after: a plateau is flagged once,
+    at its first sample, whose neighbours bracket the turn; an end counts against its one
+    neighbour."""
+    el = np.array([[1.0, 2.0, 2.0, 1.0, 0.0, 0.0, 3.0, 3.0],
+                   [3.0, 3.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0],
+                   [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]])
+
+    peaks = orbits._local_maxima(el)
+
+    assert [np.nonzero(row)[0].tolist() for row in peaks] == [[1, 6], [0, 5], [7]]
 
 
 def test_walker_delta_spacing() -> None:
