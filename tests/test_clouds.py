@@ -215,3 +215,13 @@ def test_example_figure_writes_a_png(tmp_path: Path) -> None:
     path = tmp_path / "clouds.png"
     example_figure(path, PRESETS["land"], n=3, sizes=(28, 64), seed=0)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sparsat_clouds_writes_a_picture_and_refuses_bad_input(tmp_path: Path) -> None:
+    from sim.cli import main
+
+    out = tmp_path / "m.png"
+    assert main(["clouds", "--out", str(out), "--preset", "ocean", "--n", "2",
+                 "--size", "16"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["clouds", "--out", str(out), "--roughness", "2"]) == 2  # one-line error
