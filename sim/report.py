@@ -81,7 +81,7 @@ def _groups_line(results: dict[str, Any]) -> str:
 
 def _compute(results: dict[str, Any]) -> str:
     c = results.get("compute") or {}
-    parts = [f"{name.replace('_', ' ')} {v['sim_s']:,.1f} s" for name, v in c.items()
+    parts = [f"{name.replace('_', ' ')} {v['sim_s']:,.3g} s" for name, v in c.items()
              if isinstance(v, dict) and v.get("sim_s")]
     return f"  (compute: {', '.join(parts)})" if parts else ""
 
