@@ -32,11 +32,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +81,11 @@ class WorkerBytes:
 
 class CallFailed(RuntimeError):
     """A trainer call that failed, or came back with a reply that makes no sense; `bytes`
-    holds what did cross the wire before it failed."""
+    holds what did cross the wire before it failed, with the error."""
 
     def __init__(self, message: str, bytes: WorkerBytes) -> None:
         super().__init__(message)
-        self.bytes = bytes
+        self.bytes = replace(bytes, error=message)
 
 
 @dataclass
@@ -156,7 +155,7 @@ class TrainerClient:
             reply = self.stub.LoadDataset(iter(outbox), timeout=timeout_s)
         except grpc.RpcError as e:
             raise CallFailed(f"dataset upload: {_describe(e)}", WorkerBytes(
-                self.node_id, outbox.bytes, 0, "", wall_s=time.monotonic() - t0)) from e
+                self.node_id, outbox.bytes, 0, wall_s=time.monotonic() - t0)) from e
         size = WorkerBytes(self.node_id, outbox.bytes, wire_size(reply),
                            wall_s=time.monotonic() - t0)
         if reply.rows != len(x):
@@ -315,7 +314,7 @@ class Coordinator:
                 uploads.append(futures[w.node_id].result())
             except CallFailed as e:
                 self._fail(w, epoch, str(e))
-                uploads.append(_failed(e))  # what went out before it failed is charged
+                uploads.append(e.bytes)  # what went out before it failed is charged
                 continue
             with self._lock:
                 self._loaded[w.node_id] = dataset_id
@@ -323,11 +322,6 @@ class Coordinator:
         return ok, uploads
 
     # ---- rounds ------------------------------------------------------------------------------
-
-    def rounds_per_epoch(self, n_rows: int) -> int:
-        """Rounds of a pass over `n_rows` rows with all K workers live."""
-        cfg = self.cfg
-        return math.ceil(n_rows / (cfg.num_workers * cfg.local_steps * cfg.batch_size))
 
     def train_epoch(self, epoch: int, test_x: torch.Tensor, test_y: torch.Tensor,
                     groups: dict[str, torch.Tensor] | None = None) -> EpochResult:
@@ -367,8 +361,7 @@ class Coordinator:
         offset = self._progress.todo[0][0] if self._progress and self._progress.todo else 0
         total = 0
         for w in range(k):
-            job = self._job(w, self.params, state, 1.0, epoch,
-                            stable_seed(cfg.seed, "order", epoch), (offset + w * rows, rows))
+            job = self._job(w, self.params, state, 1.0, epoch, (offset + w * rows, rows))
             total += sum(wire_size(m) for m in serde.split_request(
                 serde.train_job_to_pb(job), CHUNK_BYTES))
             reply = pb.TrainReply(params=serde.params_to_pb(self.params),
@@ -378,13 +371,18 @@ class Coordinator:
             total += wire_size(reply)
         return total
 
+    def _order_seed(self, epoch: int) -> int:
+        """Seed of the epoch's row order (node.training.epoch_order), sent to the trainers."""
+        return stable_seed(self.cfg.seed, "order", epoch)
+
     def _job(self, w: int, params: ist.Params, state: AdamState | None, scale: float,
-             epoch: int, order_seed: int, rows: tuple[int, int]) -> serde.TrainJob:
+             epoch: int, rows: tuple[int, int]) -> serde.TrainJob:
+        """Worker w's job: train `params` on rows [offset, offset + n) of the epoch's order."""
         cfg = self.cfg
         offset, n = rows
-        return serde.TrainJob(self._dataset_of(max(epoch, 1))[0], self.round, w,
-                              steps_for(n, cfg.batch_size), cfg.batch_size, cfg.lr, order_seed,
-                              params, state, scale, offset, n)
+        return serde.TrainJob(self._dataset_of(epoch)[0], self.round, w,
+                              steps_for(n, cfg.batch_size), cfg.batch_size, cfg.lr,
+                              self._order_seed(epoch), params, state, scale, offset, n)
 
     def _start_epoch(self, epoch: int, n_rows: int) -> _Progress:
         resumed, self._resumed = self._resumed, None
@@ -439,9 +437,7 @@ class Coordinator:
             pieces = [ist.subnet(self.params, part, w) for w in range(k)]
             states = [_slice_state(self.state, part, w) for w in range(k)]
         scale = float(k) if cfg.strategy == "ist" and cfg.subnet_scale == "k" else 1.0
-        order_seed = stable_seed(cfg.seed, "order", epoch)
-        jobs = [self._job(w, pieces[w], states[w], scale, epoch, order_seed, slices[w])
-                for w in range(k)]
+        jobs = [self._job(w, pieces[w], states[w], scale, epoch, slices[w]) for w in range(k)]
         futures = [self._pool.submit(t.train, job, cfg.round_timeout_s)
                    for t, job in zip(workers, jobs, strict=True)]
         done: dict[int, tuple[ist.Params, AdamState | None]] = {}
@@ -452,14 +448,14 @@ class Coordinator:
                 params, moments, loss, size = f.result()
             except CallFailed as e:  # or a reply that makes no sense
                 self._fail(t, epoch, str(e))
-                sizes.append(_failed(e))
+                sizes.append(e.bytes)
                 progress.todo.append(slices[w])  # its rows are trained later this epoch
                 continue
             done[w] = (params, moments)
             progress.losses.append(loss)
             progress.samples_trained += size.rows
             offset, n = slices[w]
-            seen[self._order(len(seen), order_seed)[offset : offset + n]] = True
+            seen[self._order(len(seen), jobs[w].seed)[offset : offset + n]] = True
             sizes.append(size)
         self._merge(part, done)
         progress.rounds.append(sizes)
@@ -555,10 +551,6 @@ def _slice_state(state: AdamState | None, part: ist.Partition, w: int) -> AdamSt
         return None
     return AdamState(ist.subnet(state.exp_avg, part, w), ist.subnet(state.exp_avg_sq, part, w),
                      ist.subnet(state.step, part, w)).compact()
-
-
-def _failed(e: CallFailed) -> WorkerBytes:
-    return WorkerBytes(**{**asdict(e.bytes), "error": str(e)})
 
 
 def _describe(e: BaseException) -> str:

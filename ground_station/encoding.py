@@ -100,9 +100,10 @@ def encode_split(dataset: ImageDataset, split: str, name: str, mask: MaskSpec,
         caps = [capture(eval_mask, dataset.image(int(indices[r])), grid, ids[r]) for r in rows]
         covers[start : rows.stop] = [c.cover for c in caps]
         use = [(r, c) for r, c in zip(rows, caps, strict=True) if len(c.visible)]
-        kept[[r for r, _ in use]] = True
+        used = [r for r, _ in use]
+        kept[used] = True
         if use:
-            features[[r for r, _ in use]] = encoder.encode_canvases(
+            features[used] = encoder.encode_canvases(
                 [masked_canvas(c.image, grid, c.visible) for _, c in use],
                 [c.visible for _, c in use], batch_size)
             flops += sum(encode_flops(encoder.cfg, len(c.visible)) for _, c in use)

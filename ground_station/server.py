@@ -252,8 +252,6 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             train_tokens=len(self.train_tokens.labels) if self.train_tokens else 0,
             test_tokens=len(self.test_tokens.labels) if self.test_tokens else 0,
             test_skipped=self.test_tokens.skipped if self.test_tokens else 0,
-            encode_flops=self.train_tokens.flops if self.train_tokens else 0,
-            encode_wall_s=self.train_tokens.wall_s if self.train_tokens else 0.0,
             test_encode_flops=self.test_tokens.flops if self.test_tokens else 0,
         )
 

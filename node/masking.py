@@ -20,15 +20,15 @@ Kinds:
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 
 from node.clouds import PRESETS, CloudSpec, scene_clouds, token_cover
 
 MaskKind = Literal["none", "fixed", "random", "clouds"]
-KINDS = ("none", "fixed", "random", "clouds")
+KINDS: tuple[str, ...] = get_args(MaskKind)
 CLOUD_VALUE = 255  # cloud tops are bright: what the sensor records under a cloud
 COPY_SEP = "#"
 
@@ -54,9 +54,6 @@ class MaskSpec:
                              f"(kind {self.kind!r}, copies {self.copies})")
         if not 0.0 <= self.max_cloud < 1.0:
             raise ValueError(f"max_cloud must be in [0, 1), got {self.max_cloud}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -107,16 +107,17 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
 
     def _build(self, sat: Satellite, keys: list[Key]) -> None:
         grid = self.grid
-        ids = [copy_id(sample_id(self.cfg.dataset.name, "train", i), c) for i, c in keys]
-        caps = [capture(self.cfg.mask, self.dataset.image(i), grid, sid)
-                for (i, _), sid in zip(keys, ids, strict=True)]
-        usable = [k for k, c in zip(keys, caps, strict=True) if len(c.visible)]
-        if len(usable) < len(keys):  # nothing to send: out of the queue, counted
-            sat.skipped += len(keys) - len(usable)
-            gone = set(keys) - set(usable)
+        scenes = []  # (key, sample id, capture) of the scenes with something to send
+        for key in keys:
+            sid = copy_id(sample_id(self.cfg.dataset.name, "train", key[0]), key[1])
+            cap = capture(self.cfg.mask, self.dataset.image(key[0]), grid, sid)
+            if len(cap.visible):
+                scenes.append((key, sid, cap))
+        if len(scenes) < len(keys):  # nothing to send: out of the queue, counted
+            sat.skipped += len(keys) - len(scenes)
+            gone = set(keys) - {key for key, _, _ in scenes}
             sat.pending = deque(k for k in sat.pending if k not in gone)
-        ids = [sid for sid, c in zip(ids, caps, strict=True) if len(c.visible)]
-        caps = [c for c in caps if len(c.visible)]
+        caps = [cap for _, _, cap in scenes]
         payloads: list[serde.PatchData | serde.ClsData]
         if self.cfg.payload == "patches":
             payloads = [encode_patches(c.image, grid, c.visible) for c in caps]
@@ -132,9 +133,9 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             for tok in tokens:
                 data, scale = quantize_token(tok, self.cfg.cls_dtype)
                 payloads.append(serde.ClsData(data, self.cfg.cls_dtype, len(tok), scale))
-        for (i, c), sid, p in zip(usable, ids, payloads, strict=True):
-            sample = serde.SampleData(sid, sat.sat_id, self.dataset.label(i), p)
-            sat.built[(i, c)] = serde.sample_to_pb(sample)
+        for (key, sid, _), p in zip(scenes, payloads, strict=True):
+            sample = serde.SampleData(sid, sat.sat_id, self.dataset.label(key[0]), p)
+            sat.built[key] = serde.sample_to_pb(sample)
 
     def _message(self, sat: Satellite, pos: int) -> pb.Sample | None:
         """The message at queue position `pos`, built when needed; None past the end."""

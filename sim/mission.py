@@ -155,9 +155,7 @@ class MissionControl:
             yield from self._onboard(sat_id, report)
             if sent or report.ack_bytes:
                 # acks share the satellite's radio link: half duplex, charged after the data
-                on_air = retransmitted(sent + report.ack_bytes, down.loss, down.frame_bytes, rng)
-                self.tally.retransmitted_bytes += on_air - sent - report.ack_bytes
-                yield env.process(link.transfer(on_air))
+                yield env.process(link.transfer(self._on_air(sent + report.ack_bytes, rng)))
             if report.error_code:
                 failures += 1
                 self._check_failure(sat_id, report, failures)
@@ -205,9 +203,7 @@ class MissionControl:
                         max_samples=TRANSMIT_MAX_SAMPLES))
                     sent = self._count(report, bar)
                     yield from self._onboard(sat.name, report)
-                    delivered = sent + report.ack_bytes
-                    on_air = retransmitted(delivered, down.loss, down.frame_bytes, rng)
-                    t.retransmitted_bytes += on_air - delivered
+                    on_air = self._on_air(sent + report.ack_bytes, rng)
                     if on_air:
                         seconds = latency + 8.0 * on_air / rate
                         radio.bytes += on_air
@@ -239,6 +235,13 @@ class MissionControl:
         rng_km = float(orbits.slant_range_km(pos, self._sites[station])[0])
         rate = self._budget.rate_bps(rng_km) if self._budget is not None else down.rate_bps
         return rate, rng_km / C_KM_S + down.latency_s
+
+    def _on_air(self, delivered: int, rng: random.Random) -> int:
+        """Bytes on the air to deliver `delivered` over the lossy downlink; resends tallied."""
+        down = self.s.links.downlink
+        on_air = retransmitted(delivered, down.loss, down.frame_bytes, rng)
+        self.tally.retransmitted_bytes += on_air - delivered
+        return on_air
 
     def _onboard(self, sat_id: str, report: pb.TransmitReport
                  ) -> Generator[simpy.Event, Any, None]:
@@ -364,16 +367,14 @@ class MissionControl:
             except grpc.RpcError:
                 unreachable.append(n.node_id)
                 continue
+            entry = {"sent": int(h.bytes_sent), "received": int(h.bytes_received),
+                     "base_sent": 0, "base_received": 0, "instance": h.instance}
             old = self.tally.node_bytes.get(n.node_id)
-            base = {"sent": 0, "received": 0}
-            if old is not None and old["instance"] != h.instance:
-                base = {"sent": old["sent"] + old["base_sent"],
-                        "received": old["received"] + old["base_received"]}
-            elif old is not None:
-                base = {"sent": old["base_sent"], "received": old["base_received"]}
-            out[n.node_id] = {"sent": int(h.bytes_sent), "received": int(h.bytes_received),
-                              "base_sent": base["sent"], "base_received": base["received"],
-                              "instance": h.instance}
+            if old is not None:
+                restarted = old["instance"] != h.instance
+                for k in ("sent", "received"):
+                    entry[f"base_{k}"] = old[f"base_{k}"] + (old[k] if restarted else 0)
+            out[n.node_id] = entry
         for node_id, old in self.tally.node_bytes.items():  # gone since: keep what it had
             out.setdefault(node_id, old)
         return out, unreachable

@@ -368,7 +368,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("samples_stored", "samples_received", "duplicates", "rejected", "downlink_bytes_received", "train_tokens", "test_tokens", "test_skipped", "encode_flops", "encode_wall_s", "test_encode_flops")
+    __slots__ = ("samples_stored", "samples_received", "duplicates", "rejected", "downlink_bytes_received", "train_tokens", "test_tokens", "test_skipped", "test_encode_flops")
     SAMPLES_STORED_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
@@ -377,8 +377,6 @@ class StatsReply(_message.Message):
     TRAIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEST_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEST_SKIPPED_FIELD_NUMBER: _ClassVar[int]
-    ENCODE_FLOPS_FIELD_NUMBER: _ClassVar[int]
-    ENCODE_WALL_S_FIELD_NUMBER: _ClassVar[int]
     TEST_ENCODE_FLOPS_FIELD_NUMBER: _ClassVar[int]
     samples_stored: int
     samples_received: int
@@ -388,7 +386,5 @@ class StatsReply(_message.Message):
     train_tokens: int
     test_tokens: int
     test_skipped: int
-    encode_flops: int
-    encode_wall_s: float
     test_encode_flops: int
-    def __init__(self, samples_stored: _Optional[int] = ..., samples_received: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ..., downlink_bytes_received: _Optional[int] = ..., train_tokens: _Optional[int] = ..., test_tokens: _Optional[int] = ..., test_skipped: _Optional[int] = ..., encode_flops: _Optional[int] = ..., encode_wall_s: _Optional[float] = ..., test_encode_flops: _Optional[int] = ...) -> None: ...
+    def __init__(self, samples_stored: _Optional[int] = ..., samples_received: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ..., downlink_bytes_received: _Optional[int] = ..., train_tokens: _Optional[int] = ..., test_tokens: _Optional[int] = ..., test_skipped: _Optional[int] = ..., test_encode_flops: _Optional[int] = ...) -> None: ...
