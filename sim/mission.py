@@ -74,6 +74,9 @@ class Tally:
         k: {"flops": 0, "sim_s": 0.0, "wall_s": 0.0}
         for k in ("onboard_encoder", "ground_encoder", "trainers")})
     node_bytes: dict[str, dict[str, Any]] = field(default_factory=dict)  # at the last save
+    # measured wall seconds of each stage (contacts: finding the contact windows)
+    stage_wall_s: dict[str, float] = field(default_factory=lambda: {
+        k: 0.0 for k in ("contacts", "downlink", "prepare", "training")})
 
     @property
     def total_bytes(self) -> int:
@@ -289,16 +292,21 @@ class MissionControl:
 
         yield downlink_done
         bar.close()
+        stage = self.tally.stage_wall_s
         if not self.resume:
             self.tally.downlink_done_s = self.env.now
+            stage["downlink"] += time.monotonic() - self._downlink_wall0
             self.save_state(links)
+        t0 = time.monotonic()
         flops, wall_s = self._prepare()
+        stage["prepare"] += time.monotonic() - t0
         if not self.resume or not self.tally.compute["ground_encoder"]["flops"]:
             c = self.tally.compute["ground_encoder"]
             c.update(flops=flops, sim_s=flops / self.s.training.ground_flops, wall_s=wall_s)
             yield self.env.timeout(c["sim_s"])  # the encoder stage, before training starts
         epochs = range(self.epochs_done + 1, self.s.training.epochs + 1)
         for epoch in tqdm(epochs, desc="training", unit="epoch", disable=not self.show_progress):
+            t0 = time.monotonic()
             report = pb_to_epoch(self.mission.TrainEpoch(pb.TrainEpochRequest(epoch=epoch)))
             self.tally.local_sgd_round_bytes = report.local_sgd_round_bytes
             # dataset uploads, then rounds: workers in parallel, each on its own link
@@ -338,6 +346,7 @@ class MissionControl:
                 "sim_time_s": self.env.now,
             })
             self.epochs_done = epoch
+            stage["training"] += time.monotonic() - t0
             self.save_state(links)
             self.on_epoch(self.tally.history[-1])
 
@@ -406,8 +415,10 @@ class MissionControl:
         b = s.links.downlink.budget
         self._budget = (LinkBudget(b.frequency_hz, b.eirp_dbw, b.gt_dbk, b.bandwidth_hz,
                                    s.links.downlink.rate_bps, b.losses_db) if b else None)
+        t0 = time.monotonic()
         windows = orbits.contact_windows(sats, sites, o.epoch, o.horizon_h * 3600.0, o.step_s,
                                          o.tolerance_s)
+        self.tally.stage_wall_s["contacts"] += time.monotonic() - t0
         antennas = {st.name: simpy.Resource(self.env, capacity=st.antennas)
                     for st in o.stations}
         for st in o.stations:
@@ -500,6 +511,7 @@ class MissionControl:
             passes = PeriodicPasses(p.period_s, p.duration_s, offset)
             sats.append(self.env.process(self.satellite(
                 sat, stubs[host_of[sat].node_id], dlinks[sat], passes, bar)))
+        self._downlink_wall0 = time.monotonic()
         try:
             trainer = self.env.process(self.training(self.env.all_of(sats), tlinks, bar))
             self.env.run(until=trainer)
@@ -529,6 +541,7 @@ class MissionControl:
             "sim_time_s": self.env.now,
             "downlink_done_s": t.downlink_done_s,
             "wall_time_s": t.wall_time_s + time.monotonic() - wall0,
+            "stage_wall_s": t.stage_wall_s,
             "resumed": t.resumed,
             "samples": {"sent": t.downlink_messages, "stored": int(stats.samples_stored),
                         # distinct stored rows used, and rows used over all epochs
