@@ -51,10 +51,10 @@ class SizeOnlySensor:
         n = min(self.left, request.max_bytes // (SAMPLE_BYTES + ACK_BYTES),
                 request.max_samples or self.left)
         self.left -= n
-        return pb.TransmitReport(
-            satellite_id=request.satellite_id, message_bytes=[SAMPLE_BYTES] * n, acked=n,
+        return pb.TransmitReport(  # one batch per sample: the old protocol's sizes
+            satellite_id=request.satellite_id, batch_bytes=[SAMPLE_BYTES] * n, acked=n, sent=n,
             remaining=self.left, next_bytes=SAMPLE_BYTES + ACK_BYTES if self.left else 0,
-            ack_bytes=ACK_BYTES * n)
+            ack_bytes=[ACK_BYTES] * n)
 
 
 def downlink_only(n_sats: int, hours: float, step: float, samples: int) -> dict[str, object]:

@@ -1,22 +1,34 @@
-"""Ingest: validate each downlinked sample, store it once, ack it.
+"""Ingest: check every sample of a downlinked batch, so a bad one is refused alone.
 
-Validation is a plain function on decoded samples; the servicer in server.py only maps its
-errors to INVALID_ARGUMENT. Nothing is stored unless every check passes.
+Validation is a plain function on a decoded batch (node.serde.BatchData); the servicer in
+server.py stores what passes and acks the batch with each refusal's status code and reason.
+The common case (bitmaps on a dataset of one image shape) is checked with numpy, a batch at a
+time; run codes and per-sample shapes go through node.codec one by one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from node.codec import CodecError, PatchData, check_patches, dequantize_token
-from node.masking import split_copy
-from node.serde import ClsData, SampleData
+import grpc
+import numpy as np
 
-MAX_ID_CHARS = 256
+from ground_station.store import Row
+from node.codec import (
+    CodecError,
+    bitmap_bytes,
+    parse_patch_record,
+    tile_sizes,
+)
+from node.serde import BatchData
 
-
-class IngestError(ValueError):
-    """A sample the ground station refuses; the message says which field and why."""
+INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]
+CONFLICT = grpc.StatusCode.ALREADY_EXISTS.value[0]
+_ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
+_Refuse = Callable[[np.ndarray, int, "str | list[str]"], None]
+_BIT_TABLE = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
 
 
 @dataclass(frozen=True)
@@ -26,51 +38,148 @@ class IngestRules:
     dim: int  # encoder width (CLS payloads)
     num_classes: int
     image_shape: tuple[int, int, int] | None  # native (H, W, C) when the dataset fixes it
-    max_sample_bytes: int
-    copies: int = 1  # random masks: ids carry a copy number in [0, copies)
+    n_train: int  # N: an id is copy * N + index into the training split
+    copies: int = 1  # random masks: copies in [0, copies)
+    cls_dtype: str = "float16"
+    # which satellite holds each training image: owner[index] is its position in
+    # `satellites`, -1 for images outside the scenario's subset
+    owner: np.ndarray | None = None
+    satellites: dict[str, int] | None = None
+
+    @property
+    def max_id(self) -> int:
+        return self.copies * self.n_train
 
 
-def max_sample_bytes(image_shape: tuple[int, int, int] | None, grid: int, dim: int) -> int:
-    """Largest honest Sample: every pixel and index, or a float32 token, plus headroom."""
-    pixels = (image_shape[0] * image_shape[1] * image_shape[2]) if image_shape else 4096**2 * 3
-    return max(pixels + 2 * grid * grid, 4 * dim) + 4096
+@dataclass
+class Checked:
+    rows: list[Row]  # samples that passed, to store
+    positions: list[int]  # their positions in the batch
+    rejected: list[tuple[int, int, str]]  # (position, status code value, reason)
 
 
-def validate(sample: SampleData, wire_bytes: int, rules: IngestRules,
-             known_sensors: set[str]) -> None:
-    """Raise IngestError naming the first thing wrong with `sample`."""
-    if wire_bytes > rules.max_sample_bytes:
-        raise IngestError(f"oversize sample: {wire_bytes} bytes > {rules.max_sample_bytes}")
-    if not sample.sample_id or len(sample.sample_id) > MAX_ID_CHARS:
-        raise IngestError(f"sample_id must be 1..{MAX_ID_CHARS} characters")
-    if rules.copies > 1:
+def check_batch(batch: BatchData, satellite: str, rules: IngestRules,
+                known: set[str]) -> Checked:
+    """Split a batch from `satellite` into rows to store and refusals with their reasons."""
+    n = len(batch.ids)
+    reasons: dict[int, tuple[int, str]] = {}
+
+    def refuse(where: np.ndarray, code: int, why: str | list[str]) -> None:
+        for k, pos in enumerate(np.flatnonzero(where).tolist()):
+            reasons.setdefault(pos, (code, why if isinstance(why, str) else why[k]))
+
+    everything = np.ones(n, dtype=bool)
+    structure = _structure(batch, n, rules)
+    if structure:
+        refuse(everything, INVALID, f"batch: {structure}")
+    if satellite not in known:
+        refuse(everything, DENIED, f"satellite {satellite[:64]!r} is not registered")
+    ids = batch.ids
+    refuse(ids < 0, INVALID, f"id out of range: ids are below {rules.max_id} (copies x N "
+                             f"training images) and strictly increase")
+    refuse(batch.repeats, INVALID, "id repeats the one before it")
+    if rules.owner is not None and rules.satellites and satellite in rules.satellites:
+        mine = rules.owner[np.where(ids < 0, 0, ids) % rules.n_train] == rules.satellites[
+            satellite]
+        refuse(~mine & (ids >= 0), DENIED, f"image not held by {satellite}")
+    labels = batch.labels if not structure else np.zeros(n, np.int64)
+    refuse((labels < 0) | (labels >= rules.num_classes), INVALID,
+           f"label out of range [0, {rules.num_classes})")
+    rows: list[Row] = []
+    if not structure:
+        if rules.payload == "patches":
+            rows = _patch_rows(batch, satellite, rules, refuse)
+        else:
+            rows = _cls_rows(batch, satellite, rules, refuse)
+    keep = [k for k in range(len(rows)) if k not in reasons]
+    return Checked([rows[k] for k in keep], keep,
+                   sorted((p, c, r) for p, (c, r) in reasons.items()))
+
+
+def _structure(batch: BatchData, n: int, rules: IngestRules) -> str:
+    """What is wrong with the batch as a whole (fields that disagree on its size), or ''."""
+    if len(batch.labels) != n:
+        return f"{len(batch.labels)} labels for {n} ids"
+    if rules.payload == "patches":
+        if batch.tokens or batch.scales:
+            return "CLS tokens, but this scenario's sensors send patches"
+        if len(batch.patches) != n:
+            return f"{len(batch.patches)} patch payloads for {n} ids"
+        want = 0 if rules.image_shape else 3 * n
+        if len(batch.shapes) != want:
+            return (f"{len(batch.shapes)} shape values, expected {want} (3 per sample only for "
+                    "datasets whose images differ in size)")
+    else:
+        if batch.patches:
+            return "patch payloads, but this scenario's sensors send CLS tokens"
+        size = rules.dim * _ITEMSIZE[rules.cls_dtype]
+        if len(batch.tokens) != n * size:
+            return (f"tokens are {len(batch.tokens)} bytes, {n} {rules.cls_dtype} tokens of "
+                    f"dim {rules.dim} need {n * size}")
+        scales = 4 * n if rules.cls_dtype == "int8" else 0
+        if len(batch.scales) != scales or batch.shapes.size:
+            return f"scales are {len(batch.scales)} bytes, expected {scales}; no shapes"
+    return ""
+
+
+def _patch_rows(batch: BatchData, satellite: str, rules: IngestRules, refuse: _Refuse
+                ) -> list[Row]:
+    g, n = rules.grid, len(batch.ids)
+    records = batch.patches
+    shapes = (np.tile(rules.image_shape, (n, 1)) if rules.image_shape
+              else batch.shapes.reshape(n, 3))
+    ids, labels, sh = batch.ids.tolist(), batch.labels.tolist(), shapes.tolist()
+    rows = [Row(ids[k], satellite, labels[k], bool(batch.runs[k]), sh[k][0], sh[k][1],
+                sh[k][2], 0.0, records[k]) for k in range(n)]
+    fast = ~batch.runs if rules.image_shape else np.zeros(n, dtype=bool)
+    if fast.any():  # bitmaps on one image shape: numpy, the whole batch at once
+        h, w, c = rules.image_shape  # type: ignore[misc]
+        nb = bitmap_bytes(g)
+        at = np.flatnonzero(fast)
+        lens = np.array([len(records[k]) for k in at.tolist()])
+        short = lens < nb
+        refuse(_at(n, at[short]), INVALID, f"visible-token bitmap needs {nb} bytes")
+        at, lens = at[~short], lens[~short]
+        codes = np.frombuffer(b"".join(records[k][:nb] for k in at.tolist()), np.uint8)
+        bits = _BIT_TABLE[codes.reshape(len(at), nb)].reshape(len(at), nb * 8)
+        refuse(_at(n, at[bits[:, g * g :].any(axis=1)]), INVALID,
+               f"visible-token bitmap sets bits past the {g * g} tokens")
+        visible = bits[:, : g * g]
+        refuse(_at(n, at[~visible.any(axis=1)]), INVALID, "no visible tokens")
+        need = visible.astype(np.int64) @ tile_sizes(h, w, g) * c
+        wrong = lens - nb != need
+        refuse(_at(n, at[wrong]), INVALID,
+               [f"pixels: {got} bytes, the visible tiles need {exp}"
+                for got, exp in zip((lens - nb)[wrong].tolist(), need[wrong].tolist(),
+                                    strict=True)])
+    for k in np.flatnonzero(~fast).tolist():
         try:
-            _, copy = split_copy(sample.sample_id)
-        except ValueError as e:
-            raise IngestError(str(e)) from e
-        if copy is None or copy >= rules.copies:
-            raise IngestError(f"sample_id {sample.sample_id!r} must end in #COPY, COPY in "
-                              f"[0, {rules.copies}): random masks send one copy per epoch")
-    if sample.sensor_id not in known_sensors:
-        raise IngestError(f"unknown sensor {sample.sensor_id!r}: not registered")
-    if not 0 <= sample.label < rules.num_classes:
-        raise IngestError(f"label {sample.label} out of range [0, {rules.num_classes})")
-    p = sample.payload
-    try:
-        if isinstance(p, PatchData):
-            if rules.payload != "patches":
-                raise IngestError("patch payload, but this scenario's sensors send CLS tokens")
-            if p.grid != rules.grid:
-                raise IngestError(f"grid {p.grid} does not match the encoder's {rules.grid}")
-            if rules.image_shape and (p.height, p.width, p.channels) != rules.image_shape:
-                raise IngestError(f"image shape {(p.height, p.width, p.channels)} does not match "
-                                  f"the dataset's {rules.image_shape}")
-            check_patches(p)
-        elif isinstance(p, ClsData):
-            if rules.payload != "cls":
-                raise IngestError("CLS payload, but this scenario's sensors send patches")
-            if p.dim != rules.dim:
-                raise IngestError(f"CLS dim {p.dim} does not match the encoder's {rules.dim}")
-            dequantize_token(p.data, p.dtype, p.dim, p.scale)
-    except CodecError as e:
-        raise IngestError(str(e)) from e
+            parse_patch_record(records[k], bool(batch.runs[k]),
+                               (rows[k].height, rows[k].width, rows[k].channels), g)
+        except CodecError as e:
+            refuse(_at(n, np.array([k])), INVALID, str(e))
+    return rows
+
+
+def _cls_rows(batch: BatchData, satellite: str, rules: IngestRules, refuse: _Refuse
+              ) -> list[Row]:
+    n, dim, dtype = len(batch.ids), rules.dim, rules.cls_dtype
+    size = dim * _ITEMSIZE[dtype]
+    if dtype == "int8":
+        scales = np.frombuffer(batch.scales, "<f4").astype(np.float64)
+        refuse(~(np.isfinite(scales) & (scales > 0)), INVALID,
+               "int8 CLS token needs a finite positive scale")
+    else:
+        scales = np.zeros(n)
+        values = np.frombuffer(batch.tokens, "<f4" if dtype == "float32" else "<f2")
+        refuse(~np.isfinite(values.reshape(n, dim)).all(axis=1), INVALID,
+               "CLS token contains NaN or Inf")
+    ids, labels, s = batch.ids.tolist(), batch.labels.tolist(), scales.tolist()
+    return [Row(ids[k], satellite, labels[k], False, 0, 0, 0, s[k],
+                batch.tokens[k * size : (k + 1) * size]) for k in range(n)]
+
+
+def _at(n: int, positions: np.ndarray) -> np.ndarray:
+    where = np.zeros(n, dtype=bool)
+    where[positions] = True
+    return where

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,15 +21,14 @@ import torch
 from ground_station import serde as gs_serde
 from ground_station.config import GroundStationConfig
 from ground_station.coordinator import CheckpointError, Coordinator, TrainerUnavailable
-from ground_station.encoding import TokenSet, encode_samples, encode_split, requantize
-from ground_station.ingest import IngestError, IngestRules, max_sample_bytes, validate
+from ground_station.encoding import TokenCache, TokenSet, encode_rows, encode_split, requantize
+from ground_station.ingest import CONFLICT, INVALID, Checked, IngestRules, check_batch
 from ground_station.store import SampleStore
 from node import encoders
 from node import serde as node_serde
-from node.codec import CodecError
 from node.datasets import load_dataset
-from node.masking import split_copy
 from node.rpc import INSTANCE, ByteCounter, abort, bind, make_server, wire_size
+from node.sensor import shard, train_subset
 from node.training import resolve_device
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
@@ -45,13 +45,13 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         self.bytes = ByteCounter()  # this process's own count (Health)
         self.test_data = load_dataset(cfg.sensor.dataset, "test")
         enc = encoders.config(cfg.sensor.encoder)
+        n_train = len(load_dataset(cfg.sensor.dataset, "train"))
         self.rules = IngestRules(
             payload=cfg.sensor.payload, grid=enc.grid, dim=enc.embed_dim,
             num_classes=self.test_data.num_classes, image_shape=self.test_data.image_shape,
-            max_sample_bytes=max_sample_bytes(self.test_data.image_shape, enc.grid,
-                                              enc.embed_dim),
-            copies=cfg.sensor.mask.copies,
-        )
+            n_train=n_train, copies=cfg.sensor.mask.copies, cls_dtype=cfg.sensor.cls_dtype,
+            owner=_owners(cfg, n_train),
+            satellites={s: k for k, s in enumerate(cfg.sensor.satellites)})
         self.nodes: dict[str, pb.NodeInfo] = {}
         self.known_sensors: set[str] = set()
         self._lock = threading.Lock()  # nodes, tokens, coordinator
@@ -62,23 +62,43 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
 
     # ---- Downlink ------------------------------------------------------------------------
 
-    def Send(self, request_iterator: Iterator[pb.Sample],
-             context: grpc.ServicerContext) -> Iterator[pb.SampleAck]:
+    def Send(self, request_iterator: Iterator[pb.DownlinkBatch],
+             context: grpc.ServicerContext) -> Iterator[pb.BatchAck]:
+        satellite = ""
         for msg in request_iterator:
             size = wire_size(msg)
             self.bytes.add(received=size)
-            try:
-                sample = node_serde.pb_to_sample(msg)
-                validate(sample, size, self.rules, self.known_sensors)
-            except (CodecError, IngestError) as e:
-                self.store.count(rejected=1, received_bytes=size)
-                abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                              f"sample {msg.sample_id!r}: {e}")
-            new = self.store.put(sample.sample_id, sample.sensor_id, sample.label,
-                                 msg.SerializeToString(), size)
-            ack = pb.SampleAck(sample_id=sample.sample_id, duplicate=not new)
+            if not satellite:
+                if not msg.satellite_id:
+                    self.store.count(received_bytes=size, received=len(msg.ids),
+                                     rejected=len(msg.ids))
+                    abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                          "the first batch of a stream must name its satellite")
+                satellite = msg.satellite_id
+            ack = self._ingest(msg, satellite, size)
             self.bytes.add(sent=wire_size(ack))
             yield ack
+
+    def _ingest(self, msg: pb.DownlinkBatch, satellite: str, size: int) -> pb.BatchAck:
+        """Check, store and answer one batch: every sample stored, a duplicate, or refused
+        alone with its reason."""
+        batch = node_serde.pb_to_batch(msg, self.rules.max_id)
+        if msg.satellite_id and msg.satellite_id != satellite:
+            n = len(batch.ids)
+            checked = Checked([], [], [(k, INVALID, "the satellite changed within a stream")
+                                       for k in range(n)])
+        else:
+            checked = check_batch(batch, satellite, self.rules, self.known_sensors)
+        duplicates, conflicts = self.store.put_batch(checked.rows, size, len(batch.ids),
+                                                     len(checked.rejected))
+        rejected = checked.rejected + [
+            (checked.positions[k], CONFLICT, "id stored before with other content")
+            for k in conflicts]
+        for pos, _, reason in rejected[:4]:
+            log.warning("%s: sample at %d refused: %s", satellite[:64], pos, reason)
+        return node_serde.ack_to_pb(node_serde.AckData(
+            stored=len(checked.rows) - len(duplicates) - len(conflicts),
+            duplicates=[checked.positions[k] for k in duplicates], rejected=sorted(rejected)))
 
     # ---- Registry and Health --------------------------------------------------------------
 
@@ -133,8 +153,8 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
 
     def _prepare(self, context: grpc.ServicerContext) -> Iterator[pb.Progress]:
         cfg = self.cfg
-        messages = list(self.store.messages())  # a snapshot: samples may still arrive
-        if not messages:
+        version = self.store.version()  # a snapshot: samples may still arrive
+        if not version[0]:
             abort(context, grpc.StatusCode.FAILED_PRECONDITION, "no samples stored yet")
         self._trainer_nodes(context)  # fail early, before the long encoding
         try:
@@ -149,28 +169,44 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         def progress(stage: str) -> Callable[[int, int], None]:
             return lambda done, n: updates.append(pb.Progress(stage=stage, done=done, total=n))
 
-        samples = (node_serde.pb_to_sample(pb.Sample.FromString(m)) for m in messages)
+        cache = TokenCache(Path(cfg.store_dir) / "tokens", encoder, cfg)
         # Encoding runs in a worker thread so progress can stream while it works.
         result: dict[str, TokenSet] = {}
         errors: list[BaseException] = []
 
+        def stage(name: str, key: object, compute: Callable[[], TokenSet]) -> TokenSet:
+            t0 = time.perf_counter()
+            tokens = cache.get(name, key)
+            if tokens is None:
+                tokens = compute()
+                cache.put(name, key, tokens)
+                wall_s, cached = tokens.wall_s, False
+            else:
+                wall_s, cached = time.perf_counter() - t0, True
+            n = len(tokens.labels) + tokens.skipped
+            updates.append(pb.Progress(stage=name, done=n, total=n, flops=tokens.flops,
+                                       wall_s=wall_s, cached=cached))
+            return tokens
+
         def work() -> None:
             try:
-                result["train"] = encode_samples(samples, len(messages), encoder,
-                                                 cfg.encode_batch, progress("encode train"))
-                updates.append(pb.Progress(stage="encode train", done=len(messages),
-                                           total=len(messages), flops=result["train"].flops,
-                                           wall_s=result["train"].wall_s))
-                test = encode_split(
-                    self.test_data, "test", cfg.sensor.dataset.name, cfg.sensor.mask, encoder,
-                    cfg.encode_batch, cfg.test_subset, cfg.sensor.train_indices_seed,
-                    progress("encode test"))
-                if cfg.sensor.payload == "cls":
-                    # train tokens were quantized on the satellites: evaluate like for like
-                    test.features = requantize(test.features, cfg.sensor.cls_dtype)
-                result["test"] = test
+                n = version[0]
+                result["train"] = stage("encode train", version, lambda: encode_rows(
+                    (r for chunk in self.store.rows(upto=version[2]) for r in chunk), n,
+                    encoder, cfg.encode_batch, cfg.sensor.cls_dtype, progress("encode train")))
+                result["test"] = stage("encode test", "test", test_split)
             except BaseException as e:  # reported to the caller below
                 errors.append(e)
+
+        def test_split() -> TokenSet:
+            test = encode_split(
+                self.test_data, "test", cfg.sensor.dataset.name, cfg.sensor.mask, encoder,
+                cfg.encode_batch, cfg.test_subset, cfg.sensor.train_indices_seed,
+                progress("encode test"))
+            if cfg.sensor.payload == "cls":
+                # train tokens were quantized on the satellites: evaluate like for like
+                test.features = requantize(test.features, cfg.sensor.cls_dtype)
+            return test
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
@@ -187,7 +223,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         coord = Coordinator(cfg.training, encoder.dim, self.test_data.num_classes,
                             cfg.checkpoint_dir)
         try:
-            coord.set_datasets(_per_copy(train, cfg.sensor.mask.copies))
+            coord.set_datasets(_per_copy(train, cfg.sensor.mask.copies, self.rules.n_train))
         except ValueError as e:
             abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"training data: {e}")
         if cfg.resume:
@@ -256,13 +292,24 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         )
 
 
-def _per_copy(train: TokenSet, copies: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def _owners(cfg: GroundStationConfig, n_train: int) -> np.ndarray:
+    """owner[index]: the position of the satellite holding training image `index`, or -1."""
+    sats = cfg.sensor.satellites
+    owner = np.full(n_train, -1, dtype=np.int32)
+    subset = train_subset(n_train, cfg.sensor.train_subset, cfg.sensor.train_indices_seed)
+    for k in range(len(sats)):
+        owner[shard(subset, k, len(sats))] = k
+    return owner
+
+
+def _per_copy(train: TokenSet, copies: int, n_train: int
+              ) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """The token datasets epochs train on: one, or with random masks one per copy (epoch e
     trains on copy e - 1), each named by its size and a digest of its features."""
     if copies == 1:
         parts = [train]
     else:
-        copy_of = np.array([split_copy(i)[1] for i in train.sample_ids])
+        copy_of = train.ids // n_train
         parts = [train.subset(np.flatnonzero(copy_of == c)) for c in range(copies)]
         empty = [c for c, p in enumerate(parts) if not len(p.labels)]
         if empty:

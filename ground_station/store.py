@@ -1,9 +1,10 @@
-"""The sample store: accepted samples on disk, idempotent by sample_id.
+"""The sample store: accepted samples on disk, idempotent by their compact id.
 
-SQLite gives us durability and a primary key for free: a sample is acked only after its row
-is committed, and a retried sample_id is recognised, never stored twice. The ingest counters
-(messages and bytes received, duplicates, rejections) are committed with each sample, so a
-ground station restarted on the same store reports the whole run's figures.
+SQLite gives us durability and a primary key for free: a batch's new samples are committed
+together before the batch is acked, and an id stored before is recognised, never stored twice
+(the same content again is a duplicate; other content under a stored id is refused). The ingest
+counters (samples and bytes received, duplicates, rejections) are committed with each batch, so
+a ground station restarted on the same store reports the whole run's figures.
 """
 
 from __future__ import annotations
@@ -12,10 +13,25 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 
 class StoreMismatchError(ValueError):
     pass
+
+
+class Row(NamedTuple):
+    """One stored sample: its payload as it arrived (node.serde.Payload) and its sender."""
+
+    id: int
+    satellite: str
+    label: int
+    runs: bool  # patches: the visible-token code is runs
+    height: int  # patches; 0 for CLS tokens
+    width: int
+    channels: int
+    scale: float  # int8 CLS tokens
+    data: bytes
 
 
 class SampleStore:
@@ -25,13 +41,18 @@ class SampleStore:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False)
         # WAL + synchronous=NORMAL: a commit survives a crash of this process; one fsync per
-        # checkpoint instead of per sample keeps ingest fast.
+        # checkpoint instead of per batch keeps ingest fast.
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}
+        if "samples" in tables:  # sparsat before the batched downlink: text sample ids
+            raise StoreMismatchError(f"{path} was written by an older sparsat (one message per "
+                                     "sample); use another --store directory or delete it")
         self._db.execute(
-            "CREATE TABLE IF NOT EXISTS samples (sample_id TEXT PRIMARY KEY, sensor_id TEXT"
-            " NOT NULL, label INTEGER NOT NULL, message BLOB NOT NULL)"
-        )
+            "CREATE TABLE IF NOT EXISTS payloads (id INTEGER PRIMARY KEY, satellite TEXT NOT "
+            "NULL, label INTEGER NOT NULL, runs INTEGER NOT NULL, height INTEGER NOT NULL, "
+            "width INTEGER NOT NULL, channels INTEGER NOT NULL, scale REAL NOT NULL, "
+            "data BLOB NOT NULL)")
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value "
                          "INTEGER NOT NULL)")
@@ -50,19 +71,36 @@ class SampleStore:
                     f"{self.path} holds samples of another scenario configuration; "
                     f"use another --store directory or delete it")
 
-    def put(self, sample_id: str, sensor_id: str, label: int, message: bytes,
-            wire_bytes: int = 0) -> bool:
-        """Store one serialized Sample; False (and nothing written) if sample_id is known.
-        Either way the message is counted as received, with its `wire_bytes`."""
+    def put_batch(self, rows: list[Row], wire_bytes: int, received: int,
+                  rejected: int) -> tuple[list[int], list[int]]:
+        """Store the rows whose id is new, in one transaction with the batch's counters
+        (`received` samples in `wire_bytes`, `rejected` refused before this call). Returns the
+        indices into `rows` of duplicates (same id and content stored before) and of
+        conflicts (another content under a stored id: not stored, counted as rejected)."""
         with self._lock:
-            cur = self._db.execute(
-                "INSERT OR IGNORE INTO samples VALUES (?, ?, ?, ?)",
-                (sample_id, sensor_id, label, message),
-            )
-            new = cur.rowcount == 1
-            self._add({"received": 1, "received_bytes": wire_bytes, "duplicates": int(not new)})
+            stored: dict[int, tuple[int, bytes]] = {}
+            ids = [r.id for r in rows]
+            for start in range(0, len(ids), 500):
+                part = ids[start : start + 500]
+                stored.update((i, (label, bytes(data))) for i, label, data in self._db.execute(
+                    f"SELECT id, label, data FROM payloads WHERE id IN "
+                    f"({','.join('?' * len(part))})", part))
+            duplicates, conflicts, new = [], [], []
+            seen: set[int] = set()
+            for k, r in enumerate(rows):
+                old = stored.get(r.id)
+                if old is None and r.id not in seen:
+                    new.append(r)
+                    seen.add(r.id)
+                elif old is not None and old == (r.label, r.data):
+                    duplicates.append(k)
+                else:
+                    conflicts.append(k)
+            self._db.executemany("INSERT INTO payloads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", new)
+            self._add({"received": received, "received_bytes": wire_bytes,
+                       "duplicates": len(duplicates), "rejected": rejected + len(conflicts)})
             self._db.commit()
-            return new
+            return duplicates, conflicts
 
     def count(self, **deltas: int) -> None:
         """Add to named counters (e.g. rejected=1, received_bytes=n), committed at once."""
@@ -81,14 +119,31 @@ class SampleStore:
 
     def __len__(self) -> int:
         with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM samples").fetchone()[0])
+            return int(self._db.execute("SELECT COUNT(*) FROM payloads").fetchone()[0])
 
-    def messages(self) -> Iterator[bytes]:
-        """Every stored message, ordered by sample_id so downstream order is reproducible."""
+    def version(self) -> tuple[int, int, int]:
+        """(count, sum of ids, largest id): samples are only ever added, so this names the
+        store's content (the encoder stage's cache key)."""
         with self._lock:
-            rows = self._db.execute("SELECT message FROM samples ORDER BY sample_id").fetchall()
-        for (message,) in rows:
-            yield bytes(message)
+            n, total, top = self._db.execute(
+                "SELECT COUNT(*), TOTAL(id), MAX(id) FROM payloads").fetchone()
+        return int(n), int(total), int(top if top is not None else -1)
+
+    def rows(self, chunk: int = 4096, upto: int | None = None) -> Iterator[list[Row]]:
+        """Stored samples in id order, `chunk` rows at a time (memory independent of the
+        store's size); `upto`: only ids up to that one (a snapshot while samples arrive)."""
+        last = -1
+        top = upto if upto is not None else (1 << 62)
+        while True:
+            with self._lock:
+                part = self._db.execute(
+                    "SELECT * FROM payloads WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
+                    (last, top, chunk)).fetchall()
+            if not part:
+                return
+            yield [Row(i, s, y, bool(r), h, w, c, sc, bytes(d))
+                   for i, s, y, r, h, w, c, sc, d in part]
+            last = part[-1][0]
 
     def close(self) -> None:
         with self._lock:

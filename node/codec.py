@@ -105,6 +105,99 @@ def masked_canvas(image: np.ndarray, grid: int, visible_idx: np.ndarray) -> np.n
     return decode_patches(encode_patches(image, grid, visible_idx))
 
 
+# ---- visible-token codes ----------------------------------------------------------------
+# Which tokens a patch payload carries: a bitmap of the g x g grid (token t is bit t % 8 of
+# byte t // 8), or runs (varints alternating hidden, visible, hidden..., the first may be 0,
+# summing to g*g), whichever is smaller. Both are self-delimiting given g, so the pixels
+# follow the code in the same bytes field.
+
+
+def bitmap_bytes(grid: int) -> int:
+    return (grid * grid + 7) // 8
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _runs(visible: np.ndarray, n_tokens: int) -> list[int]:
+    mask = np.zeros(n_tokens, dtype=np.int8)
+    mask[np.asarray(visible, dtype=np.int64)] = 1
+    changes = np.flatnonzero(mask[1:] != mask[:-1]) + 1
+    runs = np.diff([0, *changes.tolist(), n_tokens]).tolist()
+    return runs if mask[0] == 0 else [0, *runs]  # the first run is a hidden one
+
+
+def encode_visible(visible: np.ndarray, grid: int) -> tuple[bytes, bool]:
+    """(code, is_runs): the smaller of the bitmap and the run code (the bitmap on a tie)."""
+    n_tokens = grid * grid
+    bits = np.zeros(bitmap_bytes(grid) * 8, dtype=np.uint8)
+    bits[np.asarray(visible, dtype=np.int64)] = 1
+    bitmap = np.packbits(bits, bitorder="little").tobytes()
+    runs = b"".join(_varint(r) for r in _runs(visible, n_tokens))
+    return (runs, True) if len(runs) < len(bitmap) else (bitmap, False)
+
+
+_BIT_TABLE = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
+
+
+def decode_visible(record: bytes, runs: bool, grid: int) -> tuple[np.ndarray, int]:
+    """(visible indices uint16, code length) from the start of `record`."""
+    n_tokens = grid * grid
+    if not runs:
+        nb = bitmap_bytes(grid)
+        if len(record) < nb:
+            raise CodecError(f"visible-token bitmap needs {nb} bytes, the payload has "
+                             f"{len(record)}")
+        bits = _BIT_TABLE[np.frombuffer(record, np.uint8, nb)].reshape(-1)
+        if bits[n_tokens:].any():
+            raise CodecError(f"visible-token bitmap sets bits past the {n_tokens} tokens")
+        return np.flatnonzero(bits).astype(np.uint16), nb
+    pos, total, visible, out = 0, 0, False, []
+    while total < n_tokens:
+        first = pos == 0
+        run, shift = 0, 0
+        while True:
+            if pos >= len(record) or shift > 28:
+                raise CodecError("visible-token runs end early or are malformed")
+            byte = record[pos]
+            pos += 1
+            run |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+        if run == 0 and not first:
+            raise CodecError("visible-token runs: only the first run may be empty")
+        if visible:
+            out.append(np.arange(total, total + run))
+        total += run
+        visible = not visible
+    if total != n_tokens:
+        raise CodecError(f"visible-token runs sum to {total}, the grid has {n_tokens} tokens")
+    idx = np.concatenate(out) if out else np.zeros(0, np.int64)
+    return idx.astype(np.uint16), pos
+
+
+def patch_record(data: PatchData) -> tuple[bytes, bool]:
+    """A patch payload as one bytes field: its visible-token code, then its pixels."""
+    code, runs = encode_visible(data.visible_idx, data.grid)
+    return code + data.pixels, runs
+
+
+def parse_patch_record(record: bytes, runs: bool, shape: tuple[int, int, int],
+                       grid: int) -> PatchData:
+    """The PatchData of a record, checked (CodecError names what is wrong)."""
+    visible, n = decode_visible(record, runs, grid)
+    data = PatchData(shape[0], shape[1], shape[2], grid, visible, record[n:])
+    check_patches(data)
+    return data
+
+
 # ---- CLS tokens ---------------------------------------------------------------------------
 
 CLS_DTYPES = ("float32", "float16", "int8")

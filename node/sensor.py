@@ -3,11 +3,15 @@
 Each satellite owns a shard of the training split. When mission control grants it a byte
 budget (Transmit), it masks its next images (clouds drawn in, for natural masks), builds their
 payloads (visible patches, or the CLS token from its own encoder) and streams them to the
-ground station, which acks each one. With `random` masks it queues one freshly masked copy of
-every image per epoch (all first copies, then all second copies...). A scene that clouds leave
-with no usable token is dropped from the queue and counted, never sent.
-A sample stays queued until acked, so a failed or cut transfer is retried with the same
-message (same sample_id, same mask) and the ground station's dedupe keeps the store exact.
+ground station in batches sized to the budget, one ack per batch. With `random` masks it
+queues one freshly masked copy of every image per epoch (all first copies, then all second
+copies...). A scene that clouds leave with no usable token is dropped from the queue and
+counted, never sent.
+A sample stays queued until its batch is acked, so a failed or cut transfer is retried with
+the same payload (same id, same mask) and the ground station's dedupe keeps the store exact; a
+sample the ground station rejects is dropped from the queue and reported with its reason.
+On the wire a sample is a compact id (copy * N + index into the N-image training split), its
+label and its payload (node.serde.Payload); the satellite is named once per stream.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import grpc
 import numpy as np
 
 from node import encoders, serde
-from node.codec import encode_patches, masked_canvas, quantize_token
+from node.codec import CodecError, encode_patches, masked_canvas, quantize_token
 from node.config import SensorConfig
 from node.datasets import ImageDataset, load_dataset
 from node.masking import capture, copy_id
@@ -43,11 +47,8 @@ log = logging.getLogger("sparsat.sensor")
 
 CLS_BATCH = 64  # CLS payloads are encoded this many at a time
 SEND_TIMEOUT_S = 60.0  # one Transmit's stream, at most TRANSMIT_MAX_SAMPLES samples
-
-
-def exchange_bytes(msg: pb.Sample) -> int:
-    """Link bytes of one sample and its ack (a duplicate's ack, the larger of the two)."""
-    return wire_size(msg) + wire_size(pb.SampleAck(sample_id=msg.sample_id, duplicate=True))
+BATCH_BYTES = 64 * 1024  # default largest batch, its ack's room included
+MAX_REJECTIONS = 16  # reasons reported per Transmit
 
 
 def train_subset(n_train: int, subset: int | None, seed: int) -> np.ndarray:
@@ -72,7 +73,7 @@ class Satellite:
         self.sat_id = sat_id
         self.pending: deque[Key] = deque(
             (int(i), c if copies > 1 else None) for c in range(copies) for i in indices)
-        self.built: dict[Key, pb.Sample] = {}  # messages built and not yet acked
+        self.built: dict[Key, serde.Payload] = {}  # payloads built and not yet acked
         self.skipped = 0  # scenes with no usable token, not yet reported
         self.encode_flops = 0  # on-board encoding not yet reported
         self.encode_s = 0.0
@@ -118,9 +119,13 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             gone = set(keys) - {key for key, _, _ in scenes}
             sat.pending = deque(k for k in sat.pending if k not in gone)
         caps = [cap for _, _, cap in scenes]
-        payloads: list[serde.PatchData | serde.ClsData]
+        ids = [key[0] + (key[1] or 0) * len(self.dataset) for key, _, _ in scenes]
+        labels = [self.dataset.label(key[0]) for key, _, _ in scenes]
         if self.cfg.payload == "patches":
-            payloads = [encode_patches(c.image, grid, c.visible) for c in caps]
+            with_shape = self.dataset.image_shape is None
+            for key, i, y, c in zip([k for k, _, _ in scenes], ids, labels, caps, strict=True):
+                sat.built[key] = serde.patch_payload(
+                    i, y, encode_patches(c.image, grid, c.visible), with_shape)
         else:
             assert self.encoder is not None
             t0 = time.perf_counter()
@@ -129,16 +134,13 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             sat.encode_s += time.perf_counter() - t0
             sat.encode_flops += sum(encoders.encode_flops(self.encoder.cfg, len(c.visible))
                                     for c in caps)
-            payloads = []
-            for tok in tokens:
+            for (key, _, _), i, y, tok in zip(scenes, ids, labels, tokens, strict=True):
                 data, scale = quantize_token(tok, self.cfg.cls_dtype)
-                payloads.append(serde.ClsData(data, self.cfg.cls_dtype, len(tok), scale))
-        for (key, sid, _), p in zip(scenes, payloads, strict=True):
-            sample = serde.SampleData(sid, sat.sat_id, self.dataset.label(key[0]), p)
-            sat.built[key] = serde.sample_to_pb(sample)
+                sat.built[key] = serde.cls_payload(
+                    i, y, serde.ClsData(data, self.cfg.cls_dtype, len(tok), scale))
 
-    def _message(self, sat: Satellite, pos: int) -> pb.Sample | None:
-        """The message at queue position `pos`, built when needed; None past the end."""
+    def _message(self, sat: Satellite, pos: int) -> serde.Payload | None:
+        """The payload at queue position `pos`, built when needed; None past the end."""
         while pos < len(sat.pending):
             key = sat.pending[pos]
             if key in sat.built:
@@ -152,7 +154,7 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
 
     def Transmit(self, request: pb.TransmitRequest,
                  context: grpc.ServicerContext) -> pb.TransmitReport:
-        """Send whole samples (and room for their acks) within the byte budget.
+        """Send whole batches (each with room for its ack) within the byte budget.
 
         A failed stream is reported, not raised: the bytes already sent were spent, and the
         unacked samples stay queued, so mission control charges them and retries later.
@@ -162,54 +164,103 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             abort(context, grpc.StatusCode.NOT_FOUND,
                   f"{request.satellite_id!r} is not hosted by {self.node_id}")
         with sat.lock:
-            batch: list[pb.Sample] = []
-            budget = request.max_bytes
-            while request.max_samples == 0 or len(batch) < request.max_samples:
-                msg = self._message(sat, len(batch))
-                if msg is None or exchange_bytes(msg) > budget:
-                    break
-                budget -= exchange_bytes(msg)
-                batch.append(msg)
+            batches = self._batches(sat, request)
             report = pb.TransmitReport(satellite_id=sat.sat_id)
-            if batch:
-                self._send(sat, batch, report)
+            if batches:
+                self._send(sat, batches, report)
             head = self._message(sat, 0)
             report.remaining = len(sat.pending)
-            report.next_bytes = exchange_bytes(head) if head is not None else 0
+            report.next_bytes = self._alone(sat, head) if head is not None else 0
             report.skipped, report.encode_flops, report.encode_s = (
                 sat.skipped, sat.encode_flops, sat.encode_s)
             sat.skipped, sat.encode_flops, sat.encode_s = 0, 0, 0.0
             return report
 
-    def _send(self, sat: Satellite, batch: list[pb.Sample], report: pb.TransmitReport) -> None:
-        acked_ids: set[str] = set()
-        outbox = Outbox(batch)
+    def _builder(self, sat: Satellite, first: bool) -> serde.BatchBuilder:
+        cls = self.cfg.payload == "cls"
+        return serde.BatchBuilder(sat.sat_id if first else "", cls,
+                                  cls and self.cfg.cls_dtype == "int8")
+
+    def _alone(self, sat: Satellite, p: serde.Payload) -> int:
+        """Link bytes of a stream carrying only `p`, and its ack."""
+        return self._builder(sat, True).wire_size(p) + serde.ack_room(1)
+
+    def _batches(self, sat: Satellite, request: pb.TransmitRequest) -> list[serde.BatchBuilder]:
+        """The next queued samples, in batches of at most `batch_bytes` (a sample too big for
+        one goes alone) whose sizes and acks' room fit `max_bytes`."""
+        limit = request.batch_bytes or BATCH_BYTES
+        left = request.max_bytes  # what the batches before the current one leave
+        batches: list[serde.BatchBuilder] = []
+        count = 0
+        while request.max_samples == 0 or count < request.max_samples:
+            p = self._message(sat, count)
+            if p is None:
+                break
+            cur = batches[-1] if batches else None
+            if cur is not None:
+                size = cur.wire_size(p) + serde.ack_room(len(cur.items) + 1)
+                if size <= min(limit, left):
+                    cur.add(p)
+                    count += 1
+                    continue
+                left -= cur.wire_size() + serde.ack_room(len(cur.items))
+            new = self._builder(sat, cur is None)
+            if new.wire_size(p) + serde.ack_room(1) > left:
+                break
+            new.add(p)
+            batches.append(new)
+            count += 1
+        return batches
+
+    def _send(self, sat: Satellite, batches: list[serde.BatchBuilder],
+              report: pb.TransmitReport) -> None:
+        msgs = [b.to_pb() for b in batches]
+        acks: list[pb.BatchAck] = []
+        outbox = Outbox(msgs)
         try:
             # wait_for_ready: ride out a reconnect instead of failing at once
             for ack in self.downlink.Send(iter(outbox), wait_for_ready=True,
                                           timeout=SEND_TIMEOUT_S):
                 size = wire_size(ack)
                 self.bytes.add(received=size)
-                report.ack_bytes += size
-                acked_ids.add(ack.sample_id)
-                report.duplicates += int(ack.duplicate)
+                report.ack_bytes.append(size)
+                acks.append(ack)
         except grpc.RpcError as e:
             report.error_code = e.code().value[0]
             report.error = str(e.details())
-            log.warning("%s: downlink failed after %d acks: %s", sat.sat_id, len(acked_ids),
-                        e.details())
-        # what went out: the messages whose write completed, and any acked (an ack proves it)
-        acked_at = max((i + 1 for i, m in enumerate(batch) if m.sample_id in acked_ids),
-                       default=0)
-        for msg in batch[: max(outbox.written, acked_at)]:
+            log.warning("%s: downlink failed after %d of %d batches: %s", sat.sat_id,
+                        len(acks), len(msgs), e.details())
+        # what went out: the batches whose write completed, and any acked (an ack proves it)
+        for msg in msgs[: max(outbox.written, len(acks))]:
             size = wire_size(msg)
             self.bytes.add(sent=size)
-            report.message_bytes.append(size)
-        report.acked = len(acked_ids)
-        done = {i for i, m in sat.built.items() if m.sample_id in acked_ids}
-        sat.pending = deque(i for i in sat.pending if i not in done)
-        for i in done:
-            del sat.built[i]
+            report.batch_bytes.append(size)
+            report.sent += len(msg.ids)
+        done: set[int] = set()  # ids answered: stored, duplicate or rejected
+        for batch, ack in zip(batches, acks, strict=False):
+            try:
+                answer = serde.pb_to_ack(ack, len(batch.items))
+            except CodecError as e:  # the batch stays queued: sent again, deduplicated
+                report.error_code = grpc.StatusCode.INTERNAL.value[0]
+                report.error = f"ground station sent a bad ack: {e}"
+                continue
+            done.update(p.id for p in batch.items)
+            report.acked += len(batch.items)
+            report.duplicates += len(answer.duplicates)
+            report.rejected += len(answer.rejected)
+            for pos, _, reason in answer.rejected:
+                if len(report.rejections) < MAX_REJECTIONS:
+                    report.rejections.append(f"{batch.items[pos].id}: {reason}")
+                log.warning("%s: sample %d rejected: %s", sat.sat_id, batch.items[pos].id,
+                            reason)
+        if len(acks) > len(batches):
+            report.error_code = grpc.StatusCode.INTERNAL.value[0]
+            report.error = f"{len(acks)} acks for {len(batches)} batches"
+        keys = [k for k, p in sat.built.items() if p.id in done]
+        for k in keys:
+            del sat.built[k]
+        gone = set(keys)
+        sat.pending = deque(k for k in sat.pending if k not in gone)
 
     def Check(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         return pb.HealthReply(node_id=self.node_id, role=pb.SENSOR, ready=True,

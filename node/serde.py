@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from node.codec import CodecError, PatchData
-from node.rpc import wire_size
+from node.codec import CodecError, PatchData, patch_record
+from node.rpc import GRPC_FRAME_BYTES, wire_size
 from node.training import AdamState
 from proto.sparsat.v1 import sparsat_pb2 as pb
 
@@ -78,7 +78,7 @@ def pb_to_params(named: Iterable[pb.NamedTensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-# ---- samples --------------------------------------------------------------------------------
+# ---- downlink batches -----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -90,54 +90,156 @@ class ClsData:
 
 
 @dataclass(frozen=True)
-class SampleData:
-    sample_id: str
-    sensor_id: str
+class Payload:
+    """One sample as it travels in a DownlinkBatch."""
+
+    id: int  # copy * N + index into the training split of N images
     label: int
-    payload: PatchData | ClsData
+    data: bytes  # patches: visible-token code + pixels (node.codec.patch_record); CLS: token
+    runs: bool = False  # patches: the code is runs, not a bitmap
+    scale: float = 0.0  # int8 CLS tokens
+    shape: tuple[int, int, int] | None = None  # only datasets whose images differ in size
 
 
-def sample_to_pb(sample: SampleData) -> pb.Sample:
-    msg = pb.Sample(sample_id=sample.sample_id, sensor_id=sample.sensor_id, label=sample.label)
-    p = sample.payload
-    if isinstance(p, PatchData):
-        msg.patches.CopyFrom(
-            pb.PatchPayload(
-                height=p.height, width=p.width, channels=p.channels, grid=p.grid,
-                visible_idx=np.asarray(p.visible_idx, dtype="<u2").tobytes(), pixels=p.pixels,
-            )
-        )
-    else:
-        msg.cls.token.CopyFrom(
-            pb.Tensor(shape=[p.dim], dtype=CLS_DTYPE_NAMES[p.dtype], data=p.data, scale=p.scale)
-        )
+def patch_payload(sample_id: int, label: int, data: PatchData, with_shape: bool) -> Payload:
+    record, runs = patch_record(data)
+    shape = (data.height, data.width, data.channels) if with_shape else None
+    return Payload(sample_id, label, record, runs, shape=shape)
+
+
+def cls_payload(sample_id: int, label: int, token: ClsData) -> Payload:
+    return Payload(sample_id, label, token.data, scale=token.scale)
+
+
+def _varint_len(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def _field(n: int) -> int:
+    """Bytes of a length-delimited field (tag < 16) holding n bytes; 0 when empty."""
+    return 1 + _varint_len(n) + n if n else 0
+
+
+class BatchBuilder:
+    """A DownlinkBatch filled sample by sample, with its exact wire size at every step (the
+    protobuf encoding is arithmetic; tests check it against ByteSize()). Ids must increase."""
+
+    def __init__(self, satellite_id: str, cls: bool = False, int8: bool = False) -> None:
+        self.satellite_id, self.cls, self.int8 = satellite_id, cls, int8
+        self.items: list[Payload] = []
+        # bytes inside: packed ids, labels, shapes; patch fields; tokens; scales; rle bitmap
+        self._sizes = (0, 0, 0, 0, 0, 0, 0)
+
+    def _grown(self, p: Payload) -> tuple[int, int, int, int, int, int, int]:
+        if self.items and p.id <= self.items[-1].id:
+            raise ValueError(f"batch ids must increase: {p.id} after {self.items[-1].id}")
+        ids, labels, shapes, patches, tokens, scales, rle = self._sizes
+        return (ids + _varint_len(p.id - (self.items[-1].id if self.items else 0)),
+                labels + _varint_len(p.label),
+                shapes + (sum(_varint_len(v) for v in p.shape) if p.shape else 0),
+                patches + (0 if self.cls else 1 + _varint_len(len(p.data)) + len(p.data)),
+                tokens + (len(p.data) if self.cls else 0),
+                scales + (4 if self.int8 else 0),
+                len(self.items) // 8 + 1 if p.runs else rle)
+
+    def wire_size(self, adding: Payload | None = None) -> int:
+        """Wire size of the batch (ByteSize + gRPC's frame), with `adding` when given."""
+        ids, labels, shapes, patches, tokens, scales, rle = (
+            self._grown(adding) if adding is not None else self._sizes)
+        return (_field(len(self.satellite_id.encode())) + _field(ids) + _field(labels)
+                + _field(shapes) + patches + _field(rle) + _field(tokens) + _field(scales)
+                + GRPC_FRAME_BYTES)
+
+    def add(self, p: Payload) -> None:
+        self._sizes = self._grown(p)
+        self.items.append(p)
+
+    def to_pb(self) -> pb.DownlinkBatch:
+        items = self.items
+        msg = pb.DownlinkBatch(
+            satellite_id=self.satellite_id,
+            ids=[p.id - (items[i - 1].id if i else 0) for i, p in enumerate(items)],
+            labels=[p.label for p in items],
+            shapes=[v for p in items if p.shape for v in p.shape])
+        if self.cls:
+            msg.tokens = b"".join(p.data for p in items)
+            if self.int8:
+                msg.scales = np.array([p.scale for p in items], "<f4").tobytes()
+        else:
+            msg.patches.extend(p.data for p in items)
+            flags = np.array([p.runs for p in items], dtype=np.uint8)
+            msg.rle = np.packbits(flags, bitorder="little").tobytes().rstrip(b"\0")
+        return msg
+
+
+@dataclass(frozen=True)
+class BatchData:
+    """A DownlinkBatch as plain arrays, structure unchecked (ingest validates it)."""
+
+    satellite_id: str
+    ids: np.ndarray  # (n,) int64, deltas summed; -1 where a delta is too large to be real
+    repeats: np.ndarray  # (n,) bool: the id equals the one before it
+    labels: np.ndarray  # (len(labels),) int64
+    patches: list[bytes]
+    runs: np.ndarray  # (len(patches),) bool
+    shapes: np.ndarray  # (len(shapes),) int64
+    tokens: bytes
+    scales: bytes
+
+
+def pb_to_batch(msg: pb.DownlinkBatch, max_id: int) -> BatchData:
+    """Decode the packed fields; ids at or past `max_id` (or following one) become -1."""
+    deltas = np.array(msg.ids, dtype=np.uint64)
+    big = deltas >= np.uint64(max_id)
+    ids = np.cumsum(np.where(big, 0, deltas).astype(np.int64))
+    ids[np.maximum.accumulate(big) if len(big) else big] = -1
+    ids[ids >= max_id] = -1
+    n_patches = len(msg.patches)
+    runs = np.unpackbits(np.frombuffer(msg.rle, np.uint8), bitorder="little")[:n_patches]
+    return BatchData(
+        satellite_id=msg.satellite_id, ids=ids, repeats=(deltas == 0) & (np.arange(len(ids)) > 0),
+        labels=np.array(msg.labels, dtype=np.int64), patches=list(msg.patches),
+        runs=np.pad(runs, (0, n_patches - len(runs))).astype(bool),
+        shapes=np.array(msg.shapes, dtype=np.int64), tokens=msg.tokens, scales=msg.scales)
+
+
+@dataclass(frozen=True)
+class AckData:
+    stored: int
+    duplicates: list[int]  # positions in the batch
+    rejected: list[tuple[int, int, str]]  # (position, grpc status code value, reason)
+
+
+def ack_to_pb(ack: AckData) -> pb.BatchAck:
+    msg = pb.BatchAck(stored=ack.stored)
+    if ack.duplicates:
+        edges = np.flatnonzero(np.diff(np.concatenate(
+            ([0], np.isin(np.arange(max(ack.duplicates) + 1), ack.duplicates), [0]))))
+        msg.duplicate_runs.extend(np.diff(np.concatenate(([0], edges))).tolist())
+    msg.rejected.extend(pb.Rejected(position=p, code=c, reason=r) for p, c, r in ack.rejected)
     return msg
 
 
-def pb_to_sample(msg: pb.Sample) -> SampleData:
-    """Structural decode; raises CodecError naming the bad field (semantics are checked later)."""
-    kind = msg.WhichOneof("payload")
-    payload: PatchData | ClsData
-    if kind == "patches":
-        p = msg.patches
-        if len(p.visible_idx) % 2:
-            raise CodecError("visible_idx must be packed uint16 (an even number of bytes)")
-        payload = PatchData(
-            height=p.height, width=p.width, channels=p.channels, grid=p.grid,
-            visible_idx=np.frombuffer(p.visible_idx, dtype="<u2").astype(np.uint16),
-            pixels=p.pixels,
-        )
-    elif kind == "cls":
-        t = msg.cls.token
-        if t.dtype not in _CLS_NAME_OF:
-            raise CodecError("CLS token dtype must be FLOAT32, FLOAT16 or INT8")
-        if len(t.shape) != 1:
-            raise CodecError(f"CLS token shape must be (dim,), got {list(t.shape)}")
-        payload = ClsData(data=t.data, dtype=_CLS_NAME_OF[t.dtype], dim=int(t.shape[0]),
-                          scale=float(t.scale))
-    else:
-        raise CodecError("sample has no payload (neither patches nor cls)")
-    return SampleData(msg.sample_id, msg.sensor_id, int(msg.label), payload)
+def pb_to_ack(msg: pb.BatchAck, n: int) -> AckData:
+    """The ack of an n-sample batch; CodecError when it does not describe one."""
+    duplicates: list[int] = []
+    at = 0
+    for i, run in enumerate(msg.duplicate_runs):
+        if i % 2:
+            duplicates += range(at, at + run)
+        at += run
+    if at > n or any(not 0 <= r.position < n for r in msg.rejected):
+        raise CodecError(f"ack names positions past its batch of {n}")
+    rejected = [(int(r.position), int(r.code), str(r.reason)) for r in msg.rejected]
+    if msg.stored + len(duplicates) + len(rejected) != n:
+        raise CodecError(f"ack covers {msg.stored} stored, {len(duplicates)} duplicates and "
+                         f"{len(rejected)} rejected of a batch of {n}")
+    return AckData(int(msg.stored), duplicates, rejected)
+
+
+def ack_room(n: int) -> int:
+    """Wire bytes to set aside for an n-sample batch's ack: all stored, or all duplicates."""
+    return max(wire_size(pb.BatchAck(stored=n)), wire_size(pb.BatchAck(duplicate_runs=[0, n])))
 
 
 # ---- datasets and training -----------------------------------------------------------------

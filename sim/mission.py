@@ -39,7 +39,7 @@ from sim import orbits
 from sim.links import C_KM_S, Link, LinkBudget, PeriodicPasses, retransmitted
 from sim.scenario import Scenario
 
-TRANSMIT_MAX_SAMPLES = 256  # samples per Transmit call: keeps satellites interleaved in time
+TRANSMIT_MAX_SAMPLES = 1024  # samples per Transmit call: keeps satellites interleaved in time
 MAX_DOWNLINK_FAILURES = 5  # consecutive failed streams before a satellite gives up
 REGISTER_TIMEOUT_S = 180.0
 
@@ -51,7 +51,10 @@ class MissionError(RuntimeError):
 @dataclass
 class Tally:
     downlink_bytes: int = 0
-    downlink_messages: int = 0
+    downlink_messages: int = 0  # samples sent, retries included
+    downlink_batches: int = 0
+    rejected: int = 0  # samples the ground station refused
+    rejections: list[str] = field(default_factory=list)  # the first few, "id: reason"
     duplicates: int = 0
     trainer_bytes: int = 0
     per_round_bytes: list[dict[str, Any]] = field(default_factory=list)
@@ -153,12 +156,13 @@ class MissionControl:
             # the budget leaves room for the expected resends of lost frames
             budget = int(link.capacity(end - env.now) * (1 - down.loss))
             report = sensor.Transmit(pb.TransmitRequest(
-                satellite_id=sat_id, max_bytes=budget, max_samples=TRANSMIT_MAX_SAMPLES))
+                satellite_id=sat_id, max_bytes=budget, max_samples=TRANSMIT_MAX_SAMPLES,
+                batch_bytes=down.batch_bytes))
             sent = self._count(report, bar)
             yield from self._onboard(sat_id, report)
-            if sent or report.ack_bytes:
-                # acks share the satellite's radio link: half duplex, charged after the data
-                yield env.process(link.transfer(self._on_air(sent + report.ack_bytes, rng)))
+            # each batch, then its ack: the satellite's radio is half duplex
+            for size in _on_link(report):
+                yield env.process(link.transfer(self._on_air(size, rng)))
             if report.error_code:
                 failures += 1
                 self._check_failure(sat_id, report, failures)
@@ -203,12 +207,14 @@ class MissionControl:
                         break
                     report = sensor.Transmit(pb.TransmitRequest(
                         satellite_id=sat.name, max_bytes=budget,
-                        max_samples=TRANSMIT_MAX_SAMPLES))
+                        max_samples=TRANSMIT_MAX_SAMPLES, batch_bytes=down.batch_bytes))
                     sent = self._count(report, bar)
                     yield from self._onboard(sat.name, report)
-                    on_air = self._on_air(sent + report.ack_bytes, rng)
+                    # each batch, then its ack, each with the link's latency (half duplex)
+                    sizes = [self._on_air(size, rng) for size in _on_link(report)]
+                    on_air = sum(sizes)
                     if on_air:
-                        seconds = latency + 8.0 * on_air / rate
+                        seconds = latency * len(sizes) + 8.0 * on_air / rate
                         radio.bytes += on_air
                         radio.busy_s += seconds
                         station["bytes"] += on_air
@@ -266,11 +272,14 @@ class MissionControl:
         t = self.tally
         t.cloudy_skipped += report.skipped
         bar.update(report.skipped)
-        sent = sum(report.message_bytes)
+        sent = sum(report.batch_bytes)
         t.downlink_bytes += sent
-        t.uplink_bytes += report.ack_bytes
-        t.downlink_messages += len(report.message_bytes)
+        t.uplink_bytes += sum(report.ack_bytes)
+        t.downlink_messages += report.sent
+        t.downlink_batches += len(report.batch_bytes)
         t.duplicates += report.duplicates
+        t.rejected += report.rejected
+        t.rejections += list(report.rejections)[: max(0, 16 - len(t.rejections))]
         bar.update(report.acked - report.duplicates)
         return sent
 
@@ -543,7 +552,9 @@ class MissionControl:
             "wall_time_s": t.wall_time_s + time.monotonic() - wall0,
             "stage_wall_s": t.stage_wall_s,
             "resumed": t.resumed,
-            "samples": {"sent": t.downlink_messages, "stored": int(stats.samples_stored),
+            "samples": {"sent": t.downlink_messages, "batches": t.downlink_batches,
+                        "rejected": t.rejected, "rejections": t.rejections,
+                        "stored": int(stats.samples_stored),
                         # distinct stored rows used, and rows used over all epochs
                         "trained_on": t.distinct_trained, "rows_trained": t.rows_trained,
                         "train_tokens": int(stats.train_tokens),
@@ -575,6 +586,16 @@ class MissionControl:
             "trainer_failures": t.trainer_failures,
             "history": t.history,
         }
+
+
+def _on_link(report: pb.TransmitReport) -> list[int]:
+    """The sizes a Transmit put on the radio, in order: each batch, then its ack."""
+    sizes: list[int] = []
+    for k, batch in enumerate(report.batch_bytes):
+        sizes.append(batch)
+        if k < len(report.ack_bytes):
+            sizes.append(report.ack_bytes[k])
+    return sizes
 
 
 def _round_bytes(t: Tally) -> dict[str, Any]:

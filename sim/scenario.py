@@ -193,6 +193,9 @@ class LinkCfg(Model):
     loss: float = Field(0.0, ge=0, lt=1)  # frame loss probability, lost frames resent
     frame_bytes: int = Field(256, ge=1)
     budget: BudgetCfg | None = None  # orbits only: rate from slant range
+    # largest downlink batch (wire bytes, its ack's room included); a sample too big for one
+    # travels alone. Big batches amortise the per-batch bytes and the link's latency.
+    batch_bytes: int = Field(65536, ge=256, le=16 * 1024 * 1024)
 
 
 class TrainerLinkCfg(Model):

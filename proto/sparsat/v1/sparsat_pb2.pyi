@@ -47,49 +47,45 @@ class Tensor(_message.Message):
     scale: float
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ..., scale: _Optional[float] = ...) -> None: ...
 
-class PatchPayload(_message.Message):
-    __slots__ = ("height", "width", "channels", "grid", "visible_idx", "pixels")
-    HEIGHT_FIELD_NUMBER: _ClassVar[int]
-    WIDTH_FIELD_NUMBER: _ClassVar[int]
-    CHANNELS_FIELD_NUMBER: _ClassVar[int]
-    GRID_FIELD_NUMBER: _ClassVar[int]
-    VISIBLE_IDX_FIELD_NUMBER: _ClassVar[int]
-    PIXELS_FIELD_NUMBER: _ClassVar[int]
-    height: int
-    width: int
-    channels: int
-    grid: int
-    visible_idx: bytes
-    pixels: bytes
-    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., grid: _Optional[int] = ..., visible_idx: _Optional[bytes] = ..., pixels: _Optional[bytes] = ...) -> None: ...
-
-class ClsPayload(_message.Message):
-    __slots__ = ("token",)
-    TOKEN_FIELD_NUMBER: _ClassVar[int]
-    token: Tensor
-    def __init__(self, token: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
-
-class Sample(_message.Message):
-    __slots__ = ("sample_id", "sensor_id", "label", "patches", "cls")
-    SAMPLE_ID_FIELD_NUMBER: _ClassVar[int]
-    SENSOR_ID_FIELD_NUMBER: _ClassVar[int]
-    LABEL_FIELD_NUMBER: _ClassVar[int]
+class DownlinkBatch(_message.Message):
+    __slots__ = ("satellite_id", "ids", "labels", "patches", "rle", "shapes", "tokens", "scales")
+    SATELLITE_ID_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     PATCHES_FIELD_NUMBER: _ClassVar[int]
-    CLS_FIELD_NUMBER: _ClassVar[int]
-    sample_id: str
-    sensor_id: str
-    label: int
-    patches: PatchPayload
-    cls: ClsPayload
-    def __init__(self, sample_id: _Optional[str] = ..., sensor_id: _Optional[str] = ..., label: _Optional[int] = ..., patches: _Optional[_Union[PatchPayload, _Mapping]] = ..., cls: _Optional[_Union[ClsPayload, _Mapping]] = ...) -> None: ...
+    RLE_FIELD_NUMBER: _ClassVar[int]
+    SHAPES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
+    satellite_id: str
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    labels: _containers.RepeatedScalarFieldContainer[int]
+    patches: _containers.RepeatedScalarFieldContainer[bytes]
+    rle: bytes
+    shapes: _containers.RepeatedScalarFieldContainer[int]
+    tokens: bytes
+    scales: bytes
+    def __init__(self, satellite_id: _Optional[str] = ..., ids: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[int]] = ..., patches: _Optional[_Iterable[bytes]] = ..., rle: _Optional[bytes] = ..., shapes: _Optional[_Iterable[int]] = ..., tokens: _Optional[bytes] = ..., scales: _Optional[bytes] = ...) -> None: ...
 
-class SampleAck(_message.Message):
-    __slots__ = ("sample_id", "duplicate")
-    SAMPLE_ID_FIELD_NUMBER: _ClassVar[int]
-    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
-    sample_id: str
-    duplicate: bool
-    def __init__(self, sample_id: _Optional[str] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+class Rejected(_message.Message):
+    __slots__ = ("position", "code", "reason")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    code: int
+    reason: str
+    def __init__(self, position: _Optional[int] = ..., code: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class BatchAck(_message.Message):
+    __slots__ = ("stored", "duplicate_runs", "rejected")
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_RUNS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    stored: int
+    duplicate_runs: _containers.RepeatedScalarFieldContainer[int]
+    rejected: _containers.RepeatedCompositeFieldContainer[Rejected]
+    def __init__(self, stored: _Optional[int] = ..., duplicate_runs: _Optional[_Iterable[int]] = ..., rejected: _Optional[_Iterable[_Union[Rejected, _Mapping]]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("node_id", "role", "address", "satellite_ids", "device")
@@ -156,19 +152,21 @@ class HealthReply(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., ready: _Optional[bool] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class TransmitRequest(_message.Message):
-    __slots__ = ("satellite_id", "max_bytes", "max_samples")
+    __slots__ = ("satellite_id", "max_bytes", "max_samples", "batch_bytes")
     SATELLITE_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
     satellite_id: str
     max_bytes: int
     max_samples: int
-    def __init__(self, satellite_id: _Optional[str] = ..., max_bytes: _Optional[int] = ..., max_samples: _Optional[int] = ...) -> None: ...
+    batch_bytes: int
+    def __init__(self, satellite_id: _Optional[str] = ..., max_bytes: _Optional[int] = ..., max_samples: _Optional[int] = ..., batch_bytes: _Optional[int] = ...) -> None: ...
 
 class TransmitReport(_message.Message):
-    __slots__ = ("satellite_id", "message_bytes", "acked", "duplicates", "remaining", "next_bytes", "ack_bytes", "error_code", "error", "encode_flops", "encode_s", "skipped")
+    __slots__ = ("satellite_id", "batch_bytes", "acked", "duplicates", "remaining", "next_bytes", "ack_bytes", "error_code", "error", "encode_flops", "encode_s", "skipped", "sent", "rejected", "rejections")
     SATELLITE_ID_FIELD_NUMBER: _ClassVar[int]
-    MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
     ACKED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     REMAINING_FIELD_NUMBER: _ClassVar[int]
@@ -179,19 +177,25 @@ class TransmitReport(_message.Message):
     ENCODE_FLOPS_FIELD_NUMBER: _ClassVar[int]
     ENCODE_S_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    SENT_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    REJECTIONS_FIELD_NUMBER: _ClassVar[int]
     satellite_id: str
-    message_bytes: _containers.RepeatedScalarFieldContainer[int]
+    batch_bytes: _containers.RepeatedScalarFieldContainer[int]
     acked: int
     duplicates: int
     remaining: int
     next_bytes: int
-    ack_bytes: int
+    ack_bytes: _containers.RepeatedScalarFieldContainer[int]
     error_code: int
     error: str
     encode_flops: int
     encode_s: float
     skipped: int
-    def __init__(self, satellite_id: _Optional[str] = ..., message_bytes: _Optional[_Iterable[int]] = ..., acked: _Optional[int] = ..., duplicates: _Optional[int] = ..., remaining: _Optional[int] = ..., next_bytes: _Optional[int] = ..., ack_bytes: _Optional[int] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ..., encode_flops: _Optional[int] = ..., encode_s: _Optional[float] = ..., skipped: _Optional[int] = ...) -> None: ...
+    sent: int
+    rejected: int
+    rejections: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, satellite_id: _Optional[str] = ..., batch_bytes: _Optional[_Iterable[int]] = ..., acked: _Optional[int] = ..., duplicates: _Optional[int] = ..., remaining: _Optional[int] = ..., next_bytes: _Optional[int] = ..., ack_bytes: _Optional[_Iterable[int]] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ..., encode_flops: _Optional[int] = ..., encode_s: _Optional[float] = ..., skipped: _Optional[int] = ..., sent: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DatasetChunk(_message.Message):
     __slots__ = ("dataset_id", "total_rows", "features", "labels")
@@ -276,18 +280,20 @@ class PrepareRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("stage", "done", "total", "flops", "wall_s")
+    __slots__ = ("stage", "done", "total", "flops", "wall_s", "cached")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     FLOPS_FIELD_NUMBER: _ClassVar[int]
     WALL_S_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
     stage: str
     done: int
     total: int
     flops: int
     wall_s: float
-    def __init__(self, stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., flops: _Optional[int] = ..., wall_s: _Optional[float] = ...) -> None: ...
+    cached: bool
+    def __init__(self, stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., flops: _Optional[int] = ..., wall_s: _Optional[float] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class WorkerBytes(_message.Message):
     __slots__ = ("node_id", "sent", "received", "error", "flops", "wall_s", "rows")

@@ -36,8 +36,8 @@ class DownlinkStub:
         """
         self.Send = channel.stream_stream(
                 '/sparsat.v1.Downlink/Send',
-                request_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.Sample.SerializeToString,
-                response_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.SampleAck.FromString,
+                request_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.DownlinkBatch.SerializeToString,
+                response_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.BatchAck.FromString,
                 _registered_method=True)
 
 
@@ -55,8 +55,8 @@ def add_DownlinkServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Send': grpc.stream_stream_rpc_method_handler(
                     servicer.Send,
-                    request_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.Sample.FromString,
-                    response_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.SampleAck.SerializeToString,
+                    request_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.DownlinkBatch.FromString,
+                    response_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.BatchAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -84,8 +84,8 @@ class Downlink:
             request_iterator,
             target,
             '/sparsat.v1.Downlink/Send',
-            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.Sample.SerializeToString,
-            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.SampleAck.FromString,
+            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.DownlinkBatch.SerializeToString,
+            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.BatchAck.FromString,
             options,
             channel_credentials,
             insecure,
