@@ -1,11 +1,15 @@
 """Transport benchmark: payload vs wire bytes, and loopback gRPC vs a raw TCP socket.
 
 Run from the repo root: .venv/bin/python bench/transport.py [--samples N] [--repeat R]
-Samples are real Downlink messages: Fashion-MNIST images with fixed masks on the 7x7 grid of
+Samples are real Downlink batches, packed as a satellite packs them (node.serde.pack, the
+default 64 KiB batches): Fashion-MNIST images with fixed masks on the 7x7 grid of
 vit_tiny_d8_patch4_28, or random CLS tokens of dim 192 (their size does not depend on their
-values). Throughput streams them through DownlinkStub.Send to an ack-only servicer and to the
-real GroundStation (decode, validate, SQLite), and sends the same serialized, gRPC-framed
-bytes over a raw TCP socket. The last stdout line is one JSON object with every figure.
+values). Payload is what the image needs: the visible tiles' pixels and the visible-token code
+(patches), the token's bytes (CLS; an int8 token's scale counts as overhead). Wire bytes are
+the batches' and their acks' (ByteSize + 5 each). Throughput streams the batches through
+DownlinkStub.Send to an ack-only servicer and to the real GroundStation (decode, validate,
+SQLite), and sends the same serialized, gRPC-framed bytes over a raw TCP socket, one ack frame
+per batch. The last stdout line is one JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -31,7 +35,7 @@ import numpy as np
 from ground_station.config import GroundStationConfig
 from ground_station.server import GroundStation, build_server
 from node import encoders, serde
-from node.codec import CLS_DTYPES, PatchData, encode_patches, quantize_token
+from node.codec import CLS_DTYPES, decode_visible, encode_patches, quantize_token
 from node.config import PayloadKind, SensorConfig
 from node.datasets import DatasetMissingError, DatasetSpec, load_dataset
 from node.masking import MaskSpec, visible_indices
@@ -43,6 +47,10 @@ from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 ENCODER = encoders.config(encoders.DEFAULT_ENCODER)
 GRID, DIM = ENCODER.grid, ENCODER.embed_dim
 RATIOS = (0.0, 0.5, 0.75)
+CLS_DTYPE = "float16"  # the CLS throughput runs
+BATCH_BYTES = 1 << 20  # what a 1 Mbit/s link's batches are (10 s on the air, capped): --batch-bytes
+SMALL_BATCH = 64 << 10  # throughput is also measured at this size
+STREAM_BYTES = 64 << 20  # a transport run streams the batches again until this many bytes
 SENSOR = "sat-0"
 Result = dict[str, float | int | str | None]
 
@@ -63,49 +71,85 @@ def sid(i: int) -> str:
     return sample_id("fashion_mnist", "train", i)
 
 
-def messages(payloads: Iterable[PatchData | serde.ClsData], labels: np.ndarray) -> list[pb.Sample]:
-    return [serde.sample_to_pb(serde.SampleData(sid(i), SENSOR, int(y), p))
-            for i, (p, y) in enumerate(zip(payloads, labels, strict=True))]
+Batches = list[pb.DownlinkBatch]
 
 
-def patch_messages(images: np.ndarray, labels: np.ndarray, ratio: float) -> list[pb.Sample]:
+def batches(payloads: list[serde.Payload], cls: bool = False, int8: bool = False,
+            size: int | None = None) -> Batches:
+    """Pack payloads as a satellite does, one stream: the first batch names the satellite."""
+    packed = serde.pack(iter(payloads), lambda first: serde.BatchBuilder(
+        SENSOR if first else "", cls, int8), 1 << 62, size or BATCH_BYTES)
+    if sum(len(b.items) for b in packed) != len(payloads):
+        raise RuntimeError("not every payload was packed")
+    return [b.to_pb() for b in packed]
+
+
+def patch_payloads(images: np.ndarray, labels: np.ndarray, ratio: float,
+                   first: int = 0) -> list[serde.Payload]:
     spec = MaskSpec("fixed", ratio)
-    return messages((encode_patches(im, GRID, visible_indices(spec, GRID**2, sid(i)))
-                     for i, im in enumerate(images)), labels)
+    return [serde.patch_payload(first + i, int(y), encode_patches(
+        im, GRID, visible_indices(spec, GRID**2, sid(first + i))), False)
+        for i, (im, y) in enumerate(zip(images, labels, strict=True))]
 
 
-def cls_messages(tokens: np.ndarray, labels: np.ndarray, dtype: str) -> list[pb.Sample]:
-    quantized = (quantize_token(t, dtype) for t in tokens)
-    return messages((serde.ClsData(d, dtype, DIM, sc) for d, sc in quantized), labels)
+def cls_payloads(tokens: np.ndarray, labels: np.ndarray, dtype: str) -> list[serde.Payload]:
+    out = []
+    for i, (t, y) in enumerate(zip(tokens, labels, strict=True)):
+        data, scale = quantize_token(t, dtype)
+        out.append(serde.cls_payload(i, int(y), serde.ClsData(data, dtype, DIM, scale)))
+    return out
 
 
-def payload_bytes(msg: pb.Sample) -> int:
-    if msg.WhichOneof("payload") == "patches":
-        return len(msg.patches.pixels) + len(msg.patches.visible_idx)
-    return len(msg.cls.token.data)
+def payload_bytes(p: serde.Payload) -> int:
+    return len(p.data)  # patches: visible-token code + pixels; CLS: the token
 
 
-def renamed(m: pb.Sample, prefix: str) -> pb.Sample:
-    copy = pb.Sample.FromString(m.SerializeToString())
-    copy.sample_id = prefix + m.sample_id
-    return copy
+def pixel_bytes(p: serde.Payload) -> int:
+    return len(p.data) - decode_visible(p.data, p.runs, GRID)[1]
 
 
 class AckOnly(pb_grpc.DownlinkServicer):
-    """Transport only: ack every Sample, store nothing."""
+    """Transport only: ack every batch as stored, store nothing."""
 
-    def Send(self, request_iterator: Iterator[pb.Sample],
-             context: grpc.ServicerContext) -> Iterator[pb.SampleAck]:
+    def Send(self, request_iterator: Iterator[pb.DownlinkBatch],
+             context: grpc.ServicerContext) -> Iterator[pb.BatchAck]:
         for msg in request_iterator:
-            yield pb.SampleAck(sample_id=msg.sample_id)
+            yield pb.BatchAck(stored=len(msg.ids))
 
 
-def grpc_run(stub: pb_grpc.DownlinkStub, msgs: Sequence[pb.Sample]) -> float:
+def bytes_only_server() -> tuple[grpc.Server, grpc.Channel]:
+    """gRPC with no protobuf at all: the server acks each message's raw bytes. What gRPC
+    Python itself costs per stream, for the batches' bytes."""
+    def send(it: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        for _ in it:
+            yield b"\x08\x01"
+
+    server = make_server()
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "bench.Bytes", {"Send": grpc.stream_stream_rpc_method_handler(send)})])
+    address = bind(server, "127.0.0.1:0")
+    server.start()
+    ch = channel(address)
+    wait_ready(ch)
+    return server, ch
+
+
+def bytes_run(ch: grpc.Channel, data: Sequence[bytes]) -> float:
+    call = ch.stream_stream("/bench.Bytes/Send")
     t0 = time.perf_counter()
-    acks = sum(1 for _ in stub.Send(iter(msgs)))
+    acks = sum(1 for _ in call(iter(data)))
     elapsed = time.perf_counter() - t0
-    if acks != len(msgs):
-        raise RuntimeError(f"{acks} acks for {len(msgs)} samples")
+    if acks != len(data):
+        raise RuntimeError(f"{acks} acks for {len(data)} messages")
+    return elapsed
+
+
+def grpc_run(stub: pb_grpc.DownlinkStub, msgs: Sequence[pb.DownlinkBatch]) -> float:
+    t0 = time.perf_counter()
+    stored = sum(ack.stored for ack in stub.Send(iter(msgs)))
+    elapsed = time.perf_counter() - t0
+    if stored != sum(len(m.ids) for m in msgs):
+        raise RuntimeError(f"{stored} samples stored of {sum(len(m.ids) for m in msgs)}")
     return elapsed
 
 
@@ -159,7 +203,7 @@ def raw_run(frames: Sequence[bytes], acks: Sequence[bytes], ack_each: bool) -> f
     return elapsed
 
 
-def grpc_tcp_bytes(upstream: str, msgs: Sequence[pb.Sample]) -> tuple[float, float]:
+def grpc_tcp_bytes(upstream: str, msgs: Sequence[pb.DownlinkBatch]) -> tuple[float, float]:
     """TCP bytes per sample (client->server, server->client) of one gRPC stream, counted by a
     proxy between the channel and the server."""
     lsock = socket.create_server(("127.0.0.1", 0))
@@ -185,25 +229,27 @@ def grpc_tcp_bytes(upstream: str, msgs: Sequence[pb.Sample]) -> tuple[float, flo
     ch = channel(f"127.0.0.1:{lsock.getsockname()[1]}")
     wait_ready(ch)
     stub = pb_grpc.DownlinkStub(ch)
-    grpc_run(stub, msgs[:10])
+    grpc_run(stub, msgs[:1])
     time.sleep(0.1)
     before = list(counts)
     grpc_run(stub, msgs)
     time.sleep(0.1)
     ch.close()
     lsock.close()
-    return (counts[0] - before[0]) / len(msgs), (counts[1] - before[1]) / len(msgs)
+    n = sum(len(m.ids) for m in msgs)
+    return (counts[0] - before[0]) / n, (counts[1] - before[1]) / n
 
 
-def ingest_runs(kind: str, msgs: Sequence[pb.Sample], warm: int, repeat: int) -> list[float]:
+def ingest_runs(kind: str, msgs: Batches, warm: Batches, repeat: int) -> list[float]:
     """Full ingest: a fresh GroundStation (own SQLite store) per run, sensor registered."""
     times: list[float] = []
     payload: PayloadKind = "patches" if kind == "patch" else "cls"
+    n = sum(len(m.ids) for m in msgs) + sum(len(m.ids) for m in warm)
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(repeat):
             cfg = GroundStationConfig(
                 sensor=SensorConfig(DatasetSpec("fashion_mnist"), MaskSpec("fixed", 0.5),
-                                    payload=payload, satellites=[SENSOR]),
+                                    payload=payload, cls_dtype=CLS_DTYPE, satellites=[SENSOR]),
                 store_dir=Path(tmp) / f"{kind}-{rep}")
             station = GroundStation(cfg)
             server, address = build_server(station, "127.0.0.1:0")
@@ -214,38 +260,55 @@ def ingest_runs(kind: str, msgs: Sequence[pb.Sample], warm: int, repeat: int) ->
                 node_id="bench-sensor", role=pb.SENSOR, address="127.0.0.1:1",
                 satellite_ids=[SENSOR]))
             stub = pb_grpc.DownlinkStub(ch)
-            grpc_run(stub, [renamed(m, "warmup/") for m in msgs[:warm]])
+            grpc_run(stub, warm)
             times.append(grpc_run(stub, msgs))
-            if len(station.store) != warm + len(msgs):
-                raise RuntimeError(f"store holds {len(station.store)} samples")
+            if len(station.store) != n:
+                raise RuntimeError(f"store holds {len(station.store)} samples, not {n}")
             ch.close()
             server.stop(None)
             station.store.close()
     return times
 
 
-def throughput(kind: str, ms: list[pb.Sample], stub: pb_grpc.DownlinkStub, repeat: int,
-               warm: int) -> dict[str, float | None]:
+def throughput(kind: str, ms: Batches, warm: Batches, stub: pb_grpc.DownlinkStub,
+               repeat: int, ingest: bool = True) -> dict[str, float | None]:
+    # transport runs stream the batches over and over, STREAM_BYTES at least: timeable
+    ms_ = ms
+    ms = ms * max(1, -(-STREAM_BYTES // sum(wire_size(m) for m in ms)))
     frames = [frame(m.SerializeToString()) for m in ms]
-    acks = [frame(pb.SampleAck(sample_id=m.sample_id).SerializeToString()) for m in ms]
-    grpc_run(stub, ms[:warm])
-    raw_run(frames[:warm], acks[:warm], True)
-    times = {"grpc": [grpc_run(stub, ms) for _ in range(repeat)],
+    acks = [frame(pb.BatchAck(stored=len(m.ids)).SerializeToString()) for m in ms]
+    grpc_run(stub, warm)
+    raw_run(frames[:2], acks[:2], True)
+    server, ch = bytes_only_server()
+    data = [m.SerializeToString() for m in ms]
+    bytes_run(ch, data[:2])
+    times = {"grpc_bytes": [bytes_run(ch, data) for _ in range(repeat)]}
+    ch.close()
+    server.stop(None)
+    times |= {"grpc": [grpc_run(stub, ms) for _ in range(repeat)],
              "raw": [raw_run(frames, acks, True) for _ in range(repeat)],
              "raw_noack": [raw_run(frames, acks, False) for _ in range(repeat)]}
     try:
-        times["ingest"] = ingest_runs(kind, ms, warm, repeat)
+        if ingest:
+            times["ingest"] = ingest_runs(kind, ms_, warm, repeat)
     except DatasetMissingError:
         print("note: GroundStation needs the Fashion-MNIST test split; ingest skipped")
+    n = sum(len(m.ids) for m in ms)
     mb, out = sum(wire_size(m) for m in ms) / 1e6, {}
-    for name in ("grpc", "ingest", "raw", "raw_noack"):
+    n_once, mb_once = sum(len(m.ids) for m in ms_), sum(wire_size(m) for m in ms_) / 1e6
+    for name in ("grpc", "grpc_bytes", "ingest", "raw", "raw_noack"):
         med = statistics.median(times[name]) if name in times else None
-        out[f"{name}_{kind}_samples_per_s"] = len(ms) / med if med else None
-        out[f"{name}_{kind}_mb_per_s"] = mb / med if med else None
-    g, ingest = out[f"grpc_{kind}_samples_per_s"], out[f"ingest_{kind}_samples_per_s"]
+        # transport runs streamed the batches `n / n_once` times, ingest once
+        count, size = (n_once, mb_once) if name == "ingest" else (n, mb)
+        out[f"{name}_{kind}_samples_per_s"] = count / med if med else None
+        out[f"{name}_{kind}_mb_per_s"] = size / med if med else None
+    g = out[f"grpc_{kind}_samples_per_s"]
     for name in ("raw", "raw_noack"):
         out[f"grpc_over_{name}_{kind}"] = g / out[f"{name}_{kind}_samples_per_s"]  # type: ignore
-    out[f"ingest_over_grpc_{kind}"] = ingest / g if ingest and g else None
+    out[f"grpc_bytes_over_raw_{kind}"] = (out[f"grpc_bytes_{kind}_samples_per_s"]  # type: ignore
+                                          / out[f"raw_{kind}_samples_per_s"])
+    ingest_rate = out[f"ingest_{kind}_samples_per_s"]
+    out[f"ingest_over_grpc_{kind}"] = ingest_rate / g if ingest_rate and g else None
     return out
 
 
@@ -257,14 +320,24 @@ def main(argv: Sequence[str] | None = None) -> Result:
     ap = argparse.ArgumentParser(description="sparsat transport benchmark")
     ap.add_argument("--samples", type=int, default=20000, help="samples per stream")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs (median reported)")
+    ap.add_argument("--batch-bytes", type=int, default=BATCH_BYTES,
+                    help="largest batch, wire bytes (default %(default)s)")
     args = ap.parse_args(argv)
-    n, repeat, warm = args.samples, args.repeat, min(500, args.samples)
+    size = args.batch_bytes
+    n, repeat, warm_n = args.samples, args.repeat, min(500, args.samples)
     start = time.perf_counter()
-    images, labels, source = load_images(n)
+    images, labels, source = load_images(n + warm_n)
     tokens = np.random.default_rng(0).standard_normal((n, DIM)).astype(np.float32)
-    res: Result = {"samples": n, "repeat": repeat, "data": source}
-    msgs = {f"patch_r{r:g}": patch_messages(images, labels, r) for r in RATIOS}
-    msgs |= {f"cls_{d}": cls_messages(tokens, labels, d) for d in CLS_DTYPES}
+    res: Result = {"samples": n, "repeat": repeat, "data": source, "batch_bytes": size}
+    payloads = {f"patch_r{r:g}": patch_payloads(images[:n], labels[:n], r) for r in RATIOS}
+    payloads |= {f"cls_{d}": cls_payloads(tokens, labels[:n], d) for d in CLS_DTYPES}
+    msgs = {name: batches(ps, name.startswith("cls"), name == "cls_int8", size)
+            for name, ps in payloads.items()}
+    # warm-up samples: other images (ids after the measured ones), stored before the runs
+    warm = {"patch": batches(patch_payloads(images[n:], labels[n:], 0.5, first=n), size=size),
+            "cls": batches([serde.Payload(n + p.id, p.label, p.data, scale=p.scale)
+                            for p in payloads[f"cls_{CLS_DTYPE}"][:warm_n]], True,
+                           CLS_DTYPE == "int8", size)}
     server = make_server()
     pb_grpc.add_DownlinkServicer_to_server(AckOnly(), server)
     address = bind(server, "127.0.0.1:0")
@@ -273,37 +346,54 @@ def main(argv: Sequence[str] | None = None) -> Result:
     wait_ready(ch)
     stub = pb_grpc.DownlinkStub(ch)
 
-    print(f"== payload vs wire bytes, mean per sample ({n} samples, {source}; tcp: gRPC's "
-          f"HTTP/2 bytes on the socket, over {min(n, 2000)} samples) ==")
-    print(f"{'payload':<14}{'payload B':>10}{'wire B':>9}{'wire/pay':>9}{'tcp up B':>10}"
-          f"{'tcp/pay':>9}{'tcp down B':>11}")
+    print(f"== payload vs wire bytes, mean per sample ({n} samples, {source}, batches of "
+          f"{size} B; wire: batches + acks; tcp: gRPC's HTTP/2 bytes on the socket) ==")
+    print(f"{'payload':<14}{'payload B':>10}{'wire B':>9}{'wire/pay':>9}{'batches':>8}"
+          f"{'ack B/bat':>10}{'tcp up B':>10}{'tcp/pay':>9}{'tcp down B':>11}")
     for name, ms in msgs.items():
-        pay = float(np.mean([payload_bytes(m) for m in ms]))
-        wire = float(np.mean([wire_size(m) for m in ms]))
-        up, down = grpc_tcp_bytes(address, ms[: min(n, 2000)])
+        ps = payloads[name]
+        pay = float(np.mean([payload_bytes(p) for p in ps]))
+        ack = [wire_size(pb.BatchAck(stored=len(m.ids))) for m in ms]
+        wire = (sum(wire_size(m) for m in ms) + sum(ack)) / len(ps)
+        up, down = grpc_tcp_bytes(address, ms)
         res |= {f"{name}_payload_bytes": pay, f"{name}_wire_bytes": wire,
-                f"{name}_overhead": wire / pay, f"{name}_tcp_up_bytes": up,
-                f"{name}_tcp_overhead": up / pay, f"{name}_tcp_down_bytes": down}
-        print(f"{name:<14}{pay:>10.1f}{wire:>9.1f}{wire / pay:>9.3f}{up:>10.1f}"
-              f"{up / pay:>9.3f}{down:>11.1f}")
-    res |= throughput("patch", msgs["patch_r0.5"], stub, repeat, warm)
-    res |= throughput("cls", msgs["cls_float16"], stub, repeat, warm)
+                f"{name}_overhead": wire / pay, f"{name}_batches": len(ms),
+                f"{name}_ack_bytes_per_batch": sum(ack) / len(ms),
+                f"{name}_tcp_up_bytes": up, f"{name}_tcp_overhead": (up + down) / pay,
+                f"{name}_tcp_down_bytes": down}
+        if name.startswith("patch"):
+            res[f"{name}_pixel_overhead"] = wire / float(np.mean([pixel_bytes(p) for p in ps]))
+        print(f"{name:<14}{pay:>10.1f}{wire:>9.2f}{wire / pay:>9.4f}{len(ms):>8}"
+              f"{sum(ack) / len(ms):>10.1f}{up:>10.1f}{(up + down) / pay:>9.4f}{down:>11.2f}")
+    res |= throughput("patch", msgs["patch_r0.5"], warm["patch"], stub, repeat)
+    res |= throughput("cls", msgs[f"cls_{CLS_DTYPE}"], warm["cls"], stub, repeat)
+    small = batches(payloads["patch_r0.5"], size=SMALL_BATCH)  # transport only, small batches
+    small_out = throughput("patch", small, small[:1], stub, repeat, ingest=False)
+    for key in ("grpc_patch_samples_per_s", "raw_patch_samples_per_s", "grpc_over_raw_patch"):
+        res[f"{key}_{SMALL_BATCH >> 10}k"] = small_out[key]
     ch.close()
     server.stop(None)
 
     print(f"\n== loopback throughput, {n} samples/stream, median of {repeat} "
-          "(patch r=0.5, CLS float16; MB = Sample wire bytes) ==")
+          f"(patch r=0.5, CLS {CLS_DTYPE}; MB = batch wire bytes) ==")
     print(f"{'transport':<40}{'patch/s':>10}{'MB/s':>8}{'cls/s':>10}{'MB/s':>8}")
     rows = {"grpc": "gRPC, ack-only servicer (transport)",
+            "grpc_bytes": "gRPC, bytes only (no protobuf)",
             "ingest": "gRPC, GroundStation (full ingest)",
-            "raw": "raw TCP, ack per message", "raw_noack": "raw TCP, one ack at the end"}
+            "raw": "raw TCP, ack per batch", "raw_noack": "raw TCP, one ack at the end"}
     for name, label in rows.items():
         print(f"{label:<40}" + "".join(fmt(res[f"{name}_{k}_samples_per_s"], ">10.0f")
                                        + fmt(res[f"{name}_{k}_mb_per_s"], ">8.2f")
                                        for k in ("patch", "cls")))
-    for key in ("grpc_over_raw", "grpc_over_raw_noack", "ingest_over_grpc"):
+    for key in ("grpc_over_raw", "grpc_over_raw_noack", "grpc_bytes_over_raw",
+                "ingest_over_grpc"):
         print(f"{key.replace('_', ' '):<40}"
               + "".join(fmt(res[f"{key}_{k}"], ">10.3f") + " " * 8 for k in ("patch", "cls")))
+    k = f"{SMALL_BATCH >> 10}k"
+    print(f"{'batches of ' + k + ': gRPC, raw TCP, ratio':<40}"
+          + fmt(res[f"grpc_patch_samples_per_s_{k}"], ">10.0f")
+          + fmt(res[f"raw_patch_samples_per_s_{k}"], ">10.0f")
+          + fmt(res[f"grpc_over_raw_patch_{k}"], ">8.3f"))
     res["runtime_s"] = time.perf_counter() - start
     print(f"runtime {res['runtime_s']:.1f} s")
     res = {k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}

@@ -16,6 +16,7 @@ label and its payload (node.serde.Payload); the satellite is named once per stre
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -186,31 +187,11 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         return self._builder(sat, True).wire_size(p) + serde.ack_room(1)
 
     def _batches(self, sat: Satellite, request: pb.TransmitRequest) -> list[serde.BatchBuilder]:
-        """The next queued samples, in batches of at most `batch_bytes` (a sample too big for
-        one goes alone) whose sizes and acks' room fit `max_bytes`."""
-        limit = request.batch_bytes or BATCH_BYTES
-        left = request.max_bytes  # what the batches before the current one leave
-        batches: list[serde.BatchBuilder] = []
-        count = 0
-        while request.max_samples == 0 or count < request.max_samples:
-            p = self._message(sat, count)
-            if p is None:
-                break
-            cur = batches[-1] if batches else None
-            if cur is not None:
-                size = cur.wire_size(p) + serde.ack_room(len(cur.items) + 1)
-                if size <= min(limit, left):
-                    cur.add(p)
-                    count += 1
-                    continue
-                left -= cur.wire_size() + serde.ack_room(len(cur.items))
-            new = self._builder(sat, cur is None)
-            if new.wire_size(p) + serde.ack_room(1) > left:
-                break
-            new.add(p)
-            batches.append(new)
-            count += 1
-        return batches
+        """The next queued samples, in batches that fit the request's budget."""
+        queued = (self._message(sat, k) for k in itertools.count())
+        return serde.pack(itertools.takewhile(lambda p: p is not None, queued),  # type: ignore
+                          lambda first: self._builder(sat, first), request.max_bytes,
+                          request.batch_bytes or BATCH_BYTES, request.max_samples)
 
     def _send(self, sat: Satellite, batches: list[serde.BatchBuilder],
               report: pb.TransmitReport) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,6 +170,32 @@ class BatchBuilder:
             flags = np.array([p.runs for p in items], dtype=np.uint8)
             msg.rle = np.packbits(flags, bitorder="little").tobytes().rstrip(b"\0")
         return msg
+
+
+def pack(payloads: Iterator[Payload], new_batch: Callable[[bool], BatchBuilder],
+         budget: int, batch_bytes: int, max_samples: int = 0) -> list[BatchBuilder]:
+    """Fill batches of at most `batch_bytes` (a sample too big for one goes alone) while
+    their wire sizes and their acks' room fit `budget`; `new_batch(first)` starts one (the
+    first of a stream names the satellite). Takes payloads from the iterator as needed."""
+    batches: list[BatchBuilder] = []
+    left, count = budget, 0  # left: what the batches before the current one leave
+    for p in payloads:
+        if max_samples and count >= max_samples:
+            break
+        cur = batches[-1] if batches else None
+        if cur is not None:
+            if cur.wire_size(p) + ack_room(len(cur.items) + 1) <= min(batch_bytes, left):
+                cur.add(p)
+                count += 1
+                continue
+            left -= cur.wire_size() + ack_room(len(cur.items))
+        new = new_batch(cur is None)
+        if new.wire_size(p) + ack_room(1) > left:
+            break
+        new.add(p)
+        batches.append(new)
+        count += 1
+    return batches
 
 
 @dataclass(frozen=True)

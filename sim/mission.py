@@ -39,7 +39,7 @@ from sim import orbits
 from sim.links import C_KM_S, Link, LinkBudget, PeriodicPasses, retransmitted
 from sim.scenario import Scenario
 
-TRANSMIT_MAX_SAMPLES = 1024  # samples per Transmit call: keeps satellites interleaved in time
+TRANSMIT_MAX_SAMPLES = 4096  # samples per Transmit call: bounds one call's stream
 MAX_DOWNLINK_FAILURES = 5  # consecutive failed streams before a satellite gives up
 REGISTER_TIMEOUT_S = 180.0
 
@@ -157,7 +157,7 @@ class MissionControl:
             budget = int(link.capacity(end - env.now) * (1 - down.loss))
             report = sensor.Transmit(pb.TransmitRequest(
                 satellite_id=sat_id, max_bytes=budget, max_samples=TRANSMIT_MAX_SAMPLES,
-                batch_bytes=down.batch_bytes))
+                batch_bytes=down.batch_size()))
             sent = self._count(report, bar)
             yield from self._onboard(sat_id, report)
             # each batch, then its ack: the satellite's radio is half duplex
@@ -207,7 +207,7 @@ class MissionControl:
                         break
                     report = sensor.Transmit(pb.TransmitRequest(
                         satellite_id=sat.name, max_bytes=budget,
-                        max_samples=TRANSMIT_MAX_SAMPLES, batch_bytes=down.batch_bytes))
+                        max_samples=TRANSMIT_MAX_SAMPLES, batch_bytes=down.batch_size()))
                     sent = self._count(report, bar)
                     yield from self._onboard(sat.name, report)
                     # each batch, then its ack, each with the link's latency (half duplex)

@@ -187,6 +187,9 @@ class BudgetCfg(Model):
     losses_db: float = Field(3.0, ge=0)
 
 
+BATCH_AIRTIME_S = 10.0  # a downlink batch's default length on the air
+
+
 class LinkCfg(Model):
     rate_bps: float = Field(gt=0)  # the modem's rate (the cap when a budget is given)
     latency_s: float = Field(0.0, ge=0)  # with orbits: processing only, + slant range / c
@@ -194,8 +197,15 @@ class LinkCfg(Model):
     frame_bytes: int = Field(256, ge=1)
     budget: BudgetCfg | None = None  # orbits only: rate from slant range
     # largest downlink batch (wire bytes, its ack's room included); a sample too big for one
-    # travels alone. Big batches amortise the per-batch bytes and the link's latency.
-    batch_bytes: int = Field(65536, ge=256, le=16 * 1024 * 1024)
+    # travels alone. Unset: BATCH_AIRTIME_S of the modem's rate, 4 KiB to 4 MiB. Big batches
+    # amortise the per-batch bytes, the link's latency and the ground's per-message cost; a
+    # stream cut mid-batch resends the whole batch.
+    batch_bytes: int | None = Field(None, ge=256, le=16 * 1024 * 1024)
+
+    def batch_size(self) -> int:
+        if self.batch_bytes is not None:
+            return self.batch_bytes
+        return int(min(4 << 20, max(4 << 10, self.rate_bps / 8 * BATCH_AIRTIME_S)))
 
 
 class TrainerLinkCfg(Model):

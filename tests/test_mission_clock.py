@@ -21,8 +21,8 @@ class OneBatch:
         self.encode_flops = encode_flops
 
     def Transmit(self, request: pb.TransmitRequest, **_: Any) -> pb.TransmitReport:
-        return pb.TransmitReport(satellite_id=request.satellite_id, message_bytes=[100] * 10,
-                                 acked=10, ack_bytes=60, remaining=0,
+        return pb.TransmitReport(satellite_id=request.satellite_id, batch_bytes=[1000], sent=10,
+                                 acked=10, ack_bytes=[60], remaining=0,
                                  encode_flops=self.encode_flops, encode_s=0.01)
 
 

@@ -1,7 +1,7 @@
 """A sensor host against a real ground station over localhost: budgets, failures, retries.
 
 Nothing the ground station accepted is lost or stored twice when a stream breaks and the
-satellite tries again; the bytes the sensor reports are the messages' wire sizes.
+satellite tries again; the bytes the sensor reports are the batches' and acks' wire sizes.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from node import sensor as sensor_module
 from node.config import SensorConfig
 from node.datasets import DatasetSpec
 from node.masking import MaskSpec
-from node.rpc import GRPC_FRAME_BYTES, channel, wire_size
+from node.rpc import channel
 from node.sensor import SensorServicer
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
@@ -52,36 +52,52 @@ def _start(cfg: GroundStationConfig, port: int = 0) -> tuple[grpc.Server, str]:
     return server, address
 
 
-def _stored(cfg: GroundStationConfig) -> list[tuple[str, int]]:
+def _stored(cfg: GroundStationConfig) -> list[tuple[int, str]]:
     with sqlite3.connect(cfg.store_dir / "samples.sqlite") as db:
-        return db.execute("SELECT sample_id, length(message) FROM samples").fetchall()
+        return db.execute("SELECT id, satellite FROM payloads").fetchall()
 
 
-def test_budget_and_sample_limits(tmp_path: Path) -> None:
+def _gs_bytes(address: str) -> tuple[int, int]:
+    ch = channel(address)
+    try:
+        h = pb_grpc.HealthStub(ch).Check(pb.HealthRequest(), timeout=10)
+        return int(h.bytes_received), int(h.bytes_sent)
+    finally:
+        ch.close()
+
+
+def test_budget_batch_and_sample_limits(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     server, address = _start(cfg)
     try:
         sensor = SensorServicer("host", SATS, cfg.sensor, address)
         one = sensor.Transmit(pb.TransmitRequest(satellite_id="sat-0", max_bytes=10**6,
                                                  max_samples=3), Ctx())
-        budget = 2 * one.next_bytes + 10  # two samples and acks (ids differ by a digit or two)
-        two = sensor.Transmit(pb.TransmitRequest(satellite_id="sat-0", max_bytes=budget), Ctx())
+        alone = one.next_bytes  # a stream of one sample and its ack
+        # room for two samples in one batch, not three
+        two = sensor.Transmit(pb.TransmitRequest(satellite_id="sat-0",
+                                                 max_bytes=2 * alone - 20), Ctx())
         none = sensor.Transmit(pb.TransmitRequest(satellite_id="sat-0", max_bytes=10), Ctx())
+        # batches of at most ~3 samples: the rest of sat-0's 20 in several batches
+        split = sensor.Transmit(pb.TransmitRequest(satellite_id="sat-0", max_bytes=10**6,
+                                                   batch_bytes=3 * alone - 30), Ctx())
+        received, sent = _gs_bytes(address)
     finally:
         server.stop(None)
 
-    assert (one.acked, len(one.message_bytes), one.remaining) == (3, 3, 20 - 3)
-    assert (two.acked, two.remaining) == (2, 20 - 5)
-    assert sum(two.message_bytes) + two.ack_bytes <= budget
-    assert (none.acked, len(none.message_bytes), none.next_bytes > 10) == (0, 0, True)
-    stored = _stored(cfg)
-    assert len(stored) == 5
-    # what the sensor reports is exactly what the ground station stored, framed
-    assert sorted(n + GRPC_FRAME_BYTES for _, n in stored) == sorted(
-        [*one.message_bytes, *two.message_bytes])
-    # the acks are measured too: one SampleAck per stored sample, none a duplicate
-    acks = sum(wire_size(pb.SampleAck(sample_id=sid)) for sid, _ in stored)
-    assert one.ack_bytes + two.ack_bytes == acks > 0
+    assert (one.acked, one.sent, len(one.batch_bytes), one.remaining) == (3, 3, 1, 20 - 3)
+    assert (two.acked, two.sent, len(two.batch_bytes), two.remaining) == (2, 2, 1, 20 - 5)
+    assert sum(two.batch_bytes) + sum(two.ack_bytes) <= 2 * alone - 20
+    assert (none.acked, len(none.batch_bytes), none.next_bytes > 10) == (0, 0, True)
+    assert (split.acked, split.remaining, split.error) == (15, 0, "")
+    assert len(split.batch_bytes) == len(split.ack_bytes) == 5  # 15 samples, 3 a batch
+    assert len(_stored(cfg)) == 20
+    # the sensor's count of what it sent and received is the ground station's, exactly
+    reports = [one, two, split]
+    assert received == sum(sum(r.batch_bytes) for r in reports)
+    assert sent == sum(sum(r.ack_bytes) for r in reports)
+    # one small ack a batch: a few bytes, not one per sample
+    assert all(a <= 10 for r in reports for a in r.ack_bytes)
 
 
 def test_a_broken_stream_is_reported_and_retried_without_loss(
@@ -106,8 +122,10 @@ def test_a_broken_stream_is_reported_and_retried_without_loss(
     finally:
         server.stop(None)
     assert (retry.error_code, retry.acked, retry.remaining) == (0, 16, 0)
-    ids = [sid for sid, _ in _stored(cfg)]
+    stored = _stored(cfg)
+    ids = [i for i, _ in stored]
     assert len(ids) == len(set(ids)) == 20  # every sample once
+    assert {s for _, s in stored} == {"sat-1"}
     assert first.acked == 4
 
 
