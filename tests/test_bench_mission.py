@@ -1,0 +1,41 @@
+"""Smoke test of bench/mission.py: a tiny whole mission (real node processes, real gRPC) must
+report every stage's wall time and end with one JSON line, also written to its --out."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "mission.py"
+
+pytestmark = pytest.mark.slow
+
+
+def test_mission_bench_reports_every_stage(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("bench_mission", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "bench"
+    module.main(["--satellites", "20", "--images", "600", "--test-images", "500",
+                 "--epochs", "1",
+                 "--per-process", "10", "--hours", "6", "--out", str(out), "--quiet"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(lines[-1])
+    assert res == json.loads((out / "bench_mission.json").read_text())
+    assert (res["satellites"], res["images"], res["epochs"]) == (20, 600, 1)
+    assert res["sensor_processes"] == 2 and res["processes"] == 5  # + ground station, 2 trainers
+    assert res["samples_stored"] == 600 and res["test_images"] == 500
+    walls = res["stage_wall_s"]
+    assert set(walls) == {"startup", "contacts", "downlink", "prepare", "training", "report",
+                          "shutdown"}
+    assert all(v >= 0 for v in walls.values()) and walls["prepare"] > 0
+    assert sum(walls.values()) <= res["total_wall_s"] + 0.5
+    assert 0 < res["final_accuracy"] <= 1
+    assert set(res["stage_cpu_s"]["prepare"]) >= {"ground-station", "mission-control"}
+    assert (out / "results.json").exists() and (out / "scenario.yaml").exists()
+    assert any(line.startswith("total") for line in lines)  # the stage table
