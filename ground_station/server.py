@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import resource
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -89,8 +90,9 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                                        for k in range(n)])
         else:
             checked = check_batch(batch, satellite, self.rules, self.known_sensors)
-        duplicates, conflicts = self.store.put_batch(checked.rows, size, len(batch.ids),
-                                                     len(checked.rejected))
+        duplicates, conflicts = self.store.put_batch(
+            checked.rows, size, batch.ids.astype("<i8").tobytes(), satellite[:256],
+            bool(msg.satellite_id), len(checked.rejected))
         rejected = checked.rejected + [
             (checked.positions[k], CONFLICT, "id stored before with other content")
             for k in conflicts]
@@ -289,6 +291,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             test_tokens=len(self.test_tokens.labels) if self.test_tokens else 0,
             test_skipped=self.test_tokens.skipped if self.test_tokens else 0,
             test_encode_flops=self.test_tokens.flops if self.test_tokens else 0,
+            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
         )
 
 

@@ -53,6 +53,12 @@ class SampleStore:
             "NULL, label INTEGER NOT NULL, runs INTEGER NOT NULL, height INTEGER NOT NULL, "
             "width INTEGER NOT NULL, channels INTEGER NOT NULL, scale REAL NOT NULL, "
             "data BLOB NOT NULL)")
+        # every batch received: who sent it, its ids in order, its wire size (an audit trail:
+        # a batch rebuilt from its stored samples must have that size)
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS batches (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+            "satellite TEXT NOT NULL, named INTEGER NOT NULL, ids BLOB NOT NULL, "
+            "wire_bytes INTEGER NOT NULL)")
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value "
                          "INTEGER NOT NULL)")
@@ -71,17 +77,18 @@ class SampleStore:
                     f"{self.path} holds samples of another scenario configuration; "
                     f"use another --store directory or delete it")
 
-    def put_batch(self, rows: list[Row], wire_bytes: int, received: int,
-                  rejected: int) -> tuple[list[int], list[int]]:
-        """Store the rows whose id is new, in one transaction with the batch's counters
-        (`received` samples in `wire_bytes`, `rejected` refused before this call). Returns the
-        indices into `rows` of duplicates (same id and content stored before) and of
-        conflicts (another content under a stored id: not stored, counted as rejected)."""
+    def put_batch(self, rows: list[Row], wire_bytes: int, ids: bytes, satellite: str,
+                  named: bool, rejected: int) -> tuple[list[int], list[int]]:
+        """Store the rows whose id is new, in one transaction with the batch's record (`ids`:
+        all its ids as int64, in order; `named`: it carried the satellite's name) and
+        counters (`rejected`: samples refused before this call). Returns the indices into
+        `rows` of duplicates (same id and content stored before) and of conflicts (another
+        content under a stored id: not stored, counted as rejected)."""
         with self._lock:
             stored: dict[int, tuple[int, bytes]] = {}
-            ids = [r.id for r in rows]
-            for start in range(0, len(ids), 500):
-                part = ids[start : start + 500]
+            row_ids = [r.id for r in rows]
+            for start in range(0, len(row_ids), 500):
+                part = row_ids[start : start + 500]
                 stored.update((i, (label, bytes(data))) for i, label, data in self._db.execute(
                     f"SELECT id, label, data FROM payloads WHERE id IN "
                     f"({','.join('?' * len(part))})", part))
@@ -97,7 +104,9 @@ class SampleStore:
                 else:
                     conflicts.append(k)
             self._db.executemany("INSERT INTO payloads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", new)
-            self._add({"received": received, "received_bytes": wire_bytes,
+            self._db.execute("INSERT INTO batches (satellite, named, ids, wire_bytes) VALUES "
+                             "(?, ?, ?, ?)", (satellite, int(named), ids, wire_bytes))
+            self._add({"received": len(ids) // 8, "received_bytes": wire_bytes,
                        "duplicates": len(duplicates), "rejected": rejected + len(conflicts)})
             self._db.commit()
             return duplicates, conflicts

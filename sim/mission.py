@@ -570,7 +570,8 @@ class MissionControl:
                 "test_encoder_flops": int(stats.test_encode_flops)},
             "downlink_failures": t.downlink_failures,
             "ground_station": {"downlink_bytes_received": int(stats.downlink_bytes_received),
-                               "rejected": int(stats.rejected)},
+                               "rejected": int(stats.rejected),
+                               "peak_rss_mb": round(stats.peak_rss_bytes / 2**20, 1)},
             "per_link_bytes": t.per_link,
             # busy time / mission time; stations: busy / (antennas x mission time)
             "link_utilisation": {link.name: link.busy_s / self.env.now if self.env.now else 0.0

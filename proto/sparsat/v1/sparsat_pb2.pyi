@@ -374,7 +374,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("samples_stored", "samples_received", "duplicates", "rejected", "downlink_bytes_received", "train_tokens", "test_tokens", "test_skipped", "test_encode_flops")
+    __slots__ = ("samples_stored", "samples_received", "duplicates", "rejected", "downlink_bytes_received", "train_tokens", "test_tokens", "test_skipped", "test_encode_flops", "peak_rss_bytes")
     SAMPLES_STORED_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
@@ -384,6 +384,7 @@ class StatsReply(_message.Message):
     TEST_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEST_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     TEST_ENCODE_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    PEAK_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     samples_stored: int
     samples_received: int
     duplicates: int
@@ -393,4 +394,5 @@ class StatsReply(_message.Message):
     test_tokens: int
     test_skipped: int
     test_encode_flops: int
-    def __init__(self, samples_stored: _Optional[int] = ..., samples_received: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ..., downlink_bytes_received: _Optional[int] = ..., train_tokens: _Optional[int] = ..., test_tokens: _Optional[int] = ..., test_skipped: _Optional[int] = ..., test_encode_flops: _Optional[int] = ...) -> None: ...
+    peak_rss_bytes: int
+    def __init__(self, samples_stored: _Optional[int] = ..., samples_received: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ..., downlink_bytes_received: _Optional[int] = ..., train_tokens: _Optional[int] = ..., test_tokens: _Optional[int] = ..., test_skipped: _Optional[int] = ..., test_encode_flops: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ...) -> None: ...
