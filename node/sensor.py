@@ -117,8 +117,8 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
                 scenes.append((key, sid, cap))
         if len(scenes) < len(keys):  # nothing to send: out of the queue, counted
             sat.skipped += len(keys) - len(scenes)
-            gone = set(keys) - {key for key, _, _ in scenes}
-            sat.pending = deque(k for k in sat.pending if k not in gone)
+            for k in set(keys) - {key for key, _, _ in scenes}:
+                sat.pending.remove(k)  # near the head: O(position)
         caps = [cap for _, _, cap in scenes]
         ids = [key[0] + (key[1] or 0) * len(self.dataset) for key, _, _ in scenes]
         labels = [self.dataset.label(key[0]) for key, _, _ in scenes]
@@ -147,7 +147,8 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             if key in sat.built:
                 return sat.built[key]
             ahead = CLS_BATCH if self.cfg.payload == "cls" else 1
-            todo = [k for k in list(sat.pending)[pos : pos + ahead] if k not in sat.built]
+            todo = [k for k in itertools.islice(sat.pending, pos, pos + ahead)
+                    if k not in sat.built]
             self._build(sat, todo)  # may drop cloudy scenes from the queue
         return None
 
