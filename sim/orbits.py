@@ -13,7 +13,10 @@ search from the sampled elevation's local maxima.
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -232,11 +235,42 @@ class _Sites:
         return _elevation(pos - self.ecef[idx], self.up[idx])
 
 
-def _positions_one(sat: Satellite, epoch_jd: float, times_s: np.ndarray) -> np.ndarray:
-    err, r, _ = sat.satrec.sgp4_array(*_jd_fr(epoch_jd, times_s))
-    if np.any(err):
-        raise OrbitError(f"SGP4 failed for {sat.name} (decayed or invalid elements)")
+def _positions(recs: Sequence[Satellite], owner: np.ndarray, epoch_jd: float,
+               times_s: np.ndarray) -> np.ndarray:
+    """(P, 3) Earth-fixed positions of satellite `recs[owner[k]]` at `times_s[k]`: one SGP4
+    call per satellite (a C loop over its times), the frame rotation for all at once."""
+    jd, fr = _jd_fr(epoch_jd, times_s)
+    r = np.empty((len(times_s), 3))
+    order = np.argsort(owner, kind="stable")
+    bounds = np.searchsorted(owner[order], np.arange(len(recs) + 1))
+    for i in np.flatnonzero(np.diff(bounds)).tolist():
+        k = order[bounds[i] : bounds[i + 1]]
+        err, r[k], _ = recs[i].satrec.sgp4_array(jd[k], fr[k])
+        if np.any(err):
+            raise OrbitError(f"SGP4 failed for {recs[i].name} (decayed or invalid elements)")
     return _teme_to_ecef(r, epoch_jd, times_s)
+
+
+def _group_max(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """Each entry's largest value among the entries of its satellite."""
+    best = np.full(n, -np.inf)
+    np.maximum.at(best, owner, values)
+    return best[owner]
+
+
+_MEMO_SIZE = 4  # contact_windows calls remembered
+_memo: OrderedDict[tuple[object, ...], Future[list[Contact]]] = OrderedDict()
+_memo_lock = threading.Lock()
+
+
+def _memo_key(sats: Sequence[Satellite], stations: Sequence[Station], epoch: datetime,
+              duration_s: float, step_s: float, tol_s: float) -> tuple[object, ...]:
+    """What the windows depend on: every satellite's name and elements, the stations, the
+    span and the search's grid and tolerance."""
+    elements = tuple((s.name, r.satnum, r.jdsatepoch, r.jdsatepochF, r.bstar, r.ndot, r.nddot,
+                      r.ecco, r.argpo, r.inclo, r.mo, r.no_kozai, r.nodeo)
+                     for s in sats for r in (s.satrec,))
+    return (elements, tuple(stations), epoch, duration_s, step_s, tol_s)
 
 
 def contact_windows(sats: Sequence[Satellite], stations: Sequence[Station], epoch: datetime,
@@ -247,7 +281,39 @@ def contact_windows(sats: Sequence[Satellite], stations: Sequence[Station], epoc
     0 or at `duration_s` is cut there. A pass that clears the minimum only between two grid
     points is found from the sampled elevation's local maxima, down to about 0.5 s long (the
     peak search's resolution); `step_s` should stay well below a quarter of the orbital
-    period, so that a grid step holds at most one turn of the elevation."""
+    period, so that a grid step holds at most one turn of the elevation.
+
+    The last few results are remembered (keyed by the satellites' elements and the other
+    arguments), and a call made while the same one runs in another thread waits for it: the
+    local launcher computes a scenario's windows while its node processes start, and mission
+    control then takes them at once."""
+    key = _memo_key(sats, stations, epoch, duration_s, step_s, tol_s)
+    with _memo_lock:
+        future = _memo.get(key)
+        mine = future is None
+        if future is None:
+            future = _memo[key] = Future()
+            while len(_memo) > _MEMO_SIZE:
+                _memo.popitem(last=False)
+        else:
+            _memo.move_to_end(key)
+    if not mine:
+        return list(future.result())
+    try:
+        windows = _contact_windows(sats, stations, epoch, duration_s, step_s, tol_s, chunk)
+    except BaseException as e:
+        with _memo_lock:
+            if _memo.get(key) is future:
+                del _memo[key]
+        future.set_exception(e)
+        raise
+    future.set_result(windows)
+    return list(windows)
+
+
+def _contact_windows(sats: Sequence[Satellite], stations: Sequence[Station], epoch: datetime,
+                     duration_s: float, step_s: float, tol_s: float,
+                     chunk: int) -> list[Contact]:
     if duration_s <= 0 or step_s <= 0 or tol_s <= 0:
         raise OrbitError("duration_s, step_s and tol_s must be > 0")
     if not stations:
@@ -262,11 +328,7 @@ def contact_windows(sats: Sequence[Satellite], stations: Sequence[Station], epoc
         el = np.stack([elevation_deg(pos, st) for st in stations], axis=1)  # (S, N, T)
         above = el >= sites.min_el[:, None]
         hidden = _hidden_peaks(group, sites, pos, el, above, step_s)
-        busy = np.asarray((above | hidden).any(axis=(1, 2)))  # (S,)
-        for i, sat in enumerate(group):
-            if busy[i]:
-                out += _windows(sat, stations, sites, epoch_jd, times, above[i], hidden[i],
-                                tol_s)
+        out += _windows(group, stations, sites, epoch_jd, times, above, hidden, tol_s)
     out.sort(key=lambda c: (c.start_s, c.satellite, c.station))
     return out
 
@@ -314,79 +376,109 @@ def _local_maxima(el: np.ndarray) -> np.ndarray:
     return peak
 
 
-def _windows(sat: Satellite, stations: Sequence[Station], sites: _Sites, epoch_jd: float,
-             times: np.ndarray, above: np.ndarray, hidden: np.ndarray,
+def _windows(group: Sequence[Satellite], stations: Sequence[Station], sites: _Sites,
+             epoch_jd: float, times: np.ndarray, above: np.ndarray, hidden: np.ndarray,
              tol_s: float) -> list[Contact]:
-    """One satellite's windows at every station: all edges of all stations bisected at once,
-    then the peaks of the windows and of the `hidden` sampled maxima (N, T) searched at once
-    (one SGP4 call per iteration); a hidden maximum whose peak clears the minimum is a
-    window, its edges bisected from the peak."""
-    edges = np.diff(above.astype(np.int8), axis=1)  # (N, T-1)
-    st_rise, i_rise = np.nonzero(edges == 1)  # in view from i + 1
-    st_set, i_set = np.nonzero(edges == -1)  # in view until i
+    """The windows of a group of satellites at every station: all edges of all satellites
+    and stations bisected at once, then the peaks of the windows and of the `hidden` sampled
+    maxima (S, N, T) searched at once (each iteration one SGP4 call per satellite and one
+    vectorised elevation); a hidden maximum whose peak clears the minimum is a window, its
+    edges bisected from the peak. Each satellite's searches run as many iterations as they
+    would alone, so the windows do not depend on which satellites share a group."""
+    edges = np.diff(above.astype(np.int8), axis=-1)  # (S, N, T-1)
+    s_rise, st_rise, i_rise = np.nonzero(edges == 1)  # in view from i + 1
+    s_set, st_set, i_set = np.nonzero(edges == -1)  # in view until i
+    owner = np.concatenate([s_rise, s_set])
     idx = np.concatenate([st_rise, st_set])
     rising = np.concatenate([np.ones(len(st_rise), bool), np.zeros(len(st_set), bool)])
-    edge_t = _bisect(sat, sites, epoch_jd, idx, rising,
+    edge_t = _bisect(group, owner, sites, epoch_jd, idx, rising,
                      np.concatenate([times[i_rise], times[i_set]]),
                      np.concatenate([times[i_rise + 1], times[i_set + 1]]), tol_s)
-    starts_all = {n: sorted(edge_t[(idx == n) & rising]) for n in range(len(stations))}
-    ends_all = {n: sorted(edge_t[(idx == n) & ~rising]) for n in range(len(stations))}
-    pairs: list[tuple[int, float, float]] = []
-    for n in range(len(stations)):
-        starts = ([0.0] if above[n, 0] else []) + [float(t) for t in starts_all[n]]
-        ends = [float(t) for t in ends_all[n]] + ([float(times[-1])] if above[n, -1] else [])
-        pairs += [(n, a, b) for a, b in zip(starts, ends, strict=True)]
-    st_h, i_h = np.nonzero(hidden)
+    # per satellite and station, rises and sets in time order (nonzero is row-major)
+    rise_t, set_t = edge_t[: len(s_rise)].tolist(), edge_t[len(s_rise) :].tolist()
+    starts: dict[tuple[int, int], list[float]] = {}
+    ends: dict[tuple[int, int], list[float]] = {}
+    for key, t in zip(zip(s_rise.tolist(), st_rise.tolist(), strict=True), rise_t, strict=True):
+        starts.setdefault(key, []).append(t)
+    for key, t in zip(zip(s_set.tolist(), st_set.tolist(), strict=True), set_t, strict=True):
+        ends.setdefault(key, []).append(t)
+    open_0 = above[:, :, 0]
+    open_end = above[:, :, -1]
+    s_open, n_open = np.nonzero(open_0 | open_end)
+    keys = set(starts) | set(ends) | set(zip(s_open.tolist(), n_open.tolist(), strict=True))
+    pairs: list[tuple[int, int, float, float]] = []  # (satellite, station, start, end)
+    for s, n in sorted(keys):
+        a = ([0.0] if open_0[s, n] else []) + sorted(starts.get((s, n), []))
+        b = sorted(ends.get((s, n), [])) + ([float(times[-1])] if open_end[s, n] else [])
+        pairs += [(s, n, x, y) for x, y in zip(a, b, strict=True)]
+    s_h, st_h, i_h = np.nonzero(hidden)
     lo_h = times[np.maximum(i_h - 1, 0)]  # every sample in [lo_h, hi_h] is below the minimum
     hi_h = times[np.minimum(i_h + 1, len(times) - 1)]
-    probes = pairs + list(zip(st_h.tolist(), lo_h.tolist(), hi_h.tolist(), strict=True))
-    if not probes:
+    if not pairs and not len(s_h):
         return []
-    peak_t, peak_el = _peaks(sat, sites, epoch_jd, probes)
-    out = [Contact(sat.name, stations[n].name, a, b, float(e))
-           for (n, a, b), e in zip(pairs, peak_el[: len(pairs)], strict=True)]
+    p_own = np.array([p[0] for p in pairs] + s_h.tolist(), dtype=np.int64)
+    p_idx = np.array([p[1] for p in pairs] + st_h.tolist(), dtype=np.int64)
+    p_lo = np.array([p[2] for p in pairs] + lo_h.tolist())
+    p_hi = np.array([p[3] for p in pairs] + hi_h.tolist())
+    peak_t, peak_el = _peaks(group, p_own, sites, epoch_jd, p_idx, p_lo, p_hi)
+    out = [Contact(group[s].name, stations[n].name, a, b, float(e))
+           for (s, n, a, b), e in zip(pairs, peak_el[: len(pairs)].tolist(), strict=True)]
     clear = peak_el[len(pairs) :] >= sites.min_el[st_h]
     if clear.any():  # grazing passes: below at lo_h and hi_h, in view at the peak
-        n_g, t_g, el_g = st_h[clear], peak_t[len(pairs) :][clear], peak_el[len(pairs) :][clear]
+        s_g, n_g = s_h[clear], st_h[clear]
+        t_g, el_g = peak_t[len(pairs) :][clear], peak_el[len(pairs) :][clear]
         k = len(n_g)
         rising = np.arange(2 * k) < k  # k rising edges in [lo_h, peak], then k setting
-        edge_g = _bisect(sat, sites, epoch_jd, np.concatenate([n_g, n_g]), rising,
+        edge_g = _bisect(group, np.concatenate([s_g, s_g]), sites, epoch_jd,
+                         np.concatenate([n_g, n_g]), rising,
                          np.concatenate([lo_h[clear], t_g]),
                          np.concatenate([t_g, hi_h[clear]]), tol_s)
-        out += [Contact(sat.name, stations[n].name, float(a), float(b), float(e))
-                for n, a, b, e in zip(n_g, edge_g[:k], edge_g[k:], el_g, strict=True)]
+        out += [Contact(group[s].name, stations[n].name, float(a), float(b), float(e))
+                for s, n, a, b, e in zip(s_g, n_g, edge_g[:k], edge_g[k:], el_g, strict=True)]
     return out
 
 
-def _bisect(sat: Satellite, sites: _Sites, epoch_jd: float, idx: np.ndarray,
-            rising: np.ndarray, lo: np.ndarray, hi: np.ndarray, tol_s: float) -> np.ndarray:
-    """Horizon crossings of station `idx` in [lo, hi], all at once, to within `tol_s`: a
-    rising one is below at lo and in view at hi, a setting one the reverse. Returns the
-    in-view side of each."""
-    while len(lo) and float(np.max(hi - lo)) > tol_s:
-        mid = (lo + hi) / 2
-        up = sites.elevation(_positions_one(sat, epoch_jd, mid), idx) >= sites.min_el[idx]
-        move_hi = up == rising
-        hi, lo = np.where(move_hi, mid, hi), np.where(move_hi, lo, mid)
+def _bisect(group: Sequence[Satellite], owner: np.ndarray, sites: _Sites, epoch_jd: float,
+            idx: np.ndarray, rising: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+            tol_s: float) -> np.ndarray:
+    """Horizon crossings of satellite `group[owner]` at station `idx` in [lo, hi], all at
+    once, to within `tol_s`: a rising one is below at lo and in view at hi, a setting one the
+    reverse. Returns the in-view side of each. A satellite's crossings are halved until all
+    of them are within `tol_s`."""
+    while len(lo):
+        live = np.flatnonzero(_group_max(hi - lo, owner, len(group)) > tol_s)
+        if not len(live):
+            break
+        mid = (lo[live] + hi[live]) / 2
+        pos = _positions(group, owner[live], epoch_jd, mid)
+        up = sites.elevation(pos, idx[live]) >= sites.min_el[idx[live]]
+        move_hi = up == rising[live]
+        hi[live], lo[live] = np.where(move_hi, mid, hi[live]), np.where(move_hi, lo[live], mid)
     return np.asarray(np.where(rising, hi, lo))
 
 
-def _peaks(sat: Satellite, sites: _Sites, epoch_jd: float,
-           pairs: list[tuple[int, float, float]]) -> tuple[np.ndarray, np.ndarray]:
-    """Time and elevation of the highest point in each interval, by golden-section search to
-    ~0.5 s (a pass has one maximum), checked against the interval's ends."""
-    idx = np.array([n for n, _, _ in pairs])
-    a = np.array([s for _, s, _ in pairs])
-    b = np.array([e for _, _, e in pairs])
+def _peaks(group: Sequence[Satellite], owner: np.ndarray, sites: _Sites, epoch_jd: float,
+           idx: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Time and elevation of the highest point in each interval [a, b] of satellite
+    `group[owner]` at station `idx`, by golden-section search to ~0.5 s (a pass has one
+    maximum; a satellite's intervals are narrowed until all of them are), checked against
+    the interval's ends."""
     start, end = a.copy(), b.copy()
-    while float(np.max(b - a)) > 0.5:
-        c, d = b - GOLDEN * (b - a), a + GOLDEN * (b - a)
-        el = sites.elevation(_positions_one(sat, epoch_jd, np.concatenate([c, d])),
-                             np.concatenate([idx, idx]))
+    a, b = a.copy(), b.copy()
+    while True:
+        live = np.flatnonzero(_group_max(b - a, owner, len(group)) > 0.5)
+        if not len(live):
+            break
+        al, bl = a[live], b[live]
+        c, d = bl - GOLDEN * (bl - al), al + GOLDEN * (bl - al)
+        own, st = owner[live], idx[live]
+        el = sites.elevation(_positions(group, np.concatenate([own, own]), epoch_jd,
+                                        np.concatenate([c, d])), np.concatenate([st, st]))
         left = el[: len(c)] >= el[len(c) :]
-        b, a = np.where(left, d, b), np.where(left, a, c)
+        b[live], a[live] = np.where(left, d, bl), np.where(left, al, c)
     probe = np.stack([start, (a + b) / 2, end])  # (3, P)
-    el = sites.elevation(_positions_one(sat, epoch_jd, probe.ravel()),
+    el = sites.elevation(_positions(group, np.concatenate([owner] * 3), epoch_jd,
+                                    probe.ravel()),
                          np.concatenate([idx] * 3)).reshape(3, -1)
     best = el.argmax(0)
     cols = np.arange(len(idx))
