@@ -108,6 +108,7 @@ class CpuSampler(threading.Thread):
         self.cluster, self.every_s = cluster, every_s
         self.samples: list[tuple[float, dict[str, float]]] = []
         self.halt = threading.Event()
+        self.sample()  # the baseline: this process's CPU so far, no node yet
 
     def sample(self) -> None:
         now = time.monotonic()
