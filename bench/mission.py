@@ -11,7 +11,8 @@ epochs, evaluated on --test-images (default all 10,000) test images. Then runs i
 `sparsat run` does (sim.launcher.LocalCluster + sim.mission.MissionControl: real node
 processes, real gRPC) and reports the wall seconds of each stage:
   startup   node processes started, registered and serving (the launcher's start-up)
-  contacts  contact windows of the whole constellation (mission control, in this process)
+  contacts  contact windows of the whole constellation (mission control, in this process;
+            the launcher computes them while the nodes start: contacts_during_startup_s)
   downlink  every satellite's Transmit calls: masking, payloads, gRPC, ingest, the SimPy clock
   prepare   the ground station's encoder stage (training and test images)
   training  the IST epochs (rounds over gRPC to the trainers, evaluation)
@@ -204,6 +205,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "stage_wall_s": {k: round(v, 2) for k, v in walls.items()},
         "total_wall_s": round(total, 2),
         "spawn_s": round(spawned - t0, 2),
+        # the launcher computes the contact windows in a thread while the nodes start; then
+        # mission control's `contacts` stage only takes them
+        "contacts_during_startup_s": (round(cluster.contacts_s, 2)
+                                      if cluster.contacts_s is not None else None),
         "stage_cpu_s": sampler.per_stage(bounds),
         "samples_sent": results["samples"]["sent"],
         "samples_stored": results["samples"]["stored"],

@@ -54,9 +54,15 @@ def _forkserver() -> multiprocessing.context.BaseContext | None:
     return ctx
 
 
-def _node_main(args: list[str], log_path: str, cwd: str, env: dict[str, str]) -> None:
+def _node_main(name: str, args: list[str], log_path: str, cwd: str,
+               env: dict[str, str]) -> None:
     """A forked node: the launcher's environment and directory, output to its log, then the
-    `sparsat` command line, as `python -m sim.cli ARGS` would run it."""
+    `sparsat` command line, as `python -m sim.cli ARGS` would run it. Its command line in `ps`
+    is the fork server's; its name (`ps -o comm`, top) is the node's."""
+    try:
+        Path("/proc/self/comm").write_text(name[:15])  # Linux: the kernel's 15-byte name
+    except OSError:
+        pass
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
@@ -132,7 +138,7 @@ class LocalCluster:
         if ctx is not None:
             process = ctx.Process(  # type: ignore[attr-defined]
                 target=_node_main, name=name, daemon=False,
-                args=(args, str(log_path), os.getcwd(), dict(os.environ)))
+                args=(name, args, str(log_path), os.getcwd(), dict(os.environ)))
             process.start()
             self.procs[name] = ForkedNode(process)
             return self.procs[name]
