@@ -85,13 +85,15 @@ class SampleStore:
         `rows` of duplicates (same id and content stored before) and of conflicts (another
         content under a stored id: not stored, counted as rejected)."""
         with self._lock:
-            stored: dict[int, tuple[int, bytes]] = {}
+            # a sample's content: everything but its sender (an int8 token's scale included)
+            stored: dict[int, tuple[int, bool, int, int, int, float, bytes]] = {}
             row_ids = [r.id for r in rows]
             for start in range(0, len(row_ids), 500):
                 part = row_ids[start : start + 500]
-                stored.update((i, (label, bytes(data))) for i, label, data in self._db.execute(
-                    f"SELECT id, label, data FROM payloads WHERE id IN "
-                    f"({','.join('?' * len(part))})", part))
+                stored.update((i, (label, bool(runs), h, w, c, scale, bytes(data)))
+                              for i, label, runs, h, w, c, scale, data in self._db.execute(
+                    f"SELECT id, label, runs, height, width, channels, scale, data FROM payloads "
+                    f"WHERE id IN ({','.join('?' * len(part))})", part))
             duplicates, conflicts, new = [], [], []
             seen: set[int] = set()
             for k, r in enumerate(rows):
@@ -99,7 +101,8 @@ class SampleStore:
                 if old is None and r.id not in seen:
                     new.append(r)
                     seen.add(r.id)
-                elif old is not None and old == (r.label, r.data):
+                elif old is not None and old == (r.label, r.runs, r.height, r.width, r.channels,
+                                                 r.scale, r.data):
                     duplicates.append(k)
                 else:
                     conflicts.append(k)

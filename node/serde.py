@@ -257,6 +257,10 @@ def pb_to_ack(msg: pb.BatchAck, n: int) -> AckData:
     if at > n or any(not 0 <= r.position < n for r in msg.rejected):
         raise CodecError(f"ack names positions past its batch of {n}")
     rejected = [(int(r.position), int(r.code), str(r.reason)) for r in msg.rejected]
+    refused = {p for p, _, _ in rejected}
+    if len(refused) < len(rejected) or not refused.isdisjoint(duplicates):
+        raise CodecError("ack answers a position twice (rejected twice, or rejected and "
+                         "duplicate)")
     if msg.stored + len(duplicates) + len(rejected) != n:
         raise CodecError(f"ack covers {msg.stored} stored, {len(duplicates)} duplicates and "
                          f"{len(rejected)} rejected of a batch of {n}")

@@ -1,15 +1,21 @@
-"""The ground station's and the trainer's gRPC servicers on bad input, over a real localhost port.
+"""The ground station's and the trainer's gRPC servicers on good and bad input, over a real
+localhost port, and the sample store under them.
 
 Every server here runs in-process on 127.0.0.1:0 and is called through the generated stubs, so
-requests go through real serialization, real status codes and real message-size limits.
+requests go through real serialization, real status codes and real message-size limits. Samples
+are built the way node/sensor.py builds them: ids copy * N + index into the N-image training
+split, each satellite's shard from node.sensor.train_subset/shard, masks from node.masking.
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -17,15 +23,18 @@ import pytest
 import torch
 
 from ground_station import server as gs_server
-from ground_station.config import GroundStationConfig
+from ground_station.config import GroundStationConfig, TrainingConfig
+from ground_station.ingest import IngestRules, check_batch
 from ground_station.server import GroundStation, build_server
-from node import serde
-from node.codec import PatchData, encode_patches, quantize_token
+from ground_station.store import Row, SampleStore, StoreMismatchError
+from node import encoders, serde
+from node.codec import encode_patches, masked_canvas, quantize_token
 from node.config import SensorConfig
 from node.datasets import DatasetSpec, ImageDataset, load_dataset
-from node.masking import MaskSpec, fixed_mask
+from node.masking import MaskSpec, capture, copy_id
 from node.rpc import bind, channel, make_server, wait_ready, wire_size
-from node.serde import ClsData, SampleData
+from node.sensor import sample_id, shard, train_subset
+from node.serde import BatchBuilder, ClsData, Payload
 from node.trainer import TrainerServicer
 from node.training import AdamState
 from proto.sparsat.v1 import sparsat_pb2 as pb
@@ -33,23 +42,38 @@ from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
 SATELLITES = ["sat-0", "sat-1", "sat-2"]
 SENSOR = "sat-0"  # registered in every station below
-GRID = 7  # vit_tiny_patch4_28: a 7x7 grid of 4x4 patches on 28x28x1 images
+GRID = 7  # vit_tiny_d8_patch4_28: a 7x7 grid of 4x4 patches on 28x28x1 images
 DIM = 192  # its CLS width
+SUBSET = 600  # the scenario's training images: the first 600 of a seeded permutation
+MASK = MaskSpec(kind="fixed", ratio=0.5, seed=0)
+VISIBLE = 24  # int(49 * 0.5) tokens of 4x4x1 pixels under MASK
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]
+CONFLICT = grpc.StatusCode.ALREADY_EXISTS.value[0]
 
 
 # ---- ground-station fixtures ----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class FMnist:
+    train: ImageDataset
+    test: ImageDataset
+
+
 @pytest.fixture(scope="module")
-def fmnist_test() -> ImageDataset:
-    return load_dataset(DatasetSpec("fashion_mnist", download=False), "test")
+def fm() -> FMnist:
+    spec = DatasetSpec("fashion_mnist", download=False)
+    return FMnist(load_dataset(spec, "train"), load_dataset(spec, "test"))
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _load_fashion_mnist_once(fmnist_test: ImageDataset) -> Iterator[None]:
-    """Every station in this module shares one load of the real Fashion-MNIST test split."""
+def _load_fashion_mnist_once(fm: FMnist) -> Iterator[None]:
+    """Every station in this module shares one load of the real Fashion-MNIST splits."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gs_server, "load_dataset", lambda spec, split: fmnist_test)
+        mp.setattr(gs_server, "load_dataset",
+                   lambda spec, split: fm.train if split == "train" else fm.test)
         yield
 
 
@@ -61,19 +85,28 @@ class Station:
     mission: pb_grpc.MissionStub
     health: pb_grpc.HealthStub
 
+    @property
+    def store(self) -> SampleStore:
+        return self.station.store
 
-def _config(store_dir: Path, payload: str) -> GroundStationConfig:
+    def stats(self) -> pb.StatsReply:
+        return self.mission.Stats(pb.StatsRequest(), timeout=10)
+
+    def stored(self) -> dict[int, Row]:
+        return {r.id: r for chunk in self.store.rows() for r in chunk}
+
+
+def _config(store_dir: Path, payload: str = "patches", mask: MaskSpec = MASK,
+            cls_dtype: str = "float16", **gs: Any) -> GroundStationConfig:
     sensor = SensorConfig(
-        dataset=DatasetSpec("fashion_mnist", download=False),
-        mask=MaskSpec(kind="fixed", ratio=0.5, seed=0),
+        dataset=DatasetSpec("fashion_mnist", download=False), mask=mask,
         payload=payload,  # type: ignore[arg-type]
-        satellites=list(SATELLITES),
-    )
-    return GroundStationConfig(sensor=sensor, store_dir=store_dir, device="cpu")
+        cls_dtype=cls_dtype, satellites=list(SATELLITES), train_subset=SUBSET)
+    return GroundStationConfig(sensor=sensor, store_dir=store_dir, device="cpu", **gs)
 
 
-def _run_station(store_dir: Path, payload: str) -> Iterator[Station]:
-    station = GroundStation(_config(store_dir, payload))
+def _run_station(cfg: GroundStationConfig) -> Iterator[Station]:
+    station = GroundStation(cfg)
     server, address = build_server(station, "127.0.0.1:0")
     server.start()
     ch = channel(address)
@@ -88,376 +121,861 @@ def _run_station(store_dir: Path, payload: str) -> Iterator[Station]:
     finally:
         ch.close()
         server.stop(None)
+        if station.coordinator is not None:
+            station.coordinator.close()
         station.store.close()
+
+
+StartStation = Callable[..., Station]
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[StartStation]:
+    """start(payload=..., mask=..., cls_dtype=..., store=NAME, **GroundStationConfig fields):
+    a fresh station on its own store folder (the same NAME again: the same store)."""
+    with ExitStack() as stack:
+        def make(store: str = "store", **kw: Any) -> Station:
+            cfg = _config(tmp_path / store, **kw)
+            return stack.enter_context(contextmanager(_run_station)(cfg))
+        yield make
+
+
+@pytest.fixture
+def station(start: StartStation) -> Station:
+    return start()
 
 
 @pytest.fixture(scope="module")
 def patch_gs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Station]:
-    """A patches station that is only ever sent bad samples: its store must stay empty."""
-    yield from _run_station(tmp_path_factory.mktemp("patch-gs"), "patches")
+    """A patches station for the Registry and Mission tests, never sent a sample."""
+    yield from _run_station(_config(tmp_path_factory.mktemp("patch-gs")))
 
 
-@pytest.fixture(scope="module")
-def cls_gs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Station]:
-    """A CLS station that is only ever sent bad samples."""
-    yield from _run_station(tmp_path_factory.mktemp("cls-gs"), "cls")
+# ---- sample builders (as node/sensor.py builds them) -----------------------------------------
 
 
-@pytest.fixture
-def fresh_gs(tmp_path: Path) -> Iterator[Station]:
-    yield from _run_station(tmp_path, "patches")
+def _shard(sat: str) -> list[int]:
+    """The training images `sat` holds in this scenario."""
+    subset = train_subset(60_000, SUBSET, 0)
+    return [int(i) for i in shard(subset, SATELLITES.index(sat), len(SATELLITES))]
 
 
-@pytest.fixture
-def fresh_cls_gs(tmp_path: Path) -> Iterator[Station]:
-    yield from _run_station(tmp_path, "cls")
+def _outside() -> int:
+    """A training image in no satellite's shard."""
+    return next(i for i in range(60_000) if i not in set(train_subset(60_000, SUBSET, 0)))
 
 
-# ---- sample builders ------------------------------------------------------------------------
+def _patch(fm: FMnist, index: int, copy: int | None = None, mask: MaskSpec = MASK) -> Payload:
+    sid = copy_id(sample_id("fashion_mnist", "train", index), copy)
+    cap = capture(mask, fm.train.image(index), GRID, sid)
+    return serde.patch_payload(index + (copy or 0) * len(fm.train), fm.train.label(index),
+                               encode_patches(cap.image, GRID, cap.visible), with_shape=False)
 
 
-def _image(fmnist: ImageDataset, i: int = 0) -> np.ndarray:
-    return fmnist.image(i)
+def _token(index: int) -> np.ndarray:
+    return np.random.default_rng(index).standard_normal(DIM).astype(np.float32)
 
 
-def _patch_sample(
-    fmnist: ImageDataset, i: int = 0, sample_id: str | None = None, sensor: str = SENSOR
-) -> pb.Sample:
-    sid = sample_id if sample_id is not None else f"fashion_mnist/train/{i}"
-    visible = fixed_mask(GRID * GRID, 0.5, 0, sid)
-    payload = encode_patches(_image(fmnist, i), GRID, visible)
-    return serde.sample_to_pb(SampleData(sid, sensor, fmnist.label(i), payload))
+def _cls(fm: FMnist, index: int, dtype: str) -> Payload:
+    data, scale = quantize_token(_token(index), dtype)
+    return serde.cls_payload(index, fm.train.label(index), ClsData(data, dtype, DIM, scale))
 
 
-def _cls_sample(dtype: str = "float16", dim: int = DIM, sample_id: str = "cls/0") -> pb.Sample:
-    token = np.random.default_rng(0).standard_normal(dim).astype(np.float32)
-    data, scale = quantize_token(token, dtype)
-    return serde.sample_to_pb(SampleData(sample_id, SENSOR, 3, ClsData(data, dtype, dim, scale)))
+def _batch(payloads: list[Payload], satellite: str = SENSOR, cls: bool = False,
+           int8: bool = False) -> pb.DownlinkBatch:
+    builder = BatchBuilder(satellite, cls, int8)
+    for p in payloads:
+        builder.add(p)
+    msg = builder.to_pb()
+    assert wire_size(msg) == builder.wire_size()
+    return msg
 
 
-def _send(st: Station, msgs: list[pb.Sample]) -> tuple[list[pb.SampleAck], grpc.RpcError | None]:
-    """Stream `msgs`; the acks that came back, and the error that ended the stream (if any)."""
-    acks: list[pb.SampleAck] = []
+def _send(st: Station, batches: list[pb.DownlinkBatch]
+          ) -> tuple[list[pb.BatchAck], grpc.RpcError | None]:
+    """Stream `batches`; the acks that came back, and the error that ended the stream (if any)."""
+    acks: list[pb.BatchAck] = []
     try:
-        for ack in st.downlink.Send(iter(msgs), timeout=20):
+        for ack in st.downlink.Send(iter(batches), timeout=20):
             acks.append(ack)
     except grpc.RpcError as e:
         return acks, e
     return acks, None
 
 
-# ---- bad patch samples ----------------------------------------------------------------------
-
-Build = Callable[[ImageDataset], pb.Sample]
-
-
-def _with_patches(fm: ImageDataset, **change: object) -> pb.Sample:
-    """A good sample with some PatchData fields replaced before it is serialized."""
-    good = _patch_sample(fm)
-    p = serde.pb_to_sample(good).payload
-    assert isinstance(p, PatchData)
-    return serde.sample_to_pb(SampleData(good.sample_id, SENSOR, good.label,
-                                         replace(p, **change)))  # type: ignore[arg-type]
+def _rejected(ack: pb.BatchAck) -> list[tuple[int, int, str]]:
+    return [(r.position, r.code, r.reason) for r in ack.rejected]
 
 
-def _odd_idx(fm: ImageDataset) -> pb.Sample:
-    msg = _patch_sample(fm)
-    msg.patches.visible_idx += b"\x00"
-    return msg
+def _counts(st: Station) -> tuple[int, int, int, int, int]:
+    s = st.stats()
+    return (s.samples_stored, s.samples_received, s.duplicates, s.rejected,
+            s.downlink_bytes_received)
 
 
-def _field(fm: ImageDataset, **fields: object) -> pb.Sample:
-    msg = _patch_sample(fm)
-    for k, v in fields.items():
-        setattr(msg, k, v)
-    return msg
+def _bytes(batches: list[pb.DownlinkBatch]) -> int:
+    return sum(m.ByteSize() + 5 for m in batches)
 
 
-def _no_payload(fm: ImageDataset) -> pb.Sample:
-    msg = _patch_sample(fm)
-    msg.ClearField("patches")
-    return msg
+# ---- one bad sample among good ones ---------------------------------------------------------
+
+Bad = Callable[[FMnist, list[Payload]], tuple[list[Payload], int]]
 
 
-def _image_of(shape: tuple[int, int, int]) -> Build:
-    def build(fm: ImageDataset) -> pb.Sample:
-        img = np.full(shape, 7, dtype=np.uint8)
-        payload = encode_patches(img, GRID, np.arange(10, dtype=np.uint16))
-        return serde.sample_to_pb(SampleData("odd-shape", SENSOR, 1, payload))
+def _swap(good: list[Payload], bad: Payload) -> tuple[list[Payload], int]:
+    """The batch: four of the good samples and `bad`, in id order; the bad one's position."""
+    others = [p for p in good if p.id != bad.id][:4]
+    batch = sorted([*others, bad], key=lambda p: p.id)
+    return batch, batch.index(bad)
+
+
+def _changed(**change: Any) -> Bad:
+    """The third good sample with some fields replaced."""
+    return lambda fm, good: _swap(good, replace(good[2], **change))
+
+
+def _data(edit: Callable[[bytes], bytes], runs: bool | None = None) -> Bad:
+    def build(fm: FMnist, good: list[Payload]) -> tuple[list[Payload], int]:
+        p = good[2]
+        return _swap(good, replace(p, data=edit(p.data), runs=p.runs if runs is None else runs))
     return build
 
 
-def _grid(grid: int) -> Build:
-    def build(fm: ImageDataset) -> pb.Sample:
-        payload = encode_patches(_image(fm), grid, np.arange(3, dtype=np.uint16))
-        return serde.sample_to_pb(SampleData("wrong-grid", SENSOR, 1, payload))
+def _set_bit(data: bytes, token: int) -> bytes:
+    out = bytearray(data)
+    out[token // 8] |= 1 << (token % 8)
+    return bytes(out)
+
+
+def _unmasked(edit: Callable[[bytes], bytes]) -> Bad:
+    """Every token visible (a run code, [0, 49]), then `edit` its record."""
+    def build(fm: FMnist, good: list[Payload]) -> tuple[list[Payload], int]:
+        p = _patch(fm, good[2].id, mask=MaskSpec(kind="none"))
+        assert p.runs and p.data[:2] == b"\x00\x31"
+        return _swap(good, replace(p, data=edit(p.data)))
     return build
 
 
-def _pixels(fm: ImageDataset, delta: int) -> pb.Sample:
-    msg = _patch_sample(fm)
-    px = msg.patches.pixels
-    msg.patches.pixels = px[:delta] if delta < 0 else px + b"\x01" * delta
-    return msg
-
-
-def _idx(values: list[int]) -> Build:
-    def build(fm: ImageDataset) -> pb.Sample:
-        # encode_patches cuts whatever tiles it is given; the payload is then checked on arrival
-        return _with_patches(fm, visible_idx=np.array(values, dtype=np.uint16))
+def _image_of(sat: str | None) -> Bad:
+    def build(fm: FMnist, good: list[Payload]) -> tuple[list[Payload], int]:
+        index = _shard(sat)[1] if sat else _outside()
+        return _swap(good, _patch(fm, index))
     return build
 
 
-BAD_PATCH_SAMPLES: list[tuple[str, Build, str]] = [
-    ("wrong grid", _grid(4), "grid 4 does not match"),
-    ("grid larger than the image", _grid(28), "grid 28 does not match"),
-    ("image 32x32x1", _image_of((32, 32, 1)), "image shape"),
-    ("image 28x28x3", _image_of((28, 28, 3)), "image shape"),
-    ("image 28x14x1", _image_of((28, 14, 1)), "image shape"),
-    ("index out of range", lambda fm: _with_patches(
-        fm, visible_idx=np.array([0, 49], dtype=np.uint16), pixels=b"\0" * 32),
-     "out of range"),
-    ("unsorted indices", _idx([5, 0, 9]), "sorted and unique"),
-    ("duplicate indices", _idx([0, 5, 5, 9]), "sorted and unique"),
-    ("odd-length visible_idx", _odd_idx, "even number of bytes"),
-    ("pixels too short", lambda fm: _pixels(fm, -1), "pixels"),
-    ("pixels too long", lambda fm: _pixels(fm, 16), "pixels"),
-    ("zero visible tokens", lambda fm: _with_patches(
-        fm, visible_idx=np.zeros(0, dtype=np.uint16), pixels=b""), "no visible tokens"),
-    ("label out of range", lambda fm: _field(fm, label=10), "label 10 out of range"),
-    ("negative label", lambda fm: _field(fm, label=-1), "label -1 out of range"),
-    ("unregistered sensor", lambda fm: _field(fm, sensor_id="sat-1"), "unknown sensor"),
-    ("sensor not in scenario", lambda fm: _field(fm, sensor_id="rogue"), "unknown sensor"),
-    ("empty sample_id", lambda fm: _field(fm, sample_id=""), "sample_id"),
-    ("sample_id too long", lambda fm: _field(fm, sample_id="x" * 257), "sample_id"),
-    ("no payload", _no_payload, "no payload"),
-    ("CLS to a patches station", lambda fm: _cls_sample("float16"), "CLS payload"),
-    ("oversize", lambda fm: _with_patches(fm, pixels=b"\x01" * 200_000), "oversize"),
+BAD_PATCHES: list[tuple[str, Bad, int, str]] = [
+    ("label 10", _changed(label=10), INVALID, "label out of range [0, 10)"),
+    ("label 2**31", _changed(label=2**31), INVALID, "label out of range [0, 10)"),
+    ("bitmap with no visible token", _data(lambda d: b"\x00" * 7), INVALID,
+     "no visible tokens"),
+    ("pixels one byte short", _data(lambda d: d[:-1]), INVALID,
+     f"pixels: {VISIBLE * 16 - 1} bytes, the visible tiles need {VISIBLE * 16}"),
+    ("pixels 16 bytes long", _data(lambda d: d + b"\x01" * 16), INVALID,
+     f"pixels: {VISIBLE * 16 + 16} bytes, the visible tiles need {VISIBLE * 16}"),
+    ("bitmap bit 49 set", _data(lambda d: _set_bit(d, 49)), INVALID,
+     "visible-token bitmap sets bits past the 49 tokens"),
+    ("bitmap bit 55 set", _data(lambda d: _set_bit(d, 55)), INVALID,
+     "visible-token bitmap sets bits past the 49 tokens"),
+    ("bitmap cut short", _data(lambda d: d[:5]), INVALID, "visible-token bitmap needs 7 bytes"),
+    ("runs with an empty middle run", _data(lambda d: b"\x0a\x00\x27" + d[7:], runs=True),
+     INVALID, "only the first run may be empty"),
+    ("runs that overrun", _data(lambda d: b"\x0a\x28" + d[7:], runs=True), INVALID,
+     "visible-token runs sum to 50, the grid has 49 tokens"),
+    ("runs that end early", _data(lambda d: b"\x0a", runs=True), INVALID,
+     "visible-token runs end early"),
+    ("runs with a pixel short", _unmasked(lambda d: d[:-1]), INVALID,
+     "pixels: 783 bytes, the visible tiles need 784"),
+    ("bitmap read as runs", _data(lambda d: d, runs=True), INVALID, "visible-token runs"),
+    ("image of another satellite", _image_of("sat-1"), DENIED, "image not held by sat-0"),
+    ("image of no satellite", _image_of(None), DENIED, "image not held by sat-0"),
+    ("id past the training split", lambda fm, good: _swap(good, replace(good[2], id=60_000)),
+     INVALID, "id out of range: ids are below 60000"),
 ]
 
 
-@pytest.mark.parametrize(
-    ("build", "match"), [c[1:] for c in BAD_PATCH_SAMPLES], ids=[c[0] for c in BAD_PATCH_SAMPLES]
-)
-def test_patch_station_rejects_bad_sample(
-    patch_gs: Station, fmnist_test: ImageDataset, build: Build, match: str
-) -> None:
-    # Prepare
-    msg = build(fmnist_test)
+def _good(fm: FMnist, first: int, count: int, sat: str = SENSOR) -> list[Payload]:
+    return [_patch(fm, i) for i in _shard(sat)[first : first + count]]
+
+
+def _check_one_refused(st: Station, batch: list[Payload], pos: int, msg: pb.DownlinkBatch,
+                       code: int, match: str, follow: list[Payload], cls: bool = False,
+                       int8: bool = False) -> None:
+    """Send `msg` (the batch with its bad sample at `pos`) then a batch of `follow` on the
+    same stream: the bad sample alone refused, the stream on, every count exact."""
+    second = _batch(follow, satellite="", cls=cls, int8=int8)
 
     # Execute
-    acks, err = _send(patch_gs, [msg])
+    acks, err = _send(st, [msg, second])
 
-    # Assert
-    assert acks == []
-    assert err is not None
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert match in (err.details() or "")
-    assert len(patch_gs.station.store) == 0
+    # Assert: the bad sample alone, with its code and a reason naming the problem
+    assert err is None
+    assert len(acks) == 2
+    assert acks[0].stored == 4 and list(acks[0].duplicate_runs) == []
+    [(position, got_code, reason)] = _rejected(acks[0])
+    assert (position, got_code) == (pos, code), reason
+    assert match in reason
+    # the stream went on: the next batch was stored whole
+    assert acks[1] == pb.BatchAck(stored=len(follow))
+    kept = [p for k, p in enumerate(batch) if k != pos] + follow
+    rows = st.stored()
+    assert sorted(rows) == sorted(p.id for p in kept)
+    for p in kept:
+        r = rows[p.id]
+        assert (r.satellite, r.label, r.runs, r.data) == (SENSOR, p.label, p.runs, p.data)
+        assert r.scale == pytest.approx(p.scale, rel=1e-7)
+    assert _counts(st) == (len(kept), 5 + len(follow), 0, 1, _bytes([msg, second]))
 
 
-def test_oversize_sample_is_below_grpc_limit_and_above_station_limit(
-    patch_gs: Station, fmnist_test: ImageDataset
-) -> None:
-    # Prepare: the rejection above must come from the station's own check, not gRPC's limit
-    msg = _with_patches(fmnist_test, pixels=b"\x01" * 200_000)
-
-    # Assert
-    assert patch_gs.station.rules.max_sample_bytes < wire_size(msg) < 64 * 1024 * 1024
-
-
-def test_sample_id_of_256_characters_is_accepted(
-    fresh_gs: Station, fmnist_test: ImageDataset
+@pytest.mark.parametrize(("bad", "code", "match"), [c[1:] for c in BAD_PATCHES],
+                         ids=[c[0] for c in BAD_PATCHES])
+def test_patch_batch_refuses_its_bad_sample_alone(
+    station: Station, fm: FMnist, bad: Bad, code: int, match: str
 ) -> None:
     # Prepare
-    msg = _patch_sample(fmnist_test, sample_id="y" * 256)
+    batch, pos = bad(fm, _good(fm, 0, 5))
 
-    # Execute
-    acks, err = _send(fresh_gs, [msg])
-
-    # Assert
-    assert err is None and len(acks) == 1
-    assert len(fresh_gs.station.store) == 1
+    # Execute / Assert
+    _check_one_refused(station, batch, pos, _batch(batch), code, match, _good(fm, 5, 2))
 
 
-# ---- bad CLS samples ------------------------------------------------------------------------
+def test_patch_batch_refuses_a_repeated_id_alone(station: Station, fm: FMnist) -> None:
+    # Prepare: the third sample repeats the second's id (delta 0); the ids after it unchanged
+    good = _good(fm, 0, 5)
+    msg = _batch(good)
+    msg.ids[3] += msg.ids[2]
+    msg.ids[2] = 0
+
+    # Execute / Assert
+    _check_one_refused(station, good, 2, msg, INVALID, "id repeats the one before it",
+                       _good(fm, 5, 2))
 
 
-def _cls_nonfinite(dtype: str, value: float) -> pb.Sample:
-    tok = np.ones(DIM, dtype="<f4" if dtype == "float32" else "<f2")
-    tok[5] = value
-    msg = _cls_sample(dtype)
-    msg.cls.token.data = tok.tobytes()
-    return msg
+def test_random_masks_refuse_a_copy_past_the_epochs(start: StartStation, fm: FMnist) -> None:
+    # Prepare: 2 copies of every image; copy 2 is one too many
+    mask = MaskSpec(kind="random", ratio=0.5, seed=3, copies=2)
+    st = start(mask=mask)
+    a, b, c = _shard(SENSOR)[:3]
+    batch = [_patch(fm, a, 0, mask), _patch(fm, b, 0, mask), _patch(fm, a, 1, mask),
+             _patch(fm, b, 1, mask), _patch(fm, a, 2, mask)]
+    follow = [_patch(fm, c, 0, mask), _patch(fm, c, 1, mask)]
+
+    # Execute / Assert
+    assert [p.id for p in batch] == [a, b, 60_000 + a, 60_000 + b, 120_000 + a]
+    assert batch[0].data != batch[2].data  # each copy its own mask
+    _check_one_refused(st, batch, 4, _batch(batch), INVALID,
+                       "id out of range: ids are below 120000", follow)
 
 
-def _cls_scale(scale: float) -> pb.Sample:
-    msg = _cls_sample("int8")
-    msg.cls.token.scale = scale
-    return msg
+def _cls_bad_values(dtype: str, value: float) -> Callable[[Payload], Payload]:
+    def edit(p: Payload) -> Payload:
+        tok = np.frombuffer(p.data, "<f4" if dtype == "float32" else "<f2").copy()
+        tok[17] = value
+        return replace(p, data=tok.tobytes())
+    return edit
 
 
-def _cls_shape(shape: list[int]) -> pb.Sample:
-    msg = _cls_sample("float32")
-    del msg.cls.token.shape[:]
-    msg.cls.token.shape.extend(shape)
-    return msg
-
-
-def _cls_short() -> pb.Sample:
-    msg = _cls_sample("float32")
-    msg.cls.token.data = msg.cls.token.data[:-4]
-    return msg
-
-
-BAD_CLS_SAMPLES: list[tuple[str, Callable[[ImageDataset], pb.Sample], str]] = [
-    ("patches to a CLS station", lambda fm: _patch_sample(fm), "patch payload"),
-    ("CLS dim wrong", lambda fm: _cls_sample("float32", dim=DIM - 1), "CLS dim 191"),
-    ("NaN in float32", lambda fm: _cls_nonfinite("float32", float("nan")), "NaN or Inf"),
-    ("Inf in float32", lambda fm: _cls_nonfinite("float32", float("-inf")), "NaN or Inf"),
-    ("Inf in float16", lambda fm: _cls_nonfinite("float16", float("inf")), "NaN or Inf"),
-    ("int8 scale 0", lambda fm: _cls_scale(0.0), "scale"),
-    ("int8 scale negative", lambda fm: _cls_scale(-0.1), "scale"),
-    ("int8 scale NaN", lambda fm: _cls_scale(float("nan")), "scale"),
-    ("token bytes short", lambda fm: _cls_short(), "bytes"),
-    ("token 2-D", lambda fm: _cls_shape([2, 96]), "shape"),
-    ("token dtype UINT8", lambda fm: _field_cls_dtype(pb.UINT8), "dtype"),
+BAD_CLS: list[tuple[str, str, Callable[[Payload], Payload], int, str]] = [
+    ("float16 NaN", "float16", _cls_bad_values("float16", float("nan")), INVALID,
+     "CLS token contains NaN or Inf"),
+    ("float16 Inf", "float16", _cls_bad_values("float16", float("inf")), INVALID,
+     "CLS token contains NaN or Inf"),
+    ("float32 -Inf", "float32", _cls_bad_values("float32", float("-inf")), INVALID,
+     "CLS token contains NaN or Inf"),
+    ("float32 NaN", "float32", _cls_bad_values("float32", float("nan")), INVALID,
+     "CLS token contains NaN or Inf"),
+    ("int8 zero scale", "int8", lambda p: replace(p, scale=0.0), INVALID,
+     "int8 CLS token needs a finite positive scale"),
+    ("int8 negative scale", "int8", lambda p: replace(p, scale=-0.5), INVALID,
+     "int8 CLS token needs a finite positive scale"),
+    ("int8 NaN scale", "int8", lambda p: replace(p, scale=float("nan")), INVALID,
+     "int8 CLS token needs a finite positive scale"),
+    ("int8 Inf scale", "int8", lambda p: replace(p, scale=float("inf")), INVALID,
+     "int8 CLS token needs a finite positive scale"),
+    ("label 11", "float16", lambda p: replace(p, label=11), INVALID,
+     "label out of range [0, 10)"),
 ]
 
 
-def _field_cls_dtype(dtype: int) -> pb.Sample:
-    msg = _cls_sample("int8")
-    msg.cls.token.dtype = dtype  # type: ignore[assignment]
-    return msg
-
-
-@pytest.mark.parametrize(
-    ("build", "match"), [c[1:] for c in BAD_CLS_SAMPLES], ids=[c[0] for c in BAD_CLS_SAMPLES]
-)
-def test_cls_station_rejects_bad_sample(
-    cls_gs: Station, fmnist_test: ImageDataset, build: Build, match: str
+@pytest.mark.parametrize(("dtype", "edit", "code", "match"), [c[1:] for c in BAD_CLS],
+                         ids=[c[0] for c in BAD_CLS])
+def test_cls_batch_refuses_its_bad_sample_alone(
+    start: StartStation, fm: FMnist, dtype: str, edit: Callable[[Payload], Payload], code: int,
+    match: str
 ) -> None:
     # Prepare
-    msg = build(fmnist_test)
+    st = start(payload="cls", cls_dtype=dtype)
+    ids = _shard(SENSOR)
+    batch = [_cls(fm, i, dtype) for i in ids[:5]]
+    batch[1] = edit(batch[1])
+    follow = [_cls(fm, i, dtype) for i in ids[5:7]]
 
-    # Execute
-    acks, err = _send(cls_gs, [msg])
+    # Execute / Assert
+    _check_one_refused(st, batch, 1, _batch(batch, cls=True, int8=dtype == "int8"), code,
+                       match, follow, cls=True, int8=dtype == "int8")
 
-    # Assert
-    assert acks == []
-    assert err is not None
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert match in (err.details() or "")
-    assert len(cls_gs.station.store) == 0
+
+def test_cls_batch_refuses_another_satellites_image(start: StartStation, fm: FMnist) -> None:
+    # Prepare
+    st = start(payload="cls", cls_dtype="float16")
+    batch = sorted([_cls(fm, i, "float16") for i in _shard(SENSOR)[:4]]
+                   + [_cls(fm, _shard("sat-2")[0], "float16")], key=lambda p: p.id)
+    pos = [p.id for p in batch].index(_shard("sat-2")[0])
+
+    # Execute / Assert
+    _check_one_refused(st, batch, pos, _batch(batch, cls=True), DENIED,
+                       "image not held by sat-0", [_cls(fm, _shard(SENSOR)[9], "float16")],
+                       cls=True)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
-def test_cls_station_stores_good_tokens(fresh_cls_gs: Station, dtype: str) -> None:
+def test_cls_station_stores_good_tokens_as_sent(start: StartStation, fm: FMnist,
+                                                dtype: str) -> None:
     # Prepare
-    msg = _cls_sample(dtype, sample_id=f"cls/{dtype}")
+    st = start(payload="cls", cls_dtype=dtype)
+    batch = [_cls(fm, i, dtype) for i in _shard(SENSOR)[:3]]
+    msg = _batch(batch, cls=True, int8=dtype == "int8")
 
     # Execute
-    acks, err = _send(fresh_cls_gs, [msg])
+    acks, err = _send(st, [msg])
 
     # Assert
-    assert err is None
-    assert [(a.sample_id, a.duplicate) for a in acks] == [(f"cls/{dtype}", False)]
-    assert len(fresh_cls_gs.station.store) == 1
-    stored = pb.Sample.FromString(next(fresh_cls_gs.station.store.messages()))
-    assert stored == msg
+    assert err is None and acks == [pb.BatchAck(stored=3)]
+    rows = st.stored()
+    assert sorted(rows) == [p.id for p in batch]
+    for p in batch:
+        r = rows[p.id]
+        assert (r.label, r.data, r.runs, r.height, r.width, r.channels) == (
+            p.label, p.data, False, 0, 0, 0)
+        assert r.scale == float(np.float32(p.scale))  # float32 on the wire
+    assert _counts(st) == (3, 3, 0, 0, wire_size(msg))
 
 
-# ---- good samples, duplicates, partial streams ----------------------------------------------
+# ---- structural errors: the whole batch refused, the stream goes on -------------------------
 
 
-def test_good_sample_is_stored_and_acked(fresh_gs: Station, fmnist_test: ImageDataset) -> None:
-    # Prepare
-    msg = _patch_sample(fmnist_test, 4)
+STRUCTURAL_PATCHES: list[tuple[str, Callable[[pb.DownlinkBatch], None], str]] = [
+    ("a label too many", lambda m: m.labels.append(1), "batch: 6 labels for 5 ids"),
+    ("a label too few", lambda m: m.labels.pop(), "batch: 4 labels for 5 ids"),
+    ("CLS tokens", lambda m: setattr(m, "tokens", b"\x00" * 384),
+     "batch: CLS tokens, but this scenario's sensors send patches"),
+    ("int8 scales", lambda m: setattr(m, "scales", b"\x00" * 20),
+     "batch: CLS tokens, but this scenario's sensors send patches"),
+    ("a patch record short", lambda m: m.patches.pop(), "batch: 4 patch payloads for 5 ids"),
+    ("shapes for a dataset of one shape", lambda m: m.shapes.extend([28, 28, 1] * 5),
+     "batch: 15 shape values, expected 0 (3 per sample only for datasets whose images differ "
+     "in size)"),
+]
 
-    # Execute
-    acks, err = _send(fresh_gs, [msg])
 
-    # Assert
-    assert err is None
-    assert [(a.sample_id, a.duplicate) for a in acks] == [("fashion_mnist/train/4", False)]
-    assert len(fresh_gs.station.store) == 1
-    assert pb.Sample.FromString(next(fresh_gs.station.store.messages())) == msg
-
-
-def test_resent_sample_is_acked_as_duplicate_and_stored_once(
-    fresh_gs: Station, fmnist_test: ImageDataset
+@pytest.mark.parametrize(("edit", "match"), [c[1:] for c in STRUCTURAL_PATCHES],
+                         ids=[c[0] for c in STRUCTURAL_PATCHES])
+def test_structural_error_refuses_the_batch_and_the_stream_goes_on(
+    station: Station, fm: FMnist, edit: Callable[[pb.DownlinkBatch], None], match: str
 ) -> None:
     # Prepare
-    msg = _patch_sample(fmnist_test, 2)
-    _send(fresh_gs, [msg])
+    msg = _batch(_good(fm, 0, 5))
+    edit(msg)
+    follow = _good(fm, 5, 2)
+    second = _batch(follow, satellite="")
+
+    # Execute
+    acks, err = _send(station, [msg, second])
+
+    # Assert
+    assert err is None and len(acks) == 2
+    assert acks[0].stored == 0 and list(acks[0].duplicate_runs) == []
+    assert [(p, c) for p, c, _ in _rejected(acks[0])] == [(k, INVALID) for k in range(5)]
+    assert all(r == match for _, _, r in _rejected(acks[0])), _rejected(acks[0])
+    assert acks[1] == pb.BatchAck(stored=2)
+    assert sorted(station.stored()) == [p.id for p in follow]
+    assert _counts(station) == (2, 7, 0, 5, _bytes([msg, second]))
+
+
+STRUCTURAL_CLS: list[tuple[str, str, Callable[[pb.DownlinkBatch], None], str]] = [
+    ("patches to a CLS station", "float16", lambda m: m.patches.append(b"\x00" * 7),
+     "batch: patch payloads, but this scenario's sensors send CLS tokens"),
+    ("tokens a byte short", "float16", lambda m: setattr(m, "tokens", m.tokens[:-1]),
+     "batch: tokens are 1919 bytes, 5 float16 tokens of dim 192 need 1920"),
+    ("float32 tokens to a float16 station", "float16",
+     lambda m: setattr(m, "tokens", m.tokens * 2),
+     "batch: tokens are 3840 bytes, 5 float16 tokens of dim 192 need 1920"),
+    ("int8 without scales", "int8", lambda m: m.ClearField("scales"),
+     "batch: scales are 0 bytes, expected 20; no shapes"),
+    ("scales for float16", "float16", lambda m: setattr(m, "scales", b"\x00" * 20),
+     "batch: scales are 20 bytes, expected 0; no shapes"),
+    ("labels short", "int8", lambda m: m.labels.pop(), "batch: 4 labels for 5 ids"),
+]
+
+
+@pytest.mark.parametrize(("dtype", "edit", "match"), [c[1:] for c in STRUCTURAL_CLS],
+                         ids=[c[0] for c in STRUCTURAL_CLS])
+def test_cls_structural_error_refuses_the_batch_and_the_stream_goes_on(
+    start: StartStation, fm: FMnist, dtype: str, edit: Callable[[pb.DownlinkBatch], None],
+    match: str
+) -> None:
+    # Prepare
+    st = start(payload="cls", cls_dtype=dtype)
+    ids = _shard(SENSOR)
+    int8 = dtype == "int8"
+    msg = _batch([_cls(fm, i, dtype) for i in ids[:5]], cls=True, int8=int8)
+    edit(msg)
+    second = _batch([_cls(fm, ids[5], dtype)], satellite="", cls=True, int8=int8)
+
+    # Execute
+    acks, err = _send(st, [msg, second])
+
+    # Assert
+    assert err is None and len(acks) == 2
+    assert _rejected(acks[0]) == [(k, INVALID, match) for k in range(5)]
+    assert acks[0].stored == 0
+    assert acks[1] == pb.BatchAck(stored=1)
+    assert sorted(st.stored()) == [ids[5]]
+    assert _counts(st) == (1, 6, 0, 5, _bytes([msg, second]))
+
+
+# ---- satellites -------------------------------------------------------------------------------
+
+
+def test_first_batch_without_satellite_aborts_the_stream(station: Station, fm: FMnist) -> None:
+    # Prepare
+    msg = _batch(_good(fm, 0, 3), satellite="")
+    later = _batch(_good(fm, 3, 2))
+
+    # Execute
+    acks, err = _send(station, [msg, later])
+    acks2, err2 = _send(station, [later])  # a new stream that names its satellite
+
+    # Assert
+    assert acks == []
+    assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "must name its satellite" in (err.details() or "")
+    assert err2 is None and acks2 == [pb.BatchAck(stored=2)]
+    assert sorted(station.stored()) == _shard(SENSOR)[3:5]
+    # the aborted batch was received and charged, its samples counted as rejected
+    assert _counts(station) == (2, 5, 0, 3, _bytes([msg, later]))
+
+
+def test_satellite_named_once_per_stream(station: Station, fm: FMnist) -> None:
+    # Prepare: the same satellite named again later in the stream is fine
+    batches = [_batch(_good(fm, 0, 2)), _batch(_good(fm, 2, 2), satellite=""),
+               _batch(_good(fm, 4, 2), satellite=SENSOR)]
+
+    # Execute
+    acks, err = _send(station, batches)
+
+    # Assert
+    assert err is None and acks == [pb.BatchAck(stored=2)] * 3
+    assert len(station.store) == 6
+    assert all(r.satellite == SENSOR for r in station.stored().values())
+
+
+def test_another_satellite_named_within_a_stream_is_refused(station: Station,
+                                                            fm: FMnist) -> None:
+    # Prepare: sat-1 registered too, so only the change of name is wrong
+    station.registry.Register(pb.RegisterRequest(
+        node_id="sensor-proc-1", role=pb.SENSOR, address="127.0.0.1:3",
+        satellite_ids=["sat-1"]), timeout=10)
+    batches = [_batch(_good(fm, 0, 2)), _batch(_good(fm, 0, 3, "sat-1"), satellite="sat-1"),
+               _batch(_good(fm, 2, 1), satellite="")]
+
+    # Execute
+    acks, err = _send(station, batches)
+
+    # Assert
+    assert err is None and len(acks) == 3
+    assert acks[0] == pb.BatchAck(stored=2)
+    assert _rejected(acks[1]) == [(k, INVALID, "the satellite changed within a stream")
+                                  for k in range(3)]
+    assert acks[2] == pb.BatchAck(stored=1)
+    assert sorted(station.stored()) == _shard(SENSOR)[:3]
+
+
+@pytest.mark.parametrize("sat", ["sat-1", "rogue"], ids=["in scenario", "not in scenario"])
+def test_unregistered_satellite_is_permission_denied(station: Station, fm: FMnist,
+                                                     sat: str) -> None:
+    # Prepare: its own images (sat-1's shard), and a trainer that names it (does not count)
+    station.registry.Register(pb.RegisterRequest(
+        node_id="trainer-x", role=pb.TRAINER, address="127.0.0.1:2", satellite_ids=[sat]),
+        timeout=10)
+    msg = _batch(_good(fm, 0, 3, "sat-1"), satellite=sat)
+
+    # Execute
+    acks, err = _send(station, [msg])
+
+    # Assert
+    assert err is None and len(acks) == 1
+    assert _rejected(acks[0]) == [(k, DENIED, f"satellite {sat!r} is not registered")
+                                  for k in range(3)]
+    assert acks[0].stored == 0
+    assert len(station.store) == 0
+    assert _counts(station) == (0, 3, 0, 3, _bytes([msg]))
+
+
+def test_a_satellite_registered_later_is_accepted(station: Station, fm: FMnist) -> None:
+    # Prepare
+    msg = _batch(_good(fm, 0, 3, "sat-1"), satellite="sat-1")
+    before, _ = _send(station, [msg])
+
+    # Execute
+    station.registry.Register(pb.RegisterRequest(
+        node_id="sensor-proc-1", role=pb.SENSOR, address="127.0.0.1:3",
+        satellite_ids=["sat-1"]), timeout=10)
+    after, err = _send(station, [msg])
+
+    # Assert
+    assert [r.code for r in before[0].rejected] == [DENIED] * 3
+    assert err is None and after == [pb.BatchAck(stored=3)]
+    assert {r.satellite for r in station.stored().values()} == {"sat-1"}
+
+
+# ---- duplicates and conflicts ---------------------------------------------------------------
+
+
+def test_resent_batch_is_acked_as_duplicates_and_stored_once(station: Station,
+                                                              fm: FMnist) -> None:
+    # Prepare
+    good = _good(fm, 0, 5)
+    msg = _batch(good)
+    again = _batch(good, satellite="")
+    acks0, _ = _send(station, [msg])
+    first = station.stored()
 
     # Execute: a retry in a new stream, and twice within one stream
-    acks1, err1 = _send(fresh_gs, [msg])
-    acks2, err2 = _send(fresh_gs, [msg, msg])
-    stats = fresh_gs.mission.Stats(pb.StatsRequest(), timeout=10)
+    acks1, err1 = _send(station, [msg])
+    acks2, err2 = _send(station, [msg, again])
 
     # Assert
+    assert acks0 == [pb.BatchAck(stored=5)]
     assert err1 is None and err2 is None
-    assert [a.duplicate for a in acks1 + acks2] == [True, True, True]
-    assert len(fresh_gs.station.store) == 1
-    assert (stats.samples_stored, stats.samples_received, stats.duplicates) == (1, 4, 3)
+    all_dup = pb.BatchAck(stored=0, duplicate_runs=[0, 5])
+    assert acks1 == [all_dup] and acks2 == [all_dup, all_dup]
+    assert serde.pb_to_ack(acks1[0], 5).duplicates == [0, 1, 2, 3, 4]
+    assert station.stored() == first
+    assert _counts(station) == (5, 20, 15, 0, _bytes([msg, msg, msg, again]))
 
 
-def test_stream_keeps_good_samples_before_a_bad_one(
-    fresh_gs: Station, fmnist_test: ImageDataset
-) -> None:
-    # Prepare
-    good = [_patch_sample(fmnist_test, i) for i in range(3)]
-    bad = _field(fmnist_test, label=99)
-    bad.sample_id = "bad-one"
-    msgs = [*good, bad]
+def test_partly_resent_batch_acks_duplicates_as_runs(station: Station, fm: FMnist) -> None:
+    # Prepare: samples 1, 2 and 4 of the batch were stored before
+    good = _good(fm, 0, 6)
+    _send(station, [_batch([good[1], good[2], good[4]])])
 
     # Execute
-    acks, err = _send(fresh_gs, msgs)
-    stats = fresh_gs.mission.Stats(pb.StatsRequest(), timeout=10)
+    acks, err = _send(station, [_batch(good)])
 
     # Assert
-    assert [a.sample_id for a in acks] == [m.sample_id for m in good]
-    assert not any(a.duplicate for a in acks)
-    assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "bad-one" in (err.details() or "")
-    assert len(fresh_gs.station.store) == 3
-    assert stats.samples_stored == 3
-    assert stats.samples_received == 3
-    assert stats.rejected == 1
-    assert stats.duplicates == 0
-    # every received message is charged, the rejected one too
-    assert stats.downlink_bytes_received == sum(wire_size(m) for m in msgs)
+    assert err is None
+    assert acks == [pb.BatchAck(stored=3, duplicate_runs=[1, 2, 1, 1])]
+    assert serde.pb_to_ack(acks[0], 6) == serde.AckData(3, [1, 2, 4], [])
+    assert sorted(station.stored()) == [p.id for p in good]
+    assert _counts(station)[:4] == (6, 9, 3, 0)
 
 
-def test_health_counts_downlink_bytes(fresh_gs: Station, fmnist_test: ImageDataset) -> None:
-    # Prepare
-    msgs = [_patch_sample(fmnist_test, i) for i in range(2)]
+def test_same_id_with_other_content_is_already_exists(station: Station, fm: FMnist) -> None:
+    # Prepare: an image stored under MASK; then its id with another mask, another label, and
+    # a good new sample beside them
+    good = _good(fm, 0, 3)
+    _send(station, [_batch(good)])
+    before = station.stored()
+    other_mask = _patch(fm, good[0].id, mask=MaskSpec(kind="fixed", ratio=0.5, seed=99))
+    other_label = replace(good[1], label=(good[1].label + 1) % 10)
+    new = _patch(fm, _shard(SENSOR)[3])
+    assert other_mask.data != good[0].data
+    msg = _batch([other_mask, other_label, good[2], new])
 
     # Execute
-    acks, _ = _send(fresh_gs, msgs)
-    reply = fresh_gs.health.Check(pb.HealthRequest(), timeout=10)
+    acks, err = _send(station, [msg])
+
+    # Assert
+    assert err is None
+    assert acks[0].stored == 1 and list(acks[0].duplicate_runs) == [2, 1]
+    assert _rejected(acks[0]) == [(0, CONFLICT, "id stored before with other content"),
+                                  (1, CONFLICT, "id stored before with other content")]
+    after = station.stored()
+    assert {k: after[k] for k in before} == before  # unchanged
+    assert sorted(after) == sorted([*before, new.id])
+    assert _counts(station)[:4] == (4, 7, 1, 2)
+
+
+def test_int8_token_with_another_scale_is_already_exists(start: StartStation,
+                                                         fm: FMnist) -> None:
+    # Prepare: the same int8 values under another scale are another token
+    st = start(payload="cls", cls_dtype="int8")
+    p = _cls(fm, _shard(SENSOR)[0], "int8")
+    _send(st, [_batch([p], cls=True, int8=True)])
+    before = st.stored()
+
+    # Execute
+    acks, err = _send(st, [_batch([replace(p, scale=p.scale * 2)], cls=True, int8=True)])
+
+    # Assert
+    assert err is None
+    assert _rejected(acks[0]) == [(0, CONFLICT, "id stored before with other content")]
+    assert st.stored() == before
+
+
+def test_store_counters_survive_a_restart(start: StartStation, fm: FMnist) -> None:
+    # Prepare: a first station stores 4, refuses 1
+    st = start(store="shared")
+    good = _good(fm, 0, 5)
+    msg = _batch([*good[:4], replace(good[4], label=12)])
+    _send(st, [msg])
+    counts = _counts(st)
+    st.store.close()  # the first station's store; its server is stopped at teardown
+
+    # Execute: another ground station on the same store folder
+    st2 = start(store="shared")
+    acks, err = _send(st2, [_batch(good[:4])])
+
+    # Assert
+    assert counts == (4, 5, 0, 1, _bytes([msg]))
+    assert err is None and acks == [pb.BatchAck(stored=0, duplicate_runs=[0, 4])]
+    assert _counts(st2) == (4, 9, 4, 1, _bytes([msg, _batch(good[:4])]))
+
+
+def test_health_counts_downlink_bytes(station: Station, fm: FMnist) -> None:
+    # Prepare
+    batches = [_batch(_good(fm, 0, 3)), _batch(_good(fm, 3, 2), satellite=""),
+               _batch(_good(fm, 0, 2), satellite="")]
+
+    # Execute
+    acks, _ = _send(station, batches)
+    reply = station.health.Check(pb.HealthRequest(), timeout=10)
 
     # Assert
     assert reply.role == pb.GROUND_STATION and reply.ready
-    assert reply.bytes_received == sum(wire_size(m) for m in msgs)
+    assert reply.bytes_received == sum(wire_size(m) for m in batches) == _bytes(batches)
     assert reply.bytes_sent == sum(wire_size(a) for a in acks)
+    assert [a.stored for a in acks] == [3, 2, 0]
 
 
-def test_trainer_registration_does_not_make_its_satellite_ids_known_sensors(
-    fresh_gs: Station, fmnist_test: ImageDataset
-) -> None:
-    # Prepare
-    fresh_gs.registry.Register(pb.RegisterRequest(
-        node_id="trainer-x", role=pb.TRAINER, address="127.0.0.1:2", satellite_ids=["rogue"]),
-        timeout=10)
+# ---- check_batch on its own: datasets whose images differ in size ---------------------------
+
+
+def test_check_batch_with_per_sample_shapes() -> None:
+    # Prepare: no fixed image shape, so every sample carries (height, width, channels)
+    rules = IngestRules(payload="patches", grid=GRID, dim=DIM, num_classes=10, image_shape=None,
+                        n_train=100)
+    rng = np.random.default_rng(0)
+    shapes = [(28, 28, 1), (40, 30, 3), (7, 9, 1), (100, 64, 3)]
+    payloads = []
+    for k, shape in enumerate(shapes):
+        image = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        visible = np.flatnonzero(rng.random(GRID * GRID) < 0.4).astype(np.uint16)
+        payloads.append(serde.patch_payload(k * 10, k, encode_patches(image, GRID, visible),
+                                            with_shape=True))
+    msg = _batch(payloads)
+    msg.shapes[3 * 2 + 1] = 10  # sample 2 claims a 7x10 image: its pixels do not match
 
     # Execute
-    _, err = _send(fresh_gs, [_field(fmnist_test, sensor_id="rogue")])
+    checked = check_batch(serde.pb_to_batch(msg, rules.max_id), SENSOR, rules, {SENSOR})
+    no_shapes = _batch(payloads)
+    no_shapes.ClearField("shapes")
+    structural = check_batch(serde.pb_to_batch(no_shapes, rules.max_id), SENSOR, rules,
+                             {SENSOR})
 
     # Assert
-    assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert len(fresh_gs.station.store) == 0
+    assert checked.positions == [0, 1, 3]
+    assert [(r.id, r.height, r.width, r.channels) for r in checked.rows] == [
+        (0, 28, 28, 1), (10, 40, 30, 3), (30, 100, 64, 3)]
+    assert [r.data for r in checked.rows] == [payloads[k].data for k in (0, 1, 3)]
+    [(pos, code, reason)] = checked.rejected
+    assert (pos, code) == (2, INVALID) and reason.startswith("pixels: ")
+    assert structural.rows == [] and [p for p, _, _ in structural.rejected] == [0, 1, 2, 3]
+    assert structural.rejected[0][2] == ("batch: 0 shape values, expected 12 (3 per sample only "
+                                         "for datasets whose images differ in size)")
+
+
+# ---- the store ------------------------------------------------------------------------------
+
+
+def _row(i: int, label: int = 1, data: bytes = b"", sat: str = SENSOR, scale: float = 0.0
+         ) -> Row:
+    return Row(i, sat, label, i % 2 == 1, 28, 28, 1, scale, data or bytes([i % 256]) * 9)
+
+
+def _ids(*ids: int) -> bytes:
+    return np.array(ids, "<i8").tobytes()
+
+
+def test_store_put_batch_rows_and_version(tmp_path: Path) -> None:
+    # Prepare
+    store = SampleStore(tmp_path / "s.sqlite")
+    empty = store.version()
+
+    # Execute
+    r1 = store.put_batch([_row(7), _row(3), _row(12)], 100, _ids(3, 7, 12, 20), SENSOR, True, 1)
+    r2 = store.put_batch([_row(3), _row(5), _row(7, label=2), _row(12, scale=0.5)], 80,
+                         _ids(3, 5, 7, 12), SENSOR, False, 0)
+    chunks = list(store.rows(chunk=2))
+    upto = [r.id for c in store.rows(chunk=10, upto=6) for r in c]
+
+    # Assert
+    assert empty == (0, 0, -1)
+    # 3: a duplicate; 7 with another label and 12 with another scale: refused
+    assert r1 == ([], []) and r2 == ([0], [2, 3])
+    assert [[r.id for r in c] for c in chunks] == [[3, 5], [7, 12]]
+    assert chunks[1][0] == _row(7)  # the first content stays
+    assert upto == [3, 5]
+    assert store.version() == (4, 3 + 5 + 7 + 12, 12)
+    assert len(store) == 4
+    assert store.counters() == {"received": 8, "received_bytes": 180, "duplicates": 1,
+                                "rejected": 3}
+    store.close()
+
+
+def test_store_keeps_everything_across_a_reopen(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "s.sqlite"
+    store = SampleStore(path)
+    store.bind("config-a")
+    rows = [_row(i, label=i % 10, scale=0.25 * i) for i in (2, 9, 4000)]
+    store.put_batch(rows, 321, _ids(2, 9, 4000), SENSOR, True, 0)
+    store.count(rejected=2, received=2, received_bytes=10)
+    version = store.version()
+    store.close()
+
+    # Execute
+    again = SampleStore(path)
+    again.bind("config-a")
+    back = [r for c in again.rows() for r in c]
+
+    # Assert
+    assert back == sorted(rows)
+    assert again.version() == version == (3, 4011, 4000)
+    assert again.counters() == {"received": 5, "received_bytes": 331, "duplicates": 0,
+                                "rejected": 2}
+    assert again.put_batch(rows[:1], 5, _ids(2), SENSOR, True, 0) == ([0], [])
+    with pytest.raises(StoreMismatchError, match="another scenario configuration"):
+        again.bind("config-b")
+    again.close()
+
+
+def test_store_of_the_old_format_is_refused(tmp_path: Path) -> None:
+    # Prepare: sparsat before the batched downlink kept a `samples` table of text ids
+    path = tmp_path / "samples.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE samples (sample_id TEXT PRIMARY KEY, message BLOB)")
+        db.execute("INSERT INTO samples VALUES ('fashion_mnist/train/0', x'00')")
+    db.close()
+
+    # Execute / Assert
+    with pytest.raises(StoreMismatchError, match="older sparsat"):
+        SampleStore(path)
+
+
+def test_ground_station_refuses_an_old_format_store(tmp_path: Path) -> None:
+    # Prepare
+    (tmp_path / "store").mkdir()
+    with sqlite3.connect(tmp_path / "store" / "samples.sqlite") as db:
+        db.execute("CREATE TABLE samples (sample_id TEXT PRIMARY KEY, message BLOB)")
+    db.close()
+
+    # Execute / Assert
+    with pytest.raises(StoreMismatchError):
+        GroundStation(_config(tmp_path / "store"))
+
+
+# ---- Prepare: the store encoded in chunks, and the token cache -------------------------------
+
+
+def _prepare(st: Station) -> dict[str, pb.Progress]:
+    """Run Prepare; the last Progress of each stage."""
+    last: dict[str, pb.Progress] = {}
+    for p in st.mission.Prepare(pb.PrepareRequest(), timeout=120):
+        last[p.stage] = p
+    return last
+
+
+def test_prepare_encodes_the_store_in_chunks_like_the_images_and_caches_it(
+    start: StartStation, fm: FMnist
+) -> None:
+    # Prepare: a station with one trainer registered, fed 10 real samples in 2 batches
+    st = start(test_subset=6, encode_batch=4,
+               training=TrainingConfig(strategy="centralized", hidden=(8, 8)))
+    st.registry.Register(pb.RegisterRequest(node_id="trainer-0", role=pb.TRAINER,
+                                            address="127.0.0.1:9", device="cpu"), timeout=10)
+    indices = _shard(SENSOR)[:10]
+    payloads = [_patch(fm, i) for i in indices]
+    _send(st, [_batch(payloads[:6]), _batch(payloads[6:], satellite="")])
+    rows = st.store.rows
+    chunks: list[int] = []
+
+    def small_chunks(chunk: int = 4096, upto: int | None = None) -> Iterator[list[Row]]:
+        for c in rows(chunk=3, upto=upto):
+            chunks.append(len(c))
+            yield c
+
+    st.store.rows = small_chunks  # type: ignore[method-assign]
+    encoder = encoders.create("vit_tiny_d8_patch4_28")
+    caps = [capture(MASK, fm.train.image(i), GRID, sample_id("fashion_mnist", "train", i))
+            for i in indices]
+    direct = encoder.encode_canvases([masked_canvas(c.image, GRID, c.visible) for c in caps],
+                                     [c.visible for c in caps], batch_size=4)
+
+    # Execute
+    first = _prepare(st)
+    tokens1 = st.station.train_tokens
+    second = _prepare(st)
+    tokens2 = st.station.train_tokens
+    new = _patch(fm, _shard(SENSOR)[10])
+    _send(st, [_batch([new])])
+    third = _prepare(st)
+    tokens3 = st.station.train_tokens
+    stats = st.stats()
+
+    # Assert: streamed in chunks of 3, the features those of the images encoded directly
+    assert chunks == [3, 3, 3, 1, 3, 3, 3, 2]  # the first and the third Prepare read the store
+    assert tokens1 is not None and tokens2 is not None and tokens3 is not None
+    assert tokens1.ids.tolist() == indices
+    assert tokens1.labels.tolist() == [fm.train.label(i) for i in indices]
+    np.testing.assert_allclose(tokens1.features, direct, rtol=1e-5, atol=1e-5)
+    flops = 10 * encoders.encode_flops(encoder.cfg, VISIBLE)
+    assert (first["encode train"].done, first["encode train"].total) == (10, 10)
+    assert first["encode train"].flops == flops
+    assert (first["encode train"].cached, first["encode test"].cached) == (False, False)
+    assert first["encode test"].total == 6
+    # a second Prepare on the same store reads both stages back, identical
+    assert (second["encode train"].cached, second["encode test"].cached) == (True, True)
+    assert second["encode train"].flops == flops
+    np.testing.assert_array_equal(tokens2.features, tokens1.features)
+    np.testing.assert_array_equal(tokens2.ids, tokens1.ids)
+    assert st.station.test_tokens is not None
+    # a new sample: the train stage misses, the test stage still hits
+    assert (third["encode train"].cached, third["encode test"].cached) == (False, True)
+    assert tokens3.ids.tolist() == sorted([*indices, new.id])
+    at = tokens3.ids.tolist().index(new.id)
+    np.testing.assert_allclose(np.delete(tokens3.features, at, axis=0), tokens1.features,
+                               rtol=1e-5, atol=1e-5)
+    assert (stats.train_tokens, stats.test_tokens) == (11, 6)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_prepare_dequantizes_stored_cls_tokens(start: StartStation, fm: FMnist,
+                                               dtype: str) -> None:
+    # Prepare
+    st = start(payload="cls", cls_dtype=dtype, test_subset=4,
+               training=TrainingConfig(strategy="centralized", hidden=(8, 8)))
+    st.registry.Register(pb.RegisterRequest(node_id="trainer-0", role=pb.TRAINER,
+                                            address="127.0.0.1:9", device="cpu"), timeout=10)
+    indices = _shard(SENSOR)[:5]
+    payloads = [_cls(fm, i, dtype) for i in indices]
+    _send(st, [_batch(payloads, cls=True, int8=dtype == "int8")])
+
+    # Execute
+    progress = _prepare(st)
+    tokens = st.station.train_tokens
+
+    # Assert: the tokens as the satellites quantized them, no encoder run on them
+    assert tokens is not None
+    assert tokens.ids.tolist() == indices
+    if dtype == "int8":
+        want = [np.frombuffer(p.data, np.int8).astype(np.float32) * np.float32(p.scale)
+                for p in payloads]
+    else:
+        want = [np.frombuffer(p.data, "<f2").astype(np.float32) for p in payloads]
+    np.testing.assert_array_equal(tokens.features, np.stack(want))
+    assert progress["encode train"].flops == 0
+    assert (progress["encode train"].total, progress["encode test"].total) == (5, 4)
 
 
 # ---- Registry and Mission -------------------------------------------------------------------
@@ -529,10 +1047,10 @@ def test_train_epoch_before_prepare_fails_precondition(patch_gs: Station) -> Non
     assert "Prepare" in (info.value.details() or "")
 
 
-def test_prepare_with_empty_store_fails_precondition(fresh_gs: Station) -> None:
+def test_prepare_with_empty_store_fails_precondition(station: Station) -> None:
     # Execute
     with pytest.raises(grpc.RpcError) as info:
-        list(fresh_gs.mission.Prepare(pb.PrepareRequest(), timeout=10))
+        list(station.mission.Prepare(pb.PrepareRequest(), timeout=10))
 
     # Assert
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
