@@ -3,11 +3,12 @@
 Run from the repo root: .venv/bin/python bench/mission.py [--satellites 1000] [--images N]
     [--test-images N] [--epochs 2] [--per-process 250] [--hours 24] [--rate 1e6]
     [--out runs/bench_mission] [--profile]
-Builds a scenario (written to OUT/scenario.yaml): a Walker-delta of --satellites (planes of
-25, 550 km, 53°) over the five stations of bench/orbits.py (two antennas each), --hours of
-contact windows; Fashion-MNIST, --images training images (default all 60,000) split across
-the satellites, patch payloads with a fixed mask at r = 0.5; IST with K = 2 for --epochs
-epochs, evaluated on --test-images (default all 10,000) test images. Then runs it exactly as
+Builds a scenario (written to OUT/scenario.yaml) from scenarios/constellation.yaml with the
+flags' sizes: a Walker-delta of --satellites (planes of 25, 550 km, 53°) over the five
+stations of bench/orbits.py (two antennas each), --hours of contact windows; Fashion-MNIST,
+--images training images (default all 60,000) split across the satellites, patch payloads
+with a fixed mask at r = 0.5, downlinks at --rate; IST with K = 2 for --epochs epochs,
+evaluated on --test-images (default all 10,000) test images. Then runs it exactly as
 `sparsat run` does (sim.launcher.LocalCluster + sim.mission.MissionControl: real node
 processes, real gRPC) and reports the wall seconds of each stage:
   startup   node processes started, registered and serving (the launcher's start-up)
@@ -43,53 +44,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sim import report  # noqa: E402
 from sim.launcher import LocalCluster  # noqa: E402
 from sim.mission import MissionControl  # noqa: E402
-from sim.scenario import Scenario, dump  # noqa: E402
+from sim.scenario import Scenario, dump, load  # noqa: E402
 
-# the five stations of bench/orbits.py (Kiruna, Wallops, Hartebeesthoek, Singapore,
-# Punta Arenas), two antennas each
-STATIONS = [
-    {"name": "kiruna", "lat_deg": 67.86, "lon_deg": 20.96, "alt_m": 400.0,
-     "min_elevation_deg": 5.0},
-    {"name": "wallops", "lat_deg": 37.94, "lon_deg": -75.46, "alt_m": 10.0,
-     "min_elevation_deg": 10.0},
-    {"name": "hartebeesthoek", "lat_deg": -25.89, "lon_deg": 27.69, "alt_m": 1500.0,
-     "min_elevation_deg": 10.0},
-    {"name": "singapore", "lat_deg": 1.35, "lon_deg": 103.82, "alt_m": 20.0,
-     "min_elevation_deg": 10.0},
-    {"name": "punta-arenas", "lat_deg": -52.94, "lon_deg": -70.85, "alt_m": 30.0,
-     "min_elevation_deg": 5.0},
-]
+SCENARIO = Path(__file__).resolve().parents[1] / "scenarios" / "constellation.yaml"
 STAGES = ("startup", "contacts", "downlink", "prepare", "training", "report", "shutdown")
 TRAIN_IMAGES = 60_000  # Fashion-MNIST's training split
 
 
 def scenario(args: argparse.Namespace) -> Scenario:
+    """scenarios/constellation.yaml with the flags' sizes."""
     per_plane = min(25, args.satellites)
     if args.satellites % per_plane:
         raise SystemExit(f"--satellites must be a multiple of 25 (or at most 25), "
                          f"got {args.satellites}")
     planes = args.satellites // per_plane
-    images = None if args.images in (None, 0, TRAIN_IMAGES) else args.images
-    return Scenario.model_validate({
-        "name": "bench_mission",
-        "seed": 0,
-        "dataset": {"name": "fashion_mnist", "train_subset": images,
-                    "test_subset": args.test_images or None},
-        "encoder": {"name": "vit_tiny_d8_patch4_28", "pooling": "mean"},
-        "sensors": {"count": args.satellites, "per_process": args.per_process,
-                    "mask": {"kind": "fixed", "ratio": 0.5}, "payload": {"kind": "patches"}},
-        "orbits": {"epoch": "2026-01-01T00:00:00Z", "horizon_h": args.hours,
-                   "step_s": args.step,
-                   "walker": {"planes": planes, "per_plane": per_plane,
-                              "phasing": 1 if planes > 1 else 0, "altitude_km": 550,
-                              "inclination_deg": 53},
-                   "stations": [{**st, "antennas": 2} for st in STATIONS]},
-        "links": {"downlink": {"rate_bps": args.rate, "latency_s": 0.01, "loss": args.loss},
-                  "trainer": {"rate_bps": 1e9, "latency_s": 0.001}},
-        "training": {"strategy": "ist", "workers": 2, "local_steps": 10,
-                     "epochs": args.epochs, "batch_size": 64, "lr": 1e-3,
-                     "hidden": [1000, 1000], "device": "cpu"},
-    })
+    s = load(SCENARIO).model_dump(mode="json")
+    s["dataset"].update(train_subset=None if args.images in (None, 0, TRAIN_IMAGES)
+                        else args.images, test_subset=args.test_images or None)
+    s["sensors"].update(count=args.satellites, per_process=args.per_process)
+    s["orbits"].update(horizon_h=args.hours, step_s=args.step)
+    s["orbits"]["walker"].update(planes=planes, per_plane=per_plane,
+                                 phasing=1 if planes > 1 else 0)
+    s["links"]["downlink"].update(rate_bps=args.rate, loss=args.loss)
+    s["training"].update(epochs=args.epochs)
+    return Scenario.model_validate(s)
 
 
 def _cpu_s(pid: int) -> float | None:
@@ -197,7 +175,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     total = reported - t0
     images = s.dataset.train_subset or TRAIN_IMAGES
     figures: dict[str, Any] = {
-        "satellites": s.sensors.count, "stations": len(STATIONS), "hours": args.hours,
+        "satellites": s.sensors.count, "stations": len(s.orbits.stations) if s.orbits else 0,
+        "hours": args.hours,
         "images": images, "test_images": results["samples"]["test"], "epochs": args.epochs,
         "per_process": args.per_process, "processes": processes,
         "sensor_processes": -(-s.sensors.count // args.per_process),
@@ -263,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     print(f"mission bench: {args.satellites} satellites ({args.per_process} per sensor "
-          f"process), {len(STATIONS)} stations, {args.hours:g} h horizon (grid {args.step:g} s), "
+          f"process), 5 stations, {args.hours:g} h horizon (grid {args.step:g} s), "
           f"{args.images or TRAIN_IMAGES:,} training images, {args.test_images or 10_000:,} test "
           f"images, {args.epochs} epochs, downlink "
           f"{args.rate / 1e6:g} Mbit/s with {args.loss:.0%} frame loss, out {args.out}",
