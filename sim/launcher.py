@@ -11,8 +11,10 @@ each child importing them again: a constellation's sensor hosts start in a fract
 time on a few cores. Only libraries are preloaded, and only imported (no gRPC channel, no
 torch work before a fork); sparsat's own modules are imported by each child (0.1 s), so
 their module-level state (node.rpc.INSTANCE, a node's identity) is each process's own, and
-numpy's global generator is seeded afresh as in a new interpreter. SPARSAT_LAUNCH=exec starts
-every node as a fresh interpreter (`python -m sim.cli`) instead. While the nodes start, the contact
+numpy's global generator is seeded afresh as in a new interpreter. A forked node ends the
+way multiprocessing ends a child, with os._exit once its command returns (streams flushed):
+atexit handlers do not run (sparsat registers none). SPARSAT_LAUNCH=exec starts every node
+as a fresh interpreter (`python -m sim.cli`) instead. While the nodes start, the contact
 windows of an orbital scenario are computed in a thread (mission control then takes them
 from sim.orbits' memo instead of computing them after the nodes are up).
 """
