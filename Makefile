@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 SCENARIO ?= scenarios/quickstart.yaml
 OUT ?= runs/quickstart
 
-.PHONY: run test proto lint data install clean
+.PHONY: run test proto lint data install clean gpu-check gpu-pretrain
 
 install: $(STAMP)
 
@@ -35,6 +35,54 @@ test: install data
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy node ground_station sim bench
 	$(PY) -m pytest -q
+
+# ---- GPU ----------------------------------------------------------------------------------------
+# `make gpu-check`: on a CUDA machine, the GPU-marked tests, then the encoder bench (ViT-B/16 and
+# the default encoder, visible-token encoding at r = 0, 0.5, 0.75, CUDA only) and the IST bench
+# (trainer processes on CUDA, round wall time). Each bench's output goes to $(GPU_OUT)/NAME.log,
+# its JSON line to $(GPU_OUT)/NAME.json; a summary is printed at the end.
+GPU_OUT ?= runs/gpu-check
+GPU_ENCODERS ?= mae_vit_base_patch16,vit_tiny_d8_patch4_28
+GPU_BATCH ?= 32
+GPU_REPEAT ?= 10
+GPU_IST_CONFIGS ?= ist_k1_travel,ist_k2_reset,ist_k4_reset,local_sgd_k4_reset
+
+gpu-check gpu-pretrain: SHELL := /bin/bash
+gpu-check gpu-pretrain: .SHELLFLAGS := -o pipefail -c
+
+gpu-check: install data
+	@$(PY) bench/gpu_check.py require-cuda
+	@mkdir -p $(GPU_OUT)
+	$(PY) -m pytest -q -m gpu
+	$(PY) bench/encoder.py --devices cuda --encoders $(GPU_ENCODERS) --batch $(GPU_BATCH) \
+	    --repeat $(GPU_REPEAT) | tee $(GPU_OUT)/encoder.log
+	tail -n 1 $(GPU_OUT)/encoder.log > $(GPU_OUT)/encoder.json
+	$(PY) bench/ist.py --device cuda --configs $(GPU_IST_CONFIGS) | tee $(GPU_OUT)/ist.log
+	tail -n 1 $(GPU_OUT)/ist.log > $(GPU_OUT)/ist.json
+	@$(PY) bench/gpu_check.py summary $(GPU_OUT)
+
+# `make gpu-pretrain`: the shipped default encoder's MAE pretraining (docs/pretraining.md: same
+# data, model and settings, seed 10), longer, on CUDA; resumable (run it again to continue from
+# $(PRETRAIN_OUT)/last.pt; PRETRAIN_STOP_AFTER=N stops after N epochs). Then the r = 0.5 probe of
+# the new and the shipped checkpoint in the same run, and the adoption rule: adopt the new one
+# only if its probe rises and it is at most 8 MiB (bench/gpu_check.py adopt; exit 1 = keep).
+PRETRAIN_EPOCHS ?= 100
+PRETRAIN_OUT ?= runs/gpu-pretrain/d8-e$(PRETRAIN_EPOCHS)
+PRETRAIN_STOP_AFTER ?=
+SHIPPED_ENCODER ?= node/weights/vit_tiny_d8_patch4_28_fmnist_mae_e32.pt
+
+gpu-pretrain: install data
+	@$(PY) bench/gpu_check.py require-cuda
+	$(VENV)/bin/sparsat pretrain --encoder vit_tiny_d8_patch4_28 --device cuda \
+	    --epochs $(PRETRAIN_EPOCHS) --seed 10 --out $(PRETRAIN_OUT) \
+	    $(if $(PRETRAIN_STOP_AFTER),--stop-after $(PRETRAIN_STOP_AFTER))
+	@test -f $(PRETRAIN_OUT)/encoder.pt || { echo "pretraining stopped early; run again to resume"; exit 0; }; \
+	$(PY) bench/probe.py --weights $(PRETRAIN_OUT)/encoder.pt --pooling mean --epochs 10 \
+	    --ratios 0.5 | tee $(PRETRAIN_OUT)/probe.log && \
+	$(PY) bench/probe.py --weights $(SHIPPED_ENCODER) --pooling mean --epochs 10 \
+	    --ratios 0.5 | tee $(PRETRAIN_OUT)/probe_shipped.log && \
+	$(PY) bench/gpu_check.py adopt --new $(PRETRAIN_OUT)/probe.log \
+	    --baseline $(PRETRAIN_OUT)/probe_shipped.log --checkpoint $(PRETRAIN_OUT)/encoder.pt
 
 proto: install
 	$(PY) proto/codegen.py

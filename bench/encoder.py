@@ -1,6 +1,7 @@
 """Encoder benchmark: images/s of visible-token encoding vs full-image encoding.
 
 Run from the repo root: .venv/bin/python bench/encoder.py [--batch 32] [--repeat 3]
+    [--devices cpu,cuda] [--encoders NAME,...]
 For each encoder and masking ratio r, `visible` runs only the visible tokens through the ViT
 (what sparsat does); `full` runs every token of the zero-filled canvas, which costs the same
 whatever r is. Also times the two ways of batching images with different visible counts
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -29,14 +31,19 @@ from node.masking import num_visible
 RATIOS = (0.0, 0.5, 0.75)
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def images_per_s(fn: Callable[[], object], n_images: int, repeat: int) -> float:
     fn()  # warm-up: allocator, kernels
+    _sync()  # the warm-up's queued kernels are not timed
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        _sync()
         best = min(best, time.perf_counter() - t0)
     return n_images / best
 
@@ -86,17 +93,29 @@ def bench_ragged(enc: Encoder, batch: int, repeat: int, figures: dict[str, float
         2)
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--encoders", default=f"{encoders.DEFAULT_ENCODER},mae_vit_base_patch16")
     parser.add_argument("--ragged-images", type=int, default=256,
                         help="images with mixed visible counts for group vs pad (0: skip)")
+    parser.add_argument("--devices", default=None,
+                        help="comma-separated: cpu, cuda (default: cpu, plus cuda when there "
+                             "is one)")
     args = parser.parse_args(argv)
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available()
-                                       else [])
-    figures: dict[str, float] = {"batch": args.batch, "threads": torch.get_num_threads()}
+    names = args.devices.split(",") if args.devices else (
+        ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    bad = [d for d in names if d not in ("cpu", "cuda")]
+    if bad or not names:
+        parser.error(f"--devices: unknown device(s) {bad}; choose from cpu, cuda")
+    if "cuda" in names and not torch.cuda.is_available():
+        parser.error("--devices cuda: CUDA is not available on this machine")
+    devices = [torch.device(d) for d in names]
+    figures: dict[str, Any] = {"batch": args.batch, "threads": torch.get_num_threads(),
+                               "devices": names}
+    if "cuda" in names:
+        figures["cuda_device"] = torch.cuda.get_device_name(0)
     t0 = time.perf_counter()
     for name in args.encoders.split(","):
         # speed does not depend on the weights' values: random weights, nothing to download

@@ -1,7 +1,7 @@
 """IST benchmark: wall time and bytes per epoch, and accuracy, vs K and strategy.
 
 Run from the repo root:
-    .venv/bin/python bench/ist.py [--rows 60000] [--epochs 1]
+    .venv/bin/python bench/ist.py [--rows 60000] [--epochs 1] [--device cpu|cuda]
         bytes and wall time per epoch on the paper's 768-1000-1000-10 MLP (random 768-d
         features: sizes and time do not depend on their values), for IST K = 1, 2, 4 and
         local SGD K = 2, 4, each with moments reset and travel.
@@ -11,8 +11,11 @@ Run from the repo root:
         --encoder NAME / --weights PATH for another encoder or checkpoint. Tokens are
         cached in --cache, keyed by the weights' sha256 (the encoder's name for random
         weights) and the ratio.
-Trainers are local `sparsat node trainer` processes on localhost; the coordinator is the
-ground station's own, talking real gRPC to them. Every figure is measured from the messages.
+Trainers are local `sparsat node trainer` processes on localhost, training on --device
+(default cpu; cuda puts every trainer on this machine's GPU); the coordinator is the ground
+station's own, talking real gRPC to them. Every figure is measured from the messages; a
+round's wall time (`round_wall_s`) is the median over rounds of its slowest trainer call
+(parameters out, the L local steps, parameters back).
 The last stdout line is one JSON object with every figure, including ist_k4_round_bytes and
 local_sgd_k4_round_bytes (all workers, both directions, moments reset).
 """
@@ -76,8 +79,10 @@ def _free_port() -> int:
 
 
 @contextmanager
-def local_trainers(k: int, log_dir: Path) -> Iterator[list[tuple[str, str]]]:
-    """K trainer processes sharing this machine's cores; yields (node_id, address)."""
+def local_trainers(k: int, log_dir: Path, device: str = "cpu"
+                   ) -> Iterator[list[tuple[str, str]]]:
+    """K trainer processes sharing this machine's cores (and GPU with device "cuda");
+    yields (node_id, address)."""
     threads = max(1, (os.cpu_count() or 1) // k)
     procs, out = [], []
     try:
@@ -86,7 +91,7 @@ def local_trainers(k: int, log_dir: Path) -> Iterator[list[tuple[str, str]]]:
             log = open(log_dir / f"trainer-{i}.log", "wb")  # noqa: SIM115 - owned by the child
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "sim.cli", "--log-level", "warning", "node", "trainer",
-                 "--listen", address, "--id", f"trainer-{i}", "--device", "cpu",
+                 "--listen", address, "--id", f"trainer-{i}", "--device", device,
                  "--threads", str(threads)], stdout=log, stderr=subprocess.STDOUT))
             log.close()
             out.append((f"trainer-{i}", address))
@@ -103,19 +108,20 @@ def local_trainers(k: int, log_dir: Path) -> Iterator[list[tuple[str, str]]]:
 
 
 def run_config(name: str, x: np.ndarray, y: np.ndarray, tx: np.ndarray, ty: np.ndarray,
-               epochs: int, local_steps: int, n_classes: int, log_dir: Path
-               ) -> dict[str, Any]:
+               epochs: int, local_steps: int, n_classes: int, log_dir: Path,
+               device: str = "cpu") -> dict[str, Any]:
     strategy, k, moments, scale = CONFIGS[name]
     cfg = TrainingConfig(strategy=strategy, workers=k, local_steps=local_steps,  # type: ignore[arg-type]
                          moments=moments, subnet_scale=scale, hidden=(1000, 1000),  # type: ignore[arg-type]
                          batch_size=64, lr=1e-3, seed=0)
-    with local_trainers(k, log_dir) as trainers:
+    with local_trainers(k, log_dir, device) as trainers:
         coord = Coordinator(cfg, x.shape[1], n_classes)
         for node_id, address in trainers:
             coord.add_trainer(node_id, address)
         coord.set_dataset(f"bench-{len(x)}", x, y)
         test_x, test_y = torch.from_numpy(tx), torch.from_numpy(ty)
         accs, walls, epoch_bytes, round_bytes, upload = [], [], [], [], 0
+        round_walls: list[float] = []
         try:
             for epoch in tqdm(range(1, epochs + 1), desc=name, unit="epoch", leave=False):
                 t0 = time.perf_counter()
@@ -126,6 +132,7 @@ def run_config(name: str, x: np.ndarray, y: np.ndarray, tx: np.ndarray, ty: np.n
                 rounds = [sum(w.sent + w.received for w in ws) for ws in r.rounds]
                 epoch_bytes.append(sum(rounds))
                 round_bytes += rounds
+                round_walls += [max(w.wall_s for w in ws) for ws in r.rounds if ws]
             failures = len(coord.failures)
         finally:
             coord.close()
@@ -133,6 +140,7 @@ def run_config(name: str, x: np.ndarray, y: np.ndarray, tx: np.ndarray, ty: np.n
             "rounds_per_epoch": len(round_bytes) // epochs,
             "round_bytes": int(np.mean(round_bytes)), "epoch_bytes": int(np.mean(epoch_bytes)),
             "dataset_bytes": upload, "epoch_wall_s": round(float(np.median(walls)), 2),
+            "round_wall_s": round(float(np.median(round_walls)), 4) if round_walls else None,
             "accuracy": [round(a, 4) for a in accs], "best_accuracy": round(max(accs), 4),
             "failures": failures}
 
@@ -192,6 +200,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--rows", type=int, default=60000, help="random features: training rows")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                   help="where the trainer processes train (default cpu)")
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "sparsat-bench"),
                    help="--accuracy: where encoded tokens are kept between runs")
     args = p.parse_args(argv)
@@ -200,8 +210,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         p.error(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
+        "cpu" if args.device == "auto" else args.device)
+    if device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available on this machine")
     figures: dict[str, object] = {"epochs": args.epochs, "local_steps": args.local_steps,
-                                  "cores": os.cpu_count()}
+                                  "cores": os.cpu_count(), "device": device}
+    if device == "cuda":
+        figures["cuda_device"] = torch.cuda.get_device_name(0)
     log_dir = Path(tempfile.mkdtemp(prefix="sparsat-bench-ist-"))
     if args.accuracy:
         datasets = {f"r{r}": fmnist_tokens(float(r), Path(args.cache), args.encoder,
@@ -216,13 +232,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         for name in names:
             try:
                 res = run_config(name, x, y, tx, ty, args.epochs, args.local_steps,
-                                 int(max(y.max(), ty.max())) + 1, log_dir)
+                                 int(max(y.max(), ty.max())) + 1, log_dir, device)
             except grpc.RpcError as e:
                 print(f"{name}: {e.code().name} {e.details()} (logs in {log_dir})")
                 raise
             figures[f"{data_name}/{name}"] = res
             print(f"{data_name:9s} {name:22s} round {res['round_bytes'] / 1e6:8.3f} MB  "
                   f"epoch {res['epoch_bytes'] / 1e6:9.1f} MB  {res['epoch_wall_s']:7.2f} s/epoch"
+                  f"  {res['round_wall_s'] or 0:6.3f} s/round"
                   f"  best acc {res['best_accuracy']:.4f}", flush=True)
     first = next(iter(datasets))
     for key, cfg in (("ist_k4_round_bytes", "ist_k4_reset"),

@@ -112,6 +112,7 @@ def test_unavailable_device_is_a_clear_error(tmp_path: Path) -> None:
         pretrain(_images(), CFG, tmp_path / "gpu", log=lambda _: None, device="cuda")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cpu_checkpoint_resumes_on_cuda(tmp_path: Path) -> None:
     # one epoch on the CPU, the second on the GPU: the result loads and is close to a CPU run
