@@ -58,10 +58,13 @@ def summary(results: dict[str, Any]) -> str:
         f"bytes sent      {b['total']:,}  (downlink {b['downlink']:,}, acks {b['uplink']:,},"
         + (f" resent {b['retransmitted']:,}," if b.get("retransmitted") else "")
         + f" trainer links {b['trainer']:,})",
-        f"samples         sent {s['sent']:,}, stored {s['stored']:,}, "
-        f"trained on {s['trained_on']:,}"
+        f"samples         sent {s['sent']:,}"
+        + (f" in {s['batches']:,} batches" if s.get("batches") else "")
+        + f", stored {s['stored']:,}, trained on {s['trained_on']:,}"
         + (f", cloudy scenes not sent {s['cloudy_skipped']:,}" if s.get("cloudy_skipped")
            else ""),
+        *([f"refused         {s['rejected']:,} samples, e.g. {s['rejections'][0]}"]
+          if s.get("rejected") else []),
         *([_groups_line(results)] if results.get("accuracy_by_group") else []),
         _rounds_line(results),
         f"mission time    {results['sim_time_s']:,.1f} s" + _compute(results),
