@@ -27,7 +27,7 @@ from ground_station.ingest import CONFLICT, INVALID, Checked, IngestRules, check
 from ground_station.store import SampleStore
 from node import encoders
 from node import serde as node_serde
-from node.datasets import load_dataset
+from node.datasets import load_dataset, split_size
 from node.rpc import INSTANCE, ByteCounter, abort, bind, make_server, wire_size
 from node.sensor import shard, train_subset
 from node.training import resolve_device
@@ -46,7 +46,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         self.bytes = ByteCounter()  # this process's own count (Health)
         self.test_data = load_dataset(cfg.sensor.dataset, "test")
         enc = encoders.config(cfg.sensor.encoder)
-        n_train = len(load_dataset(cfg.sensor.dataset, "train"))
+        n_train = split_size(cfg.sensor.dataset, "train")
         self.rules = IngestRules(
             payload=cfg.sensor.payload, grid=enc.grid, dim=enc.embed_dim,
             num_classes=self.test_data.num_classes, image_shape=self.test_data.image_shape,

@@ -65,6 +65,8 @@ def test_fashion_mnist_idx_round_trip_torchvision_layout(
 
     # Assert
     assert len(train) == 7 and len(test) == 3
+    # the ground station's cheap count (labels header only) agrees
+    assert datasets.split_size(spec, "train") == 7 and datasets.split_size(spec, "test") == 3
     assert train.image_shape == (28, 28, 1) and test.image_shape == (28, 28, 1)
     assert train.num_classes == 10 and train.classes[0] == "T-shirt/top"
     for ds, xs, ys in ((train, train_x, train_y), (test, test_x, test_y)):
@@ -164,6 +166,7 @@ def test_imagefolder_split_is_disjoint_complete_deterministic(tmp_path: Path) ->
     assert isinstance(test_again, datasets.FileImageDataset)
     assert isinstance(other_seed, datasets.FileImageDataset)
     train_set, test_set = set(train.paths), set(test.paths)
+    assert datasets.split_size(spec, "train") == len(train)
     assert not train_set & test_set
     assert len(train_set | test_set) == 20 and len(train) + len(test) == 20
     assert len(test) == 4  # stratified: 2 of cls_a, 1 each of cls_b and cls_c
