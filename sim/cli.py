@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -39,6 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         scenario = scenario.model_copy(update={
             "training": scenario.training.model_copy(update={"device": args.device})})
     out.mkdir(parents=True, exist_ok=True)
+    token_cache = _token_cache(args, out)
     resolved = out / "config.yaml"
     resolved.write_text(dump(scenario))
     show = not args.quiet
@@ -49,7 +51,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         results = MissionControl(scenario, args.ground_station, show, state_file=state,
                                  resume=bool(args.resume)).run()
     else:
-        with LocalCluster(scenario, resolved, out, resume=bool(args.resume)) as cluster:
+        with LocalCluster(scenario, resolved, out, resume=bool(args.resume),
+                          token_cache=token_cache) as cluster:
             if show:
                 print(f"started {len(cluster.procs)} node processes; logs in {out / 'logs'}",
                       file=sys.stderr)
@@ -60,6 +63,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(report.summary(results))
     print(f"results in {out}/results.json")
     return 0
+
+
+TOKEN_CACHE_ENV = "SPARSAT_TOKEN_CACHE"  # the default --token-cache
+
+
+def _token_cache(args: argparse.Namespace, out: Path) -> Path | None:
+    """The token cache a local run's ground station uses: --token-cache, else (resuming)
+    the one the run used, recorded in OUT/token_cache, else $SPARSAT_TOKEN_CACHE, else none
+    (STORE/tokens). Recorded for a later --resume."""
+    record = out / "token_cache"
+    chosen = args.token_cache
+    if not chosen and args.resume and record.exists():
+        chosen = record.read_text().strip()
+    chosen = chosen or os.environ.get(TOKEN_CACHE_ENV)
+    if not chosen:
+        record.unlink(missing_ok=True)
+        return None
+    path = Path(chosen).expanduser().resolve()
+    record.write_text(f"{path}\n")
+    return path
 
 
 def cmd_contacts(args: argparse.Namespace) -> int:
@@ -113,7 +136,9 @@ def cmd_ground_station(args: argparse.Namespace) -> int:
     checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     if args.resume and checkpoints is None:
         raise ValueError("--resume needs --checkpoint-dir")
-    serve(ground_station_config(scenario, store, checkpoints, args.resume), args.listen,
+    cache = args.token_cache or os.environ.get(TOKEN_CACHE_ENV)
+    serve(ground_station_config(scenario, store, checkpoints, args.resume,
+                                Path(cache).expanduser() if cache else None), args.listen,
           Path(args.port_file) if args.port_file else None)
     return 0
 
@@ -189,6 +214,75 @@ def cmd_clouds(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import json as _json
+    import shutil
+    import time
+
+    from tqdm import tqdm
+
+    from sim import sweep as sw
+
+    if args.collect:
+        spec = sw.load_sweep(args.sweep) if args.sweep else None
+        dirs = [Path(d) for d in args.collect]
+        written = sw.collect(dirs, Path(args.out) if args.out else dirs[0], spec)
+        print("\n".join(str(p) for p in written))
+        return 0
+    if not args.sweep:
+        raise ValueError("give a sweep file, or --collect DIR")
+    spec = sw.load_sweep(args.sweep)
+    points = sw.shard(spec.points, args.shard) if args.shard else spec.points
+    if args.dry_run:
+        for p in points:
+            print(f"{p.name}\t" + " ".join(f"{k}={v}" for k, v in p.overrides.items()))
+        print(f"{len(points)} of {len(spec.points)} points", file=sys.stderr)
+        return 0
+    out = Path(args.out or f"runs/sweeps/{spec.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(spec.path, out / "sweep.yaml")
+    todo = [p for p in points if not sw.is_done(out, p)]
+    for p in points:
+        sw.prepare_point(out, p)
+    cache = None if args.no_token_cache else (out / "token_cache").resolve()
+    if args.executor == "ray":
+        from sim.sweep_ray import ray_executor
+
+        execute = ray_executor(out, args.jobs, cache, args.address)
+    else:
+        execute = sw.local_executor(out, args.jobs, cache)
+    print(f"sweep {spec.name}: {len(points)} points ({len(points) - len(todo)} already done), "
+          f"{args.jobs} at a time, {args.executor}; in {out}", file=sys.stderr)
+    failed: list[str] = []
+    bar = tqdm(total=len(todo), desc="sweep", unit="point", disable=args.quiet)
+
+    def on_done(point: sw.Point, status: dict[str, object]) -> None:
+        bar.update(1)
+        if status["status"] != "done":
+            failed.append(point.name)
+            bar.write(f"point {point.name} failed: {status.get('error')}")
+
+    t0 = time.monotonic()
+    try:
+        execute(todo, on_done)
+    finally:
+        bar.close()
+    wall = time.monotonic() - t0
+    (out / "sweep_status.json").write_text(_json.dumps({
+        "points": len(points), "run": len(todo), "skipped": len(points) - len(todo),
+        "failed": failed, "wall_s": wall, "jobs": args.jobs, "executor": args.executor,
+        "token_cache": str(cache) if cache else None, "shard": args.shard}, indent=1))
+    print(f"{len(todo) - len(failed)} points run, {len(points) - len(todo)} skipped (done), "
+          f"{len(failed)} failed, in {wall:.1f} s")
+    if args.shard:
+        print(f"shard {args.shard} done; gather the shards with: sparsat sweep {args.sweep} "
+              f"--collect {out} [OTHER_SHARD_DIRS...]")
+    else:
+        for path in sw.collect([out], out, spec):
+            print(path)
+    return 1 if failed else 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsat", description=DESCRIPTION)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -204,6 +298,9 @@ def parser() -> argparse.ArgumentParser:
                      help="drive an already running deployment instead of starting one")
     run.add_argument("--device", help="trainer device for local trainers (auto, cpu, cuda)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--token-cache", metavar="DIR",
+                     help="encoded splits, shared with other runs (default $SPARSAT_TOKEN_CACHE, "
+                          "else the run's store; --resume: the run's own)")
     run.set_defaults(func=cmd_run)
 
     pre = sub.add_parser("pretrain", help="MAE-pretrain an encoder on unlabelled images")
@@ -248,6 +345,24 @@ def parser() -> argparse.ArgumentParser:
     cl.add_argument("--seed", type=int, default=0)
     cl.set_defaults(func=cmd_clouds, size=None)
 
+    sw = sub.add_parser("sweep", help="run a grid of scenarios (each point a full run)")
+    sw.add_argument("sweep", nargs="?", help="sweep YAML file (base scenario + grid)")
+    sw.add_argument("--out", help="output directory (default runs/sweeps/<sweep name>)")
+    sw.add_argument("--jobs", type=int, default=1, help="points run at a time (default 1)")
+    sw.add_argument("--dry-run", action="store_true", help="print the points, run nothing")
+    sw.add_argument("--shard", metavar="i/n", help="run only the points i, i+n, i+2n... of "
+                    "the name-ordered grid (0 <= i < n)")
+    sw.add_argument("--collect", nargs="+", metavar="DIR",
+                    help="gather these sweep folders' points into sweep.csv, summary.md, "
+                    "figures (in --out, default the first DIR); runs nothing")
+    sw.add_argument("--executor", choices=["local", "ray"], default="local",
+                    help="local processes, or tasks on a Ray cluster (pip install sparsat[ray])")
+    sw.add_argument("--address", help="Ray cluster address (default: ray.init's own)")
+    sw.add_argument("--no-token-cache", action="store_true",
+                    help="do not share encoded tokens between points (OUT/token_cache)")
+    sw.add_argument("--quiet", action="store_true", help="no progress bar")
+    sw.set_defaults(func=cmd_sweep)
+
     gs = sub.add_parser("ground-station", help="serve the ground station")
     gs.add_argument("--listen", default="0.0.0.0:50051", metavar="HOST:PORT")
     gs.add_argument("--scenario", required=True, help="scenario YAML file")
@@ -256,6 +371,9 @@ def parser() -> argparse.ArgumentParser:
     gs.add_argument("--checkpoint-dir", help="checkpoint the coordinator here every round")
     gs.add_argument("--resume", action="store_true",
                     help="continue training from the checkpoint in --checkpoint-dir")
+    gs.add_argument("--token-cache", metavar="DIR",
+                    help="content-addressed cache of encoded splits, may be shared by runs "
+                         "(default $SPARSAT_TOKEN_CACHE, else STORE/tokens)")
     gs.set_defaults(func=cmd_ground_station)
 
     node = sub.add_parser("node", help="serve a sensor or trainer node")
