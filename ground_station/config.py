@@ -43,3 +43,5 @@ class GroundStationConfig:
     encode_batch: int = 256
     checkpoint_dir: Path | None = None  # the coordinator's per-round checkpoint
     resume: bool = False  # continue from checkpoint_dir's checkpoint when there is one
+    # encoded splits, content-addressed (may be shared by runs); None: STORE/tokens
+    token_cache: Path | None = None

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ground_station.config import GroundStationConfig
 from ground_station.store import Row
 from node.codec import (
     decode_patches,
@@ -27,13 +29,14 @@ from node.codec import (
     parse_patch_record,
     quantize_token,
 )
-from node.datasets import ImageDataset
+from node.datasets import DatasetSpec, ImageDataset, default_root
 from node.encoders import Encoder, encode_flops
 from node.masking import MaskSpec, capture
 from node.sensor import sample_id as make_sample_id
 from node.sensor import train_subset
 
 Progress = Callable[[int, int], None]
+log = logging.getLogger("sparsat.ground_station")
 
 
 @dataclass
@@ -141,42 +144,104 @@ def requantize(features: np.ndarray, dtype: str) -> np.ndarray:
     return out
 
 
+CACHE_FORMAT = 2  # bump when what a cached split holds, or how it is computed, changes
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def encoder_digest(encoder: Encoder, batch_size: int) -> str:
+    """What the encoder stage's output depends on besides its input: the architecture and its
+    weights (every tensor's name, dtype, shape and bytes), pooling, the device kind, the batch
+    size (batch composition moves results by float rounding), torch and the cache format."""
+    import torch
+
+    h = hashlib.blake2b(digest_size=16)
+    cfg = {k: v for k, v in asdict(encoder.cfg).items() if k != "default_weights"}
+    h.update(_json([CACHE_FORMAT, torch.__version__, cfg, encoder.pooling,
+                    encoder.mean.device.type, batch_size]).encode())
+    for name, tensor in encoder.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(_json([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def train_key(encoder: str, store_digest: str, cls_dtype: str | None) -> dict[str, object]:
+    """The training split's key: the encoder, and the stored samples themselves (every id and
+    its content in id order: SampleStore.content_digest), plus how CLS payloads are read
+    (`cls_dtype`; None for patch payloads). Which satellites sent them, the subset and seed
+    that picked them, the mask that made them: all in the content, nothing else read."""
+    return {"stage": "train", "encoder": encoder, "store": store_digest, "cls_dtype": cls_dtype}
+
+
+def eval_key(encoder: str, dataset: DatasetSpec, mask: MaskSpec, n_test: int,
+             subset: int | None, seed: int) -> dict[str, object]:
+    """The test split's key: the encoder, the dataset (its spec, the root resolved), the mask
+    as encode_split applies it, and the test images picked. Not the payload: a CLS payload's
+    requantization is applied after the cache."""
+    if mask.kind == "clouds":
+        m: dict[str, object] = {"kind": "clouds", "ratio": mask.ratio, "seed": mask.seed,
+                                "clouds": asdict(mask.clouds), "max_cloud": mask.max_cloud}
+    elif mask.kind == "none" or mask.ratio == 0.0:
+        m = {"kind": "none"}  # every token
+    else:  # random masks are evaluated as fixed ones (encode_split)
+        m = {"kind": "fixed", "ratio": mask.ratio, "seed": mask.seed}
+    ds = {k: v for k, v in asdict(dataset).items() if k != "download"}
+    ds["root"] = str(Path(dataset.root).expanduser().resolve() if dataset.root
+                     else default_root().resolve())
+    picked: object = "all" if subset is None or subset >= n_test else [subset, seed]
+    return {"stage": "test", "encoder": encoder, "dataset": ds, "mask": m, "images": picked}
+
+
 class TokenCache:
-    """Encoded splits on disk (the store's folder), so an encoded split is not recomputed when
-    nothing it depends on changed. A file's name is a digest of all of it: the encoder's
-    weights and pooling, the device kind, the sensor configuration (dataset, mask, payload),
-    the test subset and batch size, and for the training split the store's content version."""
+    """Encoded splits on disk, content-addressed: a file's name is a digest of its key (see
+    train_key and eval_key), and the key is stored in it too. The folder may be shared by any
+    number of runs and processes: a file is written under a name of its own and renamed into
+    place (a reader never sees half a file; two writers of the same entry write the same
+    content, the last rename wins), and a file that cannot be read back whole, or holds
+    another key, is a miss (computed again and replaced)."""
 
-    def __init__(self, folder: Path, encoder: Encoder, cfg: GroundStationConfig) -> None:
+    def __init__(self, folder: Path) -> None:
         self.folder = folder
-        h = hashlib.blake2b(digest_size=16)
-        for name, tensor in encoder.state_dict().items():
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().numpy().tobytes())
-        h.update(json.dumps([cfg.sensor.to_json(), cfg.test_subset, cfg.encode_batch,
-                             encoder.mean.device.type]).encode())
-        self.base = h.hexdigest()
 
-    def path(self, stage: str, key: object) -> Path:
-        digest = hashlib.blake2b(f"{self.base}/{stage}/{key!r}".encode(), digest_size=12)
-        return self.folder / f"{stage.replace(' ', '-')}-{digest.hexdigest()}.npz"
+    def path(self, key: dict[str, object]) -> Path:
+        digest = hashlib.blake2b(_json(key).encode(), digest_size=16).hexdigest()
+        return self.folder / f"{key['stage']}-{digest}.npz"
 
-    def get(self, stage: str, key: object) -> TokenSet | None:
-        path = self.path(stage, key)
+    def get(self, key: dict[str, object]) -> TokenSet | None:
+        path = self.path(key)
         if not path.exists():
             return None
-        with np.load(path) as z:
-            groups = {k[len("group_"):]: z[k] for k in z.files if k.startswith("group_")}
-            return TokenSet(z["features"], z["labels"], z["ids"], int(z["flops"]),
-                            float(z["wall_s"]), groups, int(z["skipped"]))
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["key"]) != _json(key):
+                    raise ValueError("another key")
+                groups = {k[len("group_"):]: z[k] for k in z.files if k.startswith("group_")}
+                out = TokenSet(z["features"], z["labels"], z["ids"], int(z["flops"]),
+                               float(z["wall_s"]), groups, int(z["skipped"]))
+            n = len(out.labels)
+            if (out.features.ndim != 2 or len(out.features) != n or len(out.ids) != n
+                    or any(len(g) != n for g in groups.values())):
+                raise ValueError("arrays of different lengths")
+        except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign: a miss
+            log.warning("token cache %s unreadable (%s): encoding again", path, e)
+            return None
+        return out
 
-    def put(self, stage: str, key: object, tokens: TokenSet) -> None:
+    def put(self, key: dict[str, object], tokens: TokenSet) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.path(stage, key)
-        tmp = path.with_suffix(".tmp.npz")
+        path = self.path(key)
         arrays: dict[str, Any] = {
-            "features": tokens.features, "labels": tokens.labels, "ids": tokens.ids,
-            "flops": tokens.flops, "wall_s": tokens.wall_s, "skipped": tokens.skipped,
-            **{f"group_{k}": v for k, v in tokens.groups.items()}}
-        np.savez(tmp, **arrays)
-        tmp.replace(path)  # atomic: a reader never sees half a file
+            "key": np.array(_json(key)), "features": tokens.features, "labels": tokens.labels,
+            "ids": tokens.ids, "flops": tokens.flops, "wall_s": tokens.wall_s,
+            "skipped": tokens.skipped, **{f"group_{k}": v for k, v in tokens.groups.items()}}
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{path.stem}-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)  # atomic: a reader never sees half a file
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

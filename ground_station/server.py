@@ -13,6 +13,7 @@ import resource
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -22,7 +23,16 @@ import torch
 from ground_station import serde as gs_serde
 from ground_station.config import GroundStationConfig
 from ground_station.coordinator import CheckpointError, Coordinator, TrainerUnavailable
-from ground_station.encoding import TokenCache, TokenSet, encode_rows, encode_split, requantize
+from ground_station.encoding import (
+    TokenCache,
+    TokenSet,
+    encode_rows,
+    encode_split,
+    encoder_digest,
+    eval_key,
+    requantize,
+    train_key,
+)
 from ground_station.ingest import CONFLICT, INVALID, Checked, IngestRules, check_batch
 from ground_station.store import SampleStore
 from node import encoders
@@ -155,8 +165,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
 
     def _prepare(self, context: grpc.ServicerContext) -> Iterator[pb.Progress]:
         cfg = self.cfg
-        version = self.store.version()  # a snapshot: samples may still arrive
-        if not version[0]:
+        if not len(self.store):
             abort(context, grpc.StatusCode.FAILED_PRECONDITION, "no samples stored yet")
         self._trainer_nodes(context)  # fail early, before the long encoding
         try:
@@ -171,17 +180,19 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         def progress(stage: str) -> Callable[[int, int], None]:
             return lambda done, n: updates.append(pb.Progress(stage=stage, done=done, total=n))
 
-        cache = TokenCache(Path(cfg.store_dir) / "tokens", encoder, cfg)
+        cache = TokenCache(Path(cfg.token_cache) if cfg.token_cache is not None
+                           else Path(cfg.store_dir) / "tokens")
         # Encoding runs in a worker thread so progress can stream while it works.
         result: dict[str, TokenSet] = {}
         errors: list[BaseException] = []
 
-        def stage(name: str, key: object, compute: Callable[[], TokenSet]) -> TokenSet:
+        def stage(name: str, key: dict[str, object], compute: Callable[[], TokenSet]
+                  ) -> TokenSet:
             t0 = time.perf_counter()
-            tokens = cache.get(name, key)
+            tokens = cache.get(key)
             if tokens is None:
                 tokens = compute()
-                cache.put(name, key, tokens)
+                cache.put(key, tokens)
                 wall_s, cached = tokens.wall_s, False
             else:
                 wall_s, cached = time.perf_counter() - t0, True
@@ -192,23 +203,29 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
 
         def work() -> None:
             try:
-                n = version[0]
-                result["train"] = stage("encode train", version, lambda: encode_rows(
-                    (r for chunk in self.store.rows(upto=version[2]) for r in chunk), n,
-                    encoder, cfg.encode_batch, cfg.sensor.cls_dtype, progress("encode train")))
-                result["test"] = stage("encode test", "test", test_split)
+                enc = encoder_digest(encoder, cfg.encode_batch)
+                # a snapshot: samples may still arrive (encode_rows fails if one lands below top)
+                n, top, content = self.store.content_digest()
+                cls = cfg.sensor.payload == "cls"
+                result["train"] = stage(
+                    "encode train", train_key(enc, content, cfg.sensor.cls_dtype if cls else None),
+                    lambda: encode_rows(
+                        (r for chunk in self.store.rows(upto=top) for r in chunk), n, encoder,
+                        cfg.encode_batch, cfg.sensor.cls_dtype, progress("encode train")))
+                test = stage("encode test", eval_key(
+                    enc, cfg.sensor.dataset, cfg.sensor.mask, len(self.test_data),
+                    cfg.test_subset, cfg.sensor.train_indices_seed), test_split)
+                if cls:  # train tokens were quantized on the satellites: evaluate like for like
+                    test = replace(test, features=requantize(test.features, cfg.sensor.cls_dtype))
+                result["test"] = test
             except BaseException as e:  # reported to the caller below
                 errors.append(e)
 
         def test_split() -> TokenSet:
-            test = encode_split(
+            return encode_split(
                 self.test_data, "test", cfg.sensor.dataset.name, cfg.sensor.mask, encoder,
                 cfg.encode_batch, cfg.test_subset, cfg.sensor.train_indices_seed,
                 progress("encode test"))
-            if cfg.sensor.payload == "cls":
-                # train tokens were quantized on the satellites: evaluate like for like
-                test.features = requantize(test.features, cfg.sensor.cls_dtype)
-            return test
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()

@@ -9,11 +9,15 @@ a ground station restarted on the same store reports the whole run's figures.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
+import struct
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
+
+_ROW = struct.Struct("<qqqqqqdq")  # a sample's fields before its data, for the digest
 
 
 class StoreMismatchError(ValueError):
@@ -140,6 +144,28 @@ class SampleStore:
             n, total, top = self._db.execute(
                 "SELECT COUNT(*), TOTAL(id), MAX(id) FROM payloads").fetchone()
         return int(n), int(total), int(top if top is not None else -1)
+
+    def content_digest(self) -> tuple[int, int, str]:
+        """(count, largest id, digest of the stored samples): every id and its content (label,
+        payload fields, data; not its sender), in id order, read in one snapshot (a read
+        transaction of its own: samples arriving meanwhile are neither seen nor blocked).
+        Names exactly which samples an encoded training split holds (the token cache's key)."""
+        h = hashlib.blake2b(digest_size=16)
+        n, top = 0, -1
+        db = sqlite3.connect(self.path)
+        try:
+            cur = db.execute("SELECT id, label, runs, height, width, channels, scale, data "
+                             "FROM payloads ORDER BY id")
+            while part := cur.fetchmany(4096):
+                for i, label, runs, height, width, channels, scale, data in part:
+                    h.update(_ROW.pack(i, label, runs, height, width, channels, scale,
+                                       len(data)))
+                    h.update(data)
+                n += len(part)
+                top = part[-1][0]
+        finally:
+            db.close()
+        return n, top, h.hexdigest()
 
     def rows(self, chunk: int = 4096, upto: int | None = None) -> Iterator[list[Row]]:
         """Stored samples in id order, `chunk` rows at a time (memory independent of the

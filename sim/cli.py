@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -40,7 +39,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         scenario = scenario.model_copy(update={
             "training": scenario.training.model_copy(update={"device": args.device})})
     out.mkdir(parents=True, exist_ok=True)
-    token_cache = _token_cache(args, out)
+    if args.ground_station and args.token_cache:
+        raise ValueError("--token-cache is for a local run: give it to the ground station")
     resolved = out / "config.yaml"
     resolved.write_text(dump(scenario))
     show = not args.quiet
@@ -51,6 +51,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         results = MissionControl(scenario, args.ground_station, show, state_file=state,
                                  resume=bool(args.resume)).run()
     else:
+        # the token cache: --token-cache, else (resuming) the one the run used, recorded in
+        # OUT/token_cache.txt, else $SPARSAT_TOKEN_CACHE, else none (the store's own folder)
+        import os
+
+        record = out / "token_cache.txt"
+        chosen = args.token_cache or (record.read_text().strip() if args.resume
+                                      and record.exists() else "")
+        chosen = chosen or os.environ.get("SPARSAT_TOKEN_CACHE", "")
+        token_cache = Path(chosen).expanduser().resolve() if chosen else None
+        if token_cache:
+            record.write_text(f"{token_cache}\n")
+        else:
+            record.unlink(missing_ok=True)
         with LocalCluster(scenario, resolved, out, resume=bool(args.resume),
                           token_cache=token_cache) as cluster:
             if show:
@@ -63,26 +76,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(report.summary(results))
     print(f"results in {out}/results.json")
     return 0
-
-
-TOKEN_CACHE_ENV = "SPARSAT_TOKEN_CACHE"  # the default --token-cache
-
-
-def _token_cache(args: argparse.Namespace, out: Path) -> Path | None:
-    """The token cache a local run's ground station uses: --token-cache, else (resuming)
-    the one the run used, recorded in OUT/token_cache, else $SPARSAT_TOKEN_CACHE, else none
-    (STORE/tokens). Recorded for a later --resume."""
-    record = out / "token_cache"
-    chosen = args.token_cache
-    if not chosen and args.resume and record.exists():
-        chosen = record.read_text().strip()
-    chosen = chosen or os.environ.get(TOKEN_CACHE_ENV)
-    if not chosen:
-        record.unlink(missing_ok=True)
-        return None
-    path = Path(chosen).expanduser().resolve()
-    record.write_text(f"{path}\n")
-    return path
 
 
 def cmd_contacts(args: argparse.Namespace) -> int:
@@ -136,7 +129,9 @@ def cmd_ground_station(args: argparse.Namespace) -> int:
     checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     if args.resume and checkpoints is None:
         raise ValueError("--resume needs --checkpoint-dir")
-    cache = args.token_cache or os.environ.get(TOKEN_CACHE_ENV)
+    import os
+
+    cache = args.token_cache or os.environ.get("SPARSAT_TOKEN_CACHE")
     serve(ground_station_config(scenario, store, checkpoints, args.resume,
                                 Path(cache).expanduser() if cache else None), args.listen,
           Path(args.port_file) if args.port_file else None)

@@ -123,9 +123,10 @@ class LaunchError(RuntimeError):
 
 class LocalCluster:
     def __init__(self, scenario: Scenario, scenario_file: Path, out_dir: Path,
-                 resume: bool = False) -> None:
+                 resume: bool = False, token_cache: Path | None = None) -> None:
         self.s = scenario
         self.resume = resume  # keep the store and the coordinator's checkpoint
+        self.token_cache = token_cache  # encoded splits shared with other runs (None: store's)
         self.scenario_file = scenario_file
         self.out_dir = out_dir
         self.log_dir = out_dir / "logs"
@@ -194,7 +195,8 @@ class LocalCluster:
             "ground-station", "--listen", "127.0.0.1:0", "--scenario", str(self.scenario_file),
             "--store", str(self.out_dir / "store"), "--port-file", str(port_file),
             "--checkpoint-dir", str(self.out_dir / "checkpoint"),
-            *(["--resume"] if self.resume else [])])
+            *(["--resume"] if self.resume else []),
+            *(["--token-cache", str(self.token_cache)] if self.token_cache else [])])
         deadline = time.monotonic() + START_TIMEOUT_S
         while not port_file.exists():
             self.check_alive()

@@ -353,7 +353,8 @@ def sensor_config(s: Scenario) -> SensorConfig:
 
 
 def ground_station_config(s: Scenario, store_dir: Path, checkpoint_dir: Path | None = None,
-                          resume: bool = False) -> GroundStationConfig:
+                          resume: bool = False, token_cache: Path | None = None
+                          ) -> GroundStationConfig:
     t = s.training
     return GroundStationConfig(
         sensor=sensor_config(s),
@@ -367,4 +368,5 @@ def ground_station_config(s: Scenario, store_dir: Path, checkpoint_dir: Path | N
         test_subset=s.dataset.test_subset,
         checkpoint_dir=checkpoint_dir,
         resume=resume,
+        token_cache=token_cache,
     )
