@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -24,6 +25,7 @@ import torch
 
 from ground_station import server as gs_server
 from ground_station.config import GroundStationConfig, TrainingConfig
+from ground_station.encoding import TokenCache, TokenSet, eval_key, requantize
 from ground_station.ingest import IngestRules, check_batch
 from ground_station.server import GroundStation, build_server
 from ground_station.store import Row, SampleStore, StoreMismatchError
@@ -97,11 +99,14 @@ class Station:
 
 
 def _config(store_dir: Path, payload: str = "patches", mask: MaskSpec = MASK,
-            cls_dtype: str = "float16", **gs: Any) -> GroundStationConfig:
+            cls_dtype: str = "float16", sensor_fields: dict[str, Any] | None = None,
+            **gs: Any) -> GroundStationConfig:
+    fields: dict[str, Any] = {"satellites": list(SATELLITES), "train_subset": SUBSET,
+                              **(sensor_fields or {})}
     sensor = SensorConfig(
         dataset=DatasetSpec("fashion_mnist", download=False), mask=mask,
         payload=payload,  # type: ignore[arg-type]
-        cls_dtype=cls_dtype, satellites=list(SATELLITES), train_subset=SUBSET)
+        cls_dtype=cls_dtype, **fields)
     return GroundStationConfig(sensor=sensor, store_dir=store_dir, device="cpu", **gs)
 
 
@@ -976,6 +981,238 @@ def test_prepare_dequantizes_stored_cls_tokens(start: StartStation, fm: FMnist,
     np.testing.assert_array_equal(tokens.features, np.stack(want))
     assert progress["encode train"].flops == 0
     assert (progress["encode train"].total, progress["encode test"].total) == (5, 4)
+
+
+# ---- the token cache shared by runs (content-addressed) ---------------------------------------
+
+CENTRAL = TrainingConfig(strategy="centralized", hidden=(8, 8))
+
+
+def _cached_station(start: StartStation, tmp_path: Path, store: str,
+                    payloads: list[Payload], cls: str | None = None, **kw: Any) -> Station:
+    """A station on store `store` using the token cache tmp_path/tc, one trainer registered,
+    fed `payloads` (CLS tokens of dtype `cls` when given)."""
+    if cls is not None:
+        kw.update(payload="cls", cls_dtype=cls)
+    st = start(store=store, token_cache=tmp_path / "tc", test_subset=6, encode_batch=4,
+               training=CENTRAL, **kw)
+    st.registry.Register(pb.RegisterRequest(node_id="trainer-0", role=pb.TRAINER,
+                                            address="127.0.0.1:9", device="cpu"), timeout=10)
+    _, error = _send(st, [_batch(payloads, cls=cls is not None, int8=cls == "int8")])
+    assert error is None
+    return st
+
+
+def _hits(progress: dict[str, pb.Progress]) -> tuple[bool, bool]:
+    return progress["encode train"].cached, progress["encode test"].cached
+
+
+def test_a_station_on_another_store_hits_the_shared_token_cache(
+    start: StartStation, fm: FMnist, tmp_path: Path
+) -> None:
+    # Prepare: two stations, two stores, one token cache, the same samples sent to each
+    payloads = [_patch(fm, i) for i in _shard(SENSOR)[:8]]
+    first = _cached_station(start, tmp_path, "a", payloads)
+    p1 = _prepare(first)
+    second = _cached_station(start, tmp_path, "b", payloads)
+
+    # Execute
+    p2 = _prepare(second)
+
+    # Assert: the second reads both splits back, identical, and charges the same FLOPs
+    assert _hits(p1) == (False, False) and _hits(p2) == (True, True)
+    assert not (tmp_path / "a" / "tokens").exists() and not (tmp_path / "b" / "tokens").exists()
+    assert sorted(f.name.split("-")[0] for f in (tmp_path / "tc").iterdir()) == ["test", "train"]
+    for a, b in [(first.station.train_tokens, second.station.train_tokens),
+                 (first.station.test_tokens, second.station.test_tokens)]:
+        assert a is not None and b is not None
+        np.testing.assert_array_equal(a.features, b.features)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.labels, b.labels)
+    assert p2["encode train"].flops == p1["encode train"].flops > 0
+    assert p2["encode test"].flops == p1["encode test"].flops > 0
+
+
+OTHER_MASK = MaskSpec(kind="fixed", ratio=0.25, seed=0)
+RANDOM = MaskSpec(kind="random", ratio=0.5, seed=0)
+SHARD = _shard(SENSOR)
+WHOLE = {"train_subset": None}  # every training image: sat-0 holds 0, 3, 6... whatever the seed
+CACHE_CHANGES = [
+    # (name, the first station's settings and samples (8 images of sat-0's shard), the
+    #  second's settings, its samples' images and mask, (train cached, test cached) on it)
+    ("another mask ratio", {}, SHARD[:8], {"mask": OTHER_MASK}, SHARD[:8], OTHER_MASK,
+     (False, False)),
+    ("another random-weights seed",
+     {"sensor_fields": {"encoder_weights": "random", "encoder_seed": 0}}, SHARD[:8],
+     {"sensor_fields": {"encoder_weights": "random", "encoder_seed": 1}}, SHARD[:8], MASK,
+     (False, False)),
+    ("one stored sample more", {}, SHARD[:8], {}, SHARD[:9], MASK, (False, True)),
+    ("one stored sample less", {}, SHARD[:8], {}, SHARD[:7], MASK, (False, True)),
+    ("another stored sample", {}, SHARD[:8], {}, SHARD[1:9], MASK, (False, True)),
+    ("random masks: the test split evaluated as fixed", {}, SHARD[:8], {"mask": RANDOM},
+     SHARD[:8], RANDOM, (False, True)),
+    # the seed that picks the training images also picks the test images (test_subset)
+    ("the same samples, other satellite names and subset seed",
+     {"sensor_fields": WHOLE}, [3 * k for k in range(8)],
+     {"sensor_fields": {**WHOLE, "train_indices_seed": 7,
+                        "satellites": ["sat-0", "other-1", "other-2"]}},
+     [3 * k for k in range(8)], MASK, (True, False)),
+]
+
+
+@pytest.mark.parametrize(("first_kw", "first", "second_kw", "picked", "mask", "hits"),
+                         [c[1:] for c in CACHE_CHANGES], ids=[c[0] for c in CACHE_CHANGES])
+def test_token_cache_misses_after_a_change_of_what_it_depends_on(
+    start: StartStation, fm: FMnist, tmp_path: Path, first_kw: dict[str, Any],
+    first: list[int], second_kw: dict[str, Any], picked: list[int], mask: MaskSpec,
+    hits: tuple[bool, bool]
+) -> None:
+    # Prepare: a first station fills the cache
+    one = _cached_station(start, tmp_path, "a", [_patch(fm, i) for i in first], **first_kw)
+    assert _hits(_prepare(one)) == (False, False)
+    copy = 0 if mask.kind == "random" else None
+    second = _cached_station(start, tmp_path, "b",
+                             [_patch(fm, i, copy, mask) for i in picked], **second_kw)
+
+    # Execute
+    progress = _prepare(second)
+
+    # Assert
+    assert _hits(progress) == hits
+    tokens = second.station.train_tokens
+    assert tokens is not None and tokens.ids.tolist() == picked
+    if hits[0]:
+        assert one.station.train_tokens is not None
+        np.testing.assert_array_equal(tokens.features, one.station.train_tokens.features)
+
+
+def test_cls_dtypes_share_one_test_split_requantized_after_the_cache(
+    start: StartStation, fm: FMnist, tmp_path: Path
+) -> None:
+    # Prepare: float16 and int8 CLS payloads of the same tokens, one token cache
+    indices = _shard(SENSOR)[:5]
+    half = _cached_station(start, tmp_path, "a", [_cls(fm, i, "float16") for i in indices],
+                           cls="float16")
+    p1 = _prepare(half)
+    int8 = _cached_station(start, tmp_path, "b", [_cls(fm, i, "int8") for i in indices],
+                           cls="int8")
+
+    # Execute
+    p2 = _prepare(int8)
+
+    # Assert: another training split, the same test split, quantized like each payload
+    assert _hits(p1) == (False, False) and _hits(p2) == (False, True)
+    [test_file] = (tmp_path / "tc").glob("test-*.npz")
+    with np.load(test_file) as z:
+        raw = z["features"]
+    for st, dtype in [(half, "float16"), (int8, "int8")]:
+        assert st.station.test_tokens is not None
+        np.testing.assert_array_equal(st.station.test_tokens.features, requantize(raw, dtype))
+    assert half.station.test_tokens is not None and int8.station.test_tokens is not None
+    assert not np.array_equal(half.station.test_tokens.features, int8.station.test_tokens.features)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "another key"])
+def test_an_unreadable_token_cache_entry_is_a_miss_and_replaced(
+    start: StartStation, fm: FMnist, tmp_path: Path, damage: str
+) -> None:
+    # Prepare: the cache filled, then its files damaged
+    st = _cached_station(start, tmp_path, "a", [_patch(fm, i) for i in _shard(SENSOR)[:6]])
+    _prepare(st)
+    assert st.station.train_tokens is not None and st.station.test_tokens is not None
+    train, test = st.station.train_tokens.features, st.station.test_tokens.features
+    files = sorted((tmp_path / "tc").glob("*.npz"))
+    contents = [f.read_bytes() for f in files]
+    if damage == "another key":  # whole files, swapped: each holds the other stage's key
+        contents.reverse()
+    for f, data in zip(files, contents, strict=True):
+        f.write_bytes(data[: len(data) // 2] if damage == "truncated" else
+                      b"" if damage == "empty" else data)
+
+    # Execute
+    again = _prepare(st)
+    third = _prepare(st)
+
+    # Assert: encoded again, the same features, the entries replaced (then hit)
+    assert _hits(again) == (False, False) and _hits(third) == (True, True)
+    np.testing.assert_array_equal(st.station.train_tokens.features, train)
+    np.testing.assert_array_equal(st.station.test_tokens.features, test)
+    assert sorted((tmp_path / "tc").iterdir()) == files  # no temporary file left behind
+
+
+def test_token_cache_writers_of_one_entry_at_once(tmp_path: Path) -> None:
+    # Prepare: 6 threads write the same entry 5 times each while another reads it
+    cache = TokenCache(tmp_path / "tc")
+    key: dict[str, object] = {"stage": "train", "k": 1}
+    tokens = TokenSet(np.arange(4000, dtype=np.float32).reshape(500, 8),
+                      np.arange(500), np.arange(500), flops=7, wall_s=1.5)
+    errors: list[BaseException] = []
+    read: list[TokenSet | None] = []
+
+    def write() -> None:
+        try:
+            for _ in range(5):
+                cache.put(key, tokens)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    # Execute
+    writers = [threading.Thread(target=write) for _ in range(6)]
+    for w in writers:
+        w.start()
+    while any(w.is_alive() for w in writers):
+        read.append(cache.get(key))
+    for w in writers:
+        w.join()
+
+    # Assert: no error, every read whole (or absent before the first rename), no temp file
+    assert not errors
+    for got in [*read, cache.get(key)]:
+        if got is not None:
+            np.testing.assert_array_equal(got.features, tokens.features)
+            assert (got.flops, got.wall_s) == (7, 1.5)
+    assert [f.name for f in (tmp_path / "tc").iterdir()] == [cache.path(key).name]
+    assert cache.get({"stage": "train", "k": 2}) is None
+
+
+def test_eval_key_names_the_test_split_as_encode_split_makes_it() -> None:
+    spec = DatasetSpec("fashion_mnist", download=False)
+
+    def key(mask: MaskSpec, subset: int | None = None, seed: int = 0,
+            dataset: DatasetSpec = spec) -> dict[str, object]:
+        return eval_key("enc", dataset, mask, 10_000, subset, seed)
+
+    # random masks are evaluated as fixed ones; no mask is any kind at ratio 0
+    assert key(MaskSpec("random", 0.5, 3, copies=4)) == key(MaskSpec("fixed", 0.5, 3))
+    assert key(MaskSpec("none", 0.0)) == key(MaskSpec("fixed", 0.0, 9))
+    assert key(MaskSpec("fixed", 0.5, 0)) != key(MaskSpec("fixed", 0.5, 1))
+    assert key(MaskSpec("clouds", 0.0)) != key(MaskSpec("clouds", 0.0, max_cloud=0.5))
+    # the test images: the seed only matters for a subset
+    assert key(MASK, None, 0) == key(MASK, None, 5) == key(MASK, 10_000, 5)
+    assert key(MASK, 100, 0) != key(MASK, 100, 1)
+    # the dataset, not whether it may be downloaded
+    assert key(MASK, dataset=replace(spec, download=True)) == key(MASK)
+    assert key(MASK, dataset=replace(spec, name="cifar10")) != key(MASK)
+
+
+def test_store_content_digest_names_the_samples_not_their_senders(tmp_path: Path) -> None:
+    # Prepare
+    a, b = SampleStore(tmp_path / "a.sqlite"), SampleStore(tmp_path / "b.sqlite")
+    a.put_batch([_row(3), _row(7)], 10, _ids(3, 7), SENSOR, True, 0)
+    b.put_batch([_row(7, sat="sat-1")], 10, _ids(7), "sat-1", True, 0)
+    before = b.content_digest()
+    b.put_batch([_row(3, sat="sat-2")], 10, _ids(3), "sat-2", True, 0)
+
+    # Execute / Assert: the same samples in another order from other senders: the same digest
+    assert a.content_digest() == b.content_digest()
+    assert a.content_digest()[:2] == (2, 7) and before[:2] == (1, 7)
+    assert before != b.content_digest()
+    c = SampleStore(tmp_path / "c.sqlite")
+    c.put_batch([_row(3), _row(7, label=2)], 10, _ids(3, 7), SENSOR, True, 0)
+    assert c.content_digest()[2] != a.content_digest()[2]  # one label differs
+    assert SampleStore(tmp_path / "d.sqlite").content_digest()[:2] == (0, -1)
+    for s in (a, b, c):
+        s.close()
 
 
 # ---- Registry and Mission -------------------------------------------------------------------
