@@ -308,8 +308,9 @@ def local_executor(root: Path, jobs: int, token_cache: Path | None) -> Executor:
 
 def collect(dirs: list[Path], out: Path, spec: Sweep | None = None) -> list[Path]:
     """Gather the points under each DIR/points/ (one sweep's shards, on a shared disk or
-    copied together) into OUT/sweep.csv, summary.md and the figures; a point of `spec` found
-    nowhere is listed as missing. Returns the files written."""
+    copied together) into OUT/sweep.csv, summary.md and the figures, in the grid's order when
+    `spec` is given (else by name); a point of `spec` found nowhere is listed as missing.
+    Returns the files written."""
     from sim.sweep_report import point_row, write_outputs
 
     found: dict[str, dict[str, Any]] = {}
@@ -329,7 +330,8 @@ def collect(dirs: list[Path], out: Path, spec: Sweep | None = None) -> list[Path
     if not keys:
         for row in found.values():
             keys += [k for k in row.get("_overrides", {}) if k not in keys]
-    rows = [found[k] for k in sorted(found)]
+    order = {p.name: i for i, p in enumerate(spec.points)} if spec else {}
+    rows = [found[k] for k in sorted(found, key=lambda k: (order.get(k, len(order)), k))]
     for row in rows:
         row.pop("_overrides", None)
     out.mkdir(parents=True, exist_ok=True)
