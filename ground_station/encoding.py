@@ -241,6 +241,7 @@ class TokenCache:
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, **arrays)
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep a shared folder's other users out
             os.replace(tmp, path)  # atomic: a reader never sees half a file
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
