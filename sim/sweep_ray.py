@@ -140,6 +140,22 @@ def _write_back(folder: Path, result: dict[str, Any]) -> dict[str, Any]:
     return status
 
 
+def _probe(address: str, timeout_s: float = 10.0) -> None:
+    """A HOST:PORT address (ray:// or not) that takes no TCP connection is an error now,
+    not minutes of Ray's own retries."""
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or address == "auto":
+        return  # "auto", "local", or a form Ray resolves itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise RayExecutorError(
+            f"could not connect to the Ray cluster at {address!r}: {host}:{port} takes no "
+            f"connection ({e}); is the cluster running, and is the address its head's "
+            "(HOST:6379, or ray://HOST:10001 for Ray Client)?") from e
+
+
 def _connect(ray: Any, address: str | None, cpus: float) -> bool:
     """Join the cluster at `address` (or $RAY_ADDRESS), or start a local instance; returns
     whether we started one (and so shut it down). A Ray already initialised here is used."""
@@ -148,6 +164,7 @@ def _connect(ray: Any, address: str | None, cpus: float) -> bool:
     address = address or os.environ.get("RAY_ADDRESS") or None
     quiet = {"logging_level": logging.WARNING}
     if address:
+        _probe(address)
         try:
             ray.init(address=address, **quiet)
         except Exception as e:
