@@ -16,6 +16,8 @@ import numpy as np
 
 from ground_station.store import Row
 from node.codec import (
+    BIT_TABLE,
+    CLS_ITEMSIZE,
     CodecError,
     bitmap_bytes,
     parse_patch_record,
@@ -26,9 +28,7 @@ from node.serde import BatchData
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]
 CONFLICT = grpc.StatusCode.ALREADY_EXISTS.value[0]
-_ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
 _Refuse = Callable[[np.ndarray, int, "str | list[str]"], None]
-_BIT_TABLE = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def _structure(batch: BatchData, n: int, rules: IngestRules) -> str:
     else:
         if batch.patches:
             return "patch payloads, but this scenario's sensors send CLS tokens"
-        size = rules.dim * _ITEMSIZE[rules.cls_dtype]
+        size = rules.dim * CLS_ITEMSIZE[rules.cls_dtype]
         if len(batch.tokens) != n * size:
             return (f"tokens are {len(batch.tokens)} bytes, {n} {rules.cls_dtype} tokens of "
                     f"dim {rules.dim} need {n * size}")
@@ -141,7 +141,7 @@ def _patch_rows(batch: BatchData, satellite: str, rules: IngestRules, refuse: _R
         refuse(_at(n, at[short]), INVALID, f"visible-token bitmap needs {nb} bytes")
         at, lens = at[~short], lens[~short]
         codes = np.frombuffer(b"".join(records[k][:nb] for k in at.tolist()), np.uint8)
-        bits = _BIT_TABLE[codes.reshape(len(at), nb)].reshape(len(at), nb * 8)
+        bits = BIT_TABLE[codes.reshape(len(at), nb)].reshape(len(at), nb * 8)
         refuse(_at(n, at[bits[:, g * g :].any(axis=1)]), INVALID,
                f"visible-token bitmap sets bits past the {g * g} tokens")
         visible = bits[:, : g * g]
@@ -164,7 +164,7 @@ def _patch_rows(batch: BatchData, satellite: str, rules: IngestRules, refuse: _R
 def _cls_rows(batch: BatchData, satellite: str, rules: IngestRules, refuse: _Refuse
               ) -> list[Row]:
     n, dim, dtype = len(batch.ids), rules.dim, rules.cls_dtype
-    size = dim * _ITEMSIZE[dtype]
+    size = dim * CLS_ITEMSIZE[dtype]
     if dtype == "int8":
         scales = np.frombuffer(batch.scales, "<f4").astype(np.float64)
         refuse(~(np.isfinite(scales) & (scales > 0)), INVALID,

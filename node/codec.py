@@ -143,7 +143,8 @@ def encode_visible(visible: np.ndarray, grid: int) -> tuple[bytes, bool]:
     return (runs, True) if len(runs) < len(bitmap) else (bitmap, False)
 
 
-_BIT_TABLE = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
+# bits of each byte value, LSB first: BIT_TABLE[code_bytes] unpacks bitmaps in one gather
+BIT_TABLE = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
 
 
 def decode_visible(record: bytes, runs: bool, grid: int) -> tuple[np.ndarray, int]:
@@ -154,7 +155,7 @@ def decode_visible(record: bytes, runs: bool, grid: int) -> tuple[np.ndarray, in
         if len(record) < nb:
             raise CodecError(f"visible-token bitmap needs {nb} bytes, the payload has "
                              f"{len(record)}")
-        bits = _BIT_TABLE[np.frombuffer(record, np.uint8, nb)].reshape(-1)
+        bits = BIT_TABLE[np.frombuffer(record, np.uint8, nb)].reshape(-1)
         if bits[n_tokens:].any():
             raise CodecError(f"visible-token bitmap sets bits past the {n_tokens} tokens")
         return np.flatnonzero(bits).astype(np.uint16), nb
@@ -201,6 +202,7 @@ def parse_patch_record(record: bytes, runs: bool, shape: tuple[int, int, int],
 # ---- CLS tokens ---------------------------------------------------------------------------
 
 CLS_DTYPES = ("float32", "float16", "int8")
+CLS_ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}  # bytes a value
 
 
 def quantize_token(token: np.ndarray, dtype: str) -> tuple[bytes, float]:
@@ -219,7 +221,7 @@ def quantize_token(token: np.ndarray, dtype: str) -> tuple[bytes, float]:
 
 
 def dequantize_token(data: bytes, dtype: str, dim: int, scale: float = 0.0) -> np.ndarray:
-    itemsize = {"float32": 4, "float16": 2, "int8": 1}.get(dtype)
+    itemsize = CLS_ITEMSIZE.get(dtype)
     if itemsize is None:
         raise CodecError(f"CLS dtype must be one of {CLS_DTYPES}, got {dtype!r}")
     if len(data) != dim * itemsize:
