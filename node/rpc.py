@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+import socket
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from typing import Any, Generic, NoReturn, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
+from node import security
+from node.security import AuthError, Identity
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
@@ -75,23 +81,76 @@ class ByteCounter:
 
 
 def make_server(max_workers: int = 8) -> grpc.Server:
-    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_OPTIONS)
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_OPTIONS,
+                       interceptors=[Guard()])
 
 
-def bind(server: grpc.Server, listen: str) -> str:
-    """Bind `listen` (host:port, port 0 for a free one); returns the bound host:port."""
+def bind(server: grpc.Server, listen: str, advertise: str | None = None,
+         toward: str | None = None) -> str:
+    """Bind `listen` (host:port, port 0 for a free one), with TLS when this process has
+    credentials; returns the address other nodes should dial: `advertise` (HOST or HOST:PORT)
+    when given, else the listen address, where a wildcard host (0.0.0.0) becomes this
+    machine's address on the route `toward` a HOST:PORT (the ground station)."""
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"listen address must be HOST:PORT, got {listen!r}")
-    bound = server.add_insecure_port(listen)
+    creds = security.active()
+    if creds is None:
+        bound = server.add_insecure_port(listen)
+    else:
+        bound = server.add_secure_port(listen, grpc.ssl_server_credentials(
+            [(creds.key_pem, creds.cert_pem)],
+            root_certificates=creds.ca_pem if creds.mutual else None,
+            require_client_auth=creds.mutual))
     if bound == 0:
         raise OSError(f"cannot listen on {listen}")
-    advertised = "127.0.0.1" if host in ("0.0.0.0", "[::]", "::") else host
-    return f"{advertised}:{bound}"
+    if advertise:
+        a_host, _, a_port = advertise.rpartition(":")
+        if a_port.isdigit() and a_host:
+            return advertise
+        return f"{advertise}:{bound}"
+    if host in ("0.0.0.0", "[::]", "::"):
+        host = routable_host(toward)
+    return f"{host}:{bound}"
 
 
-def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=_OPTIONS)
+def routable_host(toward: str | None) -> str:
+    """This machine's address on the route to `toward` (HOST:PORT; a UDP socket is connected,
+    nothing is sent), else its host name's address, else 127.0.0.1."""
+    if toward:
+        t_host, _, t_port = toward.rpartition(":")
+        t_host = t_host.strip("[]")
+        try:
+            family = socket.AF_INET6 if ":" in t_host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.connect((t_host, int(t_port) if t_port.isdigit() else 9))
+                return str(s.getsockname()[0])
+        except (OSError, ValueError):
+            pass
+    try:
+        found = socket.gethostbyname(socket.gethostname())
+        if not ipaddress.ip_address(found).is_loopback:
+            return found
+    except (OSError, ValueError):
+        pass
+    return "127.0.0.1"
+
+
+def channel(address: str, peer: str | None = None) -> grpc.Channel:
+    """A channel to `address`. With credentials (node.security) it is TLS, checks that the
+    server's certificate is the deployment's and names `peer` (the node meant: names stay
+    when addresses change; without `peer`, the address's host), and every call carries this
+    node's token."""
+    creds = security.active()
+    if creds is None:
+        return grpc.insecure_channel(address, options=_OPTIONS)
+    tls = grpc.ssl_channel_credentials(creds.ca_pem, creds.key_pem, creds.cert_pem)
+    token = grpc.access_token_call_credentials(creds.token)
+    options: list[tuple[str, Any]] = list(_OPTIONS)
+    if peer:
+        options.append(("grpc.ssl_target_name_override", peer))
+    return grpc.secure_channel(address, grpc.composite_channel_credentials(tls, token),
+                               options=options)
 
 
 def wait_ready(ch: grpc.Channel, timeout_s: float = 30.0) -> None:
@@ -113,3 +172,156 @@ def register(ground_station: str, request: pb.RegisterRequest, timeout_s: float 
         return str(reply.config_json)
     finally:
         ch.close()
+
+
+# ---- the server side of every call: who is calling, can we read it, and logs -------------
+
+log = logging.getLogger("sparsat.rpc")
+
+
+def caller(context: grpc.ServicerContext) -> Identity | None:
+    """The verified identity of the node making this call; None when security is off (or the
+    method is open to anyone)."""
+    return getattr(context, "identity", None)
+
+
+class _Context:
+    """A servicer context that also carries the caller's verified identity."""
+
+    def __init__(self, context: grpc.ServicerContext, identity: Identity | None) -> None:
+        self._context = context
+        self.identity = identity
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def _authenticate(method: str, context: grpc.ServicerContext) -> Identity | None:
+    """The caller's identity, or abort: UNAUTHENTICATED without a valid token of this
+    deployment, PERMISSION_DENIED for a role `method` does not admit."""
+    creds = security.active()
+    admitted = security.roles_for(method)
+    if creds is None or admitted is None:
+        return None
+    if admitted is False:
+        abort(context, grpc.StatusCode.PERMISSION_DENIED, f"{method} is not served to anyone")
+    token = ""
+    for key, value in context.invocation_metadata():
+        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+            token = value[len("Bearer "):]
+    if not token:
+        abort(context, grpc.StatusCode.UNAUTHENTICATED,
+              "no credentials: this deployment requires a node token (sparsat certs)")
+    assert creds.verifier is not None
+    try:
+        identity = creds.verifier.verify(token)
+    except AuthError as e:
+        abort(context, grpc.StatusCode.UNAUTHENTICATED, f"bad credentials: {e}")
+    if creds.mutual:
+        names = context.auth_context().get("x509_common_name", [])
+        if [n.decode(errors="replace") for n in names] != [identity.name]:
+            abort(context, grpc.StatusCode.UNAUTHENTICATED,
+                  f"the client certificate does not belong to {identity.name}")
+    assert isinstance(admitted, frozenset)
+    if identity.role not in admitted:
+        abort(context, grpc.StatusCode.PERMISSION_DENIED,
+              f"{identity.describe()} may not call {method}")
+    return identity
+
+
+def _describe_failure(method: str, context: Any, identity: Identity | None,
+                      error: BaseException) -> None:
+    who = identity.describe() if identity else "an unauthenticated caller"
+    code = context.code() if hasattr(context, "code") else None
+    if code is not None and code != grpc.StatusCode.OK:
+        details = context.details() if hasattr(context, "details") else ""
+        if isinstance(details, bytes):
+            details = details.decode(errors="replace")
+        log.warning("%s from %s at %s: %s: %s", method, who, context.peer(), code.name,
+                    str(details)[:300])
+    elif not isinstance(error, GeneratorExit):
+        log.error("%s from %s at %s failed", method, who, context.peer(), exc_info=error)
+
+
+def _parse(parse: Callable[[bytes], Any], method: str, raw: Any, context: Any) -> Any:
+    if not isinstance(raw, bytes):  # already a message (an in-process handler)
+        return raw
+    try:
+        return parse(raw)
+    except (DecodeError, ValueError, RuntimeError) as e:  # protobuf's errors vary by backend
+        abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+              f"{method}: undecodable request message ({len(raw)} bytes): {str(e)[:120]}")
+
+
+def _guarded(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """`handler` with the caller checked first, its requests parsed here (undecodable bytes
+    are INVALID_ARGUMENT, not INTERNAL with a traceback) and failures logged with the call,
+    the peer and the caller."""
+    parse = handler.request_deserializer
+    serialize = handler.response_serializer
+    if parse is None:  # nothing to parse (raw bytes): leave it alone
+        parse = bytes  # type: ignore[assignment]
+
+    def requests(raw: Iterator[Any], context: Any) -> Iterator[Any]:
+        for item in raw:
+            yield _parse(parse, method, item, context)
+
+    def call(behavior: Callable[..., Any], request: Any, ctx: _Context,
+             streaming_in: bool) -> Any:
+        ctx.identity = _authenticate(method, ctx._context)
+        req = requests(request, ctx) if streaming_in else _parse(parse, method, request, ctx)
+        return behavior(req, ctx)
+
+    if handler.response_streaming:
+        behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
+
+        def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            ctx = _Context(context, None)
+            try:
+                yield from call(behavior, request, ctx, handler.request_streaming)
+            except BaseException as e:
+                _describe_failure(method, context, ctx.identity, e)
+                raise
+
+        if handler.request_streaming:
+            return grpc.stream_stream_rpc_method_handler(streaming, None, serialize)
+        return grpc.unary_stream_rpc_method_handler(streaming, None, serialize)
+
+    unary_behavior = handler.stream_unary if handler.request_streaming else handler.unary_unary
+
+    def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        ctx = _Context(context, None)
+        try:
+            return call(unary_behavior, request, ctx, handler.request_streaming)
+        except BaseException as e:
+            _describe_failure(method, context, ctx.identity, e)
+            raise
+
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(unary, None, serialize)
+    return grpc.unary_unary_rpc_method_handler(unary, None, serialize)
+
+
+class Guard(grpc.ServerInterceptor):
+    """Puts every method of a server behind `_guarded`."""
+
+    def intercept_service(self, continuation: Callable[[Any], Any],
+                          handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        return _guarded(handler, handler_call_details.method)  # type: ignore[attr-defined]
+
+
+def add_standard_services(server: grpc.Server, services: list[str]) -> None:
+    """The standard grpc.health.v1 service (SERVING for "" and each of `services`, so
+    orchestrators and grpc_health_probe work) and server reflection (grpcurl, grpcui)."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    checker = health.HealthServicer()
+    for name in ["", *services]:
+        checker.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    reflection.enable_server_reflection(
+        [*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

@@ -1,0 +1,272 @@
+"""Transport security and node identity for every sparsat gRPC server and channel.
+
+A deployment has one certificate authority (`sparsat certs` makes it, sim/certs.py). Every
+node holds, in its credentials folder:
+
+- `ca.crt`: the deployment's CA certificate, the trust anchor for TLS and for tokens;
+- `node.crt`, `node.key`: its own certificate (DNS name = its node name), used as the server
+  certificate of the node's gRPC server and, with mutual TLS, as its client certificate;
+- `token`: its identity, `sparsat1.<payload>.<signature>`, where the payload names the node,
+  its role (sensor, trainer, ground_station, operator) and, for a sensor host, the satellites
+  it may speak for; the signature is the CA key's (ECDSA P-256), so any node can check any
+  token with `ca.crt` alone and no node needs the CA key.
+
+Channels are TLS, checking the server's certificate against the CA and against the name of the
+node they mean to reach (not the address they dial: nodes move between addresses, names stay),
+and every call carries the caller's token (`authorization: Bearer ...`, only ever over TLS).
+Servers check the token on every call: none or a forged one is UNAUTHENTICATED, a role the
+method does not admit is PERMISSION_DENIED (ROLES below), and servicers see the verified
+caller through `node.rpc.caller(context)` for finer checks (a sensor host sends only as its
+satellites). With mutual TLS (`mutual=True`), a client must also present a certificate of the
+deployment whose name equals its token's.
+
+Security is configured once per process (`configure`); the CLI requires credentials or an
+explicit `--insecure` (plaintext, no authentication: for a trusted network or a laptop).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+TOKEN_PREFIX = "sparsat1"
+ROLE_NAMES = ("sensor", "trainer", "ground_station", "operator")
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+GROUND_STATION = "ground-station"  # the ground station's node name, as clients expect it
+CREDENTIAL_FILES = ("ca.crt", "node.crt", "node.key", "token")
+
+# Who may call what: full method name -> roles admitted; None: anyone (no token needed).
+# A method missing here is refused to everyone.
+_ANY = frozenset(ROLE_NAMES)
+ROLES: dict[str, frozenset[str] | None] = {
+    "/sparsat.v1.Downlink/Send": frozenset({"sensor"}),
+    "/sparsat.v1.Registry/Register": frozenset({"sensor", "trainer"}),
+    "/sparsat.v1.Registry/ListNodes": frozenset({"operator"}),
+    "/sparsat.v1.Health/Check": _ANY,
+    "/sparsat.v1.Sensor/Transmit": frozenset({"operator"}),
+    "/sparsat.v1.Trainer/LoadDataset": frozenset({"ground_station"}),
+    "/sparsat.v1.Trainer/Train": frozenset({"ground_station"}),
+    "/grpc.health.v1.Health/Check": None,  # orchestrators and grpc_health_probe
+    "/grpc.health.v1.Health/Watch": None,
+    "/grpc.health.v1.Health/List": None,
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": None,
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": None,
+}
+MISSION_PREFIX = "/sparsat.v1.Mission/"  # every Mission call: the operator only
+
+
+def roles_for(method: str) -> frozenset[str] | None | bool:
+    """The roles admitted to `method`, None when it is open, False when it is unknown."""
+    if method in ROLES:
+        return ROLES[method]
+    if method.startswith(MISSION_PREFIX):
+        return frozenset({"operator"})
+    return False
+
+
+class AuthError(Exception):
+    """A token or certificate that does not prove who the caller is."""
+
+
+class CredentialsError(ValueError):
+    """Credentials that cannot be used: missing files, another deployment, a bad key."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    name: str
+    role: str
+    satellites: tuple[str, ...] = ()
+    deployment: str = ""
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.role})"
+
+
+def deployment_id(ca_cert: x509.Certificate) -> str:
+    """A short name of the deployment: the CA certificate's SHA-256, 16 hex digits."""
+    return ca_cert.fingerprint(hashes.SHA256()).hex()[:16]
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def sign_token(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
+               identity: Identity) -> str:
+    check_name(identity.name)
+    if identity.role not in ROLE_NAMES:
+        raise CredentialsError(f"role must be one of {ROLE_NAMES}, got {identity.role!r}")
+    payload = json.dumps({"n": identity.name, "r": identity.role,
+                          "s": list(identity.satellites), "d": deployment_id(ca_cert)},
+                         separators=(",", ":"), sort_keys=True).encode()
+    body = f"{TOKEN_PREFIX}.{_b64(payload)}"
+    signature = ca_key.sign(body.encode(), ec.ECDSA(hashes.SHA256()))
+    return f"{body}.{_b64(signature)}"
+
+
+class TokenVerifier:
+    """Checks tokens against one deployment's CA; remembers the ones it has verified (a
+    node's token comes with every call: the signature is checked once)."""
+
+    MAX_TOKEN_CHARS = 8192
+    MAX_CACHED = 4096
+
+    def __init__(self, ca_cert: x509.Certificate) -> None:
+        key = ca_cert.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise CredentialsError("the CA certificate's key must be an EC key (sparsat certs)")
+        self._key = key
+        self.deployment = deployment_id(ca_cert)
+        self._seen: dict[str, Identity] = {}
+        self._lock = threading.Lock()
+
+    def verify(self, token: str) -> Identity:
+        with self._lock:
+            known = self._seen.get(token)
+        if known is not None:
+            return known
+        identity = self._verify(token)
+        with self._lock:
+            if len(self._seen) >= self.MAX_CACHED:
+                self._seen.clear()
+            self._seen[token] = identity
+        return identity
+
+    def _verify(self, token: str) -> Identity:
+        if len(token) > self.MAX_TOKEN_CHARS:
+            raise AuthError(f"token longer than {self.MAX_TOKEN_CHARS} characters")
+        parts = token.split(".")
+        if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
+            raise AuthError("not a sparsat token")
+        try:
+            payload, signature = _unb64(parts[1]), _unb64(parts[2])
+        except (ValueError, TypeError) as e:
+            raise AuthError("token is not base64") from e
+        try:
+            self._key.verify(signature, f"{parts[0]}.{parts[1]}".encode(),
+                             ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature as e:
+            raise AuthError("token not signed by this deployment's CA") from e
+        try:
+            claims = json.loads(payload)
+            identity = Identity(str(claims["n"]), str(claims["r"]),
+                                tuple(str(s) for s in claims.get("s", [])), str(claims["d"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise AuthError("token payload unreadable") from e
+        if identity.deployment != self.deployment or identity.role not in ROLE_NAMES:
+            raise AuthError("token of another deployment")
+        return identity
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """One node's TLS material and identity token, verified against its CA at load."""
+
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+    token: str
+    mutual: bool = False  # servers require client certificates of the deployment
+    identity: Identity = field(default=Identity("", ""))
+    verifier: TokenVerifier | None = field(default=None, compare=False, repr=False)
+
+    @staticmethod
+    def from_files(ca: Path, cert: Path, key: Path, token: Path | str,
+                   mutual: bool = False) -> Credentials:
+        """Load and check: the certificate is the CA's and names the token's node."""
+        texts: dict[str, bytes] = {}
+        for what, path in (("CA certificate", ca), ("certificate", cert), ("key", key)):
+            try:
+                texts[what] = Path(path).read_bytes()
+            except OSError as e:
+                raise CredentialsError(f"cannot read the {what} {path}: {e.strerror}") from e
+        if isinstance(token, Path):
+            try:
+                token = token.read_text().strip()
+            except OSError as e:
+                raise CredentialsError(f"cannot read the token {token}: {e.strerror}") from e
+        try:
+            ca_cert = x509.load_pem_x509_certificate(texts["CA certificate"])
+            node_cert = x509.load_pem_x509_certificate(texts["certificate"])
+            serialization.load_pem_private_key(texts["key"], password=None)
+        except ValueError as e:
+            raise CredentialsError(f"unreadable PEM in {ca}, {cert} or {key}: {e}") from e
+        verifier = TokenVerifier(ca_cert)
+        try:
+            identity = verifier.verify(token)
+        except AuthError as e:
+            raise CredentialsError(f"the token does not belong to the CA {ca}: {e}") from e
+        try:
+            node_cert.verify_directly_issued_by(ca_cert)
+        except (ValueError, TypeError, InvalidSignature) as e:
+            raise CredentialsError(f"{cert} is not signed by the CA {ca}") from e
+        names = cert_names(node_cert)
+        if identity.name not in names:
+            raise CredentialsError(f"{cert} is for {names}, the token for {identity.name!r}")
+        return Credentials(texts["CA certificate"], texts["certificate"], texts["key"], token,
+                           mutual, identity, verifier)
+
+    @staticmethod
+    def from_dir(path: Path, mutual: bool = False) -> Credentials:
+        """A node's folder as `sparsat certs` writes it: ca.crt, node.crt, node.key, token."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CredentialsError(f"credentials folder {path} not found (make one with "
+                                   "`sparsat certs`)")
+        missing = [f for f in CREDENTIAL_FILES if not (path / f).exists()]
+        if missing:
+            raise CredentialsError(f"{path} lacks {', '.join(missing)} (a node's folder made by "
+                                   "`sparsat certs` has ca.crt, node.crt, node.key, token)")
+        return Credentials.from_files(path / "ca.crt", path / "node.crt", path / "node.key",
+                                      path / "token", mutual)
+
+
+def cert_names(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        return [str(n) for n in san.value.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        return []
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise CredentialsError(
+            f"node name {name[:64]!r} must be a DNS label: lowercase letters, digits and '-', "
+            "at most 63 characters, not starting or ending with '-'")
+    return name
+
+
+def fingerprint(pem: bytes) -> str:
+    return hashlib.sha256(pem).hexdigest()[:16]
+
+
+# ---- this process's configuration ---------------------------------------------------------
+
+_active: Credentials | None = None
+
+
+def configure(creds: Credentials | None) -> None:
+    """Use `creds` for every server and channel this process makes from now (None: plaintext,
+    no authentication)."""
+    global _active
+    _active = creds
+
+
+def active() -> Credentials | None:
+    return _active
