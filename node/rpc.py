@@ -82,7 +82,7 @@ class ByteCounter:
 
 def make_server(max_workers: int = 8) -> grpc.Server:
     return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_OPTIONS,
-                       interceptors=[Guard()])
+                       interceptors=[Guard(security.active())])
 
 
 def bind(server: grpc.Server, listen: str, advertise: str | None = None,
@@ -136,12 +136,18 @@ def routable_host(toward: str | None) -> str:
     return "127.0.0.1"
 
 
-def channel(address: str, peer: str | None = None) -> grpc.Channel:
-    """A channel to `address`. With credentials (node.security) it is TLS, checks that the
-    server's certificate is the deployment's and names `peer` (the node meant: names stay
-    when addresses change; without `peer`, the address's host), and every call carries this
-    node's token."""
-    creds = security.active()
+_PROCESS = object()  # channel(creds=...): this process's credentials (node.security.active)
+
+
+def channel(address: str, peer: str | None = None,
+            creds: security.Credentials | None | object = _PROCESS) -> grpc.Channel:
+    """A channel to `address`. With credentials (this process's, node.security) it is TLS,
+    checks that the server's certificate is the deployment's and names `peer` (the node
+    meant: names stay when addresses change; without `peer`, the address's host), and every
+    call carries this node's token."""
+    if creds is _PROCESS:
+        creds = security.active()
+    assert creds is None or isinstance(creds, security.Credentials)
     if creds is None:
         return grpc.insecure_channel(address, options=_OPTIONS)
     tls = grpc.ssl_channel_credentials(creds.ca_pem, creds.key_pem, creds.cert_pem)
@@ -196,10 +202,10 @@ class _Context:
         return getattr(self._context, name)
 
 
-def _authenticate(method: str, context: grpc.ServicerContext) -> Identity | None:
+def _authenticate(method: str, context: grpc.ServicerContext,
+                  creds: security.Credentials | None) -> Identity | None:
     """The caller's identity, or abort: UNAUTHENTICATED without a valid token of this
     deployment, PERMISSION_DENIED for a role `method` does not admit."""
-    creds = security.active()
     admitted = security.roles_for(method)
     if creds is None or admitted is None:
         return None
@@ -253,7 +259,8 @@ def _parse(parse: Callable[[bytes], Any], method: str, raw: Any, context: Any) -
               f"{method}: undecodable request message ({len(raw)} bytes): {str(e)[:120]}")
 
 
-def _guarded(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+def _guarded(handler: grpc.RpcMethodHandler, method: str,
+             creds: security.Credentials | None) -> grpc.RpcMethodHandler:
     """`handler` with the caller checked first, its requests parsed here (undecodable bytes
     are INVALID_ARGUMENT, not INTERNAL with a traceback) and failures logged with the call,
     the peer and the caller."""
@@ -268,7 +275,7 @@ def _guarded(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandl
 
     def call(behavior: Callable[..., Any], request: Any, ctx: _Context,
              streaming_in: bool) -> Any:
-        ctx.identity = _authenticate(method, ctx._context)
+        ctx.identity = _authenticate(method, ctx._context, creds)
         req = requests(request, ctx) if streaming_in else _parse(parse, method, request, ctx)
         return behavior(req, ctx)
 
@@ -303,14 +310,19 @@ def _guarded(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandl
 
 
 class Guard(grpc.ServerInterceptor):
-    """Puts every method of a server behind `_guarded`."""
+    """Puts every method of a server behind `_guarded`, checking callers against `creds`
+    (the server's: its CA, mutual TLS or not; None: no authentication)."""
+
+    def __init__(self, creds: security.Credentials | None) -> None:
+        self.creds = creds
 
     def intercept_service(self, continuation: Callable[[Any], Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        return _guarded(handler, handler_call_details.method)  # type: ignore[attr-defined]
+        return _guarded(handler, handler_call_details.method,  # type: ignore[attr-defined]
+                        self.creds)
 
 
 def add_standard_services(server: grpc.Server, services: list[str]) -> None:

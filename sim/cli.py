@@ -16,6 +16,85 @@ def _logging(level: str) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
+def _add_security(p: argparse.ArgumentParser, who: str) -> None:
+    g = p.add_argument_group("security (TLS and node identity; see `sparsat certs`)")
+    g.add_argument("--certs", metavar="DIR",
+                   help=f"{who}'s credentials folder made by `sparsat certs` (ca.crt, node.crt, "
+                        "node.key, token)")
+    g.add_argument("--tls-cert", metavar="FILE", help="this node's certificate (PEM)")
+    g.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
+    g.add_argument("--tls-ca", metavar="FILE", help="the deployment's CA certificate (PEM)")
+    g.add_argument("--token", metavar="FILE", help="this node's identity token")
+    g.add_argument("--mtls", action="store_true",
+                   help="mutual TLS: servers require client certificates of the deployment")
+    g.add_argument("--insecure", action="store_true",
+                   help="plaintext, no authentication: only on a network you trust")
+
+
+def _configure_security(args: argparse.Namespace, role: str,
+                        name: str | None = None) -> str | None:
+    """Set this process's credentials from the flags; returns the node name they carry (None
+    with --insecure). `role`: the role the credentials must have; `name`: the node name the
+    command was given, which must match."""
+    from node import security
+
+    files = [args.tls_cert, args.tls_key, args.tls_ca, args.token]
+    if args.insecure:
+        if args.certs or any(files) or args.mtls:
+            raise ValueError("--insecure takes no credentials (--certs, --tls-*, --token, --mtls)")
+        logging.getLogger("sparsat").warning(
+            "--insecure: plaintext gRPC without authentication; anyone who can reach this "
+            "node's port can use it")
+        security.configure(None)
+        return None
+    if args.certs:
+        if any(files):
+            raise ValueError("give --certs DIR or --tls-cert/--tls-key/--tls-ca/--token, not both")
+        creds = security.Credentials.from_dir(Path(args.certs), args.mtls)
+    elif all(files):
+        creds = security.Credentials.from_files(Path(args.tls_ca), Path(args.tls_cert),
+                                                Path(args.tls_key), Path(args.token),
+                                                args.mtls)
+    elif any(files):
+        raise ValueError("--tls-cert, --tls-key, --tls-ca and --token go together")
+    else:
+        raise ValueError("no credentials: pass --certs DIR (made by `sparsat certs`), or "
+                         "--insecure for plaintext without authentication")
+    ident = creds.identity
+    if ident.role != role:
+        raise ValueError(f"the credentials are {ident.name}'s, a {ident.role}; this command "
+                         f"needs a {role}'s")
+    if name is not None and name != ident.name:
+        raise ValueError(f"node id {name[:64]!r} differs from the credentials' node name "
+                         f"{ident.name!r}")
+    security.configure(creds)
+    return ident.name
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from sim.certs import make_deployment, parse_node, scenario_nodes
+    from sim.scenario import load
+
+    nodes = scenario_nodes(load(args.scenario), args.trainers) if args.scenario else []
+    nodes += [parse_node(n) for n in args.node or []]
+    if not nodes:
+        raise ValueError("give --scenario FILE and/or --node ROLE:NAME[:SATS]")
+    hosts: dict[str, tuple[str, ...]] = {}
+    for item in args.san or []:
+        name, sep, values = item.partition("=")
+        if not sep or not values:
+            raise ValueError(f"--san takes NODE=HOST[,HOST...] (NODE may be *), got {item!r}")
+        hosts[name] = hosts.get(name, ()) + tuple(v for v in values.split(",") if v)
+    out = Path(args.out)
+    folders = make_deployment(out, nodes, hosts, args.days)
+    for node, folder in zip(nodes, folders, strict=True):
+        extra = f" satellites {','.join(node.satellites)}" if node.satellites else ""
+        print(f"{node.role:14} {node.name:20} {folder}{extra}")
+    print(f"CA in {out / 'ca'} (keep ca.key off the nodes); start each node with "
+          f"--certs {out}/NODE")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from sim import report
     from sim.launcher import LocalCluster
@@ -124,6 +203,7 @@ def cmd_ground_station(args: argparse.Namespace) -> int:
     from ground_station.server import serve
     from sim.scenario import ground_station_config, load
 
+    _configure_security(args, "ground_station")
     scenario = load(args.scenario)
     store = Path(args.store or f"runs/{scenario.name}/store")
     checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else None
@@ -139,7 +219,17 @@ def cmd_ground_station(args: argparse.Namespace) -> int:
 
 
 def cmd_sensor(args: argparse.Namespace) -> int:
+    from node import security
     from node.sensor import serve
+
+    name = _configure_security(args, "sensor", args.node_id)
+    creds = security.active()
+    if creds is not None:
+        args.node_id = name
+        stray = [s for s in args.id if s not in creds.identity.satellites]
+        if stray:
+            raise ValueError(f"{name}'s credentials do not cover satellites {stray[:8]} (they "
+                             f"cover {list(creds.identity.satellites)[:8]})")
 
     serve(args.listen, args.ground_station, args.id, args.node_id)
     return 0
@@ -147,6 +237,9 @@ def cmd_sensor(args: argparse.Namespace) -> int:
 
 def cmd_trainer(args: argparse.Namespace) -> int:
     from node.trainer import serve
+
+    name = _configure_security(args, "trainer", args.id)
+    args.id = args.id or name
 
     serve(args.listen, args.ground_station, args.device, args.id, args.threads)
     return 0
@@ -358,6 +451,21 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
     sw.set_defaults(func=cmd_sweep)
 
+    ce = sub.add_parser("certs", help="make a deployment's CA and every node's credentials")
+    ce.add_argument("out", metavar="DIR", help="where to write DIR/ca and DIR/NODE folders "
+                    "(an existing CA there is reused)")
+    ce.add_argument("--scenario", help="make the nodes `sparsat run` would start for this "
+                    "scenario (ground-station, trainer-K, sensors-H, operator)")
+    ce.add_argument("--trainers", type=int, help="trainers to make (default: training.num_workers)")
+    ce.add_argument("--node", action="append", metavar="ROLE:NAME[:SAT,...]",
+                    help="another node: ground_station, trainer, sensor (with its satellites) or "
+                         "operator; repeat")
+    ce.add_argument("--san", action="append", metavar="NODE=HOST[,HOST]",
+                    help="extra DNS names or IPs in NODE's certificate (NODE * for all), for "
+                         "other tools (grpcurl); sparsat nodes check names, not addresses")
+    ce.add_argument("--days", type=int, default=365, help="validity (default 365)")
+    ce.set_defaults(func=cmd_certs)
+
     gs = sub.add_parser("ground-station", help="serve the ground station")
     gs.add_argument("--listen", default="0.0.0.0:50051", metavar="HOST:PORT")
     gs.add_argument("--scenario", required=True, help="scenario YAML file")
@@ -369,6 +477,7 @@ def parser() -> argparse.ArgumentParser:
     gs.add_argument("--token-cache", metavar="DIR",
                     help="content-addressed cache of encoded splits, may be shared by runs "
                          "(default $SPARSAT_TOKEN_CACHE, else STORE/tokens)")
+    _add_security(gs, "the ground station")
     gs.set_defaults(func=cmd_ground_station)
 
     node = sub.add_parser("node", help="serve a sensor or trainer node")
@@ -379,6 +488,10 @@ def parser() -> argparse.ArgumentParser:
     sensor.add_argument("--ground-station", required=True, metavar="HOST:PORT")
     sensor.add_argument("--listen", default="0.0.0.0:0", metavar="HOST:PORT")
     sensor.add_argument("--node-id", help="this process's node id (default from the first --id)")
+    sensor.add_argument("--advertise", metavar="HOST[:PORT]",
+                        help="the address other nodes dial (default: the listen address; with "
+                             "0.0.0.0, this machine's address toward the ground station)")
+    _add_security(sensor, "the sensor host")
     sensor.set_defaults(func=cmd_sensor)
     trainer = kinds.add_parser("trainer", help="train MLP subnets sent by the ground station")
     trainer.add_argument("--listen", default="0.0.0.0:50052", metavar="HOST:PORT")
@@ -386,6 +499,11 @@ def parser() -> argparse.ArgumentParser:
     trainer.add_argument("--id", help="node id (default: random)")
     trainer.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     trainer.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    trainer.add_argument("--advertise", metavar="HOST[:PORT]",
+                         help="the address the ground station dials (default: the listen "
+                              "address; with 0.0.0.0, this machine's address toward the ground "
+                              "station)")
+    _add_security(trainer, "the trainer")
     trainer.set_defaults(func=cmd_trainer)
     return p
 
