@@ -38,13 +38,23 @@ from ground_station.store import SampleStore
 from node import encoders
 from node import serde as node_serde
 from node.datasets import load_dataset, split_size
-from node.rpc import INSTANCE, ByteCounter, abort, bind, make_server, wire_size
+from node.rpc import (
+    INSTANCE,
+    ByteCounter,
+    abort,
+    add_standard_services,
+    bind,
+    make_server,
+    wire_size,
+)
 from node.sensor import shard, train_subset
 from node.training import resolve_device
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
 log = logging.getLogger("sparsat.ground_station")
+SERVICES = ["sparsat.v1.Downlink", "sparsat.v1.Registry", "sparsat.v1.Health",
+            "sparsat.v1.Mission"]
 
 
 class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
@@ -348,6 +358,7 @@ def build_server(station: GroundStation, listen: str) -> tuple[grpc.Server, str]
     pb_grpc.add_RegistryServicer_to_server(station, server)
     pb_grpc.add_HealthServicer_to_server(station, server)
     pb_grpc.add_MissionServicer_to_server(station, server)
+    add_standard_services(server, SERVICES)
     return server, bind(server, listen)
 
 

@@ -1,0 +1,318 @@
+"""TLS and node identity (node/security.py, node/rpc.py's Guard, sim/certs.py) against a
+real ground station serving over TLS on 127.0.0.1: strangers are UNAUTHENTICATED, nodes
+outside their role PERMISSION_DENIED, bytes that are not a message INVALID_ARGUMENT."""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ground_station.config import GroundStationConfig
+from ground_station.server import GroundStation, build_server
+from node import rpc, security
+from node.config import SensorConfig
+from node.datasets import DatasetSpec
+from node.masking import MaskSpec
+from node.security import AuthError, Credentials, CredentialsError, Identity, TokenVerifier
+from proto.sparsat.v1 import sparsat_pb2 as pb
+from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sim import certs
+from sim.certs import NodeSpec, make_deployment
+
+NODES = [NodeSpec("ground-station", "ground_station"), NodeSpec("sensors-0", "sensor", ("sat-0",)),
+         NodeSpec("sensors-1", "sensor", ("sat-1",)), NodeSpec("trainer-0", "trainer"),
+         NodeSpec("operator", "operator")]
+GS_METHODS = ["/sparsat.v1.Downlink/Send", "/sparsat.v1.Registry/Register",
+              "/sparsat.v1.Registry/ListNodes", "/sparsat.v1.Health/Check",
+              "/sparsat.v1.Mission/Prepare", "/sparsat.v1.Mission/TrainEpoch",
+              "/sparsat.v1.Mission/Stats"]
+STREAMING_IN = {"/sparsat.v1.Downlink/Send"}
+STREAMING_OUT = {"/sparsat.v1.Downlink/Send", "/sparsat.v1.Mission/Prepare"}
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("deployment")
+    make_deployment(out, NODES, {})
+    return out
+
+
+def creds(deployment: Path, name: str, mutual: bool = False) -> Credentials:
+    return Credentials.from_dir(deployment / name, mutual)
+
+
+@dataclass
+class Server:
+    address: str
+    station: GroundStation
+
+
+def _serve(deployment: Path, tmp: Path, mutual: bool) -> Iterator[Server]:
+    sensor = SensorConfig(dataset=DatasetSpec("fashion_mnist", download=False),
+                          mask=MaskSpec(kind="fixed", ratio=0.5, seed=0),
+                          satellites=["sat-0", "sat-1"], train_subset=40)
+    station = GroundStation(GroundStationConfig(sensor=sensor, store_dir=tmp, device="cpu"))
+    security.configure(creds(deployment, "ground-station", mutual))
+    try:
+        server, address = build_server(station, "127.0.0.1:0")
+    finally:
+        security.configure(None)  # the server keeps its credentials; clients pass theirs
+    server.start()
+    try:
+        yield Server(address, station)
+    finally:
+        server.stop(None)
+        station.store.close()
+
+
+@pytest.fixture(scope="module")
+def gs(deployment: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from _serve(deployment, tmp_path_factory.mktemp("store"), mutual=False)
+
+
+@pytest.fixture(scope="module")
+def gs_mtls(deployment: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from _serve(deployment, tmp_path_factory.mktemp("store-mtls"), mutual=True)
+
+
+def _raw_call(ch: grpc.Channel, method: str, payload: bytes = b"") -> None:
+    """Call `method` with raw bytes as its (only) request, reading the whole answer."""
+    ident = (lambda b: b)  # noqa: E731
+    if method in STREAMING_IN:
+        list(ch.stream_stream(method, ident, ident)(iter([payload]), timeout=10))
+    elif method in STREAMING_OUT:
+        list(ch.unary_stream(method, ident, ident)(payload, timeout=10))
+    else:
+        ch.unary_unary(method, ident, ident)(payload, timeout=10)
+
+
+def _code(ch: grpc.Channel, method: str, payload: bytes = b"") -> grpc.StatusCode:
+    try:
+        _raw_call(ch, method, payload)
+    except grpc.RpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK
+
+
+def _tls_only(deployment: Path, address: str) -> grpc.Channel:
+    """A stranger who trusts the deployment's CA (it is public) but has no credentials."""
+    ca = (deployment / "ca" / "ca.crt").read_bytes()
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(ca),
+                               options=[("grpc.ssl_target_name_override", "ground-station")])
+
+
+# ---- credentials ------------------------------------------------------------------------------
+
+
+def test_certs_folders_and_private_files(deployment: Path) -> None:
+    for n in NODES:
+        folder = deployment / n.name
+        assert sorted(p.name for p in folder.iterdir()) == ["ca.crt", "node.crt", "node.key",
+                                                              "token"]
+        for private in ("node.key", "token"):
+            assert stat.S_IMODE((folder / private).stat().st_mode) == 0o600
+        c = creds(deployment, n.name)
+        assert (c.identity.name, c.identity.role, c.identity.satellites) == (
+            n.name, n.role, n.satellites)
+    assert not (deployment / "ground-station" / "ca.key").exists()
+    assert stat.S_IMODE((deployment / "ca" / "ca.key").stat().st_mode) == 0o600
+
+
+def test_rerun_reuses_the_ca(deployment: Path, tmp_path: Path) -> None:
+    make_deployment(tmp_path, NODES[:1], {})
+    ca = (tmp_path / "ca" / "ca.crt").read_bytes()
+    make_deployment(tmp_path, [NodeSpec("trainer-9", "trainer")], {})
+    assert (tmp_path / "ca" / "ca.crt").read_bytes() == ca
+    assert creds(tmp_path, "trainer-9").identity.deployment == \
+        creds(tmp_path, "ground-station").identity.deployment
+
+
+def test_forged_and_foreign_tokens(deployment: Path, tmp_path: Path) -> None:
+    from cryptography import x509
+
+    ca = x509.load_pem_x509_certificate((deployment / "ca" / "ca.crt").read_bytes())
+    verifier = TokenVerifier(ca)
+    token = (deployment / "sensors-0" / "token").read_text().strip()
+    assert verifier.verify(token) == Identity("sensors-0", "sensor", ("sat-0",),
+                                              verifier.deployment)
+    head, payload, sig = token.split(".")
+    forged_payload = security._b64(security._unb64(payload).replace(b"sat-0", b"sat-1"))
+    for bad in (f"{head}.{forged_payload}.{sig}", f"{head}.{payload}.{sig[:-4]}AAAA",
+                "sparsat1.e30.AAAA", "Bearer x", "", "x" * 10_000):
+        with pytest.raises(AuthError):
+            verifier.verify(bad)
+    make_deployment(tmp_path, NODES[:2], {})  # another deployment, same node names
+    with pytest.raises(AuthError, match="not signed by this deployment"):
+        verifier.verify((tmp_path / "sensors-0" / "token").read_text().strip())
+    with pytest.raises(CredentialsError, match="does not belong to the CA"):
+        theirs = tmp_path / "sensors-0"
+        Credentials.from_files(deployment / "ca" / "ca.crt", theirs / "node.crt",
+                               theirs / "node.key", theirs / "token")
+    with pytest.raises(CredentialsError, match="is for"):  # a certificate of another node
+        Credentials.from_files(deployment / "ca" / "ca.crt", deployment / "trainer-0" / "node.crt",
+                               deployment / "trainer-0" / "node.key",
+                               deployment / "sensors-0" / "token")
+
+
+def test_bad_names_and_node_specs(tmp_path: Path) -> None:
+    with pytest.raises(CredentialsError, match="DNS label"):
+        make_deployment(tmp_path, [NodeSpec("Bad_Name", "trainer")], {})
+    with pytest.raises(ValueError, match="satellites"):
+        certs.parse_node("sensor:s0")
+    with pytest.raises(ValueError, match="only sensor"):
+        certs.parse_node("trainer:t0:sat-0")
+    assert certs.parse_node("sensor:s0:a,b") == NodeSpec("s0", "sensor", ("a", "b"))
+    with pytest.raises(ValueError, match="twice"):
+        make_deployment(tmp_path, [NodeSpec("t", "trainer"), NodeSpec("t", "trainer")], {})
+    with pytest.raises(CredentialsError, match="lacks"):
+        (tmp_path / "empty").mkdir()
+        Credentials.from_dir(tmp_path / "empty")
+
+
+# ---- the ground station over TLS ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", GS_METHODS)
+def test_stranger_is_unauthenticated(deployment: Path, gs: Server, method: str) -> None:
+    ch = _tls_only(deployment, gs.address)
+    try:
+        assert _code(ch, method) == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        ch.close()
+
+
+def test_other_deployment_is_unauthenticated(deployment: Path, gs: Server,
+                                             tmp_path: Path) -> None:
+    make_deployment(tmp_path, NODES, {})
+    theirs = creds(tmp_path, "operator")
+    # their own CA: our server's certificate fails their check (no connection at all)
+    ch = rpc.channel(gs.address, peer="ground-station", creds=theirs)
+    assert _code(ch, "/sparsat.v1.Mission/Stats") == grpc.StatusCode.UNAVAILABLE
+    ch.close()
+    # trusting our CA but carrying their token: refused by the server
+    ours = creds(deployment, "operator")
+    mixed = Credentials(ours.ca_pem, ours.cert_pem, ours.key_pem, theirs.token)
+    ch = rpc.channel(gs.address, peer="ground-station", creds=mixed)
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            pb_grpc.MissionStub(ch).Stats(pb.StatsRequest(), timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "not signed by this deployment" in (e.value.details() or "")
+    finally:
+        ch.close()
+
+
+@pytest.mark.parametrize(("who", "method"), [
+    ("sensors-0", "/sparsat.v1.Mission/Prepare"), ("sensors-0", "/sparsat.v1.Registry/ListNodes"),
+    ("sensors-0", "/sparsat.v1.Mission/Stats"), ("trainer-0", "/sparsat.v1.Downlink/Send"),
+    ("trainer-0", "/sparsat.v1.Mission/TrainEpoch"), ("operator", "/sparsat.v1.Downlink/Send"),
+    ("operator", "/sparsat.v1.Registry/Register"),
+    ("ground-station", "/sparsat.v1.Registry/Register")])
+def test_outside_role_is_permission_denied(deployment: Path, gs: Server, who: str,
+                                           method: str) -> None:
+    ch = rpc.channel(gs.address, peer="ground-station", creds=creds(deployment, who))
+    try:
+        assert _code(ch, method) == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        ch.close()
+
+
+@pytest.mark.parametrize(("who", "method"), [
+    ("operator", "/sparsat.v1.Mission/Stats"), ("operator", "/sparsat.v1.Registry/ListNodes"),
+    ("operator", "/sparsat.v1.Mission/TrainEpoch"), ("sensors-0", "/sparsat.v1.Downlink/Send"),
+    ("sensors-0", "/sparsat.v1.Registry/Register"), ("trainer-0", "/sparsat.v1.Health/Check")])
+def test_undecodable_bytes_are_invalid_argument(deployment: Path, gs: Server, who: str,
+                                                method: str) -> None:
+    ch = rpc.channel(gs.address, peer="ground-station", creds=creds(deployment, who))
+    try:
+        for junk in (b"\xff\xff\xff\xff", b"\x0a\x80", b"\x08" * 3):
+            assert _code(ch, method, junk) == grpc.StatusCode.INVALID_ARGUMENT, junk
+    finally:
+        ch.close()
+
+
+def test_roles_admitted_and_standard_health(deployment: Path, gs: Server) -> None:
+    ch = rpc.channel(gs.address, peer="ground-station", creds=creds(deployment, "operator"))
+    try:
+        assert pb_grpc.MissionStub(ch).Stats(pb.StatsRequest(), timeout=10).samples_stored == 0
+        assert pb_grpc.HealthStub(ch).Check(pb.HealthRequest(), timeout=10).ready
+    finally:
+        ch.close()
+    stranger = _tls_only(deployment, gs.address)  # grpc.health.v1 is open, like for probes
+    try:
+        reply = health_pb2_grpc.HealthStub(stranger).Check(
+            health_pb2.HealthCheckRequest(service="sparsat.v1.Downlink"), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        stranger.close()
+
+
+def test_plaintext_client_and_wrong_server_name(deployment: Path, gs: Server) -> None:
+    plain = grpc.insecure_channel(gs.address)
+    assert _code(plain, "/sparsat.v1.Health/Check") == grpc.StatusCode.UNAVAILABLE
+    plain.close()
+    # a client that means to reach trainer-0 does not accept the ground station's certificate
+    ch = rpc.channel(gs.address, peer="trainer-0", creds=creds(deployment, "operator"))
+    assert _code(ch, "/sparsat.v1.Health/Check") == grpc.StatusCode.UNAVAILABLE
+    ch.close()
+
+
+def test_mutual_tls(deployment: Path, gs_mtls: Server) -> None:
+    ok = rpc.channel(gs_mtls.address, peer="ground-station", creds=creds(deployment, "operator"))
+    assert _code(ok, "/sparsat.v1.Mission/Stats", b"") == grpc.StatusCode.OK
+    ok.close()
+    stranger = _tls_only(deployment, gs_mtls.address)  # no client certificate: no handshake
+    assert _code(stranger, "/sparsat.v1.Health/Check") == grpc.StatusCode.UNAVAILABLE
+    stranger.close()
+    # the sensor's certificate with the operator's token: the names differ
+    sensor, op = creds(deployment, "sensors-0"), creds(deployment, "operator")
+    mixed = Credentials(op.ca_pem, sensor.cert_pem, sensor.key_pem, op.token)
+    ch = rpc.channel(gs_mtls.address, peer="ground-station", creds=mixed)
+    assert _code(ch, "/sparsat.v1.Mission/Stats") == grpc.StatusCode.UNAUTHENTICATED
+    ch.close()
+
+
+# ---- the command line ------------------------------------------------------------------------
+
+
+def test_cli_requires_credentials_or_insecure(deployment: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from sim.cli import main
+
+    base = ["node", "trainer", "--listen", "127.0.0.1:0"]
+    assert main(base) == 2
+    assert "pass --certs DIR" in capsys.readouterr().err
+    assert main([*base, "--certs", str(deployment / "sensors-0")]) == 2
+    assert "needs a trainer's" in capsys.readouterr().err
+    assert main([*base, "--certs", str(deployment / "trainer-0"), "--id", "trainer-7"]) == 2
+    assert "differs from the credentials' node name" in capsys.readouterr().err
+    assert main([*base, "--insecure", "--certs", str(deployment / "trainer-0")]) == 2
+    assert "--insecure takes no credentials" in capsys.readouterr().err
+    sensor = ["node", "sensor", "--ground-station", "127.0.0.1:1", "--id", "sat-1",
+              "--certs", str(deployment / "sensors-0")]
+    assert main(sensor) == 2
+    assert "do not cover satellites ['sat-1']" in capsys.readouterr().err
+    security.configure(None)
+
+
+def test_cli_certs_from_scenario(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sim.cli import main
+
+    assert main(["certs", str(tmp_path), "--scenario", "scenarios/quickstart.yaml",
+                 "--node", "trainer:trainer-spare", "--san", "*=127.0.0.1"]) == 0
+    out = capsys.readouterr().out
+    for name in ("ground-station", "trainer-0", "trainer-1", "sensors-0", "operator",
+                 "trainer-spare"):
+        assert (tmp_path / name / "token").exists(), name
+        assert name in out
+    assert creds(tmp_path, "sensors-0").identity.satellites == ("sat-0", "sat-1", "sat-2",
+                                                               "sat-3")
+    assert main(["certs", str(tmp_path), "--san", "nobody=1.2.3.4", "--node",
+                 "operator:op2"]) == 2
+    assert "--san names nodes" in capsys.readouterr().err
