@@ -34,15 +34,17 @@ import numpy as np
 
 from ground_station.config import GroundStationConfig
 from ground_station.server import GroundStation, build_server
-from node import encoders, serde
+from node import encoders, security, serde
 from node.codec import CLS_DTYPES, decode_visible, encode_patches, quantize_token
 from node.config import PayloadKind, SensorConfig
 from node.datasets import DatasetMissingError, DatasetSpec, load_dataset
 from node.masking import MaskSpec, visible_indices
 from node.rpc import GRPC_FRAME_BYTES, bind, channel, make_server, wait_ready, wire_size
+from node.security import GROUND_STATION, Credentials
 from node.sensor import sample_id
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sim.certs import NodeSpec, make_deployment
 
 ENCODER = encoders.config(encoders.DEFAULT_ENCODER)
 GRID, DIM = ENCODER.grid, ENCODER.embed_dim
@@ -203,9 +205,10 @@ def raw_run(frames: Sequence[bytes], acks: Sequence[bytes], ack_each: bool) -> f
     return elapsed
 
 
-def grpc_tcp_bytes(upstream: str, msgs: Sequence[pb.DownlinkBatch]) -> tuple[float, float]:
+def grpc_tcp_bytes(upstream: str, msgs: Sequence[pb.DownlinkBatch],
+                   creds: Credentials | None = None) -> tuple[float, float]:
     """TCP bytes per sample (client->server, server->client) of one gRPC stream, counted by a
-    proxy between the channel and the server."""
+    proxy between the channel and the server (`creds`: a TLS client's)."""
     lsock = socket.create_server(("127.0.0.1", 0))
     host, _, port = upstream.rpartition(":")
     counts = [0, 0]
@@ -226,7 +229,7 @@ def grpc_tcp_bytes(upstream: str, msgs: Sequence[pb.DownlinkBatch]) -> tuple[flo
                 spawn(pipe, server, client, 1)
 
     spawn(accept)
-    ch = channel(f"127.0.0.1:{lsock.getsockname()[1]}")
+    ch = channel(f"127.0.0.1:{lsock.getsockname()[1]}", peer=GROUND_STATION, creds=creds)
     wait_ready(ch)
     stub = pb_grpc.DownlinkStub(ch)
     grpc_run(stub, msgs[:1])
@@ -312,6 +315,95 @@ def throughput(kind: str, ms: Batches, warm: Batches, stub: pb_grpc.DownlinkStub
     return out
 
 
+def connection_bytes(upstream: str, creds: Credentials | None) -> tuple[int, float]:
+    """TCP bytes (both ways) and wall seconds of a new connection's first call (a Health
+    check): the TLS handshake and HTTP/2 set-up, counted by a proxy."""
+    lsock = socket.create_server(("127.0.0.1", 0))
+    host, _, port = upstream.rpartition(":")
+    counts = [0, 0]
+
+    def pipe(src: socket.socket, dst: socket.socket, k: int) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 16):
+                counts[k] += len(data)
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            client = nodelay(lsock.accept()[0])
+            server = nodelay(socket.create_connection((host, int(port))))
+            spawn(pipe, client, server, 0)
+            spawn(pipe, server, client, 1)
+
+    spawn(accept)
+    t0 = time.perf_counter()
+    ch = channel(f"127.0.0.1:{lsock.getsockname()[1]}", peer=GROUND_STATION, creds=creds)
+    pb_grpc.HealthStub(ch).Check(pb.HealthRequest(), wait_for_ready=True, timeout=10)
+    wall = time.perf_counter() - t0
+    time.sleep(0.1)
+    ch.close()
+    lsock.close()
+    return counts[0] + counts[1], wall
+
+
+class AckHealth(AckOnly, pb_grpc.HealthServicer):
+    def Check(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
+        return pb.HealthReply(ready=True)
+
+
+def tls_overhead(msgs: dict[str, Batches], repeat: int) -> dict[str, float]:
+    """What TLS (and the token on every call) adds, in one run: TCP bytes per sample and
+    throughput of the same streams over a plaintext and a TLS ack-only server, and a new
+    connection's set-up. TLS records are not charged on the simulated links (sparsat charges
+    message bytes, ByteSize() + 5); these are the real network's extra bytes."""
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        make_deployment(Path(tmp), [NodeSpec(GROUND_STATION, "ground_station"),
+                                    NodeSpec("bench-sensor", "sensor", (SENSOR,))], {})
+        gs_creds = Credentials.from_dir(Path(tmp) / GROUND_STATION)
+        client = Credentials.from_dir(Path(tmp) / "bench-sensor")
+        servers = {}
+        for mode, c in (("plain", None), ("tls", gs_creds)):
+            security.configure(c)
+            try:
+                server = make_server()
+                pb_grpc.add_DownlinkServicer_to_server(AckHealth(), server)
+                pb_grpc.add_HealthServicer_to_server(AckHealth(), server)
+                servers[mode] = (server, bind(server, "127.0.0.1:0"))
+            finally:
+                security.configure(None)
+            server.start()
+        for name in ("patch_r0.5", f"cls_{CLS_DTYPE}"):
+            ms, n = msgs[name], sum(len(m.ids) for m in msgs[name])
+            pay = sum(wire_size(m) for m in ms) / n
+            for mode, c in (("plain", None), ("tls", client)):
+                up, down = grpc_tcp_bytes(servers[mode][1], ms, c)
+                out[f"{mode}_{name}_tcp_bytes"] = up + down
+                out[f"{mode}_{name}_tcp_over_wire"] = (up + down) / pay
+            out[f"tls_{name}_extra_tcp"] = (out[f"tls_{name}_tcp_bytes"]
+                                            / out[f"plain_{name}_tcp_bytes"])
+        ms = msgs["patch_r0.5"]
+        ms = ms * max(1, -(-STREAM_BYTES // sum(wire_size(m) for m in ms)))
+        n = sum(len(m.ids) for m in ms)
+        for mode, c in (("plain", None), ("tls", client)):
+            ch = channel(servers[mode][1], peer=GROUND_STATION, creds=c)
+            wait_ready(ch)
+            stub = pb_grpc.DownlinkStub(ch)
+            grpc_run(stub, ms[:2])
+            out[f"{mode}_patch_samples_per_s"] = n / statistics.median(
+                grpc_run(stub, ms) for _ in range(repeat))
+            ch.close()
+            conn = [connection_bytes(servers[mode][1], c) for _ in range(repeat)]
+            out[f"{mode}_connect_bytes"] = statistics.median(b for b, _ in conn)
+            out[f"{mode}_connect_s"] = statistics.median(w for _, w in conn)
+        out["tls_over_plain_patch_throughput"] = (out["tls_patch_samples_per_s"]
+                                                  / out["plain_patch_samples_per_s"])
+        for server, _ in servers.values():
+            server.stop(None)
+    return out
+
+
 def fmt(v: float | int | str | None, spec: str) -> str:
     return f"{v:{spec}}" if isinstance(v, float | int) else f"{'n/a':>{spec.split('.')[0]}}"
 
@@ -394,6 +486,20 @@ def main(argv: Sequence[str] | None = None) -> Result:
           + fmt(res[f"grpc_patch_samples_per_s_{k}"], ">10.0f")
           + fmt(res[f"raw_patch_samples_per_s_{k}"], ">10.0f")
           + fmt(res[f"grpc_over_raw_patch_{k}"], ">8.3f"))
+    tls = tls_overhead(msgs, repeat)
+    res |= tls
+    print("\n== TLS (server certificate + a node token on every call) vs plaintext, one run; "
+          "not charged on the simulated links ==")
+    for name in ("patch_r0.5", f"cls_{CLS_DTYPE}"):
+        print(f"{name + ': TCP bytes/sample plain, TLS, TLS/plain':<40}"
+              f"{tls[f'plain_{name}_tcp_bytes']:>10.1f}{tls[f'tls_{name}_tcp_bytes']:>10.1f}"
+              f"{tls[f'tls_{name}_extra_tcp']:>8.4f}")
+    print(f"{'patch r=0.5 samples/s plain, TLS, ratio':<40}"
+          f"{tls['plain_patch_samples_per_s']:>10.0f}{tls['tls_patch_samples_per_s']:>10.0f}"
+          f"{tls['tls_over_plain_patch_throughput']:>8.3f}")
+    print(f"{'new connection + 1 call: bytes, ms':<40}"
+          f"{tls['plain_connect_bytes']:>10.0f}{tls['tls_connect_bytes']:>10.0f}"
+          f"{1e3 * tls['plain_connect_s']:>8.1f}{1e3 * tls['tls_connect_s']:>8.1f}")
     res["runtime_s"] = time.perf_counter() - start
     print(f"runtime {res['runtime_s']:.1f} s")
     res = {k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}
