@@ -144,7 +144,7 @@ class TrainerClient:
     def __init__(self, node_id: str, address: str) -> None:
         self.node_id = node_id
         self.address = address
-        self.channel = channel(address)
+        self.channel = channel(address, peer=node_id)
         self.stub = pb_grpc.TrainerStub(self.channel)
 
     def load_dataset(self, dataset_id: str, x: np.ndarray, y: np.ndarray,

@@ -171,7 +171,7 @@ def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) ->
 
 def register(ground_station: str, request: pb.RegisterRequest, timeout_s: float = 60.0) -> str:
     """Register with the ground station (waiting for it to come up); returns config_json."""
-    ch = channel(ground_station)
+    ch = channel(ground_station, peer=security.GROUND_STATION)
     try:
         wait_ready(ch, timeout_s)
         reply = pb_grpc.RegistryStub(ch).Register(request, timeout=timeout_s)

@@ -41,6 +41,7 @@ from node.rpc import (
     register,
     wire_size,
 )
+from node.security import GROUND_STATION
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
@@ -102,7 +103,7 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             s: Satellite(s, shard(subset, cfg.satellites.index(s), n), cfg.mask.copies)
             for s in satellite_ids
         }
-        self.channel = channel(ground_station)
+        self.channel = channel(ground_station, peer=GROUND_STATION)
         self.downlink = pb_grpc.DownlinkStub(self.channel)
 
     # ---- payloads -------------------------------------------------------------------------

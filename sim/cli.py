@@ -127,6 +127,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.resume:
         state.unlink(missing_ok=True)
     if args.ground_station:  # a deployment already running elsewhere
+        _configure_security(args, "operator")
         results = MissionControl(scenario, args.ground_station, show, state_file=state,
                                  resume=bool(args.resume)).run()
     else:
@@ -143,8 +144,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             record.write_text(f"{token_cache}\n")
         else:
             record.unlink(missing_ok=True)
+        if args.certs or args.tls_cert or args.tls_key or args.tls_ca or args.token:
+            raise ValueError("a local run makes its own throw-away credentials (OUT/certs): "
+                             "--certs and --tls-* are for --ground-station")
         with LocalCluster(scenario, resolved, out, resume=bool(args.resume),
-                          token_cache=token_cache) as cluster:
+                          token_cache=token_cache, secure=not args.insecure,
+                          mutual=args.mtls) as cluster:
             if show:
                 print(f"started {len(cluster.procs)} node processes; logs in {out / 'logs'}",
                       file=sys.stderr)
@@ -389,6 +394,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--token-cache", metavar="DIR",
                      help="encoded splits, shared with other runs (default $SPARSAT_TOKEN_CACHE, "
                           "else the run's store; --resume: the run's own)")
+    _add_security(run, "the operator (with --ground-station; a local run makes its own)")
     run.set_defaults(func=cmd_run)
 
     pre = sub.add_parser("pretrain", help="MAE-pretrain an encoder on unlabelled images")

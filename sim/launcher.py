@@ -122,9 +122,18 @@ class LaunchError(RuntimeError):
 
 
 class LocalCluster:
+    """`secure` (default): a throw-away CA and credentials for every node in OUT/certs, made
+    afresh each start, so every local run speaks TLS with node tokens like a deployment; while
+    the cluster runs, this process (mission control) holds the operator's credentials.
+    `secure=False`: plaintext, no authentication (`sparsat run --insecure`)."""
+
     def __init__(self, scenario: Scenario, scenario_file: Path, out_dir: Path,
-                 resume: bool = False, token_cache: Path | None = None) -> None:
+                 resume: bool = False, token_cache: Path | None = None,
+                 secure: bool = True, mutual: bool = False) -> None:
         self.s = scenario
+        self.secure, self.mutual = secure, mutual
+        self.certs = out_dir / "certs"
+        self._previous: object = None  # this process's credentials before start()
         self.resume = resume  # keep the store and the coordinator's checkpoint
         self.token_cache = token_cache  # encoded splits shared with other runs (None: store's)
         self.scenario_file = scenario_file
@@ -178,8 +187,31 @@ class LocalCluster:
             return
         self.contacts_s = time.monotonic() - t0
 
+    def _credentials(self) -> None:
+        """Fresh credentials for every node this scenario starts (and spares for trainers
+        started later), and the operator's for this process."""
+        from node import security
+        from sim.certs import NodeSpec, make_deployment, scenario_nodes
+
+        shutil.rmtree(self.certs, ignore_errors=True)
+        spares = [NodeSpec(f"trainer-{k}", "trainer") for k in
+                  range(self.s.training.num_workers, self.s.training.num_workers + 4)]
+        # nodes dial each other by name (channel(peer=...)); 127.0.0.1 too for callers that
+        # dial by address alone
+        make_deployment(self.certs, scenario_nodes(self.s) + spares, {"*": ("127.0.0.1",)},
+                        days=30)
+        self._previous = security.active()
+        security.configure(security.Credentials.from_dir(self.certs / "operator", self.mutual))
+
+    def _security_args(self, name: str) -> list[str]:
+        if not self.secure:
+            return ["--insecure"]
+        return ["--certs", str(self.certs / name), *(["--mtls"] if self.mutual else [])]
+
     def start(self) -> str:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.secure:
+            self._credentials()
         if self.s.orbits is not None and not self.resume:
             self._contacts = threading.Thread(target=self._prefetch_contacts,
                                               name="contact-windows", daemon=True)
@@ -196,7 +228,8 @@ class LocalCluster:
             "--store", str(self.out_dir / "store"), "--port-file", str(port_file),
             "--checkpoint-dir", str(self.out_dir / "checkpoint"),
             *(["--resume"] if self.resume else []),
-            *(["--token-cache", str(self.token_cache)] if self.token_cache else [])])
+            *(["--token-cache", str(self.token_cache)] if self.token_cache else []),
+            *self._security_args("ground-station")])
         deadline = time.monotonic() + START_TIMEOUT_S
         while not port_file.exists():
             self.check_alive()
@@ -212,7 +245,7 @@ class LocalCluster:
             ids = [a for sat in sats[start : start + per] for a in ("--id", sat)]
             self._spawn(f"sensors-{h}", [
                 "node", "sensor", "--listen", "127.0.0.1:0", "--ground-station", self.address,
-                "--node-id", f"sensors-{h}", *ids])
+                "--node-id", f"sensors-{h}", *ids, *self._security_args(f"sensors-{h}")])
         return self.address
 
     def spawn_trainer(self, node_id: str, name: str | None = None) -> Proc:
@@ -222,9 +255,15 @@ class LocalCluster:
         threads = max(1, (os.cpu_count() or 1) // t.num_workers)
         return self._spawn(name or node_id, [
             "node", "trainer", "--listen", "127.0.0.1:0", "--ground-station", self.address,
-            "--id", node_id, "--device", t.device, "--threads", str(threads)])
+            "--id", node_id, "--device", t.device, "--threads", str(threads),
+            *self._security_args(node_id)])
 
     def stop(self) -> None:
+        if self.secure:
+            from node import security
+
+            prev = self._previous
+            security.configure(prev if isinstance(prev, security.Credentials) else None)
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.terminate()

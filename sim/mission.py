@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from ground_station.serde import pb_to_epoch
 from node.rpc import channel, wait_ready
+from node.security import GROUND_STATION
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 from sim import orbits
@@ -106,8 +107,8 @@ def wait_for_nodes(registry: pb_grpc.RegistryStub, satellites: list[str], traine
         time.sleep(0.2)
 
 
-def _health(address: str, timeout_s: float) -> pb.HealthReply:
-    ch = channel(address)
+def _health(address: str, timeout_s: float, peer: str) -> pb.HealthReply:
+    ch = channel(address, peer=peer)
     try:
         return pb_grpc.HealthStub(ch).Check(pb.HealthRequest(), timeout=timeout_s,
                                             wait_for_ready=True)
@@ -138,7 +139,7 @@ class MissionControl:
             now = self._load_state()
         self.resume = resume
         self.env = simpy.Environment(initial_time=now)
-        self.gs_channel = channel(ground_station)
+        self.gs_channel = channel(ground_station, peer=GROUND_STATION)
         self.mission = pb_grpc.MissionStub(self.gs_channel)
         self.registry = pb_grpc.RegistryStub(self.gs_channel)
 
@@ -381,7 +382,7 @@ class MissionControl:
         unreachable = []
         for n in self.registry.ListNodes(pb.ListNodesRequest(), timeout=10).nodes:
             try:
-                h = _health(n.address, 10)
+                h = _health(n.address, 10, n.node_id)
             except grpc.RpcError:
                 unreachable.append(n.node_id)
                 continue
@@ -492,14 +493,14 @@ class MissionControl:
             while True:
                 self.alive()
                 try:
-                    _health(n.address, 2)
+                    _health(n.address, 2, n.node_id)
                     break
                 except grpc.RpcError:
                     if time.monotonic() > deadline:
                         raise
 
         host_of = {sat: n for n in nodes if n.role == pb.SENSOR for sat in n.satellite_ids}
-        channels = {n.node_id: channel(n.address) for n in host_of.values()}
+        channels = {n.node_id: channel(n.address, peer=n.node_id) for n in host_of.values()}
         stubs = {node_id: pb_grpc.SensorStub(ch) for node_id, ch in channels.items()}
         down = s.links.downlink
         dlinks = {sat: Link(self.env, f"downlink:{sat}", down.rate_bps, down.latency_s)

@@ -186,9 +186,14 @@ def test_deployed_nodes_cls_centralized(tmp_path: Path) -> None:
                 "training": {**TINY["training"], "strategy": "centralized", "workers": 1}}
     scenario_file = _write(tmp_path, scenario)
     addr_file = tmp_path / "gs.addr"
+    certs = tmp_path / "certs"
+    assert main(["certs", str(certs), "--node", "ground_station:ground-station", "--node",
+                 "trainer:trainer-a", "--node", "sensor:sensors-x:sat-0,sat-1,sat-2",
+                 "--node", "operator:ops"]) == 0
     procs = [_spawn(["ground-station", "--listen", "127.0.0.1:0", "--scenario",
                      str(scenario_file), "--store", str(tmp_path / "store"),
-                     "--port-file", str(addr_file)], tmp_path / "gs.log")]
+                     "--port-file", str(addr_file), "--certs", str(certs / "ground-station")],
+                    tmp_path / "gs.log")]
     try:
         deadline = time.monotonic() + 120
         while not addr_file.exists():
@@ -197,13 +202,14 @@ def test_deployed_nodes_cls_centralized(tmp_path: Path) -> None:
             time.sleep(0.1)
         gs = addr_file.read_text()
         procs.append(_spawn(["node", "trainer", "--listen", "127.0.0.1:0", "--ground-station",
-                             gs, "--id", "trainer-a", "--device", "cpu"], tmp_path / "t.log"))
+                             gs, "--device", "cpu", "--certs", str(certs / "trainer-a")],
+                            tmp_path / "t.log"))
         procs.append(_spawn(["node", "sensor", "--ground-station", gs, "--listen",
-                             "127.0.0.1:0", "--id", "sat-0", "--id", "sat-1", "--id", "sat-2"],
-                            tmp_path / "s.log"))
+                             "127.0.0.1:0", "--id", "sat-0", "--id", "sat-1", "--id", "sat-2",
+                             "--certs", str(certs / "sensors-x")], tmp_path / "s.log"))
 
         code = main(["run", str(scenario_file), "--out", str(tmp_path / "out"), "--quiet",
-                     "--ground-station", gs])
+                     "--ground-station", gs, "--certs", str(certs / "ops")])
 
         assert code == 0
         results = json.loads((tmp_path / "out" / "results.json").read_text())
