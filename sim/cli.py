@@ -229,8 +229,11 @@ def cmd_sensor(args: argparse.Namespace) -> int:
 
     name = _configure_security(args, "sensor", args.node_id)
     creds = security.active()
+    if creds is None and not args.id:
+        raise ValueError("give the satellites this host serves: --id SAT (repeat)")
     if creds is not None:
         args.node_id = name
+        args.id = args.id or list(creds.identity.satellites)  # default: all it may serve
         stray = [s for s in args.id if s not in creds.identity.satellites]
         if stray:
             raise ValueError(f"{name}'s credentials do not cover satellites {stray[:8]} (they "
@@ -489,8 +492,9 @@ def parser() -> argparse.ArgumentParser:
     node = sub.add_parser("node", help="serve a sensor or trainer node")
     kinds = node.add_subparsers(dest="kind", required=True, metavar="KIND")
     sensor = kinds.add_parser("sensor", help="host one or more satellites")
-    sensor.add_argument("--id", action="append", required=True, metavar="SAT",
-                        help="satellite id from the scenario (repeat to host several)")
+    sensor.add_argument("--id", action="append", metavar="SAT",
+                        help="satellite id from the scenario (repeat to host several; default "
+                             "with --certs: every satellite the credentials cover)")
     sensor.add_argument("--ground-station", required=True, metavar="HOST:PORT")
     sensor.add_argument("--listen", default="0.0.0.0:0", metavar="HOST:PORT")
     sensor.add_argument("--node-id", help="this process's node id (default from the first --id)")
