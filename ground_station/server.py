@@ -44,6 +44,7 @@ from node.rpc import (
     abort,
     add_standard_services,
     bind,
+    caller,
     make_server,
     wire_size,
 )
@@ -96,6 +97,12 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                     abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                           "the first batch of a stream must name its satellite")
                 satellite = msg.satellite_id
+                who = caller(context)
+                if who is not None and satellite not in who.satellites:
+                    self.store.count(received_bytes=size, received=len(msg.ids),
+                                     rejected=len(msg.ids))
+                    abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                          f"{who.name} may not send as {satellite[:64]!r}")
             ack = self._ingest(msg, satellite, size)
             self.bytes.add(sent=wire_size(ack))
             yield ack
@@ -128,6 +135,19 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                  context: grpc.ServicerContext) -> pb.RegisterReply:
         if not request.node_id or not request.address:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, "node_id and address are required")
+        who = caller(context)
+        if who is not None:  # the credentials decide who a node may register as
+            role = {pb.SENSOR: "sensor", pb.TRAINER: "trainer"}.get(request.role, "")
+            if request.node_id != who.name or role != who.role:
+                abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                      f"{who.describe()} may register only as itself, not as "
+                      f"{request.node_id[:64]!r} ({pb.Role.Name(request.role)})"
+                      if request.role in pb.Role.values() else
+                      f"{who.describe()} may register only as itself")
+            stray = [s for s in request.satellite_ids if s not in who.satellites]
+            if stray:
+                abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                      f"{who.name} may not speak for satellites {[s[:64] for s in stray[:4]]}")
         if request.role == pb.SENSOR:
             stray = [s for s in request.satellite_ids if s not in self.cfg.sensor.satellites]
             if not request.satellite_ids or stray:

@@ -316,3 +316,52 @@ def test_cli_certs_from_scenario(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["certs", str(tmp_path), "--san", "nobody=1.2.3.4", "--node",
                  "operator:op2"]) == 2
     assert "--san names nodes" in capsys.readouterr().err
+
+
+# ---- what a known node may do -----------------------------------------------------------------
+
+
+def _register(deployment: Path, gs: Server, who: str, **fields: object) -> grpc.StatusCode:
+    ch = rpc.channel(gs.address, peer="ground-station", creds=creds(deployment, who))
+    try:
+        pb_grpc.RegistryStub(ch).Register(pb.RegisterRequest(**fields), timeout=10)  # type: ignore[arg-type]
+    except grpc.RpcError as e:
+        return e.code()
+    finally:
+        ch.close()
+    return grpc.StatusCode.OK
+
+
+def test_nodes_register_only_as_themselves(deployment: Path, gs: Server) -> None:
+    sensor = {"role": pb.SENSOR, "address": "127.0.0.1:1"}
+    denied = grpc.StatusCode.PERMISSION_DENIED
+    assert _register(deployment, gs, "sensors-0", node_id="sensors-1", satellite_ids=["sat-0"],
+                     **sensor) == denied
+    assert _register(deployment, gs, "sensors-0", node_id="sensors-0", satellite_ids=["sat-1"],
+                     **sensor) == denied
+    assert _register(deployment, gs, "trainer-0", node_id="trainer-0", satellite_ids=["sat-0"],
+                     **sensor) == denied
+    assert _register(deployment, gs, "sensors-0", node_id="sensors-0", role=pb.TRAINER,
+                     address="127.0.0.1:1") == denied
+    assert _register(deployment, gs, "sensors-0", node_id="sensors-0", satellite_ids=["sat-0"],
+                     **sensor) == grpc.StatusCode.OK
+    assert _register(deployment, gs, "trainer-0", node_id="trainer-0", role=pb.TRAINER,
+                     address="127.0.0.1:2") == grpc.StatusCode.OK
+    assert "sensors-1" not in gs.station.nodes
+
+
+def test_a_sensor_host_sends_only_as_its_satellites(deployment: Path, gs: Server) -> None:
+    assert _register(deployment, gs, "sensors-1", node_id="sensors-1", role=pb.SENSOR,
+                     address="127.0.0.1:3", satellite_ids=["sat-1"]) == grpc.StatusCode.OK
+    before = gs.station.store.counters().get("rejected", 0)
+    ch = rpc.channel(gs.address, peer="ground-station", creds=creds(deployment, "sensors-1"))
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            list(pb_grpc.DownlinkStub(ch).Send(iter([pb.DownlinkBatch(
+                satellite_id="sat-0", ids=[1], labels=[3], patches=[b"\x01"])]), timeout=10))
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "sensors-1 may not send as 'sat-0'" in (e.value.details() or "")
+    finally:
+        ch.close()
+    assert gs.station.store.counters().get("rejected", 0) == before + 1
+    assert len(gs.station.store) == 0
