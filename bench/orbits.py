@@ -47,7 +47,8 @@ class SizeOnlySensor:
     def __init__(self, samples: int) -> None:
         self.left = samples
 
-    def Transmit(self, request: pb.TransmitRequest) -> pb.TransmitReport:  # noqa: N802
+    def Transmit(self, request: pb.TransmitRequest, **_: object  # noqa: N802
+                 ) -> pb.TransmitReport:
         n = min(self.left, request.max_bytes // (SAMPLE_BYTES + ACK_BYTES),
                 request.max_samples or self.left)
         self.left -= n
@@ -80,7 +81,8 @@ def downlink_only(n_sats: int, hours: float, step: float, samples: int) -> dict[
 
     links = {sat: Link(mc.env, f"downlink:{sat}", 1e6, 0.01) for sat in sats}
     bar = tqdm(disable=True)
-    procs = mc._orbital_processes(stubs, host_of, links, bar)  # type: ignore[arg-type]
+    mc.use_sensors(host_of, stubs)
+    procs = mc._orbital_processes(links, bar)
     mc.env.run(until=mc.env.all_of(procs))
     seconds = time.perf_counter() - t0
     mc.gs_channel.close()

@@ -13,7 +13,7 @@ import resource
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import grpc
@@ -340,6 +340,38 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             test_encode_flops=self.test_tokens.flops if self.test_tokens else 0,
             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
         )
+
+    # keys of the configuration that are this deployment's own, not the mission's: where files
+    # are (store, checkpoints, token cache, dataset root), what runs the encoder stage, how long
+    # the coordinator waits for a trainer, and this process's own settings. Mission control's
+    # scenario may differ from the ground station's in these and nothing else.
+    DEPLOYMENT_KEYS = frozenset({
+        "store_dir", "checkpoint_dir", "resume", "token_cache", "node_id", "device",
+        "encode_batch", "sensor.dataset.root", "sensor.dataset.download",
+        "training.round_timeout_s"})
+
+    def Describe(self, request: pb.DescribeRequest,
+                 context: grpc.ServicerContext) -> pb.MissionInfo:
+        """The mission this ground station runs (its scenario's keys, flattened), so that mission
+        control can refuse to drive it with another scenario; and whether a restart lost the
+        Prepare state (prepared) or the training (rounds_done)."""
+        flat: dict[str, object] = {}
+
+        def walk(prefix: str, value: object) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            elif prefix not in self.DEPLOYMENT_KEYS:
+                flat[prefix] = list(value) if isinstance(value, tuple) else value
+
+        walk("", json.loads(json.dumps(asdict(self.cfg), default=str)))
+        text = json.dumps(flat, sort_keys=True)
+        with self._lock:
+            coord = self.coordinator
+        return pb.MissionInfo(
+            config_json=text, instance=INSTANCE, prepared=coord is not None,
+            fingerprint=hashlib.blake2b(text.encode(), digest_size=16).hexdigest(),
+            rounds_done=coord.round if coord is not None else 0)
 
 
 def _owners(cfg: GroundStationConfig, n_train: int) -> np.ndarray:

@@ -21,6 +21,7 @@ from sim.orbits' memo instead of computing them after the nodes are up).
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import shutil
@@ -34,6 +35,7 @@ from types import TracebackType
 
 from sim.scenario import Scenario
 
+log = logging.getLogger("sparsat.launcher")
 START_TIMEOUT_S = 120.0
 # what the fork server imports before it forks a node: the libraries behind every `sparsat`
 # node command, none of which starts threads or opens gRPC channels on import; not sparsat's
@@ -140,12 +142,19 @@ class LocalCluster:
         self.out_dir = out_dir
         self.log_dir = out_dir / "logs"
         self.procs: dict[str, Proc] = {}
+        self.args: dict[str, list[str]] = {}  # each node's command line, for restart()
+        self._exited: set[str] = set()  # nodes whose exit was reported
         self.address = ""
         self.contacts_s: float | None = None  # wall seconds of the contact windows, computed
         self._contacts: threading.Thread | None = None  # while the nodes start
 
     def _spawn(self, name: str, args: list[str]) -> Proc:
         log_path = self.log_dir / f"{name}.log"
+        if name in self.args and log_path.exists():  # restarted: keep its earlier life's log
+            log_path.rename(self.log_dir / f"{name}.{len(list(self.log_dir.glob(name + '.*')))}"
+                            ".log")
+        self.args[name] = args
+        self._exited.discard(name)
         ctx = _forkserver()
         if ctx is not None:
             process = ctx.Process(  # type: ignore[attr-defined]
@@ -167,10 +176,39 @@ class LocalCluster:
         return "\n".join(text.splitlines()[-lines:])
 
     def check_alive(self) -> None:
+        """Raise when the ground station has exited: nothing goes on without it. A sensor
+        host or trainer that exited is only reported (once): mission control waits for a
+        sensor host to come back, and the coordinator trains without a lost trainer."""
         for name, proc in self.procs.items():
-            if proc.poll() is not None:
+            if proc.poll() is None or name in self._exited:
+                continue
+            if name == "ground-station":
                 raise LaunchError(f"{name} exited with code {proc.returncode}:\n"
                                   f"{self.log_tail(name)}")
+            self._exited.add(name)
+            log.warning("%s exited with code %s; the run goes on without it:\n%s", name,
+                        proc.returncode, self.log_tail(name, 5))
+
+    def kill(self, name: str) -> None:
+        """Kill node `name` at once (SIGKILL, as a crash or a power cut would), for tests."""
+        proc = self.procs[name]
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        self._exited.add(name)
+
+    def restart(self, name: str) -> Proc:
+        """Start node `name` again (killed first if it still runs) with its command line: the
+        same store, credentials and node id. The ground station comes back on the address it
+        had (its port), with --resume, so the coordinator continues from its checkpoint."""
+        if self.procs[name].poll() is None:
+            self.kill(name)
+        args = list(self.args[name])
+        if name == "ground-station":
+            args[args.index("--listen") + 1] = self.address
+            if "--resume" not in args:
+                args.append("--resume")
+        return self._spawn(name, args)
 
     def _prefetch_contacts(self) -> None:
         """The contact windows mission control will ask for (same arguments), into

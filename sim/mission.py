@@ -19,12 +19,13 @@ started with it).
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -36,17 +37,47 @@ from node.rpc import channel, wait_ready
 from node.security import GROUND_STATION
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
-from sim import orbits
+from sim import orbits, report
 from sim.links import C_KM_S, Link, LinkBudget, PeriodicPasses, retransmitted
-from sim.scenario import Scenario
+from sim.scenario import Scenario, ground_station_config
 
 TRANSMIT_MAX_SAMPLES = 4096  # samples per Transmit call: bounds one call's stream
 MAX_DOWNLINK_FAILURES = 5  # consecutive failed streams before a satellite gives up
 REGISTER_TIMEOUT_S = 180.0
 
+log = logging.getLogger("sparsat.mission")
+T = TypeVar("T")
+
 
 class MissionError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """How long mission control waits, in wall seconds. Every gRPC call it makes has a
+    deadline, so a hung node cannot hang it; a node that does not answer is named."""
+
+    call_s: float = 30.0  # control calls: ListNodes, Health, Describe, Stats
+    node_ready_s: float = 60.0  # a registered node must answer Health within this
+    # Transmit: the budget at no less than floor_bytes_s (on-board encoding included), + slack
+    transmit_floor_bytes_s: float = 20_000.0
+    transmit_slack_s: float = 60.0
+    prepare_s: float = 7200.0  # the ground station's encoder stage, the whole store
+    # TrainEpoch: each round may take the coordinator's round timeout, + evaluation
+    epoch_slack_s: float = 600.0
+    gs_retry_s: float = 120.0  # a ground station answering UNAVAILABLE is retried this long
+    # a satellite whose sensor host is unreachable waits for it; once nothing else is left to
+    # do and the host has been gone this long, the run ends with the satellite's shortfall
+    host_return_s: float = 60.0
+    host_poll_s: float = 1.0  # polling the registry for it meanwhile (while nothing else runs)
+
+    def transmit_s(self, budget: int) -> float:
+        return self.transmit_slack_s + budget / self.transmit_floor_bytes_s
+
+
+class HostDown(Exception):
+    """A sensor host did not answer a call (UNAVAILABLE, DEADLINE_EXCEEDED)."""
 
 
 @dataclass
@@ -81,6 +112,12 @@ class Tally:
     # measured wall seconds of each stage (contacts: finding the contact windows)
     stage_wall_s: dict[str, float] = field(default_factory=lambda: {
         k: 0.0 for k in ("contacts", "downlink", "prepare", "training")})
+    # faults survived, each with the node, its address and the wall seconds recovery took
+    faults: list[dict[str, Any]] = field(default_factory=list)
+    # satellites whose sensor host never came back: satellite -> host, address, undelivered
+    shortfall: dict[str, dict[str, Any]] = field(default_factory=dict)
+    gs_retries: int = 0  # ground-station calls retried after UNAVAILABLE
+    fingerprint: str = ""  # of the scenario, as the ground station runs it
 
     @property
     def total_bytes(self) -> int:
@@ -95,7 +132,12 @@ def wait_for_nodes(registry: pb_grpc.RegistryStub, satellites: list[str], traine
     deadline = time.monotonic() + timeout_s
     while True:
         alive()
-        nodes = list(registry.ListNodes(pb.ListNodesRequest(), timeout=10).nodes)
+        try:
+            nodes = list(registry.ListNodes(pb.ListNodesRequest(), timeout=10).nodes)
+        except grpc.RpcError as e:  # a ground station restarting: not yet
+            if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            nodes = []
         hosted = {s for n in nodes if n.role == pb.SENSOR for s in n.satellite_ids}
         n_trainers = sum(n.role == pb.TRAINER for n in nodes)
         missing = [s for s in satellites if s not in hosted]
@@ -120,8 +162,22 @@ class MissionControl:
     def __init__(self, scenario: Scenario, ground_station: str, show_progress: bool = True,
                  alive: Callable[[], None] = lambda: None, state_file: Path | None = None,
                  resume: bool = False,
-                 on_epoch: Callable[[dict[str, Any]], None] = lambda h: None):
+                 on_epoch: Callable[[dict[str, Any]], None] = lambda h: None,
+                 deadlines: Deadlines = Deadlines()):
         self.s = scenario
+        self.d = deadlines
+        # sensor hosts: which hosts which satellite, a channel and stub per host (replaced
+        # when a host comes back at another address), satellites still downlinking, those
+        # waiting for their host, when each unreachable host was first missed (wall clock)
+        self._host_of: dict[str, pb.NodeInfo] = {}
+        self._channels: dict[str, grpc.Channel] = {}
+        self._stubs: dict[str, pb_grpc.SensorStub] = {}
+        self._active: set[str] = set()
+        self._waiting: set[str] = set()
+        self._down_since: dict[str, float] = {}
+        self._remaining: dict[str, int] = {}  # each satellite's queue, as last reported
+        self._gs_instance = ""  # the ground-station process Prepare ran in
+        self._rows_per_epoch = 0
         self._epoch = scenario.orbits.epoch if scenario.orbits else None
         self._sites: dict[str, orbits.Station] = {}
         self._budget: LinkBudget | None = None
@@ -145,97 +201,238 @@ class MissionControl:
 
     # ---- actors -----------------------------------------------------------------------------
 
-    def satellite(self, sat_id: str, sensor: pb_grpc.SensorStub, link: Link,
-                  passes: PeriodicPasses, bar: tqdm) -> Generator[simpy.Event, Any, None]:
+    def satellite(self, sat_id: str, link: Link, passes: PeriodicPasses, bar: tqdm
+                  ) -> Generator[simpy.Event, Any, None]:
         env, down = self.env, self.s.links.downlink
         rng = random.Random(f"{self.s.seed}-loss-{sat_id}")
         failures = 0
-        while True:
-            start, end = passes.window_at(env.now)
-            if env.now < start:
-                yield env.timeout(start - env.now)
-            # the budget leaves room for the expected resends of lost frames
-            budget = int(link.capacity(end - env.now) * (1 - down.loss))
-            report = sensor.Transmit(pb.TransmitRequest(
-                satellite_id=sat_id, max_bytes=budget, max_samples=TRANSMIT_MAX_SAMPLES,
-                batch_bytes=down.batch_size()))
-            sent = self._count(report, bar)
-            yield from self._onboard(sat_id, report)
-            # each batch, then its ack: the satellite's radio is half duplex
-            for size in _on_link(report):
-                yield env.process(link.transfer(self._on_air(size, rng)))
-            if report.error_code:
-                failures += 1
-                self._check_failure(sat_id, report, failures)
-                continue  # unacked samples stay queued: try again in what is left of the pass
-            failures = 0
-            if report.remaining == 0:
-                return
-            if not sent:
-                if report.next_bytes > link.capacity(passes.duration_s):
-                    raise MissionError(f"{sat_id}: a {report.next_bytes}-byte sample never fits "
-                                       f"a pass ({link.capacity(passes.duration_s)} bytes)")
-                yield env.timeout(end - env.now)  # the rest of this pass is too short
+        self._active.add(sat_id)
+        try:
+            while True:
+                start, end = passes.window_at(env.now)
+                if env.now < start:
+                    yield env.timeout(start - env.now)
+                # the budget leaves room for the expected resends of lost frames
+                budget = int(link.capacity(end - env.now) * (1 - down.loss))
+                try:
+                    report = self._transmit(sat_id, budget)
+                except HostDown as e:
+                    log.warning("%s: %s; the other satellites go on", sat_id, e)
+                    back = yield from self._await_host(
+                        sat_id, lambda: passes.window_at(passes.window_at(env.now)[1])[0])
+                    if not back:
+                        return
+                    continue
+                sent = self._count(sat_id, report, bar)
+                yield from self._onboard(sat_id, report)
+                # each batch, then its ack: the satellite's radio is half duplex
+                for size in _on_link(report):
+                    yield env.process(link.transfer(self._on_air(size, rng)))
+                if report.error_code:
+                    failures = self._check_failure(sat_id, report, failures + 1)
+                    continue  # unacked samples stay queued: try again in what is left of the pass
+                failures = 0
+                if report.remaining == 0:
+                    return
+                if not sent:
+                    if report.next_bytes > link.capacity(passes.duration_s):
+                        raise MissionError(
+                            f"{sat_id}: a {report.next_bytes}-byte sample never fits a pass "
+                            f"({link.capacity(passes.duration_s)} bytes)")
+                    yield env.timeout(end - env.now)  # the rest of this pass is too short
+        finally:
+            self._active.discard(sat_id)
 
-    def satellite_in_orbit(self, sat: orbits.Satellite, sensor: pb_grpc.SensorStub,
-                           radio: Link, windows: list[orbits.Contact],
+    def satellite_in_orbit(self, sat: orbits.Satellite, radio: Link,
+                           windows: list[orbits.Contact],
                            antennas: dict[str, simpy.Resource], bar: tqdm
                            ) -> Generator[simpy.Event, Any, None]:
         """Transmit only inside contact windows, on one of the station's antennas (queued
-        when other satellites hold them), at the rate the range allows at each call."""
+        when other satellites hold them), at the rate the range allows at each call. While
+        its sensor host is unreachable, its windows go by unused."""
         env, t, down = self.env, self.tally, self.s.links.downlink
         rng = random.Random(f"{self.s.seed}-loss-{sat.name}")
-        failures, remaining = 0, -1
-        for c in windows:
-            if env.now >= c.end_s:
-                continue
-            if env.now < c.start_s:
-                yield env.timeout(c.start_s - env.now)
-            station = t.stations[c.station]
-            asked = env.now
-            req = antennas[c.station].request()
-            got = yield req | env.timeout(c.end_s - env.now)
-            station["queued_s"] += env.now - asked
-            if req not in got:  # every antenna stayed busy until the window closed
-                req.cancel()
-                continue
-            try:
-                while env.now < c.end_s:
-                    rate, latency = self._radio(sat, c.station, env.now)
-                    # the budget leaves room for the expected resends of lost frames
-                    budget = int((c.end_s - env.now - latency) * rate / 8 * (1 - down.loss))
-                    if budget <= 0:
-                        break
-                    report = sensor.Transmit(pb.TransmitRequest(
-                        satellite_id=sat.name, max_bytes=budget,
-                        max_samples=TRANSMIT_MAX_SAMPLES, batch_bytes=down.batch_size()))
-                    sent = self._count(report, bar)
-                    yield from self._onboard(sat.name, report)
-                    # each batch, then its ack, each with the link's latency (half duplex)
-                    sizes = [self._on_air(size, rng) for size in _on_link(report)]
-                    on_air = sum(sizes)
-                    if on_air:
-                        seconds = latency * len(sizes) + 8.0 * on_air / rate
-                        radio.bytes += on_air
-                        radio.busy_s += seconds
-                        station["bytes"] += on_air
-                        station["busy_s"] += seconds
-                        yield env.timeout(seconds)
-                    if report.error_code:
-                        failures += 1
-                        self._check_failure(sat.name, report, failures)
-                        continue
-                    failures, remaining = 0, report.remaining
-                    if remaining == 0:
+        failures = 0
+        self._active.add(sat.name)
+        try:
+            for c in windows:
+                if env.now >= c.end_s:
+                    continue
+                if env.now < c.start_s:
+                    yield env.timeout(c.start_s - env.now)
+                if not self._host_back(sat.name):
+                    if self._active - self._waiting - {sat.name}:
+                        continue  # the others go on: try again at the next window
+                    if not self._wait_alone(sat.name):
                         return
-                    if not sent:
-                        break  # the next sample does not fit in what is left of this window
-            finally:
-                antennas[c.station].release(req)
-        raise MissionError(
-            f"{sat.name}: {remaining if remaining >= 0 else 'all'} samples still queued after "
-            f"its last contact window ({self.s.orbits.horizon_h if self.s.orbits else 0:g} h "
-            "computed): raise orbits.horizon_h, the link rate or the number of stations")
+                self._waiting.discard(sat.name)
+                station = t.stations[c.station]
+                asked = env.now
+                req = antennas[c.station].request()
+                got = yield req | env.timeout(c.end_s - env.now)
+                station["queued_s"] += env.now - asked
+                if req not in got:  # every antenna stayed busy until the window closed
+                    req.cancel()
+                    continue
+                try:
+                    while env.now < c.end_s:
+                        rate, latency = self._radio(sat, c.station, env.now)
+                        # the budget leaves room for the expected resends of lost frames
+                        budget = int((c.end_s - env.now - latency) * rate / 8 * (1 - down.loss))
+                        if budget <= 0:
+                            break
+                        try:
+                            report = self._transmit(sat.name, budget)
+                        except HostDown as e:
+                            log.warning("%s: %s; the other satellites go on", sat.name, e)
+                            self._waiting.add(sat.name)
+                            break
+                        sent = self._count(sat.name, report, bar)
+                        yield from self._onboard(sat.name, report)
+                        # each batch, then its ack, each with the link's latency (half duplex)
+                        sizes = [self._on_air(size, rng) for size in _on_link(report)]
+                        on_air = sum(sizes)
+                        if on_air:
+                            seconds = latency * len(sizes) + 8.0 * on_air / rate
+                            radio.bytes += on_air
+                            radio.busy_s += seconds
+                            station["bytes"] += on_air
+                            station["busy_s"] += seconds
+                            yield env.timeout(seconds)
+                        if report.error_code:
+                            failures = self._check_failure(sat.name, report, failures + 1)
+                            continue
+                        failures = 0
+                        if report.remaining == 0:
+                            return
+                        if not sent:
+                            break  # the next sample does not fit in what is left of this window
+                finally:
+                    antennas[c.station].release(req)
+            if not self._host_back(sat.name):
+                self._give_up(sat.name)
+                return
+            remaining = self._remaining.get(sat.name, -1)
+            horizon = self.s.orbits.horizon_h if self.s.orbits else 0
+            raise MissionError(
+                f"{sat.name}: {remaining if remaining >= 0 else 'all'} samples still queued "
+                f"after its last contact window ({horizon:g} h computed): raise "
+                "orbits.horizon_h, the link rate or the number of stations")
+        finally:
+            self._active.discard(sat.name)
+            self._waiting.discard(sat.name)
+
+    # ---- sensor hosts: calls with deadlines, outages ------------------------------------------
+
+    def use_sensors(self, host_of: dict[str, pb.NodeInfo], stubs: dict[str, Any]) -> None:
+        """Which host holds each satellite, and a Sensor stub per host (by node id); the
+        run sets them from the registry, in-process tests and benches with stand-ins."""
+        self._host_of, self._stubs = dict(host_of), dict(stubs)
+
+    def _transmit(self, sat_id: str, budget: int) -> pb.TransmitReport:
+        """One Transmit, with a deadline sized from the budget; HostDown when the host does
+        not answer (its first miss is remembered), MissionError on any other failure."""
+        host = self._host_of[sat_id]
+        timeout = self.d.transmit_s(budget)
+        try:
+            return self._stubs[host.node_id].Transmit(pb.TransmitRequest(
+                satellite_id=sat_id, max_bytes=budget, max_samples=TRANSMIT_MAX_SAMPLES,
+                batch_bytes=self.s.links.downlink.batch_size()), timeout=timeout)
+        except grpc.RpcError as e:
+            where = f"sensor host {host.node_id} at {host.address}"
+            if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise MissionError(f"{sat_id}: Transmit to {where} failed: {e.code().name}: "
+                                   f"{e.details()}") from e
+            self._down_since.setdefault(host.node_id, time.monotonic())
+            raise HostDown(f"{where} did not answer Transmit ({e.code().name} after at most "
+                           f"{timeout:.0f} s: {e.details()})") from e
+
+    def _await_host(self, sat_id: str, next_chance: Callable[[], float]
+                    ) -> Generator[simpy.Event, Any, bool]:
+        """Wait for `sat_id`'s sensor host to answer again: at each of the satellite's passes
+        (mission clock) while other satellites still downlink; once nothing else runs, every
+        host_poll_s wall seconds. True when it is back; False when it stayed gone (the
+        satellite's shortfall is recorded)."""
+        self._waiting.add(sat_id)
+        try:
+            while True:
+                if self._active - self._waiting:
+                    yield self.env.timeout(max(0.0, next_chance() - self.env.now))
+                    if self._host_back(sat_id):
+                        return True
+                elif self._wait_alone(sat_id):
+                    return True
+                else:
+                    return False
+        finally:
+            self._waiting.discard(sat_id)
+
+    def _wait_alone(self, sat_id: str) -> bool:
+        """Nothing else to do on the mission clock: poll the host in wall time until it is
+        back, or until it has been gone host_return_s (then the shortfall is recorded)."""
+        host = self._host_of[sat_id].node_id
+        while not self._host_back(sat_id):
+            if time.monotonic() - self._down_since[host] > self.d.host_return_s:
+                self._give_up(sat_id)
+                return False
+            time.sleep(self.d.host_poll_s)
+        return True
+
+    def _host_back(self, sat_id: str) -> bool:
+        """Whether `sat_id`'s host answers: its registered address (a restarted host registers
+        again, maybe at another port) is probed with Health; a new address gets a new channel."""
+        old = self._host_of[sat_id]
+        if old.node_id not in self._down_since:
+            return True
+        try:
+            nodes = self._list_nodes()
+        except MissionError:
+            return False
+        new = next((n for n in nodes if n.node_id == old.node_id), old)
+        ch = channel(new.address, peer=new.node_id)
+        try:
+            pb_grpc.HealthStub(ch).Check(pb.HealthRequest(), timeout=min(2.0, self.d.call_s))
+        except grpc.RpcError:
+            ch.close()
+            return False
+        self._channels.pop(old.node_id).close()
+        self._channels[new.node_id] = ch
+        self._stubs[new.node_id] = pb_grpc.SensorStub(ch)
+        for sat, n in self._host_of.items():
+            if n.node_id == new.node_id:
+                self._host_of[sat] = new
+        took = time.monotonic() - self._down_since.pop(old.node_id)
+        log.warning("sensor host %s is back at %s after %.1f s (was %s)", new.node_id,
+                    new.address, took, old.address)
+        self.tally.faults.append({
+            "fault": "sensor host unreachable", "node": new.node_id, "address": old.address,
+            "new_address": new.address, "recovered": True, "recovery_wall_s": round(took, 2)})
+        return True
+
+    def _give_up(self, sat_id: str) -> None:
+        host = self._host_of[sat_id]
+        gone = time.monotonic() - self._down_since[host.node_id]
+        undelivered = self._remaining.get(sat_id)
+        if undelivered is None:
+            undelivered = self._queued_at_start(sat_id)
+        self.tally.shortfall[sat_id] = {"host": host.node_id, "address": host.address,
+                                        "undelivered": undelivered,
+                                        "gone_wall_s": round(gone, 2)}
+        log.warning("%s: sensor host %s at %s has not come back in %.0f s: %d samples of %s "
+                    "not delivered; training goes on with what arrived", sat_id, host.node_id,
+                    host.address, gone, undelivered, sat_id)
+
+    def _queued_at_start(self, sat_id: str) -> int:
+        """A satellite's queue before it sent anything: its shard, once per masked copy."""
+        from node.datasets import split_size
+        from node.sensor import shard, train_subset
+        from sim.scenario import sensor_config
+
+        sats = self.s.sensors.ids()
+        n_train = split_size(sensor_config(self.s).dataset, "train")
+        subset = train_subset(n_train, self.s.dataset.train_subset, self.s.seed)
+        copies = self.s.training.epochs if self.s.sensors.mask.kind == "random" else 1
+        return len(shard(subset, sats.index(sat_id), len(sats))) * copies
 
     def _radio(self, sat: orbits.Satellite, station: str, now: float) -> tuple[float, float]:
         """(rate bit/s, latency s) from the slant range at `now`."""
@@ -269,8 +466,10 @@ class MissionControl:
         if ready > self.env.now:
             yield self.env.timeout(ready - self.env.now)
 
-    def _count(self, report: pb.TransmitReport, bar: tqdm) -> int:
+    def _count(self, sat_id: str, report: pb.TransmitReport, bar: tqdm) -> int:
         t = self.tally
+        if not report.error_code:
+            self._remaining[sat_id] = report.remaining
         t.cloudy_skipped += report.skipped
         bar.update(report.skipped)
         sent = sum(report.batch_bytes)
@@ -284,11 +483,21 @@ class MissionControl:
         bar.update(report.acked - report.duplicates)
         return sent
 
-    def _check_failure(self, sat_id: str, report: pb.TransmitReport, failures: int) -> None:
-        code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
-        if report.error_code == code or failures > MAX_DOWNLINK_FAILURES:
-            raise MissionError(f"{sat_id}: downlink failed: {report.error}")
+    def _check_failure(self, sat_id: str, report: pb.TransmitReport, failures: int) -> int:
+        """A Transmit whose stream to the ground station failed: the consecutive failures
+        so far. A ground station that is not there (UNAVAILABLE: restarting) is waited for,
+        gs_retry_s at most, and does not count toward MAX_DOWNLINK_FAILURES."""
         self.tally.downlink_failures += 1
+        if report.error_code == grpc.StatusCode.UNAVAILABLE.value[0]:
+            log.warning("%s: the sensor host could not reach the ground station (%s); waiting "
+                        "for %s", sat_id, report.error, self.ground_station)
+            self._describe()  # retried while UNAVAILABLE, a MissionError after gs_retry_s
+            time.sleep(self.d.host_poll_s)  # its channel to the ground station reconnects
+            return 0
+        if report.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0] \
+                or failures > MAX_DOWNLINK_FAILURES:
+            raise MissionError(f"{sat_id}: downlink failed: {report.error}")
+        return failures
 
     def training(self, downlink_done: simpy.Event, links: dict[str, Link], bar: tqdm
                  ) -> Generator[simpy.Event, Any, None]:
@@ -307,8 +516,9 @@ class MissionControl:
             self.tally.downlink_done_s = self.env.now
             stage["downlink"] += time.monotonic() - self._downlink_wall0
             self.save_state(links)
+            self._check_delivered()
         t0 = time.monotonic()
-        flops, wall_s = self._prepare()
+        flops, wall_s = self._ensure_prepared() or (0, 0.0)
         stage["prepare"] += time.monotonic() - t0
         if not self.resume or not self.tally.compute["ground_encoder"]["flops"]:
             c = self.tally.compute["ground_encoder"]
@@ -317,7 +527,7 @@ class MissionControl:
         epochs = range(self.epochs_done + 1, self.s.training.epochs + 1)
         for epoch in tqdm(epochs, desc="training", unit="epoch", disable=not self.show_progress):
             t0 = time.monotonic()
-            report = pb_to_epoch(self.mission.TrainEpoch(pb.TrainEpochRequest(epoch=epoch)))
+            report = pb_to_epoch(self._train_epoch(epoch))
             self.tally.local_sgd_round_bytes = report.local_sgd_round_bytes
             # dataset uploads, then rounds: workers in parallel, each on its own link
             stages = [report.dataset_bytes] if report.dataset_bytes else []
@@ -360,6 +570,150 @@ class MissionControl:
             self.save_state(links)
             self.on_epoch(self.tally.history[-1])
 
+    def _check_delivered(self) -> None:
+        """A downlink that sent nothing: every queue was empty before this mission control
+        started (a deployment driven twice), which is an error, not a run of 0 bytes."""
+        if self.tally.downlink_messages or self.tally.cloudy_skipped or self.tally.shortfall:
+            return
+        stored = self._gs("Stats", lambda: self.mission.Stats(
+            pb.StatsRequest(), timeout=self.d.call_s)).samples_stored
+        raise MissionError(
+            f"every satellite's queue was already empty: the sensor hosts had sent their "
+            f"samples before ({stored} stored at the ground station {self.ground_station}); "
+            "continue that mission with `sparsat run --resume DIR`, or restart the sensor "
+            "hosts and the ground station with an empty store for a new one")
+
+    # ---- the ground station: deadlines, retries, restarts ----------------------------------
+
+    def _gs(self, what: str, call: Callable[[], T]) -> T:
+        """A call to the ground station, retried with backoff while the ground station does
+        not answer (UNAVAILABLE: restarting), for gs_retry_s at most; each retry is logged.
+        An UNAVAILABLE the ground station answers itself (no trainer left) is not retried."""
+        t0 = time.monotonic()
+        delay, retries = 0.5, 0
+        while True:
+            try:
+                out = call()
+                break
+            except grpc.RpcError as e:
+                code = e.code()
+                waited = time.monotonic() - t0
+                if (code != grpc.StatusCode.UNAVAILABLE or waited + delay > self.d.gs_retry_s
+                        or self._gs_answers()):
+                    raise MissionError(
+                        f"ground station {self.ground_station}: {what} failed: {code.name}: "
+                        f"{e.details()}" + (f" (retried for {waited:.0f} s)" if retries else "")
+                    ) from e
+                retries += 1
+                self.tally.gs_retries += 1
+                log.warning("ground station %s: %s UNAVAILABLE (%s); retry %d in %.1f s",
+                            self.ground_station, what, e.details(), retries, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
+        if retries:
+            took = time.monotonic() - t0
+            log.warning("ground station %s answers %s again after %.1f s", self.ground_station,
+                        what, took)
+            self.tally.faults.append({
+                "fault": "ground station unavailable", "node": GROUND_STATION,
+                "address": self.ground_station, "call": what, "retries": retries,
+                "recovered": True, "recovery_wall_s": round(took, 2)})
+        return out
+
+    def _gs_answers(self) -> bool:
+        """Whether the ground station process answers at all (a quick Health call)."""
+        try:
+            pb_grpc.HealthStub(self.gs_channel).Check(pb.HealthRequest(), timeout=2.0)
+            return True
+        except grpc.RpcError:
+            return False
+
+    def _describe(self) -> pb.MissionInfo:
+        return self._gs("Describe", lambda: self.mission.Describe(
+            pb.DescribeRequest(), timeout=self.d.call_s))
+
+    def _list_nodes(self) -> list[pb.NodeInfo]:
+        return list(self._gs("ListNodes", lambda: self.registry.ListNodes(
+            pb.ListNodesRequest(), timeout=self.d.call_s)).nodes)
+
+    def _check_scenario(self) -> None:
+        """The ground station must run this scenario: the keys it uses are compared with
+        this scenario's, and a difference is an error naming each key (keys that are a
+        deployment's own, such as paths and devices, are left out by the ground station)."""
+        info = self._describe()
+        theirs = json.loads(info.config_json)
+        mine = flatten(json.loads(json.dumps(
+            asdict(ground_station_config(self.s, Path("."))), default=str)))
+        diffs = [f"{k}: {json.dumps(mine[k]) if k in mine else 'absent'} here, "
+                 f"{json.dumps(v)} at the ground station"
+                 for k, v in sorted(theirs.items()) if mine.get(k, _ABSENT) != v]
+        if diffs:
+            raise MissionError(
+                f"this scenario is not the one the ground station {self.ground_station} runs "
+                f"(fingerprint {info.fingerprint}): " + "; ".join(diffs))
+        self.tally.fingerprint = info.fingerprint
+
+    def _ensure_prepared(self) -> tuple[int, float] | None:
+        """Run Prepare unless this ground-station process has: the first time, and again
+        after a restart lost it (then the trainers must have registered again first).
+        (FLOPs, wall s) of the encoder stage when it ran. Training that had begun must
+        continue from the ground station's checkpoint, not start again."""
+        info = self._describe()
+        if info.prepared and info.instance == self._gs_instance:
+            return None
+        if self._gs_instance and info.instance != self._gs_instance:
+            log.warning("ground station %s restarted (Prepare state lost): waiting for %d "
+                        "trainers to register again, then preparing again",
+                        self.ground_station, self.s.training.num_workers)
+            wait_for_nodes(self.registry, [], self.s.training.num_workers, alive=self.alive)
+        if not info.prepared:
+            out: tuple[int, float] | None = self._prepare()
+        else:
+            out = None
+        info = self._describe()
+        self._gs_instance = info.instance
+        copies = self.s.training.epochs if self.s.sensors.mask.kind == "random" else 1
+        self._rows_per_epoch = int(self._gs("Stats", lambda: self.mission.Stats(
+            pb.StatsRequest(), timeout=self.d.call_s)).train_tokens) // copies
+        if self.epochs_done and not info.rounds_done:
+            raise MissionError(
+                f"the ground station {self.ground_station} has no training state: "
+                f"{self.epochs_done} epochs were done, but it did not resume from a checkpoint "
+                "(start it with --resume and the run's --checkpoint-dir); training would "
+                "start again from scratch")
+        return out
+
+    def _train_epoch(self, epoch: int) -> pb.EpochReport:
+        """TrainEpoch with a deadline (each round within the coordinator's round timeout);
+        a ground station that restarted meanwhile is prepared again and asked again."""
+        t = self.s.training
+        rows = max(1, self._rows_per_epoch)
+        rounds = -(-rows // (t.num_workers * t.local_steps * t.batch_size)) + 1
+        timeout = rounds * t.round_timeout_s + self.d.epoch_slack_s
+        failed: dict[str, Any] | None = None  # the fault being recovered from
+        while True:
+            self._ensure_prepared()
+            if failed is not None:  # prepared again: the epoch goes on
+                failed["recovery_wall_s"] = round(time.monotonic() - failed.pop("at"), 2)
+                failed = None
+            try:
+                report: pb.EpochReport = self.mission.TrainEpoch(
+                    pb.TrainEpochRequest(epoch=epoch), timeout=timeout)
+            except grpc.RpcError as e:
+                if self._describe().instance == self._gs_instance:
+                    raise MissionError(
+                        f"ground station {self.ground_station}: TrainEpoch {epoch} failed: "
+                        f"{e.code().name}: {e.details()}") from e
+                log.warning("ground station %s restarted during epoch %d (%s): preparing "
+                            "again and continuing from its checkpoint", self.ground_station,
+                            epoch, e.code().name)
+                failed = {"fault": "ground station restarted", "node": GROUND_STATION,
+                          "address": self.ground_station, "epoch": epoch, "recovered": True,
+                          "at": time.monotonic()}
+                self.tally.faults.append(failed)
+                continue
+            return report
+
     # ---- state for --resume -------------------------------------------------------------------
 
     def save_state(self, links: dict[str, Link]) -> None:
@@ -380,9 +734,9 @@ class MissionControl:
         so its earlier count is added; one that did not already includes it."""
         out: dict[str, dict[str, Any]] = {}
         unreachable = []
-        for n in self.registry.ListNodes(pb.ListNodesRequest(), timeout=10).nodes:
+        for n in self._list_nodes():
             try:
-                h = _health(n.address, 10, n.node_id)
+                h = _health(n.address, min(5.0, self.d.call_s), n.node_id)
             except grpc.RpcError:
                 unreachable.append(n.node_id)
                 continue
@@ -414,9 +768,7 @@ class MissionControl:
         self.saved_links = dict(state["per_link"])
         return float(state["sim_time_s"])
 
-    def _orbital_processes(self, stubs: dict[str, pb_grpc.SensorStub],
-                           host_of: dict[str, pb.NodeInfo], dlinks: dict[str, Link],
-                           bar: tqdm) -> list[simpy.Process]:
+    def _orbital_processes(self, dlinks: dict[str, Link], bar: tqdm) -> list[simpy.Process]:
         s, o = self.s, self.s.orbits
         assert o is not None
         sats = orbits.constellation(s)
@@ -439,8 +791,7 @@ class MissionControl:
         for c in windows:
             per_sat[c.satellite].append(c)
         return [self.env.process(self.satellite_in_orbit(
-            sat, stubs[host_of[sat.name].node_id], dlinks[sat.name], per_sat[sat.name],
-            antennas, bar)) for sat in sats]
+            sat, dlinks[sat.name], per_sat[sat.name], antennas, bar)) for sat in sats]
 
     def _round_trip(self, link: Link, w: Any) -> Generator[simpy.Event, Any, None]:
         yield self.env.process(link.transfer(w.sent))
@@ -454,10 +805,14 @@ class MissionControl:
         yield self.env.process(link.transfer(w.received))
 
     def _prepare(self) -> tuple[int, float]:
-        """Run the ground station's encoder stage; (FLOPs, wall s) of encoding the samples."""
+        """Run the ground station's encoder stage; (FLOPs, wall s) of encoding the samples.
+        Retried from the start while the ground station does not answer."""
+        return self._gs("Prepare", self._prepare_once)
+
+    def _prepare_once(self) -> tuple[int, float]:
         bars: dict[str, tqdm] = {}
         flops, wall_s = 0, 0.0
-        for update in self.mission.Prepare(pb.PrepareRequest()):
+        for update in self.mission.Prepare(pb.PrepareRequest(), timeout=self.d.prepare_s):
             if update.stage == "encode train" and update.flops:
                 flops, wall_s = int(update.flops), float(update.wall_s)
             bar = bars.get(update.stage)
@@ -477,7 +832,8 @@ class MissionControl:
         except grpc.RpcError as e:
             raise MissionError(f"{e.code().name}: {e.details()}") from e
         except grpc.FutureTimeoutError as e:
-            raise MissionError(f"ground station {self.ground_station} not reachable") from e
+            raise MissionError(f"ground station {self.ground_station} not reachable in 60 s"
+                               ) from e
         finally:
             self.gs_channel.close()
 
@@ -485,23 +841,17 @@ class MissionControl:
         s = self.s
         self._wall0 = wall0 = time.monotonic()
         wait_ready(self.gs_channel, 60)
+        self._check_scenario()
         satellites = s.sensors.ids()
         nodes = wait_for_nodes(self.registry, satellites, s.training.num_workers,
                                alive=self.alive)
         for n in nodes:  # registered is not yet serving: sensors register, then load data
-            deadline = time.monotonic() + 120
-            while True:
-                self.alive()
-                try:
-                    _health(n.address, 2, n.node_id)
-                    break
-                except grpc.RpcError:
-                    if time.monotonic() > deadline:
-                        raise
-
+            self._wait_serving(n)
         host_of = {sat: n for n in nodes if n.role == pb.SENSOR for sat in n.satellite_ids}
-        channels = {n.node_id: channel(n.address, peer=n.node_id) for n in host_of.values()}
-        stubs = {node_id: pb_grpc.SensorStub(ch) for node_id, ch in channels.items()}
+        self._channels = {n.node_id: channel(n.address, peer=n.node_id)
+                          for n in host_of.values()}
+        self.use_sensors(host_of, {node_id: pb_grpc.SensorStub(ch)
+                                   for node_id, ch in self._channels.items()})
         down = s.links.downlink
         dlinks = {sat: Link(self.env, f"downlink:{sat}", down.rate_bps, down.latency_s)
                   for sat in satellites}
@@ -515,12 +865,11 @@ class MissionControl:
         p = s.passes
         sats = []
         if s.orbits is not None and not self.resume:
-            sats = self._orbital_processes(stubs, host_of, dlinks, bar)
+            sats = self._orbital_processes(dlinks, bar)
         for i, sat in enumerate(satellites if not (self.resume or s.orbits) else []):
             offset = p.offset_s if p.offset_s is not None else i * p.period_s / len(satellites)
             passes = PeriodicPasses(p.period_s, p.duration_s, offset)
-            sats.append(self.env.process(self.satellite(
-                sat, stubs[host_of[sat].node_id], dlinks[sat], passes, bar)))
+            sats.append(self.env.process(self.satellite(sat, dlinks[sat], passes, bar)))
         self._downlink_wall0 = time.monotonic()
         try:
             trainer = self.env.process(self.training(self.env.all_of(sats), tlinks, bar))
@@ -528,66 +877,53 @@ class MissionControl:
             # each node's own count of what it sent and received: a second measurement
             # (nodes as registered now: a trainer may have restarted elsewhere)
             counted, unreachable = self._node_bytes()
+            listed = self._list_nodes()
         finally:
             bar.close()
-            for ch in channels.values():
+            for ch in self._channels.values():
                 ch.close()
-        stats = self.mission.Stats(pb.StatsRequest())
-        t = self.tally
+        stats = self._gs("Stats", lambda: self.mission.Stats(pb.StatsRequest(),
+                                                             timeout=self.d.call_s))
         links = [*dlinks.values(), *tlinks.values()]
-        t.per_link = self._per_link(links)
-        accs = [h["accuracy"] for h in t.history]
-        target = s.training.target_accuracy
-        reached = [h["sim_time_s"] for h in t.history if target and h["accuracy"] >= target]
-        return {
-            "scenario": s.name,
-            "final_accuracy": accs[-1],
-            "best_accuracy": max(accs),
-            "bytes": {"downlink": t.downlink_bytes, "uplink": t.uplink_bytes,
-                      "retransmitted": t.retransmitted_bytes, "trainer": t.trainer_bytes,
-                      "total": t.total_bytes},
-            "target_accuracy": target,
-            "time_to_accuracy_s": reached[0] if reached else None,
-            "sim_time_s": self.env.now,
-            "downlink_done_s": t.downlink_done_s,
-            "wall_time_s": t.wall_time_s + time.monotonic() - wall0,
-            "stage_wall_s": t.stage_wall_s,
-            "resumed": t.resumed,
-            "samples": {"sent": t.downlink_messages, "batches": t.downlink_batches,
-                        "rejected": t.rejected, "rejections": t.rejections,
-                        "stored": int(stats.samples_stored),
-                        # distinct stored rows used, and rows used over all epochs
-                        "trained_on": t.distinct_trained, "rows_trained": t.rows_trained,
-                        "train_tokens": int(stats.train_tokens),
-                        "duplicates": int(stats.duplicates), "test": int(stats.test_tokens),
-                        "cloudy_skipped": t.cloudy_skipped,
-                        "test_cloudy_skipped": int(stats.test_skipped)},
-            "accuracy_by_group": {k[len("accuracy_"):]: v for k, v in t.history[-1].items()
-                                  if k.startswith("accuracy_")},
-            "compute": {**t.compute, "flops_per_s": {
-                "onboard_encoder": s.sensors.onboard_flops,
-                "ground_encoder": s.training.ground_flops,
-                "trainers": s.training.trainer_flops},
-                "test_encoder_flops": int(stats.test_encode_flops)},
-            "downlink_failures": t.downlink_failures,
-            "ground_station": {"downlink_bytes_received": int(stats.downlink_bytes_received),
-                               "rejected": int(stats.rejected),
-                               "peak_rss_mb": round(stats.peak_rss_bytes / 2**20, 1)},
-            "per_link_bytes": t.per_link,
-            # busy time / mission time; stations: busy / (antennas x mission time)
-            "link_utilisation": {link.name: link.busy_s / self.env.now if self.env.now else 0.0
-                                 for link in links},
-            "stations": {name: {**v, "utilisation": v["busy_s"] / (v["antennas"] * self.env.now)
-                                if self.env.now else 0.0} for name, v in t.stations.items()},
-            "node_bytes": {k: {"sent": v["sent"] + v["base_sent"],
-                               "received": v["received"] + v["base_received"]}
-                           for k, v in counted.items()},
-            "unreachable_nodes": unreachable,
-            "per_round_bytes": t.per_round_bytes,
-            "round_bytes": _round_bytes(t),
-            "trainer_failures": t.trainer_failures,
-            "history": t.history,
-        }
+        self.tally.per_link = self._per_link(links)
+        if self.tally.shortfall:
+            lost = sum(v["undelivered"] for v in self.tally.shortfall.values())
+            log.warning("%d samples of %s were not delivered (their sensor hosts did not come "
+                        "back): trained on what arrived", lost, sorted(self.tally.shortfall))
+        return report.assemble(report.Outcome(
+            scenario=s, tally=self.tally, sim_time_s=self.env.now,
+            wall_time_s=self.tally.wall_time_s + time.monotonic() - wall0,
+            links=links, stats=stats, node_bytes=counted,
+            unreachable=unreachable, nodes=listed))
+
+    def _wait_serving(self, n: pb.NodeInfo) -> None:
+        """A registered node must answer Health within node_ready_s: one that does not (a
+        dead process, an address that does not route) is named with its address."""
+        deadline = time.monotonic() + self.d.node_ready_s
+        while True:
+            self.alive()
+            try:
+                _health(n.address, 2, n.node_id)
+                return
+            except grpc.RpcError as e:
+                if time.monotonic() > deadline:
+                    raise MissionError(
+                        f"{n.node_id} at {n.address} (as it registered) did not answer in "
+                        f"{self.d.node_ready_s:.0f} s: {e.code().name}: {e.details()}; is the "
+                        "address reachable from here (a node behind NAT or bound to 0.0.0.0 "
+                        "must advertise a routable one: --advertise)?") from e
+
+
+_ABSENT = object()
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: keys as the ground station's Describe names them."""
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        flat.update(flatten(v, key) if isinstance(v, dict) else {key: v})
+    return flat
 
 
 def _on_link(report: pb.TransmitReport) -> list[int]:
@@ -598,14 +934,3 @@ def _on_link(report: pb.TransmitReport) -> list[int]:
         if k < len(report.ack_bytes):
             sizes.append(report.ack_bytes[k])
     return sizes
-
-
-def _round_bytes(t: Tally) -> dict[str, Any]:
-    """Mean bytes per training round (all workers, both directions) beside what one
-    local-SGD round of the same model and K moves."""
-    totals = [sum(w["sent"] + w["received"] for w in r["workers"].values())
-              for r in t.per_round_bytes]
-    mean = sum(totals) / len(totals) if totals else 0.0
-    return {"rounds": len(totals), "mean": mean, "local_sgd": t.local_sgd_round_bytes,
-            "ratio_to_local_sgd": mean / t.local_sgd_round_bytes if t.local_sgd_round_bytes
-            else None}

@@ -4,12 +4,120 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from proto.sparsat.v1 import sparsat_pb2 as pb
+from sim.links import Link
 from sim.scenario import Scenario, dump
 
+if TYPE_CHECKING:
+    from sim.mission import Tally
+
 HISTORY_FIELDS = ("epoch", "accuracy", "test_loss", "train_loss", "bytes_total", "sim_time_s")
+
+
+@dataclass
+class Outcome:
+    """What mission control hands over at the end of a run: its tally and clock, the links,
+    and what the nodes reported (ground-station Stats, each node's own byte counts, the
+    registry as it stands)."""
+
+    scenario: Scenario
+    tally: Tally
+    sim_time_s: float
+    wall_time_s: float
+    links: list[Link]
+    stats: pb.StatsReply
+    node_bytes: dict[str, dict[str, Any]]  # node -> sent, received, base_sent, base_received
+    unreachable: list[str]
+    nodes: list[pb.NodeInfo]
+
+
+def assemble(o: Outcome) -> dict[str, Any]:
+    """results.json's content."""
+    import torch
+
+    s, t, stats, now = o.scenario, o.tally, o.stats, o.sim_time_s
+    accs = [h["accuracy"] for h in t.history]
+    target = s.training.target_accuracy
+    reached = [h["sim_time_s"] for h in t.history if target and h["accuracy"] >= target]
+    return {
+        "scenario": s.name,
+        "final_accuracy": accs[-1],
+        "best_accuracy": max(accs),
+        "bytes": {"downlink": t.downlink_bytes, "uplink": t.uplink_bytes,
+                  "retransmitted": t.retransmitted_bytes, "trainer": t.trainer_bytes,
+                  "total": t.total_bytes},
+        "target_accuracy": target,
+        "time_to_accuracy_s": reached[0] if reached else None,
+        "sim_time_s": now,
+        "downlink_done_s": t.downlink_done_s,
+        "wall_time_s": o.wall_time_s,
+        "stage_wall_s": t.stage_wall_s,
+        "resumed": t.resumed,
+        "samples": {"sent": t.downlink_messages, "batches": t.downlink_batches,
+                    "rejected": t.rejected, "rejections": t.rejections,
+                    "stored": int(stats.samples_stored),
+                    # distinct stored rows used, and rows used over all epochs
+                    "trained_on": t.distinct_trained, "rows_trained": t.rows_trained,
+                    "train_tokens": int(stats.train_tokens),
+                    "duplicates": int(stats.duplicates), "test": int(stats.test_tokens),
+                    "cloudy_skipped": t.cloudy_skipped,
+                    "test_cloudy_skipped": int(stats.test_skipped)},
+        "accuracy_by_group": {k[len("accuracy_"):]: v for k, v in t.history[-1].items()
+                              if k.startswith("accuracy_")},
+        "compute": {**t.compute, "flops_per_s": {
+            "onboard_encoder": s.sensors.onboard_flops,
+            "ground_encoder": s.training.ground_flops,
+            "trainers": s.training.trainer_flops},
+            "test_encoder_flops": int(stats.test_encode_flops)},
+        "downlink_failures": t.downlink_failures,
+        "ground_station": {"downlink_bytes_received": int(stats.downlink_bytes_received),
+                           "rejected": int(stats.rejected),
+                           "peak_rss_mb": round(stats.peak_rss_bytes / 2**20, 1),
+                           "scenario_fingerprint": t.fingerprint},
+        # where training ran: each trainer's device (and threads, where it reports them),
+        # and this process's torch threads
+        "devices": {"trainers": {n.node_id: _device(n) for n in o.nodes
+                                 if n.role == pb.TRAINER},
+                    "mission_control_threads": torch.get_num_threads()},
+        "per_link_bytes": t.per_link,
+        # busy time / mission time; stations: busy / (antennas x mission time)
+        "link_utilisation": {link.name: link.busy_s / now if now else 0.0 for link in o.links},
+        "stations": {name: {**v, "utilisation": v["busy_s"] / (v["antennas"] * now)
+                            if now else 0.0} for name, v in t.stations.items()},
+        "node_bytes": {k: {"sent": v["sent"] + v["base_sent"],
+                           "received": v["received"] + v["base_received"]}
+                       for k, v in o.node_bytes.items()},
+        "unreachable_nodes": o.unreachable,
+        # faults survived (node, address, wall seconds to recover) and satellites whose
+        # sensor host never came back, with the samples they did not deliver
+        "faults": t.faults,
+        "shortfall": t.shortfall,
+        "ground_station_retries": t.gs_retries,
+        "per_round_bytes": t.per_round_bytes,
+        "round_bytes": round_bytes(t),
+        "trainer_failures": t.trainer_failures,
+        "history": t.history,
+    }
+
+
+def _device(n: pb.NodeInfo) -> dict[str, Any]:
+    threads = getattr(n, "threads", 0)  # set by trainers that report it
+    return {"device": n.device, **({"threads": int(threads)} if threads else {})}
+
+
+def round_bytes(t: Tally) -> dict[str, Any]:
+    """Mean bytes per training round (all workers, both directions) beside what one
+    local-SGD round of the same model and K moves."""
+    totals = [sum(w["sent"] + w["received"] for w in r["workers"].values())
+              for r in t.per_round_bytes]
+    mean = sum(totals) / len(totals) if totals else 0.0
+    return {"rounds": len(totals), "mean": mean, "local_sgd": t.local_sgd_round_bytes,
+            "ratio_to_local_sgd": mean / t.local_sgd_round_bytes if t.local_sgd_round_bytes
+            else None}
 
 
 def write(out_dir: Path, scenario: Scenario, results: dict[str, Any]) -> None:
@@ -70,9 +178,16 @@ def summary(results: dict[str, Any]) -> str:
         f"mission time    {results['sim_time_s']:,.1f} s" + _compute(results),
         *([_target_line(results)] if results.get("target_accuracy") else []),
         f"wall time       {results['wall_time_s']:.1f} s",
+        *([f"not delivered   {_shortfall(results)}"] if results.get("shortfall") else []),
         *([f"trainer faults  {len(results['trainer_failures'])} failed calls (see "
            "results.json trainer_failures)"] if results.get("trainer_failures") else []),
     ])
+
+
+def _shortfall(results: dict[str, Any]) -> str:
+    parts = [f"{sat} {v['undelivered']:,} samples (host {v['host']} gone)"
+             for sat, v in sorted(results["shortfall"].items())]
+    return "WARNING: " + ", ".join(parts)
 
 
 def _groups_line(results: dict[str, Any]) -> str:

@@ -34,8 +34,8 @@ def _fly(links: dict[str, Any], sensor: OneBatch, **sensors: Any) -> tuple[Missi
     down = scenario.links.downlink
     link = Link(mc.env, "downlink:sat-0", down.rate_bps, down.latency_s)
     bar = tqdm(disable=True)
-    mc.env.run(until=mc.env.process(mc.satellite(
-        "sat-0", sensor, link, PeriodicPasses(100, 50, 0), bar)))  # type: ignore[arg-type]
+    mc.use_sensors({"sat-0": pb.NodeInfo(node_id="host-0")}, {"host-0": sensor})
+    mc.env.run(until=mc.env.process(mc.satellite("sat-0", link, PeriodicPasses(100, 50, 0), bar)))
     mc.gs_channel.close()
     return mc, link
 

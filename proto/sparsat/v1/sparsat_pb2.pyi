@@ -396,3 +396,21 @@ class StatsReply(_message.Message):
     test_encode_flops: int
     peak_rss_bytes: int
     def __init__(self, samples_stored: _Optional[int] = ..., samples_received: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ..., downlink_bytes_received: _Optional[int] = ..., train_tokens: _Optional[int] = ..., test_tokens: _Optional[int] = ..., test_skipped: _Optional[int] = ..., test_encode_flops: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ...) -> None: ...
+
+class DescribeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MissionInfo(_message.Message):
+    __slots__ = ("config_json", "fingerprint", "prepared", "rounds_done", "instance")
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    PREPARED_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_DONE_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    config_json: str
+    fingerprint: str
+    prepared: bool
+    rounds_done: int
+    instance: str
+    def __init__(self, config_json: _Optional[str] = ..., fingerprint: _Optional[str] = ..., prepared: _Optional[bool] = ..., rounds_done: _Optional[int] = ..., instance: _Optional[str] = ...) -> None: ...

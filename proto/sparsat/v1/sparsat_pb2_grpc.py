@@ -497,6 +497,11 @@ class MissionStub:
                 request_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.StatsRequest.SerializeToString,
                 response_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.StatsReply.FromString,
                 _registered_method=True)
+        self.Describe = channel.unary_unary(
+                '/sparsat.v1.Mission/Describe',
+                request_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.MissionInfo.FromString,
+                _registered_method=True)
 
 
 class MissionServicer:
@@ -520,6 +525,12 @@ class MissionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Describe(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MissionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -537,6 +548,11 @@ def add_MissionServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.StatsRequest.FromString,
                     response_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.StatsReply.SerializeToString,
+            ),
+            'Describe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Describe,
+                    request_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.DescribeRequest.FromString,
+                    response_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.MissionInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -620,6 +636,33 @@ class Mission:
             '/sparsat.v1.Mission/Stats',
             proto_dot_sparsat_dot_v1_dot_sparsat__pb2.StatsRequest.SerializeToString,
             proto_dot_sparsat_dot_v1_dot_sparsat__pb2.StatsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Describe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sparsat.v1.Mission/Describe',
+            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.DescribeRequest.SerializeToString,
+            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.MissionInfo.FromString,
             options,
             channel_credentials,
             insecure,
