@@ -59,6 +59,7 @@ class Deadlines:
     deadline, so a hung node cannot hang it; a node that does not answer is named."""
 
     call_s: float = 30.0  # control calls: ListNodes, Health, Describe, Stats
+    register_s: float = REGISTER_TIMEOUT_S  # nodes must have registered within this
     node_ready_s: float = 60.0  # a registered node must answer Health within this
     # Transmit: the budget at no less than floor_bytes_s (on-board encoding included), + slack
     transmit_floor_bytes_s: float = 20_000.0
@@ -661,17 +662,24 @@ class MissionControl:
         info = self._describe()
         if info.prepared and info.instance == self._gs_instance:
             return None
-        if self._gs_instance and info.instance != self._gs_instance:
+        t0, restarted = time.monotonic(), bool(self._gs_instance)
+        if restarted and info.instance != self._gs_instance:
             log.warning("ground station %s restarted (Prepare state lost): waiting for %d "
                         "trainers to register again, then preparing again",
                         self.ground_station, self.s.training.num_workers)
-            wait_for_nodes(self.registry, [], self.s.training.num_workers, alive=self.alive)
+            wait_for_nodes(self.registry, [], self.s.training.num_workers, self.d.register_s,
+                           alive=self.alive)
         if not info.prepared:
             out: tuple[int, float] | None = self._prepare()
         else:
             out = None
         info = self._describe()
         self._gs_instance = info.instance
+        if restarted:
+            self.tally.faults.append({
+                "fault": "ground station restarted", "node": GROUND_STATION,
+                "address": self.ground_station, "epochs_done": self.epochs_done,
+                "recovered": True, "recovery_wall_s": round(time.monotonic() - t0, 2)})
         copies = self.s.training.epochs if self.s.sensors.mask.kind == "random" else 1
         self._rows_per_epoch = int(self._gs("Stats", lambda: self.mission.Stats(
             pb.StatsRequest(), timeout=self.d.call_s)).train_tokens) // copies
@@ -843,8 +851,9 @@ class MissionControl:
         wait_ready(self.gs_channel, 60)
         self._check_scenario()
         satellites = s.sensors.ids()
-        nodes = wait_for_nodes(self.registry, satellites, s.training.num_workers,
-                               alive=self.alive)
+        # resuming, the downlink is done: only the trainers are needed
+        nodes = wait_for_nodes(self.registry, [] if self.resume else satellites,
+                               s.training.num_workers, self.d.register_s, alive=self.alive)
         for n in nodes:  # registered is not yet serving: sensors register, then load data
             self._wait_serving(n)
         host_of = {sat: n for n in nodes if n.role == pb.SENSOR for sat in n.satellite_ids}
