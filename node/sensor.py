@@ -35,6 +35,7 @@ from node.rpc import (
     ByteCounter,
     Outbox,
     abort,
+    add_standard_services,
     bind,
     channel,
     make_server,
@@ -252,11 +253,11 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
 
 
 def serve(listen: str, ground_station: str, satellite_ids: list[str],
-          node_id: str | None = None) -> None:
+          node_id: str | None = None, advertise: str | None = None) -> None:
     """Run a sensor host until interrupted: bind, register, then answer Transmit calls."""
     node_id = node_id or f"sensors-{satellite_ids[0]}"
     server = make_server()
-    address = bind(server, listen)
+    address = bind(server, listen, advertise, toward=ground_station)
     # Register first: the ground station answers with the scenario's sensor configuration.
     # Transmit calls only come after registration, once the server below is started.
     cfg = SensorConfig.from_json(register(ground_station, pb.RegisterRequest(
@@ -264,6 +265,7 @@ def serve(listen: str, ground_station: str, satellite_ids: list[str],
     servicer = SensorServicer(node_id, satellite_ids, cfg, ground_station)
     pb_grpc.add_SensorServicer_to_server(servicer, server)
     pb_grpc.add_HealthServicer_to_server(servicer, server)
+    add_standard_services(server, ["sparsat.v1.Sensor", "sparsat.v1.Health"])
     server.start()
     log.info("sensor host %s serving %s on %s", node_id, satellite_ids, address)
     server.wait_for_termination()

@@ -19,7 +19,16 @@ import torch
 from node import serde
 from node.codec import CodecError
 from node.mlp import MLP
-from node.rpc import INSTANCE, ByteCounter, abort, bind, make_server, register, wire_size
+from node.rpc import (
+    INSTANCE,
+    ByteCounter,
+    abort,
+    add_standard_services,
+    bind,
+    make_server,
+    register,
+    wire_size,
+)
 from node.training import Adam, epoch_order, resolve_device, steps_for, train_steps
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
@@ -128,7 +137,7 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
 
 def serve(
     listen: str, ground_station: str | None, device: str = "auto", node_id: str | None = None,
-    threads: int | None = None,
+    threads: int | None = None, advertise: str | None = None,
 ) -> None:
     """Run a trainer until interrupted; registers with `ground_station` when given."""
     node_id = node_id or f"trainer-{uuid.uuid4().hex[:6]}"
@@ -140,7 +149,8 @@ def serve(
     server = make_server()
     pb_grpc.add_TrainerServicer_to_server(servicer, server)
     pb_grpc.add_HealthServicer_to_server(servicer, server)
-    address = bind(server, listen)
+    add_standard_services(server, ["sparsat.v1.Trainer", "sparsat.v1.Health"])
+    address = bind(server, listen, advertise, toward=ground_station)
     server.start()
     log.info("trainer %s serving on %s (device %s)", node_id, address, dev)
     if ground_station:

@@ -239,7 +239,7 @@ def cmd_sensor(args: argparse.Namespace) -> int:
             raise ValueError(f"{name}'s credentials do not cover satellites {stray[:8]} (they "
                              f"cover {list(creds.identity.satellites)[:8]})")
 
-    serve(args.listen, args.ground_station, args.id, args.node_id)
+    serve(args.listen, args.ground_station, args.id, args.node_id, args.advertise)
     return 0
 
 
@@ -249,7 +249,7 @@ def cmd_trainer(args: argparse.Namespace) -> int:
     name = _configure_security(args, "trainer", args.id)
     args.id = args.id or name
 
-    serve(args.listen, args.ground_station, args.device, args.id, args.threads)
+    serve(args.listen, args.ground_station, args.device, args.id, args.threads, args.advertise)
     return 0
 
 

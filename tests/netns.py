@@ -38,6 +38,7 @@ class Network:
         self.bridge_ns = f"{self.tag}-switch"
         self.procs: list[subprocess.Popen[bytes]] = []
         self._made: list[str] = []
+        self._etc: list[Path] = []
 
     def __enter__(self) -> Network:
         try:
@@ -66,6 +67,14 @@ class Network:
             _ip("-n", ns, "addr", "add", f"{self.addr[m]}/24", "dev", "eth0")
             _ip("-n", ns, "link", "set", "eth0", "up")
             _ip("-n", ns, "link", "set", "lo", "up")
+        # each machine resolves the others by name: `ip netns exec` mounts
+        # /etc/netns/NS/hosts over /etc/hosts inside the namespace
+        hosts = "127.0.0.1 localhost\n" + "".join(f"{a} {m}\n" for m, a in self.addr.items())
+        for m, ns in self.ns.items():
+            folder = Path("/etc/netns") / ns
+            folder.mkdir(parents=True, exist_ok=True)
+            self._etc.append(folder)
+            (folder / "hosts").write_text(hosts)
 
     def popen(self, machine: str, argv: Sequence[str], log: Path,
               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -129,6 +138,13 @@ class Network:
         for ns in reversed(self._made):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
         self._made.clear()
+        for folder in self._etc:
+            (folder / "hosts").unlink(missing_ok=True)
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        self._etc.clear()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
