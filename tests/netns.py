@@ -70,7 +70,7 @@ class Network:
         # each machine resolves the others by name: `ip netns exec` mounts
         # /etc/netns/NS/hosts over /etc/hosts inside the namespace
         hosts = "127.0.0.1 localhost\n" + "".join(f"{a} {m}\n" for m, a in self.addr.items())
-        for m, ns in self.ns.items():
+        for ns in self.ns.values():
             folder = Path("/etc/netns") / ns
             folder.mkdir(parents=True, exist_ok=True)
             self._etc.append(folder)
