@@ -34,7 +34,7 @@ from ground_station.encoding import (
     train_key,
 )
 from ground_station.ingest import CONFLICT, INVALID, Checked, IngestRules, check_batch
-from ground_station.store import SampleStore
+from ground_station.store import NodeRecord, SampleStore
 from node import encoders
 from node import serde as node_serde
 from node.datasets import load_dataset, split_size
@@ -57,11 +57,88 @@ log = logging.getLogger("sparsat.ground_station")
 SERVICES = ["sparsat.v1.Downlink", "sparsat.v1.Registry", "sparsat.v1.Health",
             "sparsat.v1.Mission"]
 
+# A stalled or slow client must not take every worker thread: Send streams are capped (the
+# ones beyond get RESOURCE_EXHAUSTED), one without a message for SEND_IDLE_S is cancelled,
+# and the pool keeps CONTROL_WORKERS threads beyond the cap for Health, Register, Prepare...
+MAX_SEND_STREAMS = 16
+SEND_IDLE_S = 30.0
+CONTROL_WORKERS = 16
+# Registration fields past these are refused (INVALID_ARGUMENT naming the limit); error
+# messages quote at most QUOTE_CHARS of an offending id, so a status always fits gRPC's
+# metadata limit (8 KiB) instead of turning into RESOURCE_EXHAUSTED on the client.
+MAX_NODE_ID_CHARS = 128
+MAX_ADDRESS_CHARS = 256
+MAX_DEVICE_CHARS = 64
+MAX_SATELLITES = 1024
+QUOTE_CHARS = 64
+
+
+def quote(text: str) -> str:
+    """`text` for an error message: repr of at most QUOTE_CHARS characters."""
+    return repr(text[:QUOTE_CHARS]) + ("..." if len(text) > QUOTE_CHARS else "")
+
+
+class SendStreams:
+    """The open Downlink.Send streams: at most `limit` at once, each cancelled by a watchdog
+    thread when no message arrived for `idle_s` (a client that opened a stream and went
+    silent holds a worker thread until then)."""
+
+    def __init__(self, limit: int, idle_s: float) -> None:
+        self.limit, self.idle_s = limit, idle_s
+        self._lock = threading.Lock()
+        self._open: dict[int, tuple[grpc.ServicerContext, float]] = {}
+        self._next = 0
+        self._watchdog: threading.Thread | None = None
+        self.cancelled = 0  # streams cancelled for being idle (tests, logs)
+
+    def open(self, context: grpc.ServicerContext) -> int | None:
+        """A key for a new stream, or None when `limit` streams are open."""
+        with self._lock:
+            if len(self._open) >= self.limit:
+                return None
+            self._next += 1
+            self._open[self._next] = (context, time.monotonic())
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(target=self._watch, daemon=True,
+                                                  name="send-idle-watchdog")
+                self._watchdog.start()
+            return self._next
+
+    def touch(self, key: int) -> None:
+        with self._lock:
+            if key in self._open:
+                self._open[key] = (self._open[key][0], time.monotonic())
+
+    def close(self, key: int) -> None:
+        with self._lock:
+            self._open.pop(key, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    def _watch(self) -> None:
+        tick = max(0.05, min(1.0, self.idle_s / 4))
+        while True:
+            time.sleep(tick)
+            now = time.monotonic()
+            with self._lock:
+                idle = [(k, c) for k, (c, last) in self._open.items() if now - last > self.idle_s]
+                for k, _ in idle:
+                    del self._open[k]
+                self.cancelled += len(idle)
+            for _, context in idle:
+                log.warning("Send from %s: no message for %.0f s, cancelled", context.peer(),
+                            self.idle_s)
+                context.cancel()
+
 
 class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                     pb_grpc.HealthServicer, pb_grpc.MissionServicer):
-    def __init__(self, cfg: GroundStationConfig) -> None:
+    def __init__(self, cfg: GroundStationConfig, max_streams: int = MAX_SEND_STREAMS,
+                 idle_s: float = SEND_IDLE_S) -> None:
         self.cfg = cfg
+        self.streams = SendStreams(max_streams, idle_s)
         self.store = SampleStore(Path(cfg.store_dir) / "samples.sqlite")
         self.store.bind(hashlib.blake2b(cfg.sensor.to_json().encode(), digest_size=16).hexdigest())
         self.bytes = ByteCounter()  # this process's own count (Health)
@@ -74,8 +151,16 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             n_train=n_train, copies=cfg.sensor.mask.copies, cls_dtype=cfg.sensor.cls_dtype,
             owner=_owners(cfg, n_train),
             satellites={s: k for k, s in enumerate(cfg.sensor.satellites)})
-        self.nodes: dict[str, pb.NodeInfo] = {}
-        self.known_sensors: set[str] = set()
+        # the registry, as stored: a restarted ground station knows its nodes and accepts
+        # the enrolled sensors' samples before they register again
+        self.nodes: dict[str, pb.NodeInfo] = {
+            r.node_id: pb.NodeInfo(node_id=r.node_id, role=pb.Role.Name(r.role),
+                                   address=r.address, satellite_ids=r.satellites,
+                                   device=r.device)
+            for r in self.store.nodes()}
+        self.known_sensors: set[str] = self._enrolled()
+        if self.nodes:
+            log.info("registry loaded from the store: %s", ", ".join(sorted(self.nodes)))
         self._lock = threading.Lock()  # nodes, tokens, coordinator
         self._train_lock = threading.Lock()  # one Prepare or TrainEpoch at a time
         self.train_tokens: TokenSet | None = None
@@ -86,8 +171,21 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
 
     def Send(self, request_iterator: Iterator[pb.DownlinkBatch],
              context: grpc.ServicerContext) -> Iterator[pb.BatchAck]:
+        key = self.streams.open(context)
+        if key is None:
+            abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                  f"{self.streams.limit} downlink streams are open, the most this ground "
+                  "station takes at once; retry later")
+        try:
+            yield from self._send(request_iterator, context, key)
+        finally:
+            self.streams.close(key)
+
+    def _send(self, request_iterator: Iterator[pb.DownlinkBatch],
+              context: grpc.ServicerContext, key: int) -> Iterator[pb.BatchAck]:
         satellite = ""
         for msg in request_iterator:
+            self.streams.touch(key)
             size = wire_size(msg)
             self.bytes.add(received=size)
             if not satellite:
@@ -106,6 +204,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             ack = self._ingest(msg, satellite, size)
             self.bytes.add(sent=wire_size(ack))
             yield ack
+            self.streams.touch(key)
 
     def _ingest(self, msg: pb.DownlinkBatch, satellite: str, size: int) -> pb.BatchAck:
         """Check, store and answer one batch: every sample stored, a duplicate, or refused
@@ -135,6 +234,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                  context: grpc.ServicerContext) -> pb.RegisterReply:
         if not request.node_id or not request.address:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, "node_id and address are required")
+        _check_sizes(request, context)
         who = caller(context)
         if who is not None:  # the credentials decide who a node may register as
             role = {pb.SENSOR: "sensor", pb.TRAINER: "trainer"}.get(request.role, "")
@@ -147,12 +247,13 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             stray = [s for s in request.satellite_ids if s not in who.satellites]
             if stray:
                 abort(context, grpc.StatusCode.PERMISSION_DENIED,
-                      f"{who.name} may not speak for satellites {[s[:64] for s in stray[:4]]}")
+                      f"{who.name} may not speak for satellites {_quote_list(stray)}")
         if request.role == pb.SENSOR:
             stray = [s for s in request.satellite_ids if s not in self.cfg.sensor.satellites]
             if not request.satellite_ids or stray:
                 abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                              f"satellites {stray or '[]'} are not in this scenario")
+                      f"satellites {_quote_list(stray) if stray else '[]'} are not in this "
+                      "scenario")
             config_json = self.cfg.sensor.to_json()
         elif request.role == pb.TRAINER:
             config_json = json.dumps({"training": self.cfg.training.strategy})
@@ -161,14 +262,38 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         info = pb.NodeInfo(node_id=request.node_id, role=request.role, address=request.address,
                            satellite_ids=request.satellite_ids, device=request.device)
         with self._lock:
+            self._check_enrollment(request, context)
+            self.store.save_node(NodeRecord(request.node_id, request.role, request.address,
+                                            tuple(request.satellite_ids), request.device))
             self.nodes[request.node_id] = info
             if request.role == pb.SENSOR:  # only validated sensor registrations count
-                self.known_sensors.update(request.satellite_ids)
+                self.known_sensors = self._enrolled()
             elif self.coordinator is not None:  # a trainer (back) during training: it rejoins
                 self.coordinator.add_trainer(request.node_id, request.address)
         log.info("registered %s (%s) at %s", request.node_id, pb.Role.Name(request.role),
                  request.address)
         return pb.RegisterReply(config_json=config_json)
+
+    def _check_enrollment(self, request: pb.RegisterRequest,
+                          context: grpc.ServicerContext) -> None:
+        """A node keeps its role, and a satellite belongs to the sensor host that enrolled
+        it, until that node registers again (with other satellites). Called holding _lock."""
+        old = self.nodes.get(request.node_id)
+        if old is not None and old.role != request.role:
+            abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                  f"node {quote(request.node_id)} is registered as {pb.Role.Name(old.role)}; "
+                  f"it cannot register as {pb.Role.Name(request.role)}")
+        owner = {s: n.node_id for n in self.nodes.values()
+                 if n.role == pb.SENSOR and n.node_id != request.node_id for s in n.satellite_ids}
+        taken = [s for s in request.satellite_ids if s in owner]
+        if taken:
+            abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                  f"satellites {_quote_list(taken)} are enrolled by sensor host "
+                  f"{quote(owner[taken[0]])}; only it may register them")
+
+    def _enrolled(self) -> set[str]:
+        """The satellites registered sensor hosts speak for (the ones Send accepts)."""
+        return {s for n in self.nodes.values() if n.role == pb.SENSOR for s in n.satellite_ids}
 
     def ListNodes(self, request: pb.ListNodesRequest,
                   context: grpc.ServicerContext) -> pb.ListNodesReply:
@@ -374,6 +499,24 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             rounds_done=coord.round if coord is not None else 0)
 
 
+def _check_sizes(request: pb.RegisterRequest, context: grpc.ServicerContext) -> None:
+    """Absurdly long fields are refused before they reach the registry, its store and logs."""
+    limits = [("node_id", len(request.node_id), MAX_NODE_ID_CHARS, "characters"),
+              ("address", len(request.address), MAX_ADDRESS_CHARS, "characters"),
+              ("device", len(request.device), MAX_DEVICE_CHARS, "characters"),
+              ("satellite_ids", len(request.satellite_ids), MAX_SATELLITES, "satellites")]
+    for field, size, limit, unit in limits:
+        if size > limit:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                  f"{field} has {size} {unit}, more than the limit of {limit}")
+
+
+def _quote_list(ids: list[str]) -> str:
+    """At most 4 ids, each quoted with at most QUOTE_CHARS characters."""
+    shown = ", ".join(quote(s) for s in ids[:4])
+    return f"[{shown}{f', ... ({len(ids)} in all)' if len(ids) > 4 else ''}]"
+
+
 def _owners(cfg: GroundStationConfig, n_train: int) -> np.ndarray:
     """owner[index]: the position of the satellite holding training image `index`, or -1."""
     sats = cfg.sensor.satellites
@@ -405,7 +548,8 @@ def _per_copy(train: TokenSet, copies: int, n_train: int
 
 
 def build_server(station: GroundStation, listen: str) -> tuple[grpc.Server, str]:
-    server = make_server(max_workers=32)
+    # every Send stream can hold a thread, and control calls still find one
+    server = make_server(max_workers=station.streams.limit + CONTROL_WORKERS)
     pb_grpc.add_DownlinkServicer_to_server(station, server)
     pb_grpc.add_RegistryServicer_to_server(station, server)
     pb_grpc.add_HealthServicer_to_server(station, server)

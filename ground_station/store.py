@@ -5,11 +5,16 @@ together before the batch is acked, and an id stored before is recognised, never
 (the same content again is a duplicate; other content under a stored id is refused). The ingest
 counters (samples and bytes received, duplicates, rejections) are committed with each batch, so
 a ground station restarted on the same store reports the whole run's figures.
+
+The registry lives here too (table `nodes`): which nodes registered, at which address, and
+which satellites each sensor host enrolled, so a restarted ground station still knows its
+nodes and accepts the enrolled sensors' samples before they have registered again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 import struct
 import threading
@@ -38,6 +43,16 @@ class Row(NamedTuple):
     data: bytes
 
 
+class NodeRecord(NamedTuple):
+    """One node's registration (the fields of proto NodeInfo; role: its enum number)."""
+
+    node_id: str
+    role: int
+    address: str
+    satellites: tuple[str, ...]
+    device: str
+
+
 class SampleStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,6 +78,9 @@ class SampleStore:
             "CREATE TABLE IF NOT EXISTS batches (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
             "satellite TEXT NOT NULL, named INTEGER NOT NULL, ids BLOB NOT NULL, "
             "wire_bytes INTEGER NOT NULL)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS nodes (node_id TEXT PRIMARY KEY, role INTEGER NOT NULL, "
+            "address TEXT NOT NULL, satellites TEXT NOT NULL, device TEXT NOT NULL)")
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value "
                          "INTEGER NOT NULL)")
@@ -117,6 +135,21 @@ class SampleStore:
                        "duplicates": len(duplicates), "rejected": rejected + len(conflicts)})
             self._db.commit()
             return duplicates, conflicts
+
+    def save_node(self, node: NodeRecord) -> None:
+        """Insert or replace one node's registration, committed before Register answers."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?)",
+                             (node.node_id, node.role, node.address,
+                              json.dumps(list(node.satellites)), node.device))
+            self._db.commit()
+
+    def nodes(self) -> list[NodeRecord]:
+        """Every registration stored, in node id order."""
+        with self._lock:
+            found = self._db.execute("SELECT node_id, role, address, satellites, device FROM "
+                                     "nodes ORDER BY node_id").fetchall()
+        return [NodeRecord(n, r, a, tuple(json.loads(s)), d) for n, r, a, s, d in found]
 
     def count(self, **deltas: int) -> None:
         """Add to named counters (e.g. rejected=1, received_bytes=n), committed at once."""

@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
@@ -81,6 +82,9 @@ class ByteCounter:
 
 
 def make_server(max_workers: int = 8) -> grpc.Server:
+    """A server whose calls run on `max_workers` threads (a streaming call holds one for its
+    whole life: a server taking long streams sizes the pool above their cap, so that short
+    calls always find a thread)."""
     return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_OPTIONS,
                        interceptors=[Guard(security.active())])
 
@@ -159,8 +163,27 @@ def channel(address: str, peer: str | None = None,
                                options=options)
 
 
-def wait_ready(ch: grpc.Channel, timeout_s: float = 30.0) -> None:
-    grpc.channel_ready_future(ch).result(timeout=timeout_s)
+class Unreachable(grpc.FutureTimeoutError):
+    """A node could not be reached; the message names its address (a one-line CLI error)."""
+
+
+class Refused(RuntimeError):
+    """A node's request was refused for a reason retrying cannot change (one-line CLI error)."""
+
+
+# A node may start before its ground station: it keeps trying this long, saying so every
+# REGISTER_LOG_S, then gives up naming the address it could not reach.
+REGISTER_WAIT_S = 60.0
+REGISTER_LOG_S = 5.0
+REGISTER_CALL_S = 10.0  # one Register call, once connected
+
+
+def wait_ready(ch: grpc.Channel, timeout_s: float = 30.0, address: str = "") -> None:
+    """Wait until `ch` connects; Unreachable (naming `address`) after `timeout_s`."""
+    try:
+        grpc.channel_ready_future(ch).result(timeout=timeout_s)
+    except grpc.FutureTimeoutError as e:
+        raise Unreachable(f"{address or 'the server'} not reachable in {timeout_s:g} s") from e
 
 
 def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
@@ -169,13 +192,41 @@ def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) ->
     raise AssertionError("unreachable: context.abort raises")
 
 
-def register(ground_station: str, request: pb.RegisterRequest, timeout_s: float = 60.0) -> str:
-    """Register with the ground station (waiting for it to come up); returns config_json."""
+def register(ground_station: str, request: pb.RegisterRequest,
+             timeout_s: float = REGISTER_WAIT_S, log_every_s: float = REGISTER_LOG_S) -> str:
+    """Register with the ground station, waiting up to `timeout_s` for it to come up (a line
+    in the log every `log_every_s`); returns config_json. Unreachable names the address when
+    it never answered; a refusal (bad request, wrong credentials) is Refused at once, with the
+    ground station's reason, since trying again cannot change it."""
+    host, _, port = ground_station.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"ground station address must be HOST:PORT, got {ground_station!r}")
     ch = channel(ground_station, peer=security.GROUND_STATION)
+    t0 = time.monotonic()
+    last = "no answer"
     try:
-        wait_ready(ch, timeout_s)
-        reply = pb_grpc.RegistryStub(ch).Register(request, timeout=timeout_s)
-        return str(reply.config_json)
+        while True:
+            left = timeout_s - (time.monotonic() - t0)
+            if left <= 0:
+                raise Unreachable(f"ground station {ground_station} not reachable in "
+                                  f"{timeout_s:g} s ({last}); is the address right?")
+            try:
+                wait_ready(ch, min(left, log_every_s), ground_station)
+                reply = pb_grpc.RegistryStub(ch).Register(request, timeout=REGISTER_CALL_S)
+                return str(reply.config_json)
+            except Unreachable:
+                last = "no connection"
+            except grpc.RpcError as e:
+                if e.code() not in (grpc.StatusCode.UNAVAILABLE,
+                                    grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise Refused(f"ground station {ground_station} refused to register "
+                                      f"{request.node_id[:64]!r}: {e.code().name}: "
+                                      f"{e.details()}") from e
+                last = f"{e.code().name}: {e.details()}"
+                time.sleep(min(1.0, max(0.0, timeout_s - (time.monotonic() - t0))))
+            log.warning("%s: ground station %s not reachable yet (%.0f s of %g s; %s)",
+                        request.node_id[:64], ground_station, time.monotonic() - t0, timeout_s,
+                        last)
     finally:
         ch.close()
 

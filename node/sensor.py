@@ -30,6 +30,7 @@ from node.codec import CodecError, encode_patches, masked_canvas, quantize_token
 from node.config import SensorConfig
 from node.datasets import ImageDataset, load_dataset
 from node.masking import capture, copy_id
+from node.rejoin import Rejoin
 from node.rpc import (
     INSTANCE,
     ByteCounter,
@@ -260,8 +261,12 @@ def serve(listen: str, ground_station: str, satellite_ids: list[str],
     address = bind(server, listen, advertise, toward=ground_station)
     # Register first: the ground station answers with the scenario's sensor configuration.
     # Transmit calls only come after registration, once the server below is started.
-    cfg = SensorConfig.from_json(register(ground_station, pb.RegisterRequest(
-        node_id=node_id, role=pb.SENSOR, address=address, satellite_ids=satellite_ids)))
+    request = pb.RegisterRequest(node_id=node_id, role=pb.SENSOR, address=address,
+                                 satellite_ids=satellite_ids)
+    cfg = SensorConfig.from_json(register(ground_station, request))
+    # a restarted ground station: register again (same id, same address) by ourselves
+    Rejoin(node_id, ground_station, lambda wait_s: register(ground_station, request, wait_s)
+           ).start()
     servicer = SensorServicer(node_id, satellite_ids, cfg, ground_station)
     pb_grpc.add_SensorServicer_to_server(servicer, server)
     pb_grpc.add_HealthServicer_to_server(servicer, server)

@@ -19,6 +19,7 @@ import torch
 from node import serde
 from node.codec import CodecError
 from node.mlp import MLP
+from node.rejoin import Rejoin
 from node.rpc import (
     INSTANCE,
     ByteCounter,
@@ -154,7 +155,11 @@ def serve(
     server.start()
     log.info("trainer %s serving on %s (device %s)", node_id, address, dev)
     if ground_station:
-        register(ground_station, pb.RegisterRequest(
-            node_id=node_id, role=pb.TRAINER, address=address, device=str(dev)))
+        request = pb.RegisterRequest(node_id=node_id, role=pb.TRAINER, address=address,
+                                     device=str(dev))
+        register(ground_station, request)
         log.info("registered with ground station %s", ground_station)
+        gs = ground_station
+        # a restarted ground station: register again (same id, same address) by ourselves
+        Rejoin(node_id, gs, lambda wait_s: register(gs, request, wait_s)).start()
     server.wait_for_termination()

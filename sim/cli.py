@@ -529,11 +529,13 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a one-line error for users; --log-level debug shows the trace
+        from node.rpc import Refused, Unreachable
         from sim.launcher import LaunchError
         from sim.mission import MissionError
         from sim.scenario import ScenarioError
 
-        known = (ScenarioError, MissionError, LaunchError, FileNotFoundError, ValueError)
+        known = (ScenarioError, MissionError, LaunchError, FileNotFoundError, ValueError,
+                 Unreachable, Refused)
         if isinstance(e, known) and args.log_level != "debug":
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -1222,7 +1222,7 @@ def test_register_sensor_returns_the_scenario_config(patch_gs: Station) -> None:
     # Execute
     reply = patch_gs.registry.Register(pb.RegisterRequest(
         node_id="sensor-proc-9", role=pb.SENSOR, address="127.0.0.1:9",
-        satellite_ids=["sat-0"]), timeout=10)
+        satellite_ids=["sat-1"]), timeout=10)  # sat-0 is sensor-proc-0's (enrolled)
     nodes = patch_gs.registry.ListNodes(pb.ListNodesRequest(), timeout=10).nodes
 
     # Assert

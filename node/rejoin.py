@@ -1,0 +1,81 @@
+"""A node notices a ground-station restart and registers again by itself.
+
+The ground station keeps its registry in its store, but a node's address may have changed
+and a registration made while it was down was lost; so sensor hosts and trainers watch it:
+every CHECK_EVERY_S a Health.Check (with a deadline); when its instance (random per process)
+changes, or it answers again after being unreachable, the node registers again (same id,
+same address). One thread, one call per period: never a busy loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import grpc
+
+from node import security
+from node.rpc import Refused, Unreachable, channel
+from proto.sparsat.v1 import sparsat_pb2 as pb
+from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+
+CHECK_EVERY_S = 2.0
+CHECK_DEADLINE_S = 2.0
+REGISTER_AGAIN_S = 10.0  # one re-registration's wait; the next check tries again
+
+log = logging.getLogger("sparsat.rejoin")
+
+
+class Rejoin(threading.Thread):
+    """Watches the ground station at `ground_station` for node `node_id`; `register(wait_s)`
+    registers again (raising Unreachable or Refused when it cannot)."""
+
+    def __init__(self, node_id: str, ground_station: str, register: Callable[[float], object],
+                 every_s: float = CHECK_EVERY_S) -> None:
+        super().__init__(daemon=True, name=f"rejoin-{node_id[:32]}")
+        self.node_id, self.ground_station = node_id, ground_station
+        self._register = register
+        self.every_s = every_s
+        self.instance = ""  # the ground station's process as last seen
+        self.rejoined = 0  # registrations again (tests, logs)
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        ch = channel(self.ground_station, peer=security.GROUND_STATION)
+        health = pb_grpc.HealthStub(ch)
+        lost = False  # the last check got no answer
+        try:
+            while not self._stop.wait(self.every_s):
+                try:
+                    reply = health.Check(pb.HealthRequest(),
+                                         timeout=min(CHECK_DEADLINE_S, self.every_s))
+                except grpc.RpcError as e:
+                    if not lost:
+                        log.warning("%s: ground station %s not answering (%s); will register "
+                                    "again when it is back", self.node_id, self.ground_station,
+                                    e.code().name)
+                    lost = True
+                    continue
+                changed = bool(self.instance) and reply.instance != self.instance
+                if changed or lost:
+                    why = "restarted" if changed else "back"
+                    if not self._rejoin(why):
+                        continue  # the next check tries again
+                self.instance, lost = reply.instance, False
+        finally:
+            ch.close()
+
+    def _rejoin(self, why: str) -> bool:
+        try:
+            self._register(REGISTER_AGAIN_S)
+        except (Unreachable, Refused) as e:
+            log.warning("%s: registering again failed: %s", self.node_id, e)
+            return False
+        self.rejoined += 1
+        log.info("%s: ground station %s %s; registered again", self.node_id,
+                 self.ground_station, why)
+        return True
