@@ -193,11 +193,14 @@ def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) ->
 
 
 def register(ground_station: str, request: pb.RegisterRequest,
-             timeout_s: float = REGISTER_WAIT_S, log_every_s: float = REGISTER_LOG_S) -> str:
-    """Register with the ground station, waiting up to `timeout_s` for it to come up (a line
-    in the log every `log_every_s`); returns config_json. Unreachable names the address when
-    it never answered; a refusal (bad request, wrong credentials) is Refused at once, with the
-    ground station's reason, since trying again cannot change it."""
+             timeout_s: float | None = None, log_every_s: float | None = None) -> str:
+    """Register with the ground station; returns config_json. Waits up to `timeout_s`
+    (default REGISTER_WAIT_S) for it to come up, with a line in the log every `log_every_s`
+    (REGISTER_LOG_S), then Unreachable names the address; a refusal (bad request, wrong
+    credentials) is Refused at once, with the ground station's reason: retrying cannot
+    change it."""
+    timeout_s = REGISTER_WAIT_S if timeout_s is None else timeout_s
+    log_every_s = REGISTER_LOG_S if log_every_s is None else log_every_s
     host, _, port = ground_station.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"ground station address must be HOST:PORT, got {ground_station!r}")

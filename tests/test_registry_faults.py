@@ -1,0 +1,348 @@
+"""The ground station and its nodes through faults: a restart on the same store (registry and
+enrollment persist, nodes register again by themselves), stalled Send streams (capped, idle
+ones cancelled, control calls still answered), a wrong ground-station address, absurd ids.
+
+Servers are real (127.0.0.1, generated stubs); the restart with real processes is marked slow.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+import test_ingest
+import yaml
+from test_ingest import SATELLITES, FMnist, _batch, _config, _good
+
+from ground_station.config import GroundStationConfig
+from ground_station.server import GroundStation, build_server
+from node import rpc
+from node.rejoin import Rejoin
+from node.rpc import Refused, Unreachable, channel, register, wait_ready
+from node.serde import pb_to_ack
+from proto.sparsat.v1 import sparsat_pb2 as pb
+from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sim.cli import main
+
+# test_ingest's fixtures: one load of Fashion-MNIST for the module, shared by its stations
+fm = test_ingest.fm
+_load_fashion_mnist_once = test_ingest._load_fashion_mnist_once
+
+SENSOR_A = pb.RegisterRequest(node_id="host-a", role=pb.SENSOR, address="127.0.0.1:7001",
+                              satellite_ids=["sat-0"])
+TRAINER_A = pb.RegisterRequest(node_id="trainer-a", role=pb.TRAINER, address="127.0.0.1:7002",
+                               device="cpu")
+
+
+@contextmanager
+def _station(cfg: GroundStationConfig, listen: str = "127.0.0.1:0", **kw: float
+             ) -> Iterator[tuple[GroundStation, str]]:
+    """An in-process ground station on `listen`; nothing registered by it."""
+    station = GroundStation(cfg, **kw)  # type: ignore[arg-type]
+    server, address = build_server(station, listen)
+    server.start()
+    try:
+        yield station, address
+    finally:
+        server.stop(None).wait()
+        station.store.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _code(call: grpc.RpcError) -> grpc.StatusCode:
+    return call.code()  # type: ignore[no-any-return]
+
+
+# ---- a restart on the same store -------------------------------------------------------------
+
+
+def test_registry_and_enrollment_survive_a_restart(tmp_path: Path, fm: FMnist) -> None:
+    # Arrange: a station that registered a sensor host and a trainer and stored 5 samples
+    cfg = _config(tmp_path / "store")
+    first = _good(fm, 0, 5)
+    with _station(cfg) as (_, address):
+        ch = channel(address)
+        registry = pb_grpc.RegistryStub(ch)
+        registry.Register(SENSOR_A, timeout=10)
+        registry.Register(TRAINER_A, timeout=10)
+        acks = list(pb_grpc.DownlinkStub(ch).Send(iter([_batch(first)]), timeout=10))
+        before = registry.ListNodes(pb.ListNodesRequest(), timeout=10).nodes
+        ch.close()
+    assert pb_to_ack(acks[0], 5).stored == 5
+
+    # Execute: the station restarts on the same store; the sensor host has not registered again
+    with _station(cfg) as (station, address):
+        ch = channel(address)
+        registry = pb_grpc.RegistryStub(ch)
+        after = registry.ListNodes(pb.ListNodesRequest(), timeout=10).nodes
+        again = list(pb_grpc.DownlinkStub(ch).Send(
+            iter([_batch(first), _batch(_good(fm, 5, 5))]), timeout=10))
+        stored = len(station.store)
+        ch.close()
+
+    # Assert: same registry, the enrolled satellite accepted, nothing stored twice
+    assert list(after) == list(before) and [n.node_id for n in after] == ["host-a", "trainer-a"]
+    answers = [pb_to_ack(a, 5) for a in again]
+    assert [(a.stored, len(a.duplicates), len(a.rejected)) for a in answers] == [(0, 5, 0),
+                                                                                  (5, 0, 0)]
+    assert stored == 10
+
+
+def test_a_satellite_belongs_to_the_host_that_enrolled_it(tmp_path: Path) -> None:
+    with _station(_config(tmp_path / "store")) as (_, address):
+        ch = channel(address)
+        registry = pb_grpc.RegistryStub(ch)
+        registry.Register(SENSOR_A, timeout=10)
+        registry.Register(TRAINER_A, timeout=10)
+
+        # Execute + Assert: another host for sat-0, and a node changing role, are refused
+        with pytest.raises(grpc.RpcError) as other:
+            registry.Register(pb.RegisterRequest(
+                node_id="host-b", role=pb.SENSOR, address="127.0.0.1:7003",
+                satellite_ids=["sat-1", "sat-0"]), timeout=10)
+        with pytest.raises(grpc.RpcError) as role:
+            registry.Register(pb.RegisterRequest(
+                node_id="trainer-a", role=pb.SENSOR, address="127.0.0.1:7002",
+                satellite_ids=["sat-2"]), timeout=10)
+        # host-a registering again with other satellites gives sat-0 up
+        registry.Register(pb.RegisterRequest(
+            node_id="host-a", role=pb.SENSOR, address="127.0.0.1:7004",
+            satellite_ids=["sat-1"]), timeout=10)
+        registry.Register(pb.RegisterRequest(
+            node_id="host-b", role=pb.SENSOR, address="127.0.0.1:7003",
+            satellite_ids=["sat-0"]), timeout=10)
+        nodes = {n.node_id: list(n.satellite_ids) for n in registry.ListNodes(
+            pb.ListNodesRequest(), timeout=10).nodes}
+        ch.close()
+
+    assert _code(other.value) == grpc.StatusCode.PERMISSION_DENIED
+    assert "['sat-0'] are enrolled by sensor host 'host-a'" in str(other.value.details())
+    assert _code(role.value) == grpc.StatusCode.PERMISSION_DENIED
+    assert "registered as TRAINER" in str(role.value.details())
+    assert nodes == {"host-a": ["sat-1"], "host-b": ["sat-0"], "trainer-a": []}
+
+
+@pytest.mark.parametrize(("field", "value", "limit"), [
+    ("node_id", "n" * 100_000, "node_id has 100000 characters, more than the limit of 128"),
+    ("address", "h" * 100_000 + ":1", "address has 100002 characters, more than the limit of "
+     "256"),
+    ("satellite_ids", [f"s{k}" for k in range(5000)], "satellite_ids has 5000 satellites, "
+     "more than the limit of 1024"),
+    ("satellite_ids", ["x" * 100_000, "sat-0"], "satellites ['" + "x" * 64 + "'...] are not"),
+])
+def test_absurd_registration_is_invalid_argument_with_a_short_message(
+        tmp_path: Path, field: str, value: object, limit: str) -> None:
+    request = pb.RegisterRequest(node_id="host-a", role=pb.SENSOR, address="127.0.0.1:1",
+                                 satellite_ids=["sat-0"])
+    if isinstance(value, list):
+        del request.satellite_ids[:]
+        request.satellite_ids.extend(value)
+    else:
+        setattr(request, field, value)
+
+    with _station(_config(tmp_path / "store")) as (_, address):
+        ch = channel(address)
+        with pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.RegistryStub(ch).Register(request, timeout=10)
+        ch.close()
+
+    details = str(refused.value.details())
+    assert _code(refused.value) == grpc.StatusCode.INVALID_ARGUMENT  # not RESOURCE_EXHAUSTED
+    assert limit in details and len(details) < 400
+
+
+# ---- stalled clients -------------------------------------------------------------------------
+
+
+def test_stalled_send_streams_cannot_lock_the_server(tmp_path: Path) -> None:
+    # Arrange: at most 4 streams, cancelled after 1.5 s without a message
+    release = threading.Event()
+
+    def silent() -> Iterator[pb.DownlinkBatch]:
+        release.wait(30)  # opens the stream, never writes
+        return
+        yield
+
+    with _station(_config(tmp_path / "store"), max_streams=4, idle_s=1.5) as (station, address):
+        ch = channel(address)
+        wait_ready(ch, 10, address)
+        downlink = pb_grpc.DownlinkStub(ch)
+        try:
+            # Execute: 32 silent streams (the old pool's size), then the control calls
+            t0 = time.monotonic()
+            calls = [downlink.Send(silent(), timeout=30) for _ in range(32)]
+            deadline = time.monotonic() + 5
+            while len(station.streams) < 4 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            open_streams = len(station.streams)
+            t1 = time.monotonic()
+            health = pb_grpc.HealthStub(ch).Check(pb.HealthRequest(), timeout=1)
+            pb_grpc.RegistryStub(ch).Register(SENSOR_A, timeout=1)
+            control_s = time.monotonic() - t1
+            codes = [c.code() for c in calls]  # each waits for its call's end
+            all_ended_s = time.monotonic() - t0
+            cancelled = station.streams.cancelled
+        finally:
+            release.set()
+            ch.close()
+
+    # Assert
+    assert open_streams == 4 and health.ready and control_s < 1.0
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 28
+    assert codes.count(grpc.StatusCode.CANCELLED) == 4 and cancelled == 4
+    assert 1.5 < all_ended_s < 10
+    print(f"\n32 silent streams: control calls answered in {control_s * 1000:.0f} ms, idle ones "
+          f"cancelled after {all_ended_s:.1f} s")
+
+
+def test_a_stream_that_keeps_sending_is_not_cancelled(tmp_path: Path, fm: FMnist) -> None:
+    payloads = _good(fm, 0, 8)
+
+    def slow() -> Iterator[pb.DownlinkBatch]:
+        for p in payloads:  # 8 batches over ~2.4 s: longer than the idle limit, never idle
+            time.sleep(0.3)
+            yield _batch([p])
+
+    with _station(_config(tmp_path / "store"), idle_s=1.0) as (station, address):
+        ch = channel(address)
+        pb_grpc.RegistryStub(ch).Register(SENSOR_A, timeout=10)
+        acks = list(pb_grpc.DownlinkStub(ch).Send(slow(), timeout=30))
+        ch.close()
+
+    assert sum(pb_to_ack(a, 1).stored for a in acks) == 8 and station.streams.cancelled == 0
+
+
+# ---- nodes register again by themselves ------------------------------------------------------
+
+
+def test_a_node_registers_again_when_the_ground_station_restarts(tmp_path: Path) -> None:
+    # Arrange: a station on a fixed port, a watcher checking every 0.2 s
+    cfg = _config(tmp_path / "store")
+    listen = f"127.0.0.1:{_free_port()}"
+    calls: list[str] = []
+
+    def again(wait_s: float) -> None:
+        calls.append(register(listen, SENSOR_A, wait_s))
+
+    with _station(cfg, listen):
+        register(listen, SENSOR_A, 5)
+        watch = Rejoin("host-a", listen, again, every_s=0.2)
+        watch.start()
+        time.sleep(0.6)
+        assert watch.instance and watch.rejoined == 0  # the same ground station: nothing to do
+
+    # Execute: the station is down for 1 s, then another process (instance) on the same port
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    with _station(cfg, listen) as (station, _):
+        station.nodes.clear()  # forget the stored registration: only a new one brings it back
+        while "host-a" not in station.nodes and time.monotonic() - t0 < 10:
+            time.sleep(0.05)
+        rejoined_s = time.monotonic() - t0
+        node = station.nodes.get("host-a")
+    watch.stop()
+
+    # Assert
+    assert node is not None and node.address == SENSOR_A.address
+    assert watch.rejoined == 1 and len(calls) == 1 and rejoined_s < 3
+
+
+# ---- a wrong ground-station address ----------------------------------------------------------
+
+
+def test_register_with_nobody_there_names_the_address(caplog: pytest.LogCaptureFixture) -> None:
+    address = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    caplog.set_level(logging.WARNING, "sparsat.rpc")
+
+    t0 = time.monotonic()
+    with pytest.raises(Unreachable) as err:
+        register(address, SENSOR_A, timeout_s=2.0, log_every_s=0.5)
+    waited = time.monotonic() - t0
+
+    assert f"ground station {address} not reachable in 2 s" in str(err.value)
+    assert 1.9 < waited < 4
+    lines = [r.getMessage() for r in caplog.records if "not reachable yet" in r.getMessage()]
+    assert len(lines) >= 2 and address in lines[0]
+
+
+def test_a_refused_registration_fails_at_once(tmp_path: Path) -> None:
+    with _station(_config(tmp_path / "store")) as (_, address):
+        t0 = time.monotonic()
+        with pytest.raises(Refused, match=r"INVALID_ARGUMENT: satellites \['sat-9'\] are not"):
+            register(address, pb.RegisterRequest(node_id="h", role=pb.SENSOR,
+                                                 address="127.0.0.1:1", satellite_ids=["sat-9"]))
+    assert time.monotonic() - t0 < 2
+
+
+def test_sensor_with_a_wrong_address_is_a_one_line_error(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rpc, "REGISTER_WAIT_S", 1.5)
+    address = f"127.0.0.1:{_free_port()}"
+
+    code = main(["node", "sensor", "--insecure", "--listen", "127.0.0.1:0",
+                 "--ground-station", address, "--id", SATELLITES[0]])
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith(f"error: ground station {address} not reachable in 1.5 s")
+    assert "Traceback" not in "\n".join(err)
+
+
+# ---- with real processes ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_nodes_register_again_with_a_restarted_ground_station_process(tmp_path: Path) -> None:
+    """A local cluster (TLS, node tokens): the ground-station process is killed and started
+    again on its port and store; the sensor host and the trainer register again by themselves."""
+    from sim.launcher import LocalCluster
+    from sim.scenario import load
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "rejoin", "dataset": {"train_subset": 64, "test_subset": 64},
+        "sensors": {"count": 1, "per_process": 1},
+        "training": {"strategy": "centralized", "workers": 1, "hidden": [8, 8]}}))
+    out = tmp_path / "out"
+    with LocalCluster(load(path), path, out) as cluster:
+        gs = channel(cluster.address, peer="ground-station")
+        registry = pb_grpc.RegistryStub(gs)
+        deadline = time.monotonic() + 120
+        while len(registry.ListNodes(pb.ListNodesRequest(), timeout=10).nodes) < 2:
+            assert time.monotonic() < deadline, "nodes did not register"
+            time.sleep(0.2)
+
+        # Execute
+        cluster.kill("ground-station")
+        time.sleep(3)  # the nodes' checks fail meanwhile
+        t0 = time.monotonic()
+        cluster.restart("ground-station")
+        log = out / "logs" / "ground-station.log"
+        lines: list[str] = []
+        while time.monotonic() - t0 < 120:
+            text = log.read_text(errors="replace") if log.exists() else ""
+            lines = [ln for ln in text.splitlines() if " registered " in ln]
+            if len(lines) >= 2:
+                break
+            time.sleep(0.2)
+        rejoined_s = time.monotonic() - t0
+        nodes = registry.ListNodes(pb.ListNodesRequest(), timeout=10).nodes
+        gs.close()
+
+    # Assert: both registered again with the new process, the registry as before
+    assert len(lines) >= 2, f"nodes did not register again: {lines}"
+    assert {n.node_id for n in nodes} == {"sensors-0", "trainer-0"}
+    print(f"\nground-station process restarted: nodes registered again {rejoined_s:.1f} s "
+          "after its start")
