@@ -223,10 +223,19 @@ def cmd_ground_station(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register_wait(args: argparse.Namespace) -> None:
+    from node import rpc
+
+    if args.register_wait <= 0:
+        raise ValueError("--register-wait must be > 0 seconds")
+    rpc.REGISTER_WAIT_S = args.register_wait
+
+
 def cmd_sensor(args: argparse.Namespace) -> int:
     from node import security
     from node.sensor import serve
 
+    _register_wait(args)
     name = _configure_security(args, "sensor", args.node_id)
     creds = security.active()
     if creds is None and not args.id:
@@ -246,6 +255,7 @@ def cmd_sensor(args: argparse.Namespace) -> int:
 def cmd_trainer(args: argparse.Namespace) -> int:
     from node.trainer import serve
 
+    _register_wait(args)
     name = _configure_security(args, "trainer", args.id)
     args.id = args.id or name
 
@@ -501,6 +511,8 @@ def parser() -> argparse.ArgumentParser:
     sensor.add_argument("--advertise", metavar="HOST[:PORT]",
                         help="the address other nodes dial (default: the listen address; with "
                              "0.0.0.0, this machine's address toward the ground station)")
+    sensor.add_argument("--register-wait", type=float, default=60.0, metavar="S",
+                        help="how long to wait for the ground station at start (default 60)")
     _add_security(sensor, "the sensor host")
     sensor.set_defaults(func=cmd_sensor)
     trainer = kinds.add_parser("trainer", help="train MLP subnets sent by the ground station")
@@ -513,6 +525,8 @@ def parser() -> argparse.ArgumentParser:
                          help="the address the ground station dials (default: the listen "
                               "address; with 0.0.0.0, this machine's address toward the ground "
                               "station)")
+    trainer.add_argument("--register-wait", type=float, default=60.0, metavar="S",
+                        help="how long to wait for the ground station at start (default 60)")
     _add_security(trainer, "the trainer")
     trainer.set_defaults(func=cmd_trainer)
     return p

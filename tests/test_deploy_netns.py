@@ -149,7 +149,8 @@ def _deploy_and_survive(net: Network, tmp: Path, env: dict[str, str], logs: Path
     t0 = time.monotonic()
     wrong = net.run("gpu2", [SPARSAT, "node", "trainer", "--listen", "0.0.0.0:50053",
                              "--ground-station", f"10.{net.octet}.0.99:50051", "--certs",
-                             "deploy/trainer-1"], timeout=400, env=env)
+                             "deploy/trainer-1", "--register-wait", "5"], timeout=400,
+                   env=env)
     report["wrong_address_s"] = time.monotonic() - t0
     assert wrong.returncode != 0
     assert f"10.{net.octet}.0.99:50051" in wrong.stderr, wrong.stderr[-2000:]
