@@ -41,7 +41,7 @@ from node.datasets import DatasetMissingError, DatasetSpec, load_dataset
 from node.masking import MaskSpec, visible_indices
 from node.rpc import GRPC_FRAME_BYTES, bind, channel, make_server, wait_ready, wire_size
 from node.security import GROUND_STATION, Credentials
-from node.sensor import sample_id
+from node.sharding import sample_id
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 from sim.certs import NodeSpec, make_deployment

@@ -32,8 +32,8 @@ from node.codec import (
 from node.datasets import DatasetSpec, ImageDataset, default_root
 from node.encoders import Encoder, encode_flops
 from node.masking import MaskSpec, capture
-from node.sensor import sample_id as make_sample_id
-from node.sensor import train_subset
+from node.sharding import sample_id as make_sample_id
+from node.sharding import train_subset
 
 Progress = Callable[[int, int], None]
 log = logging.getLogger("sparsat.ground_station")

@@ -48,7 +48,7 @@ from node.rpc import (
     make_server,
     wire_size,
 )
-from node.sensor import shard, train_subset
+from node.sharding import shard, train_subset
 from node.training import resolve_device
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc

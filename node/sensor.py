@@ -44,6 +44,7 @@ from node.rpc import (
     wire_size,
 )
 from node.security import GROUND_STATION
+from node.sharding import sample_id, shard, train_subset
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
@@ -53,20 +54,6 @@ CLS_BATCH = 64  # CLS payloads are encoded this many at a time
 SEND_TIMEOUT_S = 60.0  # one Transmit's stream, at most TRANSMIT_MAX_SAMPLES samples
 BATCH_BYTES = 64 * 1024  # default largest batch, its ack's room included
 MAX_REJECTIONS = 16  # reasons reported per Transmit
-
-
-def train_subset(n_train: int, subset: int | None, seed: int) -> np.ndarray:
-    """The training indices a scenario uses: the first `subset` of a seeded permutation."""
-    order = np.random.default_rng(seed).permutation(n_train)
-    return np.sort(order[: subset if subset is not None else n_train])
-
-
-def shard(indices: np.ndarray, sat_index: int, n_sats: int) -> np.ndarray:
-    return indices[sat_index::n_sats]
-
-
-def sample_id(dataset: str, split: str, index: int) -> str:
-    return f"{dataset}/{split}/{index}"
 
 
 Key = tuple[int, int | None]  # (image index, copy): copy None unless masks are random

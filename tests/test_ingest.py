@@ -4,7 +4,7 @@ localhost port, and the sample store under them.
 Every server here runs in-process on 127.0.0.1:0 and is called through the generated stubs, so
 requests go through real serialization, real status codes and real message-size limits. Samples
 are built the way node/sensor.py builds them: ids copy * N + index into the N-image training
-split, each satellite's shard from node.sensor.train_subset/shard, masks from node.masking.
+split, each satellite's shard from node.sharding.train_subset/shard, masks from node.masking.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from node.config import SensorConfig
 from node.datasets import DatasetSpec, ImageDataset, load_dataset
 from node.masking import MaskSpec, capture, copy_id
 from node.rpc import bind, channel, make_server, wait_ready, wire_size
-from node.sensor import sample_id, shard, train_subset
 from node.serde import BatchBuilder, ClsData, Payload
+from node.sharding import sample_id, shard, train_subset
 from node.trainer import TrainerServicer
 from node.training import AdamState
 from proto.sparsat.v1 import sparsat_pb2 as pb
