@@ -29,8 +29,6 @@ epoch e trains on dataset (e - 1) mod len(datasets).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 import time
@@ -43,7 +41,8 @@ import grpc
 import numpy as np
 import torch
 
-from ground_station import ist
+from ground_station import checkpoints, ist
+from ground_station.checkpoints import CheckpointError
 from ground_station.config import TrainingConfig
 from node import serde
 from node.codec import CodecError
@@ -56,16 +55,11 @@ from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
 log = logging.getLogger("sparsat.coordinator")
 
-CHECKPOINT = "coordinator.pt"
 WAIT_POLL_S = 0.2
 
 
 class TrainerUnavailable(RuntimeError):
     """No trainer could take part in a round within the round timeout."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that does not belong to this run or this epoch."""
 
 
 @dataclass
@@ -490,38 +484,28 @@ class Coordinator:
     # ---- checkpoints ----------------------------------------------------------------------------
 
     def fingerprint(self) -> str:
-        """What a checkpoint must match: the training settings that shape the run (not the
-        number of epochs or timeouts), the model's shape and the dataset."""
-        settings = {k: v for k, v in asdict(self.cfg).items()
-                    if k not in ("epochs", "round_timeout_s")}
-        key = json.dumps([settings, self.dim, self.n_classes,
-                          [d for d, _, _ in self._datasets]], sort_keys=True)
-        return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+        """What a checkpoint must match (ground_station.checkpoints.fingerprint)."""
+        return checkpoints.fingerprint(self.cfg, self.dim, self.n_classes,
+                                       [d for d, _, _ in self._datasets])
 
     def save_checkpoint(self) -> None:
         if self.checkpoint_dir is None:
             return
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        path = self.checkpoint_dir / CHECKPOINT
-        tmp = path.with_suffix(".tmp")
-        torch.save({
+        checkpoints.save(self.checkpoint_dir, {
             "fingerprint": self.fingerprint(), "round": self.round, "params": self.params,
             "state": asdict(self.state) if self.state is not None else None,
             "generator": self.generator.get_state(), "failures": self.failures,
             "progress": asdict(self._progress) if self._progress is not None else None,
             "seen": self._seen,
-        }, tmp)
-        tmp.replace(path)  # atomic: a crash leaves the previous round's checkpoint
+        })
 
     def load_checkpoint(self) -> bool:
         """Continue from `checkpoint_dir`'s checkpoint; False when there is none."""
-        if self.checkpoint_dir is None or not (self.checkpoint_dir / CHECKPOINT).exists():
+        if self.checkpoint_dir is None:
             return False
-        path = self.checkpoint_dir / CHECKPOINT
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if ckpt["fingerprint"] != self.fingerprint():
-            raise CheckpointError(f"{path} was written by a run with other training settings "
-                                  "or another dataset")
+        ckpt = checkpoints.load(self.checkpoint_dir, self.fingerprint())
+        if ckpt is None:
+            return False
         self.params = ckpt["params"]
         self.state = AdamState(**ckpt["state"]) if ckpt["state"] is not None else None
         self.generator.set_state(ckpt["generator"])
@@ -536,7 +520,8 @@ class Coordinator:
                 p["samples_trained"])
         self._seen = ckpt["seen"]
         self.model.load_params(self.params)
-        log.info("resumed from %s at round %d", path, self.round)
+        log.info("resumed from %s at round %d", self.checkpoint_dir / checkpoints.CHECKPOINT,
+                 self.round)
         return True
 
     def close(self) -> None:

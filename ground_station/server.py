@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from ground_station import serde as gs_serde
+from ground_station.checkpoints import CheckpointError
 from ground_station.config import GroundStationConfig
-from ground_station.coordinator import CheckpointError, Coordinator, TrainerUnavailable
+from ground_station.coordinator import Coordinator, TrainerUnavailable
 from ground_station.encoding import (
     TokenCache,
     TokenSet,
@@ -151,16 +152,20 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             n_train=n_train, copies=cfg.sensor.mask.copies, cls_dtype=cfg.sensor.cls_dtype,
             owner=_owners(cfg, n_train),
             satellites={s: k for k, s in enumerate(cfg.sensor.satellites)})
-        # the registry, as stored: a restarted ground station knows its nodes and accepts
-        # the enrolled sensors' samples before they register again
-        self.nodes: dict[str, pb.NodeInfo] = {
+        # Every registration is stored. After a restart a node's enrollment holds (its role,
+        # its satellites: their samples are accepted, no other node takes them), but its
+        # address is listed (nodes: ListNodes, trainers for Prepare) only once it registered
+        # with this process: it may have moved (sparsat run --resume starts new processes on
+        # new ports), and it registers again by itself within seconds (node/rejoin.py).
+        self.enrolled: dict[str, pb.NodeInfo] = {
             r.node_id: pb.NodeInfo(node_id=r.node_id, role=pb.Role.Name(r.role),
                                    address=r.address, satellite_ids=r.satellites,
                                    device=r.device)
             for r in self.store.nodes()}
+        self.nodes: dict[str, pb.NodeInfo] = {}
         self.known_sensors: set[str] = self._enrolled()
-        if self.nodes:
-            log.info("registry loaded from the store: %s", ", ".join(sorted(self.nodes)))
+        if self.enrolled:
+            log.info("enrolled nodes from the store: %s", ", ".join(sorted(self.enrolled)))
         self._lock = threading.Lock()  # nodes, tokens, coordinator
         self._train_lock = threading.Lock()  # one Prepare or TrainEpoch at a time
         self.train_tokens: TokenSet | None = None
@@ -265,7 +270,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             self._check_enrollment(request, context)
             self.store.save_node(NodeRecord(request.node_id, request.role, request.address,
                                             tuple(request.satellite_ids), request.device))
-            self.nodes[request.node_id] = info
+            self.enrolled[request.node_id] = self.nodes[request.node_id] = info
             if request.role == pb.SENSOR:  # only validated sensor registrations count
                 self.known_sensors = self._enrolled()
             elif self.coordinator is not None:  # a trainer (back) during training: it rejoins
@@ -278,12 +283,12 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                           context: grpc.ServicerContext) -> None:
         """A node keeps its role, and a satellite belongs to the sensor host that enrolled
         it, until that node registers again (with other satellites). Called holding _lock."""
-        old = self.nodes.get(request.node_id)
+        old = self.enrolled.get(request.node_id)
         if old is not None and old.role != request.role:
             abort(context, grpc.StatusCode.PERMISSION_DENIED,
                   f"node {quote(request.node_id)} is registered as {pb.Role.Name(old.role)}; "
                   f"it cannot register as {pb.Role.Name(request.role)}")
-        owner = {s: n.node_id for n in self.nodes.values()
+        owner = {s: n.node_id for n in self.enrolled.values()
                  if n.role == pb.SENSOR and n.node_id != request.node_id for s in n.satellite_ids}
         taken = [s for s in request.satellite_ids if s in owner]
         if taken:
@@ -292,8 +297,8 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                   f"{quote(owner[taken[0]])}; only it may register them")
 
     def _enrolled(self) -> set[str]:
-        """The satellites registered sensor hosts speak for (the ones Send accepts)."""
-        return {s for n in self.nodes.values() if n.role == pb.SENSOR for s in n.satellite_ids}
+        """The satellites enrolled sensor hosts speak for (the ones Send accepts)."""
+        return {s for n in self.enrolled.values() if n.role == pb.SENSOR for s in n.satellite_ids}
 
     def ListNodes(self, request: pb.ListNodesRequest,
                   context: grpc.ServicerContext) -> pb.ListNodesReply:

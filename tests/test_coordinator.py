@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from ground_station import ist
+from ground_station.checkpoints import CheckpointError
 from ground_station.config import TrainingConfig
-from ground_station.coordinator import CheckpointError, Coordinator
+from ground_station.coordinator import Coordinator
 from node import serde
 from node.masking import stable_seed
 from node.mlp import MLP
