@@ -1,12 +1,8 @@
 """Training coordinator: holds the full MLP and its Adam state, runs rounds on remote trainers.
 
-Strategies (`TrainingConfig.strategy`):
-- `ist`: K workers; every round each hidden layer gets its own random permutation split into
-  K disjoint groups, worker k trains its pieces for exactly L local Adam steps, the pieces go
-  back in place and the shared output bias is averaged (`ground_station.ist`).
-- `centralized`: IST with K = 1 — one worker trains the whole network.
-- `local_sgd`: K full replicas start each round from the same weights, train L steps on their
-  own minibatches, and are averaged (data-parallel baseline).
+Strategies (`TrainingConfig.strategy`: ist, centralized, local_sgd) say how a round splits
+the model over its workers and merges what comes back (`ground_station.strategies`); every
+worker trains its piece for at most L local Adam steps.
 
 Moments (`TrainingConfig.moments`):
 - `travel`: the coordinator keeps full-size Adam moments and per-element step counts, ships
@@ -41,7 +37,7 @@ import grpc
 import numpy as np
 import torch
 
-from ground_station import checkpoints, ist
+from ground_station import checkpoints, ist, strategies
 from ground_station.checkpoints import CheckpointError
 from ground_station.config import TrainingConfig
 from node import serde
@@ -201,6 +197,7 @@ class Coordinator:
     def __init__(self, cfg: TrainingConfig, dim: int, n_classes: int,
                  checkpoint_dir: Path | None = None) -> None:
         self.cfg = cfg
+        self.strategy = strategies.get(cfg.strategy)
         self.dim, self.n_classes = dim, n_classes
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
@@ -222,7 +219,7 @@ class Coordinator:
         self._active: set[str] = set()  # registered and not failed since
         self._loaded: dict[str, str] = {}  # node_id -> dataset_id it holds
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * cfg.num_workers))
+        self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * self.strategy.workers(cfg)))
 
     # ---- trainers -------------------------------------------------------------------------------
 
@@ -255,7 +252,7 @@ class Coordinator:
             with self._lock:
                 live = [self._trainers[n] for n in sorted(self._active)]
             if live:
-                return live[: self.cfg.num_workers]
+                return live[: self.strategy.workers(self.cfg)]
             if time.monotonic() > deadline:
                 raise TrainerUnavailable(f"no trainer available for round {self.round} after "
                                          f"{self.cfg.round_timeout_s:.0f} s")
@@ -348,7 +345,7 @@ class Coordinator:
         local SGD's own Adam state: full moments, one step count per tensor), sized from the
         messages themselves."""
         cfg = self.cfg
-        k, rows = cfg.num_workers, cfg.local_steps * cfg.batch_size
+        k, rows = self.strategy.workers(cfg), cfg.local_steps * cfg.batch_size
         state = AdamState.zeros(self.params) if self.state is not None else None
         # the round that would come next: its number and offsets (varints) as a real one's
         epoch = self._progress.epoch if self._progress is not None else 1
@@ -422,19 +419,12 @@ class Coordinator:
         slices = progress.take(self._quotas(progress.remaining, len(workers)))
         workers = workers[: len(slices)]
         k = len(workers)
-        if cfg.strategy == "local_sgd":
-            part = None
-            pieces = [dict(self.params) for _ in workers]
-            states = [self.state.compact() if self.state is not None else None for _ in workers]
-        else:
-            part = ist.partition(cfg.hidden[0], cfg.hidden[1], k, self.generator)
-            pieces = [ist.subnet(self.params, part, w) for w in range(k)]
-            states = [_slice_state(self.state, part, w) for w in range(k)]
-        scale = float(k) if cfg.strategy == "ist" and cfg.subnet_scale == "k" else 1.0
-        jobs = [self._job(w, pieces[w], states[w], scale, epoch, slices[w]) for w in range(k)]
+        split = self.strategy.split(cfg, self.params, self.state, k, self.generator)
+        jobs = [self._job(w, split.pieces[w], split.states[w], split.scale, epoch, slices[w])
+                for w in range(k)]
         futures = [self._pool.submit(t.train, job, cfg.round_timeout_s)
                    for t, job in zip(workers, jobs, strict=True)]
-        done: dict[int, tuple[ist.Params, AdamState | None]] = {}
+        done: strategies.Returned = {}
         sizes: list[WorkerBytes] = []
         seen = self._seen[jobs[0].dataset_id]
         for w, (t, f) in enumerate(zip(workers, futures, strict=True)):
@@ -451,35 +441,9 @@ class Coordinator:
             offset, n = slices[w]
             seen[self._order(len(seen), jobs[w].seed)[offset : offset + n]] = True
             sizes.append(size)
-        self._merge(part, done)
+        self.strategy.merge(self.params, self.state, split, done)
         progress.rounds.append(sizes)
         self.round += 1
-
-    @torch.no_grad()
-    def _merge(self, part: ist.Partition | None, done: dict[int, tuple[
-            ist.Params, AdamState | None]]) -> None:
-        if not done:
-            return
-        if part is None:  # local SGD: average the replicas that came back
-            for name in self.params:
-                self.params[name] = torch.stack([p[name] for p, _ in done.values()]).mean(0)
-            if self.state is not None:
-                back = [s for _, s in done.values() if s is not None]
-                for table, tables in ((self.state.exp_avg, [s.exp_avg for s in back]),
-                                      (self.state.exp_avg_sq, [s.exp_avg_sq for s in back]),
-                                      (self.state.step, [s.expand(self.params).step
-                                                         for s in back])):
-                    for name in table:
-                        table[name] = torch.stack([t[name] for t in tables]).mean(0)
-            return
-        ist.write_back(self.params, part, {w: p for w, (p, _) in done.items()})
-        if self.state is not None:
-            states = {w: s for w, (p, s) in done.items() if s is not None}
-            ist.write_back(self.state.exp_avg, part, {w: s.exp_avg for w, s in states.items()})
-            ist.write_back(self.state.exp_avg_sq, part,
-                           {w: s.exp_avg_sq for w, s in states.items()})
-            ist.write_back(self.state.step, part, {w: s.expand(done[w][0]).step
-                                                   for w, s in states.items()})
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
@@ -529,13 +493,6 @@ class Coordinator:
         with self._lock:
             for t in self._trainers.values():
                 t.close()
-
-
-def _slice_state(state: AdamState | None, part: ist.Partition, w: int) -> AdamState | None:
-    if state is None:
-        return None
-    return AdamState(ist.subnet(state.exp_avg, part, w), ist.subnet(state.exp_avg_sq, part, w),
-                     ist.subnet(state.step, part, w)).compact()
 
 
 def _describe(e: BaseException) -> str:
