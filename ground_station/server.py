@@ -12,29 +12,20 @@ import logging
 import resource
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, replace
+from collections.abc import Generator, Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import grpc
-import numpy as np
 import torch
 
 from ground_station import serde as gs_serde
 from ground_station.checkpoints import CheckpointError
 from ground_station.config import GroundStationConfig
 from ground_station.coordinator import Coordinator, TrainerUnavailable
-from ground_station.encoding import (
-    TokenCache,
-    TokenSet,
-    encode_rows,
-    encode_split,
-    encoder_digest,
-    eval_key,
-    requantize,
-    train_key,
-)
+from ground_station.encoding import TokenSet
 from ground_station.ingest import CONFLICT, INVALID, Checked, IngestRules, check_batch
+from ground_station.prepare import EncodingFailed, NotReady, Prepared, Update, prepare
 from ground_station.store import NodeRecord, SampleStore
 from node import encoders
 from node import serde as node_serde
@@ -49,8 +40,7 @@ from node.rpc import (
     make_server,
     wire_size,
 )
-from node.sharding import shard, train_subset
-from node.training import resolve_device
+from node.sharding import owners
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
@@ -150,7 +140,8 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             payload=cfg.sensor.payload, grid=enc.grid, dim=enc.embed_dim,
             num_classes=self.test_data.num_classes, image_shape=self.test_data.image_shape,
             n_train=n_train, copies=cfg.sensor.mask.copies, cls_dtype=cfg.sensor.cls_dtype,
-            owner=_owners(cfg, n_train),
+            owner=owners(n_train, cfg.sensor.train_subset, cfg.sensor.train_indices_seed,
+                         len(cfg.sensor.satellites)),
             satellites={s: k for k, s in enumerate(cfg.sensor.satellites)})
         # Every registration is stored. After a restart a node's enrollment holds (its role,
         # its satellites: their samples are accepted, no other node takes them), but its
@@ -324,100 +315,25 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             self._train_lock.release()
 
     def _prepare(self, context: grpc.ServicerContext) -> Iterator[pb.Progress]:
-        cfg = self.cfg
         if not len(self.store):
             abort(context, grpc.StatusCode.FAILED_PRECONDITION, "no samples stored yet")
         self._trainer_nodes(context)  # fail early, before the long encoding
         try:
-            encoder = encoders.create(
-                cfg.sensor.encoder, cfg.sensor.encoder_weights, cfg.sensor.encoder_seed,
-                cfg.sensor.encoder_pooling,  # type: ignore[arg-type]
-            ).to(resolve_device(cfg.device))
-        except (OSError, ValueError) as e:
-            abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"encoder: {e}")
-        updates: list[pb.Progress] = []
-
-        def progress(stage: str) -> Callable[[int, int], None]:
-            return lambda done, n: updates.append(pb.Progress(stage=stage, done=done, total=n))
-
-        cache = TokenCache(Path(cfg.token_cache) if cfg.token_cache is not None
-                           else Path(cfg.store_dir) / "tokens")
-        # Encoding runs in a worker thread so progress can stream while it works.
-        result: dict[str, TokenSet] = {}
-        errors: list[BaseException] = []
-
-        def stage(name: str, key: dict[str, object], compute: Callable[[], TokenSet]
-                  ) -> TokenSet:
-            t0 = time.perf_counter()
-            tokens = cache.get(key)
-            if tokens is None:
-                tokens = compute()
-                cache.put(key, tokens)
-                wall_s, cached = tokens.wall_s, False
-            else:
-                wall_s, cached = time.perf_counter() - t0, True
-            n = len(tokens.labels) + tokens.skipped
-            updates.append(pb.Progress(stage=name, done=n, total=n, flops=tokens.flops,
-                                       wall_s=wall_s, cached=cached))
-            return tokens
-
-        def work() -> None:
-            try:
-                enc = encoder_digest(encoder, cfg.encode_batch)
-                # a snapshot: samples may still arrive (encode_rows fails if one lands below top)
-                n, top, content = self.store.content_digest()
-                cls = cfg.sensor.payload == "cls"
-                result["train"] = stage(
-                    "encode train", train_key(enc, content, cfg.sensor.cls_dtype if cls else None),
-                    lambda: encode_rows(
-                        (r for chunk in self.store.rows(upto=top) for r in chunk), n, encoder,
-                        cfg.encode_batch, cfg.sensor.cls_dtype, progress("encode train")))
-                test = stage("encode test", eval_key(
-                    enc, cfg.sensor.dataset, cfg.sensor.mask, len(self.test_data),
-                    cfg.test_subset, cfg.sensor.train_indices_seed), test_split)
-                if cls:  # train tokens were quantized on the satellites: evaluate like for like
-                    test = replace(test, features=requantize(test.features, cfg.sensor.cls_dtype))
-                result["test"] = test
-            except BaseException as e:  # reported to the caller below
-                errors.append(e)
-
-        def test_split() -> TokenSet:
-            return encode_split(
-                self.test_data, "test", cfg.sensor.dataset.name, cfg.sensor.mask, encoder,
-                cfg.encode_batch, cfg.test_subset, cfg.sensor.train_indices_seed,
-                progress("encode test"))
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        sent = 0
-        while thread.is_alive() or sent < len(updates):
-            thread.join(timeout=0.2)
-            while sent < len(updates):
-                yield updates[sent]
-                sent += 1
-        if errors:
-            log.error("encoding failed", exc_info=errors[0])
-            abort(context, grpc.StatusCode.INTERNAL, f"encoding failed: {errors[0]}")
-        train = result["train"]
-        coord = Coordinator(cfg.training, encoder.dim, self.test_data.num_classes,
-                            cfg.checkpoint_dir)
-        try:
-            coord.set_datasets(_per_copy(train, cfg.sensor.mask.copies, self.rules.n_train))
-        except ValueError as e:
-            abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"training data: {e}")
-        if cfg.resume:
-            try:
-                coord.load_checkpoint()
-            except (CheckpointError, OSError, KeyError) as e:
-                abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"resume: {e}")
+            prepared = yield from _as_progress(prepare(self.cfg, self.store, self.test_data,
+                                                       self.rules.n_train))
+        except NotReady as e:
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except EncodingFailed as e:
+            log.error("encoding failed", exc_info=e.__cause__)
+            abort(context, grpc.StatusCode.INTERNAL, str(e))
         with self._lock:  # with the registry locked: no trainer registers in between
             for n in self.nodes.values():
                 if n.role == pb.TRAINER:
-                    coord.add_trainer(n.node_id, n.address)
-            self.train_tokens, self.test_tokens = train, result["test"]
+                    prepared.coordinator.add_trainer(n.node_id, n.address)
+            self.train_tokens, self.test_tokens = prepared.train, prepared.test
             if self.coordinator is not None:
                 self.coordinator.close()
-            self.coordinator = coord
+            self.coordinator = prepared.coordinator
 
     def _trainer_nodes(self, context: grpc.ServicerContext) -> list[pb.NodeInfo]:
         k = self.cfg.training.num_workers
@@ -522,34 +438,14 @@ def _quote_list(ids: list[str]) -> str:
     return f"[{shown}{f', ... ({len(ids)} in all)' if len(ids) > 4 else ''}]"
 
 
-def _owners(cfg: GroundStationConfig, n_train: int) -> np.ndarray:
-    """owner[index]: the position of the satellite holding training image `index`, or -1."""
-    sats = cfg.sensor.satellites
-    owner = np.full(n_train, -1, dtype=np.int32)
-    subset = train_subset(n_train, cfg.sensor.train_subset, cfg.sensor.train_indices_seed)
-    for k in range(len(sats)):
-        owner[shard(subset, k, len(sats))] = k
-    return owner
-
-
-def _per_copy(train: TokenSet, copies: int, n_train: int
-              ) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """The token datasets epochs train on: one, or with random masks one per copy (epoch e
-    trains on copy e - 1), each named by its size and a digest of its features."""
-    if copies == 1:
-        parts = [train]
-    else:
-        copy_of = train.ids // n_train
-        parts = [train.subset(np.flatnonzero(copy_of == c)) for c in range(copies)]
-        empty = [c for c, p in enumerate(parts) if not len(p.labels)]
-        if empty:
-            raise ValueError(f"no samples stored for copies {empty}")
-    out = []
-    for c, p in enumerate(parts):
-        digest = hashlib.blake2b(p.features.tobytes(), digest_size=8).hexdigest()
-        name = f"train-{len(p.labels)}-{digest}" + (f"-copy{c}" if copies > 1 else "")
-        out.append((name, p.features, p.labels))
-    return out
+def _as_progress(run: Generator[Update, None, Prepared]) -> Generator[pb.Progress, None, Prepared]:
+    """prepare()'s updates as sparsat.v1.Progress messages; returns what it returns."""
+    while True:
+        try:
+            update = next(run)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        yield pb.Progress(**asdict(update))
 
 
 def build_server(station: GroundStation, listen: str) -> tuple[grpc.Server, str]:

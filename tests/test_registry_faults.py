@@ -72,13 +72,13 @@ def test_registry_and_enrollment_survive_a_restart(tmp_path: Path, fm: FMnist) -
     # Arrange: a station that registered a sensor host and a trainer and stored 5 samples
     cfg = _config(tmp_path / "store")
     first = _good(fm, 0, 5)
-    with _station(cfg) as (_, address):
+    with _station(cfg) as (station, address):
         ch = channel(address)
         registry = pb_grpc.RegistryStub(ch)
         registry.Register(SENSOR_A, timeout=10)
         registry.Register(TRAINER_A, timeout=10)
         acks = list(pb_grpc.DownlinkStub(ch).Send(iter([_batch(first)]), timeout=10))
-        before = registry.ListNodes(pb.ListNodesRequest(), timeout=10).nodes
+        before = list(registry.ListNodes(pb.ListNodesRequest(), timeout=10).nodes)
         ch.close()
     assert pb_to_ack(acks[0], 5).stored == 5
 
@@ -86,18 +86,28 @@ def test_registry_and_enrollment_survive_a_restart(tmp_path: Path, fm: FMnist) -
     with _station(cfg) as (station, address):
         ch = channel(address)
         registry = pb_grpc.RegistryStub(ch)
-        after = registry.ListNodes(pb.ListNodesRequest(), timeout=10).nodes
+        listed = list(registry.ListNodes(pb.ListNodesRequest(), timeout=10).nodes)
         again = list(pb_grpc.DownlinkStub(ch).Send(
             iter([_batch(first), _batch(_good(fm, 5, 5))]), timeout=10))
+        with pytest.raises(grpc.RpcError) as taken:  # sat-0 is still host-a's
+            registry.Register(pb.RegisterRequest(node_id="host-b", role=pb.SENSOR,
+                                                 address="127.0.0.1:7003",
+                                                 satellite_ids=["sat-0"]), timeout=10)
+        registry.Register(SENSOR_A, timeout=10)  # host-a back (what node/rejoin.py does)
+        back = [n.node_id for n in registry.ListNodes(pb.ListNodesRequest(), timeout=10).nodes]
         stored = len(station.store)
+        enrolled = sorted(station.enrolled)
         ch.close()
 
-    # Assert: same registry, the enrolled satellite accepted, nothing stored twice
-    assert list(after) == list(before) and [n.node_id for n in after] == ["host-a", "trainer-a"]
+    # Assert: the enrollment held, the enrolled satellite was accepted, nothing stored twice;
+    # addresses are listed again only once a node registered with the new process
+    assert [n.node_id for n in before] == ["host-a", "trainer-a"]
+    assert enrolled == ["host-a", "trainer-a"] and listed == [] and back == ["host-a"]
     answers = [pb_to_ack(a, 5) for a in again]
     assert [(a.stored, len(a.duplicates), len(a.rejected)) for a in answers] == [(0, 5, 0),
                                                                                   (5, 0, 0)]
     assert stored == 10
+    assert _code(taken.value) == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_a_satellite_belongs_to_the_host_that_enrolled_it(tmp_path: Path) -> None:
@@ -247,7 +257,6 @@ def test_a_node_registers_again_when_the_ground_station_restarts(tmp_path: Path)
     time.sleep(1.0)
     t0 = time.monotonic()
     with _station(cfg, listen) as (station, _):
-        station.nodes.clear()  # forget the stored registration: only a new one brings it back
         while "host-a" not in station.nodes and time.monotonic() - t0 < 10:
             time.sleep(0.05)
         rejoined_s = time.monotonic() - t0
@@ -288,11 +297,11 @@ def test_a_refused_registration_fails_at_once(tmp_path: Path) -> None:
 
 def test_sensor_with_a_wrong_address_is_a_one_line_error(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rpc, "REGISTER_WAIT_S", 1.5)
+    monkeypatch.setattr(rpc, "REGISTER_WAIT_S", rpc.REGISTER_WAIT_S)  # the CLI sets it
     address = f"127.0.0.1:{_free_port()}"
 
     code = main(["node", "sensor", "--insecure", "--listen", "127.0.0.1:0",
-                 "--ground-station", address, "--id", SATELLITES[0]])
+                 "--ground-station", address, "--id", SATELLITES[0], "--register-wait", "1.5"])
 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
