@@ -438,7 +438,8 @@ def _quote_list(ids: list[str]) -> str:
     return f"[{shown}{f', ... ({len(ids)} in all)' if len(ids) > 4 else ''}]"
 
 
-def _as_progress(run: Generator[Update, None, Prepared]) -> Generator[pb.Progress, None, Prepared]:
+def _as_progress(run: Generator[Update, None, Prepared]
+                 ) -> Generator[pb.Progress, None, Prepared]:
     """prepare()'s updates as sparsat.v1.Progress messages; returns what it returns."""
     while True:
         try:

@@ -21,6 +21,16 @@ def shard(indices: np.ndarray, sat_index: int, n_sats: int) -> np.ndarray:
     return indices[sat_index::n_sats]
 
 
+def owners(n_train: int, subset: int | None, seed: int, n_sats: int) -> np.ndarray:
+    """owner[index]: the position of the satellite holding training image `index`, or -1
+    for an image no satellite holds."""
+    owner = np.full(n_train, -1, dtype=np.int32)
+    indices = train_subset(n_train, subset, seed)
+    for k in range(n_sats):
+        owner[shard(indices, k, n_sats)] = k
+    return owner
+
+
 def sample_id(dataset: str, split: str, index: int) -> str:
     """A sample's name, the same on the satellite and at the ground station."""
     return f"{dataset}/{split}/{index}"
