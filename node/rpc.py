@@ -223,13 +223,14 @@ def register(ground_station: str, request: pb.RegisterRequest,
                 if e.code() not in (grpc.StatusCode.UNAVAILABLE,
                                     grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise Refused(f"ground station {ground_station} refused to register "
-                                      f"{request.node_id[:64]!r}: {e.code().name}: "
-                                      f"{e.details()}") from e
+                                  f"{request.node_id[:64]!r}: {e.code().name}: "
+                                  f"{e.details()}") from e
                 last = f"{e.code().name}: {e.details()}"
                 time.sleep(min(1.0, max(0.0, timeout_s - (time.monotonic() - t0))))
-            log.warning("%s: ground station %s not reachable yet (%.0f s of %g s; %s)",
-                        request.node_id[:64], ground_station, time.monotonic() - t0, timeout_s,
-                        last)
+            if time.monotonic() - t0 < timeout_s:  # else the error below says it
+                log.warning("%s: ground station %s not reachable yet (%.0f s of %g s; %s)",
+                            request.node_id[:64], ground_station, time.monotonic() - t0,
+                            timeout_s, last)
     finally:
         ch.close()
 
