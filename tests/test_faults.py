@@ -119,11 +119,7 @@ def test_a_ground_station_restart_during_training_is_prepared_again_and_continue
         def after_epoch(h: dict[str, Any]) -> None:
             if h["epoch"] == 1:
                 restarted.append(time.monotonic())
-                cluster.restart("ground-station")
-                # nodes registering again by themselves is another change of issue 15
-                # (tested with it); until it lands, the trainers are restarted to register
-                for trainer in ("trainer-0", "trainer-1"):
-                    cluster.restart(trainer)
+                cluster.restart("ground-station")  # the trainers register again by themselves
 
         results = MissionControl(scenario, cluster.address, False, alive=cluster.check_alive,
                                  deadlines=FAST, on_epoch=after_epoch).run()
@@ -161,9 +157,7 @@ def test_refusals_scenario_mismatch_empty_queues_and_resume_without_checkpoint(
         cluster.kill("ground-station")
         for f in (tmp_path / "checkpoint").glob("*"):
             f.unlink()
-        cluster.restart("ground-station")
-        for trainer in ("trainer-0", "trainer-1"):  # registered with the new process
-            cluster.restart(trainer)
+        cluster.restart("ground-station")  # the trainers register again by themselves
         with pytest.raises(MissionError, match="no training state.*1 epochs were done"):
             MissionControl(scenario, cluster.address, False, deadlines=FAST,
                            state_file=state, resume=True).run()
