@@ -299,7 +299,7 @@ def test_a_killed_trainer_does_not_stop_the_run_and_rejoins_when_it_registers_ag
 
 def test_run_resume_continues_a_run_whose_ground_station_was_killed(tmp_path: Path) -> None:
     from sim.launcher import LocalCluster
-    from sim.mission import MissionControl, MissionError
+    from sim.mission import Deadlines, MissionControl, MissionError
     from sim.scenario import Scenario, dump
 
     scenario = Scenario.model_validate({**FAULTS, "name": "resume"})
@@ -317,9 +317,9 @@ def test_run_resume_continues_a_run_whose_ground_station_was_killed(tmp_path: Pa
                 cluster.procs["ground-station"].kill()
                 cluster.procs["ground-station"].wait()
 
-        with pytest.raises(MissionError):
+        with pytest.raises(MissionError):  # after a short wait for the ground station
             MissionControl(scenario, cluster.address, False, state_file=out / "mission_state.json",
-                           on_epoch=on_epoch).run()
+                           on_epoch=on_epoch, deadlines=Deadlines(gs_retry_s=3.0)).run()
     assert (out / "checkpoint" / "coordinator.pt").exists()
 
     assert main(["run", "--resume", str(out), "--quiet"]) == 0
