@@ -426,7 +426,7 @@ class MissionControl:
     def _queued_at_start(self, sat_id: str) -> int:
         """A satellite's queue before it sent anything: its shard, once per masked copy."""
         from node.datasets import split_size
-        from node.sensor import shard, train_subset
+        from node.sharding import shard, train_subset
         from sim.scenario import sensor_config
 
         sats = self.s.sensors.ids()
