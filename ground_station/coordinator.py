@@ -159,12 +159,17 @@ class TrainerClient:
         failed call or a reply that makes no sense raises CallFailed with what was sent."""
         outbox = Outbox(serde.split_request(serde.train_job_to_pb(job), CHUNK_BYTES))
         t0 = time.monotonic()
+        reply, received = pb.TrainReply(), 0
         try:
-            reply = self.stub.Train(iter(outbox), timeout=timeout_s)
-        except grpc.RpcError as e:
-            raise CallFailed(_describe(e), WorkerBytes(
-                self.node_id, outbox.bytes, 0, wall_s=time.monotonic() - t0)) from e
-        size = WorkerBytes(self.node_id, outbox.bytes, wire_size(reply),
+            for part in self.stub.Train(iter(outbox), timeout=timeout_s):
+                received += wire_size(part)  # a call that breaks is charged what came in
+                reply.MergeFrom(part)
+            serde.merge_message([], reply)  # join tensors that came in pieces
+        except (grpc.RpcError, CodecError) as e:
+            why = _describe(e) if isinstance(e, grpc.RpcError) else f"reply: {e}"
+            raise CallFailed(why, WorkerBytes(
+                self.node_id, outbox.bytes, received, wall_s=time.monotonic() - t0)) from e
+        size = WorkerBytes(self.node_id, outbox.bytes, received,
                            wall_s=time.monotonic() - t0, rows=job.rows,
                            flops=train_flops(job.params, job.rows, job.batch_size))
         try:

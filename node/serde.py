@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -69,6 +69,8 @@ def params_to_pb(params: dict[str, torch.Tensor]) -> list[pb.NamedTensor]:
 def pb_to_params(named: Iterable[pb.NamedTensor]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for nt in named:
+        if nt.more:
+            raise CodecError(f"parameter {nt.name[:64]!r} is an unjoined piece")
         arr = pb_to_ndarray(nt.tensor)
         if arr.dtype != np.float32:
             raise CodecError(f"parameter {nt.name} must be FLOAT32")
@@ -334,42 +336,124 @@ def train_job_to_pb(job: TrainJob) -> pb.TrainRequest:
     )
 
 
-def split_request(request: pb.TrainRequest, part_bytes: int) -> list[pb.TrainRequest]:
-    """Cut a TrainRequest into parts of about `part_bytes` (whole tensors; the first carries
-    the scalar fields). Merged in order with MergeFrom, they give the request back: repeated
-    fields append, the moments submessage merges field by field."""
-    head = pb.TrainRequest()
-    head.CopyFrom(request)
+MIN_PIECE_BYTES = 64 * 1024  # a tensor is cut into pieces only above this and the part size
+_MOMENT_FIELDS = ("exp_avg", "exp_avg_sq", "step")
+TrainMessage = TypeVar("TrainMessage", pb.TrainRequest, pb.TrainReply)
+
+
+def _pieces(nt: pb.NamedTensor, piece_bytes: int) -> list[pb.NamedTensor]:
+    """`nt` as pieces of at most `piece_bytes` of data (see NamedTensor.more): one tensor
+    of a big model is bigger than a part, and no message may come near the 64 MiB limit."""
+    data = nt.tensor.data
+    if len(data) <= piece_bytes:
+        return [nt]
+    pieces = []
+    for start in range(0, len(data), piece_bytes):
+        piece = pb.NamedTensor(name=nt.name, more=start + piece_bytes < len(data))
+        if start == 0:
+            piece.tensor.shape.extend(nt.tensor.shape)
+            piece.tensor.dtype = nt.tensor.dtype
+            piece.tensor.scale = nt.tensor.scale
+        piece.tensor.data = data[start : start + piece_bytes]
+        pieces.append(piece)
+    return pieces
+
+
+def _join(named: Any) -> None:
+    """Join the pieces of a repeated NamedTensor field in place (the inverse of _pieces)."""
+    if not any(nt.more for nt in named):
+        return
+    joined: list[pb.NamedTensor] = []
+    datas: list[bytes] = []
+    head: pb.NamedTensor | None = None
+    for nt in named:
+        if head is None:
+            head = pb.NamedTensor(name=nt.name, tensor=nt.tensor)
+            datas = [nt.tensor.data]
+        elif nt.name != head.name or nt.tensor.shape:
+            raise CodecError(f"tensor {head.name[:64]!r} is cut into pieces, but the next "
+                             f"piece is {nt.name[:64]!r} with a shape of its own")
+        else:
+            datas.append(nt.tensor.data)
+        if not nt.more:
+            head.tensor.data = b"".join(datas)
+            joined.append(head)
+            head = None
+    if head is not None:
+        raise CodecError(f"tensor {head.name[:64]!r}: its last piece is missing")
+    del named[:]
+    named.extend(joined)
+
+
+def split_message(message: TrainMessage, part_bytes: int) -> list[TrainMessage]:
+    """Cut a TrainRequest or TrainReply into parts of about `part_bytes`: the first carries
+    the scalar fields, then the tensors in order, a tensor bigger than
+    max(part_bytes, MIN_PIECE_BYTES) in pieces. merge_message gives the message back."""
+    head = type(message)()
+    head.CopyFrom(message)
     del head.params[:]
     head.ClearField("moments")
+    if message.HasField("moments"):
+        head.moments.SetInParent()  # moments sent, even with no tensors in them
     parts = [head]
     room = part_bytes - head.ByteSize()
+    piece_bytes = max(part_bytes, MIN_PIECE_BYTES)
 
-    def add(build: Any, size: int) -> None:
+    def add(field: str, nt: pb.NamedTensor) -> None:
         nonlocal room
-        if size > room and (parts[-1].params or parts[-1].HasField("moments")):
-            parts.append(pb.TrainRequest())
+        last = parts[-1]
+        size = nt.ByteSize() + 8  # its tag and length, and the moments' own, at most
+        if size > room and (last.params or any(getattr(last.moments, f)
+                                               for f in _MOMENT_FIELDS)):
+            parts.append(type(message)())
             room = part_bytes
-        build(parts[-1])
+        target = parts[-1].params if field == "params" else getattr(parts[-1].moments, field)
+        target.append(nt)
         room -= size
 
-    for nt in request.params:
-        add(lambda m, nt=nt: m.params.append(nt), nt.ByteSize())
-    if request.HasField("moments"):
-        mo = request.moments
-        for field in ("exp_avg", "exp_avg_sq", "step"):
-            for nt in getattr(mo, field):
-                add(lambda m, f=field, nt=nt: getattr(m.moments, f).append(nt), nt.ByteSize())
+    for nt in message.params:
+        for piece in _pieces(nt, piece_bytes):
+            add("params", piece)
+    if message.HasField("moments"):
+        for field in _MOMENT_FIELDS:
+            for nt in getattr(message.moments, field):
+                for piece in _pieces(nt, piece_bytes):
+                    add(field, piece)
     return parts
+
+
+def merge_message(parts: Iterable[TrainMessage], message: TrainMessage
+                  ) -> tuple[TrainMessage, int]:
+    """Merge `parts` in order into `message` (an empty TrainRequest or TrainReply), joining
+    cut tensors; returns it with the parts' wire size. Repeated fields append and the
+    moments merge field by field. Raises CodecError when a cut tensor does not join."""
+    size = 0
+    for part in parts:
+        size += wire_size(part)
+        message.MergeFrom(part)
+    _join(message.params)
+    if message.HasField("moments"):
+        for field in _MOMENT_FIELDS:
+            _join(getattr(message.moments, field))
+    return message, size
+
+
+def split_request(request: pb.TrainRequest, part_bytes: int) -> list[pb.TrainRequest]:
+    return split_message(request, part_bytes)
 
 
 def merge_request(parts: Iterable[pb.TrainRequest]) -> tuple[pb.TrainRequest, int]:
     """The TrainRequest from its parts, and their wire size."""
-    request, size = pb.TrainRequest(), 0
-    for part in parts:
-        size += wire_size(part)
-        request.MergeFrom(part)
-    return request, size
+    return merge_message(parts, pb.TrainRequest())
+
+
+def split_reply(reply: pb.TrainReply, part_bytes: int) -> list[pb.TrainReply]:
+    return split_message(reply, part_bytes)
+
+
+def merge_reply(parts: Iterable[pb.TrainReply]) -> tuple[pb.TrainReply, int]:
+    """The TrainReply from its parts, and their wire size."""
+    return merge_message(parts, pb.TrainReply())
 
 
 def pb_to_train_job(msg: pb.TrainRequest) -> TrainJob:

@@ -21,6 +21,7 @@ from node.codec import CodecError
 from node.mlp import MLP
 from node.rejoin import Rejoin
 from node.rpc import (
+    CHUNK_BYTES,
     INSTANCE,
     ByteCounter,
     abort,
@@ -91,9 +92,17 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
         return reply
 
     def Train(self, request_iterator: Iterator[pb.TrainRequest],
-              context: grpc.ServicerContext) -> pb.TrainReply:
-        request, size = serde.merge_request(request_iterator)
-        self.bytes.add(received=size)
+              context: grpc.ServicerContext) -> Iterator[pb.TrainReply]:
+        """Train the pieces sent in parts; the reply goes back in parts of about CHUNK_BYTES
+        (a 768-2000-2000 MLP with its moments is more than gRPC's 64 MiB in one message)."""
+        request = pb.TrainRequest()
+        try:
+            for part in request_iterator:  # counted as they come: a broken call is charged
+                self.bytes.add(received=wire_size(part))
+                request.MergeFrom(part)
+            serde.merge_message([], request)  # join tensors that came in pieces
+        except CodecError as e:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"train request: {e}")
         if request.dataset_id not in self.datasets:
             abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                           f"dataset {request.dataset_id!r} not loaded on {self.node_id}")
@@ -127,8 +136,9 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
                               mean_loss=loss)
         if job.moments is not None:  # moments travel: send them back with the weights
             reply.moments.CopyFrom(serde.adam_to_pb(adam.state.compact()))
-        self.bytes.add(sent=wire_size(reply))
-        return reply
+        for part in serde.split_reply(reply, CHUNK_BYTES):
+            yield part
+            self.bytes.add(sent=wire_size(part))  # handed to the transport
 
     def Check(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         return pb.HealthReply(node_id=self.node_id, role=pb.TRAINER, ready=True,

@@ -373,15 +373,16 @@ def test_a_failed_call_is_charged_what_went_out(trainers: Trainers) -> None:
     assert list(first) == ["quits"] and list(second) == ["trainer-0"]
     quit = first["quits"]
     assert quit.error and quit.received == 0 and quit.rows == 0
-    # parts (head, W1, b1), W2, (b2, W3, b3): charged whole parts that went out, at least
-    # the one it read (how many more the transport took in before the abort is up to HTTP/2
-    # flow control), never more than the request
+    # parts (head, W1, b1), W2 cut in pieces of CHUNK_BYTES, (b2, W3, b3): charged whole
+    # parts that went out, at least the one it read (how many more the transport took in
+    # before the abort is up to HTTP/2 flow control), never more than the request
     full = second["trainer-0"].sent
     job = serde.TrainJob("d1", 0, 0, 2, 32, 1e-3, 0, coord.params, rows=64)
     parts = [wire_size(p) for p in serde.split_request(serde.train_job_to_pb(job), CHUNK_BYTES)]
-    assert len(parts) == 3  # the head's varints (round, seed, offset) differ from quits' job
-    assert quit.sent - quits.parts[0] in (0, parts[1], parts[1] + parts[2])
-    assert abs(quits.parts[0] + parts[1] + parts[2] - full) < 32  # whole: as trainer-0's
+    assert len(parts) > 3 and max(parts) < CHUNK_BYTES + 1024  # W2 (8 MB) went in pieces
+    assert quit.sent - quits.parts[0] in {sum(parts[1:i]) for i in range(1, len(parts) + 1)}
+    # whole: as trainer-0's (the head's varints (round, seed, offset) differ from quits' job)
+    assert abs(quits.parts[0] + sum(parts[1:]) - full) < 32
 
 
 class Quitter(pb_grpc.TrainerServicer):

@@ -1335,6 +1335,12 @@ def _mlp_params(d_in: int = FEAT) -> dict[str, torch.Tensor]:
     return {k: torch.randn(s, generator=g) * 0.3 for k, s in shapes.items()}
 
 
+def _train(stub: pb_grpc.TrainerStub, request: pb.TrainRequest, timeout: float
+           ) -> pb.TrainReply:
+    """One Train call (the reply streams back in parts): the merged reply."""
+    return serde.merge_reply(stub.Train(iter([request]), timeout=timeout))[0]
+
+
 def _train_request(params: dict[str, torch.Tensor] | None = None, dataset_id: str = "ds",
                    steps: int = 3) -> pb.TrainRequest:
     return serde.train_job_to_pb(serde.TrainJob(
@@ -1366,7 +1372,7 @@ def _load_error(t: Trainer, chunks: list[pb.DatasetChunk]) -> grpc.RpcError:
 def test_train_before_load_dataset_fails_precondition(fresh_trainer: Trainer) -> None:
     # Execute
     with pytest.raises(grpc.RpcError) as info:
-        fresh_trainer.stub.Train(iter([_train_request()]), timeout=10)
+        _train(fresh_trainer.stub, _train_request(), 10)
 
     # Assert
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -1482,7 +1488,7 @@ def test_train_rejects_bad_parameters(
 ) -> None:
     # Execute
     with pytest.raises(grpc.RpcError) as info:
-        trainer.stub.Train(iter([_train_request(make())]), timeout=10)
+        _train(trainer.stub, _train_request(make()), 10)
 
     # Assert
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -1497,7 +1503,7 @@ def test_train_rejects_zero_hyperparameters(trainer: Trainer, field: str) -> Non
 
     # Execute
     with pytest.raises(grpc.RpcError) as info:
-        trainer.stub.Train(iter([request]), timeout=10)
+        _train(trainer.stub, request, 10)
 
     # Assert
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -1508,7 +1514,7 @@ def test_train_returns_trained_params_of_the_same_shapes(trainer: Trainer) -> No
     sent = _mlp_params()
 
     # Execute
-    reply = trainer.stub.Train(iter([_train_request(sent, steps=4)]), timeout=20)
+    reply = _train(trainer.stub, _train_request(sent, steps=4), 20)
     got = serde.pb_to_params(reply.params)
 
     # Assert
@@ -1522,8 +1528,8 @@ def test_train_returns_trained_params_of_the_same_shapes(trainer: Trainer) -> No
 
 def test_train_is_deterministic_for_the_same_request(trainer: Trainer) -> None:
     # Execute
-    a = serde.pb_to_params(trainer.stub.Train(iter([_train_request()]), timeout=20).params)
-    b = serde.pb_to_params(trainer.stub.Train(iter([_train_request()]), timeout=20).params)
+    a = serde.pb_to_params(_train(trainer.stub, _train_request(), 20).params)
+    b = serde.pb_to_params(_train(trainer.stub, _train_request(), 20).params)
 
     # Assert
     for k in a:
@@ -1538,7 +1544,7 @@ def test_negative_labels_are_invalid_argument(fresh_trainer: Trainer) -> None:
     # Execute
     with pytest.raises(grpc.RpcError) as info:
         fresh_trainer.stub.LoadDataset(serde.dataset_chunks("neg", x, y, 1 << 20), timeout=10)
-        fresh_trainer.stub.Train(iter([_train_request(dataset_id="neg")]), timeout=10)
+        _train(fresh_trainer.stub, _train_request(dataset_id="neg"), 10)
 
     # Assert
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -1553,7 +1559,7 @@ def test_float_labels_are_invalid_argument(fresh_trainer: Trainer) -> None:
     # Execute
     with pytest.raises(grpc.RpcError) as info:
         fresh_trainer.stub.LoadDataset(iter([chunk]), timeout=10)
-        fresh_trainer.stub.Train(iter([_train_request(dataset_id="flt")]), timeout=10)
+        _train(fresh_trainer.stub, _train_request(dataset_id="flt"), 10)
 
     # Assert
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -1568,7 +1574,7 @@ def test_trainer_byte_counters_equal_wire_sizes(fresh_trainer: Trainer) -> None:
 
     # Execute
     load_reply = fresh_trainer.stub.LoadDataset(iter(chunks), timeout=10)
-    train_reply = fresh_trainer.stub.Train(iter([request]), timeout=20)
+    train_reply = _train(fresh_trainer.stub, request, 20)
     health = fresh_trainer.health.Check(pb.HealthRequest(), timeout=10)
 
     # Assert
@@ -1609,7 +1615,7 @@ def test_train_rejects_bad_moments(
     trainer: Trainer, change: Callable[[AdamState], None], match: str
 ) -> None:
     with pytest.raises(grpc.RpcError) as info:
-        trainer.stub.Train(iter([_with_moments(change)]), timeout=10)
+        _train(trainer.stub, _with_moments(change), 10)
 
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert match in (info.value.details() or "")
@@ -1620,16 +1626,16 @@ def test_train_rejects_a_negative_hidden_scale(trainer: Trainer) -> None:
     request.hidden_scale = -2.0
 
     with pytest.raises(grpc.RpcError) as info:
-        trainer.stub.Train(iter([request]), timeout=10)
+        _train(trainer.stub, request, 10)
 
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_moments_sent_come_back_advanced_by_the_steps_done(trainer: Trainer) -> None:
-    reply = trainer.stub.Train(iter([_with_moments(lambda s: None)]), timeout=20)
+    reply = _train(trainer.stub, _with_moments(lambda s: None), 20)
 
     back = serde.pb_to_adam(reply.moments, serde.pb_to_params(reply.params))
     assert all(float(t) == reply.steps_done for t in back.step.values())
     assert all(bool((m != 0).any()) for m in back.exp_avg.values())
-    plain = trainer.stub.Train(iter([_train_request()]), timeout=20)
+    plain = _train(trainer.stub, _train_request(), 20)
     assert not plain.HasField("moments")  # moments: reset sends none back

@@ -218,12 +218,14 @@ class LoadDatasetReply(_message.Message):
     def __init__(self, dataset_id: _Optional[str] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class NamedTensor(_message.Message):
-    __slots__ = ("name", "tensor")
+    __slots__ = ("name", "tensor", "more")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     name: str
     tensor: Tensor
-    def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    more: bool
+    def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
     __slots__ = ("dataset_id", "round", "worker", "steps", "batch_size", "lr", "seed", "offset", "rows", "params", "moments", "hidden_scale")

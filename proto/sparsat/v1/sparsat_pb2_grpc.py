@@ -370,7 +370,7 @@ class TrainerStub:
                 request_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.DatasetChunk.SerializeToString,
                 response_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.LoadDatasetReply.FromString,
                 _registered_method=True)
-        self.Train = channel.stream_unary(
+        self.Train = channel.stream_stream(
                 '/sparsat.v1.Trainer/Train',
                 request_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.TrainRequest.SerializeToString,
                 response_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.TrainReply.FromString,
@@ -388,7 +388,9 @@ class TrainerServicer:
 
     def Train(self, request_iterator, context):
         """One TrainRequest cut into parts (each a TrainRequest; the trainer merges them in
-        order), so a call that fails half way is charged the parts that went out.
+        order), and the TrainReply cut the same way on its way back (the client merges), so no
+        message comes near the 64 MiB limit whatever the model, and a call that fails half way
+        is charged the parts that went out and those that came in.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -402,7 +404,7 @@ def add_TrainerServicer_to_server(servicer, server):
                     request_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.DatasetChunk.FromString,
                     response_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.LoadDatasetReply.SerializeToString,
             ),
-            'Train': grpc.stream_unary_rpc_method_handler(
+            'Train': grpc.stream_stream_rpc_method_handler(
                     servicer.Train,
                     request_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.TrainRequest.FromString,
                     response_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.TrainReply.SerializeToString,
@@ -456,7 +458,7 @@ class Trainer:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_unary(
+        return grpc.experimental.stream_stream(
             request_iterator,
             target,
             '/sparsat.v1.Trainer/Train',
