@@ -104,10 +104,14 @@ class ArrayImageDataset(ImageDataset):
 class FileImageDataset(ImageDataset):
     """Images decoded lazily from files (PIL, converted to RGB) on each image() call."""
 
-    def __init__(self, paths: list[Path], labels: np.ndarray, classes: list[str]) -> None:
+    def __init__(self, paths: list[Path], labels: np.ndarray, classes: list[str],
+                 shape_paths: list[Path] | None = None) -> None:
         self.paths = list(paths)
         self.labels = labels.astype(np.int64)
         self.classes = list(classes)
+        # image_shape is the whole dataset's, not this split's: the sensor (train split) and
+        # the ground station (test split) must agree on whether payloads carry their shape
+        self.shape_paths = list(shape_paths) if shape_paths is not None else self.paths
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -125,9 +129,9 @@ class FileImageDataset(ImageDataset):
     def image_shape(self) -> tuple[int, int, int] | None:
         from PIL import Image
 
-        # Opening only reads headers, so this is cheap enough to do once over the whole split.
+        # Opening only reads headers, so this is cheap enough to do once over the dataset.
         sizes = set()
-        for p in self.paths:
+        for p in self.shape_paths:
             with Image.open(p) as im:
                 sizes.add(im.size)
         if len(sizes) != 1:
@@ -270,7 +274,8 @@ def _split_files(
     samples = sorted(samples, key=lambda s: s[0].relative_to(base).as_posix())
     labels = np.array([lab for _, lab in samples], dtype=np.int64)
     keep = split_indices(labels, split, spec.val_fraction, spec.split_seed)
-    return FileImageDataset([samples[i][0] for i in keep], labels[keep], classes)
+    return FileImageDataset([samples[i][0] for i in keep], labels[keep], classes,
+                            shape_paths=[p for p, _ in samples])
 
 
 def _load_eurosat(spec: DatasetSpec, split: str) -> ImageDataset:

@@ -171,6 +171,15 @@ class Encoder(nn.Module):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         return (x - self.mean) / self.std
 
+    def preprocess_each(self, canvases: Sequence[np.ndarray]) -> torch.Tensor:
+        """preprocess() for canvases whose sizes may differ (an imagefolder of mixed
+        sizes): each is resized to the encoder's input on its own. The sensor tiled it into
+        the g x g token grid in proportion to its own size (node.codec.tile_edges), so after
+        the resize its tile i is the encoder's patch i, whatever its native size."""
+        if len({c.shape for c in canvases}) <= 1:
+            return self.preprocess(np.stack(canvases))
+        return torch.cat([self.preprocess(c[None]) for c in canvases])
+
     @torch.no_grad()
     def encode_canvases(
         self, canvases: Sequence[np.ndarray], visible: Sequence[np.ndarray],
@@ -195,7 +204,7 @@ class Encoder(nn.Module):
             batches = [m[s : s + batch_size] for m in groups.values()
                        for s in range(0, len(m), batch_size)]
         for rows in batches:
-            images = self.preprocess(np.stack([canvases[i] for i in rows]))
+            images = self.preprocess_each([canvases[i] for i in rows])
             width = max(len(visible[i]) for i in rows)
             idx = np.zeros((len(rows), width), dtype=np.int64)
             valid = np.zeros((len(rows), width), dtype=bool)
