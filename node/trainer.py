@@ -7,6 +7,7 @@ the parameters. It never sees the encoder, the partition, or other workers.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import uuid
@@ -38,6 +39,35 @@ from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 log = logging.getLogger("sparsat.trainer")
 
 MAX_DATASETS = 2  # token datasets a trainer holds at once
+
+
+def apply_training_config(config_json: str) -> int:
+    """Set torch's CPU thread count from the ground station's RegisterReply.config_json
+    ({"training": strategy, "threads": N}) and return the count in force.
+
+    The order in which a CPU matmul sums follows the thread count, so two trainers with other
+    counts give other bits for the same job, and a run drifts away from another within a few
+    epochs (tests/test_trainer_threads.py). The scenario's `training.threads` is the one count
+    for every trainer. A config without it (an older ground station) changes nothing."""
+    try:
+        config = json.loads(config_json) if config_json else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"ground station's trainer config is not JSON: {e}") from e
+    threads = config.get("threads") if isinstance(config, dict) else None
+    if threads is not None:
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+            raise ValueError(f"ground station's trainer config: threads must be an integer "
+                             f">= 1, got {threads!r}")
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+            log.info("torch threads set to %d (the scenario's training.threads)", threads)
+    return torch.get_num_threads()
+
+
+def device_label(device: torch.device) -> str:
+    """RegisterRequest.device: the device and torch's CPU threads, e.g. "cpu (2 threads)",
+    so results record where and how each trainer ran."""
+    return f"{device} ({torch.get_num_threads()} threads)"
 
 
 class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):

@@ -234,6 +234,11 @@ class TrainingCfg(Model):
     lr: float = Field(1e-3, gt=0)
     hidden: tuple[int, int] = (1000, 1000)
     device: str = "auto"  # trainer nodes started by `sparsat run`
+    # torch's CPU threads in every trainer: the order of a matmul's sums follows it, so
+    # trainers with other counts drift apart within a few epochs; one count for every
+    # trainer, local or deployed, gives equal results (1: what `sparsat run` gave a trainer
+    # on a 2-core machine with K = 2 before this field existed)
+    threads: int = Field(1, ge=1)
     round_timeout_s: float = Field(600.0, gt=0)
     target_accuracy: float | None = Field(None, gt=0, le=1)  # results: time_to_accuracy_s
     # a trainer's sustained throughput, FLOP/s, for the compute part of a round on the mission
