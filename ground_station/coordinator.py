@@ -364,7 +364,7 @@ class Coordinator:
                                   steps_done=job.steps, mean_loss=1.0)
             if state is not None:
                 reply.moments.CopyFrom(serde.adam_to_pb(state.compact()))
-            total += wire_size(reply)
+            total += sum(wire_size(m) for m in serde.split_reply(reply, CHUNK_BYTES))
         return total
 
     def _order_seed(self, epoch: int) -> int:
