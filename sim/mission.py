@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import numpy as np
@@ -33,52 +33,21 @@ import simpy
 from tqdm import tqdm
 
 from ground_station.serde import pb_to_epoch
-from node.rpc import channel, wait_ready
-from node.security import GROUND_STATION
+from node.rpc import wait_ready
 from proto.sparsat.v1 import sparsat_pb2 as pb
-from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 from sim import orbits, report
+from sim.ground_client import Deadlines, GroundStationClient, MissionError, health, wait_serving
+from sim.hosts import HostDown, SensorHosts
 from sim.links import C_KM_S, Link, LinkBudget, PeriodicPasses, retransmitted
-from sim.scenario import Scenario, ground_station_config
+from sim.scenario import Scenario
 
-TRANSMIT_MAX_SAMPLES = 4096  # samples per Transmit call: bounds one call's stream
+__all__ = ["Deadlines", "MissionControl", "MissionError", "Tally"]
+
+DEADLINES = Deadlines()
+
 MAX_DOWNLINK_FAILURES = 5  # consecutive failed streams before a satellite gives up
-REGISTER_TIMEOUT_S = 180.0
 
 log = logging.getLogger("sparsat.mission")
-T = TypeVar("T")
-
-
-class MissionError(RuntimeError):
-    pass
-
-
-@dataclass(frozen=True)
-class Deadlines:
-    """How long mission control waits, in wall seconds. Every gRPC call it makes has a
-    deadline, so a hung node cannot hang it; a node that does not answer is named."""
-
-    call_s: float = 30.0  # control calls: ListNodes, Health, Describe, Stats
-    register_s: float = REGISTER_TIMEOUT_S  # nodes must have registered within this
-    node_ready_s: float = 60.0  # a registered node must answer Health within this
-    # Transmit: the budget at no less than floor_bytes_s (on-board encoding included), + slack
-    transmit_floor_bytes_s: float = 20_000.0
-    transmit_slack_s: float = 60.0
-    prepare_s: float = 7200.0  # the ground station's encoder stage, the whole store
-    # TrainEpoch: each round may take the coordinator's round timeout, + evaluation
-    epoch_slack_s: float = 600.0
-    gs_retry_s: float = 120.0  # a ground station answering UNAVAILABLE is retried this long
-    # a satellite whose sensor host is unreachable waits for it; once nothing else is left to
-    # do and the host has been gone this long, the run ends with the satellite's shortfall
-    host_return_s: float = 60.0
-    host_poll_s: float = 1.0  # polling the registry for it meanwhile (while nothing else runs)
-
-    def transmit_s(self, budget: int) -> float:
-        return self.transmit_slack_s + budget / self.transmit_floor_bytes_s
-
-
-class HostDown(Exception):
-    """A sensor host did not answer a call (UNAVAILABLE, DEADLINE_EXCEEDED)."""
 
 
 @dataclass
@@ -126,59 +95,19 @@ class Tally:
                 + self.trainer_bytes)
 
 
-def wait_for_nodes(registry: pb_grpc.RegistryStub, satellites: list[str], trainers: int,
-                   timeout_s: float = REGISTER_TIMEOUT_S,
-                   alive: Callable[[], None] = lambda: None) -> list[pb.NodeInfo]:
-    """Block until every satellite and `trainers` trainers have registered."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        alive()
-        try:
-            nodes = list(registry.ListNodes(pb.ListNodesRequest(), timeout=10).nodes)
-        except grpc.RpcError as e:  # a ground station restarting: not yet
-            if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                raise
-            nodes = []
-        hosted = {s for n in nodes if n.role == pb.SENSOR for s in n.satellite_ids}
-        n_trainers = sum(n.role == pb.TRAINER for n in nodes)
-        missing = [s for s in satellites if s not in hosted]
-        if not missing and n_trainers >= trainers:
-            return nodes
-        if time.monotonic() > deadline:
-            raise MissionError(f"nodes missing after {timeout_s:.0f} s: satellites {missing}, "
-                               f"trainers {n_trainers}/{trainers}")
-        time.sleep(0.2)
-
-
-def _health(address: str, timeout_s: float, peer: str) -> pb.HealthReply:
-    ch = channel(address, peer=peer)
-    try:
-        return pb_grpc.HealthStub(ch).Check(pb.HealthRequest(), timeout=timeout_s,
-                                            wait_for_ready=True)
-    finally:
-        ch.close()
-
-
 class MissionControl:
+    """The mission on its SimPy clock: the satellites' downlink, the ground station's encoder
+    stage and the training epochs, tallied. The ground station is called through `gs`
+    (sim.ground_client: deadlines, retries, restarts), the sensor hosts through `hosts`
+    (sim.hosts: Transmit, hosts that go away and come back)."""
+
     def __init__(self, scenario: Scenario, ground_station: str, show_progress: bool = True,
                  alive: Callable[[], None] = lambda: None, state_file: Path | None = None,
                  resume: bool = False,
                  on_epoch: Callable[[dict[str, Any]], None] = lambda h: None,
-                 deadlines: Deadlines = Deadlines()):
+                 deadlines: Deadlines = DEADLINES):
         self.s = scenario
         self.d = deadlines
-        # sensor hosts: which hosts which satellite, a channel and stub per host (replaced
-        # when a host comes back at another address), satellites still downlinking, those
-        # waiting for their host, when each unreachable host was first missed (wall clock)
-        self._host_of: dict[str, pb.NodeInfo] = {}
-        self._channels: dict[str, grpc.Channel] = {}
-        self._stubs: dict[str, pb_grpc.SensorStub] = {}
-        self._active: set[str] = set()
-        self._waiting: set[str] = set()
-        self._down_since: dict[str, float] = {}
-        self._remaining: dict[str, int] = {}  # each satellite's queue, as last reported
-        self._gs_instance = ""  # the ground-station process Prepare ran in
-        self._rows_per_epoch = 0
         self._epoch = scenario.orbits.epoch if scenario.orbits else None
         self._sites: dict[str, orbits.Station] = {}
         self._budget: LinkBudget | None = None
@@ -196,9 +125,15 @@ class MissionControl:
             now = self._load_state()
         self.resume = resume
         self.env = simpy.Environment(initial_time=now)
-        self.gs_channel = channel(ground_station, peer=GROUND_STATION)
-        self.mission = pb_grpc.MissionStub(self.gs_channel)
-        self.registry = pb_grpc.RegistryStub(self.gs_channel)
+        # after _load_state: both record into the mission's tally (faults, retries, shortfall)
+        self.gs = GroundStationClient(ground_station, scenario, self.tally, deadlines, alive,
+                                      show_progress)
+        self.hosts = SensorHosts(self.env, scenario, self.tally, self.gs, deadlines)
+
+    @property
+    def gs_channel(self) -> grpc.Channel:
+        """The channel to the ground station (tests and benches close it themselves)."""
+        return self.gs.channel
 
     # ---- actors -----------------------------------------------------------------------------
 
@@ -207,7 +142,7 @@ class MissionControl:
         env, down = self.env, self.s.links.downlink
         rng = random.Random(f"{self.s.seed}-loss-{sat_id}")
         failures = 0
-        self._active.add(sat_id)
+        self.hosts.active.add(sat_id)
         try:
             while True:
                 start, end = passes.window_at(env.now)
@@ -219,7 +154,7 @@ class MissionControl:
                     report = self._transmit(sat_id, budget)
                 except HostDown as e:
                     log.warning("%s: %s; the other satellites go on", sat_id, e)
-                    back = yield from self._await_host(
+                    back = yield from self.hosts.await_host(
                         sat_id, lambda: passes.window_at(passes.window_at(env.now)[1])[0])
                     if not back:
                         return
@@ -242,7 +177,7 @@ class MissionControl:
                             f"({link.capacity(passes.duration_s)} bytes)")
                     yield env.timeout(end - env.now)  # the rest of this pass is too short
         finally:
-            self._active.discard(sat_id)
+            self.hosts.active.discard(sat_id)
 
     def satellite_in_orbit(self, sat: orbits.Satellite, radio: Link,
                            windows: list[orbits.Contact],
@@ -254,19 +189,19 @@ class MissionControl:
         env, t, down = self.env, self.tally, self.s.links.downlink
         rng = random.Random(f"{self.s.seed}-loss-{sat.name}")
         failures = 0
-        self._active.add(sat.name)
+        self.hosts.active.add(sat.name)
         try:
             for c in windows:
                 if env.now >= c.end_s:
                     continue
                 if env.now < c.start_s:
                     yield env.timeout(c.start_s - env.now)
-                if not self._host_back(sat.name):
-                    if self._active - self._waiting - {sat.name}:
+                if not self.hosts.host_back(sat.name):
+                    if self.hosts.active - self.hosts.waiting - {sat.name}:
                         continue  # the others go on: try again at the next window
-                    if not self._wait_alone(sat.name):
+                    if not self.hosts.wait_alone(sat.name):
                         return
-                self._waiting.discard(sat.name)
+                self.hosts.waiting.discard(sat.name)
                 station = t.stations[c.station]
                 asked = env.now
                 req = antennas[c.station].request()
@@ -286,7 +221,7 @@ class MissionControl:
                             report = self._transmit(sat.name, budget)
                         except HostDown as e:
                             log.warning("%s: %s; the other satellites go on", sat.name, e)
-                            self._waiting.add(sat.name)
+                            self.hosts.waiting.add(sat.name)
                             break
                         sent = self._count(sat.name, report, bar)
                         yield from self._onboard(sat.name, report)
@@ -310,130 +245,29 @@ class MissionControl:
                             break  # the next sample does not fit in what is left of this window
                 finally:
                     antennas[c.station].release(req)
-            if not self._host_back(sat.name):
-                self._give_up(sat.name)
+            if not self.hosts.host_back(sat.name):
+                self.hosts.give_up(sat.name)
                 return
-            remaining = self._remaining.get(sat.name, -1)
+            remaining = self.hosts.remaining.get(sat.name, -1)
             horizon = self.s.orbits.horizon_h if self.s.orbits else 0
             raise MissionError(
                 f"{sat.name}: {remaining if remaining >= 0 else 'all'} samples still queued "
                 f"after its last contact window ({horizon:g} h computed): raise "
                 "orbits.horizon_h, the link rate or the number of stations")
         finally:
-            self._active.discard(sat.name)
-            self._waiting.discard(sat.name)
+            self.hosts.active.discard(sat.name)
+            self.hosts.waiting.discard(sat.name)
 
     # ---- sensor hosts: calls with deadlines, outages ------------------------------------------
 
     def use_sensors(self, host_of: dict[str, pb.NodeInfo], stubs: dict[str, Any]) -> None:
         """Which host holds each satellite, and a Sensor stub per host (by node id); the
         run sets them from the registry, in-process tests and benches with stand-ins."""
-        self._host_of, self._stubs = dict(host_of), dict(stubs)
+        self.hosts.use(host_of, stubs)
 
     def _transmit(self, sat_id: str, budget: int) -> pb.TransmitReport:
-        """One Transmit, with a deadline sized from the budget; HostDown when the host does
-        not answer (its first miss is remembered), MissionError on any other failure."""
-        host = self._host_of[sat_id]
-        timeout = self.d.transmit_s(budget)
-        try:
-            return self._stubs[host.node_id].Transmit(pb.TransmitRequest(
-                satellite_id=sat_id, max_bytes=budget, max_samples=TRANSMIT_MAX_SAMPLES,
-                batch_bytes=self.s.links.downlink.batch_size()), timeout=timeout)
-        except grpc.RpcError as e:
-            where = f"sensor host {host.node_id} at {host.address}"
-            if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise MissionError(f"{sat_id}: Transmit to {where} failed: {e.code().name}: "
-                                   f"{e.details()}") from e
-            self._down_since.setdefault(host.node_id, time.monotonic())
-            raise HostDown(f"{where} did not answer Transmit ({e.code().name} after at most "
-                           f"{timeout:.0f} s: {e.details()})") from e
-
-    def _await_host(self, sat_id: str, next_chance: Callable[[], float]
-                    ) -> Generator[simpy.Event, Any, bool]:
-        """Wait for `sat_id`'s sensor host to answer again: at each of the satellite's passes
-        (mission clock) while other satellites still downlink; once nothing else runs, every
-        host_poll_s wall seconds. True when it is back; False when it stayed gone (the
-        satellite's shortfall is recorded)."""
-        self._waiting.add(sat_id)
-        try:
-            while True:
-                if self._active - self._waiting:
-                    yield self.env.timeout(max(0.0, next_chance() - self.env.now))
-                    if self._host_back(sat_id):
-                        return True
-                elif self._wait_alone(sat_id):
-                    return True
-                else:
-                    return False
-        finally:
-            self._waiting.discard(sat_id)
-
-    def _wait_alone(self, sat_id: str) -> bool:
-        """Nothing else to do on the mission clock: poll the host in wall time until it is
-        back, or until it has been gone host_return_s (then the shortfall is recorded)."""
-        host = self._host_of[sat_id].node_id
-        while not self._host_back(sat_id):
-            if time.monotonic() - self._down_since[host] > self.d.host_return_s:
-                self._give_up(sat_id)
-                return False
-            time.sleep(self.d.host_poll_s)
-        return True
-
-    def _host_back(self, sat_id: str) -> bool:
-        """Whether `sat_id`'s host answers: its registered address (a restarted host registers
-        again, maybe at another port) is probed with Health; a new address gets a new channel."""
-        old = self._host_of[sat_id]
-        if old.node_id not in self._down_since:
-            return True
-        try:
-            nodes = self._list_nodes()
-        except MissionError:
-            return False
-        new = next((n for n in nodes if n.node_id == old.node_id), old)
-        ch = channel(new.address, peer=new.node_id)
-        try:
-            pb_grpc.HealthStub(ch).Check(pb.HealthRequest(), timeout=min(2.0, self.d.call_s))
-        except grpc.RpcError:
-            ch.close()
-            return False
-        self._channels.pop(old.node_id).close()
-        self._channels[new.node_id] = ch
-        self._stubs[new.node_id] = pb_grpc.SensorStub(ch)
-        for sat, n in self._host_of.items():
-            if n.node_id == new.node_id:
-                self._host_of[sat] = new
-        took = time.monotonic() - self._down_since.pop(old.node_id)
-        log.warning("sensor host %s is back at %s after %.1f s (was %s)", new.node_id,
-                    new.address, took, old.address)
-        self.tally.faults.append({
-            "fault": "sensor host unreachable", "node": new.node_id, "address": old.address,
-            "new_address": new.address, "recovered": True, "recovery_wall_s": round(took, 2)})
-        return True
-
-    def _give_up(self, sat_id: str) -> None:
-        host = self._host_of[sat_id]
-        gone = time.monotonic() - self._down_since[host.node_id]
-        undelivered = self._remaining.get(sat_id)
-        if undelivered is None:
-            undelivered = self._queued_at_start(sat_id)
-        self.tally.shortfall[sat_id] = {"host": host.node_id, "address": host.address,
-                                        "undelivered": undelivered,
-                                        "gone_wall_s": round(gone, 2)}
-        log.warning("%s: sensor host %s at %s has not come back in %.0f s: %d samples of %s "
-                    "not delivered; training goes on with what arrived", sat_id, host.node_id,
-                    host.address, gone, undelivered, sat_id)
-
-    def _queued_at_start(self, sat_id: str) -> int:
-        """A satellite's queue before it sent anything: its shard, once per masked copy."""
-        from node.datasets import split_size
-        from node.sharding import shard, train_subset
-        from sim.scenario import sensor_config
-
-        sats = self.s.sensors.ids()
-        n_train = split_size(sensor_config(self.s).dataset, "train")
-        subset = train_subset(n_train, self.s.dataset.train_subset, self.s.seed)
-        copies = self.s.training.epochs if self.s.sensors.mask.kind == "random" else 1
-        return len(shard(subset, sats.index(sat_id), len(sats))) * copies
+        """Every Transmit of the mission goes through here (tests hook it to inject faults)."""
+        return self.hosts.transmit(sat_id, budget)
 
     def _radio(self, sat: orbits.Satellite, station: str, now: float) -> tuple[float, float]:
         """(rate bit/s, latency s) from the slant range at `now`."""
@@ -470,7 +304,7 @@ class MissionControl:
     def _count(self, sat_id: str, report: pb.TransmitReport, bar: tqdm) -> int:
         t = self.tally
         if not report.error_code:
-            self._remaining[sat_id] = report.remaining
+            self.hosts.remaining[sat_id] = report.remaining
         t.cloudy_skipped += report.skipped
         bar.update(report.skipped)
         sent = sum(report.batch_bytes)
@@ -492,7 +326,7 @@ class MissionControl:
         if report.error_code == grpc.StatusCode.UNAVAILABLE.value[0]:
             log.warning("%s: the sensor host could not reach the ground station (%s); waiting "
                         "for %s", sat_id, report.error, self.ground_station)
-            self._describe()  # retried while UNAVAILABLE, a MissionError after gs_retry_s
+            self.gs.describe()  # retried while UNAVAILABLE, a MissionError after gs_retry_s
             time.sleep(self.d.host_poll_s)  # its channel to the ground station reconnects
             return 0
         if report.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0] \
@@ -519,7 +353,7 @@ class MissionControl:
             self.save_state(links)
             self._check_delivered()
         t0 = time.monotonic()
-        flops, wall_s = self._ensure_prepared() or (0, 0.0)
+        flops, wall_s = self.gs.ensure_prepared(self.epochs_done) or (0, 0.0)
         stage["prepare"] += time.monotonic() - t0
         if not self.resume or not self.tally.compute["ground_encoder"]["flops"]:
             c = self.tally.compute["ground_encoder"]
@@ -528,7 +362,7 @@ class MissionControl:
         epochs = range(self.epochs_done + 1, self.s.training.epochs + 1)
         for epoch in tqdm(epochs, desc="training", unit="epoch", disable=not self.show_progress):
             t0 = time.monotonic()
-            report = pb_to_epoch(self._train_epoch(epoch))
+            report = pb_to_epoch(self.gs.train_epoch(epoch, self.epochs_done))
             self.tally.local_sgd_round_bytes = report.local_sgd_round_bytes
             # dataset uploads, then rounds: workers in parallel, each on its own link
             stages = [report.dataset_bytes] if report.dataset_bytes else []
@@ -576,151 +410,12 @@ class MissionControl:
         started (a deployment driven twice), which is an error, not a run of 0 bytes."""
         if self.tally.downlink_messages or self.tally.cloudy_skipped or self.tally.shortfall:
             return
-        stored = self._gs("Stats", lambda: self.mission.Stats(
-            pb.StatsRequest(), timeout=self.d.call_s)).samples_stored
+        stored = self.gs.stats().samples_stored
         raise MissionError(
             f"every satellite's queue was already empty: the sensor hosts had sent their "
             f"samples before ({stored} stored at the ground station {self.ground_station}); "
             "continue that mission with `sparsat run --resume DIR`, or restart the sensor "
             "hosts and the ground station with an empty store for a new one")
-
-    # ---- the ground station: deadlines, retries, restarts ----------------------------------
-
-    def _gs(self, what: str, call: Callable[[], T]) -> T:
-        """A call to the ground station, retried with backoff while the ground station does
-        not answer (UNAVAILABLE: restarting), for gs_retry_s at most; each retry is logged.
-        An UNAVAILABLE the ground station answers itself (no trainer left) is not retried."""
-        t0 = time.monotonic()
-        delay, retries = 0.5, 0
-        while True:
-            try:
-                out = call()
-                break
-            except grpc.RpcError as e:
-                code = e.code()
-                waited = time.monotonic() - t0
-                if (code != grpc.StatusCode.UNAVAILABLE or waited + delay > self.d.gs_retry_s
-                        or self._gs_answers()):
-                    raise MissionError(
-                        f"ground station {self.ground_station}: {what} failed: {code.name}: "
-                        f"{e.details()}" + (f" (retried for {waited:.0f} s)" if retries else "")
-                    ) from e
-                retries += 1
-                self.tally.gs_retries += 1
-                log.warning("ground station %s: %s UNAVAILABLE (%s); retry %d in %.1f s",
-                            self.ground_station, what, e.details(), retries, delay)
-                time.sleep(delay)
-                delay = min(2 * delay, 5.0)
-        if retries:
-            took = time.monotonic() - t0
-            log.warning("ground station %s answers %s again after %.1f s", self.ground_station,
-                        what, took)
-            self.tally.faults.append({
-                "fault": "ground station unavailable", "node": GROUND_STATION,
-                "address": self.ground_station, "call": what, "retries": retries,
-                "recovered": True, "recovery_wall_s": round(took, 2)})
-        return out
-
-    def _gs_answers(self) -> bool:
-        """Whether the ground station process answers at all (a quick Health call)."""
-        try:
-            pb_grpc.HealthStub(self.gs_channel).Check(pb.HealthRequest(), timeout=2.0)
-            return True
-        except grpc.RpcError:
-            return False
-
-    def _describe(self) -> pb.MissionInfo:
-        return self._gs("Describe", lambda: self.mission.Describe(
-            pb.DescribeRequest(), timeout=self.d.call_s))
-
-    def _list_nodes(self) -> list[pb.NodeInfo]:
-        return list(self._gs("ListNodes", lambda: self.registry.ListNodes(
-            pb.ListNodesRequest(), timeout=self.d.call_s)).nodes)
-
-    def _check_scenario(self) -> None:
-        """The ground station must run this scenario: the keys it uses are compared with
-        this scenario's, and a difference is an error naming each key (keys that are a
-        deployment's own, such as paths and devices, are left out by the ground station)."""
-        info = self._describe()
-        theirs = json.loads(info.config_json)
-        mine = flatten(json.loads(json.dumps(
-            asdict(ground_station_config(self.s, Path("."))), default=str)))
-        diffs = [f"{k}: {json.dumps(mine[k]) if k in mine else 'absent'} here, "
-                 f"{json.dumps(v)} at the ground station"
-                 for k, v in sorted(theirs.items()) if mine.get(k, _ABSENT) != v]
-        if diffs:
-            raise MissionError(
-                f"this scenario is not the one the ground station {self.ground_station} runs "
-                f"(fingerprint {info.fingerprint}): " + "; ".join(diffs))
-        self.tally.fingerprint = info.fingerprint
-
-    def _ensure_prepared(self) -> tuple[int, float] | None:
-        """Run Prepare unless this ground-station process has: the first time, and again
-        after a restart lost it (then the trainers must have registered again first).
-        (FLOPs, wall s) of the encoder stage when it ran. Training that had begun must
-        continue from the ground station's checkpoint, not start again."""
-        info = self._describe()
-        if info.prepared and info.instance == self._gs_instance:
-            return None
-        t0, restarted = time.monotonic(), bool(self._gs_instance)
-        if restarted and info.instance != self._gs_instance:
-            log.warning("ground station %s restarted (Prepare state lost): waiting for %d "
-                        "trainers to register again, then preparing again",
-                        self.ground_station, self.s.training.num_workers)
-            wait_for_nodes(self.registry, [], self.s.training.num_workers, self.d.register_s,
-                           alive=self.alive)
-        if not info.prepared:
-            out: tuple[int, float] | None = self._prepare()
-        else:
-            out = None
-        info = self._describe()
-        self._gs_instance = info.instance
-        if restarted:
-            self.tally.faults.append({
-                "fault": "ground station restarted", "node": GROUND_STATION,
-                "address": self.ground_station, "epochs_done": self.epochs_done,
-                "recovered": True, "recovery_wall_s": round(time.monotonic() - t0, 2)})
-        copies = self.s.training.epochs if self.s.sensors.mask.kind == "random" else 1
-        self._rows_per_epoch = int(self._gs("Stats", lambda: self.mission.Stats(
-            pb.StatsRequest(), timeout=self.d.call_s)).train_tokens) // copies
-        if self.epochs_done and not info.rounds_done:
-            raise MissionError(
-                f"the ground station {self.ground_station} has no training state: "
-                f"{self.epochs_done} epochs were done, but it did not resume from a checkpoint "
-                "(start it with --resume and the run's --checkpoint-dir); training would "
-                "start again from scratch")
-        return out
-
-    def _train_epoch(self, epoch: int) -> pb.EpochReport:
-        """TrainEpoch with a deadline (each round within the coordinator's round timeout);
-        a ground station that restarted meanwhile is prepared again and asked again."""
-        t = self.s.training
-        rows = max(1, self._rows_per_epoch)
-        rounds = -(-rows // (t.num_workers * t.local_steps * t.batch_size)) + 1
-        timeout = rounds * t.round_timeout_s + self.d.epoch_slack_s
-        failed: dict[str, Any] | None = None  # the fault being recovered from
-        while True:
-            self._ensure_prepared()
-            if failed is not None:  # prepared again: the epoch goes on
-                failed["recovery_wall_s"] = round(time.monotonic() - failed.pop("at"), 2)
-                failed = None
-            try:
-                report: pb.EpochReport = self.mission.TrainEpoch(
-                    pb.TrainEpochRequest(epoch=epoch), timeout=timeout)
-            except grpc.RpcError as e:
-                if self._describe().instance == self._gs_instance:
-                    raise MissionError(
-                        f"ground station {self.ground_station}: TrainEpoch {epoch} failed: "
-                        f"{e.code().name}: {e.details()}") from e
-                log.warning("ground station %s restarted during epoch %d (%s): preparing "
-                            "again and continuing from its checkpoint", self.ground_station,
-                            epoch, e.code().name)
-                failed = {"fault": "ground station restarted", "node": GROUND_STATION,
-                          "address": self.ground_station, "epoch": epoch, "recovered": True,
-                          "at": time.monotonic()}
-                self.tally.faults.append(failed)
-                continue
-            return report
 
     # ---- state for --resume -------------------------------------------------------------------
 
@@ -742,9 +437,9 @@ class MissionControl:
         so its earlier count is added; one that did not already includes it."""
         out: dict[str, dict[str, Any]] = {}
         unreachable = []
-        for n in self._list_nodes():
+        for n in self.gs.list_nodes():
             try:
-                h = _health(n.address, min(5.0, self.d.call_s), n.node_id)
+                h = health(n.address, min(5.0, self.d.call_s), n.node_id)
             except grpc.RpcError:
                 unreachable.append(n.node_id)
                 continue
@@ -812,26 +507,6 @@ class MissionControl:
             yield self.env.timeout(seconds)
         yield self.env.process(link.transfer(w.received))
 
-    def _prepare(self) -> tuple[int, float]:
-        """Run the ground station's encoder stage; (FLOPs, wall s) of encoding the samples.
-        Retried from the start while the ground station does not answer."""
-        return self._gs("Prepare", self._prepare_once)
-
-    def _prepare_once(self) -> tuple[int, float]:
-        bars: dict[str, tqdm] = {}
-        flops, wall_s = 0, 0.0
-        for update in self.mission.Prepare(pb.PrepareRequest(), timeout=self.d.prepare_s):
-            if update.stage == "encode train" and update.flops:
-                flops, wall_s = int(update.flops), float(update.wall_s)
-            bar = bars.get(update.stage)
-            if bar is None:
-                bar = bars[update.stage] = tqdm(total=update.total, desc=update.stage,
-                                                unit="img", disable=not self.show_progress)
-            bar.update(update.done - bar.n)
-        for bar in bars.values():
-            bar.close()
-        return flops, wall_s
-
     # ---- the run ------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
@@ -843,24 +518,21 @@ class MissionControl:
             raise MissionError(f"ground station {self.ground_station} not reachable in 60 s"
                                ) from e
         finally:
-            self.gs_channel.close()
+            self.gs.close()
 
     def _run(self) -> dict[str, Any]:
         s = self.s
         self._wall0 = wall0 = time.monotonic()
         wait_ready(self.gs_channel, 60)
-        self._check_scenario()
+        self.gs.check_scenario()
         satellites = s.sensors.ids()
         # resuming, the downlink is done: only the trainers are needed
-        nodes = wait_for_nodes(self.registry, [] if self.resume else satellites,
-                               s.training.num_workers, self.d.register_s, alive=self.alive)
+        nodes = self.gs.wait_for_nodes([] if self.resume else satellites,
+                                       s.training.num_workers)
         for n in nodes:  # registered is not yet serving: sensors register, then load data
-            self._wait_serving(n)
+            wait_serving(n, self.d, self.alive)
         host_of = {sat: n for n in nodes if n.role == pb.SENSOR for sat in n.satellite_ids}
-        self._channels = {n.node_id: channel(n.address, peer=n.node_id)
-                          for n in host_of.values()}
-        self.use_sensors(host_of, {node_id: pb_grpc.SensorStub(ch)
-                                   for node_id, ch in self._channels.items()})
+        self.hosts.connect(host_of)
         down = s.links.downlink
         dlinks = {sat: Link(self.env, f"downlink:{sat}", down.rate_bps, down.latency_s)
                   for sat in satellites}
@@ -886,13 +558,11 @@ class MissionControl:
             # each node's own count of what it sent and received: a second measurement
             # (nodes as registered now: a trainer may have restarted elsewhere)
             counted, unreachable = self._node_bytes()
-            listed = self._list_nodes()
+            listed = self.gs.list_nodes()
         finally:
             bar.close()
-            for ch in self._channels.values():
-                ch.close()
-        stats = self._gs("Stats", lambda: self.mission.Stats(pb.StatsRequest(),
-                                                             timeout=self.d.call_s))
+            self.hosts.close()
+        stats = self.gs.stats()
         links = [*dlinks.values(), *tlinks.values()]
         self.tally.per_link = self._per_link(links)
         if self.tally.shortfall:
@@ -904,36 +574,6 @@ class MissionControl:
             wall_time_s=self.tally.wall_time_s + time.monotonic() - wall0,
             links=links, stats=stats, node_bytes=counted,
             unreachable=unreachable, nodes=listed))
-
-    def _wait_serving(self, n: pb.NodeInfo) -> None:
-        """A registered node must answer Health within node_ready_s: one that does not (a
-        dead process, an address that does not route) is named with its address."""
-        deadline = time.monotonic() + self.d.node_ready_s
-        while True:
-            self.alive()
-            try:
-                _health(n.address, 2, n.node_id)
-                return
-            except grpc.RpcError as e:
-                if time.monotonic() > deadline:
-                    raise MissionError(
-                        f"{n.node_id} at {n.address} (as it registered) did not answer in "
-                        f"{self.d.node_ready_s:.0f} s: {e.code().name}: {e.details()}; is the "
-                        "address reachable from here (a node behind NAT or bound to 0.0.0.0 "
-                        "must advertise a routable one: --advertise)?") from e
-
-
-_ABSENT = object()
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}: keys as the ground station's Describe names them."""
-    flat: dict[str, Any] = {}
-    for k, v in tree.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        flat.update(flatten(v, key) if isinstance(v, dict) else {key: v})
-    return flat
-
 
 def _on_link(report: pb.TransmitReport) -> list[int]:
     """The sizes a Transmit put on the radio, in order: each batch, then its ack."""

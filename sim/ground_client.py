@@ -1,0 +1,313 @@
+"""Mission control's side of the ground station: one channel, every call with a deadline,
+retried while the ground station does not answer (UNAVAILABLE: restarting), and the faults
+it recovered from recorded in the mission's Tally.
+
+Also the registry-facing helpers: waiting for nodes to register, and for a registered node to
+answer Health (which names a node that cannot be reached).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+from tqdm import tqdm
+
+from node.rpc import channel
+from node.security import GROUND_STATION
+from proto.sparsat.v1 import sparsat_pb2 as pb
+from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sim.scenario import Scenario, ground_station_config
+
+if TYPE_CHECKING:
+    from sim.mission import Tally
+
+REGISTER_TIMEOUT_S = 180.0
+
+log = logging.getLogger("sparsat.mission")
+T = TypeVar("T")
+
+
+class MissionError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """How long mission control waits, in wall seconds. Every gRPC call it makes has a
+    deadline, so a hung node cannot hang it; a node that does not answer is named."""
+
+    call_s: float = 30.0  # control calls: ListNodes, Health, Describe, Stats
+    register_s: float = REGISTER_TIMEOUT_S  # nodes must have registered within this
+    node_ready_s: float = 60.0  # a registered node must answer Health within this
+    # Transmit: the budget at no less than floor_bytes_s (on-board encoding included), + slack
+    transmit_floor_bytes_s: float = 20_000.0
+    transmit_slack_s: float = 60.0
+    prepare_s: float = 7200.0  # the ground station's encoder stage, the whole store
+    # TrainEpoch: each round may take the coordinator's round timeout, + evaluation
+    epoch_slack_s: float = 600.0
+    gs_retry_s: float = 120.0  # a ground station answering UNAVAILABLE is retried this long
+    # a satellite whose sensor host is unreachable waits for it; once nothing else is left to
+    # do and the host has been gone this long, the run ends with the satellite's shortfall
+    host_return_s: float = 60.0
+    host_poll_s: float = 1.0  # polling the registry for it meanwhile (while nothing else runs)
+
+    def transmit_s(self, budget: int) -> float:
+        return self.transmit_slack_s + budget / self.transmit_floor_bytes_s
+
+
+def wait_for_nodes(registry: pb_grpc.RegistryStub, satellites: list[str], trainers: int,
+                   timeout_s: float = REGISTER_TIMEOUT_S,
+                   alive: Callable[[], None] = lambda: None) -> list[pb.NodeInfo]:
+    """Block until every satellite and `trainers` trainers have registered."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive()
+        try:
+            nodes = list(registry.ListNodes(pb.ListNodesRequest(), timeout=10).nodes)
+        except grpc.RpcError as e:  # a ground station restarting: not yet
+            if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            nodes = []
+        hosted = {s for n in nodes if n.role == pb.SENSOR for s in n.satellite_ids}
+        n_trainers = sum(n.role == pb.TRAINER for n in nodes)
+        missing = [s for s in satellites if s not in hosted]
+        if not missing and n_trainers >= trainers:
+            return nodes
+        if time.monotonic() > deadline:
+            raise MissionError(f"nodes missing after {timeout_s:.0f} s: satellites {missing}, "
+                               f"trainers {n_trainers}/{trainers}")
+        time.sleep(0.2)
+
+
+def health(address: str, timeout_s: float, peer: str) -> pb.HealthReply:
+    """One Health call to a node, on a channel of its own."""
+    ch = channel(address, peer=peer)
+    try:
+        return pb_grpc.HealthStub(ch).Check(pb.HealthRequest(), timeout=timeout_s,
+                                            wait_for_ready=True)
+    finally:
+        ch.close()
+
+
+def wait_serving(n: pb.NodeInfo, d: Deadlines, alive: Callable[[], None]) -> None:
+    """A registered node must answer Health within node_ready_s: one that does not (a
+    dead process, an address that does not route) is named with its address."""
+    deadline = time.monotonic() + d.node_ready_s
+    while True:
+        alive()
+        try:
+            health(n.address, 2, n.node_id)
+            return
+        except grpc.RpcError as e:
+            if time.monotonic() > deadline:
+                raise MissionError(
+                    f"{n.node_id} at {n.address} (as it registered) did not answer in "
+                    f"{d.node_ready_s:.0f} s: {e.code().name}: {e.details()}; is the "
+                    "address reachable from here (a node behind NAT or bound to 0.0.0.0 "
+                    "must advertise a routable one: --advertise)?") from e
+
+
+_ABSENT = object()
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: keys as the ground station's Describe names them."""
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        flat.update(flatten(v, key) if isinstance(v, dict) else {key: v})
+    return flat
+
+
+class GroundStationClient:
+    """The ground station as mission control calls it. Retries, restarts survived and the
+    fingerprint go into `tally` (the mission's, so faults stay in the order they happened).
+    `instance` is the ground-station process Prepare ran in: another one has lost it."""
+
+    def __init__(self, address: str, scenario: Scenario, tally: Tally,
+                 deadlines: Deadlines = Deadlines(), alive: Callable[[], None] = lambda: None,
+                 show_progress: bool = True):
+        self.address = address
+        self.scenario = scenario
+        self.tally = tally
+        self.d = deadlines
+        self.alive = alive  # raises when a locally launched node has died
+        self.show_progress = show_progress
+        self.instance = ""
+        self.rows_per_epoch = 0  # training rows an epoch, from Stats once prepared
+        self.channel = channel(address, peer=GROUND_STATION)
+        self.mission = pb_grpc.MissionStub(self.channel)
+        self.registry = pb_grpc.RegistryStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def call(self, what: str, call: Callable[[], T]) -> T:
+        """A call to the ground station, retried with backoff while the ground station does
+        not answer (UNAVAILABLE: restarting), for gs_retry_s at most; each retry is logged.
+        An UNAVAILABLE the ground station answers itself (no trainer left) is not retried."""
+        t0 = time.monotonic()
+        delay, retries = 0.5, 0
+        while True:
+            try:
+                out = call()
+                break
+            except grpc.RpcError as e:
+                code = e.code()
+                waited = time.monotonic() - t0
+                if (code != grpc.StatusCode.UNAVAILABLE or waited + delay > self.d.gs_retry_s
+                        or self.answers()):
+                    raise MissionError(
+                        f"ground station {self.address}: {what} failed: {code.name}: "
+                        f"{e.details()}" + (f" (retried for {waited:.0f} s)" if retries else "")
+                    ) from e
+                retries += 1
+                self.tally.gs_retries += 1
+                log.warning("ground station %s: %s UNAVAILABLE (%s); retry %d in %.1f s",
+                            self.address, what, e.details(), retries, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
+        if retries:
+            took = time.monotonic() - t0
+            log.warning("ground station %s answers %s again after %.1f s", self.address,
+                        what, took)
+            self.tally.faults.append({
+                "fault": "ground station unavailable", "node": GROUND_STATION,
+                "address": self.address, "call": what, "retries": retries,
+                "recovered": True, "recovery_wall_s": round(took, 2)})
+        return out
+
+    def answers(self) -> bool:
+        """Whether the ground station process answers at all (a quick Health call)."""
+        try:
+            pb_grpc.HealthStub(self.channel).Check(pb.HealthRequest(), timeout=2.0)
+            return True
+        except grpc.RpcError:
+            return False
+
+    def describe(self) -> pb.MissionInfo:
+        return self.call("Describe", lambda: self.mission.Describe(
+            pb.DescribeRequest(), timeout=self.d.call_s))
+
+    def list_nodes(self) -> list[pb.NodeInfo]:
+        return list(self.call("ListNodes", lambda: self.registry.ListNodes(
+            pb.ListNodesRequest(), timeout=self.d.call_s)).nodes)
+
+    def stats(self) -> pb.StatsReply:
+        return self.call("Stats", lambda: self.mission.Stats(pb.StatsRequest(),
+                                                             timeout=self.d.call_s))
+
+    def wait_for_nodes(self, satellites: list[str], trainers: int) -> list[pb.NodeInfo]:
+        return wait_for_nodes(self.registry, satellites, trainers, self.d.register_s,
+                              alive=self.alive)
+
+    def check_scenario(self) -> None:
+        """The ground station must run this scenario: the keys it uses are compared with
+        this scenario's, and a difference is an error naming each key (keys that are a
+        deployment's own, such as paths and devices, are left out by the ground station)."""
+        info = self.describe()
+        theirs = json.loads(info.config_json)
+        mine = flatten(json.loads(json.dumps(
+            asdict(ground_station_config(self.scenario, Path("."))), default=str)))
+        diffs = [f"{k}: {json.dumps(mine[k]) if k in mine else 'absent'} here, "
+                 f"{json.dumps(v)} at the ground station"
+                 for k, v in sorted(theirs.items()) if mine.get(k, _ABSENT) != v]
+        if diffs:
+            raise MissionError(
+                f"this scenario is not the one the ground station {self.address} runs "
+                f"(fingerprint {info.fingerprint}): " + "; ".join(diffs))
+        self.tally.fingerprint = info.fingerprint
+
+    def ensure_prepared(self, epochs_done: int) -> tuple[int, float] | None:
+        """Run Prepare unless this ground-station process has: the first time, and again
+        after a restart lost it (then the trainers must have registered again first).
+        (FLOPs, wall s) of the encoder stage when it ran. Training that had begun must
+        continue from the ground station's checkpoint, not start again."""
+        s = self.scenario
+        info = self.describe()
+        if info.prepared and info.instance == self.instance:
+            return None
+        t0, restarted = time.monotonic(), bool(self.instance)
+        if restarted and info.instance != self.instance:
+            log.warning("ground station %s restarted (Prepare state lost): waiting for %d "
+                        "trainers to register again, then preparing again",
+                        self.address, s.training.num_workers)
+            self.wait_for_nodes([], s.training.num_workers)
+        if not info.prepared:
+            out: tuple[int, float] | None = self.prepare()
+        else:
+            out = None
+        info = self.describe()
+        self.instance = info.instance
+        if restarted:
+            self.tally.faults.append({
+                "fault": "ground station restarted", "node": GROUND_STATION,
+                "address": self.address, "epochs_done": epochs_done,
+                "recovered": True, "recovery_wall_s": round(time.monotonic() - t0, 2)})
+        copies = s.training.epochs if s.sensors.mask.kind == "random" else 1
+        self.rows_per_epoch = int(self.stats().train_tokens) // copies
+        if epochs_done and not info.rounds_done:
+            raise MissionError(
+                f"the ground station {self.address} has no training state: "
+                f"{epochs_done} epochs were done, but it did not resume from a checkpoint "
+                "(start it with --resume and the run's --checkpoint-dir); training would "
+                "start again from scratch")
+        return out
+
+    def train_epoch(self, epoch: int, epochs_done: int) -> pb.EpochReport:
+        """TrainEpoch with a deadline (each round within the coordinator's round timeout);
+        a ground station that restarted meanwhile is prepared again and asked again."""
+        t = self.scenario.training
+        rows = max(1, self.rows_per_epoch)
+        rounds = -(-rows // (t.num_workers * t.local_steps * t.batch_size)) + 1
+        timeout = rounds * t.round_timeout_s + self.d.epoch_slack_s
+        failed: dict[str, Any] | None = None  # the fault being recovered from
+        while True:
+            self.ensure_prepared(epochs_done)
+            if failed is not None:  # prepared again: the epoch goes on
+                failed["recovery_wall_s"] = round(time.monotonic() - failed.pop("at"), 2)
+                failed = None
+            try:
+                report: pb.EpochReport = self.mission.TrainEpoch(
+                    pb.TrainEpochRequest(epoch=epoch), timeout=timeout)
+            except grpc.RpcError as e:
+                if self.describe().instance == self.instance:
+                    raise MissionError(
+                        f"ground station {self.address}: TrainEpoch {epoch} failed: "
+                        f"{e.code().name}: {e.details()}") from e
+                log.warning("ground station %s restarted during epoch %d (%s): preparing "
+                            "again and continuing from its checkpoint", self.address,
+                            epoch, e.code().name)
+                failed = {"fault": "ground station restarted", "node": GROUND_STATION,
+                          "address": self.address, "epoch": epoch, "recovered": True,
+                          "at": time.monotonic()}
+                self.tally.faults.append(failed)
+                continue
+            return report
+
+    def prepare(self) -> tuple[int, float]:
+        """Run the ground station's encoder stage; (FLOPs, wall s) of encoding the samples.
+        Retried from the start while the ground station does not answer."""
+        return self.call("Prepare", self._prepare_once)
+
+    def _prepare_once(self) -> tuple[int, float]:
+        bars: dict[str, tqdm] = {}
+        flops, wall_s = 0, 0.0
+        for update in self.mission.Prepare(pb.PrepareRequest(), timeout=self.d.prepare_s):
+            if update.stage == "encode train" and update.flops:
+                flops, wall_s = int(update.flops), float(update.wall_s)
+            bar = bars.get(update.stage)
+            if bar is None:
+                bar = bars[update.stage] = tqdm(total=update.total, desc=update.stage,
+                                                unit="img", disable=not self.show_progress)
+            bar.update(update.done - bar.n)
+        for bar in bars.values():
+            bar.close()
+        return flops, wall_s

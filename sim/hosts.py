@@ -1,0 +1,178 @@
+"""The sensor hosts a mission downlinks from, and what happens when one goes away.
+
+Each Transmit has a deadline sized from its byte budget; a host that does not answer
+(UNAVAILABLE, DEADLINE_EXCEEDED) is HostDown, and its satellites wait for it: at their passes
+on the mission clock while other satellites still downlink, then polling the registry in wall
+time. A host that comes back (maybe at another port) gets a new channel and the recovery is
+recorded; one gone for longer than host_return_s leaves its satellites' shortfall.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import simpy
+
+from node.rpc import channel
+from proto.sparsat.v1 import sparsat_pb2 as pb
+from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sim.ground_client import Deadlines, GroundStationClient, MissionError
+from sim.scenario import Scenario
+
+if TYPE_CHECKING:
+    from sim.mission import Tally
+
+TRANSMIT_MAX_SAMPLES = 4096  # samples per Transmit call: bounds one call's stream
+
+log = logging.getLogger("sparsat.mission")
+
+
+class HostDown(Exception):
+    """A sensor host did not answer a call (UNAVAILABLE, DEADLINE_EXCEEDED)."""
+
+
+class SensorHosts:
+    """Which host holds each satellite, a channel and stub per host (replaced when a host
+    comes back at another address), the satellites still downlinking (`active`), those
+    waiting for their host (`waiting`), when each unreachable host was first missed (wall
+    clock) and each satellite's queue as last reported (`remaining`)."""
+
+    def __init__(self, env: simpy.Environment, scenario: Scenario, tally: Tally,
+                 gs: GroundStationClient, deadlines: Deadlines):
+        self.env = env
+        self.s = scenario
+        self.tally = tally
+        self.gs = gs
+        self.d = deadlines
+        self.host_of: dict[str, pb.NodeInfo] = {}
+        self.channels: dict[str, grpc.Channel] = {}
+        self.stubs: dict[str, pb_grpc.SensorStub] = {}
+        self.active: set[str] = set()
+        self.waiting: set[str] = set()
+        self.down_since: dict[str, float] = {}
+        self.remaining: dict[str, int] = {}
+
+    def use(self, host_of: dict[str, pb.NodeInfo], stubs: dict[str, Any]) -> None:
+        """Which host holds each satellite, and a Sensor stub per host (by node id)."""
+        self.host_of, self.stubs = dict(host_of), dict(stubs)
+
+    def connect(self, host_of: dict[str, pb.NodeInfo]) -> None:
+        """A channel to each registered host of `host_of` (closed by close())."""
+        self.channels = {n.node_id: channel(n.address, peer=n.node_id)
+                         for n in host_of.values()}
+        self.use(host_of, {node_id: pb_grpc.SensorStub(ch)
+                           for node_id, ch in self.channels.items()})
+
+    def close(self) -> None:
+        for ch in self.channels.values():
+            ch.close()
+
+    def transmit(self, sat_id: str, budget: int) -> pb.TransmitReport:
+        """One Transmit, with a deadline sized from the budget; HostDown when the host does
+        not answer (its first miss is remembered), MissionError on any other failure."""
+        host = self.host_of[sat_id]
+        timeout = self.d.transmit_s(budget)
+        try:
+            return self.stubs[host.node_id].Transmit(pb.TransmitRequest(
+                satellite_id=sat_id, max_bytes=budget, max_samples=TRANSMIT_MAX_SAMPLES,
+                batch_bytes=self.s.links.downlink.batch_size()), timeout=timeout)
+        except grpc.RpcError as e:
+            where = f"sensor host {host.node_id} at {host.address}"
+            if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise MissionError(f"{sat_id}: Transmit to {where} failed: {e.code().name}: "
+                                   f"{e.details()}") from e
+            self.down_since.setdefault(host.node_id, time.monotonic())
+            raise HostDown(f"{where} did not answer Transmit ({e.code().name} after at most "
+                           f"{timeout:.0f} s: {e.details()})") from e
+
+    def await_host(self, sat_id: str, next_chance: Callable[[], float]
+                   ) -> Generator[simpy.Event, Any, bool]:
+        """Wait for `sat_id`'s sensor host to answer again: at each of the satellite's passes
+        (mission clock) while other satellites still downlink; once nothing else runs, every
+        host_poll_s wall seconds. True when it is back; False when it stayed gone (the
+        satellite's shortfall is recorded)."""
+        self.waiting.add(sat_id)
+        try:
+            while True:
+                if self.active - self.waiting:
+                    yield self.env.timeout(max(0.0, next_chance() - self.env.now))
+                    if self.host_back(sat_id):
+                        return True
+                elif self.wait_alone(sat_id):
+                    return True
+                else:
+                    return False
+        finally:
+            self.waiting.discard(sat_id)
+
+    def wait_alone(self, sat_id: str) -> bool:
+        """Nothing else to do on the mission clock: poll the host in wall time until it is
+        back, or until it has been gone host_return_s (then the shortfall is recorded)."""
+        host = self.host_of[sat_id].node_id
+        while not self.host_back(sat_id):
+            if time.monotonic() - self.down_since[host] > self.d.host_return_s:
+                self.give_up(sat_id)
+                return False
+            time.sleep(self.d.host_poll_s)
+        return True
+
+    def host_back(self, sat_id: str) -> bool:
+        """Whether `sat_id`'s host answers: its registered address (a restarted host registers
+        again, maybe at another port) is probed with Health; a new address gets a new channel."""
+        old = self.host_of[sat_id]
+        if old.node_id not in self.down_since:
+            return True
+        try:
+            nodes = self.gs.list_nodes()
+        except MissionError:
+            return False
+        new = next((n for n in nodes if n.node_id == old.node_id), old)
+        ch = channel(new.address, peer=new.node_id)
+        try:
+            pb_grpc.HealthStub(ch).Check(pb.HealthRequest(), timeout=min(2.0, self.d.call_s))
+        except grpc.RpcError:
+            ch.close()
+            return False
+        self.channels.pop(old.node_id).close()
+        self.channels[new.node_id] = ch
+        self.stubs[new.node_id] = pb_grpc.SensorStub(ch)
+        for sat, n in self.host_of.items():
+            if n.node_id == new.node_id:
+                self.host_of[sat] = new
+        took = time.monotonic() - self.down_since.pop(old.node_id)
+        log.warning("sensor host %s is back at %s after %.1f s (was %s)", new.node_id,
+                    new.address, took, old.address)
+        self.tally.faults.append({
+            "fault": "sensor host unreachable", "node": new.node_id, "address": old.address,
+            "new_address": new.address, "recovered": True, "recovery_wall_s": round(took, 2)})
+        return True
+
+    def give_up(self, sat_id: str) -> None:
+        """Record `sat_id`'s shortfall: its host has not come back."""
+        host = self.host_of[sat_id]
+        gone = time.monotonic() - self.down_since[host.node_id]
+        undelivered = self.remaining.get(sat_id)
+        if undelivered is None:
+            undelivered = self.queued_at_start(sat_id)
+        self.tally.shortfall[sat_id] = {"host": host.node_id, "address": host.address,
+                                        "undelivered": undelivered,
+                                        "gone_wall_s": round(gone, 2)}
+        log.warning("%s: sensor host %s at %s has not come back in %.0f s: %d samples of %s "
+                    "not delivered; training goes on with what arrived", sat_id, host.node_id,
+                    host.address, gone, undelivered, sat_id)
+
+    def queued_at_start(self, sat_id: str) -> int:
+        """A satellite's queue before it sent anything: its shard, once per masked copy."""
+        from node.datasets import split_size
+        from node.sharding import shard, train_subset
+        from sim.scenario import sensor_config
+
+        sats = self.s.sensors.ids()
+        n_train = split_size(sensor_config(self.s).dataset, "train")
+        subset = train_subset(n_train, self.s.dataset.train_subset, self.s.seed)
+        copies = self.s.training.epochs if self.s.sensors.mask.kind == "random" else 1
+        return len(shard(subset, sats.index(sat_id), len(sats))) * copies
