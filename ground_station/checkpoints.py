@@ -28,7 +28,8 @@ class CheckpointError(RuntimeError):
 def fingerprint(cfg: TrainingConfig, dim: int, n_classes: int, dataset_ids: list[str]) -> str:
     """What a checkpoint must match: the training settings that shape the run (not the
     number of epochs or timeouts), the model's shape and the datasets."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "round_timeout_s")}
+    settings = {k: v for k, v in asdict(cfg).items()
+                if k not in ("epochs", "round_timeout_s", "threads")}
     key = json.dumps([settings, dim, n_classes, dataset_ids], sort_keys=True)
     return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
 

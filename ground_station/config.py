@@ -26,6 +26,7 @@ class TrainingConfig:
     hidden: tuple[int, int] = (1000, 1000)
     seed: int = 0
     round_timeout_s: float = 600.0
+    threads: int = 1  # torch's CPU threads in every trainer (told at registration)
 
     @property
     def num_workers(self) -> int:

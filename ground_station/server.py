@@ -252,7 +252,8 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                       "scenario")
             config_json = self.cfg.sensor.to_json()
         elif request.role == pb.TRAINER:
-            config_json = json.dumps({"training": self.cfg.training.strategy})
+            config_json = json.dumps({"training": self.cfg.training.strategy,
+                                      "threads": self.cfg.training.threads})
         else:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, "role must be SENSOR or TRAINER")
         info = pb.NodeInfo(node_id=request.node_id, role=request.role, address=request.address,

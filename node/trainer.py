@@ -196,9 +196,13 @@ def serve(
     log.info("trainer %s serving on %s (device %s)", node_id, address, dev)
     if ground_station:
         request = pb.RegisterRequest(node_id=node_id, role=pb.TRAINER, address=address,
-                                     device=str(dev))
-        register(ground_station, request)
-        log.info("registered with ground station %s", ground_station)
+                                     device=device_label(dev))
+        threads = apply_training_config(register(ground_station, request))
+        log.info("registered with ground station %s; %d torch threads (the scenario's)",
+                 ground_station, threads)
+        if device_label(dev) != request.device:  # registered again with the count in force
+            request.device = device_label(dev)
+            register(ground_station, request)
         gs = ground_station
         # a restarted ground station: register again (same id, same address) by ourselves
         Rejoin(node_id, gs, lambda wait_s: register(gs, request, wait_s)).start()

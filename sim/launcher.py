@@ -289,8 +289,9 @@ class LocalCluster:
     def spawn_trainer(self, node_id: str, name: str | None = None) -> Proc:
         """Start a trainer process that registers with the ground station as `node_id`."""
         t = self.s.training
-        # the workers of a round run at once: share this machine's cores between them
-        threads = max(1, (os.cpu_count() or 1) // t.num_workers)
+        # the scenario's thread count (training.threads): the bits of trainers started
+        # elsewhere; the trainer applies it again when the ground station tells it
+        threads = t.threads
         return self._spawn(name or node_id, [
             "node", "trainer", "--listen", "127.0.0.1:0", "--ground-station", self.address,
             "--id", node_id, "--device", t.device, "--threads", str(threads),

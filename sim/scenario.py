@@ -366,7 +366,7 @@ def ground_station_config(s: Scenario, store_dir: Path, checkpoint_dir: Path | N
         training=TrainingConfig(
             strategy=t.strategy, workers=t.workers, local_steps=t.local_steps, epochs=t.epochs,
             batch_size=t.batch_size, lr=t.lr, hidden=t.hidden, seed=s.seed,
-            round_timeout_s=t.round_timeout_s, subnet_scale=t.subnet_scale,
+            round_timeout_s=t.round_timeout_s, subnet_scale=t.subnet_scale, threads=t.threads,
             moments=t.moments or ("travel" if t.strategy == "centralized" else "reset"),
         ),
         store_dir=store_dir,
