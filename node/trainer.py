@@ -64,10 +64,36 @@ def apply_training_config(config_json: str) -> int:
     return torch.get_num_threads()
 
 
-def device_label(device: torch.device) -> str:
-    """RegisterRequest.device: the device and torch's CPU threads, e.g. "cpu (2 threads)",
-    so results record where and how each trainer ran."""
-    return f"{device} ({torch.get_num_threads()} threads)"
+def device_label(device: torch.device, threads: int | None = None) -> str:
+    """RegisterRequest.device: the device and torch's CPU threads (`threads`, or this
+    thread's count), e.g. "cpu (2 threads)", so results record where and how each trainer
+    ran."""
+    return f"{device} ({threads or torch.get_num_threads()} threads)"
+
+
+def use_threads(threads: int | None) -> None:
+    """Run this thread's torch work with `threads` CPU threads (None: leave it). torch's
+    count is per OS thread once a thread has run torch code: torch.set_num_threads on the
+    main thread (or the rejoin watcher's) misses the gRPC worker threads that already
+    trained, so Train sets it on its own thread (tests/test_trainer_threads.py)."""
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def register_trainer(ground_station: str, request: pb.RegisterRequest,
+                     servicer: TrainerServicer, wait_s: float | None = None) -> int:
+    """Register, take the thread count from the ground station's answer for the servicer's
+    next jobs, and return it. When that changed the count, register again so the registry
+    (and results.json's `devices`) records the count the trainer trains with, not the one it
+    started with. At start and after a ground-station restart (whose scenario may say
+    another count) alike."""
+    threads = apply_training_config(register(ground_station, request, wait_s))
+    servicer.threads = threads
+    label = device_label(servicer.device, threads)
+    if label != request.device:
+        request.device = label
+        register(ground_station, request, wait_s)
+    return threads
 
 
 class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
@@ -77,6 +103,9 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
         self.bytes = ByteCounter()
         self.datasets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._lock = threading.Lock()
+        # torch CPU threads for Train (the scenario's training.threads, told at
+        # registration); None: whatever the worker thread has
+        self.threads: int | None = None
 
     def LoadDataset(
         self, request_iterator: Iterator[pb.DatasetChunk], context: grpc.ServicerContext
@@ -157,6 +186,7 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
         if int(y.max()) >= model.fc3.out_features:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                           f"labels reach {int(y.max())}, the model has {model.fc3.out_features}")
+        use_threads(self.threads)  # this worker thread may have trained at another count
         model.to(self.device)
         model.hidden_scale = job.hidden_scale
         adam = Adam(model.wire_parameters(), job.lr, job.moments)  # moments None: fresh
@@ -197,13 +227,12 @@ def serve(
     if ground_station:
         request = pb.RegisterRequest(node_id=node_id, role=pb.TRAINER, address=address,
                                      device=device_label(dev))
-        threads = apply_training_config(register(ground_station, request))
+        threads = register_trainer(ground_station, request, servicer)
         log.info("registered with ground station %s; %d torch threads (the scenario's)",
                  ground_station, threads)
-        if device_label(dev) != request.device:  # registered again with the count in force
-            request.device = device_label(dev)
-            register(ground_station, request)
         gs = ground_station
-        # a restarted ground station: register again (same id, same address) by ourselves
-        Rejoin(node_id, gs, lambda wait_s: register(gs, request, wait_s)).start()
+        # a restarted ground station: register again (same id, same address) by ourselves,
+        # and take its config again (it may run another scenario)
+        Rejoin(node_id, gs,
+               lambda wait_s: register_trainer(gs, request, servicer, wait_s)).start()
     server.wait_for_termination()

@@ -5,18 +5,34 @@ same bits; registration reports device and threads."""
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from ground_station.config import GroundStationConfig, TrainingConfig
 from ground_station.coordinator import TrainerClient
+from ground_station.server import GroundStation, build_server
 from node import serde
+from node.config import SensorConfig
+from node.datasets import DatasetSpec
+from node.masking import MaskSpec
 from node.mlp import MLP
+from node.rejoin import Rejoin
 from node.rpc import bind, make_server
-from node.trainer import TrainerServicer, apply_training_config, device_label
+from node.trainer import (
+    TrainerServicer,
+    apply_training_config,
+    device_label,
+    register_trainer,
+)
 from node.training import steps_for
+from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 from sim.scenario import TrainingCfg
 
@@ -79,3 +95,102 @@ def test_the_config_sets_the_count_and_refuses_nonsense() -> None:
         with pytest.raises(ValueError, match="trainer config"):
             apply_training_config(bad)
     assert torch.get_num_threads() == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def _station(store: Path, listen: str, threads: int) -> Iterator[GroundStation]:
+    """An in-process ground station whose scenario sets `threads`."""
+    sensor = SensorConfig(dataset=DatasetSpec("fashion_mnist"), mask=MaskSpec("fixed", 0.5))
+    cfg = GroundStationConfig(sensor=sensor,
+                              training=TrainingConfig(threads=threads), store_dir=store)
+    station = GroundStation(cfg)
+    server, _ = build_server(station, listen)
+    server.start()
+    try:
+        yield station
+    finally:
+        server.stop(None).wait()
+        station.store.close()
+
+
+def _device(station: GroundStation, node_id: str, want: str, wait_s: float = 10) -> str:
+    """The device `node_id` registered with, once it is `want` or `wait_s` has passed."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < wait_s:
+        node = station.nodes.get(node_id)
+        if node is not None and node.device == want:
+            break
+        time.sleep(0.05)
+    return node.device if node is not None else "not registered"
+
+
+def test_a_trainer_takes_a_restarted_ground_stations_count_and_reports_it(
+        tmp_path: Path) -> None:
+    # Prepare: a trainer started with 1 thread, a ground station whose scenario says 2
+    torch.set_num_threads(1)
+    cpu, listen = torch.device("cpu"), f"127.0.0.1:{_free_port()}"
+    trainer = TrainerServicer("trainer-r", cpu)  # not serving: only its settings matter
+    request = pb.RegisterRequest(node_id="trainer-r", role=pb.TRAINER,
+                                 address="127.0.0.1:7002", device=device_label(cpu))
+    with _station(tmp_path / "store", listen, threads=2) as station:
+        first = register_trainer(listen, request, trainer, 5)
+        first_device = _device(station, "trainer-r", "cpu (2 threads)")
+        watch = Rejoin("trainer-r", listen,
+                       lambda wait_s: register_trainer(listen, request, trainer, wait_s),
+                       every_s=0.2)
+        watch.start()
+        time.sleep(0.5)
+
+    # Execute: the ground station is down for 1 s (in-process, its instance id stays the
+    # same: the watcher notices the outage), then back on the same store with a scenario
+    # that says 3
+    time.sleep(1.0)
+    try:
+        with _station(tmp_path / "store", listen, threads=3) as station:
+            again_device = _device(station, "trainer-r", "cpu (3 threads)")
+            time.sleep(0.2)  # the watcher counts the rejoin after its last call
+    finally:
+        watch.stop()
+
+    # Assert: the count in force each time, and the registry says so
+    assert (first, first_device) == (2, "cpu (2 threads)")
+    assert watch.rejoined == 1 and trainer.threads == 3  # its next Train runs at 3
+    assert again_device == "cpu (3 threads)"
+
+
+def test_a_count_that_arrives_after_training_began_applies_to_the_next_job() -> None:
+    # Prepare: a trainer whose gRPC worker threads already trained at 2 threads (torch's
+    # count is per thread for threads that already ran: setting it elsewhere misses them)
+    torch.set_num_threads(2)
+    servicer = TrainerServicer("trainer-t", torch.device("cpu"))
+    server = make_server()
+    pb_grpc.add_TrainerServicer_to_server(servicer, server)
+    client = TrainerClient("trainer-t", bind(server, "127.0.0.1:0"))
+    server.start()
+    try:
+        rng = np.random.default_rng(0)
+        client.load_dataset("d", rng.standard_normal((ROWS, 384)).astype(np.float32),
+                            rng.integers(0, 10, ROWS).astype(np.int64), timeout_s=30)
+        torch.manual_seed(0)
+        job = serde.TrainJob("d", 0, 0, steps_for(ROWS, BATCH), BATCH, 1e-3, 3,
+                             MLP(384, 256, 128, 10).params(), rows=ROWS)
+        at_two, _, _, _ = client.train(job, timeout_s=60)
+
+        # Execute: a (restarted) ground station's config says 1, then the same job again
+        servicer.threads = apply_training_config('{"training": "ist", "threads": 1}')
+        at_one, _, _, _ = client.train(job, timeout_s=60)
+    finally:
+        client.close()
+        server.stop(None)
+    torch.set_num_threads(1)
+    fresh = _train_once()  # a trainer that ran at 1 thread from the start
+
+    # Assert: the second job ran at 1 thread (at 2 it gives other bits on this job)
+    assert any(not torch.equal(at_two[n], fresh[n]) for n in fresh)
+    assert all(torch.equal(at_one[n], fresh[n]) for n in fresh)
