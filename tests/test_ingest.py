@@ -1231,13 +1231,13 @@ def test_register_sensor_returns_the_scenario_config(patch_gs: Station) -> None:
     assert "sensor-proc-9" in [n.node_id for n in nodes]
 
 
-def test_register_trainer_returns_the_strategy(patch_gs: Station) -> None:
+def test_register_trainer_returns_the_strategy_and_threads(patch_gs: Station) -> None:
     # Execute
     reply = patch_gs.registry.Register(pb.RegisterRequest(
         node_id="trainer-9", role=pb.TRAINER, address="127.0.0.1:8", device="cpu"), timeout=10)
 
     # Assert
-    assert json.loads(reply.config_json) == {"training": "ist"}
+    assert json.loads(reply.config_json) == {"training": "ist", "threads": 1}
 
 
 @pytest.mark.parametrize(
