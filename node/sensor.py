@@ -66,6 +66,7 @@ class Satellite:
             (int(i), c if copies > 1 else None) for c in range(copies) for i in indices)
         self.built: dict[Key, serde.Payload] = {}  # payloads built and not yet acked
         self.skipped = 0  # scenes with no usable token, not yet reported
+        self.unusable: list[str] = []  # why images could not be encoded, not yet reported
         self.encode_flops = 0  # on-board encoding not yet reported
         self.encode_s = 0.0
         self.lock = threading.Lock()
@@ -102,7 +103,18 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         scenes = []  # (key, sample id, capture) of the scenes with something to send
         for key in keys:
             sid = copy_id(sample_id(self.cfg.dataset.name, "train", key[0]), key[1])
-            cap = capture(self.cfg.mask, self.dataset.image(key[0]), grid, sid)
+            try:  # an image the codec cannot tile (smaller than the grid...) is dropped alone
+                cap = capture(self.cfg.mask, self.dataset.image(key[0]), grid, sid)
+                if len(cap.visible) and self.cfg.payload == "patches":
+                    encode_patches(cap.image, grid, cap.visible)
+                elif len(cap.visible):
+                    masked_canvas(cap.image, grid, cap.visible)
+            except (CodecError, ValueError) as e:
+                reason = f"{sid}: unusable on board: {str(e)[:120]}"
+                log.warning("%s: %s", sat.sat_id, reason)
+                if len(sat.unusable) < MAX_REJECTIONS:
+                    sat.unusable.append(reason)
+                continue
             if len(cap.visible):
                 scenes.append((key, sid, cap))
         if len(scenes) < len(keys):  # nothing to send: out of the queue, counted
@@ -166,6 +178,8 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             report.skipped, report.encode_flops, report.encode_s = (
                 sat.skipped, sat.encode_flops, sat.encode_s)
             sat.skipped, sat.encode_flops, sat.encode_s = 0, 0, 0.0
+            report.rejections.extend(sat.unusable[: MAX_REJECTIONS - len(report.rejections)])
+            sat.unusable.clear()
             return report
 
     def _builder(self, sat: Satellite, first: bool) -> serde.BatchBuilder:
