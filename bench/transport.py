@@ -205,10 +205,10 @@ def raw_run(frames: Sequence[bytes], acks: Sequence[bytes], ack_each: bool) -> f
     return elapsed
 
 
-def grpc_tcp_bytes(upstream: str, msgs: Sequence[pb.DownlinkBatch],
-                   creds: Credentials | None = None) -> tuple[float, float]:
-    """TCP bytes per sample (client->server, server->client) of one gRPC stream, counted by a
-    proxy between the channel and the server (`creds`: a TLS client's)."""
+def counting_proxy(upstream: str) -> tuple[socket.socket, list[int]]:
+    """A TCP proxy on 127.0.0.1 in front of `upstream` (HOST:PORT): its listening socket
+    (close it to stop accepting) and the bytes it has carried, [client->server,
+    server->client], updated as they pass."""
     lsock = socket.create_server(("127.0.0.1", 0))
     host, _, port = upstream.rpartition(":")
     counts = [0, 0]
@@ -229,6 +229,14 @@ def grpc_tcp_bytes(upstream: str, msgs: Sequence[pb.DownlinkBatch],
                 spawn(pipe, server, client, 1)
 
     spawn(accept)
+    return lsock, counts
+
+
+def grpc_tcp_bytes(upstream: str, msgs: Sequence[pb.DownlinkBatch],
+                   creds: Credentials | None = None) -> tuple[float, float]:
+    """TCP bytes per sample (client->server, server->client) of one gRPC stream, counted by a
+    proxy between the channel and the server (`creds`: a TLS client's)."""
+    lsock, counts = counting_proxy(upstream)
     ch = channel(f"127.0.0.1:{lsock.getsockname()[1]}", peer=GROUND_STATION, creds=creds)
     wait_ready(ch)
     stub = pb_grpc.DownlinkStub(ch)
@@ -318,25 +326,7 @@ def throughput(kind: str, ms: Batches, warm: Batches, stub: pb_grpc.DownlinkStub
 def connection_bytes(upstream: str, creds: Credentials | None) -> tuple[int, float]:
     """TCP bytes (both ways) and wall seconds of a new connection's first call (a Health
     check): the TLS handshake and HTTP/2 set-up, counted by a proxy."""
-    lsock = socket.create_server(("127.0.0.1", 0))
-    host, _, port = upstream.rpartition(":")
-    counts = [0, 0]
-
-    def pipe(src: socket.socket, dst: socket.socket, k: int) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(1 << 16):
-                counts[k] += len(data)
-                dst.sendall(data)
-            dst.shutdown(socket.SHUT_WR)
-
-    def accept() -> None:
-        with contextlib.suppress(OSError):
-            client = nodelay(lsock.accept()[0])
-            server = nodelay(socket.create_connection((host, int(port))))
-            spawn(pipe, client, server, 0)
-            spawn(pipe, server, client, 1)
-
-    spawn(accept)
+    lsock, counts = counting_proxy(upstream)
     t0 = time.perf_counter()
     ch = channel(f"127.0.0.1:{lsock.getsockname()[1]}", peer=GROUND_STATION, creds=creds)
     pb_grpc.HealthStub(ch).Check(pb.HealthRequest(), wait_for_ready=True, timeout=10)
