@@ -43,14 +43,12 @@ def _folder(root: Path) -> Path:
     return root
 
 
-def test_an_imagefolder_of_mixed_sizes_is_downlinked_stored_and_encoded(tmp_path: Path) -> None:
-    # Prepare: a real ground station on 127.0.0.1 and a sensor host sending every image
-    dataset = DatasetSpec("imagefolder", root=str(_folder(tmp_path / "images")),
-                          val_fraction=0.25)
+def _downlink_all(dataset: DatasetSpec, store: Path) -> tuple[GroundStation, pb.TransmitReport]:
+    """A real ground station on 127.0.0.1 and a sensor host hosting sat-0, which sends every
+    image it holds in one Transmit; the station (stopped, its store open) and the report."""
     sensor_cfg = SensorConfig(dataset=dataset, mask=MaskSpec("fixed", 0.5), payload="patches",
                               encoder=ENCODER, encoder_weights="random", satellites=["sat-0"])
-    cfg = GroundStationConfig(sensor=sensor_cfg, store_dir=tmp_path / "store")
-    station = GroundStation(cfg)
+    station = GroundStation(GroundStationConfig(sensor=sensor_cfg, store_dir=store))
     server, address = build_server(station, "127.0.0.1:0")
     server.start()
     try:
@@ -59,15 +57,23 @@ def test_an_imagefolder_of_mixed_sizes_is_downlinked_stored_and_encoded(tmp_path
                 node_id="host", role=pb.SENSOR, address="127.0.0.1:1", satellite_ids=["sat-0"]),
                 wait_for_ready=True, timeout=30)
         sensor = SensorServicer("host", ["sat-0"], sensor_cfg, address)
-
-        # Execute: downlink everything, then the encoder stage over the store
         report = sensor.Transmit(pb.TransmitRequest(satellite_id="sat-0", max_bytes=10**7),
                                  Ctx())
-        rows = [r for chunk in station.store.rows() for r in chunk]
-        encoder = encoders.create(ENCODER, weights="random")
-        tokens = encode_rows(iter(rows), len(rows), encoder, batch_size=4, cls_dtype="float16")
     finally:
         server.stop(None)
+    return station, report
+
+
+def test_an_imagefolder_of_mixed_sizes_is_downlinked_stored_and_encoded(tmp_path: Path) -> None:
+    # Prepare: a real ground station on 127.0.0.1 and a sensor host sending every image
+    dataset = DatasetSpec("imagefolder", root=str(_folder(tmp_path / "images")),
+                          val_fraction=0.25)
+
+    # Execute: downlink everything, then the encoder stage over the store
+    station, report = _downlink_all(dataset, tmp_path / "store")
+    rows = [r for chunk in station.store.rows() for r in chunk]
+    encoder = encoders.create(ENCODER, weights="random")
+    tokens = encode_rows(iter(rows), len(rows), encoder, batch_size=4, cls_dtype="float16")
 
     # Assert: every train image stored at its own size and encoded
     train = load_dataset(dataset, "train")
@@ -110,23 +116,9 @@ def test_an_image_the_codec_cannot_tile_is_dropped_alone(tmp_path: Path) -> None
     tiny = [i for i in range(len(train)) if train.image(i).shape[:2] == (5, 5)]
     if not tiny:  # the seeded split put it in the test images: the sensor never sees it
         return
-    sensor_cfg = SensorConfig(dataset=dataset, mask=MaskSpec("fixed", 0.5), payload="patches",
-                              encoder=ENCODER, encoder_weights="random", satellites=["sat-0"])
-    station = GroundStation(GroundStationConfig(sensor=sensor_cfg, store_dir=tmp_path / "s"))
-    server, address = build_server(station, "127.0.0.1:0")
-    server.start()
-    try:
-        with channel(address) as ch:
-            pb_grpc.RegistryStub(ch).Register(pb.RegisterRequest(
-                node_id="host", role=pb.SENSOR, address="127.0.0.1:1", satellite_ids=["sat-0"]),
-                wait_for_ready=True, timeout=30)
-        sensor = SensorServicer("host", ["sat-0"], sensor_cfg, address)
 
-        # Execute
-        report = sensor.Transmit(pb.TransmitRequest(satellite_id="sat-0", max_bytes=10**7),
-                                 Ctx())
-    finally:
-        server.stop(None)
+    # Execute
+    station, report = _downlink_all(dataset, tmp_path / "store")
 
     # Assert: the others all sent and stored, the tiny one out of the queue with its reason
     assert (report.error, report.remaining) == ("", 0)
