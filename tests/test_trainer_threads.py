@@ -46,8 +46,10 @@ def keep_threads() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def _train_once() -> dict[str, torch.Tensor]:
-    """One job on a fresh trainer behind a real gRPC server on 127.0.0.1."""
+@contextmanager
+def _trainer() -> Iterator[tuple[TrainerServicer, TrainerClient, serde.TrainJob]]:
+    """A fresh trainer behind a real gRPC server on 127.0.0.1, its dataset loaded, its
+    client, and the job these tests train."""
     servicer = TrainerServicer("trainer-t", torch.device("cpu"))
     server = make_server()
     pb_grpc.add_TrainerServicer_to_server(servicer, server)
@@ -58,12 +60,17 @@ def _train_once() -> dict[str, torch.Tensor]:
         client.load_dataset("d", rng.standard_normal((ROWS, 384)).astype(np.float32),
                             rng.integers(0, 10, ROWS).astype(np.int64), timeout_s=30)
         torch.manual_seed(0)
-        job = serde.TrainJob("d", 0, 0, steps_for(ROWS, BATCH), BATCH, 1e-3, 3,
-                             MLP(384, 256, 128, 10).params(), rows=ROWS)
-        params, _, _, _ = client.train(job, timeout_s=60)
+        yield servicer, client, serde.TrainJob("d", 0, 0, steps_for(ROWS, BATCH), BATCH, 1e-3,
+                                               3, MLP(384, 256, 128, 10).params(), rows=ROWS)
     finally:
         client.close()
         server.stop(None)
+
+
+def _train_once() -> dict[str, torch.Tensor]:
+    """One job on a fresh trainer."""
+    with _trainer() as (_, client, job):
+        params, _, _, _ = client.train(job, timeout_s=60)
     return params
 
 
@@ -168,26 +175,12 @@ def test_a_count_that_arrives_after_training_began_applies_to_the_next_job() -> 
     # Prepare: a trainer whose gRPC worker threads already trained at 2 threads (torch's
     # count is per thread for threads that already ran: setting it elsewhere misses them)
     torch.set_num_threads(2)
-    servicer = TrainerServicer("trainer-t", torch.device("cpu"))
-    server = make_server()
-    pb_grpc.add_TrainerServicer_to_server(servicer, server)
-    client = TrainerClient("trainer-t", bind(server, "127.0.0.1:0"))
-    server.start()
-    try:
-        rng = np.random.default_rng(0)
-        client.load_dataset("d", rng.standard_normal((ROWS, 384)).astype(np.float32),
-                            rng.integers(0, 10, ROWS).astype(np.int64), timeout_s=30)
-        torch.manual_seed(0)
-        job = serde.TrainJob("d", 0, 0, steps_for(ROWS, BATCH), BATCH, 1e-3, 3,
-                             MLP(384, 256, 128, 10).params(), rows=ROWS)
+    with _trainer() as (servicer, client, job):
         at_two, _, _, _ = client.train(job, timeout_s=60)
 
         # Execute: a (restarted) ground station's config says 1, then the same job again
         servicer.threads = apply_training_config('{"training": "ist", "threads": 1}')
         at_one, _, _, _ = client.train(job, timeout_s=60)
-    finally:
-        client.close()
-        server.stop(None)
     torch.set_num_threads(1)
     fresh = _train_once()  # a trainer that ran at 1 thread from the start
 
