@@ -33,6 +33,8 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import TracebackType
 
+from node import security
+from node.security import Credentials
 from sim.scenario import Scenario
 
 log = logging.getLogger("sparsat.launcher")
@@ -135,7 +137,7 @@ class LocalCluster:
         self.s = scenario
         self.secure, self.mutual = secure, mutual
         self.certs = out_dir / "certs"
-        self._previous: object = None  # this process's credentials before start()
+        self._previous: Credentials | None = None  # this process's before start()
         self.resume = resume  # keep the store and the coordinator's checkpoint
         self.token_cache = token_cache  # encoded splits shared with other runs (None: store's)
         self.scenario_file = scenario_file
@@ -228,7 +230,6 @@ class LocalCluster:
     def _credentials(self) -> None:
         """Fresh credentials for every node this scenario starts (and spares for trainers
         started later), and the operator's for this process."""
-        from node import security
         from sim.certs import NodeSpec, make_deployment, scenario_nodes
 
         shutil.rmtree(self.certs, ignore_errors=True)
@@ -239,7 +240,7 @@ class LocalCluster:
         make_deployment(self.certs, scenario_nodes(self.s) + spares, {"*": ("127.0.0.1",)},
                         days=30)
         self._previous = security.active()
-        security.configure(security.Credentials.from_dir(self.certs / "operator", self.mutual))
+        security.configure(Credentials.from_dir(self.certs / "operator", self.mutual))
 
     def _security_args(self, name: str) -> list[str]:
         if not self.secure:
@@ -299,10 +300,7 @@ class LocalCluster:
 
     def stop(self) -> None:
         if self.secure:
-            from node import security
-
-            prev = self._previous
-            security.configure(prev if isinstance(prev, security.Credentials) else None)
+            security.configure(self._previous)
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.terminate()
