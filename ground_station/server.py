@@ -40,6 +40,7 @@ from node.rpc import (
     make_server,
     wire_size,
 )
+from node.security import Identity
 from node.sharding import owners
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
@@ -185,22 +186,29 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             size = wire_size(msg)
             self.bytes.add(received=size)
             if not satellite:
-                if not msg.satellite_id:
+                refusal = self._stream_refusal(msg.satellite_id, caller(context))
+                if refusal is not None:  # the whole batch refused, counted as such
                     self.store.count(received_bytes=size, received=len(msg.ids),
                                      rejected=len(msg.ids))
-                    abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                          "the first batch of a stream must name its satellite")
+                    abort(context, *refusal)
                 satellite = msg.satellite_id
-                who = caller(context)
-                if who is not None and satellite not in who.satellites:
-                    self.store.count(received_bytes=size, received=len(msg.ids),
-                                     rejected=len(msg.ids))
-                    abort(context, grpc.StatusCode.PERMISSION_DENIED,
-                          f"{who.name} may not send as {satellite[:64]!r}")
             ack = self._ingest(msg, satellite, size)
             self.bytes.add(sent=wire_size(ack))
             yield ack
             self.streams.touch(key)
+
+    @staticmethod
+    def _stream_refusal(satellite: str, who: Identity | None
+                        ) -> tuple[grpc.StatusCode, str] | None:
+        """Why a stream whose first batch names `satellite` is refused, or None: it must name
+        one, and a caller with credentials may speak only for its own satellites."""
+        if not satellite:
+            return (grpc.StatusCode.INVALID_ARGUMENT,
+                    "the first batch of a stream must name its satellite")
+        if who is not None and satellite not in who.satellites:
+            return (grpc.StatusCode.PERMISSION_DENIED,
+                    f"{who.name} may not send as {quote(satellite)}")
+        return None
 
     def _ingest(self, msg: pb.DownlinkBatch, satellite: str, size: int) -> pb.BatchAck:
         """Check, store and answer one batch: every sample stored, a duplicate, or refused
@@ -233,13 +241,11 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         _check_sizes(request, context)
         who = caller(context)
         if who is not None:  # the credentials decide who a node may register as
-            role = {pb.SENSOR: "sensor", pb.TRAINER: "trainer"}.get(request.role, "")
+            role = {pb.SENSOR: "sensor", pb.TRAINER: "trainer"}.get(request.role)
             if request.node_id != who.name or role != who.role:
                 abort(context, grpc.StatusCode.PERMISSION_DENIED,
                       f"{who.describe()} may register only as itself, not as "
-                      f"{request.node_id[:64]!r} ({pb.Role.Name(request.role)})"
-                      if request.role in pb.Role.values() else
-                      f"{who.describe()} may register only as itself")
+                      f"{quote(request.node_id)} ({role or 'no node role'})")
             stray = [s for s in request.satellite_ids if s not in who.satellites]
             if stray:
                 abort(context, grpc.StatusCode.PERMISSION_DENIED,
