@@ -25,6 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from node.security import GROUND_STATION, ROLE_NAMES, CredentialsError, Identity, check_name
 from node.security import sign_token as _sign
+from sim.scenario import Scenario
 
 OPERATOR = "operator"
 
@@ -121,11 +122,8 @@ def issue(out: Path, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certifica
     return folder
 
 
-def scenario_nodes(scenario: object, trainers: int | None = None) -> list[NodeSpec]:
+def scenario_nodes(scenario: Scenario, trainers: int | None = None) -> list[NodeSpec]:
     """The nodes the local launcher starts for `scenario`, with its names, and an operator."""
-    from sim.scenario import Scenario
-
-    assert isinstance(scenario, Scenario)
     sats = scenario.sensors.ids()
     per = scenario.sensors.per_process
     k = trainers if trainers is not None else scenario.training.num_workers
