@@ -275,7 +275,8 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                 self.coordinator.add_trainer(request.node_id, request.address)
         log.info("registered %s (%s) at %s", request.node_id, pb.Role.Name(request.role),
                  request.address)
-        return pb.RegisterReply(config_json=config_json)
+        # the instance the node registered with: a restart any time after this is one it sees
+        return pb.RegisterReply(config_json=config_json, instance=INSTANCE)
 
     def _check_enrollment(self, request: pb.RegisterRequest,
                           context: grpc.ServicerContext) -> None:

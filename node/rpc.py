@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
+from dataclasses import dataclass
 from typing import Any, Generic, NoReturn, TypeVar
 
 import grpc
@@ -192,9 +193,19 @@ def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) ->
     raise AssertionError("unreachable: context.abort raises")
 
 
+@dataclass(frozen=True)
+class Registered:
+    """What a Register call answered: the node's configuration, and which ground-station
+    process took the registration (its INSTANCE; "" from a ground station that does not say),
+    so a node can tell a restart from the first Health check on (node/rejoin.py)."""
+
+    config_json: str
+    instance: str
+
+
 def register(ground_station: str, request: pb.RegisterRequest,
-             timeout_s: float | None = None, log_every_s: float | None = None) -> str:
-    """Register with the ground station; returns config_json. Waits up to `timeout_s`
+             timeout_s: float | None = None, log_every_s: float | None = None) -> Registered:
+    """Register with the ground station; returns its answer. Waits up to `timeout_s`
     (default REGISTER_WAIT_S) for it to come up, with a line in the log every `log_every_s`
     (REGISTER_LOG_S), then Unreachable names the address; a refusal (bad request, wrong
     credentials) is Refused at once, with the ground station's reason: retrying cannot
@@ -216,7 +227,7 @@ def register(ground_station: str, request: pb.RegisterRequest,
             try:
                 wait_ready(ch, min(left, log_every_s), ground_station)
                 reply = pb_grpc.RegistryStub(ch).Register(request, timeout=REGISTER_CALL_S)
-                return str(reply.config_json)
+                return Registered(str(reply.config_json), str(reply.instance))
             except Unreachable:
                 last = "no connection"
             except grpc.RpcError as e:

@@ -264,10 +264,11 @@ def serve(listen: str, ground_station: str, satellite_ids: list[str],
     # Transmit calls only come after registration, once the server below is started.
     request = pb.RegisterRequest(node_id=node_id, role=pb.SENSOR, address=address,
                                  satellite_ids=satellite_ids)
-    cfg = SensorConfig.from_json(register(ground_station, request))
+    registered = register(ground_station, request)
+    cfg = SensorConfig.from_json(registered.config_json)
     # a restarted ground station: register again (same id, same address) by ourselves
-    Rejoin(node_id, ground_station, lambda wait_s: register(ground_station, request, wait_s)
-           ).start()
+    Rejoin(node_id, ground_station, lambda wait_s: register(ground_station, request, wait_s),
+           registered.instance).start()
     servicer = SensorServicer(node_id, satellite_ids, cfg, ground_station)
     pb_grpc.add_SensorServicer_to_server(servicer, server)
     pb_grpc.add_HealthServicer_to_server(servicer, server)

@@ -25,6 +25,7 @@ from node.rpc import (
     CHUNK_BYTES,
     INSTANCE,
     ByteCounter,
+    Registered,
     abort,
     add_standard_services,
     bind,
@@ -81,19 +82,20 @@ def use_threads(threads: int | None) -> None:
 
 
 def register_trainer(ground_station: str, request: pb.RegisterRequest,
-                     servicer: TrainerServicer, wait_s: float | None = None) -> int:
+                     servicer: TrainerServicer, wait_s: float | None = None) -> Registered:
     """Register, take the thread count from the ground station's answer for the servicer's
-    next jobs, and return it. When that changed the count, register again so the registry
-    (and results.json's `devices`) records the count the trainer trains with, not the one it
-    started with. At start and after a ground-station restart (whose scenario may say
-    another count) alike."""
-    threads = apply_training_config(register(ground_station, request, wait_s))
+    next jobs (servicer.threads), and return the last answer. When that changed the count,
+    register again so the registry (and results.json's `devices`) records the count the
+    trainer trains with, not the one it started with. At start and after a ground-station
+    restart (whose scenario may say another count) alike."""
+    registered = register(ground_station, request, wait_s)
+    threads = apply_training_config(registered.config_json)
     servicer.threads = threads
     label = device_label(servicer.device, threads)
     if label != request.device:
         request.device = label
-        register(ground_station, request, wait_s)
-    return threads
+        registered = register(ground_station, request, wait_s)
+    return registered
 
 
 class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
@@ -227,12 +229,12 @@ def serve(
     if ground_station:
         request = pb.RegisterRequest(node_id=node_id, role=pb.TRAINER, address=address,
                                      device=device_label(dev))
-        threads = register_trainer(ground_station, request, servicer)
+        registered = register_trainer(ground_station, request, servicer)
         log.info("registered with ground station %s; %d torch threads (the scenario's)",
-                 ground_station, threads)
+                 ground_station, servicer.threads)
         gs = ground_station
         # a restarted ground station: register again (same id, same address) by ourselves,
         # and take its config again (it may run another scenario)
-        Rejoin(node_id, gs,
-               lambda wait_s: register_trainer(gs, request, servicer, wait_s)).start()
+        Rejoin(node_id, gs, lambda wait_s: register_trainer(gs, request, servicer, wait_s),
+               registered.instance).start()
     server.wait_for_termination()

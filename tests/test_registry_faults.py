@@ -21,11 +21,12 @@ import test_ingest
 import yaml
 from test_ingest import SATELLITES, FMnist, _batch, _config, _good
 
+from ground_station import server as server_module
 from ground_station.config import GroundStationConfig
 from ground_station.server import GroundStation, build_server
 from node import rpc
 from node.rejoin import Rejoin
-from node.rpc import Refused, Unreachable, channel, register, wait_ready
+from node.rpc import Refused, Registered, Unreachable, channel, register, wait_ready
 from node.serde import pb_to_ack
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
@@ -241,14 +242,15 @@ def test_a_node_registers_again_when_the_ground_station_restarts(tmp_path: Path)
     # Arrange: a station on a fixed port, a watcher checking every 0.2 s
     cfg = _config(tmp_path / "store")
     listen = f"127.0.0.1:{_free_port()}"
-    calls: list[str] = []
+    calls: list[Registered] = []
 
-    def again(wait_s: float) -> None:
+    def again(wait_s: float) -> Registered:
         calls.append(register(listen, SENSOR_A, wait_s))
+        return calls[-1]
 
     with _station(cfg, listen):
-        register(listen, SENSOR_A, 5)
-        watch = Rejoin("host-a", listen, again, every_s=0.2)
+        first = register(listen, SENSOR_A, 5)
+        watch = Rejoin("host-a", listen, again, first.instance, every_s=0.2)
         watch.start()
         time.sleep(0.6)
         assert watch.instance and watch.rejoined == 0  # the same ground station: nothing to do
@@ -266,6 +268,104 @@ def test_a_node_registers_again_when_the_ground_station_restarts(tmp_path: Path)
     # Assert
     assert node is not None and node.address == SENSOR_A.address
     assert watch.rejoined == 1 and len(calls) == 1 and rejoined_s < 3
+
+
+def test_the_register_reply_names_the_ground_stations_instance(tmp_path: Path) -> None:
+    with _station(_config(tmp_path / "store")) as (_, address):
+        registered = register(address, SENSOR_A, 5)
+        ch = channel(address, peer="ground-station")
+        health = pb_grpc.HealthStub(ch).Check(pb.HealthRequest(), timeout=5)
+        ch.close()
+
+    assert registered.instance and registered.instance == health.instance
+
+
+@contextmanager
+def _another_process(cfg: GroundStationConfig, listen: str, monkeypatch: pytest.MonkeyPatch
+                     ) -> Iterator[tuple[GroundStation, str]]:
+    """A ground station on `listen` that answers as another process would, and its instance:
+    its own INSTANCE (in-process stations share this process's)."""
+    instance = f"restarted-{time.monotonic_ns()}"
+    with monkeypatch.context() as m:
+        m.setattr(server_module, "INSTANCE", instance)
+        with _station(cfg, listen) as (station, _):
+            yield station, instance
+
+
+def _registered_again(station: GroundStation, node_id: str, wait_s: float = 10) -> float:
+    """Seconds until `node_id` registered with `station` (which lists only nodes that
+    registered with it), or `wait_s` when it did not."""
+    t0 = time.monotonic()
+    while node_id not in station.nodes and time.monotonic() - t0 < wait_s:
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def test_a_restart_within_half_a_second_of_registering_is_noticed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The station is replaced right after it answered Register, and the watcher starts only
+    then: no check ever fails, only the instance the Register reply named tells the new
+    process from the old (a watcher that learnt it from its first check took the new one for
+    the old and never registered again)."""
+    # Arrange: registered with a station that another process replaces at once
+    cfg = _config(tmp_path / "store")
+    listen = f"127.0.0.1:{_free_port()}"
+    with _station(cfg, listen):
+        registered = register(listen, SENSOR_A, 5)
+        t0 = time.monotonic()
+    with _another_process(cfg, listen, monkeypatch) as (station, instance):
+        restart_s = time.monotonic() - t0
+        assert "host-a" not in station.nodes
+
+        # Execute: the node's watcher, seeded with the reply's instance
+        watch = Rejoin("host-a", listen, lambda wait_s: register(listen, SENSOR_A, wait_s),
+                       registered.instance, every_s=0.2)
+        watch.start()
+        try:
+            rejoined_s = _registered_again(station, "host-a")
+            time.sleep(0.1)  # the watcher counts the rejoin after its call returns
+        finally:
+            watch.stop()
+
+    # Assert
+    assert "host-a" in station.nodes, f"not registered again in {rejoined_s:.1f} s"
+    assert watch.rejoined == 1 and watch.instance == instance
+    print(f"\nrestarted {restart_s:.2f} s after registering; registered again "
+          f"{rejoined_s:.2f} s later")
+
+
+def test_a_restart_inside_the_first_watch_period_is_noticed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watcher runs from registration on, checking every 1.5 s; the station is replaced
+    0.2 s after registering, so the first check (the one a watcher used to learn the instance
+    from) already meets the new process. (On a machine so loaded that the restart outlasts
+    the period, that check fails instead and the node registers because the station is back:
+    the test still passes, proving less.)"""
+    # Arrange
+    cfg = _config(tmp_path / "store")
+    listen = f"127.0.0.1:{_free_port()}"
+    with _station(cfg, listen):
+        registered = register(listen, SENSOR_A, 5)
+        watch = Rejoin("host-a", listen, lambda wait_s: register(listen, SENSOR_A, wait_s),
+                       registered.instance, every_s=1.5)
+        watch.start()
+        t0 = time.monotonic()
+        time.sleep(0.2)
+
+    # Execute: another process on the same port, inside the watcher's first period
+    try:
+        with _another_process(cfg, listen, monkeypatch) as (station, instance):
+            restart_s = time.monotonic() - t0
+            rejoined_s = _registered_again(station, "host-a")
+            time.sleep(0.1)
+    finally:
+        watch.stop()
+
+    # Assert: registered again at the first check
+    assert "host-a" in station.nodes, f"not registered again in {rejoined_s:.1f} s"
+    assert watch.rejoined == 1 and watch.instance == instance
+    print(f"\nrestarted {restart_s:.2f} s into the first period; registered again "
+          f"{rejoined_s:.2f} s later")
 
 
 # ---- a wrong ground-station address ----------------------------------------------------------

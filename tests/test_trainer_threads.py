@@ -146,11 +146,12 @@ def test_a_trainer_takes_a_restarted_ground_stations_count_and_reports_it(
     request = pb.RegisterRequest(node_id="trainer-r", role=pb.TRAINER,
                                  address="127.0.0.1:7002", device=device_label(cpu))
     with _station(tmp_path / "store", listen, threads=2) as station:
-        first = register_trainer(listen, request, trainer, 5)
+        registered = register_trainer(listen, request, trainer, 5)
+        first = trainer.threads
         first_device = _device(station, "trainer-r", "cpu (2 threads)")
         watch = Rejoin("trainer-r", listen,
                        lambda wait_s: register_trainer(listen, request, trainer, wait_s),
-                       every_s=0.2)
+                       registered.instance, every_s=0.2)
         watch.start()
         time.sleep(0.5)
 

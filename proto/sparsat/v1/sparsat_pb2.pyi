@@ -102,10 +102,12 @@ class RegisterRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., satellite_ids: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("config_json",)
+    __slots__ = ("config_json", "instance")
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     config_json: str
-    def __init__(self, config_json: _Optional[str] = ...) -> None: ...
+    instance: str
+    def __init__(self, config_json: _Optional[str] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("node_id", "role", "address", "satellite_ids", "device")
