@@ -64,6 +64,12 @@ class Rejoin(threading.Thread):
                                     "again when it is back", self.node_id, self.ground_station,
                                     e.code().name)
                     lost = True
+                    # a fresh channel for the next check: this one waits out gRPC's reconnect
+                    # backoff (1 s growing 1.6x to 120 s), so a ground station back after a
+                    # long outage would be seen only at its next reconnect attempt
+                    ch.close()
+                    ch = channel(self.ground_station, peer=security.GROUND_STATION)
+                    health = pb_grpc.HealthStub(ch)
                     continue
                 changed = bool(self.instance) and reply.instance != self.instance
                 if changed or lost:

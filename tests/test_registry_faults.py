@@ -24,6 +24,7 @@ from test_ingest import SATELLITES, FMnist, _batch, _config, _good
 from ground_station import server as server_module
 from ground_station.config import GroundStationConfig
 from ground_station.server import GroundStation, build_server
+from node import rejoin as rejoin_module
 from node import rpc
 from node.rejoin import Rejoin
 from node.rpc import Refused, Registered, Unreachable, channel, register, wait_ready
@@ -268,6 +269,39 @@ def test_a_node_registers_again_when_the_ground_station_restarts(tmp_path: Path)
     # Assert
     assert node is not None and node.address == SENSOR_A.address
     assert watch.rejoined == 1 and len(calls) == 1 and rejoined_s < 3
+
+
+def test_a_node_registers_again_without_waiting_out_its_channels_reconnect_backoff(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gRPC backs a broken channel's reconnects off (1 s, growing 1.6x to 120 s): a watcher
+    that kept one channel saw a ground station back after a long outage only at its next
+    attempt. Here the backoff is 30 s, so only a fresh channel sees the station back soon."""
+    # Arrange: the watcher's channels back off for 30 s
+    def slow_channel(address: str, peer: str | None = None) -> grpc.Channel:
+        return grpc.insecure_channel(address, options=[
+            ("grpc.initial_reconnect_backoff_ms", 30_000),
+            ("grpc.min_reconnect_backoff_ms", 30_000)])
+
+    monkeypatch.setattr(rejoin_module, "channel", slow_channel)
+    cfg = _config(tmp_path / "store")
+    listen = f"127.0.0.1:{_free_port()}"
+    with _station(cfg, listen):
+        registered = register(listen, SENSOR_A, 5)
+        watch = Rejoin("host-a", listen, lambda wait_s: register(listen, SENSOR_A, wait_s),
+                       registered.instance, every_s=0.2)
+        watch.start()
+        time.sleep(0.5)
+
+    # Execute: down for 1 s (the watcher's checks fail), then back on the same port
+    time.sleep(1.0)
+    try:
+        with _station(cfg, listen) as (station, _):
+            rejoined_s = _registered_again(station, "host-a", 15)
+    finally:
+        watch.stop()
+
+    # Assert: well inside the 30 s a kept channel would have waited
+    assert "host-a" in station.nodes and rejoined_s < 15
 
 
 def test_the_register_reply_names_the_ground_stations_instance(tmp_path: Path) -> None:
