@@ -181,6 +181,8 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     run_rows, starts = np.nonzero(step == 1)
     _, ends = np.nonzero(step == -1)  # row-major order, so ends pair with starts
     n_runs = len(starts)
+    if n_runs == 0:  # all clear: no component (comp below would be empty to index)
+        return np.zeros((height, width), dtype=np.int64), 0
     lengths = ends - starts  # (n_runs,)
     first = np.repeat(run_rows * width + starts, lengths)  # (n_cloud,) flat start of own run
     within = np.arange(first.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
@@ -198,7 +200,7 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     roots = np.array([_find(parent, i) for i in range(n_runs)], dtype=np.int64)
     _, comp = np.unique(roots, return_inverse=True)  # (n_runs,) 0..count-1
     labels = np.where(run_id >= 0, comp[np.maximum(run_id, 0)] + 1, 0)
-    return labels, int(comp.max()) + 1 if n_runs else 0
+    return labels, int(comp.max()) + 1
 
 
 def component_sizes(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

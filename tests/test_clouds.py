@@ -145,6 +145,15 @@ def test_labelling_counts_4_connected_components() -> None:
     assert bool(np.all((labels > 0) == mask))
 
 
+@pytest.mark.parametrize("shape", [(8, 8), (1, 1), (3, 5)])
+def test_an_all_clear_mask_has_no_components(shape: tuple[int, int]) -> None:
+    labels, count = label_components(np.zeros(shape, dtype=bool))
+    areas, perims = component_sizes(np.zeros(shape, dtype=bool))
+
+    assert count == 0 and labels.shape == shape and labels.dtype == np.int64
+    assert not labels.any() and areas.size == 0 and perims.size == 0
+
+
 def test_component_sizes_skip_border_components_and_count_edges() -> None:
     mask = np.zeros((8, 8), dtype=bool)
     mask[2:4, 2:5] = True  # 2x3 block inside: area 6, perimeter 10
