@@ -8,7 +8,11 @@ positional embedding), blocks, final norm, read CLS.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -229,14 +233,17 @@ def create(name: str, weights: str | Path | None = None, seed: int = 0,
       (`mae_pretrain_vit_base.pth`; a `_full` one has its decoder and mask token dropped).
     """
     cfg = config(name)
+    spec = str(weights) if weights is not None else cfg.default_weights
+    state = None  # found before the ViT is built: weights that are not there fail at once
+    if spec.startswith("timm:"):
+        state = _timm_state(spec[5:], name)
+    elif spec != "random":
+        state = _file_state(Path(spec), name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = Encoder(cfg, pooling)
-    spec = str(weights) if weights is not None else cfg.default_weights
-    if spec.startswith("timm:"):
-        load_state(encoder, _timm_state(spec[5:], name), spec)
-    elif spec != "random":
-        load_state(encoder, _file_state(Path(spec), name), spec)
+    if state is not None:
+        load_state(encoder, state, spec)
     return encoder.eval()
 
 
@@ -253,17 +260,81 @@ def _file_state(path: Path, name: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith("decoder") and k != "mask_token"}
 
 
+HUB_PROBE_S = 3.0  # one look at the hub before timm's download, whose retries take a minute
+HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm fetches, in its order
+
+
 def _timm_state(timm_name: str, name: str) -> dict[str, torch.Tensor]:
     import timm
+    from huggingface_hub import constants
 
+    pretrained = timm.models.get_pretrained_cfg(timm_name)
+    hub_id = getattr(pretrained, "hf_hub_id", None)
+    offline = False
+    if hub_id and not _hub_reachable():
+        if not _hub_cached(hub_id):  # offline, nothing to load: say so now, not in a minute
+            raise EncoderWeightsError(
+                f"cannot get {timm_name} weights for {name}: timm's hub ({constants.ENDPOINT}) "
+                f"does not answer and {hub_id} is not in its local cache "
+                f"({constants.HF_HUB_CACHE}). Offline, download mae_pretrain_vit_base.pth "
+                f"elsewhere and set `encoder.weights: /path/to/mae_pretrain_vit_base.pth` in "
+                f"the scenario")
+        offline = True  # in the cache: load it from there without the hub's retries
     try:
-        model = timm.create_model(timm_name, pretrained=True, num_classes=0)
+        with _hub_offline(offline):
+            model = timm.create_model(timm_name, pretrained=True, num_classes=0)
     except Exception as e:  # offline, hub errors, unknown names: one clear message
         raise EncoderWeightsError(
             f"cannot get {timm_name} weights for {name} from timm's hub ({type(e).__name__}: "
             f"{e}). Offline, download mae_pretrain_vit_base.pth elsewhere and set "
             f"`encoder.weights: /path/to/mae_pretrain_vit_base.pth` in the scenario") from e
     return dict(model.state_dict())
+
+
+def _hub_reachable(timeout_s: float | None = None) -> bool:
+    """Whether the Hugging Face hub answers at all (any HTTP status), in one try of at most
+    `timeout_s` (HUB_PROBE_S), name lookup included (the probe has its own thread: a lookup
+    that hangs is not waited for). False at once in the hub's offline mode (HF_HUB_OFFLINE)."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return False
+    timeout_s = HUB_PROBE_S if timeout_s is None else timeout_s
+    answered: list[bool] = []
+
+    def probe() -> None:
+        request = urllib.request.Request(constants.ENDPOINT, method="HEAD")
+        try:
+            urllib.request.urlopen(request, timeout=timeout_s).close()
+            answered.append(True)
+        except urllib.error.HTTPError:
+            answered.append(True)  # an error status is an answer: the hub is there
+        except (OSError, ValueError):
+            answered.append(False)
+
+    thread = threading.Thread(target=probe, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return bool(answered) and answered[0]
+
+
+def _hub_cached(hub_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(hub_id, f), str) for f in HUB_FILES)
+
+
+@contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """The hub's offline mode for one load (huggingface_hub reads the flag at each call)."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def load_state(encoder: Encoder, state: dict[str, torch.Tensor], source: str) -> None:

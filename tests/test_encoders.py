@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -145,15 +147,98 @@ def test_missing_weights_say_where_to_get_them(tmp_path: Path) -> None:
         encoders.create("mae_vit_base_patch16", weights=tmp_path / "nope.pth")
 
 
-def test_hub_weights_offline_give_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_errors_give_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import timm
 
     def offline(*args: object, **kwargs: object) -> None:  # what timm raises with no network
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
+    monkeypatch.setattr(encoders, "_hub_reachable", lambda: True)  # answers, then fails
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(EncoderWeightsError, match="Offline, download"):
         encoders.create("mae_vit_base_patch16")
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[bool]:
+    """The hub's endpoint on a loopback port nobody listens on (no traffic leaves the
+    machine), an empty local cache, and timm's download recorded (the hub's offline flag
+    during each call) instead of run."""
+    import timm
+    from huggingface_hub import constants
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    calls: list[bool] = []
+
+    def download(*args: object, **kwargs: object) -> None:
+        calls.append(constants.HF_HUB_OFFLINE)
+        raise OSError("not downloading in a test")
+
+    monkeypatch.setattr(timm, "create_model", download)
+    return calls
+
+
+def test_hub_weights_offline_fail_in_seconds_with_a_clear_error(hub: list[bool]) -> None:
+    # Execute: MAE ViT-B's default weights, from a hub that does not answer (before: a minute
+    # of the hub's retries, for both file names, then the error)
+    t0 = time.monotonic()
+    with pytest.raises(EncoderWeightsError) as err:
+        encoders.create("mae_vit_base_patch16")
+    took_s = time.monotonic() - t0
+
+    # Assert
+    assert "does not answer" in str(err.value) and "not in its local cache" in str(err.value)
+    assert "mae_pretrain_vit_base.pth" in str(err.value)
+    assert hub == [] and took_s < 5  # never tried to download; the probe's limit is 3 s
+
+
+def test_a_hub_that_never_answers_is_given_up_after_the_probes_limit(
+        hub: list[bool], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Arrange: a port that takes the connection and never answers
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        monkeypatch.setattr(encoders, "HUB_PROBE_S", 0.5)
+
+        # Execute
+        t0 = time.monotonic()
+        reachable = encoders._hub_reachable()
+        took_s = time.monotonic() - t0
+
+    # Assert
+    assert not reachable and 0.4 < took_s < 3
+
+
+def test_cached_hub_weights_load_offline_without_the_hubs_retries(
+        hub: list[bool], monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(encoders, "_hub_cached", lambda hub_id: True)
+
+    with pytest.raises(EncoderWeightsError, match="not downloading in a test"):
+        encoders.create("mae_vit_base_patch16")
+
+    assert hub == [True] and constants.HF_HUB_OFFLINE is False  # offline for that call only
+
+
+def test_the_hubs_offline_mode_skips_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    probed: list[object] = []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # HF_HUB_OFFLINE=1
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **kw: probed.append(a))
+
+    assert encoders._hub_reachable() is False and probed == []
 
 
 def test_random_weights_are_reproducible() -> None:
