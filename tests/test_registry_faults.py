@@ -179,7 +179,7 @@ def test_absurd_registration_is_invalid_argument_with_a_short_message(
 
 
 def test_stalled_send_streams_cannot_lock_the_server(tmp_path: Path) -> None:
-    # Arrange: at most 4 streams, cancelled after 1.5 s without a message
+    # Arrange: at most 4 streams, cancelled after 3 s without a message
     release = threading.Event()
 
     def silent() -> Iterator[pb.DownlinkBatch]:
@@ -187,7 +187,7 @@ def test_stalled_send_streams_cannot_lock_the_server(tmp_path: Path) -> None:
         return
         yield
 
-    with _station(_config(tmp_path / "store"), max_streams=4, idle_s=1.5) as (station, address):
+    with _station(_config(tmp_path / "store"), max_streams=4, idle_s=3.0) as (station, address):
         ch = channel(address)
         wait_ready(ch, 10, address)
         downlink = pb_grpc.DownlinkStub(ch)
@@ -200,9 +200,13 @@ def test_stalled_send_streams_cannot_lock_the_server(tmp_path: Path) -> None:
                 time.sleep(0.05)
             open_streams = len(station.streams)
             t1 = time.monotonic()
-            health = pb_grpc.HealthStub(ch).Check(pb.HealthRequest(), timeout=1)
-            pb_grpc.RegistryStub(ch).Register(SENSOR_A, timeout=1)
+            # a deadline well past the idle limit: a server that held control calls behind
+            # the streams would answer only once they were cancelled (checked below), not
+            # time out on a loaded machine
+            health = pb_grpc.HealthStub(ch).Check(pb.HealthRequest(), timeout=10)
+            pb_grpc.RegistryStub(ch).Register(SENSOR_A, timeout=10)
             control_s = time.monotonic() - t1
+            cancelled_meanwhile = station.streams.cancelled
             codes = [c.code() for c in calls]  # each waits for its call's end
             all_ended_s = time.monotonic() - t0
             cancelled = station.streams.cancelled
@@ -211,10 +215,10 @@ def test_stalled_send_streams_cannot_lock_the_server(tmp_path: Path) -> None:
             ch.close()
 
     # Assert
-    assert open_streams == 4 and health.ready and control_s < 1.0
+    assert open_streams == 4 and health.ready and cancelled_meanwhile == 0
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 28
     assert codes.count(grpc.StatusCode.CANCELLED) == 4 and cancelled == 4
-    assert 1.5 < all_ended_s < 10
+    assert 3.0 < all_ended_s < 15
     print(f"\n32 silent streams: control calls answered in {control_s * 1000:.0f} ms, idle ones "
           f"cancelled after {all_ended_s:.1f} s")
 
@@ -415,7 +419,7 @@ def test_register_with_nobody_there_names_the_address(caplog: pytest.LogCaptureF
     waited = time.monotonic() - t0
 
     assert f"ground station {address} not reachable in 2 s" in str(err.value)
-    assert 1.9 < waited < 4
+    assert 1.9 < waited < 6  # not the 60 s default; slack for a loaded machine
     lines = [r.getMessage() for r in caplog.records if "not reachable yet" in r.getMessage()]
     assert len(lines) >= 2 and address in lines[0]
 
@@ -426,7 +430,7 @@ def test_a_refused_registration_fails_at_once(tmp_path: Path) -> None:
         with pytest.raises(Refused, match=r"INVALID_ARGUMENT: satellites \['sat-9'\] are not"):
             register(address, pb.RegisterRequest(node_id="h", role=pb.SENSOR,
                                                  address="127.0.0.1:1", satellite_ids=["sat-9"]))
-    assert time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 < 10  # retried, it would take REGISTER_WAIT_S (60 s)
 
 
 def test_sensor_with_a_wrong_address_is_a_one_line_error(
