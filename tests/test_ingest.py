@@ -1180,7 +1180,7 @@ def test_eval_key_names_the_test_split_as_encode_split_makes_it() -> None:
 
     def key(mask: MaskSpec, subset: int | None = None, seed: int = 0,
             dataset: DatasetSpec = spec) -> dict[str, object]:
-        return eval_key("enc", dataset, mask, 10_000, subset, seed)
+        return eval_key("enc", dataset, "files:0", mask, 10_000, subset, seed)
 
     # random masks are evaluated as fixed ones; no mask is any kind at ratio 0
     assert key(MaskSpec("random", 0.5, 3, copies=4)) == key(MaskSpec("fixed", 0.5, 3))
