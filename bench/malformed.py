@@ -198,7 +198,7 @@ def _run(address: str, pid: int, scenario: Path, big: int, streams: int, smoke: 
                for _ in range(streams)]
     for t in threads:
         t.start()
-    time.sleep(3.0 if not smoke else 1.0)
+    time.sleep(8.0 if not smoke else 1.0)  # every stream opened (a loaded machine is slow)
     hold.set()
     for t in threads:
         t.join(120)

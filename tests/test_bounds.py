@@ -22,9 +22,9 @@ from node.codec import CodecError
 from node.trainer import MAX_DATASET_BYTES, TrainerServicer
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sim.ground_client import MissionError
 from sim.links import Link, PeriodicPasses
 from sim.mission import MissionControl
-from sim.ground_client import MissionError
 from sim.scenario import Scenario
 
 
