@@ -166,6 +166,9 @@ class TrainerClient:
         try:
             for part in self.stub.Train(iter(outbox), timeout=timeout_s):
                 received += wire_size(part)  # a call that breaks is charged what came in
+                if received > serde.MAX_TRAIN_BYTES:  # before it is merged: memory bounded
+                    raise CodecError(f"parts past {serde.MAX_TRAIN_BYTES} bytes, the most a "
+                                     "training message may hold")
                 reply.MergeFrom(part)
             serde.merge_message([], reply)  # join tensors that came in pieces
         except (grpc.RpcError, CodecError) as e:

@@ -42,6 +42,7 @@ from node.sharding import train_subset
 
 Progress = Callable[[int, int], None]
 log = logging.getLogger("sparsat.ground_station")
+PENDING_CANVAS_BYTES = 256 << 20  # decoded canvases held for one encoder batch, at most
 
 
 @dataclass
@@ -66,7 +67,7 @@ def encode_rows(rows: Iterable[Row], total: int, encoder: Encoder, batch_size: i
     labels = np.empty(total, dtype=np.int64)
     ids = np.empty(total, dtype=np.int64)
     pending: list[tuple[int, np.ndarray, np.ndarray]] = []  # (row, canvas, visible)
-    flops, count = 0, 0
+    flops, count, held = 0, 0, 0  # held: bytes of the pending canvases
 
     def flush() -> None:
         if pending:
@@ -86,7 +87,11 @@ def encode_rows(rows: Iterable[Row], total: int, encoder: Encoder, batch_size: i
                                       encoder.grid)
             pending.append((k, decode_patches(data), data.visible_idx))
             flops += encode_flops(encoder.cfg, len(data.visible_idx))
-            if len(pending) >= batch_size:
+            # a sample may say 8192 x 8192 (check_patches' limit) and send one tile: its
+            # canvas is 192 MiB, so canvases are held up to a byte budget, not only a count
+            held += pending[-1][1].nbytes
+            if len(pending) >= batch_size or held >= PENDING_CANVAS_BYTES:
+                held = 0
                 flush()
                 if progress:
                     progress(k + 1, total)

@@ -288,6 +288,14 @@ BAD_PATCHES: list[tuple[str, Bad, int, str]] = [
      "visible-token runs sum to 50, the grid has 49 tokens"),
     ("runs that end early", _data(lambda d: b"\x0a", runs=True), INVALID,
      "visible-token runs end early"),
+    # issue 20: a run's varint says 2**35 - 1 tokens; it was allocated (np.arange) before it
+    # was checked against the grid: a MemoryError, the stream UNKNOWN, the batch lost
+    ("a run of 2**35 - 1 tokens", _data(lambda d: b"\x00\xff\xff\xff\xff\x7f" + d[7:],
+                                         runs=True), INVALID,
+     "visible-token runs are malformed: a varint longer than 1 bytes"),
+    ("a run past the grid in its varint's one byte", _data(lambda d: b"\x00\x7f" + d[7:],
+                                                          runs=True), INVALID,
+     "visible-token runs sum to 127, the grid has 49 tokens"),
     ("runs with a pixel short", _unmasked(lambda d: d[:-1]), INVALID,
      "pixels: 783 bytes, the visible tiles need 784"),
     ("bitmap read as runs", _data(lambda d: d, runs=True), INVALID, "visible-token runs"),
