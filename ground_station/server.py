@@ -257,11 +257,15 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                 abort(context, grpc.StatusCode.PERMISSION_DENIED,
                       f"{who.name} may not speak for satellites {_quote_list(stray)}")
         if request.role == pb.SENSOR:
-            stray = [s for s in request.satellite_ids if s not in self.cfg.sensor.satellites]
-            if not request.satellite_ids or stray:
+            scenario = self.cfg.sensor.satellites
+            stray = [s for s in request.satellite_ids if s not in scenario]
+            if not request.satellite_ids:
                 abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                      f"satellites {_quote_list(stray) if stray else '[]'} are not in this "
-                      "scenario")
+                      "a sensor host must name the satellites it hosts (satellite_ids)")
+            if stray:
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                      f"satellites {_quote_list(stray)} are not in this scenario, whose "
+                      f"{len(scenario)} satellites are {_quote_list(scenario)}")
             config_json = self.cfg.sensor.to_json()
             setup = node_serde.setup_to_pb(sensor_setup(
                 self.rules, {s: self.images[s] for s in request.satellite_ids}))
