@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import grpc
+import numpy as np
 import torch
 
 from ground_station import serde as gs_serde
@@ -29,7 +30,8 @@ from ground_station.prepare import EncodingFailed, NotReady, Prepared, Update, p
 from ground_station.store import NodeRecord, SampleStore
 from node import encoders
 from node import serde as node_serde
-from node.codec import CodecError
+from node.codec import CodecError, tile_edges
+from node.config import SensorSetup
 from node.datasets import load_dataset, split_size
 from node.rpc import (
     INSTANCE,
@@ -42,7 +44,7 @@ from node.rpc import (
     wire_size,
 )
 from node.security import Identity
-from node.sharding import owners
+from node.sharding import assign, owners
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
@@ -157,12 +159,15 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         self.test_data = load_dataset(cfg.sensor.dataset, "test")
         enc = encoders.config(cfg.sensor.encoder)
         n_train = split_size(cfg.sensor.dataset, "train")
+        # which images each satellite holds, in sending order: told to each sensor host when it
+        # registers, and the owner table ingest checks every sample against
+        self.images = assign(n_train, cfg.sensor.train_subset, cfg.sensor.train_indices_seed,
+                             cfg.sensor.satellites)
         self.rules = IngestRules(
             payload=cfg.sensor.payload, grid=enc.grid, dim=enc.embed_dim,
             num_classes=self.test_data.num_classes, image_shape=self.test_data.image_shape,
             n_train=n_train, copies=cfg.sensor.mask.copies, cls_dtype=cfg.sensor.cls_dtype,
-            owner=owners(n_train, cfg.sensor.train_subset, cfg.sensor.train_indices_seed,
-                         len(cfg.sensor.satellites)),
+            owner=owners(n_train, [self.images[s] for s in cfg.sensor.satellites]),
             satellites={s: k for k, s in enumerate(cfg.sensor.satellites)})
         # Every registration is stored. After a restart a node's enrollment holds (its role,
         # its satellites: their samples are accepted, no other node takes them), but its
@@ -277,13 +282,20 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                 abort(context, grpc.StatusCode.PERMISSION_DENIED,
                       f"{who.name} may not speak for satellites {_quote_list(stray)}")
         if request.role == pb.SENSOR:
-            stray = [s for s in request.satellite_ids if s not in self.cfg.sensor.satellites]
-            if not request.satellite_ids or stray:
+            scenario = self.cfg.sensor.satellites
+            stray = [s for s in request.satellite_ids if s not in scenario]
+            if not request.satellite_ids:
                 abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                      f"satellites {_quote_list(stray) if stray else '[]'} are not in this "
-                      "scenario")
+                      "a sensor host must name the satellites it hosts (satellite_ids)")
+            if stray:
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                      f"satellites {_quote_list(stray)} are not in this scenario, whose "
+                      f"{len(scenario)} satellites are {_quote_list(scenario)}")
             config_json = self.cfg.sensor.to_json()
+            setup = node_serde.setup_to_pb(sensor_setup(
+                self.rules, {s: self.images[s] for s in request.satellite_ids}))
         elif request.role == pb.TRAINER:
+            setup = None
             config_json = json.dumps({"training": self.cfg.training.strategy,
                                       "threads": self.cfg.training.threads})
         else:
@@ -301,7 +313,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                 self.coordinator.add_trainer(request.node_id, request.address)
         log.info("registered %s (%s) at %s", request.node_id, pb.Role.Name(request.role),
                  request.address)
-        return pb.RegisterReply(config_json=config_json)
+        return pb.RegisterReply(config_json=config_json, sensor=setup)
 
     def _check_enrollment(self, request: pb.RegisterRequest,
                           context: grpc.ServicerContext) -> None:
@@ -451,6 +463,21 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             config_json=text, instance=INSTANCE, prepared=coord is not None,
             fingerprint=hashlib.blake2b(text.encode(), digest_size=16).hexdigest(),
             rounds_done=coord.round if coord is not None else 0)
+
+
+def sensor_setup(rules: IngestRules, images: dict[str, np.ndarray]) -> SensorSetup:
+    """What a sensor host holding `images` (satellite -> training indices, in sending order)
+    is told at registration: the scenario's ids, grid, payload and tiles, as ingest checks
+    them."""
+    cls = rules.payload == "cls"
+    shape = rules.image_shape
+    return SensorSetup(
+        n_train=rules.n_train, grid=rules.grid, copies=rules.copies,
+        payload="cls" if cls else "patches", cls_dim=rules.dim if cls else 0,
+        cls_dtype=rules.cls_dtype if cls else None,
+        tile_rows=tuple(tile_edges(shape[0], rules.grid).tolist()) if shape else (),
+        tile_cols=tuple(tile_edges(shape[1], rules.grid).tolist()) if shape else (),
+        images=images)
 
 
 def _check_sizes(request: pb.RegisterRequest, context: grpc.ServicerContext) -> None:

@@ -202,7 +202,14 @@ def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) ->
 
 def register(ground_station: str, request: pb.RegisterRequest,
              timeout_s: float | None = None, log_every_s: float | None = None) -> str:
-    """Register with the ground station; returns config_json. Waits up to `timeout_s`
+    """Register with the ground station (register_reply); returns config_json."""
+    return str(register_reply(ground_station, request, timeout_s, log_every_s).config_json)
+
+
+def register_reply(ground_station: str, request: pb.RegisterRequest,
+                   timeout_s: float | None = None,
+                   log_every_s: float | None = None) -> pb.RegisterReply:
+    """Register with the ground station; returns its reply. Waits up to `timeout_s`
     (default REGISTER_WAIT_S) for it to come up, with a line in the log every `log_every_s`
     (REGISTER_LOG_S), then Unreachable names the address; a refusal (bad request, wrong
     credentials) is Refused at once, with the ground station's reason: retrying cannot
@@ -223,8 +230,9 @@ def register(ground_station: str, request: pb.RegisterRequest,
                                   f"{timeout_s:g} s ({last}); is the address right?")
             try:
                 wait_ready(ch, min(left, log_every_s), ground_station)
-                reply = pb_grpc.RegistryStub(ch).Register(request, timeout=REGISTER_CALL_S)
-                return str(reply.config_json)
+                reply: pb.RegisterReply = pb_grpc.RegistryStub(ch).Register(
+                    request, timeout=REGISTER_CALL_S)
+                return reply
             except Unreachable:
                 last = "no connection"
             except grpc.RpcError as e:

@@ -1253,7 +1253,8 @@ def test_register_trainer_returns_the_strategy_and_threads(patch_gs: Station) ->
     [
         (pb.RegisterRequest(node_id="s", role=pb.SENSOR, address="h:1",
                             satellite_ids=["sat-0", "sat-99"]), "sat-99"),
-        (pb.RegisterRequest(node_id="s", role=pb.SENSOR, address="h:1"), "not in this scenario"),
+        (pb.RegisterRequest(node_id="s", role=pb.SENSOR, address="h:1"),
+         "must name the satellites it hosts"),
         (pb.RegisterRequest(role=pb.SENSOR, address="h:1", satellite_ids=["sat-0"]),
          "node_id and address"),
         (pb.RegisterRequest(node_id="s", role=pb.SENSOR, satellite_ids=["sat-0"]),
