@@ -67,15 +67,15 @@ def _valid_payloads(scenario_path: Path) -> list[serde.Payload]:
     from node.codec import encode_patches
     from node.datasets import load_dataset
     from node.masking import capture, copy_id
-    from node.sharding import owners, sample_id
+    from node.sharding import assign, sample_id
     from sim.scenario import load, sensor_config
 
     cfg = sensor_config(load(scenario_path))
     data = load_dataset(cfg.dataset, "train")
     grid = encoders.config(cfg.encoder).grid
-    own = owners(len(data), cfg.train_subset, cfg.train_indices_seed, len(cfg.satellites))
+    held = assign(len(data), cfg.train_subset, cfg.train_indices_seed, cfg.satellites)[SAT]
     out = []
-    for i in [int(k) for k in (own == 0).nonzero()[0][:7]]:
+    for i in [int(k) for k in held[:7]]:
         sid = copy_id(sample_id(cfg.dataset.name, "train", i), None)
         cap = capture(cfg.mask, data.image(i), grid, sid)
         out.append(serde.patch_payload(i, data.label(i),
