@@ -24,7 +24,7 @@ from ground_station.checkpoints import CheckpointError
 from ground_station.config import GroundStationConfig
 from ground_station.coordinator import Coordinator, TrainerUnavailable
 from ground_station.encoding import TokenSet
-from ground_station.ingest import CONFLICT, INVALID, Checked, IngestRules, check_batch
+from ground_station.ingest import Checked, IngestRules, check_batch, refusal
 from ground_station.prepare import EncodingFailed, NotReady, Prepared, Update, prepare
 from ground_station.store import NodeRecord, SampleStore
 from node import encoders
@@ -38,6 +38,7 @@ from node.rpc import (
     bind,
     caller,
     make_server,
+    received_size,
     wire_size,
 )
 from node.security import Identity
@@ -183,7 +184,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         satellite = ""
         for msg in request_iterator:
             self.streams.touch(key)
-            size = wire_size(msg)
+            size = received_size(context, msg)  # as it arrived, however it was encoded
             self.bytes.add(received=size)
             if not satellite:
                 refusal = self._stream_refusal(msg.satellite_id, caller(context))
@@ -216,17 +217,20 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         batch = node_serde.pb_to_batch(msg, self.rules.max_id)
         if msg.satellite_id and msg.satellite_id != satellite:
             n = len(batch.ids)
-            checked = Checked([], [], [(k, INVALID, "the satellite changed within a stream")
-                                       for k in range(n)])
+            checked = Checked([], [], [
+                refusal(k, node_serde.RejectCause.SATELLITE_CHANGED,
+                        "the satellite changed within a stream")
+                for k in range(n)])
         else:
             checked = check_batch(batch, satellite, self.rules, self.known_sensors)
         duplicates, conflicts = self.store.put_batch(
             checked.rows, size, batch.ids.astype("<i8").tobytes(), satellite[:256],
             bool(msg.satellite_id), len(checked.rejected))
         rejected = checked.rejected + [
-            (checked.positions[k], CONFLICT, "id stored before with other content")
+            refusal(checked.positions[k], node_serde.RejectCause.CONFLICT,
+                    "id stored before with other content")
             for k in conflicts]
-        for pos, _, reason in rejected[:4]:
+        for pos, _, _, reason in rejected[:4]:  # the whole reason; the ack carries its head
             log.warning("%s: sample at %d refused: %s", satellite[:64], pos, reason)
         return node_serde.ack_to_pb(node_serde.AckData(
             stored=len(checked.rows) - len(duplicates) - len(conflicts),

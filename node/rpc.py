@@ -41,6 +41,23 @@ def wire_size(message: Any) -> int:
     return int(message.ByteSize()) + GRPC_FRAME_BYTES
 
 
+def received_size(context: Any, message: Any) -> int:
+    """Bytes the request message a servicer just took from its iterator (or got, unary)
+    cost on the link: its length as it arrived plus gRPC's frame, which differs from
+    wire_size when the sender's encoder is not Python's (fields out of order, empty fields
+    written, packed runs split). The Guard records it; wire_size for an in-process call."""
+    size = getattr(context, "request_bytes", None)
+    return int(size) if size is not None else wire_size(message)
+
+
+def sized(parse: Callable[[bytes], M]) -> Callable[[bytes], tuple[M, int]]:
+    """A response deserializer that also gives each message's wire size as received (its
+    length plus gRPC's frame), for clients that charge what arrived."""
+    def parse_sized(raw: bytes) -> tuple[M, int]:
+        return parse(raw), len(raw) + GRPC_FRAME_BYTES
+    return parse_sized
+
+
 INSTANCE = uuid.uuid4().hex  # this process: a node that restarts gets another one
 
 M = TypeVar("M")
@@ -247,11 +264,13 @@ def caller(context: grpc.ServicerContext) -> Identity | None:
 
 
 class _Context:
-    """A servicer context that also carries the caller's verified identity."""
+    """A servicer context that also carries the caller's verified identity and the wire size
+    of the request message the servicer was last handed, as received (received_size)."""
 
     def __init__(self, context: grpc.ServicerContext, identity: Identity | None) -> None:
         self._context = context
         self.identity = identity
+        self.request_bytes: int | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
@@ -307,6 +326,8 @@ def _describe_failure(method: str, context: Any, identity: Identity | None,
 def _parse(parse: Callable[[bytes], Any], method: str, raw: Any, context: Any) -> Any:
     if not isinstance(raw, bytes):  # already a message (an in-process handler)
         return raw
+    if isinstance(context, _Context):
+        context.request_bytes = len(raw) + GRPC_FRAME_BYTES
     try:
         return parse(raw)
     except (DecodeError, ValueError, RuntimeError) as e:  # protobuf's errors vary by backend

@@ -29,6 +29,7 @@ from node.rpc import (
     add_standard_services,
     bind,
     make_server,
+    received_size,
     register,
     wire_size,
 )
@@ -114,7 +115,7 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
         labels: list[np.ndarray] = []
         dataset_id, total = "", 0
         for chunk in request_iterator:
-            self.bytes.add(received=wire_size(chunk))
+            self.bytes.add(received=received_size(context, chunk))
             if dataset_id and chunk.dataset_id != dataset_id:
                 abort(context, grpc.StatusCode.INVALID_ARGUMENT, "dataset_id changed mid-stream")
             dataset_id, total = chunk.dataset_id, chunk.total_rows
@@ -157,7 +158,7 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
         request = pb.TrainRequest()
         try:
             for part in request_iterator:  # counted as they come: a broken call is charged
-                self.bytes.add(received=wire_size(part))
+                self.bytes.add(received=received_size(context, part))
                 request.MergeFrom(part)
             serde.merge_message([], request)  # join tensors that came in pieces
         except CodecError as e:

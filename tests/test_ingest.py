@@ -26,7 +26,7 @@ import torch
 from ground_station import server as gs_server
 from ground_station.config import GroundStationConfig, TrainingConfig
 from ground_station.encoding import TokenCache, TokenSet, eval_key, requantize
-from ground_station.ingest import IngestRules, check_batch
+from ground_station.ingest import STATUS_OF, IngestRules, check_batch
 from ground_station.server import GroundStation, build_server
 from ground_station.store import Row, SampleStore, StoreMismatchError
 from node import encoders, serde
@@ -50,6 +50,7 @@ SUBSET = 600  # the scenario's training images: the first 600 of a seeded permut
 MASK = MaskSpec(kind="fixed", ratio=0.5, seed=0)
 VISIBLE = 24  # int(49 * 0.5) tokens of 4x4x1 pixels under MASK
 
+C = serde.RejectCause
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]
 CONFLICT = grpc.StatusCode.ALREADY_EXISTS.value[0]
@@ -212,6 +213,19 @@ def _rejected(ack: pb.BatchAck) -> list[tuple[int, int, str]]:
     return [(r.position, r.code, r.reason) for r in ack.rejected]
 
 
+def _causes(ack: pb.BatchAck) -> list[int]:
+    return [r.cause for r in ack.rejected]
+
+
+def _names(reason: str, match: str) -> bool:
+    """`reason` (an ack's: its first MAX_REASON_BYTES bytes) holds `match`, or ends with at
+    least 8 characters of it where the cap cut it."""
+    if match in reason:
+        return True
+    return len(reason.encode()) > serde.MAX_REASON_BYTES - 4 and any(
+        reason.endswith(match[:k]) for k in range(len(match), min(8, len(match)) - 1, -1))
+
+
 def _counts(st: Station) -> tuple[int, int, int, int, int]:
     s = st.stats()
     return (s.samples_stored, s.samples_received, s.duplicates, s.rejected,
@@ -268,33 +282,33 @@ def _image_of(sat: str | None) -> Bad:
     return build
 
 
-BAD_PATCHES: list[tuple[str, Bad, int, str]] = [
-    ("label 10", _changed(label=10), INVALID, "label out of range [0, 10)"),
-    ("label 2**31", _changed(label=2**31), INVALID, "label out of range [0, 10)"),
-    ("bitmap with no visible token", _data(lambda d: b"\x00" * 7), INVALID,
+BAD_PATCHES: list[tuple[str, Bad, C, str]] = [
+    ("label 10", _changed(label=10), C.BAD_LABEL, "label out of range [0, 10)"),
+    ("label 2**31", _changed(label=2**31), C.BAD_LABEL, "label out of range [0, 10)"),
+    ("bitmap with no visible token", _data(lambda d: b"\x00" * 7), C.BAD_CODE,
      "no visible tokens"),
-    ("pixels one byte short", _data(lambda d: d[:-1]), INVALID,
+    ("pixels one byte short", _data(lambda d: d[:-1]), C.BAD_PIXELS,
      f"pixels: {VISIBLE * 16 - 1} bytes, the visible tiles need {VISIBLE * 16}"),
-    ("pixels 16 bytes long", _data(lambda d: d + b"\x01" * 16), INVALID,
+    ("pixels 16 bytes long", _data(lambda d: d + b"\x01" * 16), C.BAD_PIXELS,
      f"pixels: {VISIBLE * 16 + 16} bytes, the visible tiles need {VISIBLE * 16}"),
-    ("bitmap bit 49 set", _data(lambda d: _set_bit(d, 49)), INVALID,
+    ("bitmap bit 49 set", _data(lambda d: _set_bit(d, 49)), C.BAD_CODE,
      "visible-token bitmap sets bits past the 49 tokens"),
-    ("bitmap bit 55 set", _data(lambda d: _set_bit(d, 55)), INVALID,
+    ("bitmap bit 55 set", _data(lambda d: _set_bit(d, 55)), C.BAD_CODE,
      "visible-token bitmap sets bits past the 49 tokens"),
-    ("bitmap cut short", _data(lambda d: d[:5]), INVALID, "visible-token bitmap needs 7 bytes"),
+    ("bitmap cut short", _data(lambda d: d[:5]), C.BAD_CODE, "visible-token bitmap needs 7 bytes"),
     ("runs with an empty middle run", _data(lambda d: b"\x0a\x00\x27" + d[7:], runs=True),
-     INVALID, "only the first run may be empty"),
-    ("runs that overrun", _data(lambda d: b"\x0a\x28" + d[7:], runs=True), INVALID,
+     C.BAD_CODE, "only the first run may be empty"),
+    ("runs that overrun", _data(lambda d: b"\x0a\x28" + d[7:], runs=True), C.BAD_CODE,
      "visible-token runs sum to 50, the grid has 49 tokens"),
-    ("runs that end early", _data(lambda d: b"\x0a", runs=True), INVALID,
+    ("runs that end early", _data(lambda d: b"\x0a", runs=True), C.BAD_CODE,
      "visible-token runs end early"),
-    ("runs with a pixel short", _unmasked(lambda d: d[:-1]), INVALID,
+    ("runs with a pixel short", _unmasked(lambda d: d[:-1]), C.BAD_PIXELS,
      "pixels: 783 bytes, the visible tiles need 784"),
-    ("bitmap read as runs", _data(lambda d: d, runs=True), INVALID, "visible-token runs"),
-    ("image of another satellite", _image_of("sat-1"), DENIED, "image not held by sat-0"),
-    ("image of no satellite", _image_of(None), DENIED, "image not held by sat-0"),
+    ("bitmap read as runs", _data(lambda d: d, runs=True), C.BAD_CODE, "visible-token runs"),
+    ("image of another satellite", _image_of("sat-1"), C.NOT_YOURS, "image not held by sat-0"),
+    ("image of no satellite", _image_of(None), C.NOT_YOURS, "image not held by sat-0"),
     ("id past the training split", lambda fm, good: _swap(good, replace(good[2], id=60_000)),
-     INVALID, "id out of range: ids are below 60000"),
+     C.BAD_ID, "id out of range: ids are below 60000"),
 ]
 
 
@@ -303,8 +317,8 @@ def _good(fm: FMnist, first: int, count: int, sat: str = SENSOR) -> list[Payload
 
 
 def _check_one_refused(st: Station, batch: list[Payload], pos: int, msg: pb.DownlinkBatch,
-                       code: int, match: str, follow: list[Payload], cls: bool = False,
-                       int8: bool = False) -> None:
+                       cause: serde.RejectCause, match: str, follow: list[Payload],
+                       cls: bool = False, int8: bool = False) -> None:
     """Send `msg` (the batch with its bad sample at `pos`) then a batch of `follow` on the
     same stream: the bad sample alone refused, the stream on, every count exact."""
     second = _batch(follow, satellite="", cls=cls, int8=int8)
@@ -317,8 +331,8 @@ def _check_one_refused(st: Station, batch: list[Payload], pos: int, msg: pb.Down
     assert len(acks) == 2
     assert acks[0].stored == 4 and list(acks[0].duplicate_runs) == []
     [(position, got_code, reason)] = _rejected(acks[0])
-    assert (position, got_code) == (pos, code), reason
-    assert match in reason
+    assert (position, got_code, _causes(acks[0])) == (pos, STATUS_OF[cause], [cause]), reason
+    assert _names(reason, match), reason
     # the stream went on: the next batch was stored whole
     assert acks[1] == pb.BatchAck(stored=len(follow))
     kept = [p for k, p in enumerate(batch) if k != pos] + follow
@@ -331,16 +345,16 @@ def _check_one_refused(st: Station, batch: list[Payload], pos: int, msg: pb.Down
     assert _counts(st) == (len(kept), 5 + len(follow), 0, 1, _bytes([msg, second]))
 
 
-@pytest.mark.parametrize(("bad", "code", "match"), [c[1:] for c in BAD_PATCHES],
+@pytest.mark.parametrize(("bad", "cause", "match"), [c[1:] for c in BAD_PATCHES],
                          ids=[c[0] for c in BAD_PATCHES])
 def test_patch_batch_refuses_its_bad_sample_alone(
-    station: Station, fm: FMnist, bad: Bad, code: int, match: str
+    station: Station, fm: FMnist, bad: Bad, cause: serde.RejectCause, match: str
 ) -> None:
     # Prepare
     batch, pos = bad(fm, _good(fm, 0, 5))
 
     # Execute / Assert
-    _check_one_refused(station, batch, pos, _batch(batch), code, match, _good(fm, 5, 2))
+    _check_one_refused(station, batch, pos, _batch(batch), cause, match, _good(fm, 5, 2))
 
 
 def test_patch_batch_refuses_a_repeated_id_alone(station: Station, fm: FMnist) -> None:
@@ -351,7 +365,7 @@ def test_patch_batch_refuses_a_repeated_id_alone(station: Station, fm: FMnist) -
     msg.ids[2] = 0
 
     # Execute / Assert
-    _check_one_refused(station, good, 2, msg, INVALID, "id repeats the one before it",
+    _check_one_refused(station, good, 2, msg, C.REPEATED_ID, "id repeats the one before it",
                        _good(fm, 5, 2))
 
 
@@ -367,7 +381,7 @@ def test_random_masks_refuse_a_copy_past_the_epochs(start: StartStation, fm: FMn
     # Execute / Assert
     assert [p.id for p in batch] == [a, b, 60_000 + a, 60_000 + b, 120_000 + a]
     assert batch[0].data != batch[2].data  # each copy its own mask
-    _check_one_refused(st, batch, 4, _batch(batch), INVALID,
+    _check_one_refused(st, batch, 4, _batch(batch), C.BAD_ID,
                        "id out of range: ids are below 120000", follow)
 
 
@@ -379,33 +393,33 @@ def _cls_bad_values(dtype: str, value: float) -> Callable[[Payload], Payload]:
     return edit
 
 
-BAD_CLS: list[tuple[str, str, Callable[[Payload], Payload], int, str]] = [
-    ("float16 NaN", "float16", _cls_bad_values("float16", float("nan")), INVALID,
+BAD_CLS: list[tuple[str, str, Callable[[Payload], Payload], C, str]] = [
+    ("float16 NaN", "float16", _cls_bad_values("float16", float("nan")), C.BAD_TOKEN,
      "CLS token contains NaN or Inf"),
-    ("float16 Inf", "float16", _cls_bad_values("float16", float("inf")), INVALID,
+    ("float16 Inf", "float16", _cls_bad_values("float16", float("inf")), C.BAD_TOKEN,
      "CLS token contains NaN or Inf"),
-    ("float32 -Inf", "float32", _cls_bad_values("float32", float("-inf")), INVALID,
+    ("float32 -Inf", "float32", _cls_bad_values("float32", float("-inf")), C.BAD_TOKEN,
      "CLS token contains NaN or Inf"),
-    ("float32 NaN", "float32", _cls_bad_values("float32", float("nan")), INVALID,
+    ("float32 NaN", "float32", _cls_bad_values("float32", float("nan")), C.BAD_TOKEN,
      "CLS token contains NaN or Inf"),
-    ("int8 zero scale", "int8", lambda p: replace(p, scale=0.0), INVALID,
+    ("int8 zero scale", "int8", lambda p: replace(p, scale=0.0), C.BAD_SCALE,
      "int8 CLS token needs a finite positive scale"),
-    ("int8 negative scale", "int8", lambda p: replace(p, scale=-0.5), INVALID,
+    ("int8 negative scale", "int8", lambda p: replace(p, scale=-0.5), C.BAD_SCALE,
      "int8 CLS token needs a finite positive scale"),
-    ("int8 NaN scale", "int8", lambda p: replace(p, scale=float("nan")), INVALID,
+    ("int8 NaN scale", "int8", lambda p: replace(p, scale=float("nan")), C.BAD_SCALE,
      "int8 CLS token needs a finite positive scale"),
-    ("int8 Inf scale", "int8", lambda p: replace(p, scale=float("inf")), INVALID,
+    ("int8 Inf scale", "int8", lambda p: replace(p, scale=float("inf")), C.BAD_SCALE,
      "int8 CLS token needs a finite positive scale"),
-    ("label 11", "float16", lambda p: replace(p, label=11), INVALID,
+    ("label 11", "float16", lambda p: replace(p, label=11), C.BAD_LABEL,
      "label out of range [0, 10)"),
 ]
 
 
-@pytest.mark.parametrize(("dtype", "edit", "code", "match"), [c[1:] for c in BAD_CLS],
+@pytest.mark.parametrize(("dtype", "edit", "cause", "match"), [c[1:] for c in BAD_CLS],
                          ids=[c[0] for c in BAD_CLS])
 def test_cls_batch_refuses_its_bad_sample_alone(
-    start: StartStation, fm: FMnist, dtype: str, edit: Callable[[Payload], Payload], code: int,
-    match: str
+    start: StartStation, fm: FMnist, dtype: str, edit: Callable[[Payload], Payload],
+    cause: serde.RejectCause, match: str
 ) -> None:
     # Prepare
     st = start(payload="cls", cls_dtype=dtype)
@@ -415,7 +429,7 @@ def test_cls_batch_refuses_its_bad_sample_alone(
     follow = [_cls(fm, i, dtype) for i in ids[5:7]]
 
     # Execute / Assert
-    _check_one_refused(st, batch, 1, _batch(batch, cls=True, int8=dtype == "int8"), code,
+    _check_one_refused(st, batch, 1, _batch(batch, cls=True, int8=dtype == "int8"), cause,
                        match, follow, cls=True, int8=dtype == "int8")
 
 
@@ -427,7 +441,7 @@ def test_cls_batch_refuses_another_satellites_image(start: StartStation, fm: FMn
     pos = [p.id for p in batch].index(_shard("sat-2")[0])
 
     # Execute / Assert
-    _check_one_refused(st, batch, pos, _batch(batch, cls=True), DENIED,
+    _check_one_refused(st, batch, pos, _batch(batch, cls=True), C.NOT_YOURS,
                        "image not held by sat-0", [_cls(fm, _shard(SENSOR)[9], "float16")],
                        cls=True)
 
@@ -490,7 +504,8 @@ def test_structural_error_refuses_the_batch_and_the_stream_goes_on(
     assert err is None and len(acks) == 2
     assert acks[0].stored == 0 and list(acks[0].duplicate_runs) == []
     assert [(p, c) for p, c, _ in _rejected(acks[0])] == [(k, INVALID) for k in range(5)]
-    assert all(r == match for _, _, r in _rejected(acks[0])), _rejected(acks[0])
+    assert all(r == serde.cap_reason(match) for _, _, r in _rejected(acks[0])), _rejected(acks[0])
+    assert _causes(acks[0]) == [C.BAD_STRUCTURE] * 5
     assert acks[1] == pb.BatchAck(stored=2)
     assert sorted(station.stored()) == [p.id for p in follow]
     assert _counts(station) == (2, 7, 0, 5, _bytes([msg, second]))
@@ -531,7 +546,8 @@ def test_cls_structural_error_refuses_the_batch_and_the_stream_goes_on(
 
     # Assert
     assert err is None and len(acks) == 2
-    assert _rejected(acks[0]) == [(k, INVALID, match) for k in range(5)]
+    assert _rejected(acks[0]) == [(k, INVALID, serde.cap_reason(match)) for k in range(5)]
+    assert _causes(acks[0]) == [C.BAD_STRUCTURE] * 5
     assert acks[0].stored == 0
     assert acks[1] == pb.BatchAck(stored=1)
     assert sorted(st.stored()) == [ids[5]]
@@ -783,10 +799,10 @@ def test_check_batch_with_per_sample_shapes() -> None:
     assert [(r.id, r.height, r.width, r.channels) for r in checked.rows] == [
         (0, 28, 28, 1), (10, 40, 30, 3), (30, 100, 64, 3)]
     assert [r.data for r in checked.rows] == [payloads[k].data for k in (0, 1, 3)]
-    [(pos, code, reason)] = checked.rejected
-    assert (pos, code) == (2, INVALID) and reason.startswith("pixels: ")
-    assert structural.rows == [] and [p for p, _, _ in structural.rejected] == [0, 1, 2, 3]
-    assert structural.rejected[0][2] == ("batch: 0 shape values, expected 12 (3 per sample only "
+    [(pos, code, cause, reason)] = checked.rejected
+    assert (pos, code, cause) == (2, INVALID, C.BAD_PIXELS) and reason.startswith("pixels: ")
+    assert structural.rows == [] and [p for p, _, _, _ in structural.rejected] == [0, 1, 2, 3]
+    assert structural.rejected[0][3] == ("batch: 0 shape values, expected 12 (3 per sample only "
                                          "for datasets whose images differ in size)")
 
 
