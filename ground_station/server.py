@@ -242,6 +242,11 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                  context: grpc.ServicerContext) -> pb.RegisterReply:
         if not request.node_id or not request.address:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, "node_id and address are required")
+        if request.role not in (pb.SENSOR, pb.TRAINER):  # before anything names the role
+            known = request.role in pb.Role.values()
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                  f"role {pb.Role.Name(request.role) if known else request.role} cannot "
+                  f"register: the roles are SENSOR ({pb.SENSOR}) and TRAINER ({pb.TRAINER})")
         _check_sizes(request, context)
         who = caller(context)
         if who is not None:  # the credentials decide who a node may register as
@@ -261,11 +266,9 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                       f"satellites {_quote_list(stray) if stray else '[]'} are not in this "
                       "scenario")
             config_json = self.cfg.sensor.to_json()
-        elif request.role == pb.TRAINER:
+        else:  # TRAINER
             config_json = json.dumps({"training": self.cfg.training.strategy,
                                       "threads": self.cfg.training.threads})
-        else:
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "role must be SENSOR or TRAINER")
         info = pb.NodeInfo(node_id=request.node_id, role=request.role, address=request.address,
                            satellite_ids=request.satellite_ids, device=request.device)
         with self._lock:

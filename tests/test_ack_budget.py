@@ -20,7 +20,7 @@ from node import serde
 from node.config import SensorConfig
 from node.datasets import DatasetSpec
 from node.masking import MaskSpec
-from node.rpc import bind, make_server, wire_size
+from node.rpc import bind, make_server
 from node.sensor import SensorServicer
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
@@ -115,7 +115,8 @@ def test_batches_and_acks_stay_within_the_grant(
         assert all(b + a <= batch_bytes for b, a in zip(report.batch_bytes, report.ack_bytes,
                                                         strict=True))
         if answer is alternating:
-            assert report.duplicates == sum(n // 2 for n in station.samples[-len(report.ack_bytes):])
+            this = station.samples[-len(report.ack_bytes):]  # this Transmit's batches
+            assert report.duplicates == sum(n // 2 for n in this)
         else:
             assert report.rejected == report.sent
             assert report.rejections[0].endswith("cause 127: " + "\u00e9" * 24)

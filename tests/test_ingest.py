@@ -87,6 +87,7 @@ class Station:
     registry: pb_grpc.RegistryStub
     mission: pb_grpc.MissionStub
     health: pb_grpc.HealthStub
+    channel: grpc.Channel
 
     @property
     def store(self) -> SampleStore:
@@ -119,7 +120,7 @@ def _run_station(cfg: GroundStationConfig) -> Iterator[Station]:
     try:
         wait_ready(ch, 10)
         st = Station(station, pb_grpc.DownlinkStub(ch), pb_grpc.RegistryStub(ch),
-                     pb_grpc.MissionStub(ch), pb_grpc.HealthStub(ch))
+                     pb_grpc.MissionStub(ch), pb_grpc.HealthStub(ch), ch)
         st.registry.Register(pb.RegisterRequest(
             node_id="sensor-proc-0", role=pb.SENSOR, address="127.0.0.1:1",
             satellite_ids=[SENSOR]), timeout=10)
@@ -715,6 +716,96 @@ def test_same_id_with_other_content_is_already_exists(station: Station, fm: FMni
     assert {k: after[k] for k in before} == before  # unchanged
     assert sorted(after) == sorted([*before, new.id])
     assert _counts(station)[:4] == (4, 7, 1, 2)
+
+
+def test_ids_sent_absolute_are_refused_whole_never_stored_as_others(
+        station: Station, fm: FMnist) -> None:
+    """A client that reads `ids` as absolute: its sums are other images, under these labels.
+    last_id tells them apart: the whole batch refused, with or without a last_id."""
+    # Prepare: 5 images of this satellite, ids written absolute, last_id the last of them
+    # (what such a client believes), then again with no last_id at all
+    good = _good(fm, 0, 5)
+    absolute = _batch(good)
+    absolute.ClearField("ids")
+    absolute.ids.extend(p.id for p in good)
+    absolute.last_id = good[-1].id
+    unset = _batch(good, satellite="")
+    del unset.ids[:]
+    unset.ids.extend(p.id for p in good)
+    unset.ClearField("last_id")
+
+    # Execute
+    acks, err = _send(station, [absolute, unset, _batch(good[:2], satellite="")])
+
+    # Assert
+    assert err is None and len(acks) == 3
+    for ack in acks[:2]:
+        assert ack.stored == 0 and _causes(ack) == [C.BAD_LAST_ID] * 5
+        assert {code for _, code, _ in _rejected(ack)} == {INVALID}
+        assert _rejected(ack)[0][2].startswith("last_id ")
+    assert acks[2] == pb.BatchAck(stored=2)  # the same samples, delta-coded: stored
+    assert sorted(station.stored()) == sorted(p.id for p in good[:2])
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _ld(field: int, payload: bytes) -> bytes:
+    """A length-delimited field: tag, length, bytes (written even when empty)."""
+    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _packed(values: list[int]) -> bytes:
+    return b"".join(_varint(v) for v in values)
+
+
+def _hand_encoded(msg: pb.DownlinkBatch) -> list[bytes]:
+    """`msg` encoded three ways Python's encoder never writes, each decoding to `msg`."""
+    ids, labels = list(msg.ids), list(msg.labels)
+    patches = b"".join(_ld(4, p) for p in msg.patches)
+    head = _ld(1, msg.satellite_id.encode()) if msg.satellite_id else b""
+    last = _varint(9 << 3) + _varint(msg.last_id)
+    reversed_order = last + patches + _ld(3, _packed(labels)) + _ld(2, _packed(ids)) + head
+    explicit_empty = (head + _ld(2, _packed(ids)) + _ld(3, _packed(labels)) + patches
+                      + _ld(5, b"") + _ld(7, b"") + _ld(8, b"") + _ld(6, b"") + last)
+    split_runs = (head + _ld(2, _packed(ids[:2])) + _ld(3, _packed(labels[:3]))
+                  + _ld(2, _packed(ids[2:])) + patches + _ld(3, _packed(labels[3:])) + last)
+    return [reversed_order, explicit_empty, split_runs]
+
+
+def test_bytes_are_charged_as_received_whatever_the_encoding(station: Station,
+                                                             fm: FMnist) -> None:
+    """Another language's encoder may order fields its own way, write empty fields, or split
+    a packed field: the ground station charges the bytes that arrived, not its re-encoding."""
+    # Prepare: 3 batches of one stream, each written by hand another way
+    good = _good(fm, 0, 15)
+    msgs = [_batch(good[k : k + 5], satellite="" if k else SENSOR) for k in (0, 5, 10)]
+    raws = [_hand_encoded(m)[k] for k, m in enumerate(msgs)]
+    for raw, msg in zip(raws, msgs, strict=True):
+        assert pb.DownlinkBatch.FromString(raw) == msg and raw != msg.SerializeToString()
+    # reordering keeps the length; empty fields and split runs add to it
+    assert [len(r) - m.ByteSize() for r, m in zip(raws, msgs, strict=True)] == [0, 8, 4]
+    before = station.health.Check(pb.HealthRequest(), timeout=10).bytes_received
+    send = station.channel.stream_stream("/sparsat.v1.Downlink/Send",
+                                         request_serializer=lambda b: b,
+                                         response_deserializer=pb.BatchAck.FromString)
+
+    # Execute
+    acks = list(send(iter(raws), timeout=20))
+
+    # Assert: stored as sent, and charged exactly what was sent
+    assert [a.stored for a in acks] == [5, 5, 5]
+    assert sorted(station.stored()) == sorted(p.id for p in good)
+    sent = sum(len(r) + 5 for r in raws)
+    after = station.health.Check(pb.HealthRequest(), timeout=10).bytes_received
+    assert after - before == sent
+    assert _counts(station)[4] == sent
 
 
 def test_int8_token_with_another_scale_is_already_exists(start: StartStation,
