@@ -16,7 +16,10 @@ left in whole batches split as evenly as possible over the workers (only the epo
 batch can be short, and a worker may get fewer than L steps or none). A worker whose call
 fails or times out is dropped for the rest of the run (its pieces keep their pre-round weights
 and moments; its rows go back to the end of the epoch's queue); it rejoins when it registers
-again. With fewer live trainers than K, rounds use the ones there are. Every round can be
+again. Every round splits the model K ways whatever is left of the epoch and whoever is live:
+with fewer live trainers than K, or fewer jobs' worth of rows left, only that many pieces get
+a job, and the others are neither sent nor changed that round (no worker is ever sent the
+whole model unless K = 1). Every round can be
 checkpointed; a coordinator loaded from the checkpoint continues mid-epoch where it stopped.
 
 `random` masks bring one dataset per epoch (each a freshly masked copy of every image):
@@ -163,6 +166,9 @@ class TrainerClient:
         try:
             for part in self.stub.Train(iter(outbox), timeout=timeout_s):
                 received += wire_size(part)  # a call that breaks is charged what came in
+                if received > serde.MAX_TRAIN_BYTES:  # before it is merged: memory bounded
+                    raise CodecError(f"parts past {serde.MAX_TRAIN_BYTES} bytes, the most a "
+                                     "training message may hold")
                 reply.MergeFrom(part)
             serde.merge_message([], reply)  # join tensors that came in pieces
         except (grpc.RpcError, CodecError) as e:
@@ -423,10 +429,13 @@ class Coordinator:
             return
         slices = progress.take(self._quotas(progress.remaining, len(workers)))
         workers = workers[: len(slices)]
-        k = len(workers)
-        split = self.strategy.split(cfg, self.params, self.state, k, self.generator)
+        # always the strategy's K pieces (IST: K-way groups, even when fewer trainers are live
+        # or fewer slices are left); piece w goes to worker w, and a piece without a job is
+        # not sent and keeps its weights and moments this round
+        split = self.strategy.split(cfg, self.params, self.state, self.strategy.workers(cfg),
+                                    self.generator)
         jobs = [self._job(w, split.pieces[w], split.states[w], split.scale, epoch, slices[w])
-                for w in range(k)]
+                for w in range(len(workers))]
         futures = [self._pool.submit(t.train, job, cfg.round_timeout_s)
                    for t, job in zip(workers, jobs, strict=True)]
         done: strategies.Returned = {}

@@ -8,14 +8,19 @@ FLOPs (node.encoders.encode_flops) and wall time, for the mission clock.
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
+import importlib.util
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +42,7 @@ from node.sharding import train_subset
 
 Progress = Callable[[int, int], None]
 log = logging.getLogger("sparsat.ground_station")
+PENDING_CANVAS_BYTES = 256 << 20  # decoded canvases held for one encoder batch, at most
 
 
 @dataclass
@@ -61,7 +67,7 @@ def encode_rows(rows: Iterable[Row], total: int, encoder: Encoder, batch_size: i
     labels = np.empty(total, dtype=np.int64)
     ids = np.empty(total, dtype=np.int64)
     pending: list[tuple[int, np.ndarray, np.ndarray]] = []  # (row, canvas, visible)
-    flops, count = 0, 0
+    flops, count, held = 0, 0, 0  # held: bytes of the pending canvases
 
     def flush() -> None:
         if pending:
@@ -81,7 +87,11 @@ def encode_rows(rows: Iterable[Row], total: int, encoder: Encoder, batch_size: i
                                       encoder.grid)
             pending.append((k, decode_patches(data), data.visible_idx))
             flops += encode_flops(encoder.cfg, len(data.visible_idx))
-            if len(pending) >= batch_size:
+            # a sample may say 8192 x 8192 (check_patches' limit) and send one tile: its
+            # canvas is 192 MiB, so canvases are held up to a byte budget, not only a count
+            held += pending[-1][1].nbytes
+            if len(pending) >= batch_size or held >= PENDING_CANVAS_BYTES:
+                held = 0
                 flush()
                 if progress:
                     progress(k + 1, total)
@@ -144,22 +154,116 @@ def requantize(features: np.ndarray, dtype: str) -> np.ndarray:
     return out
 
 
-CACHE_FORMAT = 2  # bump when what a cached split holds, or how it is computed, changes
-
-
 def _json(value: object) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+# ---- what the encoder stage's code is: derived from its imports, not a hand-kept number ------
+
+STAGE_ROOT = __name__  # the encoder stage: this module and everything it imports
+
+
+@functools.cache
+def _owners() -> Mapping[str, list[str]]:
+    return metadata.packages_distributions()  # top-level module -> distributions (~0.4 s)
+
+
+def _third_party(top: str) -> bool:
+    """A top-level module some other distribution installed (not stdlib, not sparsat's own
+    packages, whether sparsat is installed or run from its source tree)."""
+    return any(d != "sparsat" for d in _owners().get(top, []))
+
+
+def _module_file(name: str) -> Path | None:
+    """The source file of module `name`, None when it is not a module (a name imported from
+    one) or has no Python source."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):  # "x.y.z" where x.y is a module, not a package
+        return None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    return Path(spec.origin)
+
+
+def _imported(name: str, path: Path, tree: ast.Module) -> set[str]:
+    """Every module name `tree` imports, at the top or inside functions (lazy imports count:
+    they shape tokens too); `from a import b` yields a.b and a."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parent = ".".join(parts[: len(parts) - node.level + 1])
+                base = f"{parent}.{base}" if base else parent
+            out.add(base)
+            out.update(f"{base}.{a.name}" for a in node.names if a.name != "*")
+    return {m for m in out if m}
+
+
+def _source(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def stage_code(root: str = STAGE_ROOT) -> tuple[dict[str, Path], set[str]]:
+    """The encoder stage's code, found by walking the import graph from `root`: the source
+    file of every project module it imports, transitively, and the third-party distributions
+    those modules import (top-level names; the standard library is left out)."""
+    files: dict[str, Path] = {}
+    libraries: set[str] = set()
+    todo = [root]
+    while todo:
+        name = todo.pop()
+        if name in files:
+            continue
+        top = name.partition(".")[0]
+        if top in sys.stdlib_module_names or top == "__future__":
+            continue
+        if _third_party(top):
+            libraries.add(top)
+            continue
+        path = _module_file(name)
+        if path is None:
+            continue
+        files[name] = path
+        todo += sorted(_imported(name, path, ast.parse(_source(path), str(path))))
+    return files, libraries
+
+
+def _version(top: str) -> str:
+    dists = sorted(_owners().get(top, [top]))
+    return ",".join(f"{d}=={metadata.version(d)}" for d in dists)
+
+
+def stage_digest(root: str = STAGE_ROOT) -> dict[str, object]:
+    """What the encoder stage's own code and libraries are: a digest of the source bytes of
+    every project module `root` imports (stage_code: codec, masking, clouds, encoders,
+    datasets, sharding, the store, this module...), and the installed version of every
+    third-party distribution they import (numpy's random streams draw the masks and clouds,
+    which numpy does not promise to keep across versions; timm, PIL, torchvision...)."""
+    files, libraries = stage_code(root)
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(files):
+        source = _source(files[name])
+        h.update(f"{name}\0{len(source)}\0".encode())
+        h.update(source)
+    return {"code": h.hexdigest(), "libraries": {t: _version(t) for t in sorted(libraries)}}
 
 
 def encoder_digest(encoder: Encoder, batch_size: int) -> str:
     """What the encoder stage's output depends on besides its input: the architecture and its
     weights (every tensor's name, dtype, shape and bytes), pooling, the device kind, the batch
-    size (batch composition moves results by float rounding), torch and the cache format."""
+    size (batch composition moves results by float rounding), torch (its build included), and
+    the stage's code and libraries (stage_digest)."""
     import torch
 
     h = hashlib.blake2b(digest_size=16)
     cfg = {k: v for k, v in asdict(encoder.cfg).items() if k != "default_weights"}
-    h.update(_json([CACHE_FORMAT, torch.__version__, cfg, encoder.pooling,
+    h.update(_json([stage_digest(), torch.__version__, cfg, encoder.pooling,
                     encoder.mean.device.type, batch_size]).encode())
     for name, tensor in encoder.state_dict().items():
         t = tensor.detach().cpu().contiguous()
@@ -176,10 +280,11 @@ def train_key(encoder: str, store_digest: str, cls_dtype: str | None) -> dict[st
     return {"stage": "train", "encoder": encoder, "store": store_digest, "cls_dtype": cls_dtype}
 
 
-def eval_key(encoder: str, dataset: DatasetSpec, mask: MaskSpec, n_test: int,
+def eval_key(encoder: str, dataset: DatasetSpec, files: str, mask: MaskSpec, n_test: int,
              subset: int | None, seed: int) -> dict[str, object]:
-    """The test split's key: the encoder, the dataset (its spec, the root resolved), the mask
-    as encode_split applies it, and the test images picked. Not the payload: a CLS payload's
+    """The test split's key: the encoder, the dataset (its spec, the root resolved, and
+    `files`: node.datasets.files_digest of the split as loaded), the mask as encode_split
+    applies it, and the test images picked. Not the payload: a CLS payload's
     requantization is applied after the cache."""
     if mask.kind == "clouds":
         m: dict[str, object] = {"kind": "clouds", "ratio": mask.ratio, "seed": mask.seed,
@@ -192,7 +297,8 @@ def eval_key(encoder: str, dataset: DatasetSpec, mask: MaskSpec, n_test: int,
     ds["root"] = str(Path(dataset.root).expanduser().resolve() if dataset.root
                      else default_root().resolve())
     picked: object = "all" if subset is None or subset >= n_test else [subset, seed]
-    return {"stage": "test", "encoder": encoder, "dataset": ds, "mask": m, "images": picked}
+    return {"stage": "test", "encoder": encoder, "dataset": ds, "files": files, "mask": m,
+            "images": picked}
 
 
 class TokenCache:

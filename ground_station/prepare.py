@@ -34,7 +34,7 @@ from ground_station.encoding import (
 )
 from ground_station.store import SampleStore
 from node import encoders
-from node.datasets import ImageDataset
+from node.datasets import ImageDataset, files_digest
 from node.training import resolve_device
 
 log = logging.getLogger("sparsat.ground_station")
@@ -150,8 +150,8 @@ def _encode(cfg: GroundStationConfig, store: SampleStore, test_data: ImageDatase
                 (r for chunk in store.rows(upto=top) for r in chunk), n, encoder,
                 cfg.encode_batch, cfg.sensor.cls_dtype, progress("encode train")))
         test = stage("encode test", eval_key(
-            enc, cfg.sensor.dataset, cfg.sensor.mask, len(test_data), cfg.test_subset,
-            cfg.sensor.train_indices_seed), lambda: encode_split(
+            enc, cfg.sensor.dataset, files_digest(test_data), cfg.sensor.mask, len(test_data),
+            cfg.test_subset, cfg.sensor.train_indices_seed), lambda: encode_split(
                 test_data, "test", cfg.sensor.dataset.name, cfg.sensor.mask, encoder,
                 cfg.encode_batch, cfg.test_subset, cfg.sensor.train_indices_seed,
                 progress("encode test")))

@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import grpc
+import numpy as np
 import torch
 
 from ground_station import serde as gs_serde
@@ -29,6 +30,8 @@ from ground_station.prepare import EncodingFailed, NotReady, Prepared, Update, p
 from ground_station.store import NodeRecord, SampleStore
 from node import encoders
 from node import serde as node_serde
+from node.codec import CodecError, tile_edges
+from node.config import SensorSetup
 from node.datasets import load_dataset, split_size
 from node.rpc import (
     INSTANCE,
@@ -42,7 +45,7 @@ from node.rpc import (
     wire_size,
 )
 from node.security import Identity
-from node.sharding import owners
+from node.sharding import assign, owners
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
@@ -54,6 +57,10 @@ SERVICES = ["sparsat.v1.Downlink", "sparsat.v1.Registry", "sparsat.v1.Health",
 # ones beyond get RESOURCE_EXHAUSTED), one without a message for SEND_IDLE_S is cancelled,
 # and the pool keeps CONTROL_WORKERS threads beyond the cap for Health, Register, Prepare...
 MAX_SEND_STREAMS = 16
+# One caller (a node's verified identity; without security, one connection) holds at most
+# this many: one sensor host cannot take every stream, and what one caller can make the
+# ground station hold is this many messages in flight (docs/deployment.md, "Bad bytes").
+MAX_SEND_STREAMS_PER_CALLER = 4
 SEND_IDLE_S = 30.0
 CONTROL_WORKERS = 16
 # Registration fields past these are refused (INVALID_ARGUMENT naming the limit); error
@@ -66,6 +73,10 @@ MAX_SATELLITES = 1024
 QUOTE_CHARS = 64
 
 
+class BatchRefused(Exception):
+    """A batch refused whole, before it is decoded (it ends its stream)."""
+
+
 def quote(text: str) -> str:
     """`text` for an error message: repr of at most QUOTE_CHARS characters."""
     return repr(text[:QUOTE_CHARS]) + ("..." if len(text) > QUOTE_CHARS else "")
@@ -76,21 +87,30 @@ class SendStreams:
     thread when no message arrived for `idle_s` (a client that opened a stream and went
     silent holds a worker thread until then)."""
 
-    def __init__(self, limit: int, idle_s: float) -> None:
-        self.limit, self.idle_s = limit, idle_s
+    def __init__(self, limit: int, idle_s: float,
+                 per_caller: int = MAX_SEND_STREAMS_PER_CALLER) -> None:
+        self.limit, self.idle_s, self.per_caller = limit, idle_s, per_caller
         self._lock = threading.Lock()
         self._open: dict[int, tuple[grpc.ServicerContext, float]] = {}
+        self._caller: dict[int, str] = {}  # stream -> who opened it
         self._next = 0
         self._watchdog: threading.Thread | None = None
         self.cancelled = 0  # streams cancelled for being idle (tests, logs)
 
-    def open(self, context: grpc.ServicerContext) -> int | None:
-        """A key for a new stream, or None when `limit` streams are open."""
+    def open(self, context: grpc.ServicerContext, who: str = "") -> int | str:
+        """A key for a new stream from caller `who`, or why not (all `limit` streams open,
+        or `per_caller` of them by `who`)."""
         with self._lock:
             if len(self._open) >= self.limit:
-                return None
+                return (f"{self.limit} downlink streams are open, the most this ground "
+                        "station takes at once; retry later")
+            mine = sum(1 for k in self._open if self._caller.get(k) == who)
+            if mine >= self.per_caller:
+                return (f"{who} has {mine} downlink streams open, the most one caller may "
+                        "hold at once; retry later")
             self._next += 1
             self._open[self._next] = (context, time.monotonic())
+            self._caller[self._next] = who
             if self._watchdog is None:
                 self._watchdog = threading.Thread(target=self._watch, daemon=True,
                                                   name="send-idle-watchdog")
@@ -105,6 +125,7 @@ class SendStreams:
     def close(self, key: int) -> None:
         with self._lock:
             self._open.pop(key, None)
+            self._caller.pop(key, None)
 
     def __len__(self) -> int:
         with self._lock:
@@ -119,6 +140,7 @@ class SendStreams:
                 idle = [(k, c) for k, (c, last) in self._open.items() if now - last > self.idle_s]
                 for k, _ in idle:
                     del self._open[k]
+                    self._caller.pop(k, None)
                 self.cancelled += len(idle)
             for _, context in idle:
                 log.warning("Send from %s: no message for %.0f s, cancelled", context.peer(),
@@ -138,12 +160,15 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         self.test_data = load_dataset(cfg.sensor.dataset, "test")
         enc = encoders.config(cfg.sensor.encoder)
         n_train = split_size(cfg.sensor.dataset, "train")
+        # which images each satellite holds, in sending order: told to each sensor host when it
+        # registers, and the owner table ingest checks every sample against
+        self.images = assign(n_train, cfg.sensor.train_subset, cfg.sensor.train_indices_seed,
+                             cfg.sensor.satellites)
         self.rules = IngestRules(
             payload=cfg.sensor.payload, grid=enc.grid, dim=enc.embed_dim,
             num_classes=self.test_data.num_classes, image_shape=self.test_data.image_shape,
             n_train=n_train, copies=cfg.sensor.mask.copies, cls_dtype=cfg.sensor.cls_dtype,
-            owner=owners(n_train, cfg.sensor.train_subset, cfg.sensor.train_indices_seed,
-                         len(cfg.sensor.satellites)),
+            owner=owners(n_train, [self.images[s] for s in cfg.sensor.satellites]),
             satellites={s: k for k, s in enumerate(cfg.sensor.satellites)})
         # Every registration is stored. After a restart a node's enrollment holds (its role,
         # its satellites: their samples are accepted, no other node takes them), but its
@@ -169,11 +194,10 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
 
     def Send(self, request_iterator: Iterator[pb.DownlinkBatch],
              context: grpc.ServicerContext) -> Iterator[pb.BatchAck]:
-        key = self.streams.open(context)
-        if key is None:
-            abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                  f"{self.streams.limit} downlink streams are open, the most this ground "
-                  "station takes at once; retry later")
+        who = caller(context)
+        key = self.streams.open(context, who.describe() if who else f"peer {context.peer()}")
+        if isinstance(key, str):
+            abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, key)
         try:
             yield from self._send(request_iterator, context, key)
         finally:
@@ -193,7 +217,10 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                                      rejected=len(msg.ids))
                     abort(context, *refusal)
                 satellite = msg.satellite_id
-            ack = self._ingest(msg, satellite, size)
+            try:
+                ack = self._ingest(msg, satellite, size)
+            except BatchRefused as e:
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{satellite[:64]}: {e}")
             self.bytes.add(sent=wire_size(ack))
             yield ack
             self.streams.touch(key)
@@ -214,7 +241,11 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
     def _ingest(self, msg: pb.DownlinkBatch, satellite: str, size: int) -> pb.BatchAck:
         """Check, store and answer one batch: every sample stored, a duplicate, or refused
         alone with its reason."""
-        batch = node_serde.pb_to_batch(msg, self.rules.max_id)
+        try:
+            batch = node_serde.pb_to_batch(msg, self.rules.max_id)
+        except CodecError as e:  # more samples than a batch may hold: nothing was allocated
+            self.store.count(received_bytes=size, received=len(msg.ids), rejected=len(msg.ids))
+            raise BatchRefused(str(e)) from e
         if msg.satellite_id and msg.satellite_id != satellite:
             n = len(batch.ids)
             checked = Checked([], [], [
@@ -260,13 +291,20 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                 abort(context, grpc.StatusCode.PERMISSION_DENIED,
                       f"{who.name} may not speak for satellites {_quote_list(stray)}")
         if request.role == pb.SENSOR:
-            stray = [s for s in request.satellite_ids if s not in self.cfg.sensor.satellites]
-            if not request.satellite_ids or stray:
+            scenario = self.cfg.sensor.satellites
+            stray = [s for s in request.satellite_ids if s not in scenario]
+            if not request.satellite_ids:
                 abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                      f"satellites {_quote_list(stray) if stray else '[]'} are not in this "
-                      "scenario")
+                      "a sensor host must name the satellites it hosts (satellite_ids)")
+            if stray:
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                      f"satellites {_quote_list(stray)} are not in this scenario, whose "
+                      f"{len(scenario)} satellites are {_quote_list(scenario)}")
             config_json = self.cfg.sensor.to_json()
+            setup = node_serde.setup_to_pb(sensor_setup(
+                self.rules, {s: self.images[s] for s in request.satellite_ids}))
         else:  # TRAINER
+            setup = None
             config_json = json.dumps({"training": self.cfg.training.strategy,
                                       "threads": self.cfg.training.threads})
         info = pb.NodeInfo(node_id=request.node_id, role=request.role, address=request.address,
@@ -282,7 +320,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                 self.coordinator.add_trainer(request.node_id, request.address)
         log.info("registered %s (%s) at %s", request.node_id, pb.Role.Name(request.role),
                  request.address)
-        return pb.RegisterReply(config_json=config_json)
+        return pb.RegisterReply(config_json=config_json, sensor=setup)
 
     def _check_enrollment(self, request: pb.RegisterRequest,
                           context: grpc.ServicerContext) -> None:
@@ -434,6 +472,21 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             rounds_done=coord.round if coord is not None else 0)
 
 
+def sensor_setup(rules: IngestRules, images: dict[str, np.ndarray]) -> SensorSetup:
+    """What a sensor host holding `images` (satellite -> training indices, in sending order)
+    is told at registration: the scenario's ids, grid, payload and tiles, as ingest checks
+    them."""
+    cls = rules.payload == "cls"
+    shape = rules.image_shape
+    return SensorSetup(
+        n_train=rules.n_train, grid=rules.grid, copies=rules.copies,
+        payload="cls" if cls else "patches", cls_dim=rules.dim if cls else 0,
+        cls_dtype=rules.cls_dtype if cls else None,
+        tile_rows=tuple(tile_edges(shape[0], rules.grid).tolist()) if shape else (),
+        tile_cols=tuple(tile_edges(shape[1], rules.grid).tolist()) if shape else (),
+        images=images)
+
+
 def _check_sizes(request: pb.RegisterRequest, context: grpc.ServicerContext) -> None:
     """Absurdly long fields are refused before they reach the registry, its store and logs."""
     limits = [("node_id", len(request.node_id), MAX_NODE_ID_CHARS, "characters"),
@@ -465,7 +518,8 @@ def _as_progress(run: Generator[Update, None, Prepared]
 
 def build_server(station: GroundStation, listen: str) -> tuple[grpc.Server, str]:
     # every Send stream can hold a thread, and control calls still find one
-    server = make_server(max_workers=station.streams.limit + CONTROL_WORKERS)
+    server = make_server(max_workers=station.streams.limit + CONTROL_WORKERS,
+                         prechecks={"/sparsat.v1.Downlink/Send": node_serde.check_batch_wire})
     pb_grpc.add_DownlinkServicer_to_server(station, server)
     pb_grpc.add_RegistryServicer_to_server(station, server)
     pb_grpc.add_HealthServicer_to_server(station, server)

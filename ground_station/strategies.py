@@ -3,8 +3,8 @@ over its workers and how the pieces that come back are merged.
 
 - `ist`: K workers; every round each hidden layer gets its own random permutation split into
   K disjoint groups, worker k trains its pieces and they go back in place; the shared output
-  bias is averaged (`ground_station.ist`). With `subnet_scale: k` a subnet's hidden outputs
-  are scaled by K while it trains.
+  bias is averaged over the pieces that came back (`ground_station.ist`). With
+  `subnet_scale: k` a subnet's hidden outputs are scaled by K while it trains.
 - `centralized`: IST with K = 1: one worker trains the whole network.
 - `local_sgd`: K full replicas start each round from the same weights, train on their own
   minibatches, and are averaged (data-parallel baseline).
@@ -33,7 +33,9 @@ Returned = dict[int, tuple[ist.Params, AdamState | None]]
 
 @dataclass(frozen=True)
 class Split:
-    """One round's work: worker w trains pieces[w], starting from states[w]."""
+    """One round's work: worker w trains pieces[w], starting from states[w]. There are
+    always the strategy's K pieces; a round with fewer jobs (fewer live trainers, or fewer
+    rows left) sends only the first ones, and the rest stay as they are."""
 
     pieces: list[ist.Params]
     states: list[AdamState | None]
@@ -49,7 +51,7 @@ class Strategy(ABC):
     @abstractmethod
     def split(self, cfg: TrainingConfig, params: ist.Params, state: AdamState | None, k: int,
               generator: torch.Generator) -> Split:
-        """The round's pieces for k workers (`state`: full-size moments, or None)."""
+        """The round's pieces for K = k workers (`state`: full-size moments, or None)."""
 
     @abstractmethod
     def merge(self, params: ist.Params, state: AdamState | None, split: Split,

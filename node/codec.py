@@ -159,13 +159,19 @@ def decode_visible(record: bytes, runs: bool, grid: int) -> tuple[np.ndarray, in
         if bits[n_tokens:].any():
             raise CodecError(f"visible-token bitmap sets bits past the {n_tokens} tokens")
         return np.flatnonzero(bits).astype(np.uint16), nb
+    # every run is checked against what is left of the grid before anything is allocated,
+    # and a varint longer than g*g's own is refused: a count from the wire never sizes memory
+    max_len = max(1, (n_tokens.bit_length() + 6) // 7)
     pos, total, visible, out = 0, 0, False, []
     while total < n_tokens:
         first = pos == 0
-        run, shift = 0, 0
+        run, shift, start = 0, 0, pos
         while True:
-            if pos >= len(record) or shift > 28:
-                raise CodecError("visible-token runs end early or are malformed")
+            if pos >= len(record):
+                raise CodecError("visible-token runs end early")
+            if pos - start >= max_len:
+                raise CodecError(f"visible-token runs are malformed: a varint longer than "
+                                 f"{max_len} bytes, the most {n_tokens} tokens need")
             byte = record[pos]
             pos += 1
             run |= (byte & 0x7F) << shift
@@ -174,12 +180,13 @@ def decode_visible(record: bytes, runs: bool, grid: int) -> tuple[np.ndarray, in
                 break
         if run == 0 and not first:
             raise CodecError("visible-token runs: only the first run may be empty")
+        if run > n_tokens - total:
+            raise CodecError(f"visible-token runs sum to {total + run}, the grid has "
+                             f"{n_tokens} tokens")
         if visible:
             out.append(np.arange(total, total + run))
         total += run
         visible = not visible
-    if total != n_tokens:
-        raise CodecError(f"visible-token runs sum to {total}, the grid has {n_tokens} tokens")
     idx = np.concatenate(out) if out else np.zeros(0, np.int64)
     return idx.astype(np.uint16), pos
 

@@ -1,7 +1,9 @@
 """Plain configuration a node receives from the ground station when it registers.
 
-The scenario schema lives in `sim`; nodes only see these dataclasses (sent as JSON in
-RegisterReply.config_json), so a node never imports the simulation layer.
+The scenario schema lives in `sim`; nodes only see these dataclasses, so a node never imports
+the simulation layer. SensorConfig travels as JSON (RegisterReply.config_json: the Python
+sensor's own settings, its encoder and mask); SensorSetup as typed protobuf fields
+(RegisterReply.sensor), the part of the contract any sensor host, in any language, needs.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Literal
+
+import numpy as np
 
 from node.datasets import DatasetSpec
 from node.masking import MaskSpec
@@ -39,3 +43,21 @@ class SensorConfig:
         raw["dataset"] = DatasetSpec(**raw["dataset"])
         raw["mask"] = MaskSpec(**raw["mask"])
         return cls(**raw)
+
+
+@dataclass(frozen=True, eq=False)  # eq: arrays inside
+class SensorSetup:
+    """What the ground station told a sensor host (RegisterReply.sensor): the one source of
+    which images each satellite sends, in which order, and how ids and tiles are laid out."""
+
+    n_train: int  # N: sample id = copy * N + index into the training split
+    grid: int  # g: the token grid
+    copies: int  # masked copies of each image: copy 0 of every index first, then copy 1...
+    payload: PayloadKind
+    cls_dim: int  # CLS payloads: values per token (0 for patches)
+    cls_dtype: str | None  # CLS payloads: float32 | float16 | int8 (None for patches)
+    # tile edges (g + 1 each) for datasets of one image shape, () when sizes differ
+    tile_rows: tuple[int, ...]
+    tile_cols: tuple[int, ...]
+    # satellite -> its training indices in capture order (strictly increasing), int64
+    images: dict[str, np.ndarray] = field(default_factory=dict)

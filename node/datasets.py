@@ -7,6 +7,7 @@ that masking and tokenisation see the same pixels on every node.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -51,6 +52,9 @@ class ImageDataset(ABC):
     """Indexable labelled images; image(i) is uint8 (H, W, C) with C in {1, 3}."""
 
     classes: list[str]
+    # the files this split's images, labels and membership were read from (empty: built in
+    # memory); files_digest() names them, for caches that must notice a changed dataset
+    sources: tuple[Path, ...] = ()
 
     @abstractmethod
     def __len__(self) -> int: ...
@@ -76,7 +80,8 @@ class ImageDataset(ABC):
 class ArrayImageDataset(ImageDataset):
     """Images held in memory as one (N, H, W, C) uint8 array."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str]) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str],
+                 sources: tuple[Path, ...] = ()) -> None:
         if images.ndim != 4 or images.dtype != np.uint8 or len(images) != len(labels):
             raise ValueError(
                 f"bad arrays: images {images.shape} {images.dtype}, {len(labels)} labels"
@@ -84,6 +89,7 @@ class ArrayImageDataset(ImageDataset):
         self.images = images
         self.labels = labels.astype(np.int64)
         self.classes = list(classes)
+        self.sources = tuple(sources)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -112,6 +118,8 @@ class FileImageDataset(ImageDataset):
         # image_shape is the whole dataset's, not this split's: the sensor (train split) and
         # the ground station (test split) must agree on whether payloads carry their shape
         self.shape_paths = list(shape_paths) if shape_paths is not None else self.paths
+        # every file of the dataset: which ones fall in this split depends on all of them
+        self.sources = tuple(self.shape_paths)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -138,6 +146,26 @@ class FileImageDataset(ImageDataset):
             return None
         (w, h) = sizes.pop()
         return (h, w, 3)
+
+
+def files_digest(dataset: ImageDataset) -> str:
+    """A digest of the files `dataset` was read from: each one's absolute path, size and
+    modification time (ns), not its bytes, so it costs one stat a file whatever the dataset's
+    size. A file changed in place (same path) changes its mtime. A dataset built in memory
+    (no files) is digested by its images and labels instead."""
+    h = hashlib.blake2b(digest_size=16)
+    if dataset.sources:
+        for path in sorted(os.path.abspath(p) for p in dataset.sources):
+            st = os.stat(path)
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return "files:" + h.hexdigest()
+    if isinstance(dataset, ArrayImageDataset):
+        h.update(str((dataset.images.shape, list(dataset.classes))).encode())
+        h.update(np.ascontiguousarray(dataset.images).tobytes())
+        h.update(dataset.labels.tobytes())
+        return "arrays:" + h.hexdigest()
+    raise ValueError(f"{type(dataset).__name__} names no source files and is not an array "
+                     "dataset: its content cannot be digested")
 
 
 def default_root() -> Path:
@@ -214,7 +242,7 @@ def _load_fashion_mnist(spec: DatasetSpec, split: str) -> ImageDataset:
     images, labels = read_idx(pair[0]), read_idx(pair[1])
     if images.ndim != 3 or images.dtype != np.uint8 or labels.shape != (len(images),):
         raise ValueError(f"inconsistent IDX files {pair}: {images.shape} vs {labels.shape}")
-    return ArrayImageDataset(images[..., None], labels, FASHION_MNIST_CLASSES)
+    return ArrayImageDataset(images[..., None], labels, FASHION_MNIST_CLASSES, sources=pair)
 
 
 def _torchvision_dataset(
@@ -246,8 +274,11 @@ def _load_cifar10(spec: DatasetSpec, split: str) -> ImageDataset:
         f"CIFAR-10 (expected {root}/cifar-10-batches-py)",
         CIFAR10_URL,
     )
+    files = [*(ds.train_list if split == "train" else ds.test_list), ds.meta]
+    folder = Path(root) / ds.base_folder
     return ArrayImageDataset(
-        np.asarray(ds.data, dtype=np.uint8), np.asarray(ds.targets), ds.classes
+        np.asarray(ds.data, dtype=np.uint8), np.asarray(ds.targets), ds.classes,
+        sources=tuple(folder / (f[0] if isinstance(f, list) else f["filename"]) for f in files),
     )
 
 

@@ -101,12 +101,20 @@ class ByteCounter:
             self.sent += sent
 
 
-def make_server(max_workers: int = 8) -> grpc.Server:
+Precheck = Callable[[bytes], None]  # raises ValueError naming what is wrong with raw bytes
+
+
+def make_server(max_workers: int = 8, prechecks: dict[str, Precheck] | None = None
+                ) -> grpc.Server:
     """A server whose calls run on `max_workers` threads (a streaming call holds one for its
     whole life: a server taking long streams sizes the pool above their cap, so that short
-    calls always find a thread)."""
+    calls always find a thread). At most 2 x max_workers calls are in flight (running or
+    waiting for a thread, each holding at most one received message of MAX_MESSAGE_BYTES);
+    more are RESOURCE_EXHAUSTED. `prechecks[method]` sees each request's raw bytes before
+    they are parsed (a ValueError is INVALID_ARGUMENT)."""
     return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_OPTIONS,
-                       interceptors=[Guard(security.active())])
+                       interceptors=[Guard(security.active(), prechecks)],
+                       maximum_concurrent_rpcs=2 * max_workers)
 
 
 def bind(server: grpc.Server, listen: str, advertise: str | None = None,
@@ -214,7 +222,14 @@ def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) ->
 
 def register(ground_station: str, request: pb.RegisterRequest,
              timeout_s: float | None = None, log_every_s: float | None = None) -> str:
-    """Register with the ground station; returns config_json. Waits up to `timeout_s`
+    """Register with the ground station (register_reply); returns config_json."""
+    return str(register_reply(ground_station, request, timeout_s, log_every_s).config_json)
+
+
+def register_reply(ground_station: str, request: pb.RegisterRequest,
+                   timeout_s: float | None = None,
+                   log_every_s: float | None = None) -> pb.RegisterReply:
+    """Register with the ground station; returns its reply. Waits up to `timeout_s`
     (default REGISTER_WAIT_S) for it to come up, with a line in the log every `log_every_s`
     (REGISTER_LOG_S), then Unreachable names the address; a refusal (bad request, wrong
     credentials) is Refused at once, with the ground station's reason: retrying cannot
@@ -235,8 +250,9 @@ def register(ground_station: str, request: pb.RegisterRequest,
                                   f"{timeout_s:g} s ({last}); is the address right?")
             try:
                 wait_ready(ch, min(left, log_every_s), ground_station)
-                reply = pb_grpc.RegistryStub(ch).Register(request, timeout=REGISTER_CALL_S)
-                return str(reply.config_json)
+                reply: pb.RegisterReply = pb_grpc.RegistryStub(ch).Register(
+                    request, timeout=REGISTER_CALL_S)
+                return reply
             except Unreachable:
                 last = "no connection"
             except grpc.RpcError as e:
@@ -325,11 +341,19 @@ def _describe_failure(method: str, context: Any, identity: Identity | None,
         log.error("%s from %s at %s failed", method, who, context.peer(), exc_info=error)
 
 
-def _parse(parse: Callable[[bytes], Any], method: str, raw: Any, context: Any) -> Any:
+def _parse(parse: Callable[[bytes], Any], method: str, raw: Any, context: Any,
+           precheck: Precheck | None = None) -> Any:
     if not isinstance(raw, bytes):  # already a message (an in-process handler)
         return raw
     if isinstance(context, _Context):
         context.request_bytes = len(raw) + GRPC_FRAME_BYTES
+    if precheck is not None:
+        try:
+            precheck(raw)
+        except ValueError as e:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                  f"{method}: request message refused before parsing ({len(raw)} bytes): "
+                  f"{str(e)[:200]}")
     try:
         return parse(raw)
     except (DecodeError, ValueError, RuntimeError) as e:  # protobuf's errors vary by backend
@@ -338,7 +362,8 @@ def _parse(parse: Callable[[bytes], Any], method: str, raw: Any, context: Any) -
 
 
 def _guarded(handler: grpc.RpcMethodHandler, method: str,
-             creds: security.Credentials | None) -> grpc.RpcMethodHandler:
+             creds: security.Credentials | None,
+             precheck: Precheck | None = None) -> grpc.RpcMethodHandler:
     """`handler` with the caller checked first, its requests parsed here (undecodable bytes
     are INVALID_ARGUMENT, not INTERNAL with a traceback) and failures logged with the call,
     the peer and the caller."""
@@ -349,12 +374,13 @@ def _guarded(handler: grpc.RpcMethodHandler, method: str,
 
     def requests(raw: Iterator[Any], context: Any) -> Iterator[Any]:
         for item in raw:
-            yield _parse(parse, method, item, context)
+            yield _parse(parse, method, item, context, precheck)
 
     def call(behavior: Callable[..., Any], request: Any, ctx: _Context,
              streaming_in: bool) -> Any:
         ctx.identity = _authenticate(method, ctx._context, creds)
-        req = requests(request, ctx) if streaming_in else _parse(parse, method, request, ctx)
+        req = (requests(request, ctx) if streaming_in
+               else _parse(parse, method, request, ctx, precheck))
         return behavior(req, ctx)
 
     if handler.response_streaming:
@@ -391,16 +417,18 @@ class Guard(grpc.ServerInterceptor):
     """Puts every method of a server behind `_guarded`, checking callers against `creds`
     (the server's: its CA, mutual TLS or not; None: no authentication)."""
 
-    def __init__(self, creds: security.Credentials | None) -> None:
+    def __init__(self, creds: security.Credentials | None,
+                 prechecks: dict[str, Precheck] | None = None) -> None:
         self.creds = creds
+        self.prechecks = prechecks or {}
 
     def intercept_service(self, continuation: Callable[[Any], Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        return _guarded(handler, handler_call_details.method,  # type: ignore[attr-defined]
-                        self.creds)
+        method = handler_call_details.method  # type: ignore[attr-defined]
+        return _guarded(handler, method, self.creds, self.prechecks.get(method))
 
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"

@@ -1,12 +1,13 @@
 """Sensor node: one process hosting any number of satellites.
 
-Each satellite owns a shard of the training split. When mission control grants it a byte
-budget (Transmit), it masks its next images (clouds drawn in, for natural masks), builds their
-payloads (visible patches, or the CLS token from its own encoder) and streams them to the
-ground station in batches sized to the budget, one ack per batch. With `random` masks it
-queues one freshly masked copy of every image per epoch (all first copies, then all second
-copies...). A scene that clouds leave with no usable token is dropped from the queue and
-counted, never sent.
+Each satellite holds the training images the ground station named for it when the host
+registered (RegisterReply.sensor), and sends them in that order. When mission control grants
+it a byte budget (Transmit), it masks its next images (clouds drawn in, for natural masks),
+builds their payloads (visible patches, or the CLS token from its own encoder) and streams
+them to the ground station in batches sized to the budget, one ack per batch. With `random`
+masks it queues one freshly masked copy of every image per epoch (all first copies, then all
+second copies...). A scene that clouds leave with no usable token is dropped from the queue
+and counted, never sent.
 A sample stays queued until its batch is acked, so a failed or cut transfer is retried with
 the same payload (same id, same mask) and the ground station's dedupe keeps the store exact; a
 sample the ground station rejects is dropped from the queue and reported with its reason.
@@ -27,8 +28,8 @@ import grpc
 import numpy as np
 
 from node import encoders, serde
-from node.codec import CodecError, encode_patches, masked_canvas, quantize_token
-from node.config import SensorConfig
+from node.codec import CodecError, encode_patches, masked_canvas, quantize_token, tile_edges
+from node.config import SensorConfig, SensorSetup
 from node.datasets import ImageDataset, load_dataset
 from node.masking import capture, copy_id
 from node.rejoin import Rejoin
@@ -42,11 +43,12 @@ from node.rpc import (
     channel,
     make_server,
     register,
+    register_reply,
     sized,
     wire_size,
 )
 from node.security import GROUND_STATION
-from node.sharding import sample_id, shard, train_subset
+from node.sharding import sample_id
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
@@ -131,27 +133,41 @@ class Grant:
 
 
 class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
-    def __init__(self, node_id: str, satellite_ids: list[str], cfg: SensorConfig,
+    def __init__(self, node_id: str, cfg: SensorConfig, setup: SensorSetup,
                  ground_station: str) -> None:
-        unknown = [s for s in satellite_ids if s not in cfg.satellites]
-        if unknown:
-            raise ValueError(f"satellites {unknown} are not in the scenario ({cfg.satellites})")
+        """A host for the satellites of `setup` (what the ground station told it, see
+        from_reply), each queueing the images it was told, in that order."""
         self.node_id = node_id
         self.cfg = cfg
+        self.setup = setup
         self.bytes = ByteCounter()
         self.dataset: ImageDataset = load_dataset(cfg.dataset, "train")
-        self.grid = encoders.config(cfg.encoder).grid
+        self.grid = setup.grid
         # patch payloads need only the token grid; the ViT is built when the sensor encodes
         self.encoder = (encoders.create(cfg.encoder, cfg.encoder_weights, cfg.encoder_seed,
                                         cfg.encoder_pooling)  # type: ignore[arg-type]
                         if cfg.payload == "cls" else None)
-        subset = train_subset(len(self.dataset), cfg.train_subset, cfg.train_indices_seed)
-        n = len(cfg.satellites)
-        self.satellites = {
-            s: Satellite(s, shard(subset, cfg.satellites.index(s), n), cfg.mask.copies)
-            for s in satellite_ids
-        }
+        check_setup(setup, cfg, self.dataset,
+                    self.encoder.cfg.grid if self.encoder is not None else None)
+        self.satellites = {s: Satellite(s, held, setup.copies)
+                           for s, held in setup.images.items()}
         self.channel = channel(ground_station, peer=GROUND_STATION)
+
+    @classmethod
+    def from_reply(cls, node_id: str, satellite_ids: list[str], reply: pb.RegisterReply,
+                   ground_station: str) -> SensorServicer:
+        """The host a registration reply describes; ValueError (CodecError) when the reply
+        does not give every satellite in `satellite_ids` its images, or is malformed."""
+        if not reply.HasField("sensor"):
+            raise CodecError("the ground station's registration reply has no sensor setup "
+                             "(RegisterReply.sensor): is it an older ground station?")
+        setup = serde.pb_to_setup(reply.sensor)
+        missing = [s for s in satellite_ids if s not in setup.images]
+        extra = [s for s in setup.images if s not in satellite_ids]
+        if missing or extra:
+            raise CodecError(f"the ground station's setup gives images to {list(setup.images)[:8]}"
+                             f", not to the satellites registered {satellite_ids[:8]}")
+        return cls(node_id, SensorConfig.from_json(reply.config_json), setup, ground_station)
 
     # ---- payloads -------------------------------------------------------------------------
 
@@ -317,21 +333,52 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
                               instance=INSTANCE)
 
 
+def check_setup(setup: SensorSetup, cfg: SensorConfig, dataset: ImageDataset,
+                encoder_grid: int | None) -> None:
+    """The setup the ground station sent agrees with this host's own dataset copy (whose
+    pixels and labels it sends) and configuration; ValueError names the disagreement."""
+    problems = []
+    if len(dataset) != setup.n_train:
+        problems.append(f"the training split here has {len(dataset)} images, the ground "
+                        f"station's N is {setup.n_train}")
+    if setup.payload != cfg.payload:
+        problems.append(f"payload {setup.payload} in the setup, {cfg.payload} in the config")
+    if setup.payload == "cls" and setup.cls_dtype != cfg.cls_dtype:
+        problems.append(f"cls_dtype {setup.cls_dtype} in the setup, {cfg.cls_dtype} in the "
+                        "config")
+    if encoder_grid is not None and encoder_grid != setup.grid:
+        problems.append(f"the encoder's token grid is {encoder_grid}, the setup's {setup.grid}")
+    shape = dataset.image_shape
+    if bool(setup.tile_rows) != (shape is not None):
+        problems.append("tile edges given for images of several sizes, or missing for one "
+                        "size")
+    elif shape is not None and (
+            setup.tile_rows != tuple(tile_edges(shape[0], setup.grid).tolist())
+            or setup.tile_cols != tuple(tile_edges(shape[1], setup.grid).tolist())):
+        problems.append(f"the setup's tile edges are not those of {shape[0]}x{shape[1]} "
+                        f"images on a {setup.grid}x{setup.grid} grid")
+    if problems:
+        raise ValueError("the ground station's sensor setup does not fit this host: "
+                         + "; ".join(problems))
+
+
 def serve(listen: str, ground_station: str, satellite_ids: list[str],
           node_id: str | None = None, advertise: str | None = None) -> None:
     """Run a sensor host until interrupted: bind, register, then answer Transmit calls."""
     node_id = node_id or f"sensors-{satellite_ids[0]}"
     server = make_server()
     address = bind(server, listen, advertise, toward=ground_station)
-    # Register first: the ground station answers with the scenario's sensor configuration.
+    # Register first: the ground station answers with the scenario's sensor configuration
+    # and each satellite's images.
     # Transmit calls only come after registration, once the server below is started.
     request = pb.RegisterRequest(node_id=node_id, role=pb.SENSOR, address=address,
                                  satellite_ids=satellite_ids)
-    cfg = SensorConfig.from_json(register(ground_station, request))
+    # its reply says which images each satellite sends, in which order (RegisterReply.sensor)
+    reply = register_reply(ground_station, request)
     # a restarted ground station: register again (same id, same address) by ourselves
     Rejoin(node_id, ground_station, lambda wait_s: register(ground_station, request, wait_s)
            ).start()
-    servicer = SensorServicer(node_id, satellite_ids, cfg, ground_station)
+    servicer = SensorServicer.from_reply(node_id, satellite_ids, reply, ground_station)
     pb_grpc.add_SensorServicer_to_server(servicer, server)
     pb_grpc.add_HealthServicer_to_server(servicer, server)
     add_standard_services(server, ["sparsat.v1.Sensor", "sparsat.v1.Health"])

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from node.codec import CodecError, PatchData, patch_record
+from node.config import PayloadKind, SensorSetup
 from node.rpc import GRPC_FRAME_BYTES, wire_size
 from node.training import AdamState
 from proto.sparsat.v1 import sparsat_pb2 as pb
@@ -220,6 +221,8 @@ class Packer:
                 size = cur.wire_size(p) + max_ack_bytes(1)
                 if size > room:
                     return None, True
+            elif len(cur.items) >= MAX_BATCH_SAMPLES:  # the most a ground station takes
+                return cur, False
             else:
                 size = cur.wire_size(p) + max_ack_bytes(len(cur.items) + 1)
                 if size > min(self.batch_bytes, room):
@@ -267,8 +270,87 @@ class BatchData:
     id_sum: int = 0  # what its deltas sum to
 
 
+# What one DownlinkBatch may hold, checked before anything is sized from it: a batch never
+# has more than MAX_BATCH_SAMPLES samples (pack closes one there; mission control asks for at
+# most 4096 a Transmit), so neither do its per-sample fields (3 shape values a sample).
+MAX_BATCH_SAMPLES = 65536
+# A message this size or less is parsed as it is (protobuf's worst expansion, 1-byte packed
+# varints or empty strings, is about 17x: 17 MiB); a bigger one is scanned first, field by
+# field, and refused when its repeated fields hold more elements than a batch can need.
+SCAN_ABOVE_BYTES = 1 << 20
+_BATCH_LIMITS = {2: ("ids", MAX_BATCH_SAMPLES), 3: ("labels", MAX_BATCH_SAMPLES),
+                 4: ("patches", MAX_BATCH_SAMPLES), 6: ("shapes", 3 * MAX_BATCH_SAMPLES)}
+_PACKED = (2, 3, 6)  # repeated integer fields: packed (one length-delimited field) or not
+
+
+def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    for k in range(pos, min(pos + 10, len(raw))):
+        value |= (raw[k] & 0x7F) << shift
+        shift += 7
+        if raw[k] < 0x80:
+            return value, k + 1
+    raise CodecError(f"a varint at byte {pos} is cut short or longer than 10 bytes")
+
+
+def check_batch_wire(raw: bytes) -> None:
+    """Refuse a serialized DownlinkBatch whose repeated fields hold more elements than one
+    batch may (MAX_BATCH_SAMPLES), before protobuf parses it: a 64 MiB message of 1-byte
+    ids parses into about 1 GB. Messages of SCAN_ABOVE_BYTES or less pass unscanned."""
+    if len(raw) <= SCAN_ABOVE_BYTES:
+        return
+    counts = dict.fromkeys(_BATCH_LIMITS, 0)
+    buf = np.frombuffer(raw, np.uint8)
+    pos, fields = 0, 0
+    max_fields = 6 * MAX_BATCH_SAMPLES + 64  # every sample's fields unpacked, and a few more
+    while pos < len(raw):
+        fields += 1
+        if fields > max_fields:
+            raise CodecError(f"batch has more than {max_fields} fields")
+        key, pos = _read_varint(raw, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _read_varint(raw, pos)
+            if number in counts:
+                counts[number] += 1
+        elif wire == 2:
+            size, pos = _read_varint(raw, pos)
+            if size > len(raw) - pos:
+                raise CodecError(f"field {number} says {size} bytes, {len(raw) - pos} are left")
+            if number in _PACKED:  # one element a byte below 0x80 (its last), counted
+                for at in range(pos, pos + size, 1 << 20):  # a MiB at a time: no big temp
+                    end = min(pos + size, at + (1 << 20))
+                    counts[number] += int(np.count_nonzero(buf[at:end] < 0x80))
+                    if counts[number] > _BATCH_LIMITS[number][1]:
+                        break
+            elif number in counts:
+                counts[number] += 1
+            pos += size
+        elif wire == 5:
+            pos += 4
+        elif wire == 1:
+            pos += 8
+        else:
+            raise CodecError(f"field {number}: wire type {wire} is not used by sparsat.v1")
+        for number, (name, limit) in _BATCH_LIMITS.items():
+            if counts[number] > limit:
+                raise CodecError(f"batch has more than {limit} {name}, the most a batch "
+                                 f"may hold")
+
+
+def check_batch_counts(msg: pb.DownlinkBatch) -> None:
+    """CodecError when a parsed batch has more samples (or per-sample values) than one may."""
+    for name, limit in _BATCH_LIMITS.values():
+        have = len(getattr(msg, name))
+        if have > limit:
+            raise CodecError(f"batch has {have} {name}, more than the {limit} a batch may "
+                             f"hold")
+
+
 def pb_to_batch(msg: pb.DownlinkBatch, max_id: int) -> BatchData:
-    """Decode the packed fields; ids at or past `max_id` (or following one) become -1."""
+    """Decode the packed fields; ids at or past `max_id` (or following one) become -1.
+    CodecError (nothing allocated) when the batch has more samples than a batch may."""
+    check_batch_counts(msg)
     deltas = np.array(msg.ids, dtype=np.uint64)
     big = deltas >= np.uint64(max_id)
     ids = np.cumsum(np.where(big, 0, deltas).astype(np.int64))
@@ -348,15 +430,22 @@ def pb_to_ack(msg: pb.BatchAck, n: int) -> AckData:
     """The ack of an n-sample batch; CodecError when it does not describe one, or steps out of
     what max_ack_bytes assumes (a run of 0 after the first, a code past the gRPC status codes,
     a cause of more than one varint byte, a reason past MAX_REASON_BYTES)."""
+    # counts are checked against n before any list is sized from them
+    if len(msg.duplicate_runs) > n + 1 or len(msg.rejected) > n or msg.stored > n:
+        raise CodecError(f"ack has {len(msg.duplicate_runs)} duplicate runs, "
+                         f"{len(msg.rejected)} refusals and {msg.stored} stored for a batch "
+                         f"of {n}")
     duplicates: list[int] = []
     at = 0
     for i, run in enumerate(msg.duplicate_runs):
         if i and not run:
             raise CodecError(f"ack's duplicate run {i} is empty: only the first may be")
+        if run > n - at:
+            raise CodecError(f"ack names positions past its batch of {n}")
         if i % 2:
             duplicates += range(at, at + run)
         at += run
-    if at > n or any(not 0 <= r.position < n for r in msg.rejected):
+    if any(not 0 <= r.position < n for r in msg.rejected):
         raise CodecError(f"ack names positions past its batch of {n}")
     for r in msg.rejected:
         if not (0 < r.code <= MAX_STATUS_CODE and 0 <= r.cause < 128
@@ -404,6 +493,83 @@ def max_ack_bytes(n: int) -> int:
     v = _varint_len
     return (GRPC_FRAME_BYTES + 1 + v(n) + 1 + v(n + 1) + n + 1
             + n * (8 + MAX_REASON_BYTES) + (n - 1) + _varint_bytes_below(n))
+
+
+# ---- sensor setup (RegisterReply.sensor) ----------------------------------------------------
+
+MAX_GRID = 1024  # a token grid past this is no encoder's: refused before anything is sized
+MAX_N_TRAIN = 2**31 - 1  # and copies * N at most this: every id fits 31 bits
+MAX_CLS_DIM = 65_536
+_PAYLOAD_KINDS: dict[PayloadKind, pb.PayloadKind] = {
+    "patches": pb.PAYLOAD_PATCHES, "cls": pb.PAYLOAD_CLS}
+_PAYLOAD_NAME_OF = {v: k for k, v in _PAYLOAD_KINDS.items()}
+
+
+def setup_to_pb(setup: SensorSetup) -> pb.SensorSetup:
+    msg = pb.SensorSetup(
+        n_train=setup.n_train, grid=setup.grid, copies=setup.copies,
+        payload=_PAYLOAD_KINDS[setup.payload], cls_dim=setup.cls_dim,
+        tile_rows=list(setup.tile_rows), tile_cols=list(setup.tile_cols))
+    if setup.cls_dtype is not None:
+        msg.cls_dtype = CLS_DTYPE_NAMES[setup.cls_dtype]
+    for sat, indices in setup.images.items():
+        idx = np.asarray(indices, dtype=np.int64)
+        deltas = np.diff(idx, prepend=0)
+        if len(idx) and (idx[0] < 0 or (deltas[1:] < 1).any()):
+            raise ValueError(f"{sat}: indices must be non-negative and strictly increase")
+        msg.satellites.add(satellite_id=sat, index_deltas=deltas.tolist())
+    return msg
+
+
+def pb_to_setup(msg: pb.SensorSetup) -> SensorSetup:
+    """The setup a ground station sent, every count checked before it is used (CodecError
+    names what is wrong)."""
+    if not 1 <= msg.n_train <= MAX_N_TRAIN:
+        raise CodecError(f"sensor setup: n_train {msg.n_train} is not in [1, {MAX_N_TRAIN}]")
+    if not 1 <= msg.grid <= MAX_GRID:
+        raise CodecError(f"sensor setup: grid {msg.grid} is not in [1, {MAX_GRID}]")
+    if not 1 <= msg.copies <= MAX_N_TRAIN // msg.n_train:
+        raise CodecError(f"sensor setup: copies {msg.copies} is not in "
+                         f"[1, {MAX_N_TRAIN // msg.n_train}] for N = {msg.n_train}")
+    payload = _PAYLOAD_NAME_OF.get(msg.payload)
+    if payload is None:
+        raise CodecError(f"sensor setup: payload {msg.payload} is not a known PayloadKind")
+    cls_dtype = _CLS_NAME_OF.get(msg.cls_dtype)
+    if payload == "cls" and (cls_dtype is None or not 1 <= msg.cls_dim <= MAX_CLS_DIM):
+        raise CodecError(f"sensor setup: CLS payloads need a cls_dtype (FLOAT32, FLOAT16, "
+                         f"INT8) and a cls_dim in [1, {MAX_CLS_DIM}], got {msg.cls_dtype} "
+                         f"and {msg.cls_dim}")
+    if payload == "patches":
+        cls_dtype = None
+    edges = []
+    for name, values in (("tile_rows", msg.tile_rows), ("tile_cols", msg.tile_cols)):
+        if len(values) not in (0, msg.grid + 1):
+            raise CodecError(f"sensor setup: {name} has {len(values)} edges, a grid of "
+                             f"{msg.grid} needs {msg.grid + 1} (or none)")
+        e = np.array(values, dtype=np.int64)
+        if len(e) and (e[0] != 0 or (np.diff(e) < 1).any()):
+            raise CodecError(f"sensor setup: {name} must start at 0 and strictly increase")
+        edges.append(tuple(e.tolist()))
+    if bool(edges[0]) != bool(edges[1]):
+        raise CodecError("sensor setup: tile_rows and tile_cols are both set or both empty")
+    if sum(len(sat.index_deltas) for sat in msg.satellites) > msg.n_train:
+        raise CodecError(f"sensor setup: more indices than N = {msg.n_train} (satellites hold "
+                         "disjoint images)")
+    images: dict[str, np.ndarray] = {}
+    for sat in msg.satellites:
+        if sat.satellite_id in images:
+            raise CodecError(f"sensor setup: satellite {sat.satellite_id[:64]!r} twice")
+        deltas = np.array(sat.index_deltas, dtype=np.int64)  # uint32 each: no overflow below
+        idx = np.cumsum(deltas)
+        if len(idx) and ((deltas[1:] < 1).any() or idx[-1] >= msg.n_train):
+            raise CodecError(f"sensor setup: {sat.satellite_id[:64]!r}'s indices must strictly "
+                             f"increase (deltas >= 1 after the first) and stay below N = "
+                             f"{msg.n_train}")
+        images[sat.satellite_id] = idx
+    return SensorSetup(n_train=msg.n_train, grid=msg.grid, copies=msg.copies,
+                       payload=payload, cls_dim=msg.cls_dim if payload == "cls" else 0,
+                       cls_dtype=cls_dtype, tile_rows=edges[0], tile_cols=edges[1],
+                       images=images)
 
 
 # ---- datasets and training -----------------------------------------------------------------
@@ -468,6 +634,9 @@ def train_job_to_pb(job: TrainJob) -> pb.TrainRequest:
     )
 
 
+# The most a whole TrainRequest or TrainReply (its parts together) may hold: a 768-8000-8000
+# MLP with both moments is about 830 MB. A receiver refuses the call past it, part by part.
+MAX_TRAIN_BYTES = 1 << 30
 MIN_PIECE_BYTES = 64 * 1024  # a tensor is cut into pieces only above this and the part size
 _MOMENT_FIELDS = ("exp_avg", "exp_avg_sq", "step")
 TrainMessage = TypeVar("TrainMessage", pb.TrainRequest, pb.TrainReply)
@@ -491,6 +660,17 @@ def _pieces(nt: pb.NamedTensor, piece_bytes: int) -> list[pb.NamedTensor]:
     return pieces
 
 
+def _tensor_bytes(tensor: pb.Tensor) -> int:
+    """Bytes a Tensor's shape and dtype need (CodecError for an unknown dtype or a negative
+    dimension); Python ints, so a huge shape is a huge number, never an allocation."""
+    dtype = _NP_OF_DTYPE.get(tensor.dtype)
+    if dtype is None:
+        raise CodecError(f"tensor dtype {tensor.dtype} is not a known sparsat.v1.DType")
+    if any(d < 0 for d in tensor.shape):
+        raise CodecError(f"tensor shape {list(tensor.shape)[:8]} has a negative dimension")
+    return math.prod(tensor.shape) * dtype.itemsize
+
+
 def _join(named: Any) -> None:
     """Join the pieces of a repeated NamedTensor field in place (the inverse of _pieces)."""
     if not any(nt.more for nt in named):
@@ -498,15 +678,22 @@ def _join(named: Any) -> None:
     joined: list[pb.NamedTensor] = []
     datas: list[bytes] = []
     head: pb.NamedTensor | None = None
+    need, have = 0, 0  # bytes the head's shape x dtype needs; bytes of its pieces so far
     for nt in named:
         if head is None:
             head = pb.NamedTensor(name=nt.name, tensor=nt.tensor)
             datas = [nt.tensor.data]
+            need = _tensor_bytes(nt.tensor)
+            have = len(nt.tensor.data)
         elif nt.name != head.name or nt.tensor.shape:
             raise CodecError(f"tensor {head.name[:64]!r} is cut into pieces, but the next "
                              f"piece is {nt.name[:64]!r} with a shape of its own")
         else:
             datas.append(nt.tensor.data)
+            have += len(nt.tensor.data)
+        if have > need:  # before joining: pieces never make more than their tensor
+            raise CodecError(f"tensor {head.name[:64]!r}: its pieces hold more than the "
+                             f"{need} bytes its shape and dtype need")
         if not nt.more:
             head.tensor.data = b"".join(datas)
             joined.append(head)
@@ -562,6 +749,9 @@ def merge_message(parts: Iterable[TrainMessage], message: TrainMessage
     size = 0
     for part in parts:
         size += wire_size(part)
+        if size > MAX_TRAIN_BYTES:
+            raise CodecError(f"parts past {MAX_TRAIN_BYTES} bytes, the most a training "
+                             "message may hold")
         message.MergeFrom(part)
     _join(message.params)
     if message.HasField("moments"):

@@ -1,10 +1,14 @@
 """Which training images a scenario uses, which satellite holds each, and what they are called.
 
-The sensor hosts, the ground station (ingest checks, the encoder stage) and the simulator
-must agree on these exactly, so they live here, apart from any one of them.
+The ground station decides (ingest checks, the encoder stage, the lists it tells each sensor
+host at registration) and the simulator counts queues from the same functions, so they live
+here, apart from any one of them. Sensor hosts do not pick their images here: they send what the
+ground station told them (sample_id, a mask's seed material, is shared).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -21,13 +25,22 @@ def shard(indices: np.ndarray, sat_index: int, n_sats: int) -> np.ndarray:
     return indices[sat_index::n_sats]
 
 
-def owners(n_train: int, subset: int | None, seed: int, n_sats: int) -> np.ndarray:
-    """owner[index]: the position of the satellite holding training image `index`, or -1
-    for an image no satellite holds."""
-    owner = np.full(n_train, -1, dtype=np.int32)
+def assign(n_train: int, subset: int | None, seed: int,
+           satellites: Sequence[str]) -> dict[str, np.ndarray]:
+    """Each satellite's training indices, in the order it captures and sends them (strictly
+    increasing). Only the ground station calls this: it tells every sensor host its
+    satellites' lists when the host registers (RegisterReply.sensor), since numpy's
+    permutation cannot be reproduced in another language."""
     indices = train_subset(n_train, subset, seed)
-    for k in range(n_sats):
-        owner[shard(indices, k, n_sats)] = k
+    return {s: shard(indices, k, len(satellites)) for k, s in enumerate(satellites)}
+
+
+def owners(n_train: int, images: Sequence[np.ndarray]) -> np.ndarray:
+    """owner[index]: the position in `images` of the satellite holding training image
+    `index`, or -1 for an image no satellite holds."""
+    owner = np.full(n_train, -1, dtype=np.int32)
+    for k, held in enumerate(images):
+        owner[held] = k
     return owner
 
 

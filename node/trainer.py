@@ -97,6 +97,33 @@ def register_trainer(ground_station: str, request: pb.RegisterRequest,
     return threads
 
 
+# The most one token dataset may hold (features, float32): what is announced (total_rows x
+# dim x 4) is checked at the first chunk, what arrives against what was announced at every
+# chunk, before it is decoded or kept.
+MAX_DATASET_BYTES = 4 << 30
+
+
+def _chunk_rows(chunk: pb.DatasetChunk) -> int:
+    shape = chunk.features.shape
+    return int(shape[0]) if len(shape) == 2 else 0
+
+
+def _check_dataset_chunk(chunk: pb.DatasetChunk, rows: int,
+                         context: grpc.ServicerContext) -> None:
+    """Refuse a chunk whose announced size, or the rows it brings beyond `rows` received so
+    far, pass their limits (INVALID_ARGUMENT), before anything is decoded from it."""
+    shape = list(chunk.features.shape)
+    dim = int(shape[1]) if len(shape) == 2 else 0
+    if chunk.total_rows * dim * 4 > MAX_DATASET_BYTES:
+        abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+              f"dataset chunk: {chunk.total_rows} rows of {dim} float32 features are more "
+              f"than the {MAX_DATASET_BYTES} bytes a trainer holds for one dataset")
+    if rows + _chunk_rows(chunk) > chunk.total_rows:
+        abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+              f"dataset chunk: {rows + _chunk_rows(chunk)} rows so far, more than the "
+              f"{chunk.total_rows} announced")
+
+
 class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
     def __init__(self, node_id: str, device: torch.device) -> None:
         self.node_id = node_id
@@ -113,12 +140,17 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
     ) -> pb.LoadDatasetReply:
         feats: list[np.ndarray] = []
         labels: list[np.ndarray] = []
-        dataset_id, total = "", 0
+        dataset_id, total, rows = "", 0, 0
         for chunk in request_iterator:
             self.bytes.add(received=received_size(context, chunk))
             if dataset_id and chunk.dataset_id != dataset_id:
                 abort(context, grpc.StatusCode.INVALID_ARGUMENT, "dataset_id changed mid-stream")
+            if dataset_id and chunk.total_rows != total:
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                      f"dataset chunk: total_rows changed from {total} to {chunk.total_rows}")
             dataset_id, total = chunk.dataset_id, chunk.total_rows
+            _check_dataset_chunk(chunk, rows, context)
+            rows += _chunk_rows(chunk)
             try:
                 x, y = serde.pb_to_ndarray(chunk.features), serde.pb_to_ndarray(chunk.labels)
             except CodecError as e:
@@ -134,7 +166,6 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
                 abort(context, grpc.StatusCode.INVALID_ARGUMENT, "dataset chunk: dim changed")
             feats.append(x)
             labels.append(y)
-        rows = sum(len(x) for x in feats)
         if not dataset_id or rows == 0 or rows != total:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                           f"dataset {dataset_id!r}: got {rows} rows, announced {total}")
@@ -155,10 +186,15 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
               context: grpc.ServicerContext) -> Iterator[pb.TrainReply]:
         """Train the pieces sent in parts; the reply goes back in parts of about CHUNK_BYTES
         (a 768-2000-2000 MLP with its moments is more than gRPC's 64 MiB in one message)."""
-        request = pb.TrainRequest()
+        request, received = pb.TrainRequest(), 0
         try:
             for part in request_iterator:  # counted as they come: a broken call is charged
-                self.bytes.add(received=received_size(context, part))
+                size = received_size(context, part)
+                self.bytes.add(received=size)
+                received += size
+                if received > serde.MAX_TRAIN_BYTES:  # before it is merged: memory bounded
+                    raise CodecError(f"parts past {serde.MAX_TRAIN_BYTES} bytes, the most a "
+                                     "training message may hold")
                 request.MergeFrom(part)
             serde.merge_message([], request)  # join tensors that came in pieces
         except CodecError as e:

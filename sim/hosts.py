@@ -10,6 +10,7 @@ recorded; one gone for longer than host_return_s leaves its satellites' shortfal
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import simpy
 
-from node.rpc import channel
+from node.rpc import MAX_MESSAGE_BYTES, channel
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 from sim.ground_client import Deadlines, GroundStationClient, MissionError
@@ -29,6 +30,42 @@ if TYPE_CHECKING:
 TRANSMIT_MAX_SAMPLES = 4096  # samples per Transmit call: bounds one call's stream
 
 log = logging.getLogger("sparsat.mission")
+
+
+MAX_REPORT_REJECTIONS = 64  # "id: reason" lines a report may carry (sensor hosts send 16)
+MAX_SAMPLE_FLOPS = 10**12  # on-board encoding of one sample, at most (ViT-B/16: ~1.8e10)
+
+
+def report_error(report: pb.TransmitReport, request: pb.TransmitRequest) -> str:
+    """What makes `report` impossible as the answer to `request`, or '': mission control
+    counts bytes, samples and on-board time from it, so a hostile or broken sensor host
+    must not make it count more than was asked for."""
+    batches, acks = len(report.batch_bytes), len(report.ack_bytes)
+    sent = sum(report.batch_bytes)
+    checks = [
+        (report.satellite_id != request.satellite_id,
+         f"it is for {report.satellite_id[:64]!r}, not {request.satellite_id!r}"),
+        (report.sent > request.max_samples,
+         f"{report.sent} samples sent, {request.max_samples} asked at most"),
+        (batches > report.sent, f"{batches} batches for {report.sent} samples"),
+        # more acks than batches: the ground station's fault, reported as an error
+        ((acks > batches and not report.error_code) or acks > request.max_samples + 1,
+         f"{acks} acks for {batches} batches"),
+        (sent > request.max_bytes, f"{sent} batch bytes, {request.max_bytes} granted"),
+        (any(a > MAX_MESSAGE_BYTES for a in report.ack_bytes),
+         f"an ack of more than {MAX_MESSAGE_BYTES} bytes"),
+        (report.acked > report.sent, f"{report.acked} samples acked, {report.sent} sent"),
+        (report.duplicates + report.rejected > report.acked,
+         f"{report.duplicates} duplicates and {report.rejected} refused of "
+         f"{report.acked} acked"),
+        (len(report.rejections) > MAX_REPORT_REJECTIONS,
+         f"{len(report.rejections)} refusal lines, {MAX_REPORT_REJECTIONS} at most"),
+        (report.encode_flops > report.sent * MAX_SAMPLE_FLOPS,
+         f"{report.encode_flops} FLOPs of on-board encoding for {report.sent} samples"),
+        (not (math.isfinite(report.encode_s) and report.encode_s >= 0),
+         f"on-board encoding took {report.encode_s} s"),
+    ]
+    return next((why for bad, why in checks if bad), "")
 
 
 class HostDown(Exception):
@@ -76,10 +113,11 @@ class SensorHosts:
         not answer (its first miss is remembered), MissionError on any other failure."""
         host = self.host_of[sat_id]
         timeout = self.d.transmit_s(budget)
+        request = pb.TransmitRequest(
+            satellite_id=sat_id, max_bytes=budget, max_samples=TRANSMIT_MAX_SAMPLES,
+            batch_bytes=self.s.links.downlink.batch_size())
         try:
-            return self.stubs[host.node_id].Transmit(pb.TransmitRequest(
-                satellite_id=sat_id, max_bytes=budget, max_samples=TRANSMIT_MAX_SAMPLES,
-                batch_bytes=self.s.links.downlink.batch_size()), timeout=timeout)
+            report = self.stubs[host.node_id].Transmit(request, timeout=timeout)
         except grpc.RpcError as e:
             where = f"sensor host {host.node_id} at {host.address}"
             if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -88,6 +126,11 @@ class SensorHosts:
             self.down_since.setdefault(host.node_id, time.monotonic())
             raise HostDown(f"{where} did not answer Transmit ({e.code().name} after at most "
                            f"{timeout:.0f} s: {e.details()})") from e
+        wrong = report_error(report, request)
+        if wrong:
+            raise MissionError(f"{sat_id}: sensor host {host.node_id} at {host.address} sent a "
+                               f"TransmitReport that cannot be true: {wrong}")
+        return report
 
     def await_host(self, sat_id: str, next_chance: Callable[[], float]
                    ) -> Generator[simpy.Event, Any, bool]:

@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from ground_station.config import GroundStationConfig
-from ground_station.server import GroundStation, build_server
+from ground_station.server import GroundStation, build_server, sensor_setup
 from node import serde
 from node.config import SensorConfig
 from node.datasets import DatasetSpec
@@ -67,6 +67,22 @@ def _sensor_config(subset: int) -> SensorConfig:
                         train_subset=subset)
 
 
+def _host(station: GroundStation, address: str) -> SensorServicer:
+    """A host of both satellites, set up as `station` would set it up, sending to `address`
+    (without registering: the scripted stations have no Registry)."""
+    setup = sensor_setup(station.rules, {s: station.images[s] for s in SATS})
+    return SensorServicer("host", station.cfg.sensor, setup, address)
+
+
+@pytest.fixture(scope="module")
+def planner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GroundStation]:
+    """A ground station (not served) whose setup the hosts below take: 3,000 images."""
+    station = GroundStation(GroundStationConfig(
+        sensor=_sensor_config(3000), store_dir=tmp_path_factory.mktemp("planner")))
+    yield station
+    station.store.close()
+
+
 @pytest.fixture(scope="module")
 def scripted() -> Iterator[Start]:
     """Start a scripted ground station answering with `answer`; its address, and it."""
@@ -97,10 +113,10 @@ CASES = [(max_bytes, batch_bytes) for max_bytes in (700, 1_500, 3_000, 5_000, 9_
 
 @pytest.mark.parametrize("answer", [alternating, all_refused], ids=["alternating", "refused"])
 def test_batches_and_acks_stay_within_the_grant(
-        scripted: Start, answer: Answer) -> None:
+        scripted: Start, planner: GroundStation, answer: Answer) -> None:
     # Prepare
     address, station = scripted(answer)
-    sensor = SensorServicer("host", SATS, _sensor_config(400), address)
+    sensor = _host(planner, address)
 
     for max_bytes, batch_bytes in CASES:
         # Execute
@@ -122,12 +138,13 @@ def test_batches_and_acks_stay_within_the_grant(
             assert report.rejections[0].endswith("cause 127: " + "\u00e9" * 24)
 
 
-def test_tight_grants_hold_with_alternating_duplicates(scripted: Start) -> None:
+def test_tight_grants_hold_with_alternating_duplicates(scripted: Start,
+                                                      planner: GroundStation) -> None:
     """Grants 7 bytes apart over one sample's size: one of them ends within a few bytes of a
     sample boundary, where an ack of ~25 runs does not fit a room kept for 2."""
     # Prepare
     address, station = scripted(alternating)
-    sensor = SensorServicer("host", SATS, _sensor_config(3000), address)
+    sensor = _host(planner, address)
 
     for k in range(60):
         # Execute
@@ -142,12 +159,12 @@ def test_tight_grants_hold_with_alternating_duplicates(scripted: Start) -> None:
 
 
 def test_a_stream_of_many_batches_waits_for_acks_only_at_the_end(
-        scripted: Start) -> None:
+        scripted: Start, planner: GroundStation) -> None:
     """Small batches, a grant of many: they stream while the grant is far from spent, and
     the acks' real sizes, not their worst case, decide how much the last batches carry."""
     # Prepare
     address, station = scripted(alternating)
-    sensor = SensorServicer("host", SATS, _sensor_config(400), address)
+    sensor = _host(planner, address)
     max_bytes = 20_000
 
     # Execute
@@ -166,13 +183,14 @@ def test_a_stream_of_many_batches_waits_for_acks_only_at_the_end(
 
 def test_a_real_ground_station_refusing_every_sample_stays_within_the_grant(
         tmp_path: Path) -> None:
-    # Prepare: the satellite is not registered, so every sample is refused (NOT_REGISTERED)
-    sensor_cfg = _sensor_config(200)
-    station = GroundStation(GroundStationConfig(sensor=sensor_cfg, store_dir=tmp_path / "store"))
+    # Prepare: the host never registered with this ground station (it was set up as if it
+    # had), so every sample is refused (NOT_REGISTERED)
+    station = GroundStation(GroundStationConfig(sensor=_sensor_config(200),
+                                                store_dir=tmp_path / "store"))
     server, address = build_server(station, "127.0.0.1:0")
     server.start()
     try:
-        sensor = SensorServicer("host", SATS, sensor_cfg, address)
+        sensor = _host(station, address)
         reports = [sensor.Transmit(pb.TransmitRequest(
             satellite_id="sat-0", max_bytes=max_bytes, batch_bytes=batch_bytes), Ctx())
             for max_bytes, batch_bytes in CASES[:6]]

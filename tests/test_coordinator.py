@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -20,7 +21,7 @@ from node.masking import stable_seed
 from node.mlp import MLP
 from node.rpc import CHUNK_BYTES, bind, make_server, wire_size
 from node.trainer import TrainerServicer
-from node.training import Adam, epoch_order, train_steps
+from node.training import Adam, AdamState, epoch_order, train_steps
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
@@ -351,7 +352,7 @@ def test_a_failed_call_is_charged_what_went_out(trainers: Trainers) -> None:
     """Connection refused: nothing. A trainer that stops reading half way: the parts of
     the request that went out, not the request's size."""
     cfg = TrainingConfig(strategy="ist", workers=2, local_steps=2, batch_size=32,
-                         hidden=(2000, 1000), round_timeout_s=10)
+                         hidden=(4000, 2000), round_timeout_s=10)
     coord = _coordinator(trainers, cfg, n=1)
     coord.add_trainer("gone", "127.0.0.1:1")  # nothing listens on port 1
     quits = Quitter()
@@ -362,7 +363,7 @@ def test_a_failed_call_is_charged_what_went_out(trainers: Trainers) -> None:
     try:
         progress = coord._start_epoch(1, ROWS)
         coord._round(1, progress)  # workers "gone" (refused) and "quits" (aborts Train)
-        coord._round(1, progress)  # the one left: trainer-0, the same (whole-model) job
+        coord._round(1, progress)  # the one left: trainer-0, the same (half-model) job
     finally:
         server.stop(None)
         coord.close()
@@ -377,7 +378,8 @@ def test_a_failed_call_is_charged_what_went_out(trainers: Trainers) -> None:
     # parts that went out, at least the one it read (how many more the transport took in
     # before the abort is up to HTTP/2 flow control), never more than the request
     full = second["trainer-0"].sent
-    job = serde.TrainJob("d1", 0, 0, 2, 32, 1e-3, 0, coord.params, rows=64)
+    half = ist.subnet(coord.params, ist.partition(4000, 2000, 2, torch.Generator()), 0)
+    job = serde.TrainJob("d1", 0, 0, 2, 32, 1e-3, 0, half, rows=64)  # each got 1/K, K = 2
     parts = [wire_size(p) for p in serde.split_request(serde.train_job_to_pb(job), CHUNK_BYTES)]
     assert len(parts) > 3 and max(parts) < CHUNK_BYTES + 1024  # W2 (8 MB) went in pieces
     assert quit.sent - quits.parts[0] in {sum(parts[1:i]) for i in range(1, len(parts) + 1)}
@@ -418,3 +420,110 @@ def test_the_local_sgd_comparison_is_the_size_of_a_real_local_sgd_round(
     sgd.close()
     measured = sum(w.sent + w.received for w in progress.rounds[-1])
     assert predicted == measured
+
+
+def _ist_round_by_hand(coord: Coordinator, epoch: int, progress: Any) -> tuple[
+        ist.Partition, dict[str, torch.Tensor], AdamState, list[int]]:
+    """Run one round of `coord`, returning its partition, the weights and moments before it
+    and the bytes each job of it would send if it carried one 1/K subnet (built here from
+    the pre-round weights, the partition replayed from the coordinator's generator)."""
+    cfg = coord.cfg
+    generator = torch.Generator()
+    generator.set_state(coord.generator.get_state())
+    k = cfg.workers
+    part = ist.partition(cfg.hidden[0], cfg.hidden[1], k, generator)
+    before = {n: v.clone() for n, v in coord.params.items()}
+    assert coord.state is not None
+    state = AdamState(*({n: v.clone() for n, v in t.items()} for t in (
+        coord.state.exp_avg, coord.state.exp_avg_sq, coord.state.step)))
+    slices = list(progress.todo)  # the round takes from the front of the queue
+    offset = slices[0][0]
+    jobs = []
+    live = min(len(coord._active), k)
+    for w, q in enumerate(coord._quotas(progress.remaining, live)):
+        if q:
+            piece = ist.subnet(before, part, w)
+            moments = AdamState(ist.subnet(state.exp_avg, part, w),
+                                ist.subnet(state.exp_avg_sq, part, w),
+                                ist.subnet(state.step, part, w)).compact()
+            job = coord._job(w, piece, moments, 1.0, epoch, (offset, q))
+            jobs.append(sum(wire_size(m) for m in serde.split_request(
+                serde.train_job_to_pb(job), CHUNK_BYTES)))
+            offset += q
+    coord._round(epoch, progress)
+    return part, before, state, jobs
+
+
+def _untouched(coord: Coordinator, part: ist.Partition, w: int,
+               before: dict[str, torch.Tensor], state: AdamState) -> None:
+    """Subnet w's neurons kept their weights, moments and step counts this round."""
+    assert coord.state is not None
+    g1, g2 = part.hidden1[w], part.hidden2[w]
+    for table, old in ((coord.params, before), (coord.state.exp_avg, state.exp_avg),
+                       (coord.state.exp_avg_sq, state.exp_avg_sq),
+                       (coord.state.step, state.step)):
+        assert torch.equal(table["w1"][g1], old["w1"][g1])
+        assert torch.equal(table["b1"][g1], old["b1"][g1])
+        assert torch.equal(table["w2"][g2], old["w2"][g2])  # its rows: every column block
+        assert torch.equal(table["w2"][:, g1], old["w2"][:, g1])
+        assert torch.equal(table["b2"][g2], old["b2"][g2])
+        assert torch.equal(table["w3"][:, g2], old["w3"][:, g2])
+
+
+def _blobs(rows: int) -> tuple[np.ndarray, np.ndarray]:
+    centers = np.random.default_rng(42).normal(0, 3, (CLASSES, DIM))
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, CLASSES, rows)
+    return (centers[y] + rng.normal(0, 1, (rows, DIM))).astype(np.float32), y.astype(np.int64)
+
+
+def test_an_epochs_last_single_batch_trains_one_subnet_not_the_whole_model(
+        trainers: Trainers) -> None:
+    """N = 9·1280 + 50, K = 2, L = 10, B = 64: nine rounds of two 640-row jobs, then one
+    short batch. That last round is still a K-way partition: one job on one half (with a
+    half's bytes), the other half neither sent nor changed."""
+    n = 9 * 1280 + 50
+    cfg = TrainingConfig(strategy="ist", workers=2, local_steps=10, batch_size=64,
+                         hidden=(12, 10), seed=8, lr=1e-2, moments="travel")
+    coord = _coordinator(trainers, cfg)
+    coord.set_dataset("blobs", *_blobs(n))
+    progress = coord._start_epoch(1, n)
+    expected_bytes = []
+    while not progress.complete:
+        part, before, state, jobs = _ist_round_by_hand(coord, 1, progress)
+        expected_bytes.append(jobs)
+    coord.close()
+
+    assert [len(r) for r in progress.rounds] == [2] * 9 + [1]
+    assert [w.rows for w in progress.rounds[-1]] == [50]
+    assert progress.samples_trained == n
+    for r, jobs in zip(progress.rounds, expected_bytes, strict=True):
+        assert [w.sent for w in r] == jobs  # every job one 1/K subnet, the last one too
+    whole = coord._job(0, before, state.compact(), 1.0, 1, (9 * 1280, 50))
+    whole_bytes = sum(wire_size(m) for m in serde.split_request(
+        serde.train_job_to_pb(whole), CHUNK_BYTES))
+    assert progress.rounds[-1][0].sent < 0.7 * whole_bytes
+    _untouched(coord, part, 1, before, state)  # the subnet with no rows left
+    g1 = part.hidden1[0]
+    assert not torch.equal(coord.params["w1"][g1], before["w1"][g1])  # the one that trained
+
+
+def test_one_trainer_alive_trains_one_subnet_a_round_never_the_union(
+        trainers: Trainers) -> None:
+    cfg = TrainingConfig(strategy="ist", workers=3, local_steps=4, batch_size=32,
+                         hidden=(12, 10), seed=9, lr=1e-2, moments="travel")
+    coord = _coordinator(trainers, cfg, n=1)  # K = 3, only trainer-0 registered
+    progress = coord._start_epoch(1, ROWS)
+    rounds = 0
+    while not progress.complete:
+        part, before, state, jobs = _ist_round_by_hand(coord, 1, progress)
+        sizes = progress.rounds[-1]
+        assert [w.node_id for w in sizes] == ["trainer-0"] and len(jobs) == 1
+        assert sizes[0].sent == jobs[0]  # one third of the model, not the whole
+        for w in (1, 2):  # no job: not sent, not changed, moments and steps as they were
+            _untouched(coord, part, w, before, state)
+        rounds += 1
+    coord.close()
+    assert rounds == ROWS // (4 * 32) and progress.samples_trained == ROWS
+    assert coord.state is not None  # every W1 row trained in about a third of the rounds
+    assert 0 < int(coord.state.step["w1"][:, 0].min()) < 4 * rounds

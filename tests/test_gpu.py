@@ -198,12 +198,12 @@ def _prepared(tmp_path: Path, device: str) -> tuple[np.ndarray, np.ndarray, set[
     ch = channel(address)
     try:
         registry = pb_grpc.RegistryStub(ch)
-        registry.Register(pb.RegisterRequest(node_id="host", role=pb.SENSOR,
-                                             address="127.0.0.1:1", satellite_ids=SATS),
-                          wait_for_ready=True, timeout=30)
+        reply = registry.Register(pb.RegisterRequest(node_id="host", role=pb.SENSOR,
+                                                     address="127.0.0.1:1", satellite_ids=SATS),
+                                  wait_for_ready=True, timeout=30)
         registry.Register(pb.RegisterRequest(node_id="t", role=pb.TRAINER,
                                              address=trainer_address), timeout=30)
-        sensors = SensorServicer("host", SATS, cfg.sensor, address)
+        sensors = SensorServicer.from_reply("host", SATS, reply, address)
         for sat in SATS:
             sent = sensors.Transmit(pb.TransmitRequest(satellite_id=sat, max_bytes=10**7),
                                     _Ctx())

@@ -303,6 +303,14 @@ BAD_PATCHES: list[tuple[str, Bad, C, str]] = [
      "visible-token runs sum to 50, the grid has 49 tokens"),
     ("runs that end early", _data(lambda d: b"\x0a", runs=True), C.BAD_CODE,
      "visible-token runs end early"),
+    # issue 20: a run's varint says 2**35 - 1 tokens; it was allocated (np.arange) before it
+    # was checked against the grid: a MemoryError, the stream UNKNOWN, the batch lost
+    ("a run of 2**35 - 1 tokens", _data(lambda d: b"\x00\xff\xff\xff\xff\x7f" + d[7:],
+                                         runs=True), C.BAD_CODE,
+     "visible-token runs are malformed: a varint longer than 1 bytes"),
+    ("a run past the grid in its varint's one byte", _data(lambda d: b"\x00\x7f" + d[7:],
+                                                          runs=True), C.BAD_CODE,
+     "visible-token runs sum to 127, the grid has 49 tokens"),
     ("runs with a pixel short", _unmasked(lambda d: d[:-1]), C.BAD_PIXELS,
      "pixels: 783 bytes, the visible tiles need 784"),
     ("bitmap read as runs", _data(lambda d: d, runs=True), C.BAD_CODE, "visible-token runs"),
@@ -1287,7 +1295,7 @@ def test_eval_key_names_the_test_split_as_encode_split_makes_it() -> None:
 
     def key(mask: MaskSpec, subset: int | None = None, seed: int = 0,
             dataset: DatasetSpec = spec) -> dict[str, object]:
-        return eval_key("enc", dataset, mask, 10_000, subset, seed)
+        return eval_key("enc", dataset, "files:0", mask, 10_000, subset, seed)
 
     # random masks are evaluated as fixed ones; no mask is any kind at ratio 0
     assert key(MaskSpec("random", 0.5, 3, copies=4)) == key(MaskSpec("fixed", 0.5, 3))
@@ -1352,7 +1360,8 @@ def test_register_trainer_returns_the_strategy_and_threads(patch_gs: Station) ->
     [
         (pb.RegisterRequest(node_id="s", role=pb.SENSOR, address="h:1",
                             satellite_ids=["sat-0", "sat-99"]), "sat-99"),
-        (pb.RegisterRequest(node_id="s", role=pb.SENSOR, address="h:1"), "not in this scenario"),
+        (pb.RegisterRequest(node_id="s", role=pb.SENSOR, address="h:1"),
+         "must name the satellites it hosts"),
         (pb.RegisterRequest(role=pb.SENSOR, address="h:1", satellite_ids=["sat-0"]),
          "node_id and address"),
         (pb.RegisterRequest(node_id="s", role=pb.SENSOR, satellite_ids=["sat-0"]),
@@ -1515,7 +1524,11 @@ def test_load_dataset_rejects_wrong_total_rows(fresh_trainer: Trainer, announced
 
     # Assert
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert f"got {ROWS} rows, announced {announced}" in (err.details() or "")
+    # more rows than announced are refused at the chunk that passes the count, before it is
+    # decoded; fewer at the stream's end
+    want = (f"rows so far, more than the {announced} announced" if announced < ROWS
+            else f"got {ROWS} rows, announced {announced}")
+    assert want in (err.details() or "")
     assert "bad" not in fresh_trainer.servicer.datasets
 
 

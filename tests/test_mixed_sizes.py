@@ -53,10 +53,10 @@ def _downlink_all(dataset: DatasetSpec, store: Path) -> tuple[GroundStation, pb.
     server.start()
     try:
         with channel(address) as ch:
-            pb_grpc.RegistryStub(ch).Register(pb.RegisterRequest(
+            reply = pb_grpc.RegistryStub(ch).Register(pb.RegisterRequest(
                 node_id="host", role=pb.SENSOR, address="127.0.0.1:1", satellite_ids=["sat-0"]),
                 wait_for_ready=True, timeout=30)
-        sensor = SensorServicer("host", ["sat-0"], sensor_cfg, address)
+        sensor = SensorServicer.from_reply("host", ["sat-0"], reply, address)
         report = sensor.Transmit(pb.TransmitRequest(satellite_id="sat-0", max_bytes=10**7),
                                  Ctx())
     finally:

@@ -52,6 +52,15 @@ def _start(cfg: GroundStationConfig, port: int = 0) -> tuple[grpc.Server, str]:
     return server, address
 
 
+def _host(address: str, sats: list[str] = SATS) -> SensorServicer:
+    """A sensor host built from the ground station's answer to its registration."""
+    with channel(address) as ch:
+        reply = pb_grpc.RegistryStub(ch).Register(pb.RegisterRequest(
+            node_id="host", role=pb.SENSOR, address="127.0.0.1:1", satellite_ids=sats),
+            wait_for_ready=True, timeout=30)
+    return SensorServicer.from_reply("host", sats, reply, address)
+
+
 def _stored(cfg: GroundStationConfig) -> list[tuple[int, str]]:
     with sqlite3.connect(cfg.store_dir / "samples.sqlite") as db:
         return db.execute("SELECT id, satellite FROM payloads").fetchall()
@@ -70,7 +79,7 @@ def test_budget_batch_and_sample_limits(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     server, address = _start(cfg)
     try:
-        sensor = SensorServicer("host", SATS, cfg.sensor, address)
+        sensor = _host(address)
         one = sensor.Transmit(pb.TransmitRequest(satellite_id="sat-0", max_bytes=10**6,
                                                  max_samples=3), Ctx())
         alone = one.next_bytes  # a stream of one sample and its ack
@@ -104,7 +113,7 @@ def test_a_broken_stream_is_reported_and_retried_without_loss(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _config(tmp_path)
     server, address = _start(cfg)
-    sensor = SensorServicer("host", SATS, cfg.sensor, address)
+    sensor = _host(address)
     first = sensor.Transmit(pb.TransmitRequest(satellite_id="sat-1", max_bytes=10**6,
                                                max_samples=4), Ctx())
     port = int(address.rsplit(":", 1)[1])
@@ -130,9 +139,13 @@ def test_a_broken_stream_is_reported_and_retried_without_loss(
 
 
 def test_unknown_satellite(tmp_path: Path) -> None:
-    cfg = _config(tmp_path)
-    sensor = SensorServicer("host", ["sat-0"], cfg.sensor, "127.0.0.1:1")
+    station = GroundStation(_config(tmp_path))  # in-process: Register answers, no server
+    request = pb.RegisterRequest(node_id="host", role=pb.SENSOR, address="127.0.0.1:1",
+                                 satellite_ids=["sat-0"])
+    sensor = SensorServicer.from_reply("host", ["sat-0"], station.Register(request, Ctx()),
+                                       "127.0.0.1:1")
     with pytest.raises(RuntimeError, match="NOT_FOUND"):
         sensor.Transmit(pb.TransmitRequest(satellite_id="sat-9", max_bytes=100), Ctx())
-    with pytest.raises(ValueError, match="not in the scenario"):
-        SensorServicer("host", ["sat-7"], cfg.sensor, "127.0.0.1:1")
+    request.satellite_ids[:] = ["sat-7"]
+    with pytest.raises(RuntimeError, match=r"INVALID_ARGUMENT.*'sat-7'.*not in this scenario"):
+        station.Register(request, Ctx())

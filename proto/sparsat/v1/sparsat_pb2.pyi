@@ -40,6 +40,12 @@ class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SENSOR: _ClassVar[Role]
     TRAINER: _ClassVar[Role]
     GROUND_STATION: _ClassVar[Role]
+
+class PayloadKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PAYLOAD_UNSPECIFIED: _ClassVar[PayloadKind]
+    PAYLOAD_PATCHES: _ClassVar[PayloadKind]
+    PAYLOAD_CLS: _ClassVar[PayloadKind]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
@@ -65,6 +71,9 @@ ROLE_UNSPECIFIED: Role
 SENSOR: Role
 TRAINER: Role
 GROUND_STATION: Role
+PAYLOAD_UNSPECIFIED: PayloadKind
+PAYLOAD_PATCHES: PayloadKind
+PAYLOAD_CLS: PayloadKind
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "dtype", "data", "scale")
@@ -137,10 +146,42 @@ class RegisterRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., satellite_ids: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("config_json",)
+    __slots__ = ("config_json", "sensor")
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    SENSOR_FIELD_NUMBER: _ClassVar[int]
     config_json: str
-    def __init__(self, config_json: _Optional[str] = ...) -> None: ...
+    sensor: SensorSetup
+    def __init__(self, config_json: _Optional[str] = ..., sensor: _Optional[_Union[SensorSetup, _Mapping]] = ...) -> None: ...
+
+class SatelliteImages(_message.Message):
+    __slots__ = ("satellite_id", "index_deltas")
+    SATELLITE_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_DELTAS_FIELD_NUMBER: _ClassVar[int]
+    satellite_id: str
+    index_deltas: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, satellite_id: _Optional[str] = ..., index_deltas: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SensorSetup(_message.Message):
+    __slots__ = ("n_train", "grid", "copies", "payload", "cls_dim", "cls_dtype", "tile_rows", "tile_cols", "satellites")
+    N_TRAIN_FIELD_NUMBER: _ClassVar[int]
+    GRID_FIELD_NUMBER: _ClassVar[int]
+    COPIES_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    CLS_DIM_FIELD_NUMBER: _ClassVar[int]
+    CLS_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    TILE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    TILE_COLS_FIELD_NUMBER: _ClassVar[int]
+    SATELLITES_FIELD_NUMBER: _ClassVar[int]
+    n_train: int
+    grid: int
+    copies: int
+    payload: PayloadKind
+    cls_dim: int
+    cls_dtype: DType
+    tile_rows: _containers.RepeatedScalarFieldContainer[int]
+    tile_cols: _containers.RepeatedScalarFieldContainer[int]
+    satellites: _containers.RepeatedCompositeFieldContainer[SatelliteImages]
+    def __init__(self, n_train: _Optional[int] = ..., grid: _Optional[int] = ..., copies: _Optional[int] = ..., payload: _Optional[_Union[PayloadKind, str]] = ..., cls_dim: _Optional[int] = ..., cls_dtype: _Optional[_Union[DType, str]] = ..., tile_rows: _Optional[_Iterable[int]] = ..., tile_cols: _Optional[_Iterable[int]] = ..., satellites: _Optional[_Iterable[_Union[SatelliteImages, _Mapping]]] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("node_id", "role", "address", "satellite_ids", "device")

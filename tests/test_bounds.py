@@ -1,0 +1,288 @@
+"""Issue 20, item 4: every count from the wire is bounded before it is used. Each decoder of
+wire data gets a hostile input whose count (a run, a repeat count, a shape, a length) would
+size memory, and must refuse it with a clear error before allocating."""
+
+from __future__ import annotations
+
+import threading
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from tqdm import tqdm
+
+from ground_station.server import MAX_SEND_STREAMS_PER_CALLER, SendStreams
+from node import rpc, serde
+from node.codec import CodecError
+from node.trainer import MAX_DATASET_BYTES, TrainerServicer
+from proto.sparsat.v1 import sparsat_pb2 as pb
+from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sim.ground_client import MissionError
+from sim.links import Link, PeriodicPasses
+from sim.mission import MissionControl
+from sim.scenario import Scenario
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _peak_bytes(run: Any) -> int:
+    """Peak bytes Python allocated while `run()` ran (it may raise CodecError)."""
+    tracemalloc.start()
+    try:
+        run()
+    except CodecError:
+        pass
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    return peak
+
+
+# ---- the sensor host reading a BatchAck ------------------------------------------------------
+
+
+@pytest.mark.parametrize("ack", [
+    pb.BatchAck(duplicate_runs=[0, 2_000_000]),  # one duplicate run of 2e6 for a batch of 4
+    pb.BatchAck(duplicate_runs=[1] * 200_000),  # 200,000 runs for 4 positions
+    pb.BatchAck(rejected=[pb.Rejected(position=0, code=3)] * 200_000),
+], ids=["huge duplicate run", "many runs", "many refusals"])
+def test_an_ack_is_refused_on_its_counts_before_lists_are_built(ack: pb.BatchAck) -> None:
+    with pytest.raises(CodecError):
+        serde.pb_to_ack(ack, 4)
+    # Python's own allocations while decoding: the old decoder built a list of every
+    # position a run named (16 MB for the first) before it checked them
+    assert _peak_bytes(lambda: serde.pb_to_ack(ack, 4)) < 100_000
+
+
+# ---- the ground station reading a DownlinkBatch ---------------------------------------------
+
+
+def test_a_batch_with_more_samples_than_a_batch_may_hold_is_refused_before_decoding() -> None:
+    n = serde.MAX_BATCH_SAMPLES + 1
+    msg = pb.DownlinkBatch(satellite_id="sat-0", ids=[1] * n)  # no labels, no patches
+    with pytest.raises(CodecError, match=f"batch has {n} ids, more than the 65536"):
+        serde.pb_to_batch(msg, 10**6)
+    shapes = pb.DownlinkBatch(ids=[1], shapes=[1] * (3 * serde.MAX_BATCH_SAMPLES + 1))
+    with pytest.raises(CodecError, match="shapes"):
+        serde.pb_to_batch(shapes, 10**6)
+
+
+def test_the_wire_scan_refuses_a_big_message_of_tiny_elements_and_passes_real_batches() -> None:
+    # Prepare: 2 MiB of 1-byte ids, packed; the same unpacked; 2 MiB of empty patches; and a
+    # real 3 MiB batch (4 samples of 768 KiB) that must pass
+    many = 2 * serde.SCAN_ABOVE_BYTES
+    packed = b"\x12" + _varint(many) + b"\x01" * many
+    unpacked = b"\x10\x01" * (many // 2)
+    patches = b"\x22\x00" * (many // 2)
+    real = pb.DownlinkBatch(satellite_id="sat-0", ids=[1, 1, 1, 1], labels=[0, 1, 2, 3],
+                            patches=[b"\x07" * (768 << 10)] * 4).SerializeToString()
+
+    # Execute / Assert
+    for raw, name in ((packed, "ids"), (unpacked, "ids"), (patches, "patches")):
+        with pytest.raises(CodecError, match=f"more than 65536 {name}"):
+            serde.check_batch_wire(raw)
+    serde.check_batch_wire(real)
+    serde.check_batch_wire(b"\x12" + _varint(1000) + b"\x01" * 1000)  # small: not scanned
+    with pytest.raises(CodecError, match="says"):
+        serde.check_batch_wire(b"\x22" + _varint(many + 10) + b"\x00" * many)
+
+
+def test_pack_closes_a_batch_at_the_most_samples_a_batch_may_hold(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serde, "MAX_BATCH_SAMPLES", 3)
+    payloads = [serde.Payload(i + 1, 0, b"\x01" * 8) for i in range(7)]
+    batches = serde.pack(iter(payloads), lambda first: serde.BatchBuilder(
+        "sat-0" if first else ""), 1 << 20, 1 << 20)
+    assert [len(b.items) for b in batches] == [3, 3, 1]
+
+
+def test_one_caller_holds_at_most_its_share_of_the_send_streams() -> None:
+    streams = SendStreams(limit=16, idle_s=60)
+    keys = [streams.open(object(), "sensor host a") for _ in range(MAX_SEND_STREAMS_PER_CALLER)]
+    assert all(isinstance(k, int) for k in keys)
+    refused = streams.open(object(), "sensor host a")
+    assert isinstance(refused, str) and "sensor host a has 4 downlink streams open" in refused
+    assert isinstance(streams.open(object(), "sensor host b"), int)  # another caller: yes
+    streams.close(keys[0])  # type: ignore[arg-type]
+    assert isinstance(streams.open(object(), "sensor host a"), int)
+
+
+@pytest.fixture(scope="module")
+def station_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from ground_station.config import GroundStationConfig
+    from ground_station.server import GroundStation, build_server
+    from node.config import SensorConfig
+    from node.datasets import DatasetSpec
+    from node.masking import MaskSpec
+
+    sensor = SensorConfig(dataset=DatasetSpec("fashion_mnist", download=False),
+                          mask=MaskSpec(kind="fixed", ratio=0.5, seed=0),
+                          satellites=["sat-0"], train_subset=40)
+    gs = GroundStation(GroundStationConfig(sensor=sensor, device="cpu",
+                                           store_dir=tmp_path_factory.mktemp("store")))
+    server, address = build_server(gs, "127.0.0.1:0")
+    server.start()
+    ch = rpc.channel(address)
+    pb_grpc.RegistryStub(ch).Register(pb.RegisterRequest(
+        node_id="sensors-0", role=pb.SENSOR, address="127.0.0.1:1", satellite_ids=["sat-0"]),
+        timeout=10)
+    ch.close()
+    yield address
+    server.stop(None)
+    gs.store.close()
+
+
+def _send_raw(address: str, raws: list[bytes]) -> tuple[grpc.StatusCode, str, int]:
+    ident = lambda b: b  # noqa: E731
+    ch = rpc.channel(address)
+    acks = 0
+    try:
+        for _ in ch.stream_stream("/sparsat.v1.Downlink/Send", ident, ident)(
+                iter(raws), timeout=30):
+            acks += 1
+    except grpc.RpcError as e:
+        return e.code(), e.details() or "", acks
+    finally:
+        ch.close()
+    return grpc.StatusCode.OK, "", acks
+
+
+@pytest.mark.parametrize(("raw", "match"), [
+    (pb.DownlinkBatch(satellite_id="sat-0", ids=[1] * 70_000, labels=[0] * 70_000)
+     .SerializeToString(), "batch has 70000 ids, more than the 65536"),
+    (b"\x0a\x05sat-0\x12" + _varint(4 << 20) + b"\x01" * (4 << 20),
+     "refused before parsing (4194316 bytes): batch has more than 65536 ids"),
+], ids=["70,000 ids", "4 MiB of 1-byte ids"])
+def test_a_batch_too_many_samples_ends_its_stream_with_invalid_argument(
+        station_address: str, raw: bytes, match: str) -> None:
+    # a batch of 70,000 ids was answered with an ack of 70,000 refusals (a 4 MiB message of
+    # ids: 4 million refusals, 1 GB parsed); now the stream ends, naming the limit
+    code, details, acks = _send_raw(station_address, [raw])
+    assert (code, acks) == (grpc.StatusCode.INVALID_ARGUMENT, 0)
+    assert match in details and len(details) < 1024
+
+
+# ---- the trainer reading DatasetChunk and TrainRequest parts -----------------------------------
+
+
+@pytest.fixture
+def trainer() -> Iterator[pb_grpc.TrainerStub]:
+    servicer = TrainerServicer("trainer-b", torch.device("cpu"))
+    server = rpc.make_server()
+    pb_grpc.add_TrainerServicer_to_server(servicer, server)
+    address = rpc.bind(server, "127.0.0.1:0")
+    server.start()
+    ch = rpc.channel(address)
+    yield pb_grpc.TrainerStub(ch)
+    ch.close()
+    server.stop(None)
+
+
+def _chunk(rows: int, total: int, dim: int = 4) -> pb.DatasetChunk:
+    return pb.DatasetChunk(
+        dataset_id="ds", total_rows=total,
+        features=serde.ndarray_to_pb(np.zeros((rows, dim), np.float32)),
+        labels=serde.ndarray_to_pb(np.zeros(rows, np.int64)))
+
+
+@pytest.mark.parametrize(("chunks", "match"), [
+    ([_chunk(2, 2**32 - 1, dim=4)], f"more than the {MAX_DATASET_BYTES} bytes"),
+    ([_chunk(2, 3), _chunk(2, 3)], "4 rows so far, more than the 3 announced"),
+    ([_chunk(2, 4), _chunk(2, 6)], "total_rows changed from 4 to 6"),
+], ids=["announced past the limit", "more rows than announced", "total changes"])
+def test_a_dataset_stream_is_refused_on_its_counts_at_the_chunk_that_breaks_them(
+        trainer: pb_grpc.TrainerStub, chunks: list[pb.DatasetChunk], match: str) -> None:
+    sent: list[int] = []
+
+    def stream() -> Iterator[pb.DatasetChunk]:
+        for c in chunks:
+            sent.append(1)
+            yield c
+        threading.Event().wait(5)  # had the refusal waited for the stream's end, 5 s here
+
+    with pytest.raises(grpc.RpcError) as e:
+        trainer.LoadDataset(stream(), timeout=4)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert match in (e.value.details() or "")
+
+
+def test_train_parts_past_the_limit_are_refused_as_they_arrive(
+        trainer: pb_grpc.TrainerStub, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serde, "MAX_TRAIN_BYTES", 100_000)
+    part = pb.TrainRequest(params=[pb.NamedTensor(name="w1", tensor=serde.ndarray_to_pb(
+        np.zeros(10_000, np.float32)))])  # 40 KB a part: the third passes the limit
+    with pytest.raises(grpc.RpcError) as e:
+        list(trainer.Train(iter([part] * 5), timeout=10))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "parts past 100000 bytes" in (e.value.details() or "")
+
+
+def test_pieces_of_a_tensor_may_not_hold_more_than_its_shape_and_dtype() -> None:
+    head = pb.NamedTensor(name="w1", more=True, tensor=pb.Tensor(
+        shape=[4], dtype=pb.FLOAT32, data=b"\x00" * 8))
+    tail = pb.NamedTensor(name="w1", tensor=pb.Tensor(data=b"\x00" * 4096))
+    with pytest.raises(CodecError, match="its pieces hold more than the 16 bytes"):
+        serde.merge_message([pb.TrainRequest(params=[head, tail])], pb.TrainRequest())
+
+
+# ---- mission control reading a sensor host's TransmitReport ---------------------------------
+
+
+class Hostile:
+    def __init__(self, **fields: Any) -> None:
+        self.fields = fields
+
+    def Transmit(self, request: pb.TransmitRequest, **_: Any) -> pb.TransmitReport:
+        base = {"satellite_id": request.satellite_id, "batch_bytes": [1000], "sent": 10,
+                "acked": 10, "ack_bytes": [60]}
+        return pb.TransmitReport(**{**base, **self.fields})
+
+
+@pytest.mark.parametrize(("fields", "match"), [
+    ({"batch_bytes": [1] * 100_000, "sent": 10}, "100000 batches for 10 samples"),
+    ({"batch_bytes": [2**62]}, "batch bytes, "),
+    ({"sent": 10**6, "acked": 10**6}, "1000000 samples sent, 4096 asked at most"),
+    ({"acked": 11}, "11 samples acked, 10 sent"),
+    ({"duplicates": 2**31, "rejected": 2**31}, "refused of 10 acked"),
+    ({"ack_bytes": [60] * 5}, "5 acks for 1 batches"),
+    ({"satellite_id": "sat-9"}, "it is for 'sat-9', not 'sat-0'"),
+    ({"encode_flops": 2**63}, "FLOPs of on-board encoding for 10 samples"),
+    ({"rejections": ["x"] * 1000}, "1000 refusal lines"),
+], ids=["batches", "bytes", "samples", "acked", "duplicates", "acks", "satellite", "flops",
+        "rejections"])
+def test_mission_control_refuses_a_transmit_report_that_cannot_be_true(
+        fields: dict[str, Any], match: str) -> None:
+    scenario = Scenario.model_validate({"name": "hostile", "links": {"downlink": {
+        "rate_bps": 8000}}, "passes": {"period_s": 100, "duration_s": 50},
+        "sensors": {"count": 1}})
+    mc = MissionControl(scenario, "127.0.0.1:1", show_progress=False)  # never dialled here
+    link = Link(mc.env, "downlink:sat-0", 8000, 0.0)
+    mc.use_sensors({"sat-0": pb.NodeInfo(node_id="host-0", address="10.0.0.7:5")},
+                   {"host-0": Hostile(**fields)})
+    try:
+        with pytest.raises(MissionError) as e:
+            mc.env.run(until=mc.env.process(mc.satellite(
+                "sat-0", link, PeriodicPasses(100, 50, 0), tqdm(disable=True))))
+    finally:
+        mc.gs_channel.close()
+    assert "sensor host host-0 at 10.0.0.7:5" in str(e.value) and match in str(e.value)
+    assert mc.tally.downlink_bytes == 0  # nothing of it was counted
+
+
+def test_the_bench_runs_in_its_smoke_mode(tmp_path: Path) -> None:
+    from bench import malformed
+
+    res = malformed.main(["--smoke"])
+    assert res["refused_all"] and res["answering_after"]
