@@ -1,7 +1,9 @@
 """Ingest: check every sample of a downlinked batch, so a bad one is refused alone.
 
 Validation is a plain function on a decoded batch (node.serde.BatchData); the servicer in
-server.py stores what passes and acks the batch with each refusal's status code and reason.
+server.py stores what passes and acks the batch with each refusal's status code, cause
+(sparsat.v1.RejectCause, what a program acts on) and reason (for people; the ack carries its
+first node.serde.MAX_REASON_BYTES bytes, the log all of it).
 The common case (bitmaps on a dataset of one image shape) is checked with numpy, a batch at a
 time; run codes and per-sample shapes go through node.codec one by one.
 """
@@ -19,16 +21,28 @@ from node.codec import (
     BIT_TABLE,
     CLS_ITEMSIZE,
     CodecError,
+    PatchData,
     bitmap_bytes,
-    parse_patch_record,
+    check_patches,
+    decode_visible,
     tile_sizes,
 )
-from node.serde import BatchData
+from node.serde import BatchData, RejectCause
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]
 CONFLICT = grpc.StatusCode.ALREADY_EXISTS.value[0]
-_Refuse = Callable[[np.ndarray, int, "str | list[str]"], None]
+# each cause has one status code: a sample that is wrong, one the sender may not send, or one
+# whose id holds other content
+STATUS_OF = {c: INVALID for c in RejectCause} | {
+    RejectCause.NOT_REGISTERED: DENIED, RejectCause.NOT_YOURS: DENIED,
+    RejectCause.CONFLICT: CONFLICT}
+Refusal = tuple[int, int, int, str]  # (position, status code value, RejectCause, reason)
+_Refuse = Callable[[np.ndarray, RejectCause, "str | list[str]"], None]
+
+
+def refusal(position: int, cause: RejectCause, reason: str) -> Refusal:
+    return (position, STATUS_OF[cause], int(cause), reason)
 
 
 @dataclass(frozen=True)
@@ -55,35 +69,40 @@ class IngestRules:
 class Checked:
     rows: list[Row]  # samples that passed, to store
     positions: list[int]  # their positions in the batch
-    rejected: list[tuple[int, int, str]]  # (position, status code value, reason)
+    rejected: list[Refusal]
 
 
 def check_batch(batch: BatchData, satellite: str, rules: IngestRules,
                 known: set[str]) -> Checked:
-    """Split a batch from `satellite` into rows to store and refusals with their reasons."""
+    """Split a batch from `satellite` into rows to store and refusals with their causes."""
     n = len(batch.ids)
-    reasons: dict[int, tuple[int, str]] = {}
+    reasons: dict[int, tuple[RejectCause, str]] = {}
 
-    def refuse(where: np.ndarray, code: int, why: str | list[str]) -> None:
+    def refuse(where: np.ndarray, cause: RejectCause, why: str | list[str]) -> None:
         for k, pos in enumerate(np.flatnonzero(where).tolist()):
-            reasons.setdefault(pos, (code, why if isinstance(why, str) else why[k]))
+            reasons.setdefault(pos, (cause, why if isinstance(why, str) else why[k]))
 
     everything = np.ones(n, dtype=bool)
     structure = _structure(batch, n, rules)
     if structure:
-        refuse(everything, INVALID, f"batch: {structure}")
+        refuse(everything, RejectCause.BAD_STRUCTURE, f"batch: {structure}")
+    if batch.last_id != batch.id_sum:
+        refuse(everything, RejectCause.BAD_LAST_ID,
+               f"last_id {batch.last_id} is not the sum of the id deltas ({batch.id_sum}): "
+               "ids are delta-coded")
     if satellite not in known:
-        refuse(everything, DENIED, f"satellite {satellite[:64]!r} is not registered")
+        refuse(everything, RejectCause.NOT_REGISTERED,
+               f"satellite {satellite[:64]!r} is not registered")
     ids = batch.ids
-    refuse(ids < 0, INVALID, f"id out of range: ids are below {rules.max_id} (copies x N "
-                             f"training images) and strictly increase")
-    refuse(batch.repeats, INVALID, "id repeats the one before it")
+    refuse(ids < 0, RejectCause.BAD_ID, f"id out of range: ids are below {rules.max_id} "
+                                        "(copies x N training images) and strictly increase")
+    refuse(batch.repeats, RejectCause.REPEATED_ID, "id repeats the one before it")
     if rules.owner is not None and rules.satellites and satellite in rules.satellites:
         mine = rules.owner[np.where(ids < 0, 0, ids) % rules.n_train] == rules.satellites[
             satellite]
-        refuse(~mine & (ids >= 0), DENIED, f"image not held by {satellite}")
+        refuse(~mine & (ids >= 0), RejectCause.NOT_YOURS, f"image not held by {satellite}")
     labels = batch.labels if not structure else np.zeros(n, np.int64)
-    refuse((labels < 0) | (labels >= rules.num_classes), INVALID,
+    refuse((labels < 0) | (labels >= rules.num_classes), RejectCause.BAD_LABEL,
            f"label out of range [0, {rules.num_classes})")
     rows: list[Row] = []
     if not structure:
@@ -93,7 +112,7 @@ def check_batch(batch: BatchData, satellite: str, rules: IngestRules,
             rows = _cls_rows(batch, satellite, rules, refuse)
     keep = [k for k in range(len(rows)) if k not in reasons]
     return Checked([rows[k] for k in keep], keep,
-                   sorted((p, c, r) for p, (c, r) in reasons.items()))
+                   sorted(refusal(p, c, r) for p, (c, r) in reasons.items()))
 
 
 def _structure(batch: BatchData, n: int, rules: IngestRules) -> str:
@@ -138,26 +157,34 @@ def _patch_rows(batch: BatchData, satellite: str, rules: IngestRules, refuse: _R
         at = np.flatnonzero(fast)
         lens = np.array([len(records[k]) for k in at.tolist()])
         short = lens < nb
-        refuse(_at(n, at[short]), INVALID, f"visible-token bitmap needs {nb} bytes")
+        refuse(_at(n, at[short]), RejectCause.BAD_CODE, f"visible-token bitmap needs {nb} bytes")
         at, lens = at[~short], lens[~short]
         codes = np.frombuffer(b"".join(records[k][:nb] for k in at.tolist()), np.uint8)
         bits = BIT_TABLE[codes.reshape(len(at), nb)].reshape(len(at), nb * 8)
-        refuse(_at(n, at[bits[:, g * g :].any(axis=1)]), INVALID,
+        refuse(_at(n, at[bits[:, g * g :].any(axis=1)]), RejectCause.BAD_CODE,
                f"visible-token bitmap sets bits past the {g * g} tokens")
         visible = bits[:, : g * g]
-        refuse(_at(n, at[~visible.any(axis=1)]), INVALID, "no visible tokens")
+        refuse(_at(n, at[~visible.any(axis=1)]), RejectCause.BAD_CODE, "no visible tokens")
         need = visible.astype(np.int64) @ tile_sizes(h, w, g) * c
         wrong = lens - nb != need
-        refuse(_at(n, at[wrong]), INVALID,
+        refuse(_at(n, at[wrong]), RejectCause.BAD_PIXELS,
                [f"pixels: {got} bytes, the visible tiles need {exp}"
                 for got, exp in zip((lens - nb)[wrong].tolist(), need[wrong].tolist(),
                                     strict=True)])
     for k in np.flatnonzero(~fast).tolist():
         try:
-            parse_patch_record(records[k], bool(batch.runs[k]),
-                               (rows[k].height, rows[k].width, rows[k].channels), g)
+            visible, used = decode_visible(records[k], bool(batch.runs[k]), g)
         except CodecError as e:
-            refuse(_at(n, np.array([k])), INVALID, str(e))
+            refuse(_at(n, np.array([k])), RejectCause.BAD_CODE, str(e))
+            continue
+        if not len(visible):
+            refuse(_at(n, np.array([k])), RejectCause.BAD_CODE, "no visible tokens")
+            continue
+        try:  # the pixels against the visible tiles of the sample's shape
+            check_patches(PatchData(rows[k].height, rows[k].width, rows[k].channels, g,
+                                    visible, records[k][used:]))
+        except CodecError as e:
+            refuse(_at(n, np.array([k])), RejectCause.BAD_PIXELS, str(e))
     return rows
 
 
@@ -167,12 +194,12 @@ def _cls_rows(batch: BatchData, satellite: str, rules: IngestRules, refuse: _Ref
     size = dim * CLS_ITEMSIZE[dtype]
     if dtype == "int8":
         scales = np.frombuffer(batch.scales, "<f4").astype(np.float64)
-        refuse(~(np.isfinite(scales) & (scales > 0)), INVALID,
+        refuse(~(np.isfinite(scales) & (scales > 0)), RejectCause.BAD_SCALE,
                "int8 CLS token needs a finite positive scale")
     else:
         scales = np.zeros(n)
         values = np.frombuffer(batch.tokens, "<f4" if dtype == "float32" else "<f2")
-        refuse(~np.isfinite(values.reshape(n, dim)).all(axis=1), INVALID,
+        refuse(~np.isfinite(values.reshape(n, dim)).all(axis=1), RejectCause.BAD_TOKEN,
                "CLS token contains NaN or Inf")
     ids, labels, s = batch.ids.tolist(), batch.labels.tolist(), scales.tolist()
     return [Row(ids[k], satellite, labels[k], False, 0, 0, 0, s[k],

@@ -25,7 +25,7 @@ from ground_station.checkpoints import CheckpointError
 from ground_station.config import GroundStationConfig
 from ground_station.coordinator import Coordinator, TrainerUnavailable
 from ground_station.encoding import TokenSet
-from ground_station.ingest import CONFLICT, INVALID, Checked, IngestRules, check_batch
+from ground_station.ingest import Checked, IngestRules, check_batch, refusal
 from ground_station.prepare import EncodingFailed, NotReady, Prepared, Update, prepare
 from ground_station.store import NodeRecord, SampleStore
 from node import encoders
@@ -41,6 +41,7 @@ from node.rpc import (
     bind,
     caller,
     make_server,
+    received_size,
     wire_size,
 )
 from node.security import Identity
@@ -207,7 +208,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         satellite = ""
         for msg in request_iterator:
             self.streams.touch(key)
-            size = wire_size(msg)
+            size = received_size(context, msg)  # as it arrived, however it was encoded
             self.bytes.add(received=size)
             if not satellite:
                 refusal = self._stream_refusal(msg.satellite_id, caller(context))
@@ -247,17 +248,20 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             raise BatchRefused(str(e)) from e
         if msg.satellite_id and msg.satellite_id != satellite:
             n = len(batch.ids)
-            checked = Checked([], [], [(k, INVALID, "the satellite changed within a stream")
-                                       for k in range(n)])
+            checked = Checked([], [], [
+                refusal(k, node_serde.RejectCause.SATELLITE_CHANGED,
+                        "the satellite changed within a stream")
+                for k in range(n)])
         else:
             checked = check_batch(batch, satellite, self.rules, self.known_sensors)
         duplicates, conflicts = self.store.put_batch(
             checked.rows, size, batch.ids.astype("<i8").tobytes(), satellite[:256],
             bool(msg.satellite_id), len(checked.rejected))
         rejected = checked.rejected + [
-            (checked.positions[k], CONFLICT, "id stored before with other content")
+            refusal(checked.positions[k], node_serde.RejectCause.CONFLICT,
+                    "id stored before with other content")
             for k in conflicts]
-        for pos, _, reason in rejected[:4]:
+        for pos, _, _, reason in rejected[:4]:  # the whole reason; the ack carries its head
             log.warning("%s: sample at %d refused: %s", satellite[:64], pos, reason)
         return node_serde.ack_to_pb(node_serde.AckData(
             stored=len(checked.rows) - len(duplicates) - len(conflicts),
@@ -269,6 +273,11 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                  context: grpc.ServicerContext) -> pb.RegisterReply:
         if not request.node_id or not request.address:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, "node_id and address are required")
+        if request.role not in (pb.SENSOR, pb.TRAINER):  # before anything names the role
+            known = request.role in pb.Role.values()
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                  f"role {pb.Role.Name(request.role) if known else request.role} cannot "
+                  f"register: the roles are SENSOR ({pb.SENSOR}) and TRAINER ({pb.TRAINER})")
         _check_sizes(request, context)
         who = caller(context)
         if who is not None:  # the credentials decide who a node may register as
@@ -294,12 +303,10 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             config_json = self.cfg.sensor.to_json()
             setup = node_serde.setup_to_pb(sensor_setup(
                 self.rules, {s: self.images[s] for s in request.satellite_ids}))
-        elif request.role == pb.TRAINER:
+        else:  # TRAINER
             setup = None
             config_json = json.dumps({"training": self.cfg.training.strategy,
                                       "threads": self.cfg.training.threads})
-        else:
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "role must be SENSOR or TRAINER")
         info = pb.NodeInfo(node_id=request.node_id, role=request.role, address=request.address,
                            satellite_ids=request.satellite_ids, device=request.device)
         with self._lock:

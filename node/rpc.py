@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Generic, NoReturn, TypeVar
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from node import security
 from node.security import AuthError, Identity
@@ -40,6 +43,23 @@ _OPTIONS = [
 def wire_size(message: Any) -> int:
     """Bytes a message costs on a link: its serialized size plus gRPC's frame."""
     return int(message.ByteSize()) + GRPC_FRAME_BYTES
+
+
+def received_size(context: Any, message: Any) -> int:
+    """Bytes the request message a servicer just took from its iterator (or got, unary)
+    cost on the link: its length as it arrived plus gRPC's frame, which differs from
+    wire_size when the sender's encoder is not Python's (fields out of order, empty fields
+    written, packed runs split). The Guard records it; wire_size for an in-process call."""
+    size = getattr(context, "request_bytes", None)
+    return int(size) if size is not None else wire_size(message)
+
+
+def sized(parse: Callable[[bytes], M]) -> Callable[[bytes], tuple[M, int]]:
+    """A response deserializer that also gives each message's wire size as received (its
+    length plus gRPC's frame), for clients that charge what arrived."""
+    def parse_sized(raw: bytes) -> tuple[M, int]:
+        return parse(raw), len(raw) + GRPC_FRAME_BYTES
+    return parse_sized
 
 
 INSTANCE = uuid.uuid4().hex  # this process: a node that restarts gets another one
@@ -276,11 +296,13 @@ def caller(context: grpc.ServicerContext) -> Identity | None:
 
 
 class _Context:
-    """A servicer context that also carries the caller's verified identity."""
+    """A servicer context that also carries the caller's verified identity and the wire size
+    of the request message the servicer was last handed, as received (received_size)."""
 
     def __init__(self, context: grpc.ServicerContext, identity: Identity | None) -> None:
         self._context = context
         self.identity = identity
+        self.request_bytes: int | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
@@ -295,13 +317,12 @@ def _authenticate(method: str, context: grpc.ServicerContext,
         return None
     if admitted is False:
         abort(context, grpc.StatusCode.PERMISSION_DENIED, f"{method} is not served to anyone")
-    token = ""
-    for key, value in context.invocation_metadata():
-        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-            token = value[len("Bearer "):]
-    if not token:
-        abort(context, grpc.StatusCode.UNAUTHENTICATED,
-              "no credentials: this deployment requires a node token (sparsat certs)")
+    try:
+        token = security.bearer_token([
+            value if isinstance(value, str) else value.decode(errors="replace")
+            for key, value in context.invocation_metadata() if key == "authorization"])
+    except AuthError as e:
+        abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e))
     assert creds.verifier is not None
     try:
         identity = creds.verifier.verify(token)
@@ -337,6 +358,8 @@ def _parse(parse: Callable[[bytes], Any], method: str, raw: Any, context: Any,
            precheck: Precheck | None = None) -> Any:
     if not isinstance(raw, bytes):  # already a message (an in-process handler)
         return raw
+    if isinstance(context, _Context):
+        context.request_bytes = len(raw) + GRPC_FRAME_BYTES
     if precheck is not None:
         try:
             precheck(raw)
@@ -421,15 +444,75 @@ class Guard(grpc.ServerInterceptor):
         return _guarded(handler, method, self.creds, self.prechecks.get(method))
 
 
-def add_standard_services(server: grpc.Server, services: list[str]) -> None:
-    """The standard grpc.health.v1 service (SERVING for "" and each of `services`, so
-    orchestrators and grpc_health_probe work) and server reflection (grpcurl, grpcui)."""
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-    from grpc_reflection.v1alpha import reflection
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
-    checker = health.HealthServicer()
+
+def add_standard_services(server: grpc.Server, services: list[str]) -> None:
+    """The standard grpc.health.v1 service (Check, Watch and List: SERVING for "" and each
+    of `services`, so orchestrators and grpc_health_probe work) and server reflection, v1
+    and v1alpha (grpcurl, grpcui; both open, like health: see node.security.ROLES)."""
+    checker = _Health()
     for name in ["", *services]:
-        checker.set(name, health_pb2.HealthCheckResponse.SERVING)
+        checker.set(name, _SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
-    reflection.enable_server_reflection(
-        [*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    names = [*services, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1]
+    reflection.enable_server_reflection(names, server)
+    # v1 is v1alpha renamed, message for message: the same servicer answers it, and its
+    # descriptor is registered so that reflection can describe itself under either name
+    _register_reflection_v1()
+    v1 = reflection.ReflectionServicer(names)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            v1.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}),))
+
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+class _Health(health.HealthServicer):  # type: ignore[misc]
+    """grpcio's health servicer, which answers Check and Watch, with List as well (it leaves
+    List unimplemented: an error with a traceback in the log)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._statuses: dict[str, int] = {}
+        self._list_lock = threading.Lock()
+
+    def set(self, service: str, status: int) -> None:
+        super().set(service, status)
+        with self._list_lock:
+            self._statuses[service] = status
+
+    def List(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with self._list_lock:
+            statuses = dict(self._statuses)
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=status)  # type: ignore[arg-type]
+            for name, status in statuses.items()})
+
+
+def _register_reflection_v1() -> None:
+    """Add grpc/reflection/v1/reflection.proto to the default descriptor pool: v1alpha's
+    file with its package renamed (grpcio-reflection ships only v1alpha)."""
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindFileByName("grpc/reflection/v1/reflection.proto")
+        return
+    except KeyError:
+        pass
+    fdp = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(fdp)
+    old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+    fdp.name, fdp.package = "grpc/reflection/v1/reflection.proto", "grpc.reflection.v1"
+    fdp.ClearField("options")
+    for message in fdp.message_type:
+        for f in message.field:
+            if f.HasField("type_name"):
+                f.type_name = f.type_name.replace(old, new)
+    for service in fdp.service:
+        for m in service.method:
+            m.input_type, m.output_type = (m.input_type.replace(old, new),
+                                           m.output_type.replace(old, new))
+    pool.Add(fdp)

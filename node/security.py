@@ -78,6 +78,26 @@ class AuthError(Exception):
     """A token or certificate that does not prove who the caller is."""
 
 
+def bearer_token(values: list[str]) -> str:
+    """The token in a call's `authorization` metadata, `Bearer <token>` (the scheme in any
+    case: RFC 7235 makes it case-insensitive); AuthError saying what is wrong otherwise."""
+    if not values:
+        raise AuthError("no credentials: this deployment requires a node token (sparsat certs), "
+                        "sent as 'authorization: Bearer <token>'")
+    if len(values) > 1:
+        raise AuthError(f"{len(values)} authorization headers: send one, 'Bearer <token>'")
+    scheme, _, token = values[0].strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() == "bearer":
+        if not token:
+            raise AuthError("authorization 'Bearer' carries an empty token")
+        return token
+    if not token and scheme.startswith(f"{TOKEN_PREFIX}."):
+        raise AuthError("authorization is a token without its scheme: send 'Bearer <token>'")
+    shown = scheme[:16] + ("..." if len(scheme) > 16 else "")
+    raise AuthError(f"authorization scheme {shown!r} is not Bearer: send 'Bearer <token>'")
+
+
 class CredentialsError(ValueError):
     """Credentials that cannot be used: missing files, another deployment, a bad key."""
 
@@ -152,7 +172,7 @@ class TokenVerifier:
             raise AuthError(f"token longer than {self.MAX_TOKEN_CHARS} characters")
         parts = token.split(".")
         if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
-            raise AuthError("not a sparsat token")
+            raise AuthError(f"not a sparsat token ({TOKEN_PREFIX}.<payload>.<signature>)")
         try:
             payload, signature = _unb64(parts[1]), _unb64(parts[2])
         except (ValueError, TypeError) as e:

@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -43,6 +44,7 @@ from node.rpc import (
     make_server,
     register,
     register_reply,
+    sized,
     wire_size,
 )
 from node.security import GROUND_STATION
@@ -54,8 +56,9 @@ log = logging.getLogger("sparsat.sensor")
 
 CLS_BATCH = 64  # CLS payloads are encoded this many at a time
 SEND_TIMEOUT_S = 60.0  # one Transmit's stream, at most TRANSMIT_MAX_SAMPLES samples
-BATCH_BYTES = 64 * 1024  # default largest batch, its ack's room included
+BATCH_BYTES = 64 * 1024  # default largest batch, its worst-case ack's room included
 MAX_REJECTIONS = 16  # reasons reported per Transmit
+SEND_METHOD = "/sparsat.v1.Downlink/Send"
 
 
 Key = tuple[int, int | None]  # (image index, copy): copy None unless masks are random
@@ -72,6 +75,61 @@ class Satellite:
         self.encode_flops = 0  # on-board encoding not yet reported
         self.encode_s = 0.0
         self.lock = threading.Lock()
+
+
+class Grant:
+    """A Transmit's byte grant as its stream goes. A batch goes out only when the bytes
+    spent so far (batches, and the acks that came back, at their real size), the worst case
+    (serde.max_ack_bytes) of every ack still owed, the batch and its own worst-case ack fit
+    the grant; so whatever the acks say, batches + acks never pass it. Batches stream without
+    waiting for acks while the grant is far from spent; near its end the next batch waits for
+    the acks owed (their real size is usually a few bytes) and is cut to the room left."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.left = max_bytes  # neither spent nor reserved for an owed ack
+        self.owed: deque[int] = deque()  # worst-case bytes of the acks still owed, in order
+        self.sent: list[tuple[serde.BatchBuilder, pb.DownlinkBatch]] = []  # handed to gRPC
+        self.closed = False
+        self._cond = threading.Condition()
+
+    def next(self, packer: serde.Packer) -> pb.DownlinkBatch | None:
+        """The next batch to send (waiting for owed acks while they may make room), or None:
+        nothing left that fits, or the stream is over. Planned holding the lock, so once
+        close() returns no payload is built any more."""
+        with self._cond:
+            while not self.closed:
+                batch, cut = packer.plan(self.left)
+                if (batch is not None and not cut) or not self.owed:
+                    if batch is None:
+                        return None
+                    packer.take(batch)
+                    worst = serde.max_ack_bytes(len(batch.items))
+                    msg = batch.to_pb()
+                    self.left -= wire_size(msg) + worst
+                    self.owed.append(worst)
+                    self.sent.append((batch, msg))
+                    return msg
+                self._cond.wait()  # an ack owed: its real size may leave room for more
+            return None
+
+    def answered(self, size: int) -> None:
+        """An ack of `size` wire bytes came back (for the oldest batch owed one)."""
+        with self._cond:
+            self.left += (self.owed.popleft() if self.owed else 0) - size
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    def stream(self, first: pb.DownlinkBatch, packer: serde.Packer
+               ) -> Iterator[pb.DownlinkBatch]:
+        """The request stream: `first`, then each next batch (gRPC pulls it on its thread)."""
+        msg: pb.DownlinkBatch | None = first
+        while msg is not None:
+            yield msg
+            msg = self.next(packer)
 
 
 class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
@@ -94,7 +152,6 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         self.satellites = {s: Satellite(s, held, setup.copies)
                            for s, held in setup.images.items()}
         self.channel = channel(ground_station, peer=GROUND_STATION)
-        self.downlink = pb_grpc.DownlinkStub(self.channel)
 
     @classmethod
     def from_reply(cls, node_id: str, satellite_ids: list[str], reply: pb.RegisterReply,
@@ -174,7 +231,7 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
 
     def Transmit(self, request: pb.TransmitRequest,
                  context: grpc.ServicerContext) -> pb.TransmitReport:
-        """Send whole batches (each with room for its ack) within the byte budget.
+        """Send whole batches within the byte budget, batches and acks together (Grant).
 
         A failed stream is reported, not raised: the bytes already sent were spent, and the
         unacked samples stay queued, so mission control charges them and retries later.
@@ -184,10 +241,8 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             abort(context, grpc.StatusCode.NOT_FOUND,
                   f"{request.satellite_id!r} is not hosted by {self.node_id}")
         with sat.lock:
-            batches = self._batches(sat, request)
             report = pb.TransmitReport(satellite_id=sat.sat_id)
-            if batches:
-                self._send(sat, batches, report)
+            self._send(sat, request, report)
             head = self._message(sat, 0)
             report.remaining = len(sat.pending)
             report.next_bytes = self._alone(sat, head) if head is not None else 0
@@ -205,25 +260,30 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
 
     def _alone(self, sat: Satellite, p: serde.Payload) -> int:
         """Link bytes of a stream carrying only `p`, and its ack."""
-        return self._builder(sat, True).wire_size(p) + serde.ack_room(1)
+        return self._builder(sat, True).wire_size(p) + serde.max_ack_bytes(1)
 
-    def _batches(self, sat: Satellite, request: pb.TransmitRequest) -> list[serde.BatchBuilder]:
-        """The next queued samples, in batches that fit the request's budget."""
-        queued = (self._message(sat, k) for k in itertools.count())
-        return serde.pack(itertools.takewhile(lambda p: p is not None, queued),  # type: ignore
-                          lambda first: self._builder(sat, first), request.max_bytes,
-                          request.batch_bytes or BATCH_BYTES, request.max_samples)
-
-    def _send(self, sat: Satellite, batches: list[serde.BatchBuilder],
+    def _send(self, sat: Satellite, request: pb.TransmitRequest,
               report: pb.TransmitReport) -> None:
-        msgs = [b.to_pb() for b in batches]
+        """Stream the next queued samples in batches within the request's grant (no stream
+        when not even one sample fits), then settle the queue with the acks."""
+        queued = (self._message(sat, k) for k in itertools.count())
+        packer = serde.Packer(itertools.takewhile(lambda p: p is not None, queued),  # type: ignore
+                              lambda first: self._builder(sat, first),
+                              request.batch_bytes or BATCH_BYTES, request.max_samples)
+        grant = Grant(request.max_bytes)
+        first = grant.next(packer)
+        if first is None:
+            return
         acks: list[pb.BatchAck] = []
-        outbox = Outbox(msgs)
+        outbox = Outbox(grant.stream(first, packer))
+        # acks are charged as they arrived (sized), not as Python would re-encode them
+        send = self.channel.stream_stream(SEND_METHOD,
+                                          request_serializer=pb.DownlinkBatch.SerializeToString,
+                                          response_deserializer=sized(pb.BatchAck.FromString))
         try:
             # wait_for_ready: ride out a reconnect instead of failing at once
-            for ack in self.downlink.Send(iter(outbox), wait_for_ready=True,
-                                          timeout=SEND_TIMEOUT_S):
-                size = wire_size(ack)
+            for ack, size in send(iter(outbox), wait_for_ready=True, timeout=SEND_TIMEOUT_S):
+                grant.answered(size)
                 self.bytes.add(received=size)
                 report.ack_bytes.append(size)
                 acks.append(ack)
@@ -231,9 +291,12 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             report.error_code = e.code().value[0]
             report.error = str(e.details())
             log.warning("%s: downlink failed after %d of %d batches: %s", sat.sat_id,
-                        len(acks), len(msgs), e.details())
+                        len(acks), len(grant.sent), e.details())
+        finally:
+            grant.close()  # the request stream builds no more, whatever gRPC's thread does
+        batches = [b for b, _ in grant.sent]
         # what went out: the batches whose write completed, and any acked (an ack proves it)
-        for msg in msgs[: max(outbox.written, len(acks))]:
+        for _, msg in grant.sent[: max(outbox.written, len(acks))]:
             size = wire_size(msg)
             self.bytes.add(sent=size)
             report.batch_bytes.append(size)
@@ -250,11 +313,11 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             report.acked += len(batch.items)
             report.duplicates += len(answer.duplicates)
             report.rejected += len(answer.rejected)
-            for pos, _, reason in answer.rejected:
+            for pos, _, cause, reason in answer.rejected:
+                why = f"{serde.cause_name(cause)}: {reason}"
                 if len(report.rejections) < MAX_REJECTIONS:
-                    report.rejections.append(f"{batch.items[pos].id}: {reason}")
-                log.warning("%s: sample %d rejected: %s", sat.sat_id, batch.items[pos].id,
-                            reason)
+                    report.rejections.append(f"{batch.items[pos].id}: {why}")
+                log.warning("%s: sample %d rejected: %s", sat.sat_id, batch.items[pos].id, why)
         if len(acks) > len(batches):
             report.error_code = grpc.StatusCode.INTERNAL.value[0]
             report.error = f"{len(acks)} acks for {len(batches)} batches"

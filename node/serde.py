@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -123,6 +124,11 @@ def _field(n: int) -> int:
     return 1 + _varint_len(n) + n if n else 0
 
 
+def _varint_field(v: int) -> int:
+    """Bytes of a varint field (tag < 16) holding v; 0 when v is 0 (proto3 leaves it off)."""
+    return 1 + _varint_len(v) if v else 0
+
+
 class BatchBuilder:
     """A DownlinkBatch filled sample by sample, with its exact wire size at every step (the
     protobuf encoding is arithmetic; tests check it against ByteSize()). Ids must increase."""
@@ -149,9 +155,10 @@ class BatchBuilder:
         """Wire size of the batch (ByteSize + gRPC's frame), with `adding` when given."""
         ids, labels, shapes, patches, tokens, scales, rle = (
             self._grown(adding) if adding is not None else self._sizes)
+        last = adding.id if adding is not None else self.items[-1].id if self.items else 0
         return (_field(len(self.satellite_id.encode())) + _field(ids) + _field(labels)
                 + _field(shapes) + patches + _field(rle) + _field(tokens) + _field(scales)
-                + GRPC_FRAME_BYTES)
+                + _varint_field(last) + GRPC_FRAME_BYTES)
 
     def add(self, p: Payload) -> None:
         self._sizes = self._grown(p)
@@ -163,7 +170,8 @@ class BatchBuilder:
             satellite_id=self.satellite_id,
             ids=[p.id - (items[i - 1].id if i else 0) for i, p in enumerate(items)],
             labels=[p.label for p in items],
-            shapes=[v for p in items if p.shape for v in p.shape])
+            shapes=[v for p in items if p.shape for v in p.shape],
+            last_id=items[-1].id if items else 0)
         if self.cls:
             msg.tokens = b"".join(p.data for p in items)
             if self.int8:
@@ -175,31 +183,74 @@ class BatchBuilder:
         return msg
 
 
+class Packer:
+    """Cuts a stream of payloads into batches, one at a time, each filled to at most
+    `batch_bytes` (its wire size and its ack's worst case, max_ack_bytes) and to the room the
+    caller gives it (a sample too big for a batch goes alone when the room allows);
+    `new_batch(first)` starts one (the first of a stream names the satellite). Payloads are
+    taken from the iterator as needed; one a batch left out stays for the next."""
+
+    def __init__(self, payloads: Iterator[Payload], new_batch: Callable[[bool], BatchBuilder],
+                 batch_bytes: int, max_samples: int = 0) -> None:
+        self._payloads, self._new = payloads, new_batch
+        self.batch_bytes, self.max_samples = batch_bytes, max_samples
+        self._ahead: list[Payload] = []  # taken from the iterator, not yet in a batch
+        self.taken = 0  # samples in batches taken
+        self.batches = 0
+
+    def _peek(self, k: int) -> Payload | None:
+        while len(self._ahead) <= k:
+            p = next(self._payloads, None)
+            if p is None:
+                return None
+            self._ahead.append(p)
+        return self._ahead[k]
+
+    def plan(self, room: int) -> tuple[BatchBuilder | None, bool]:
+        """The next batch that fits `room` bytes with its worst-case ack (None: none fits or
+        nothing is left), and whether `room` cut it short: a sample left out would have fit
+        `batch_bytes`. Nothing is taken: `take` does."""
+        cur: BatchBuilder | None = None
+        k = 0
+        while not self.max_samples or self.taken + k < self.max_samples:
+            p = self._peek(k)
+            if p is None:
+                return cur, False
+            if cur is None:
+                cur = self._new(self.batches == 0)
+                size = cur.wire_size(p) + max_ack_bytes(1)
+                if size > room:
+                    return None, True
+            elif len(cur.items) >= MAX_BATCH_SAMPLES:  # the most a ground station takes
+                return cur, False
+            else:
+                size = cur.wire_size(p) + max_ack_bytes(len(cur.items) + 1)
+                if size > min(self.batch_bytes, room):
+                    return cur, size <= self.batch_bytes
+            cur.add(p)
+            k += 1
+        return cur, False
+
+    def take(self, batch: BatchBuilder) -> None:
+        """Take the samples of `batch` (the last plan) off the stream."""
+        del self._ahead[: len(batch.items)]
+        self.taken += len(batch.items)
+        self.batches += 1
+
+
 def pack(payloads: Iterator[Payload], new_batch: Callable[[bool], BatchBuilder],
          budget: int, batch_bytes: int, max_samples: int = 0) -> list[BatchBuilder]:
-    """Fill batches of at most `batch_bytes` (a sample too big for one goes alone) while
-    their wire sizes and their acks' room fit `budget`; `new_batch(first)` starts one (the
-    first of a stream names the satellite). Takes payloads from the iterator as needed."""
+    """Batches whose wire sizes and worst-case acks together fit `budget` (see Packer): what a
+    sender that waits for no ack may send."""
+    packer = Packer(payloads, new_batch, batch_bytes, max_samples)
     batches: list[BatchBuilder] = []
-    left, count = budget, 0  # left: what the batches before the current one leave
-    for p in payloads:
-        if max_samples and count >= max_samples:
-            break
-        cur = batches[-1] if batches else None
-        if cur is not None:
-            if len(cur.items) < MAX_BATCH_SAMPLES and \
-                    cur.wire_size(p) + ack_room(len(cur.items) + 1) <= min(batch_bytes, left):
-                cur.add(p)
-                count += 1
-                continue
-            left -= cur.wire_size() + ack_room(len(cur.items))
-        new = new_batch(cur is None)
-        if new.wire_size(p) + ack_room(1) > left:
-            break
-        new.add(p)
-        batches.append(new)
-        count += 1
-    return batches
+    while True:
+        batch, _ = packer.plan(budget)
+        if batch is None:
+            return batches
+        packer.take(batch)
+        batches.append(batch)
+        budget -= batch.wire_size() + max_ack_bytes(len(batch.items))
 
 
 @dataclass(frozen=True)
@@ -215,6 +266,8 @@ class BatchData:
     shapes: np.ndarray  # (len(shapes),) int64
     tokens: bytes
     scales: bytes
+    last_id: int = 0  # what the batch says its last id is (DownlinkBatch.last_id)
+    id_sum: int = 0  # what its deltas sum to
 
 
 # What one DownlinkBatch may hold, checked before anything is sized from it: a batch never
@@ -305,32 +358,78 @@ def pb_to_batch(msg: pb.DownlinkBatch, max_id: int) -> BatchData:
     ids[ids >= max_id] = -1
     n_patches = len(msg.patches)
     runs = np.unpackbits(np.frombuffer(msg.rle, np.uint8), bitorder="little")[:n_patches]
+    # exact: the cumulative sum where every id is in range, Python ints past it (a bad batch)
+    id_sum = (0 if not len(ids) else int(ids[-1]) if ids[-1] >= 0
+              else sum(int(d) for d in msg.ids))
     return BatchData(
         satellite_id=msg.satellite_id, ids=ids, repeats=(deltas == 0) & (np.arange(len(ids)) > 0),
         labels=np.array(msg.labels, dtype=np.int64), patches=list(msg.patches),
         runs=np.pad(runs, (0, n_patches - len(runs))).astype(bool),
-        shapes=np.array(msg.shapes, dtype=np.int64), tokens=msg.tokens, scales=msg.scales)
+        shapes=np.array(msg.shapes, dtype=np.int64), tokens=msg.tokens, scales=msg.scales,
+        last_id=int(msg.last_id), id_sum=id_sum)
+
+
+class RejectCause(enum.IntEnum):
+    """sparsat.v1.RejectCause: why a sample was refused (a test checks it against the proto).
+    Values stay below 128: one varint byte (max_ack_bytes counts on it)."""
+
+    REJECT_CAUSE_UNSPECIFIED = 0
+    BAD_STRUCTURE = 1
+    BAD_LAST_ID = 2
+    SATELLITE_CHANGED = 3
+    NOT_REGISTERED = 4
+    BAD_ID = 5
+    REPEATED_ID = 6
+    NOT_YOURS = 7
+    BAD_LABEL = 8
+    BAD_CODE = 9
+    BAD_PIXELS = 10
+    BAD_TOKEN = 11
+    BAD_SCALE = 12
+    CONFLICT = 13
+
+
+MAX_REASON_BYTES = 48  # Rejected.reason: UTF-8 bytes at most, cut on a character boundary
+MAX_STATUS_CODE = 16  # Rejected.code: a grpc.StatusCode value (UNAUTHENTICATED = 16 is the last)
+
+
+def cause_name(cause: int) -> str:
+    """A RejectCause's name; a value this code does not know (a newer ground station's) by
+    its number."""
+    try:
+        return RejectCause(cause).name
+    except ValueError:
+        return f"cause {cause}"
+
+
+def cap_reason(text: str) -> str:
+    """`text` cut to at most MAX_REASON_BYTES of UTF-8, never inside a character."""
+    return text.encode()[:MAX_REASON_BYTES].decode("utf-8", "ignore")
 
 
 @dataclass(frozen=True)
 class AckData:
     stored: int
     duplicates: list[int]  # positions in the batch
-    rejected: list[tuple[int, int, str]]  # (position, grpc status code value, reason)
+    rejected: list[tuple[int, int, int, str]]  # (position, grpc status code, cause, reason)
 
 
 def ack_to_pb(ack: AckData) -> pb.BatchAck:
+    """The BatchAck of `ack`, its reasons cut to MAX_REASON_BYTES."""
     msg = pb.BatchAck(stored=ack.stored)
     if ack.duplicates:
         edges = np.flatnonzero(np.diff(np.concatenate(
             ([0], np.isin(np.arange(max(ack.duplicates) + 1), ack.duplicates), [0]))))
         msg.duplicate_runs.extend(np.diff(np.concatenate(([0], edges))).tolist())
-    msg.rejected.extend(pb.Rejected(position=p, code=c, reason=r) for p, c, r in ack.rejected)
+    msg.rejected.extend(pb.Rejected(position=p, code=c, cause=cause,  # type: ignore[arg-type]
+                                    reason=cap_reason(r)) for p, c, cause, r in ack.rejected)
     return msg
 
 
 def pb_to_ack(msg: pb.BatchAck, n: int) -> AckData:
-    """The ack of an n-sample batch; CodecError when it does not describe one."""
+    """The ack of an n-sample batch; CodecError when it does not describe one, or steps out of
+    what max_ack_bytes assumes (a run of 0 after the first, a code past the gRPC status codes,
+    a cause of more than one varint byte, a reason past MAX_REASON_BYTES)."""
     # counts are checked against n before any list is sized from them
     if len(msg.duplicate_runs) > n + 1 or len(msg.rejected) > n or msg.stored > n:
         raise CodecError(f"ack has {len(msg.duplicate_runs)} duplicate runs, "
@@ -339,6 +438,8 @@ def pb_to_ack(msg: pb.BatchAck, n: int) -> AckData:
     duplicates: list[int] = []
     at = 0
     for i, run in enumerate(msg.duplicate_runs):
+        if i and not run:
+            raise CodecError(f"ack's duplicate run {i} is empty: only the first may be")
         if run > n - at:
             raise CodecError(f"ack names positions past its batch of {n}")
         if i % 2:
@@ -346,8 +447,14 @@ def pb_to_ack(msg: pb.BatchAck, n: int) -> AckData:
         at += run
     if any(not 0 <= r.position < n for r in msg.rejected):
         raise CodecError(f"ack names positions past its batch of {n}")
-    rejected = [(int(r.position), int(r.code), str(r.reason)) for r in msg.rejected]
-    refused = {p for p, _, _ in rejected}
+    for r in msg.rejected:
+        if not (0 < r.code <= MAX_STATUS_CODE and 0 <= r.cause < 128
+                and len(r.reason.encode()) <= MAX_REASON_BYTES):
+            raise CodecError(f"ack's refusal at {r.position}: code {r.code}, cause {r.cause} or "
+                             f"a reason of {len(r.reason.encode())} bytes out of range")
+    rejected = [(int(r.position), int(r.code), int(r.cause), str(r.reason))
+                for r in msg.rejected]
+    refused = {p for p, _, _, _ in rejected}
     if len(refused) < len(rejected) or not refused.isdisjoint(duplicates):
         raise CodecError("ack answers a position twice (rejected twice, or rejected and "
                          "duplicate)")
@@ -357,9 +464,35 @@ def pb_to_ack(msg: pb.BatchAck, n: int) -> AckData:
     return AckData(int(msg.stored), duplicates, rejected)
 
 
-def ack_room(n: int) -> int:
-    """Wire bytes to set aside for an n-sample batch's ack: all stored, or all duplicates."""
-    return max(wire_size(pb.BatchAck(stored=n)), wire_size(pb.BatchAck(duplicate_runs=[0, n])))
+def _varint_bytes_below(n: int) -> int:
+    """The varint bytes of 1, 2, ..., n - 1 together."""
+    total, lo, k = 0, 1, 1
+    while lo < n:
+        hi = min(n, 128**k)
+        total += (hi - lo) * k
+        lo, k = hi, k + 1
+    return total
+
+
+def max_ack_bytes(n: int) -> int:
+    """The largest wire size (ByteSize + gRPC's 5-byte frame) of an ack of an n-sample batch
+    that pb_to_ack accepts. With v(x) the varint length of x (1 byte a 7 bits), n > 0:
+
+        5                                  gRPC frame
+      + 1 + v(n)                           stored <= n
+      + 1 + v(n + 1) + n + 1               duplicate_runs, packed: the runs sum to <= n, only
+                                           the first may be 0, and v(r) <= r for r >= 1
+      + n * (2 + 2 + 2 + 2 + MAX_REASON_BYTES)   each Rejected: tag and length (< 128),
+                                           code (<= 16), cause (< 128), reason (tag, length)
+      + sum(1 + v(p) for p in 1 .. n - 1)  their positions (0 is left off)
+
+    Duplicates and refusals are counted as if each took the whole batch, so it bounds any
+    mix; all n refused with full reasons comes within n + 10 bytes of it (of about 59n)."""
+    if n <= 0:
+        return GRPC_FRAME_BYTES
+    v = _varint_len
+    return (GRPC_FRAME_BYTES + 1 + v(n) + 1 + v(n + 1) + n + 1
+            + n * (8 + MAX_REASON_BYTES) + (n - 1) + _varint_bytes_below(n))
 
 
 # ---- sensor setup (RegisterReply.sensor) ----------------------------------------------------

@@ -30,6 +30,7 @@ from node.rpc import (
     add_standard_services,
     bind,
     make_server,
+    received_size,
     register,
     wire_size,
 )
@@ -143,7 +144,7 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
         labels: list[np.ndarray] = []
         dataset_id, total, rows = "", 0, 0
         for chunk in request_iterator:
-            self.bytes.add(received=wire_size(chunk))
+            self.bytes.add(received=received_size(context, chunk))
             if dataset_id and chunk.dataset_id != dataset_id:
                 abort(context, grpc.StatusCode.INVALID_ARGUMENT, "dataset_id changed mid-stream")
             if dataset_id and chunk.total_rows != total:
@@ -190,8 +191,9 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
         request, received = pb.TrainRequest(), 0
         try:
             for part in request_iterator:  # counted as they come: a broken call is charged
-                self.bytes.add(received=wire_size(part))
-                received += wire_size(part)
+                size = received_size(context, part)
+                self.bytes.add(received=size)
+                received += size
                 if received > serde.MAX_TRAIN_BYTES:  # before it is merged: memory bounded
                     raise CodecError(f"parts past {serde.MAX_TRAIN_BYTES} bytes, the most a "
                                      "training message may hold")

@@ -3,16 +3,23 @@
 Run from anywhere: `python -m proto.codegen` or `python proto/codegen.py [--out DIR]`. The
 stubs land beside the .proto files, importable as `proto.sparsat.v1.sparsat_pb2`; `--out`
 writes them under another root instead (the drift test compares the two).
+
+protoc runs with `-I proto`, so the file is registered (descriptor pool, server reflection)
+under its package path `sparsat/v1/sparsat.proto`, as clients in other languages name it;
+the generated modules' references to `sparsat.v1` are then rewritten to `proto.sparsat.v1`,
+the package the stubs are imported as.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PROTO_DIR = REPO_ROOT / "proto" / "sparsat" / "v1"
+PROTO_ROOT = REPO_ROOT / "proto"  # the include root: files are named sparsat/v1/...
+PROTO_DIR = PROTO_ROOT / "sparsat" / "v1"
 
 
 def proto_files() -> list[Path]:
@@ -26,20 +33,34 @@ def generate(out_root: Path = REPO_ROOT) -> list[Path]:
     from grpc_tools import protoc  # imported here: only codegen needs grpcio-tools
 
     include = str(importlib.resources.files("grpc_tools") / "_proto")
-    out_root.mkdir(parents=True, exist_ok=True)
-    files = [str(p.relative_to(REPO_ROOT)) for p in proto_files()]
+    out = out_root / "proto"
+    out.mkdir(parents=True, exist_ok=True)
+    files = [str(p.relative_to(PROTO_ROOT)) for p in proto_files()]
     args = [
         "grpc_tools.protoc",
-        f"-I{REPO_ROOT}",
+        f"-I{PROTO_ROOT}",
         f"-I{include}",
-        f"--python_out={out_root}",
-        f"--pyi_out={out_root}",
-        f"--grpc_python_out={out_root}",
+        f"--python_out={out}",
+        f"--pyi_out={out}",
+        f"--grpc_python_out={out}",
         *files,
     ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed: {' '.join(args)}")
-    return sorted((out_root / "proto" / "sparsat" / "v1").glob("*_pb2*.py*"))
+    generated = sorted((out / "sparsat" / "v1").glob("*_pb2*.py*"))
+    for path in generated:
+        path.write_text(_fix_imports(path.read_text()))
+    return generated
+
+
+def _fix_imports(text: str) -> str:
+    """Generated code names its modules after the proto path (`sparsat.v1.sparsat_pb2`);
+    here they live in the `proto` package."""
+    text = re.sub(r"^from sparsat\.v1 import ", "from proto.sparsat.v1 import ", text,
+                  flags=re.MULTILINE)
+    text = re.sub(r"^import sparsat\.v1\.", "import proto.sparsat.v1.", text, flags=re.MULTILINE)
+    return text.replace("'sparsat.v1.sparsat_pb2'", "'proto.sparsat.v1.sparsat_pb2'").replace(
+        "code in sparsat/v1/", "code in proto/sparsat/v1/")
 
 
 def main(argv: list[str] | None = None) -> int:

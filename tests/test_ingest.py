@@ -26,7 +26,7 @@ import torch
 from ground_station import server as gs_server
 from ground_station.config import GroundStationConfig, TrainingConfig
 from ground_station.encoding import TokenCache, TokenSet, eval_key, requantize
-from ground_station.ingest import IngestRules, check_batch
+from ground_station.ingest import STATUS_OF, IngestRules, check_batch
 from ground_station.server import GroundStation, build_server
 from ground_station.store import Row, SampleStore, StoreMismatchError
 from node import encoders, serde
@@ -50,6 +50,7 @@ SUBSET = 600  # the scenario's training images: the first 600 of a seeded permut
 MASK = MaskSpec(kind="fixed", ratio=0.5, seed=0)
 VISIBLE = 24  # int(49 * 0.5) tokens of 4x4x1 pixels under MASK
 
+C = serde.RejectCause
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]
 CONFLICT = grpc.StatusCode.ALREADY_EXISTS.value[0]
@@ -86,6 +87,7 @@ class Station:
     registry: pb_grpc.RegistryStub
     mission: pb_grpc.MissionStub
     health: pb_grpc.HealthStub
+    channel: grpc.Channel
 
     @property
     def store(self) -> SampleStore:
@@ -118,7 +120,7 @@ def _run_station(cfg: GroundStationConfig) -> Iterator[Station]:
     try:
         wait_ready(ch, 10)
         st = Station(station, pb_grpc.DownlinkStub(ch), pb_grpc.RegistryStub(ch),
-                     pb_grpc.MissionStub(ch), pb_grpc.HealthStub(ch))
+                     pb_grpc.MissionStub(ch), pb_grpc.HealthStub(ch), ch)
         st.registry.Register(pb.RegisterRequest(
             node_id="sensor-proc-0", role=pb.SENSOR, address="127.0.0.1:1",
             satellite_ids=[SENSOR]), timeout=10)
@@ -212,6 +214,19 @@ def _rejected(ack: pb.BatchAck) -> list[tuple[int, int, str]]:
     return [(r.position, r.code, r.reason) for r in ack.rejected]
 
 
+def _causes(ack: pb.BatchAck) -> list[int]:
+    return [r.cause for r in ack.rejected]
+
+
+def _names(reason: str, match: str) -> bool:
+    """`reason` (an ack's: its first MAX_REASON_BYTES bytes) holds `match`, or ends with at
+    least 8 characters of it where the cap cut it."""
+    if match in reason:
+        return True
+    return len(reason.encode()) > serde.MAX_REASON_BYTES - 4 and any(
+        reason.endswith(match[:k]) for k in range(len(match), min(8, len(match)) - 1, -1))
+
+
 def _counts(st: Station) -> tuple[int, int, int, int, int]:
     s = st.stats()
     return (s.samples_stored, s.samples_received, s.duplicates, s.rejected,
@@ -268,41 +283,41 @@ def _image_of(sat: str | None) -> Bad:
     return build
 
 
-BAD_PATCHES: list[tuple[str, Bad, int, str]] = [
-    ("label 10", _changed(label=10), INVALID, "label out of range [0, 10)"),
-    ("label 2**31", _changed(label=2**31), INVALID, "label out of range [0, 10)"),
-    ("bitmap with no visible token", _data(lambda d: b"\x00" * 7), INVALID,
+BAD_PATCHES: list[tuple[str, Bad, C, str]] = [
+    ("label 10", _changed(label=10), C.BAD_LABEL, "label out of range [0, 10)"),
+    ("label 2**31", _changed(label=2**31), C.BAD_LABEL, "label out of range [0, 10)"),
+    ("bitmap with no visible token", _data(lambda d: b"\x00" * 7), C.BAD_CODE,
      "no visible tokens"),
-    ("pixels one byte short", _data(lambda d: d[:-1]), INVALID,
+    ("pixels one byte short", _data(lambda d: d[:-1]), C.BAD_PIXELS,
      f"pixels: {VISIBLE * 16 - 1} bytes, the visible tiles need {VISIBLE * 16}"),
-    ("pixels 16 bytes long", _data(lambda d: d + b"\x01" * 16), INVALID,
+    ("pixels 16 bytes long", _data(lambda d: d + b"\x01" * 16), C.BAD_PIXELS,
      f"pixels: {VISIBLE * 16 + 16} bytes, the visible tiles need {VISIBLE * 16}"),
-    ("bitmap bit 49 set", _data(lambda d: _set_bit(d, 49)), INVALID,
+    ("bitmap bit 49 set", _data(lambda d: _set_bit(d, 49)), C.BAD_CODE,
      "visible-token bitmap sets bits past the 49 tokens"),
-    ("bitmap bit 55 set", _data(lambda d: _set_bit(d, 55)), INVALID,
+    ("bitmap bit 55 set", _data(lambda d: _set_bit(d, 55)), C.BAD_CODE,
      "visible-token bitmap sets bits past the 49 tokens"),
-    ("bitmap cut short", _data(lambda d: d[:5]), INVALID, "visible-token bitmap needs 7 bytes"),
+    ("bitmap cut short", _data(lambda d: d[:5]), C.BAD_CODE, "visible-token bitmap needs 7 bytes"),
     ("runs with an empty middle run", _data(lambda d: b"\x0a\x00\x27" + d[7:], runs=True),
-     INVALID, "only the first run may be empty"),
-    ("runs that overrun", _data(lambda d: b"\x0a\x28" + d[7:], runs=True), INVALID,
+     C.BAD_CODE, "only the first run may be empty"),
+    ("runs that overrun", _data(lambda d: b"\x0a\x28" + d[7:], runs=True), C.BAD_CODE,
      "visible-token runs sum to 50, the grid has 49 tokens"),
-    ("runs that end early", _data(lambda d: b"\x0a", runs=True), INVALID,
+    ("runs that end early", _data(lambda d: b"\x0a", runs=True), C.BAD_CODE,
      "visible-token runs end early"),
     # issue 20: a run's varint says 2**35 - 1 tokens; it was allocated (np.arange) before it
     # was checked against the grid: a MemoryError, the stream UNKNOWN, the batch lost
     ("a run of 2**35 - 1 tokens", _data(lambda d: b"\x00\xff\xff\xff\xff\x7f" + d[7:],
-                                         runs=True), INVALID,
+                                         runs=True), C.BAD_CODE,
      "visible-token runs are malformed: a varint longer than 1 bytes"),
     ("a run past the grid in its varint's one byte", _data(lambda d: b"\x00\x7f" + d[7:],
-                                                          runs=True), INVALID,
+                                                          runs=True), C.BAD_CODE,
      "visible-token runs sum to 127, the grid has 49 tokens"),
-    ("runs with a pixel short", _unmasked(lambda d: d[:-1]), INVALID,
+    ("runs with a pixel short", _unmasked(lambda d: d[:-1]), C.BAD_PIXELS,
      "pixels: 783 bytes, the visible tiles need 784"),
-    ("bitmap read as runs", _data(lambda d: d, runs=True), INVALID, "visible-token runs"),
-    ("image of another satellite", _image_of("sat-1"), DENIED, "image not held by sat-0"),
-    ("image of no satellite", _image_of(None), DENIED, "image not held by sat-0"),
+    ("bitmap read as runs", _data(lambda d: d, runs=True), C.BAD_CODE, "visible-token runs"),
+    ("image of another satellite", _image_of("sat-1"), C.NOT_YOURS, "image not held by sat-0"),
+    ("image of no satellite", _image_of(None), C.NOT_YOURS, "image not held by sat-0"),
     ("id past the training split", lambda fm, good: _swap(good, replace(good[2], id=60_000)),
-     INVALID, "id out of range: ids are below 60000"),
+     C.BAD_ID, "id out of range: ids are below 60000"),
 ]
 
 
@@ -311,8 +326,8 @@ def _good(fm: FMnist, first: int, count: int, sat: str = SENSOR) -> list[Payload
 
 
 def _check_one_refused(st: Station, batch: list[Payload], pos: int, msg: pb.DownlinkBatch,
-                       code: int, match: str, follow: list[Payload], cls: bool = False,
-                       int8: bool = False) -> None:
+                       cause: serde.RejectCause, match: str, follow: list[Payload],
+                       cls: bool = False, int8: bool = False) -> None:
     """Send `msg` (the batch with its bad sample at `pos`) then a batch of `follow` on the
     same stream: the bad sample alone refused, the stream on, every count exact."""
     second = _batch(follow, satellite="", cls=cls, int8=int8)
@@ -325,8 +340,8 @@ def _check_one_refused(st: Station, batch: list[Payload], pos: int, msg: pb.Down
     assert len(acks) == 2
     assert acks[0].stored == 4 and list(acks[0].duplicate_runs) == []
     [(position, got_code, reason)] = _rejected(acks[0])
-    assert (position, got_code) == (pos, code), reason
-    assert match in reason
+    assert (position, got_code, _causes(acks[0])) == (pos, STATUS_OF[cause], [cause]), reason
+    assert _names(reason, match), reason
     # the stream went on: the next batch was stored whole
     assert acks[1] == pb.BatchAck(stored=len(follow))
     kept = [p for k, p in enumerate(batch) if k != pos] + follow
@@ -339,16 +354,16 @@ def _check_one_refused(st: Station, batch: list[Payload], pos: int, msg: pb.Down
     assert _counts(st) == (len(kept), 5 + len(follow), 0, 1, _bytes([msg, second]))
 
 
-@pytest.mark.parametrize(("bad", "code", "match"), [c[1:] for c in BAD_PATCHES],
+@pytest.mark.parametrize(("bad", "cause", "match"), [c[1:] for c in BAD_PATCHES],
                          ids=[c[0] for c in BAD_PATCHES])
 def test_patch_batch_refuses_its_bad_sample_alone(
-    station: Station, fm: FMnist, bad: Bad, code: int, match: str
+    station: Station, fm: FMnist, bad: Bad, cause: serde.RejectCause, match: str
 ) -> None:
     # Prepare
     batch, pos = bad(fm, _good(fm, 0, 5))
 
     # Execute / Assert
-    _check_one_refused(station, batch, pos, _batch(batch), code, match, _good(fm, 5, 2))
+    _check_one_refused(station, batch, pos, _batch(batch), cause, match, _good(fm, 5, 2))
 
 
 def test_patch_batch_refuses_a_repeated_id_alone(station: Station, fm: FMnist) -> None:
@@ -359,7 +374,7 @@ def test_patch_batch_refuses_a_repeated_id_alone(station: Station, fm: FMnist) -
     msg.ids[2] = 0
 
     # Execute / Assert
-    _check_one_refused(station, good, 2, msg, INVALID, "id repeats the one before it",
+    _check_one_refused(station, good, 2, msg, C.REPEATED_ID, "id repeats the one before it",
                        _good(fm, 5, 2))
 
 
@@ -375,7 +390,7 @@ def test_random_masks_refuse_a_copy_past_the_epochs(start: StartStation, fm: FMn
     # Execute / Assert
     assert [p.id for p in batch] == [a, b, 60_000 + a, 60_000 + b, 120_000 + a]
     assert batch[0].data != batch[2].data  # each copy its own mask
-    _check_one_refused(st, batch, 4, _batch(batch), INVALID,
+    _check_one_refused(st, batch, 4, _batch(batch), C.BAD_ID,
                        "id out of range: ids are below 120000", follow)
 
 
@@ -387,33 +402,33 @@ def _cls_bad_values(dtype: str, value: float) -> Callable[[Payload], Payload]:
     return edit
 
 
-BAD_CLS: list[tuple[str, str, Callable[[Payload], Payload], int, str]] = [
-    ("float16 NaN", "float16", _cls_bad_values("float16", float("nan")), INVALID,
+BAD_CLS: list[tuple[str, str, Callable[[Payload], Payload], C, str]] = [
+    ("float16 NaN", "float16", _cls_bad_values("float16", float("nan")), C.BAD_TOKEN,
      "CLS token contains NaN or Inf"),
-    ("float16 Inf", "float16", _cls_bad_values("float16", float("inf")), INVALID,
+    ("float16 Inf", "float16", _cls_bad_values("float16", float("inf")), C.BAD_TOKEN,
      "CLS token contains NaN or Inf"),
-    ("float32 -Inf", "float32", _cls_bad_values("float32", float("-inf")), INVALID,
+    ("float32 -Inf", "float32", _cls_bad_values("float32", float("-inf")), C.BAD_TOKEN,
      "CLS token contains NaN or Inf"),
-    ("float32 NaN", "float32", _cls_bad_values("float32", float("nan")), INVALID,
+    ("float32 NaN", "float32", _cls_bad_values("float32", float("nan")), C.BAD_TOKEN,
      "CLS token contains NaN or Inf"),
-    ("int8 zero scale", "int8", lambda p: replace(p, scale=0.0), INVALID,
+    ("int8 zero scale", "int8", lambda p: replace(p, scale=0.0), C.BAD_SCALE,
      "int8 CLS token needs a finite positive scale"),
-    ("int8 negative scale", "int8", lambda p: replace(p, scale=-0.5), INVALID,
+    ("int8 negative scale", "int8", lambda p: replace(p, scale=-0.5), C.BAD_SCALE,
      "int8 CLS token needs a finite positive scale"),
-    ("int8 NaN scale", "int8", lambda p: replace(p, scale=float("nan")), INVALID,
+    ("int8 NaN scale", "int8", lambda p: replace(p, scale=float("nan")), C.BAD_SCALE,
      "int8 CLS token needs a finite positive scale"),
-    ("int8 Inf scale", "int8", lambda p: replace(p, scale=float("inf")), INVALID,
+    ("int8 Inf scale", "int8", lambda p: replace(p, scale=float("inf")), C.BAD_SCALE,
      "int8 CLS token needs a finite positive scale"),
-    ("label 11", "float16", lambda p: replace(p, label=11), INVALID,
+    ("label 11", "float16", lambda p: replace(p, label=11), C.BAD_LABEL,
      "label out of range [0, 10)"),
 ]
 
 
-@pytest.mark.parametrize(("dtype", "edit", "code", "match"), [c[1:] for c in BAD_CLS],
+@pytest.mark.parametrize(("dtype", "edit", "cause", "match"), [c[1:] for c in BAD_CLS],
                          ids=[c[0] for c in BAD_CLS])
 def test_cls_batch_refuses_its_bad_sample_alone(
-    start: StartStation, fm: FMnist, dtype: str, edit: Callable[[Payload], Payload], code: int,
-    match: str
+    start: StartStation, fm: FMnist, dtype: str, edit: Callable[[Payload], Payload],
+    cause: serde.RejectCause, match: str
 ) -> None:
     # Prepare
     st = start(payload="cls", cls_dtype=dtype)
@@ -423,7 +438,7 @@ def test_cls_batch_refuses_its_bad_sample_alone(
     follow = [_cls(fm, i, dtype) for i in ids[5:7]]
 
     # Execute / Assert
-    _check_one_refused(st, batch, 1, _batch(batch, cls=True, int8=dtype == "int8"), code,
+    _check_one_refused(st, batch, 1, _batch(batch, cls=True, int8=dtype == "int8"), cause,
                        match, follow, cls=True, int8=dtype == "int8")
 
 
@@ -435,7 +450,7 @@ def test_cls_batch_refuses_another_satellites_image(start: StartStation, fm: FMn
     pos = [p.id for p in batch].index(_shard("sat-2")[0])
 
     # Execute / Assert
-    _check_one_refused(st, batch, pos, _batch(batch, cls=True), DENIED,
+    _check_one_refused(st, batch, pos, _batch(batch, cls=True), C.NOT_YOURS,
                        "image not held by sat-0", [_cls(fm, _shard(SENSOR)[9], "float16")],
                        cls=True)
 
@@ -498,7 +513,8 @@ def test_structural_error_refuses_the_batch_and_the_stream_goes_on(
     assert err is None and len(acks) == 2
     assert acks[0].stored == 0 and list(acks[0].duplicate_runs) == []
     assert [(p, c) for p, c, _ in _rejected(acks[0])] == [(k, INVALID) for k in range(5)]
-    assert all(r == match for _, _, r in _rejected(acks[0])), _rejected(acks[0])
+    assert all(r == serde.cap_reason(match) for _, _, r in _rejected(acks[0])), _rejected(acks[0])
+    assert _causes(acks[0]) == [C.BAD_STRUCTURE] * 5
     assert acks[1] == pb.BatchAck(stored=2)
     assert sorted(station.stored()) == [p.id for p in follow]
     assert _counts(station) == (2, 7, 0, 5, _bytes([msg, second]))
@@ -539,7 +555,8 @@ def test_cls_structural_error_refuses_the_batch_and_the_stream_goes_on(
 
     # Assert
     assert err is None and len(acks) == 2
-    assert _rejected(acks[0]) == [(k, INVALID, match) for k in range(5)]
+    assert _rejected(acks[0]) == [(k, INVALID, serde.cap_reason(match)) for k in range(5)]
+    assert _causes(acks[0]) == [C.BAD_STRUCTURE] * 5
     assert acks[0].stored == 0
     assert acks[1] == pb.BatchAck(stored=1)
     assert sorted(st.stored()) == [ids[5]]
@@ -709,6 +726,96 @@ def test_same_id_with_other_content_is_already_exists(station: Station, fm: FMni
     assert _counts(station)[:4] == (4, 7, 1, 2)
 
 
+def test_ids_sent_absolute_are_refused_whole_never_stored_as_others(
+        station: Station, fm: FMnist) -> None:
+    """A client that reads `ids` as absolute: its sums are other images, under these labels.
+    last_id tells them apart: the whole batch refused, with or without a last_id."""
+    # Prepare: 5 images of this satellite, ids written absolute, last_id the last of them
+    # (what such a client believes), then again with no last_id at all
+    good = _good(fm, 0, 5)
+    absolute = _batch(good)
+    absolute.ClearField("ids")
+    absolute.ids.extend(p.id for p in good)
+    absolute.last_id = good[-1].id
+    unset = _batch(good, satellite="")
+    del unset.ids[:]
+    unset.ids.extend(p.id for p in good)
+    unset.ClearField("last_id")
+
+    # Execute
+    acks, err = _send(station, [absolute, unset, _batch(good[:2], satellite="")])
+
+    # Assert
+    assert err is None and len(acks) == 3
+    for ack in acks[:2]:
+        assert ack.stored == 0 and _causes(ack) == [C.BAD_LAST_ID] * 5
+        assert {code for _, code, _ in _rejected(ack)} == {INVALID}
+        assert _rejected(ack)[0][2].startswith("last_id ")
+    assert acks[2] == pb.BatchAck(stored=2)  # the same samples, delta-coded: stored
+    assert sorted(station.stored()) == sorted(p.id for p in good[:2])
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _ld(field: int, payload: bytes) -> bytes:
+    """A length-delimited field: tag, length, bytes (written even when empty)."""
+    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _packed(values: list[int]) -> bytes:
+    return b"".join(_varint(v) for v in values)
+
+
+def _hand_encoded(msg: pb.DownlinkBatch) -> list[bytes]:
+    """`msg` encoded three ways Python's encoder never writes, each decoding to `msg`."""
+    ids, labels = list(msg.ids), list(msg.labels)
+    patches = b"".join(_ld(4, p) for p in msg.patches)
+    head = _ld(1, msg.satellite_id.encode()) if msg.satellite_id else b""
+    last = _varint(9 << 3) + _varint(msg.last_id)
+    reversed_order = last + patches + _ld(3, _packed(labels)) + _ld(2, _packed(ids)) + head
+    explicit_empty = (head + _ld(2, _packed(ids)) + _ld(3, _packed(labels)) + patches
+                      + _ld(5, b"") + _ld(7, b"") + _ld(8, b"") + _ld(6, b"") + last)
+    split_runs = (head + _ld(2, _packed(ids[:2])) + _ld(3, _packed(labels[:3]))
+                  + _ld(2, _packed(ids[2:])) + patches + _ld(3, _packed(labels[3:])) + last)
+    return [reversed_order, explicit_empty, split_runs]
+
+
+def test_bytes_are_charged_as_received_whatever_the_encoding(station: Station,
+                                                             fm: FMnist) -> None:
+    """Another language's encoder may order fields its own way, write empty fields, or split
+    a packed field: the ground station charges the bytes that arrived, not its re-encoding."""
+    # Prepare: 3 batches of one stream, each written by hand another way
+    good = _good(fm, 0, 15)
+    msgs = [_batch(good[k : k + 5], satellite="" if k else SENSOR) for k in (0, 5, 10)]
+    raws = [_hand_encoded(m)[k] for k, m in enumerate(msgs)]
+    for raw, msg in zip(raws, msgs, strict=True):
+        assert pb.DownlinkBatch.FromString(raw) == msg and raw != msg.SerializeToString()
+    # reordering keeps the length; empty fields and split runs add to it
+    assert [len(r) - m.ByteSize() for r, m in zip(raws, msgs, strict=True)] == [0, 8, 4]
+    before = station.health.Check(pb.HealthRequest(), timeout=10).bytes_received
+    send = station.channel.stream_stream("/sparsat.v1.Downlink/Send",
+                                         request_serializer=lambda b: b,
+                                         response_deserializer=pb.BatchAck.FromString)
+
+    # Execute
+    acks = list(send(iter(raws), timeout=20))
+
+    # Assert: stored as sent, and charged exactly what was sent
+    assert [a.stored for a in acks] == [5, 5, 5]
+    assert sorted(station.stored()) == sorted(p.id for p in good)
+    sent = sum(len(r) + 5 for r in raws)
+    after = station.health.Check(pb.HealthRequest(), timeout=10).bytes_received
+    assert after - before == sent
+    assert _counts(station)[4] == sent
+
+
 def test_int8_token_with_another_scale_is_already_exists(start: StartStation,
                                                          fm: FMnist) -> None:
     # Prepare: the same int8 values under another scale are another token
@@ -791,10 +898,10 @@ def test_check_batch_with_per_sample_shapes() -> None:
     assert [(r.id, r.height, r.width, r.channels) for r in checked.rows] == [
         (0, 28, 28, 1), (10, 40, 30, 3), (30, 100, 64, 3)]
     assert [r.data for r in checked.rows] == [payloads[k].data for k in (0, 1, 3)]
-    [(pos, code, reason)] = checked.rejected
-    assert (pos, code) == (2, INVALID) and reason.startswith("pixels: ")
-    assert structural.rows == [] and [p for p, _, _ in structural.rejected] == [0, 1, 2, 3]
-    assert structural.rejected[0][2] == ("batch: 0 shape values, expected 12 (3 per sample only "
+    [(pos, code, cause, reason)] = checked.rejected
+    assert (pos, code, cause) == (2, INVALID, C.BAD_PIXELS) and reason.startswith("pixels: ")
+    assert structural.rows == [] and [p for p, _, _, _ in structural.rejected] == [0, 1, 2, 3]
+    assert structural.rejected[0][3] == ("batch: 0 shape values, expected 12 (3 per sample only "
                                          "for datasets whose images differ in size)")
 
 

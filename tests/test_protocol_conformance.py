@@ -145,7 +145,7 @@ def downlink_batch(satellite: str, ids: list[int], labels: list[int], records: l
         rle[k // 8] |= r << (k % 8)
     return (f_bytes(1, satellite.encode()) + f_packed(2, deltas) + f_packed(3, labels)
             + b"".join(varint(4 << 3 | 2) + varint(len(r)) + r for r in records)
-            + f_bytes(5, bytes(rle).rstrip(b"\0")))
+            + f_bytes(5, bytes(rle).rstrip(b"\0")) + f_varint(9, ids[-1]))
 
 
 # ---- the tests --------------------------------------------------------------------------------

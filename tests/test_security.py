@@ -11,7 +11,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from ground_station.config import GroundStationConfig
 from ground_station.server import GroundStation, build_server
@@ -365,3 +367,121 @@ def test_a_sensor_host_sends_only_as_its_satellites(deployment: Path, gs: Server
         ch.close()
     assert gs.station.store.counters().get("rejected", 0) == before + 1
     assert len(gs.station.store) == 0
+
+
+# ---- what a malformed call is told --------------------------------------------------------
+
+
+def _with_authorization(deployment: Path, gs: Server, values: list[str]) -> grpc.RpcError | None:
+    """Call Mission.Stats over TLS carrying exactly these `authorization` values."""
+    ch = _tls_only(deployment, gs.address)
+    try:
+        pb_grpc.MissionStub(ch).Stats(pb.StatsRequest(), timeout=10,
+                                      metadata=[("authorization", v) for v in values])
+    except grpc.RpcError as e:
+        return e
+    finally:
+        ch.close()
+    return None
+
+
+@pytest.mark.parametrize(("values", "match"), [
+    ([], "no credentials"),
+    (["{token}"], "token without its scheme"),
+    (["Bearer "], "empty token"),
+    (["Bearer"], "empty token"),
+    (["Basic dXNlcjpwdw=="], "scheme 'Basic' is not Bearer"),
+    (["garbage"], "scheme 'garbage' is not Bearer"),
+    (["Bearer garbage"], "not a sparsat token"),
+    (["Bearer {token}", "Bearer {token}"], "2 authorization headers"),
+], ids=["none", "no scheme", "empty", "scheme alone", "basic", "garbage", "bearer garbage",
+        "twice"])
+def test_malformed_authorization_is_told_what_is_wrong(deployment: Path, gs: Server,
+                                                       values: list[str], match: str) -> None:
+    token = creds(deployment, "operator").token
+    err = _with_authorization(deployment, gs, [v.format(token=token) for v in values])
+    assert err is not None and err.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert match in (err.details() or ""), err.details()
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "Bearer", "bEaReR"])
+def test_the_bearer_scheme_is_case_insensitive(deployment: Path, gs: Server,
+                                               scheme: str) -> None:
+    token = creds(deployment, "operator").token
+    assert _with_authorization(deployment, gs, [f"{scheme} {token}"]) is None
+
+
+@pytest.mark.parametrize("role", [99, 4, pb.ROLE_UNSPECIFIED, pb.GROUND_STATION])
+def test_an_unknown_role_is_invalid_argument_naming_the_roles(deployment: Path, gs: Server,
+                                                             role: int) -> None:
+    # a sensor host's own credentials: the role is what is wrong, not who is asking
+    ch = rpc.channel(gs.address, peer="ground-station", creds=creds(deployment, "sensors-0"))
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            pb_grpc.RegistryStub(ch).Register(pb.RegisterRequest(
+                node_id="sensors-0", role=role, address="127.0.0.1:1",  # type: ignore[arg-type]
+                satellite_ids=["sat-0"]), timeout=10)
+    finally:
+        ch.close()
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = e.value.details() or ""
+    assert f"role {pb.Role.Name(role) if role in pb.Role.values() else role} " in details
+    assert "SENSOR (1) and TRAINER (2)" in details
+
+
+# ---- standard services: open to anyone, like probes --------------------------------------
+
+
+def test_health_list_answers_every_service(deployment: Path, gs: Server,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    stranger = _tls_only(deployment, gs.address)
+    try:
+        reply = health_pb2_grpc.HealthStub(stranger).List(health_pb2.HealthListRequest(),
+                                                          timeout=10)
+    finally:
+        stranger.close()
+    assert {k: v.status for k, v in reply.statuses.items()} == {
+        name: health_pb2.HealthCheckResponse.SERVING
+        for name in ["", "sparsat.v1.Downlink", "sparsat.v1.Registry", "sparsat.v1.Health",
+                     "sparsat.v1.Mission"]}
+    assert "Traceback" not in caplog.text and "failed" not in caplog.text
+
+
+def _reflect(ch: grpc.Channel, version: str,
+             requests: list[reflection_pb2.ServerReflectionRequest]
+             ) -> list[reflection_pb2.ServerReflectionResponse]:
+    """Server reflection under grpc.reflection.{version} (v1's messages are v1alpha's)."""
+    call = ch.stream_stream(f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+                            request_serializer=reflection_pb2.ServerReflectionRequest
+                            .SerializeToString,
+                            response_deserializer=reflection_pb2.ServerReflectionResponse
+                            .FromString)
+    return list(call(iter(requests), timeout=10))
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_reflection_finds_the_file_by_its_package_path_and_by_symbol(
+        deployment: Path, gs: Server, version: str) -> None:
+    R = reflection_pb2.ServerReflectionRequest  # noqa: N806
+    stranger = _tls_only(deployment, gs.address)
+    try:
+        listed, by_name, by_symbol, itself = _reflect(stranger, version, [
+            R(list_services=""), R(file_by_filename="sparsat/v1/sparsat.proto"),
+            R(file_containing_symbol="sparsat.v1.Downlink"),
+            R(file_containing_symbol=f"grpc.reflection.{version}.ServerReflection")])
+    finally:
+        stranger.close()
+    services = {s.name for s in listed.list_services_response.service}
+    assert {"sparsat.v1.Downlink", "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection", "grpc.health.v1.Health"} <= services
+    for reply in (by_name, by_symbol):
+        assert reply.WhichOneof("message_response") == "file_descriptor_response", reply
+        files = [descriptor_pb2.FileDescriptorProto.FromString(f)
+                 for f in reply.file_descriptor_response.file_descriptor_proto]
+        assert files[0].name == "sparsat/v1/sparsat.proto"
+        assert files[0].package == "sparsat.v1"
+    [own] = [descriptor_pb2.FileDescriptorProto.FromString(f)
+             for f in itself.file_descriptor_response.file_descriptor_proto]
+    assert own.package == f"grpc.reflection.{version}"
+    assert security.roles_for(f"/grpc.reflection.{version}.ServerReflection/"
+                              "ServerReflectionInfo") is None  # open, and served

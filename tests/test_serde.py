@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ground_station.coordinator import EpochResult, WorkerBytes
 from ground_station.serde import epoch_to_pb, pb_to_epoch
@@ -687,15 +689,17 @@ def test_pack_fills_batches_within_batch_bytes_and_budget() -> None:
     assert made[0] and not any(made[1:])
     sent = [p for b in batches for p in b.items]
     assert sent == payloads[: len(sent)] and len(sent) < len(payloads)
-    total = sum(b.wire_size() + serde.ack_room(len(b.items)) for b in batches)
+    room = serde.max_ack_bytes
+    total = sum(b.wire_size() + room(len(b.items)) for b in batches)
     assert total <= 6000
-    assert all(b.wire_size() + serde.ack_room(len(b.items)) <= 1500 for b in batches)
+    assert all(b.wire_size() + room(len(b.items)) <= 1500 for b in batches)
     # the next payload would not have fit: neither in the last batch nor in a new one
     nxt = payloads[len(sent)]
     last = batches[-1]
-    assert (total - last.wire_size() - serde.ack_room(len(last.items))
-            + last.wire_size(nxt) + serde.ack_room(len(last.items) + 1) > 6000
-            or last.wire_size(nxt) + serde.ack_room(len(last.items) + 1) > 1500)
+    assert (total - last.wire_size() - room(len(last.items))
+            + last.wire_size(nxt) + room(len(last.items) + 1) > 6000
+            or last.wire_size(nxt) + room(len(last.items) + 1) > 1500)
+    assert total + BatchBuilder("").wire_size(nxt) + room(1) > 6000
 
 
 def test_pack_sends_a_payload_too_big_for_a_batch_alone() -> None:
@@ -718,7 +722,7 @@ def _random_ack(rng: np.random.Generator, n: int) -> AckData:
     return AckData(
         stored=int((kind == 0).sum()),
         duplicates=np.flatnonzero(kind == 1).tolist(),
-        rejected=[(p, codes[p % 3], f"reason {p} \u00e9")
+        rejected=[(p, codes[p % 3], p % 14, f"reason {p} \u00e9")
                   for p in np.flatnonzero(kind == 2).tolist()])
 
 
@@ -742,8 +746,8 @@ def test_ack_round_trip_random() -> None:
         (AckData(5, [], []), 5, []),
         (AckData(0, [0, 1, 2, 3, 4], []), 5, [0, 5]),
         (AckData(3, [1, 2], []), 5, [1, 2]),
-        (AckData(2, [0, 4], [(2, 3, "x")]), 5, [0, 1, 3, 1]),
-        (AckData(0, [], [(0, 3, "a"), (1, 7, "b")]), 2, []),
+        (AckData(2, [0, 4], [(2, 3, 8, "x")]), 5, [0, 1, 3, 1]),
+        (AckData(0, [], [(0, 3, 5, "a"), (1, 7, 7, "b")]), 2, []),
     ],
 )
 def test_ack_duplicate_runs_exact(ack: AckData, n: int, runs: list[int]) -> None:
@@ -753,7 +757,7 @@ def test_ack_duplicate_runs_exact(ack: AckData, n: int, runs: list[int]) -> None
     # Assert
     assert list(msg.duplicate_runs) == runs
     assert msg.stored == ack.stored
-    assert [(r.position, r.code, r.reason) for r in msg.rejected] == ack.rejected
+    assert [(r.position, r.code, r.cause, r.reason) for r in msg.rejected] == ack.rejected
     assert serde.pb_to_ack(_wire(msg), n) == ack
 
 
@@ -770,27 +774,110 @@ def test_ack_duplicate_runs_exact(ack: AckData, n: int, runs: list[int]) -> None
         (pb.BatchAck(stored=3, rejected=[pb.Rejected(position=2, code=3),
                                          pb.Rejected(position=2, code=6)]), 5),
         (pb.BatchAck(stored=1), 0),
+        (pb.BatchAck(stored=3, duplicate_runs=[1, 1, 0, 1]), 5),
+        (pb.BatchAck(stored=4, rejected=[pb.Rejected(position=1, code=17)]), 5),
+        (pb.BatchAck(stored=4, rejected=[pb.Rejected(position=1, code=0)]), 5),
+        (pb.BatchAck(stored=4, rejected=[pb.Rejected(position=1, code=3, cause=128)]), 5),
+        (pb.BatchAck(stored=4, rejected=[pb.Rejected(position=1, code=3, reason="\u00e9" * 25)]),
+         5),
     ],
     ids=["unanswered", "too many stored", "runs past", "duplicates past", "position past",
-         "rejected duplicate", "rejected twice", "empty batch"],
+         "rejected duplicate", "rejected twice", "empty batch", "empty run inside",
+         "code past the status codes", "code 0", "cause of two bytes", "reason of 50 bytes"],
 )
 def test_pb_to_ack_refuses_acks_that_do_not_cover_the_batch(msg: pb.BatchAck, n: int) -> None:
     with pytest.raises(CodecError, match="ack"):
         serde.pb_to_ack(_wire(msg), n)
 
 
-@pytest.mark.parametrize("n", [0, 1, 127, 128, 5000, 2**21])
-def test_ack_room_fits_an_all_stored_or_all_duplicate_ack(n: int) -> None:
+def test_cap_reason_cuts_on_a_character_boundary() -> None:
+    assert serde.cap_reason("x" * 100) == "x" * serde.MAX_REASON_BYTES
+    capped = serde.cap_reason("a" + "\u00e9" * 40)  # 1 + 2 x 23 = 47: the 24th would be 49
+    assert capped == "a" + "\u00e9" * 23 and len(capped.encode()) == 47
+    assert serde.cap_reason("short") == "short"
+    assert serde.ack_to_pb(AckData(0, [], [(0, 3, 8, "y" * 300)])).rejected[0].reason == "y" * 48
+
+
+def test_reject_cause_mirrors_the_proto_enum() -> None:
+    assert {c.name: c.value for c in serde.RejectCause} == dict(pb.RejectCause.items())
+    assert max(serde.RejectCause) < 128  # one varint byte: max_ack_bytes counts on it
+
+
+def _worst_acks(n: int, rng: np.random.Generator) -> list[pb.BatchAck]:
+    """Acks of an n-sample batch built to be big: all refused with the longest reasons and
+    codes, alternating duplicates, and random mixes of the three answers."""
+    long_reason = "\u00e9" * (serde.MAX_REASON_BYTES // 2)
+    every = list(range(n))
+    acks = [serde.ack_to_pb(AckData(0, [], [(p, 16, 127, long_reason) for p in every])),
+            serde.ack_to_pb(AckData(n - n // 2, every[1::2], [])),
+            serde.ack_to_pb(AckData(n // 2, every[0::2], []))]
+    for _ in range(3):
+        kind = rng.integers(0, 3, size=n)
+        acks.append(serde.ack_to_pb(AckData(
+            int((kind == 0).sum()), np.flatnonzero(kind == 1).tolist(),
+            [(p, int(rng.integers(1, 17)), int(rng.integers(0, 128)), "r" * 48)
+             for p in np.flatnonzero(kind == 2).tolist()])))
+    return acks
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 127, 128, 129, 4096, 16384, 16385])
+def test_max_ack_bytes_bounds_the_worst_acks(n: int) -> None:
+    # Prepare
+    acks = _worst_acks(n, np.random.default_rng(n))
+
     # Execute
-    room = serde.ack_room(n)
+    bound = serde.max_ack_bytes(n)
+
+    # Assert: every ack is one the sender accepts, and the bound holds for it
+    for ack in acks:
+        serde.pb_to_ack(_wire(ack), n)
+        assert ack.ByteSize() + GRPC_FRAME_BYTES <= bound
+    # and it is tight: all refused with full reasons comes within n + 10 bytes (of ~59n)
+    assert bound - wire_size(acks[0]) <= n + 10
+    if n == 4096:  # the issue's case: alternating duplicates, ~4 KB, where 10 B were kept
+        assert wire_size(acks[1]) > 4000
+
+
+def test_max_ack_bytes_is_the_frame_for_an_empty_batch() -> None:
+    assert serde.max_ack_bytes(0) == wire_size(pb.BatchAck()) == GRPC_FRAME_BYTES
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_max_ack_bytes_bounds_any_ack_the_sender_accepts(data: st.DataObject) -> None:
+    """Adversarial acks, valid by pb_to_ack's rules, built field by field (runs of any
+    length, reasons of any characters, codes and causes anywhere in their ranges)."""
+    # Prepare
+    n = data.draw(st.integers(1, 300))
+    answer = data.draw(st.lists(st.integers(0, 2), min_size=n, max_size=n))  # stored/dup/refused
+    runs: list[int] = []
+    dup, length = False, 0  # the run being counted; the first is not-duplicate (maybe 0)
+    for a in answer:
+        if (a == 1) == dup:
+            length += 1
+        else:
+            runs.append(length)
+            dup, length = a == 1, 1
+    runs.append(length)
+    if not dup and data.draw(st.booleans()):
+        runs.pop()  # a trailing not-duplicate run may be left off
+    reason = st.text(max_size=48).map(serde.cap_reason)
+    where = [p for p, a in enumerate(answer) if a == 2]
+    k = len(where)
+    codes = data.draw(st.lists(st.integers(1, 16), min_size=k, max_size=k))
+    causes = data.draw(st.lists(st.integers(0, 127), min_size=k, max_size=k))
+    reasons = data.draw(st.lists(reason, min_size=k, max_size=k))
+    refused = [pb.Rejected(position=p, code=c, cause=cause,  # type: ignore[arg-type]
+                           reason=r) for p, c, cause, r in zip(where, codes, causes, reasons,
+                                                               strict=True)]
+    ack = pb.BatchAck(stored=answer.count(0), duplicate_runs=runs, rejected=refused)
+
+    # Execute
+    back = serde.pb_to_ack(_wire(ack), n)
 
     # Assert
-    stored = wire_size(serde.ack_to_pb(AckData(n, [], [])))
-    dups = wire_size(pb.BatchAck(duplicate_runs=[0, n]))
-    if n <= 5000:
-        assert wire_size(serde.ack_to_pb(AckData(0, list(range(n)), []))) == (dups if n else 5)
-    assert room == max(stored, dups)
-    assert room <= 5 + 2 + 1 + 4  # frame, tag, length, a 0 run and n: a few bytes a batch
+    assert len(back.duplicates) == answer.count(1)
+    assert ack.ByteSize() + GRPC_FRAME_BYTES <= serde.max_ack_bytes(n)
 
 
 # ---- dataset chunks -------------------------------------------------------------------------

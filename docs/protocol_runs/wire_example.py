@@ -64,7 +64,7 @@ def acks() -> dict[str, pb.BatchAck]:
         "position 1 a duplicate": serde.ack_to_pb(serde.AckData(1, [1], [])),
         "positions 1, 3, 4 of 5 duplicates": serde.ack_to_pb(serde.AckData(2, [1, 3, 4], [])),
         "position 0 refused": serde.ack_to_pb(serde.AckData(1, [], [
-            (0, 7, "image not held by sat-0")])),
+            (0, 7, serde.RejectCause.NOT_YOURS, "image not held by sat-0")])),
     }
 
 

@@ -17,6 +17,23 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UINT16: _ClassVar[DType]
     INT64: _ClassVar[DType]
 
+class RejectCause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REJECT_CAUSE_UNSPECIFIED: _ClassVar[RejectCause]
+    BAD_STRUCTURE: _ClassVar[RejectCause]
+    BAD_LAST_ID: _ClassVar[RejectCause]
+    SATELLITE_CHANGED: _ClassVar[RejectCause]
+    NOT_REGISTERED: _ClassVar[RejectCause]
+    BAD_ID: _ClassVar[RejectCause]
+    REPEATED_ID: _ClassVar[RejectCause]
+    NOT_YOURS: _ClassVar[RejectCause]
+    BAD_LABEL: _ClassVar[RejectCause]
+    BAD_CODE: _ClassVar[RejectCause]
+    BAD_PIXELS: _ClassVar[RejectCause]
+    BAD_TOKEN: _ClassVar[RejectCause]
+    BAD_SCALE: _ClassVar[RejectCause]
+    CONFLICT: _ClassVar[RejectCause]
+
 class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ROLE_UNSPECIFIED: _ClassVar[Role]
@@ -36,6 +53,20 @@ INT8: DType
 UINT8: DType
 UINT16: DType
 INT64: DType
+REJECT_CAUSE_UNSPECIFIED: RejectCause
+BAD_STRUCTURE: RejectCause
+BAD_LAST_ID: RejectCause
+SATELLITE_CHANGED: RejectCause
+NOT_REGISTERED: RejectCause
+BAD_ID: RejectCause
+REPEATED_ID: RejectCause
+NOT_YOURS: RejectCause
+BAD_LABEL: RejectCause
+BAD_CODE: RejectCause
+BAD_PIXELS: RejectCause
+BAD_TOKEN: RejectCause
+BAD_SCALE: RejectCause
+CONFLICT: RejectCause
 ROLE_UNSPECIFIED: Role
 SENSOR: Role
 TRAINER: Role
@@ -57,7 +88,7 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ..., scale: _Optional[float] = ...) -> None: ...
 
 class DownlinkBatch(_message.Message):
-    __slots__ = ("satellite_id", "ids", "labels", "patches", "rle", "shapes", "tokens", "scales")
+    __slots__ = ("satellite_id", "ids", "labels", "patches", "rle", "shapes", "tokens", "scales", "last_id")
     SATELLITE_ID_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +97,7 @@ class DownlinkBatch(_message.Message):
     SHAPES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     SCALES_FIELD_NUMBER: _ClassVar[int]
+    LAST_ID_FIELD_NUMBER: _ClassVar[int]
     satellite_id: str
     ids: _containers.RepeatedScalarFieldContainer[int]
     labels: _containers.RepeatedScalarFieldContainer[int]
@@ -74,17 +106,20 @@ class DownlinkBatch(_message.Message):
     shapes: _containers.RepeatedScalarFieldContainer[int]
     tokens: bytes
     scales: bytes
-    def __init__(self, satellite_id: _Optional[str] = ..., ids: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[int]] = ..., patches: _Optional[_Iterable[bytes]] = ..., rle: _Optional[bytes] = ..., shapes: _Optional[_Iterable[int]] = ..., tokens: _Optional[bytes] = ..., scales: _Optional[bytes] = ...) -> None: ...
+    last_id: int
+    def __init__(self, satellite_id: _Optional[str] = ..., ids: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[int]] = ..., patches: _Optional[_Iterable[bytes]] = ..., rle: _Optional[bytes] = ..., shapes: _Optional[_Iterable[int]] = ..., tokens: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., last_id: _Optional[int] = ...) -> None: ...
 
 class Rejected(_message.Message):
-    __slots__ = ("position", "code", "reason")
+    __slots__ = ("position", "code", "reason", "cause")
     POSITION_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    CAUSE_FIELD_NUMBER: _ClassVar[int]
     position: int
     code: int
     reason: str
-    def __init__(self, position: _Optional[int] = ..., code: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    cause: RejectCause
+    def __init__(self, position: _Optional[int] = ..., code: _Optional[int] = ..., reason: _Optional[str] = ..., cause: _Optional[_Union[RejectCause, str]] = ...) -> None: ...
 
 class BatchAck(_message.Message):
     __slots__ = ("stored", "duplicate_runs", "rejected")

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto.sparsat.v1 import sparsat_pb2 as proto_dot_sparsat_dot_v1_dot_sparsat__pb2
+from proto.sparsat.v1 import sparsat_pb2 as sparsat_dot_v1_dot_sparsat__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -36,8 +36,8 @@ class DownlinkStub:
         """
         self.Send = channel.stream_stream(
                 '/sparsat.v1.Downlink/Send',
-                request_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.DownlinkBatch.SerializeToString,
-                response_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.BatchAck.FromString,
+                request_serializer=sparsat_dot_v1_dot_sparsat__pb2.DownlinkBatch.SerializeToString,
+                response_deserializer=sparsat_dot_v1_dot_sparsat__pb2.BatchAck.FromString,
                 _registered_method=True)
 
 
@@ -55,8 +55,8 @@ def add_DownlinkServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Send': grpc.stream_stream_rpc_method_handler(
                     servicer.Send,
-                    request_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.DownlinkBatch.FromString,
-                    response_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.BatchAck.SerializeToString,
+                    request_deserializer=sparsat_dot_v1_dot_sparsat__pb2.DownlinkBatch.FromString,
+                    response_serializer=sparsat_dot_v1_dot_sparsat__pb2.BatchAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -84,8 +84,8 @@ class Downlink:
             request_iterator,
             target,
             '/sparsat.v1.Downlink/Send',
-            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.DownlinkBatch.SerializeToString,
-            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.BatchAck.FromString,
+            sparsat_dot_v1_dot_sparsat__pb2.DownlinkBatch.SerializeToString,
+            sparsat_dot_v1_dot_sparsat__pb2.BatchAck.FromString,
             options,
             channel_credentials,
             insecure,
@@ -108,13 +108,13 @@ class RegistryStub:
         """
         self.Register = channel.unary_unary(
                 '/sparsat.v1.Registry/Register',
-                request_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.RegisterRequest.SerializeToString,
-                response_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.RegisterReply.FromString,
+                request_serializer=sparsat_dot_v1_dot_sparsat__pb2.RegisterRequest.SerializeToString,
+                response_deserializer=sparsat_dot_v1_dot_sparsat__pb2.RegisterReply.FromString,
                 _registered_method=True)
         self.ListNodes = channel.unary_unary(
                 '/sparsat.v1.Registry/ListNodes',
-                request_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.ListNodesRequest.SerializeToString,
-                response_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.ListNodesReply.FromString,
+                request_serializer=sparsat_dot_v1_dot_sparsat__pb2.ListNodesRequest.SerializeToString,
+                response_deserializer=sparsat_dot_v1_dot_sparsat__pb2.ListNodesReply.FromString,
                 _registered_method=True)
 
 
@@ -138,13 +138,13 @@ def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Register': grpc.unary_unary_rpc_method_handler(
                     servicer.Register,
-                    request_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.RegisterRequest.FromString,
-                    response_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.RegisterReply.SerializeToString,
+                    request_deserializer=sparsat_dot_v1_dot_sparsat__pb2.RegisterRequest.FromString,
+                    response_serializer=sparsat_dot_v1_dot_sparsat__pb2.RegisterReply.SerializeToString,
             ),
             'ListNodes': grpc.unary_unary_rpc_method_handler(
                     servicer.ListNodes,
-                    request_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.ListNodesRequest.FromString,
-                    response_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.ListNodesReply.SerializeToString,
+                    request_deserializer=sparsat_dot_v1_dot_sparsat__pb2.ListNodesRequest.FromString,
+                    response_serializer=sparsat_dot_v1_dot_sparsat__pb2.ListNodesReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,8 +172,8 @@ class Registry:
             request,
             target,
             '/sparsat.v1.Registry/Register',
-            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.RegisterRequest.SerializeToString,
-            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.RegisterReply.FromString,
+            sparsat_dot_v1_dot_sparsat__pb2.RegisterRequest.SerializeToString,
+            sparsat_dot_v1_dot_sparsat__pb2.RegisterReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -199,8 +199,8 @@ class Registry:
             request,
             target,
             '/sparsat.v1.Registry/ListNodes',
-            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.ListNodesRequest.SerializeToString,
-            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.ListNodesReply.FromString,
+            sparsat_dot_v1_dot_sparsat__pb2.ListNodesRequest.SerializeToString,
+            sparsat_dot_v1_dot_sparsat__pb2.ListNodesReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -223,8 +223,8 @@ class HealthStub:
         """
         self.Check = channel.unary_unary(
                 '/sparsat.v1.Health/Check',
-                request_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.HealthRequest.SerializeToString,
-                response_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.HealthReply.FromString,
+                request_serializer=sparsat_dot_v1_dot_sparsat__pb2.HealthRequest.SerializeToString,
+                response_deserializer=sparsat_dot_v1_dot_sparsat__pb2.HealthReply.FromString,
                 _registered_method=True)
 
 
@@ -242,8 +242,8 @@ def add_HealthServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Check': grpc.unary_unary_rpc_method_handler(
                     servicer.Check,
-                    request_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.HealthRequest.FromString,
-                    response_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.HealthReply.SerializeToString,
+                    request_deserializer=sparsat_dot_v1_dot_sparsat__pb2.HealthRequest.FromString,
+                    response_serializer=sparsat_dot_v1_dot_sparsat__pb2.HealthReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -271,8 +271,8 @@ class Health:
             request,
             target,
             '/sparsat.v1.Health/Check',
-            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.HealthRequest.SerializeToString,
-            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.HealthReply.FromString,
+            sparsat_dot_v1_dot_sparsat__pb2.HealthRequest.SerializeToString,
+            sparsat_dot_v1_dot_sparsat__pb2.HealthReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -295,8 +295,8 @@ class SensorStub:
         """
         self.Transmit = channel.unary_unary(
                 '/sparsat.v1.Sensor/Transmit',
-                request_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.TransmitRequest.SerializeToString,
-                response_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.TransmitReport.FromString,
+                request_serializer=sparsat_dot_v1_dot_sparsat__pb2.TransmitRequest.SerializeToString,
+                response_deserializer=sparsat_dot_v1_dot_sparsat__pb2.TransmitReport.FromString,
                 _registered_method=True)
 
 
@@ -314,8 +314,8 @@ def add_SensorServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Transmit': grpc.unary_unary_rpc_method_handler(
                     servicer.Transmit,
-                    request_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.TransmitRequest.FromString,
-                    response_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.TransmitReport.SerializeToString,
+                    request_deserializer=sparsat_dot_v1_dot_sparsat__pb2.TransmitRequest.FromString,
+                    response_serializer=sparsat_dot_v1_dot_sparsat__pb2.TransmitReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -343,8 +343,8 @@ class Sensor:
             request,
             target,
             '/sparsat.v1.Sensor/Transmit',
-            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.TransmitRequest.SerializeToString,
-            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.TransmitReport.FromString,
+            sparsat_dot_v1_dot_sparsat__pb2.TransmitRequest.SerializeToString,
+            sparsat_dot_v1_dot_sparsat__pb2.TransmitReport.FromString,
             options,
             channel_credentials,
             insecure,
@@ -367,13 +367,13 @@ class TrainerStub:
         """
         self.LoadDataset = channel.stream_unary(
                 '/sparsat.v1.Trainer/LoadDataset',
-                request_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.DatasetChunk.SerializeToString,
-                response_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.LoadDatasetReply.FromString,
+                request_serializer=sparsat_dot_v1_dot_sparsat__pb2.DatasetChunk.SerializeToString,
+                response_deserializer=sparsat_dot_v1_dot_sparsat__pb2.LoadDatasetReply.FromString,
                 _registered_method=True)
         self.Train = channel.stream_stream(
                 '/sparsat.v1.Trainer/Train',
-                request_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.TrainRequest.SerializeToString,
-                response_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.TrainReply.FromString,
+                request_serializer=sparsat_dot_v1_dot_sparsat__pb2.TrainRequest.SerializeToString,
+                response_deserializer=sparsat_dot_v1_dot_sparsat__pb2.TrainReply.FromString,
                 _registered_method=True)
 
 
@@ -401,13 +401,13 @@ def add_TrainerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'LoadDataset': grpc.stream_unary_rpc_method_handler(
                     servicer.LoadDataset,
-                    request_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.DatasetChunk.FromString,
-                    response_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.LoadDatasetReply.SerializeToString,
+                    request_deserializer=sparsat_dot_v1_dot_sparsat__pb2.DatasetChunk.FromString,
+                    response_serializer=sparsat_dot_v1_dot_sparsat__pb2.LoadDatasetReply.SerializeToString,
             ),
             'Train': grpc.stream_stream_rpc_method_handler(
                     servicer.Train,
-                    request_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.TrainRequest.FromString,
-                    response_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.TrainReply.SerializeToString,
+                    request_deserializer=sparsat_dot_v1_dot_sparsat__pb2.TrainRequest.FromString,
+                    response_serializer=sparsat_dot_v1_dot_sparsat__pb2.TrainReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -435,8 +435,8 @@ class Trainer:
             request_iterator,
             target,
             '/sparsat.v1.Trainer/LoadDataset',
-            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.DatasetChunk.SerializeToString,
-            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.LoadDatasetReply.FromString,
+            sparsat_dot_v1_dot_sparsat__pb2.DatasetChunk.SerializeToString,
+            sparsat_dot_v1_dot_sparsat__pb2.LoadDatasetReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -462,8 +462,8 @@ class Trainer:
             request_iterator,
             target,
             '/sparsat.v1.Trainer/Train',
-            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.TrainRequest.SerializeToString,
-            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.TrainReply.FromString,
+            sparsat_dot_v1_dot_sparsat__pb2.TrainRequest.SerializeToString,
+            sparsat_dot_v1_dot_sparsat__pb2.TrainReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -486,23 +486,23 @@ class MissionStub:
         """
         self.Prepare = channel.unary_stream(
                 '/sparsat.v1.Mission/Prepare',
-                request_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.PrepareRequest.SerializeToString,
-                response_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.Progress.FromString,
+                request_serializer=sparsat_dot_v1_dot_sparsat__pb2.PrepareRequest.SerializeToString,
+                response_deserializer=sparsat_dot_v1_dot_sparsat__pb2.Progress.FromString,
                 _registered_method=True)
         self.TrainEpoch = channel.unary_unary(
                 '/sparsat.v1.Mission/TrainEpoch',
-                request_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.TrainEpochRequest.SerializeToString,
-                response_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.EpochReport.FromString,
+                request_serializer=sparsat_dot_v1_dot_sparsat__pb2.TrainEpochRequest.SerializeToString,
+                response_deserializer=sparsat_dot_v1_dot_sparsat__pb2.EpochReport.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/sparsat.v1.Mission/Stats',
-                request_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.StatsRequest.SerializeToString,
-                response_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.StatsReply.FromString,
+                request_serializer=sparsat_dot_v1_dot_sparsat__pb2.StatsRequest.SerializeToString,
+                response_deserializer=sparsat_dot_v1_dot_sparsat__pb2.StatsReply.FromString,
                 _registered_method=True)
         self.Describe = channel.unary_unary(
                 '/sparsat.v1.Mission/Describe',
-                request_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.DescribeRequest.SerializeToString,
-                response_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.MissionInfo.FromString,
+                request_serializer=sparsat_dot_v1_dot_sparsat__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=sparsat_dot_v1_dot_sparsat__pb2.MissionInfo.FromString,
                 _registered_method=True)
 
 
@@ -538,23 +538,23 @@ def add_MissionServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Prepare': grpc.unary_stream_rpc_method_handler(
                     servicer.Prepare,
-                    request_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.PrepareRequest.FromString,
-                    response_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.Progress.SerializeToString,
+                    request_deserializer=sparsat_dot_v1_dot_sparsat__pb2.PrepareRequest.FromString,
+                    response_serializer=sparsat_dot_v1_dot_sparsat__pb2.Progress.SerializeToString,
             ),
             'TrainEpoch': grpc.unary_unary_rpc_method_handler(
                     servicer.TrainEpoch,
-                    request_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.TrainEpochRequest.FromString,
-                    response_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.EpochReport.SerializeToString,
+                    request_deserializer=sparsat_dot_v1_dot_sparsat__pb2.TrainEpochRequest.FromString,
+                    response_serializer=sparsat_dot_v1_dot_sparsat__pb2.EpochReport.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
-                    request_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.StatsRequest.FromString,
-                    response_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.StatsReply.SerializeToString,
+                    request_deserializer=sparsat_dot_v1_dot_sparsat__pb2.StatsRequest.FromString,
+                    response_serializer=sparsat_dot_v1_dot_sparsat__pb2.StatsReply.SerializeToString,
             ),
             'Describe': grpc.unary_unary_rpc_method_handler(
                     servicer.Describe,
-                    request_deserializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.DescribeRequest.FromString,
-                    response_serializer=proto_dot_sparsat_dot_v1_dot_sparsat__pb2.MissionInfo.SerializeToString,
+                    request_deserializer=sparsat_dot_v1_dot_sparsat__pb2.DescribeRequest.FromString,
+                    response_serializer=sparsat_dot_v1_dot_sparsat__pb2.MissionInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -582,8 +582,8 @@ class Mission:
             request,
             target,
             '/sparsat.v1.Mission/Prepare',
-            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.PrepareRequest.SerializeToString,
-            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.Progress.FromString,
+            sparsat_dot_v1_dot_sparsat__pb2.PrepareRequest.SerializeToString,
+            sparsat_dot_v1_dot_sparsat__pb2.Progress.FromString,
             options,
             channel_credentials,
             insecure,
@@ -609,8 +609,8 @@ class Mission:
             request,
             target,
             '/sparsat.v1.Mission/TrainEpoch',
-            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.TrainEpochRequest.SerializeToString,
-            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.EpochReport.FromString,
+            sparsat_dot_v1_dot_sparsat__pb2.TrainEpochRequest.SerializeToString,
+            sparsat_dot_v1_dot_sparsat__pb2.EpochReport.FromString,
             options,
             channel_credentials,
             insecure,
@@ -636,8 +636,8 @@ class Mission:
             request,
             target,
             '/sparsat.v1.Mission/Stats',
-            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.StatsRequest.SerializeToString,
-            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.StatsReply.FromString,
+            sparsat_dot_v1_dot_sparsat__pb2.StatsRequest.SerializeToString,
+            sparsat_dot_v1_dot_sparsat__pb2.StatsReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -663,8 +663,8 @@ class Mission:
             request,
             target,
             '/sparsat.v1.Mission/Describe',
-            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.DescribeRequest.SerializeToString,
-            proto_dot_sparsat_dot_v1_dot_sparsat__pb2.MissionInfo.FromString,
+            sparsat_dot_v1_dot_sparsat__pb2.DescribeRequest.SerializeToString,
+            sparsat_dot_v1_dot_sparsat__pb2.MissionInfo.FromString,
             options,
             channel_credentials,
             insecure,
