@@ -108,15 +108,30 @@ def test_pack_closes_a_batch_at_the_most_samples_a_batch_may_hold(
     assert [len(b.items) for b in batches] == [3, 3, 1]
 
 
+class _Stream:
+    """What SendStreams needs of a stream's context (its idle watchdog may cancel it)."""
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+    def cancel(self) -> None:
+        pass
+
+
 def test_one_caller_holds_at_most_its_share_of_the_send_streams() -> None:
     streams = SendStreams(limit=16, idle_s=60)
-    keys = [streams.open(object(), "sensor host a") for _ in range(MAX_SEND_STREAMS_PER_CALLER)]
+    keys = [streams.open(_Stream(), "sensor host a")  # type: ignore[arg-type]
+            for _ in range(MAX_SEND_STREAMS_PER_CALLER)]
     assert all(isinstance(k, int) for k in keys)
-    refused = streams.open(object(), "sensor host a")
+    refused = streams.open(_Stream(), "sensor host a")  # type: ignore[arg-type]
     assert isinstance(refused, str) and "sensor host a has 4 downlink streams open" in refused
-    assert isinstance(streams.open(object(), "sensor host b"), int)  # another caller: yes
+    other = streams.open(_Stream(), "sensor host b")  # type: ignore[arg-type]
+    assert isinstance(other, int)  # another caller: yes
     streams.close(keys[0])  # type: ignore[arg-type]
-    assert isinstance(streams.open(object(), "sensor host a"), int)
+    again = streams.open(_Stream(), "sensor host a")  # type: ignore[arg-type]
+    assert isinstance(again, int)
+    for k in [*keys[1:], other, again]:
+        streams.close(k)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
