@@ -74,9 +74,10 @@ gpu-check: install data
 # the new and the shipped checkpoint in the same run, and the adoption rule: adopt the new one
 # only if its probe rises and it is at most 8 MiB (bench/gpu_check.py adopt; exit 1 = keep).
 # PRETRAIN_DEVICE=cpu: the same steps on the CPU (tests/test_bench_smoke.py runs them with one
-# epoch on a tiny Fashion-MNIST in $$SPARSAT_DATA).
+# epoch, PROBE_EPOCHS=2, on a tiny Fashion-MNIST in $$SPARSAT_DATA).
 PRETRAIN_EPOCHS ?= 100
 PRETRAIN_DEVICE ?= cuda
+PROBE_EPOCHS ?= 10
 PRETRAIN_OUT ?= runs/gpu-pretrain/d8-e$(PRETRAIN_EPOCHS)
 PRETRAIN_STOP_AFTER ?=
 SHIPPED_ENCODER ?= node/weights/vit_tiny_d8_patch4_28_fmnist_mae_e32.pt
@@ -87,9 +88,9 @@ gpu-pretrain: install data
 	    --epochs $(PRETRAIN_EPOCHS) --seed 10 --out $(PRETRAIN_OUT) \
 	    $(if $(PRETRAIN_STOP_AFTER),--stop-after $(PRETRAIN_STOP_AFTER))
 	@test -f $(PRETRAIN_OUT)/encoder.pt || { echo "pretraining stopped early; run again to resume"; exit 0; }; \
-	$(PY) bench/probe.py --weights $(PRETRAIN_OUT)/encoder.pt --pooling mean --epochs 10 \
+	$(PY) bench/probe.py --weights $(PRETRAIN_OUT)/encoder.pt --pooling mean --epochs $(PROBE_EPOCHS) \
 	    --ratios 0.5 | tee $(PRETRAIN_OUT)/probe.log && \
-	$(PY) bench/probe.py --weights $(SHIPPED_ENCODER) --pooling mean --epochs 10 \
+	$(PY) bench/probe.py --weights $(SHIPPED_ENCODER) --pooling mean --epochs $(PROBE_EPOCHS) \
 	    --ratios 0.5 | tee $(PRETRAIN_OUT)/probe_shipped.log && \
 	$(PY) bench/gpu_check.py adopt --new $(PRETRAIN_OUT)/probe.log \
 	    --baseline $(PRETRAIN_OUT)/probe_shipped.log --checkpoint $(PRETRAIN_OUT)/encoder.pt

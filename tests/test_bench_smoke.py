@@ -76,6 +76,12 @@ def make_variable(name: str) -> str:
     return out.strip()
 
 
+def ratio_of_rounded(a: float, b: float) -> Any:
+    """a / b as a bench rounds it (to 0.01) from rates it printed rounded to 0.1."""
+    q = a / b
+    return pytest.approx(q, abs=0.005 + q * (0.05 / a + 0.05 / b) * 1.01)
+
+
 def mlp_params(d: int, hidden: tuple[int, int], c: int) -> int:
     h1, h2 = hidden
     return d * h1 + h1 + h1 * h2 + h2 + h2 * c + c
@@ -95,13 +101,13 @@ def test_encoder_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     n = encoders.config(name).grid ** 2
     for r in (0.0, 0.5, 0.75):
         vis = f[f"{tag}_r{r}_visible_images_per_s"]
-        assert vis > 0 and f[f"{tag}_r{r}_speedup_vs_full"] == pytest.approx(vis / full, abs=0.01)
+        assert vis > 0 and f[f"{tag}_r{r}_speedup_vs_full"] == ratio_of_rounded(vis, full)
         # the line names the tokens kept: the bench really masked at r
         assert any(f"r={r:<4} visible ({num_visible(n, r):3d} tokens)" in line for line in lines)
     for ragged in ("group", "pad"):
         assert f[f"{tag}_ragged_{ragged}_images_per_s"] > 0
-    assert f[f"{tag}_ragged_group_over_pad"] == pytest.approx(
-        f[f"{tag}_ragged_group_images_per_s"] / f[f"{tag}_ragged_pad_images_per_s"], abs=0.01)
+    assert f[f"{tag}_ragged_group_over_pad"] == ratio_of_rounded(
+        f[f"{tag}_ragged_group_images_per_s"], f[f"{tag}_ragged_pad_images_per_s"])
 
 
 def test_orbits_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
@@ -255,14 +261,15 @@ def test_make_gpu_check_steps_on_cpu(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_make_gpu_pretrain_steps_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                         ) -> None:
-    """`make gpu-pretrain`'s own recipe on the CPU, one epoch on a tiny Fashion-MNIST (192
-    training images, 64 test): `sparsat pretrain`, the probe of the new and the shipped
-    checkpoint, the adoption rule; then bench/pretrain_curve.py on the run's record."""
-    _tiny_fashion_mnist(tmp_path / "data", 192, 64)
+    """`make gpu-pretrain`'s own recipe on the CPU, one epoch on a tiny Fashion-MNIST (256
+    training images: one of pretraining's batches; 64 test): `sparsat pretrain`, the 2-epoch
+    probe of the new and the shipped checkpoint, the adoption rule; then
+    bench/pretrain_curve.py on the run's record."""
+    _tiny_fashion_mnist(tmp_path / "data", 256, 64)
     out = tmp_path / "pretrain"
 
     done = make("gpu-pretrain", {"PRETRAIN_DEVICE": "cpu", "PRETRAIN_EPOCHS": "1",
-                                 "PRETRAIN_OUT": str(out)},
+                                 "PROBE_EPOCHS": "2", "PRETRAIN_OUT": str(out)},
                 env={"SPARSAT_DATA": str(tmp_path / "data")})
 
     verdict = re.search(r"probe r=0.5 \(mean pooling\): new ([\d.]+) vs shipped ([\d.]+) .*"
@@ -279,7 +286,7 @@ def test_make_gpu_pretrain_steps_on_cpu(tmp_path: Path, capsys: pytest.CaptureFi
     assert json.loads(record.read_text())["config"]["epochs"] == 1
 
     f, _ = run_main("pretrain_curve", [str(record)], capsys)
-    assert f["epochs"] == 1 and f["final_loss"] > 0
+    assert f["epochs"] == 1 and 0 < f["final_loss"] < 10  # norm_pix MSE: O(1)
 
 
 def test_tiny_fashion_mnist_reads_back(tmp_path: Path) -> None:
