@@ -16,9 +16,11 @@ Run from the repo root:
         the same at tiny sizes, in seconds (512 rows or training images, 256 test images,
         2 local steps, configs ist_k2_reset and local_sgd_k2_reset unless --configs names
         others): what tests/test_bench_smoke.py runs.
-Trainers are local `sparsat node trainer` processes on localhost, training on --device
-(default cpu; cuda puts every trainer on this machine's GPU); the coordinator is the ground
-station's own, talking real gRPC to them. Every figure is measured from the messages; a
+Trainers are local `sparsat node trainer` processes on localhost, started as the local
+launcher starts nodes (forked from its fork server), training on --device (default cpu; cuda
+puts every trainer on this machine's GPU); the coordinator is the ground station's own,
+talking real gRPC to them over TLS with node tokens (credentials made for the run in its log
+folder, printed when a trainer fails). Every figure is measured from the messages; a
 round's wall time (`round_wall_s`) is the median over rounds of its slowest trainer call
 (parameters out, the L local steps, parameters back).
 The last stdout line is one JSON object with every figure, including ist_k4_round_bytes and

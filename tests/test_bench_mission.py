@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from node.masking import num_visible
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "mission.py"
 
 pytestmark = pytest.mark.slow
@@ -29,13 +31,15 @@ def test_mission_bench_reports_every_stage(tmp_path: Path,
     assert (res["satellites"], res["images"], res["epochs"]) == (10, 300, 1)
     assert res["sensor_processes"] == 2 and res["processes"] == 5  # + ground station, 2 trainers
     assert res["samples_stored"] == 300 and res["test_images"] == 200
-    assert res["downlink_bytes"] > 300 * 28 * 28 // 2  # r = 0.5 patches: half the pixels, at least
+    # r = 0.5 patches: each image's visible 4x4 tiles and a little framing, well under the
+    # whole images
+    assert 300 * num_visible(49, 0.5) * 16 < res["downlink_bytes"] < 300 * 28 * 28 * 0.6
     walls = res["stage_wall_s"]
     assert set(walls) == {"startup", "contacts", "downlink", "prepare", "training", "report",
                           "shutdown"}
     assert all(v >= 0 for v in walls.values()) and walls["prepare"] > 0
     assert sum(walls.values()) <= res["total_wall_s"] + 0.5
-    assert 0 < res["final_accuracy"] <= 1
+    assert 0.2 < res["final_accuracy"] <= 1  # chance is 0.1
     assert (out / "certs" / "ground-station" / "token").exists()  # its nodes ran with credentials
     assert set(res["stage_cpu_s"]["prepare"]) >= {"ground-station", "mission-control"}
     assert (out / "results.json").exists() and (out / "scenario.yaml").exists()
