@@ -6,7 +6,7 @@ For each encoder and masking ratio r, `visible` runs only the visible tokens thr
 (what sparsat does); `full` runs every token of the zero-filled canvas, which costs the same
 whatever r is. Also times the two ways of batching images with different visible counts
 (group by count vs pad + attention mask). The last stdout line is one JSON object.
---smoke: batch 2, one timed run, 8 mixed-count images (seconds with the default encoder).
+--smoke: batch 2, one timed run, 4 mixed-count images (seconds with the default encoder).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from node.encoders import Encoder
 from node.masking import num_visible
 
 RATIOS = (0.0, 0.5, 0.75)
-SMOKE = {"batch": 2, "repeat": 1, "ragged_images": 8}
+SMOKE = {"batch": 2, "repeat": 1, "ragged_images": 4}
 
 
 def _sync() -> None:
