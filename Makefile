@@ -41,7 +41,13 @@ test: install data
 # the default encoder, visible-token encoding at r = 0, 0.5, 0.75, CUDA only) and the IST bench
 # (trainer processes on CUDA, round wall time). Each bench's output goes to $(GPU_OUT)/NAME.log,
 # its JSON line to $(GPU_OUT)/NAME.json; a summary is printed at the end.
+# GPU_DEVICE=cpu: the same steps on the CPU (no CUDA needed; the GPU tests skip). GPU_SMOKE=1:
+# the benches at their --smoke sizes (seconds). tests/test_bench_smoke.py runs this target with
+# both in `make test` (GPU_TESTS: the test files to collect instead of all of tests/).
 GPU_OUT ?= runs/gpu-check
+GPU_DEVICE ?= cuda
+GPU_SMOKE ?=
+GPU_TESTS ?=
 GPU_ENCODERS ?= mae_vit_base_patch16,vit_tiny_d8_patch4_28
 GPU_BATCH ?= 32
 GPU_REPEAT ?= 10
@@ -51,13 +57,14 @@ gpu-check gpu-pretrain: SHELL := /bin/bash
 gpu-check gpu-pretrain: .SHELLFLAGS := -o pipefail -c
 
 gpu-check: install data
-	@$(PY) bench/gpu_check.py require-cuda
+	@$(PY) bench/gpu_check.py require $(GPU_DEVICE)
 	@mkdir -p $(GPU_OUT)
-	$(PY) -m pytest -q -m gpu
-	$(PY) bench/encoder.py --devices cuda --encoders $(GPU_ENCODERS) --batch $(GPU_BATCH) \
-	    --repeat $(GPU_REPEAT) | tee $(GPU_OUT)/encoder.log
+	$(PY) -m pytest -q -m gpu $(GPU_TESTS)
+	$(PY) bench/encoder.py --devices $(GPU_DEVICE) --encoders $(GPU_ENCODERS) \
+	    $(if $(GPU_SMOKE),--smoke,--batch $(GPU_BATCH) --repeat $(GPU_REPEAT)) | tee $(GPU_OUT)/encoder.log
 	tail -n 1 $(GPU_OUT)/encoder.log > $(GPU_OUT)/encoder.json
-	$(PY) bench/ist.py --device cuda --configs $(GPU_IST_CONFIGS) | tee $(GPU_OUT)/ist.log
+	$(PY) bench/ist.py --device $(GPU_DEVICE) --configs $(GPU_IST_CONFIGS) $(if $(GPU_SMOKE),--smoke) \
+	    | tee $(GPU_OUT)/ist.log
 	tail -n 1 $(GPU_OUT)/ist.log > $(GPU_OUT)/ist.json
 	@$(PY) bench/gpu_check.py summary $(GPU_OUT)
 
@@ -66,20 +73,24 @@ gpu-check: install data
 # $(PRETRAIN_OUT)/last.pt; PRETRAIN_STOP_AFTER=N stops after N epochs). Then the r = 0.5 probe of
 # the new and the shipped checkpoint in the same run, and the adoption rule: adopt the new one
 # only if its probe rises and it is at most 8 MiB (bench/gpu_check.py adopt; exit 1 = keep).
+# PRETRAIN_DEVICE=cpu: the same steps on the CPU (tests/test_bench_smoke.py runs them with one
+# epoch, PROBE_EPOCHS=2, on a tiny Fashion-MNIST in $$SPARSAT_DATA).
 PRETRAIN_EPOCHS ?= 100
+PRETRAIN_DEVICE ?= cuda
+PROBE_EPOCHS ?= 10
 PRETRAIN_OUT ?= runs/gpu-pretrain/d8-e$(PRETRAIN_EPOCHS)
 PRETRAIN_STOP_AFTER ?=
 SHIPPED_ENCODER ?= node/weights/vit_tiny_d8_patch4_28_fmnist_mae_e32.pt
 
 gpu-pretrain: install data
-	@$(PY) bench/gpu_check.py require-cuda
-	$(VENV)/bin/sparsat pretrain --encoder vit_tiny_d8_patch4_28 --device cuda \
+	@$(PY) bench/gpu_check.py require $(PRETRAIN_DEVICE)
+	$(VENV)/bin/sparsat pretrain --encoder vit_tiny_d8_patch4_28 --device $(PRETRAIN_DEVICE) \
 	    --epochs $(PRETRAIN_EPOCHS) --seed 10 --out $(PRETRAIN_OUT) \
 	    $(if $(PRETRAIN_STOP_AFTER),--stop-after $(PRETRAIN_STOP_AFTER))
 	@test -f $(PRETRAIN_OUT)/encoder.pt || { echo "pretraining stopped early; run again to resume"; exit 0; }; \
-	$(PY) bench/probe.py --weights $(PRETRAIN_OUT)/encoder.pt --pooling mean --epochs 10 \
+	$(PY) bench/probe.py --weights $(PRETRAIN_OUT)/encoder.pt --pooling mean --epochs $(PROBE_EPOCHS) \
 	    --ratios 0.5 | tee $(PRETRAIN_OUT)/probe.log && \
-	$(PY) bench/probe.py --weights $(SHIPPED_ENCODER) --pooling mean --epochs 10 \
+	$(PY) bench/probe.py --weights $(SHIPPED_ENCODER) --pooling mean --epochs $(PROBE_EPOCHS) \
 	    --ratios 0.5 | tee $(PRETRAIN_OUT)/probe_shipped.log && \
 	$(PY) bench/gpu_check.py adopt --new $(PRETRAIN_OUT)/probe.log \
 	    --baseline $(PRETRAIN_OUT)/probe_shipped.log --checkpoint $(PRETRAIN_OUT)/encoder.pt

@@ -1,11 +1,12 @@
 """Encoder benchmark: images/s of visible-token encoding vs full-image encoding.
 
 Run from the repo root: .venv/bin/python bench/encoder.py [--batch 32] [--repeat 3]
-    [--devices cpu,cuda] [--encoders NAME,...]
+    [--devices cpu,cuda] [--encoders NAME,...] [--smoke]
 For each encoder and masking ratio r, `visible` runs only the visible tokens through the ViT
 (what sparsat does); `full` runs every token of the zero-filled canvas, which costs the same
 whatever r is. Also times the two ways of batching images with different visible counts
 (group by count vs pad + attention mask). The last stdout line is one JSON object.
+--smoke: batch 2, one timed run, 4 mixed-count images (seconds with the default encoder).
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
+from bench import parse_args
 from node import encoders
 from node.encoders import Encoder
 from node.masking import num_visible
 
 RATIOS = (0.0, 0.5, 0.75)
+SMOKE = {"batch": 2, "repeat": 1, "ragged_images": 4}
 
 
 def _sync() -> None:
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--devices", default=None,
                         help="comma-separated: cpu, cuda (default: cpu, plus cuda when there "
                              "is one)")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv, SMOKE)
     names = args.devices.split(",") if args.devices else (
         ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     bad = [d for d in names if d not in ("cpu", "cuda")]

@@ -1,11 +1,14 @@
 """Helpers for `make gpu-check` and `make gpu-pretrain`: the CUDA gate, the summary, the verdict.
 
-    .venv/bin/python bench/gpu_check.py require-cuda
-        exits 1 with one line on stderr when torch sees no CUDA device.
+    .venv/bin/python bench/gpu_check.py require cuda   (or require-cuda)
+        exits 1 with one line on stderr when torch sees no CUDA device; `require cpu`
+        (GPU_DEVICE=cpu: the same steps on the CPU, as tests/test_bench_smoke.py runs them)
+        only says so.
     .venv/bin/python bench/gpu_check.py summary runs/gpu-check
         reads encoder.json and ist.json there (each bench's last stdout line) and prints the
         figures the README quotes: visible-token images/s at r = 0, 0.5, 0.75 and the IST
-        round wall time.
+        round wall time, for the device the benches ran on; exits 1 naming what is missing
+        when a bench's figures are not all there.
     .venv/bin/python bench/gpu_check.py adopt --new NEW.json --baseline OLD.json \
             --checkpoint DIR/encoder.pt
         the adoption rule for a longer pretraining run: its `bench/probe.py --pooling mean`
@@ -26,7 +29,10 @@ CAP_BYTES = 8 * 1024 * 1024  # the shipped-checkpoint cap (tests/test_encoders.p
 RATIOS = ("0.0", "0.5", "0.75")
 
 
-def require_cuda() -> int:
+def require(device: str) -> int:
+    if device == "cpu":
+        print("the GPU check's steps on the CPU (GPU_DEVICE=cpu): no CUDA needed")
+        return 0
     import torch
 
     if not torch.cuda.is_available():
@@ -51,23 +57,42 @@ def _json_line(path: Path) -> dict[str, Any]:
     raise SystemExit(f"{path}: no JSON line")
 
 
+def _figure(found: dict[str, Any], key: str, where: Path) -> Any:
+    """found[key]; a bench that left it out (or wrote null) stops the summary, exit 1."""
+    if found.get(key) is None:
+        raise SystemExit(f"{where}: no {key}")
+    return found[key]
+
+
 def summary(folder: Path) -> int:
-    enc = _json_line(folder / "encoder.json")
-    print(f"encoder bench ({enc.get('cuda_device', '?')}, batch {enc.get('batch')}):")
-    names = sorted({k.rsplit("_cuda_", 1)[0] for k in enc if "_cuda_" in k})
-    for name in names:
-        tag = f"{name}_cuda"
-        full = enc.get(f"{tag}_full_images_per_s")
-        rates = "  ".join(f"r={r}: {enc.get(f'{tag}_r{r}_visible_images_per_s')}" for r in RATIOS)
-        print(f"  {name:24s} visible-token img/s  {rates}  (full image {full}; "
-              f"r=0.75 / r=0 x{enc.get(f'{tag}_r0.75_over_r0')})")
-    ist = _json_line(folder / "ist.json")
+    path = folder / "encoder.json"
+    enc = _json_line(path)
+    devices = _figure(enc, "devices", path)
+    print(f"encoder bench ({enc.get('cuda_device', ', '.join(devices))}, batch "
+          f"{enc.get('batch')}):")
+    for device in devices:
+        names = sorted({k.rsplit(f"_{device}_", 1)[0] for k in enc if f"_{device}_" in k})
+        if not names:
+            raise SystemExit(f"{path}: no figures on {device}")
+        for name in names:
+            tag = f"{name}_{device}"
+            full = _figure(enc, f"{tag}_full_images_per_s", path)
+            rates = "  ".join(f"r={r}: {_figure(enc, f'{tag}_r{r}_visible_images_per_s', path)}"
+                              for r in RATIOS)
+            print(f"  {tag:28s} visible-token img/s  {rates}  (full image {full}; "
+                  f"r=0.75 / r=0 x{_figure(enc, f'{tag}_r0.75_over_r0', path)})")
+    path = folder / "ist.json"
+    ist = _json_line(path)
     print(f"IST bench ({ist.get('cuda_device', ist.get('device'))}, trainers on "
-          f"{ist.get('device')}, L = {ist.get('local_steps')}):")
-    for key, res in ist.items():
-        if isinstance(res, dict) and "round_wall_s" in res:
-            print(f"  {key:32s} round {res['round_wall_s']} s wall, "
-                  f"{res['round_bytes'] / 1e6:.3f} MB; epoch {res['epoch_wall_s']} s")
+          f"{_figure(ist, 'device', path)}, L = {_figure(ist, 'local_steps', path)}):")
+    runs = {k: v for k, v in ist.items() if isinstance(v, dict)}
+    if not runs:
+        raise SystemExit(f"{path}: no configuration's figures")
+    for key, res in runs.items():
+        wall = _figure(res, "round_wall_s", path)
+        print(f"  {key:32s} round {wall} s wall, "
+              f"{_figure(res, 'round_bytes', path) / 1e6:.3f} MB; epoch "
+              f"{_figure(res, 'epoch_wall_s', path)} s")
     print(f"JSON lines in {folder}/encoder.json and {folder}/ist.json")
     return 0
 
@@ -92,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("require-cuda")
+    r = sub.add_parser("require")
+    r.add_argument("device", choices=["cpu", "cuda"])
     s = sub.add_parser("summary")
     s.add_argument("folder", type=Path)
     a = sub.add_parser("adopt")
@@ -100,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="probe output of the shipped checkpoint, same probe settings")
     a.add_argument("--checkpoint", type=Path, required=True, help="the new encoder.pt")
     args = p.parse_args(argv)
-    if args.cmd == "require-cuda":
-        return require_cuda()
+    if args.cmd in ("require", "require-cuda"):
+        return require(getattr(args, "device", "cuda"))
     if args.cmd == "summary":
         return summary(args.folder)
     return adopt(args.new, args.baseline, args.checkpoint)

@@ -10,10 +10,17 @@ Run from the repo root:
         the scenario's mean pooling), for the configurations named in --configs;
         --encoder NAME / --weights PATH for another encoder or checkpoint. Tokens are
         cached in --cache, keyed by the weights' sha256 (the encoder's name for random
-        weights) and the ratio.
-Trainers are local `sparsat node trainer` processes on localhost, training on --device
-(default cpu; cuda puts every trainer on this machine's GPU); the coordinator is the ground
-station's own, talking real gRPC to them. Every figure is measured from the messages; a
+        weights), the ratio and the subset sizes (--train-subset / --test-subset: the
+        first N images of each split).
+    .venv/bin/python bench/ist.py --smoke [--accuracy] [--configs ...]
+        the same at tiny sizes, in seconds (512 rows or training images, 256 test images,
+        2 local steps, configs ist_k2_reset and local_sgd_k2_reset unless --configs names
+        others): what tests/test_bench_smoke.py runs.
+Trainers are local `sparsat node trainer` processes on localhost, started as the local
+launcher starts nodes (forked from its fork server), training on --device (default cpu; cuda
+puts every trainer on this machine's GPU); the coordinator is the ground station's own,
+talking real gRPC to them over TLS with node tokens (credentials made for the run in its log
+folder, printed when a trainer fails). Every figure is measured from the messages; a
 round's wall time (`round_wall_s`) is the median over rounds of its slowest trainer call
 (parameters out, the L local steps, parameters back).
 The last stdout line is one JSON object with every figure, including ist_k4_round_bytes and
@@ -43,12 +50,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from bench import parse_args
 from ground_station.config import TrainingConfig
 from ground_station.coordinator import Coordinator
+from node import security
 from node.encoders import DEFAULT_ENCODER
 from node.rpc import channel
+from node.security import GROUND_STATION, Credentials
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sim.certs import NodeSpec, make_deployment
+from sim.launcher import ForkedNode, Proc, _forkserver, _node_main
 
 # name: (strategy, K, moments, subnet_scale)
 CONFIGS: dict[str, tuple[str, int, str, str]] = {
@@ -70,6 +82,10 @@ CONFIGS: dict[str, tuple[str, int, str, str]] = {
 BYTES_CONFIGS = ["ist_k1_travel", "ist_k1_reset", "ist_k2_reset", "ist_k2_travel",
                  "ist_k4_reset", "ist_k4_travel", "local_sgd_k2_reset", "local_sgd_k4_reset",
                  "local_sgd_k4_travel"]
+# 512 rows = 8 batches of 64: whole rounds for K * L = 1, 2, 4, 8 (L = 2)
+SMOKE = {"rows": 512, "train_subset": 512, "test_subset": 256, "epochs": 1,
+         "local_steps": 2, "ratios": "0.5", "configs": "ist_k2_reset,local_sgd_k2_reset"}
+START_TIMEOUT_S = 120.0  # a trainer process's start-up (torch's import, CUDA's set-up)
 
 
 def _free_port() -> int:
@@ -78,33 +94,87 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _tail(path: Path, lines: int = 8) -> str:
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _start(name: str, args: list[str], log: Path) -> Proc:
+    """`sparsat ARGS` as sim.launcher.LocalCluster starts a node: forked from the fork server
+    that has imported the libraries once (a start costs ~0.1 CPU s, not the ~3.5 s of
+    importing torch again), or a fresh interpreter where there is none (SPARSAT_LAUNCH=exec)."""
+    ctx = _forkserver()
+    if ctx is not None:
+        process = ctx.Process(  # type: ignore[attr-defined]
+            target=_node_main, name=name, daemon=False,
+            args=(name, args, str(log), os.getcwd(), dict(os.environ)))
+        process.start()
+        return ForkedNode(process)
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "sim.cli", *args], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def _wait_serving(proc: Proc, node_id: str, address: str, log: Path,
+                  timeout_s: float = START_TIMEOUT_S) -> None:
+    """Until the trainer answers Health over TLS; a trainer that exits (bad credentials, a
+    taken port) is reported with its log at once, not after the timeout."""
+    ch = channel(address, peer=node_id)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                pb_grpc.HealthStub(ch).Check(pb.HealthRequest(), timeout=1.0,
+                                             wait_for_ready=True)
+                return
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise
+            if proc.poll() is not None:
+                raise SystemExit(f"{node_id} exited with code {proc.returncode} before "
+                                 f"serving ({log}):\n{_tail(log)}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{node_id} did not serve on {address} in {timeout_s:.0f} s "
+                                 f"({log}):\n{_tail(log)}")
+    finally:
+        ch.close()
+
+
 @contextmanager
 def local_trainers(k: int, log_dir: Path, device: str = "cpu"
                    ) -> Iterator[list[tuple[str, str]]]:
     """K trainer processes sharing this machine's cores (and GPU with device "cuda");
-    yields (node_id, address)."""
+    yields (node_id, address). They speak TLS with node tokens, as a local run's do
+    (sim.launcher.LocalCluster): a throw-away CA in LOG_DIR/certs, a folder per trainer
+    (`--certs`), and this process, whose coordinator is the ground station's, holds the
+    ground station's credentials while they run."""
     threads = max(1, (os.cpu_count() or 1) // k)
-    procs, out = [], []
+    names = [f"trainer-{i}" for i in range(k)]
+    certs = log_dir / "certs"
+    make_deployment(certs, [NodeSpec(GROUND_STATION, "ground_station"),
+                            *(NodeSpec(n, "trainer") for n in names)],
+                    {"*": ("127.0.0.1",)}, days=1)
+    previous = security.active()
+    security.configure(Credentials.from_dir(certs / GROUND_STATION))
+    procs: list[Proc] = []
+    out: list[tuple[str, str]] = []
     try:
-        for i in range(k):
+        for name in names:
             address = f"127.0.0.1:{_free_port()}"
-            log = open(log_dir / f"trainer-{i}.log", "wb")  # noqa: SIM115 - owned by the child
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "sim.cli", "--log-level", "warning", "node", "trainer",
-                 "--listen", address, "--id", f"trainer-{i}", "--device", device,
-                 "--threads", str(threads)], stdout=log, stderr=subprocess.STDOUT))
-            log.close()
-            out.append((f"trainer-{i}", address))
-        for _, address in out:
-            ch = channel(address)
-            pb_grpc.HealthStub(ch).Check(pb.HealthRequest(), timeout=120, wait_for_ready=True)
-            ch.close()
+            procs.append(_start(name, [
+                "--log-level", "warning", "node", "trainer", "--listen", address, "--id", name,
+                "--device", device, "--threads", str(threads), "--certs", str(certs / name)],
+                log_dir / f"{name}.log"))
+            out.append((name, address))
+        for proc, (name, address) in zip(procs, out, strict=True):
+            _wait_serving(proc, name, address, log_dir / f"{name}.log")
         yield out
     finally:
         for p in procs:
             p.terminate()
         for p in procs:
             p.wait(timeout=20)
+        security.configure(previous)
 
 
 def run_config(name: str, x: np.ndarray, y: np.ndarray, tx: np.ndarray, ty: np.ndarray,
@@ -158,10 +228,14 @@ def weights_tag(encoder: str, weights: str | None) -> str:
 
 
 def fmnist_tokens(ratio: float, cache: Path, encoder: str = DEFAULT_ENCODER,
-                  weights: str | None = None) -> tuple[np.ndarray, ...]:
-    """Encoder tokens (mean pooling, fixed masks) of the whole train and test sets; the
-    encoder's shipped weights unless `weights` names others."""
-    path = cache / f"fmnist_tokens_{weights_tag(encoder, weights)}_r{ratio}.npz"
+                  weights: str | None = None, train_subset: int | None = None,
+                  test_subset: int | None = None) -> tuple[np.ndarray, ...]:
+    """Encoder tokens (mean pooling, fixed masks) of the train and test sets (the first
+    `*_subset` images of each, or all); the encoder's shipped weights unless `weights` names
+    others."""
+    subsets = "".join(f"_{s}{n}" for s, n in (("train", train_subset), ("test", test_subset))
+                      if n)
+    path = cache / f"fmnist_tokens_{weights_tag(encoder, weights)}_r{ratio}{subsets}.npz"
     if path.exists():
         d = np.load(path)
         return d["x"], d["y"], d["tx"], d["ty"]
@@ -174,7 +248,7 @@ def fmnist_tokens(ratio: float, cache: Path, encoder: str = DEFAULT_ENCODER,
     mask = MaskSpec("fixed", ratio, 0)
     spec = DatasetSpec("fashion_mnist")
     sets = []
-    for split in ("train", "test"):
+    for split, subset in (("train", train_subset), ("test", test_subset)):
         data = load_dataset(spec, split)
         bar = tqdm(desc=f"encode {split} r={ratio}", unit="img", leave=False)
 
@@ -182,7 +256,8 @@ def fmnist_tokens(ratio: float, cache: Path, encoder: str = DEFAULT_ENCODER,
             bar.total = total
             bar.update(done - bar.n)
 
-        sets.append(encode_split(data, split, spec.name, mask, enc, 256, None, 0, progress))
+        sets.append(encode_split(data, split, spec.name, mask, enc, 256, subset, 0,
+                                 progress))
         bar.close()
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(path, x=sets[0].features, y=sets[0].labels, tx=sets[1].features, ty=sets[1].labels)
@@ -197,6 +272,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--encoder", default=DEFAULT_ENCODER, help="--accuracy: encoder name")
     p.add_argument("--weights", help="--accuracy: encoder weights (default: the shipped ones)")
     p.add_argument("--configs", help="comma-separated names from: " + ", ".join(CONFIGS))
+    p.add_argument("--train-subset", type=int,
+                   help="--accuracy: the first N training images (default all)")
+    p.add_argument("--test-subset", type=int,
+                   help="--accuracy: the first N test images (default all)")
     p.add_argument("--rows", type=int, default=60000, help="random features: training rows")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--local-steps", type=int, default=10)
@@ -204,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                    help="where the trainer processes train (default cpu)")
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "sparsat-bench"),
                    help="--accuracy: where encoded tokens are kept between runs")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, SMOKE)
     names = args.configs.split(",") if args.configs else (
         list(CONFIGS) if args.accuracy else BYTES_CONFIGS)
     unknown = [n for n in names if n not in CONFIGS]
@@ -221,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     log_dir = Path(tempfile.mkdtemp(prefix="sparsat-bench-ist-"))
     if args.accuracy:
         datasets = {f"r{r}": fmnist_tokens(float(r), Path(args.cache), args.encoder,
-                                               args.weights)
+                                           args.weights, args.train_subset, args.test_subset)
                     for r in args.ratios.split(",")}
     else:
         rng = np.random.default_rng(0)

@@ -2,7 +2,7 @@
 
 Run from the repo root: .venv/bin/python bench/mission.py [--satellites 1000] [--images N]
     [--test-images N] [--epochs 2] [--per-process 250] [--hours 24] [--rate 1e6]
-    [--out runs/bench_mission] [--profile]
+    [--out runs/bench_mission] [--profile] [--smoke]
 Builds a scenario (written to OUT/scenario.yaml) from scenarios/constellation.yaml with the
 flags' sizes: a Walker-delta of --satellites (planes of 25, 550 km, 53°) over the five
 stations of bench/orbits.py (two antennas each), --hours of contact windows; Fashion-MNIST,
@@ -23,6 +23,8 @@ and, sampled from /proc every --sample seconds, the CPU seconds each process spe
 stage (the `top` view: which process is busy while a stage runs). --profile runs mission
 control under cProfile (OUT/mission_control.prof) and prints its top functions.
 Ends with one JSON line of its figures, also written to OUT/bench_mission.json.
+--smoke: 10 satellites (5 a sensor process), 300 training and 200 test images, 1 epoch,
+6 h of contact windows, no progress bars: the same processes and stages in seconds.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import parse_args  # noqa: E402
 from sim import report  # noqa: E402
 from sim.launcher import LocalCluster  # noqa: E402
 from sim.mission import MissionControl  # noqa: E402
@@ -49,6 +52,8 @@ from sim.scenario import Scenario, dump, load  # noqa: E402
 SCENARIO = Path(__file__).resolve().parents[1] / "scenarios" / "constellation.yaml"
 STAGES = ("startup", "contacts", "downlink", "prepare", "training", "report", "shutdown")
 TRAIN_IMAGES = 60_000  # Fashion-MNIST's training split
+SMOKE = {"satellites": 10, "per_process": 5, "images": 300, "test_images": 200, "epochs": 1,
+         "hours": 6.0, "quiet": True}
 
 
 def scenario(args: argparse.Namespace) -> Scenario:
@@ -240,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--profile", action="store_true", help="cProfile mission control")
     p.add_argument("--top", type=int, default=25, help="profile lines printed")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, SMOKE)
     print(f"mission bench: {args.satellites} satellites ({args.per_process} per sensor "
           f"process), 5 stations, {args.hours:g} h horizon (grid {args.step:g} s), "
           f"{args.images or TRAIN_IMAGES:,} training images, {args.test_images or 10_000:,} test "

@@ -1,7 +1,7 @@
 """Orbits benchmark: contact windows and a mission-control downlink of a big constellation.
 
 Run from the repo root: .venv/bin/python bench/orbits.py [--satellites 1000] [--hours 24]
-    [--step 30] [--samples 50]
+    [--step 30] [--samples 50] [--smoke]
 A 1,000-satellite Walker-delta (40 planes x 25, 550 km, 53°) against five stations spread
 over the globe:
 1. the time to find and refine every contact window (edges to 1 s);
@@ -9,7 +9,8 @@ over the globe:
    no node processes): each satellite holds --samples samples of a patch payload's wire size
    (488 B, r = 0.5 on 28x28) and sends them inside its windows, queueing for the stations'
    two antennas, at 1 Mbit/s with 1% frame loss.
-Ends with one JSON line of its figures.
+Ends with one JSON line of its figures. --smoke: one plane of 25 satellites over 3 h, 20
+samples each (seconds).
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
+from bench import parse_args
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from sim.mission import MissionControl
 from sim.orbits import Station, contact_windows, walker_delta
 from sim.scenario import Scenario
 
 SAMPLE_BYTES, ACK_BYTES = 488, 45  # patch sample at r = 0.5 and its ack, on the wire
+SMOKE = {"satellites": 25, "hours": 3.0, "samples": 20}
 
 STATIONS = [
     Station("kiruna", 67.86, 20.96, 400.0, 5.0),
@@ -39,6 +42,11 @@ STATIONS = [
     Station("singapore", 1.35, 103.82, 20.0, 10.0),
     Station("punta-arenas", -52.94, -70.85, 30.0, 5.0),
 ]
+
+
+def phasing(planes: int) -> int:
+    """Walker phasing f = 1 between adjacent planes; one plane has none (f < planes)."""
+    return 1 if planes > 1 else 0
 
 
 class SizeOnlySensor:
@@ -65,7 +73,8 @@ def downlink_only(n_sats: int, hours: float, step: float, samples: int) -> dict[
     scenario = Scenario.model_validate({
         "name": "scale", "sensors": {"count": n_sats},
         "orbits": {"epoch": "2026-01-01T00:00:00Z", "horizon_h": hours, "step_s": step,
-                   "walker": {"planes": n_sats // 25, "per_plane": 25, "phasing": 1,
+                   "walker": {"planes": n_sats // 25, "per_plane": 25,
+                              "phasing": phasing(n_sats // 25),
                               "altitude_km": 550, "inclination_deg": 53},
                    "stations": stations},
         "links": {"downlink": {"rate_bps": 1e6, "latency_s": 0.01, "loss": 0.01}},
@@ -99,11 +108,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--hours", type=float, default=24.0)
     p.add_argument("--step", type=float, default=30.0, help="coarse grid, s")
     p.add_argument("--samples", type=int, default=500, help="samples per satellite (part 2)")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, SMOKE)
     planes = max(1, args.satellites // 25)
     epoch = datetime(2026, 1, 1, tzinfo=UTC)
     t0 = time.perf_counter()
-    sats = walker_delta(planes, 25, 1, 550.0, 53.0, epoch)
+    sats = walker_delta(planes, 25, phasing(planes), 550.0, 53.0, epoch)
     windows = contact_windows(sats, STATIONS, epoch, args.hours * 3600.0, args.step, 1.0)
     seconds = time.perf_counter() - t0
     durations = np.array([c.duration_s for c in windows])

@@ -2,11 +2,12 @@
 
 Run from the repo root:
     .venv/bin/python bench/probe.py [--weights PATH|random] [--ratios 0,0.25,0.5,0.75,0.9]
-        [--epochs 10] [--pooling cls|mean] [--train-subset N] [--test-subset N]
+        [--epochs 10] [--pooling cls|mean] [--train-subset N] [--test-subset N] [--smoke]
 Fixed masks (drawn from the seed and each sample_id, as sensors do), the visible tokens
 encoded by the same code the ground station runs, the paper's MLP (d-1000-1000-C, Adam lr
 1e-3, batch 64) trained centrally; prints the best test accuracy per ratio and ends with one
-JSON line. It measures features, not transport: no gRPC here.
+JSON line. It measures features, not transport: no gRPC here. --smoke: 128 training and
+64 test images, r = 0.5, 2 epochs (seconds).
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from bench import parse_args
 from ground_station.encoding import encode_split
 from node import encoders
 from node.datasets import DatasetSpec, load_dataset
 from node.masking import MaskSpec, stable_seed
 from node.mlp import MLP
 from node.training import epoch_order, evaluate, train_steps
+
+SMOKE = {"train_subset": 128, "test_subset": 64, "ratios": "0.5", "epochs": 2}
 
 
 def probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--test-subset", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads for torch")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, SMOKE)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

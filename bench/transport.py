@@ -1,6 +1,7 @@
 """Transport benchmark: payload vs wire bytes, and loopback gRPC vs a raw TCP socket.
 
 Run from the repo root: .venv/bin/python bench/transport.py [--samples N] [--repeat R]
+    [--stream-bytes B] [--smoke]
 Samples are real Downlink batches, packed as a satellite packs them (node.serde.pack, the
 default 64 KiB batches): Fashion-MNIST images with fixed masks on the 7x7 grid of
 vit_tiny_d8_patch4_28, or random CLS tokens of dim 192 (their size does not depend on their
@@ -9,7 +10,8 @@ values). Payload is what the image needs: the visible tiles' pixels and the visi
 the batches' and their acks' (ByteSize + 5 each). Throughput streams the batches through
 DownlinkStub.Send to an ack-only servicer and to the real GroundStation (decode, validate,
 SQLite), and sends the same serialized, gRPC-framed bytes over a raw TCP socket, one ack frame
-per batch. The last stdout line is one JSON object with every figure.
+per batch. The last stdout line is one JSON object with every figure. --smoke: 200 samples,
+one timed run, streams of 1 MiB (seconds).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpc
 import numpy as np
 
+from bench import parse_args
 from ground_station.config import GroundStationConfig
 from ground_station.server import GroundStation, build_server
 from node import encoders, security, serde
@@ -54,6 +57,7 @@ BATCH_BYTES = 1 << 20  # what a 1 Mbit/s link's batches are (10 s on the air, ca
 SMALL_BATCH = 64 << 10  # throughput is also measured at this size
 STREAM_BYTES = 64 << 20  # a transport run streams the batches again until this many bytes
 SENSOR = "sat-0"
+SMOKE = {"samples": 200, "repeat": 1, "stream_bytes": 1 << 20}
 Result = dict[str, float | int | str | None]
 
 
@@ -282,10 +286,11 @@ def ingest_runs(kind: str, msgs: Batches, warm: Batches, repeat: int) -> list[fl
 
 
 def throughput(kind: str, ms: Batches, warm: Batches, stub: pb_grpc.DownlinkStub,
-               repeat: int, ingest: bool = True) -> dict[str, float | None]:
-    # transport runs stream the batches over and over, STREAM_BYTES at least: timeable
+               repeat: int, ingest: bool = True, stream_bytes: int = STREAM_BYTES
+               ) -> dict[str, float | None]:
+    # transport runs stream the batches over and over, stream_bytes at least: timeable
     ms_ = ms
-    ms = ms * max(1, -(-STREAM_BYTES // sum(wire_size(m) for m in ms)))
+    ms = ms * max(1, -(-stream_bytes // sum(wire_size(m) for m in ms)))
     frames = [frame(m.SerializeToString()) for m in ms]
     acks = [frame(pb.BatchAck(stored=len(m.ids)).SerializeToString()) for m in ms]
     grpc_run(stub, warm)
@@ -342,7 +347,8 @@ class AckHealth(AckOnly, pb_grpc.HealthServicer):
         return pb.HealthReply(ready=True)
 
 
-def tls_overhead(msgs: dict[str, Batches], repeat: int) -> dict[str, float]:
+def tls_overhead(msgs: dict[str, Batches], repeat: int, stream_bytes: int = STREAM_BYTES
+                 ) -> dict[str, float]:
     """What TLS (and the token on every call) adds, in one run: TCP bytes per sample and
     throughput of the same streams over a plaintext and a TLS ack-only server, and a new
     connection's set-up. TLS records are not charged on the simulated links (sparsat charges
@@ -374,7 +380,7 @@ def tls_overhead(msgs: dict[str, Batches], repeat: int) -> dict[str, float]:
             out[f"tls_{name}_extra_tcp"] = (out[f"tls_{name}_tcp_bytes"]
                                             / out[f"plain_{name}_tcp_bytes"])
         ms = msgs["patch_r0.5"]
-        ms = ms * max(1, -(-STREAM_BYTES // sum(wire_size(m) for m in ms)))
+        ms = ms * max(1, -(-stream_bytes // sum(wire_size(m) for m in ms)))
         n = sum(len(m.ids) for m in ms)
         for mode, c in (("plain", None), ("tls", client)):
             ch = channel(servers[mode][1], peer=GROUND_STATION, creds=c)
@@ -404,13 +410,18 @@ def main(argv: Sequence[str] | None = None) -> Result:
     ap.add_argument("--repeat", type=int, default=3, help="timed runs (median reported)")
     ap.add_argument("--batch-bytes", type=int, default=BATCH_BYTES,
                     help="largest batch, wire bytes (default %(default)s)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--stream-bytes", type=int, default=STREAM_BYTES,
+                    help="throughput runs stream the batches again until this many wire bytes "
+                         "(default %(default)s)")
+    args = parse_args(ap, argv, SMOKE)
+    stream = args.stream_bytes
     size = args.batch_bytes
     n, repeat, warm_n = args.samples, args.repeat, min(500, args.samples)
     start = time.perf_counter()
     images, labels, source = load_images(n + warm_n)
     tokens = np.random.default_rng(0).standard_normal((n, DIM)).astype(np.float32)
-    res: Result = {"samples": n, "repeat": repeat, "data": source, "batch_bytes": size}
+    res: Result = {"samples": n, "repeat": repeat, "data": source, "batch_bytes": size,
+                   "stream_bytes": stream}
     payloads = {f"patch_r{r:g}": patch_payloads(images[:n], labels[:n], r) for r in RATIOS}
     payloads |= {f"cls_{d}": cls_payloads(tokens, labels[:n], d) for d in CLS_DTYPES}
     msgs = {name: batches(ps, name.startswith("cls"), name == "cls_int8", size)
@@ -447,10 +458,13 @@ def main(argv: Sequence[str] | None = None) -> Result:
             res[f"{name}_pixel_overhead"] = wire / float(np.mean([pixel_bytes(p) for p in ps]))
         print(f"{name:<14}{pay:>10.1f}{wire:>9.2f}{wire / pay:>9.4f}{len(ms):>8}"
               f"{sum(ack) / len(ms):>10.1f}{up:>10.1f}{(up + down) / pay:>9.4f}{down:>11.2f}")
-    res |= throughput("patch", msgs["patch_r0.5"], warm["patch"], stub, repeat)
-    res |= throughput("cls", msgs[f"cls_{CLS_DTYPE}"], warm["cls"], stub, repeat)
+    res |= throughput("patch", msgs["patch_r0.5"], warm["patch"], stub, repeat,
+                      stream_bytes=stream)
+    res |= throughput("cls", msgs[f"cls_{CLS_DTYPE}"], warm["cls"], stub, repeat,
+                      stream_bytes=stream)
     small = batches(payloads["patch_r0.5"], size=SMALL_BATCH)  # transport only, small batches
-    small_out = throughput("patch", small, small[:1], stub, repeat, ingest=False)
+    small_out = throughput("patch", small, small[:1], stub, repeat, ingest=False,
+                           stream_bytes=stream)
     for key in ("grpc_patch_samples_per_s", "raw_patch_samples_per_s", "grpc_over_raw_patch"):
         res[f"{key}_{SMALL_BATCH >> 10}k"] = small_out[key]
     ch.close()
@@ -476,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> Result:
           + fmt(res[f"grpc_patch_samples_per_s_{k}"], ">10.0f")
           + fmt(res[f"raw_patch_samples_per_s_{k}"], ">10.0f")
           + fmt(res[f"grpc_over_raw_patch_{k}"], ">8.3f"))
-    tls = tls_overhead(msgs, repeat)
+    tls = tls_overhead(msgs, repeat, stream)
     res |= tls
     print("\n== TLS (server certificate + a node token on every call) vs plaintext, one run; "
           "not charged on the simulated links ==")

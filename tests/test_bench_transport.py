@@ -1,4 +1,5 @@
-"""Smoke test of bench/transport.py: a tiny run must end with one JSON line of sane figures."""
+"""Smoke test of bench/transport.py (--smoke): a tiny run must end with one JSON line of sane
+figures."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ def test_transport_bench_ends_with_json(capsys: pytest.CaptureFixture[str]) -> N
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.main(["--samples", "200", "--repeat", "1"])
+    figures = module.main(["--smoke"])
     out = capsys.readouterr().out.strip().splitlines()
     res = json.loads(out[-1])
+    assert res == figures
+    assert (res["samples"], res["repeat"], res["stream_bytes"]) == (200, 1, 1 << 20)
     for kind in ("patch", "cls"):
         for name in ("grpc", "grpc_bytes", "raw", "raw_noack"):
             assert res[f"{name}_{kind}_samples_per_s"] > 0
