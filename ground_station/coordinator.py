@@ -47,10 +47,9 @@ from node import serde
 from node.codec import CodecError
 from node.masking import stable_seed
 from node.mlp import MLP
-from node.rpc import CHUNK_BYTES, Outbox, channel, wire_size
+from node.rpc import CHUNK_BYTES, Outbox, channel, sized, wire_size
 from node.training import AdamState, epoch_order, evaluate, steps_for, train_flops
 from proto.sparsat.v1 import sparsat_pb2 as pb
-from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
 log = logging.getLogger("sparsat.coordinator")
 
@@ -138,18 +137,26 @@ class TrainerClient:
         self.node_id = node_id
         self.address = address
         self.channel = channel(address, peer=node_id)
-        self.stub = pb_grpc.TrainerStub(self.channel)
+        # replies are charged as they arrived (their raw length + gRPC's frame), not as
+        # Python would re-encode them: a trainer in another language may encode differently
+        self._load = self.channel.stream_unary(
+            "/sparsat.v1.Trainer/LoadDataset",
+            request_serializer=pb.DatasetChunk.SerializeToString,
+            response_deserializer=sized(pb.LoadDatasetReply.FromString))
+        self._train = self.channel.stream_stream(
+            "/sparsat.v1.Trainer/Train", request_serializer=pb.TrainRequest.SerializeToString,
+            response_deserializer=sized(pb.TrainReply.FromString))
 
     def load_dataset(self, dataset_id: str, x: np.ndarray, y: np.ndarray,
                      timeout_s: float) -> WorkerBytes:
         outbox = Outbox(serde.dataset_chunks(dataset_id, x, y, CHUNK_BYTES))
         t0 = time.monotonic()
         try:
-            reply = self.stub.LoadDataset(iter(outbox), timeout=timeout_s)
+            reply, reply_bytes = self._load(iter(outbox), timeout=timeout_s)
         except grpc.RpcError as e:
             raise CallFailed(f"dataset upload: {_describe(e)}", WorkerBytes(
                 self.node_id, outbox.bytes, 0, wall_s=time.monotonic() - t0)) from e
-        size = WorkerBytes(self.node_id, outbox.bytes, wire_size(reply),
+        size = WorkerBytes(self.node_id, outbox.bytes, reply_bytes,
                            wall_s=time.monotonic() - t0)
         if reply.rows != len(x):
             raise CallFailed(f"dataset upload: {self.node_id} loaded {reply.rows} rows, sent "
@@ -164,8 +171,8 @@ class TrainerClient:
         t0 = time.monotonic()
         reply, received = pb.TrainReply(), 0
         try:
-            for part in self.stub.Train(iter(outbox), timeout=timeout_s):
-                received += wire_size(part)  # a call that breaks is charged what came in
+            for part, part_bytes in self._train(iter(outbox), timeout=timeout_s):
+                received += part_bytes  # a call that breaks is charged what came in
                 if received > serde.MAX_TRAIN_BYTES:  # before it is merged: memory bounded
                     raise CodecError(f"parts past {serde.MAX_TRAIN_BYTES} bytes, the most a "
                                      "training message may hold")

@@ -527,3 +527,35 @@ def test_one_trainer_alive_trains_one_subnet_a_round_never_the_union(
     assert rounds == ROWS // (4 * 32) and progress.samples_trained == ROWS
     assert coord.state is not None  # every W1 row trained in about a third of the rounds
     assert 0 < int(coord.state.step["w1"][:, 0].min()) < 4 * rounds
+
+
+def test_a_trainers_replies_are_charged_the_bytes_that_arrived() -> None:
+    # Prepare: a trainer whose encoder is not Python's: it writes an explicit empty
+    # dataset_id before the real fields (valid protobuf, 2 bytes more than Python's encoding)
+    from ground_station.coordinator import TrainerClient
+
+    canonical = pb.LoadDatasetReply(dataset_id="ds", rows=3).SerializeToString()
+    raw = b"\x0a\x00" + canonical
+
+    def load(chunks: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        for _ in chunks:
+            pass
+        return raw
+
+    server = make_server()
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "sparsat.v1.Trainer", {"LoadDataset": grpc.stream_unary_rpc_method_handler(load)})])
+    address = bind(server, "127.0.0.1:0")
+    server.start()
+    client = TrainerClient("odd-encoder", address)
+    x, y = np.zeros((3, 4), np.float32), np.zeros(3, np.int64)
+
+    # Execute
+    try:
+        size = client.load_dataset("ds", x, y, timeout_s=10)
+    finally:
+        client.channel.close()
+        server.stop(None)
+
+    # Assert: what came in, not what Python would re-encode
+    assert size.received == len(raw) + 5 == wire_size(pb.LoadDatasetReply.FromString(raw)) + 2
