@@ -35,6 +35,7 @@ import grpc
 import yaml
 
 from node import rpc, serde
+from node.codec import varint
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
@@ -42,15 +43,6 @@ SAT = "sat-0"
 SCENARIO = {"name": "malformed", "dataset": {"train_subset": 64, "test_subset": 64},
             "sensors": {"count": 1}, "training": {"strategy": "centralized", "workers": 1,
                                                   "hidden": [8, 8]}}
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def _hwm(pid: int) -> int:
@@ -174,15 +166,15 @@ def _run(address: str, pid: int, scenario: Path, big: int, streams: int, smoke: 
     record("a valid batch (baseline)", "OK", _send(address, [_batch(good[:1])]), stored=1)
     for k, run in enumerate((2**35 - 1, 2**26)):
         fresh = good[1 + 3 * k : 4 + 3 * k]  # samples not stored yet
-        bad = serde.Payload(fresh[0].id, fresh[0].label, b"\x00" + _varint(run) + b"\x00" * 16,
+        bad = serde.Payload(fresh[0].id, fresh[0].label, b"\x00" + varint(run) + b"\x00" * 16,
                             runs=True)
         record(f"a sample whose run says {run} tokens, beside 2 valid ones", "OK",
                _send(address, [_batch([bad] + fresh[1:])]), stored=2)
     record("70,000 ids", "INVALID_ARGUMENT", _send(address, [pb.DownlinkBatch(
         satellite_id=SAT, ids=[1] * 70_000, labels=[0] * 70_000).SerializeToString()]))
-    head = b"\x0a" + _varint(len(SAT)) + SAT.encode()
+    head = b"\x0a" + varint(len(SAT)) + SAT.encode()
     record(f"{big >> 20} MiB of 1-byte ids", "INVALID_ARGUMENT", _send(
-        address, [head + b"\x12" + _varint(big) + b"\x01" * big]))
+        address, [head + b"\x12" + varint(big) + b"\x01" * big]))
     record(f"{big >> 20} MiB of empty patches", "INVALID_ARGUMENT", _send(
         address, [head + b"\x22\x00" * (big // 2)]))
     record("shapes of 2**32 - 1", "OK", _send(address, [pb.DownlinkBatch(

@@ -116,7 +116,8 @@ def bitmap_bytes(grid: int) -> int:
     return (grid * grid + 7) // 8
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """n (>= 0) as a protobuf base-128 varint: 7 bits a byte, low group first."""
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
@@ -139,7 +140,7 @@ def encode_visible(visible: np.ndarray, grid: int) -> tuple[bytes, bool]:
     bits = np.zeros(bitmap_bytes(grid) * 8, dtype=np.uint8)
     bits[np.asarray(visible, dtype=np.int64)] = 1
     bitmap = np.packbits(bits, bitorder="little").tobytes()
-    runs = b"".join(_varint(r) for r in _runs(visible, n_tokens))
+    runs = b"".join(varint(r) for r in _runs(visible, n_tokens))
     return (runs, True) if len(runs) < len(bitmap) else (bitmap, False)
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ground_station.server import MAX_SEND_STREAMS_PER_CALLER, SendStreams
 from node import rpc, serde
-from node.codec import CodecError
+from node.codec import CodecError, varint
 from node.trainer import MAX_DATASET_BYTES, TrainerServicer
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
@@ -26,15 +26,6 @@ from sim.ground_client import MissionError
 from sim.links import Link, PeriodicPasses
 from sim.mission import MissionControl
 from sim.scenario import Scenario
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def _peak_bytes(run: Any) -> int:
@@ -83,7 +74,7 @@ def test_the_wire_scan_refuses_a_big_message_of_tiny_elements_and_passes_real_ba
     # Prepare: 2 MiB of 1-byte ids, packed; the same unpacked; 2 MiB of empty patches; and a
     # real 3 MiB batch (4 samples of 768 KiB) that must pass
     many = 2 * serde.SCAN_ABOVE_BYTES
-    packed = b"\x12" + _varint(many) + b"\x01" * many
+    packed = b"\x12" + varint(many) + b"\x01" * many
     unpacked = b"\x10\x01" * (many // 2)
     patches = b"\x22\x00" * (many // 2)
     real = pb.DownlinkBatch(satellite_id="sat-0", ids=[1, 1, 1, 1], labels=[0, 1, 2, 3],
@@ -94,9 +85,9 @@ def test_the_wire_scan_refuses_a_big_message_of_tiny_elements_and_passes_real_ba
         with pytest.raises(CodecError, match=f"more than 65536 {name}"):
             serde.check_batch_wire(raw)
     serde.check_batch_wire(real)
-    serde.check_batch_wire(b"\x12" + _varint(1000) + b"\x01" * 1000)  # small: not scanned
+    serde.check_batch_wire(b"\x12" + varint(1000) + b"\x01" * 1000)  # small: not scanned
     with pytest.raises(CodecError, match="says"):
-        serde.check_batch_wire(b"\x22" + _varint(many + 10) + b"\x00" * many)
+        serde.check_batch_wire(b"\x22" + varint(many + 10) + b"\x00" * many)
 
 
 def test_pack_closes_a_batch_at_the_most_samples_a_batch_may_hold(
@@ -177,7 +168,7 @@ def _send_raw(address: str, raws: list[bytes]) -> tuple[grpc.StatusCode, str, in
 @pytest.mark.parametrize(("raw", "match"), [
     (pb.DownlinkBatch(satellite_id="sat-0", ids=[1] * 70_000, labels=[0] * 70_000)
      .SerializeToString(), "batch has 70000 ids, more than the 65536"),
-    (b"\x0a\x05sat-0\x12" + _varint(4 << 20) + b"\x01" * (4 << 20),
+    (b"\x0a\x05sat-0\x12" + varint(4 << 20) + b"\x01" * (4 << 20),
      "refused before parsing (4194316 bytes): batch has more than 65536 ids"),
 ], ids=["70,000 ids", "4 MiB of 1-byte ids"])
 def test_a_batch_too_many_samples_ends_its_stream_with_invalid_argument(

@@ -30,7 +30,7 @@ from ground_station.ingest import STATUS_OF, IngestRules, check_batch
 from ground_station.server import GroundStation, build_server
 from ground_station.store import Row, SampleStore, StoreMismatchError
 from node import encoders, serde
-from node.codec import encode_patches, masked_canvas, quantize_token
+from node.codec import encode_patches, masked_canvas, quantize_token, varint
 from node.config import SensorConfig
 from node.datasets import DatasetSpec, ImageDataset, load_dataset
 from node.masking import MaskSpec, capture, copy_id
@@ -755,22 +755,13 @@ def test_ids_sent_absolute_are_refused_whole_never_stored_as_others(
     assert sorted(station.stored()) == sorted(p.id for p in good[:2])
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
 def _ld(field: int, payload: bytes) -> bytes:
     """A length-delimited field: tag, length, bytes (written even when empty)."""
-    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
+    return varint(field << 3 | 2) + varint(len(payload)) + payload
 
 
 def _packed(values: list[int]) -> bytes:
-    return b"".join(_varint(v) for v in values)
+    return b"".join(varint(v) for v in values)
 
 
 def _hand_encoded(msg: pb.DownlinkBatch) -> list[bytes]:
@@ -778,7 +769,7 @@ def _hand_encoded(msg: pb.DownlinkBatch) -> list[bytes]:
     ids, labels = list(msg.ids), list(msg.labels)
     patches = b"".join(_ld(4, p) for p in msg.patches)
     head = _ld(1, msg.satellite_id.encode()) if msg.satellite_id else b""
-    last = _varint(9 << 3) + _varint(msg.last_id)
+    last = varint(9 << 3) + varint(msg.last_id)
     reversed_order = last + patches + _ld(3, _packed(labels)) + _ld(2, _packed(ids)) + head
     explicit_empty = (head + _ld(2, _packed(ids)) + _ld(3, _packed(labels)) + patches
                       + _ld(5, b"") + _ld(7, b"") + _ld(8, b"") + _ld(6, b"") + last)
