@@ -82,6 +82,19 @@ def _batch(payloads: list[serde.Payload], first: bool = True) -> bytes:
     return b.to_pb().SerializeToString()
 
 
+def _unary(address: str, method: str, raw: bytes) -> tuple[str, list[pb.BatchAck], str]:
+    """One unary call of raw bytes; its status as _send gives it (no acks)."""
+    ident = lambda b: b  # noqa: E731
+    ch = rpc.channel(address)
+    try:
+        ch.unary_unary(method, ident, ident)(raw, timeout=120)
+        return "OK", [], ""
+    except grpc.RpcError as e:
+        return e.code().name, [], (e.details() or "")[:160]
+    finally:
+        ch.close()
+
+
 def _send(address: str, raws: list[bytes], hold: threading.Event | None = None,
           ch: grpc.Channel | None = None) -> tuple[str, list[pb.BatchAck], str]:
     """One Send stream of `raws` (raw bytes, as any client could write them), on `ch` or a
@@ -177,6 +190,11 @@ def _run(address: str, pid: int, scenario: Path, big: int, streams: int, smoke: 
         address, [head + b"\x12" + varint(big) + b"\x01" * big]))
     record(f"{big >> 20} MiB of empty patches", "INVALID_ARGUMENT", _send(
         address, [head + b"\x22\x00" * (big // 2)]))
+    record(f"{big >> 20} MiB of rle", "INVALID_ARGUMENT", _send(address, [pb.DownlinkBatch(
+        satellite_id=SAT, ids=[1], labels=[0], patches=[b"\x01"],
+        rle=b"\xff" * big).SerializeToString()]))
+    record(f"a {big >> 20} MiB Register of empty satellite names", "INVALID_ARGUMENT",
+           _unary(address, "/sparsat.v1.Registry/Register", b"\x22\x00" * (big // 2)))
     record("shapes of 2**32 - 1", "OK", _send(address, [pb.DownlinkBatch(
         satellite_id=SAT, ids=[1], labels=[0], patches=[b"\x01" * 8],
         shapes=[2**32 - 1] * 3).SerializeToString()]))

@@ -132,6 +132,10 @@ class _Progress:
         return jobs
 
 
+MAX_REPLY_PART = 4 * CHUNK_BYTES  # trainers cut replies in parts of about CHUNK_BYTES
+MAX_CONTROL_REPLY = 64 << 10
+
+
 class TrainerClient:
     def __init__(self, node_id: str, address: str) -> None:
         self.node_id = node_id
@@ -139,23 +143,29 @@ class TrainerClient:
         self.channel = channel(address, peer=node_id)
         # replies are charged as they arrived (their raw length + gRPC's frame), not as
         # Python would re-encode them: a trainer in another language may encode differently
+        # A reply part bigger than any a trainer cuts is not parsed (a hostile trainer's 64
+        # MiB of packed shape values would parse into half a gigabyte)
         self._load = self.channel.stream_unary(
             "/sparsat.v1.Trainer/LoadDataset",
             request_serializer=pb.DatasetChunk.SerializeToString,
-            response_deserializer=sized(pb.LoadDatasetReply.FromString))
+            response_deserializer=sized(pb.LoadDatasetReply.FromString, MAX_CONTROL_REPLY))
         self._train = self.channel.stream_stream(
             "/sparsat.v1.Trainer/Train", request_serializer=pb.TrainRequest.SerializeToString,
-            response_deserializer=sized(pb.TrainReply.FromString))
+            response_deserializer=sized(pb.TrainReply.FromString, MAX_REPLY_PART))
 
     def load_dataset(self, dataset_id: str, x: np.ndarray, y: np.ndarray,
                      timeout_s: float) -> WorkerBytes:
         outbox = Outbox(serde.dataset_chunks(dataset_id, x, y, CHUNK_BYTES))
-        t0 = time.monotonic()
+        t0, reply_bytes = time.monotonic(), 0
         try:
             reply, reply_bytes = self._load(iter(outbox), timeout=timeout_s)
-        except grpc.RpcError as e:
-            raise CallFailed(f"dataset upload: {_describe(e)}", WorkerBytes(
-                self.node_id, outbox.bytes, 0, wall_s=time.monotonic() - t0)) from e
+            if reply is None:
+                raise CodecError(f"a LoadDataset reply of {reply_bytes} bytes, more than the "
+                                 f"{MAX_CONTROL_REPLY} it may be")
+        except (grpc.RpcError, CodecError) as e:
+            why = _describe(e) if isinstance(e, grpc.RpcError) else str(e)
+            raise CallFailed(f"dataset upload: {why}", WorkerBytes(
+                self.node_id, outbox.bytes, reply_bytes, wall_s=time.monotonic() - t0)) from e
         size = WorkerBytes(self.node_id, outbox.bytes, reply_bytes,
                            wall_s=time.monotonic() - t0)
         if reply.rows != len(x):
@@ -170,15 +180,20 @@ class TrainerClient:
         outbox = Outbox(serde.split_request(serde.train_job_to_pb(job), CHUNK_BYTES))
         t0 = time.monotonic()
         reply, received = pb.TrainReply(), 0
+        call = self._train(iter(outbox), timeout=timeout_s)
         try:
-            for part, part_bytes in self._train(iter(outbox), timeout=timeout_s):
+            for part, part_bytes in call:
                 received += part_bytes  # a call that breaks is charged what came in
+                if part is None:
+                    raise CodecError(f"a reply part of {part_bytes} bytes, more than the "
+                                     f"{MAX_REPLY_PART} a trainer's parts may be")
                 if received > serde.MAX_TRAIN_BYTES:  # before it is merged: memory bounded
                     raise CodecError(f"parts past {serde.MAX_TRAIN_BYTES} bytes, the most a "
                                      "training message may hold")
                 reply.MergeFrom(part)
             serde.merge_message([], reply)  # join tensors that came in pieces
         except (grpc.RpcError, CodecError) as e:
+            call.cancel()  # a reply refused half way: the trainer sends no more
             why = _describe(e) if isinstance(e, grpc.RpcError) else f"reply: {e}"
             raise CallFailed(why, WorkerBytes(
                 self.node_id, outbox.bytes, received, wall_s=time.monotonic() - t0)) from e

@@ -38,6 +38,7 @@ from node.rpc import (
     ByteCounter,
     abort,
     add_standard_services,
+    at_most,
     bind,
     caller,
     make_server,
@@ -63,6 +64,8 @@ MAX_SEND_STREAMS = 16
 MAX_SEND_STREAMS_PER_CALLER = 4
 SEND_IDLE_S = 30.0
 CONTROL_WORKERS = 16
+MAX_REGISTER_BYTES = 1 << 20  # a RegisterRequest within the field limits is under 600 kB
+MAX_CONTROL_BYTES = 64 << 10  # any other call's request message (they carry a few fields)
 # Registration fields past these are refused (INVALID_ARGUMENT naming the limit); error
 # messages quote at most QUOTE_CHARS of an offending id, so a status always fits gRPC's
 # metadata limit (8 KiB) instead of turning into RESOURCE_EXHAUSTED on the client.
@@ -519,8 +522,12 @@ def _as_progress(run: Generator[Update, None, Prepared]
 
 def build_server(station: GroundStation, listen: str) -> tuple[grpc.Server, str]:
     # every Send stream can hold a thread, and control calls still find one
+    # a message is sized before it is parsed: batches field by field, a registration (up to
+    # MAX_SATELLITES names) whole, every other call (health, mission, reflection) whole
     server = make_server(max_workers=station.streams.limit + CONTROL_WORKERS,
-                         prechecks={"/sparsat.v1.Downlink/Send": node_serde.check_batch_wire})
+                         prechecks={"/sparsat.v1.Downlink/Send": node_serde.check_batch_wire,
+                                    "/sparsat.v1.Registry/Register": at_most(MAX_REGISTER_BYTES)},
+                         max_request_bytes=MAX_CONTROL_BYTES)
     pb_grpc.add_DownlinkServicer_to_server(station, server)
     pb_grpc.add_RegistryServicer_to_server(station, server)
     pb_grpc.add_HealthServicer_to_server(station, server)

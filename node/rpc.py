@@ -54,10 +54,14 @@ def received_size(context: Any, message: Any) -> int:
     return int(size) if size is not None else wire_size(message)
 
 
-def sized(parse: Callable[[bytes], M]) -> Callable[[bytes], tuple[M, int]]:
+def sized(parse: Callable[[bytes], M], max_bytes: int | None = None
+          ) -> Callable[[bytes], tuple[M | None, int]]:
     """A response deserializer that also gives each message's wire size as received (its
-    length plus gRPC's frame), for clients that charge what arrived."""
-    def parse_sized(raw: bytes) -> tuple[M, int]:
+    length plus gRPC's frame), for clients that charge what arrived. A message of more than
+    `max_bytes` is not parsed: (None, its size), for the caller to refuse."""
+    def parse_sized(raw: bytes) -> tuple[M | None, int]:
+        if max_bytes is not None and len(raw) > max_bytes:
+            return None, len(raw) + GRPC_FRAME_BYTES
         return parse(raw), len(raw) + GRPC_FRAME_BYTES
     return parse_sized
 
@@ -105,16 +109,27 @@ class ByteCounter:
 Precheck = Callable[[bytes], None]  # raises ValueError naming what is wrong with raw bytes
 
 
-def make_server(max_workers: int = 8, prechecks: dict[str, Precheck] | None = None
-                ) -> grpc.Server:
+def at_most(limit: int) -> Precheck:
+    """A precheck refusing a request message of more than `limit` bytes before it is parsed
+    (a control call's message is small; 64 MiB of repeated fields parse into a gigabyte)."""
+    def check(raw: bytes) -> None:
+        if len(raw) > limit:
+            raise ValueError(f"more than the {limit} bytes this call's message may have")
+    return check
+
+
+def make_server(max_workers: int = 8, prechecks: dict[str, Precheck] | None = None,
+                max_request_bytes: int | None = None) -> grpc.Server:
     """A server whose calls run on `max_workers` threads (a streaming call holds one for its
     whole life: a server taking long streams sizes the pool above their cap, so that short
     calls always find a thread). At most 2 x max_workers calls are in flight (running or
     waiting for a thread, each holding at most one received message of MAX_MESSAGE_BYTES);
     more are RESOURCE_EXHAUSTED. `prechecks[method]` sees each request's raw bytes before
-    they are parsed (a ValueError is INVALID_ARGUMENT)."""
+    they are parsed (a ValueError is INVALID_ARGUMENT); a method without one is held to
+    `max_request_bytes` when given."""
+    default = at_most(max_request_bytes) if max_request_bytes is not None else None
     return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_OPTIONS,
-                       interceptors=[Guard(security.active(), prechecks)],
+                       interceptors=[Guard(security.active(), prechecks, default)],
                        maximum_concurrent_rpcs=2 * max_workers)
 
 
@@ -431,9 +446,11 @@ class Guard(grpc.ServerInterceptor):
     (the server's: its CA, mutual TLS or not; None: no authentication)."""
 
     def __init__(self, creds: security.Credentials | None,
-                 prechecks: dict[str, Precheck] | None = None) -> None:
+                 prechecks: dict[str, Precheck] | None = None,
+                 default: Precheck | None = None) -> None:
         self.creds = creds
         self.prechecks = prechecks or {}
+        self.default = default
 
     def intercept_service(self, continuation: Callable[[Any], Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -441,7 +458,7 @@ class Guard(grpc.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method  # type: ignore[attr-defined]
-        return _guarded(handler, method, self.creds, self.prechecks.get(method))
+        return _guarded(handler, method, self.creds, self.prechecks.get(method, self.default))
 
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"

@@ -58,6 +58,9 @@ CLS_BATCH = 64  # CLS payloads are encoded this many at a time
 SEND_TIMEOUT_S = 60.0  # one Transmit's stream, at most TRANSMIT_MAX_SAMPLES samples
 BATCH_BYTES = 64 * 1024  # default largest batch, its worst-case ack's room included
 MAX_REJECTIONS = 16  # reasons reported per Transmit
+MAX_CONTROL_BYTES = 64 << 10  # a Transmit or Health request message, at most
+# the largest ack of the largest batch: a bigger message is not parsed
+MAX_ACK_WIRE_BYTES = serde.max_ack_bytes(serde.MAX_BATCH_SAMPLES)
 SEND_METHOD = "/sparsat.v1.Downlink/Send"
 
 
@@ -279,13 +282,26 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         # acks are charged as they arrived (sized), not as Python would re-encode them
         send = self.channel.stream_stream(SEND_METHOD,
                                           request_serializer=pb.DownlinkBatch.SerializeToString,
-                                          response_deserializer=sized(pb.BatchAck.FromString))
+                                          response_deserializer=sized(
+                                              pb.BatchAck.FromString, MAX_ACK_WIRE_BYTES))
         try:
             # wait_for_ready: ride out a reconnect instead of failing at once
-            for ack, size in send(iter(outbox), wait_for_ready=True, timeout=SEND_TIMEOUT_S):
+            call = send(iter(outbox), wait_for_ready=True, timeout=SEND_TIMEOUT_S)
+            for ack, size in call:
                 grant.answered(size)
                 self.bytes.add(received=size)
                 report.ack_bytes.append(size)
+                n = len(grant.sent[len(acks)][0].items) if len(acks) < len(grant.sent) else 0
+                if ack is None or size > serde.max_ack_bytes(n):
+                    # bigger than any ack of its batch can be: not read (nor parsed, past the
+                    # largest batch's bound); its batch and the rest stay queued
+                    report.error_code = grpc.StatusCode.INTERNAL.value[0]
+                    report.error = (f"ground station sent an ack of {size} bytes, more than "
+                                    f"the {serde.max_ack_bytes(n)} an ack of {n} samples "
+                                    "may be")
+                    log.warning("%s: %s", sat.sat_id, report.error)
+                    call.cancel()
+                    break
                 acks.append(ack)
         except grpc.RpcError as e:
             report.error_code = e.code().value[0]
@@ -295,8 +311,9 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         finally:
             grant.close()  # the request stream builds no more, whatever gRPC's thread does
         batches = [b for b, _ in grant.sent]
-        # what went out: the batches whose write completed, and any acked (an ack proves it)
-        for _, msg in grant.sent[: max(outbox.written, len(acks))]:
+        # what went out: the batches whose write completed, and any acked (an ack proves it,
+        # one not read too)
+        for _, msg in grant.sent[: max(outbox.written, len(report.ack_bytes))]:
             size = wire_size(msg)
             self.bytes.add(sent=size)
             report.batch_bytes.append(size)
@@ -366,7 +383,7 @@ def serve(listen: str, ground_station: str, satellite_ids: list[str],
           node_id: str | None = None, advertise: str | None = None) -> None:
     """Run a sensor host until interrupted: bind, register, then answer Transmit calls."""
     node_id = node_id or f"sensors-{satellite_ids[0]}"
-    server = make_server()
+    server = make_server(max_request_bytes=MAX_CONTROL_BYTES)  # Transmit and Health: small
     address = bind(server, listen, advertise, toward=ground_station)
     # Register first: the ground station answers with the scenario's sensor configuration
     # and each satellite's images.

@@ -45,12 +45,22 @@ def ndarray_to_pb(array: np.ndarray, scale: float = 0.0) -> pb.Tensor:
     )
 
 
+MAX_TENSOR_DIMS = 8  # sparsat's tensors have at most 2; a product of many is slow to take
+
+
+def _check_shape(tensor: pb.Tensor) -> None:
+    if len(tensor.shape) > MAX_TENSOR_DIMS:
+        raise CodecError(f"tensor has {len(tensor.shape)} dimensions, more than the "
+                         f"{MAX_TENSOR_DIMS} a sparsat.v1 tensor may have")
+    if any(d < 0 for d in tensor.shape):
+        raise CodecError(f"tensor shape {list(tensor.shape)} has a negative dimension")
+
+
 def pb_to_ndarray(tensor: pb.Tensor) -> np.ndarray:
     """Decode a Tensor, checking that its bytes match its dtype and shape."""
     if tensor.dtype not in _NP_OF_DTYPE:
         raise CodecError(f"tensor dtype {tensor.dtype} is not a known sparsat.v1.DType")
-    if any(d < 0 for d in tensor.shape):
-        raise CodecError(f"tensor shape {list(tensor.shape)} has a negative dimension")
+    _check_shape(tensor)
     dtype = _NP_OF_DTYPE[tensor.dtype]
     count = math.prod(tensor.shape)  # Python ints: np.prod wraps around on huge shapes
     if len(tensor.data) != count * dtype.itemsize:
@@ -280,6 +290,7 @@ MAX_BATCH_SAMPLES = 65536
 SCAN_ABOVE_BYTES = 1 << 20
 _BATCH_LIMITS = {2: ("ids", MAX_BATCH_SAMPLES), 3: ("labels", MAX_BATCH_SAMPLES),
                  4: ("patches", MAX_BATCH_SAMPLES), 6: ("shapes", 3 * MAX_BATCH_SAMPLES)}
+MAX_RLE_BYTES = (MAX_BATCH_SAMPLES + 7) // 8
 _PACKED = (2, 3, 6)  # repeated integer fields: packed (one length-delimited field) or not
 
 
@@ -345,6 +356,9 @@ def check_batch_counts(msg: pb.DownlinkBatch) -> None:
         if have > limit:
             raise CodecError(f"batch has {have} {name}, more than the {limit} a batch may "
                              f"hold")
+    if len(msg.rle) > MAX_RLE_BYTES:  # one bit a patch payload
+        raise CodecError(f"rle is {len(msg.rle)} bytes, more than the {MAX_RLE_BYTES} of a "
+                         f"batch's {MAX_BATCH_SAMPLES} samples")
 
 
 def pb_to_batch(msg: pb.DownlinkBatch, max_id: int) -> BatchData:
@@ -357,7 +371,9 @@ def pb_to_batch(msg: pb.DownlinkBatch, max_id: int) -> BatchData:
     ids[np.maximum.accumulate(big) if len(big) else big] = -1
     ids[ids >= max_id] = -1
     n_patches = len(msg.patches)
-    runs = np.unpackbits(np.frombuffer(msg.rle, np.uint8), bitorder="little")[:n_patches]
+    # only the bytes that name a payload are unpacked (8 bools a byte)
+    rle = np.frombuffer(msg.rle[: (n_patches + 7) // 8], np.uint8)
+    runs = np.unpackbits(rle, bitorder="little")[:n_patches]
     # exact: the cumulative sum where every id is in range, Python ints past it (a bad batch)
     id_sum = (0 if not len(ids) else int(ids[-1]) if ids[-1] >= 0
               else sum(int(d) for d in msg.ids))
@@ -666,8 +682,7 @@ def _tensor_bytes(tensor: pb.Tensor) -> int:
     dtype = _NP_OF_DTYPE.get(tensor.dtype)
     if dtype is None:
         raise CodecError(f"tensor dtype {tensor.dtype} is not a known sparsat.v1.DType")
-    if any(d < 0 for d in tensor.shape):
-        raise CodecError(f"tensor shape {list(tensor.shape)[:8]} has a negative dimension")
+    _check_shape(tensor)
     return math.prod(tensor.shape) * dtype.itemsize
 
 

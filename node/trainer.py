@@ -114,8 +114,8 @@ def _check_dataset_chunk(chunk: pb.DatasetChunk, rows: int,
                          context: grpc.ServicerContext) -> None:
     """Refuse a chunk whose announced size, or the rows it brings beyond `rows` received so
     far, pass their limits (INVALID_ARGUMENT), before anything is decoded from it."""
-    shape = list(chunk.features.shape)
-    dim = int(shape[1]) if len(shape) == 2 else 0
+    shape = chunk.features.shape
+    dim = int(shape[1]) if len(shape) == 2 else 0  # another rank: refused when decoded
     if chunk.total_rows * dim * 4 > MAX_DATASET_BYTES:
         abort(context, grpc.StatusCode.INVALID_ARGUMENT,
               f"dataset chunk: {chunk.total_rows} rows of {dim} float32 features are more "

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import simpy
 
-from node.rpc import MAX_MESSAGE_BYTES, channel
+from node.rpc import MAX_MESSAGE_BYTES, channel, sized
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 from sim.ground_client import Deadlines, GroundStationClient, MissionError
@@ -33,6 +33,10 @@ log = logging.getLogger("sparsat.mission")
 
 
 MAX_REPORT_REJECTIONS = 64  # "id: reason" lines a report may carry (sensor hosts send 16)
+MAX_REJECTION_CHARS = 512  # one such line (the Python host's are under 200)
+# A TransmitReport of at most TRANSMIT_MAX_SAMPLES batches and acks (10 B each at most) and its
+# refusal lines is under 200 kB; a bigger message is not parsed
+MAX_REPORT_BYTES = 1 << 20
 MAX_SAMPLE_FLOPS = 10**12  # on-board encoding of one sample, at most (ViT-B/16: ~1.8e10)
 
 
@@ -60,12 +64,24 @@ def report_error(report: pb.TransmitReport, request: pb.TransmitRequest) -> str:
          f"{report.acked} acked"),
         (len(report.rejections) > MAX_REPORT_REJECTIONS,
          f"{len(report.rejections)} refusal lines, {MAX_REPORT_REJECTIONS} at most"),
+        (any(len(r) > MAX_REJECTION_CHARS for r in report.rejections),
+         f"a refusal line of more than {MAX_REJECTION_CHARS} characters"),
         (report.encode_flops > report.sent * MAX_SAMPLE_FLOPS,
          f"{report.encode_flops} FLOPs of on-board encoding for {report.sent} samples"),
         (not (math.isfinite(report.encode_s) and report.encode_s >= 0),
          f"on-board encoding took {report.encode_s} s"),
     ]
     return next((why for bad, why in checks if bad), "")
+
+
+class _SensorCalls:
+    """A sensor host's Transmit, its report sized before it is parsed: (report, wire size),
+    (None, size) for one bigger than MAX_REPORT_BYTES."""
+
+    def __init__(self, ch: grpc.Channel) -> None:
+        self.Transmit = ch.unary_unary(
+            "/sparsat.v1.Sensor/Transmit", request_serializer=pb.TransmitRequest.SerializeToString,
+            response_deserializer=sized(pb.TransmitReport.FromString, MAX_REPORT_BYTES))
 
 
 class HostDown(Exception):
@@ -87,7 +103,7 @@ class SensorHosts:
         self.d = deadlines
         self.host_of: dict[str, pb.NodeInfo] = {}
         self.channels: dict[str, grpc.Channel] = {}
-        self.stubs: dict[str, pb_grpc.SensorStub] = {}
+        self.stubs: dict[str, Any] = {}  # node id -> _SensorCalls (tests: a SensorStub)
         self.active: set[str] = set()
         self.waiting: set[str] = set()
         self.down_since: dict[str, float] = {}
@@ -101,8 +117,7 @@ class SensorHosts:
         """A channel to each registered host of `host_of` (closed by close())."""
         self.channels = {n.node_id: channel(n.address, peer=n.node_id)
                          for n in host_of.values()}
-        self.use(host_of, {node_id: pb_grpc.SensorStub(ch)
-                           for node_id, ch in self.channels.items()})
+        self.use(host_of, {node_id: _SensorCalls(ch) for node_id, ch in self.channels.items()})
 
     def close(self) -> None:
         for ch in self.channels.values():
@@ -117,7 +132,7 @@ class SensorHosts:
             satellite_id=sat_id, max_bytes=budget, max_samples=TRANSMIT_MAX_SAMPLES,
             batch_bytes=self.s.links.downlink.batch_size())
         try:
-            report = self.stubs[host.node_id].Transmit(request, timeout=timeout)
+            answer = self.stubs[host.node_id].Transmit(request, timeout=timeout)
         except grpc.RpcError as e:
             where = f"sensor host {host.node_id} at {host.address}"
             if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -126,6 +141,11 @@ class SensorHosts:
             self.down_since.setdefault(host.node_id, time.monotonic())
             raise HostDown(f"{where} did not answer Transmit ({e.code().name} after at most "
                            f"{timeout:.0f} s: {e.details()})") from e
+        report, size = answer if isinstance(answer, tuple) else (answer, 0)
+        if report is None:
+            raise MissionError(f"{sat_id}: sensor host {host.node_id} at {host.address} sent a "
+                               f"TransmitReport of {size} bytes, more than the "
+                               f"{MAX_REPORT_BYTES} one may be")
         wrong = report_error(report, request)
         if wrong:
             raise MissionError(f"{sat_id}: sensor host {host.node_id} at {host.address} sent a "
@@ -182,7 +202,7 @@ class SensorHosts:
             return False
         self.channels.pop(old.node_id).close()
         self.channels[new.node_id] = ch
-        self.stubs[new.node_id] = pb_grpc.SensorStub(ch)
+        self.stubs[new.node_id] = _SensorCalls(ch)
         for sat, n in self.host_of.items():
             if n.node_id == new.node_id:
                 self.host_of[sat] = new

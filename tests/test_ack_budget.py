@@ -17,6 +17,7 @@ import pytest
 from ground_station.config import GroundStationConfig
 from ground_station.server import GroundStation, build_server, sensor_setup
 from node import serde
+from node.codec import varint
 from node.config import SensorConfig
 from node.datasets import DatasetSpec
 from node.masking import MaskSpec
@@ -45,7 +46,10 @@ class ScriptedStation(pb_grpc.DownlinkServicer):
              context: grpc.ServicerContext) -> Iterator[pb.BatchAck]:
         for msg in request_iterator:
             self.samples.append(len(msg.ids))
-            yield serde.ack_to_pb(self.answer(len(msg.ids)))
+            yield self.ack(len(msg.ids))
+
+    def ack(self, n: int) -> pb.BatchAck:
+        return serde.ack_to_pb(self.answer(n))
 
 
 Start = Callable[[Answer], tuple[str, ScriptedStation]]
@@ -204,3 +208,27 @@ def test_a_real_ground_station_refusing_every_sample_stays_within_the_grant(
         assert _spent(report) <= max_bytes
         assert max_bytes - _spent(report) < report.next_bytes
     assert len(station.store) == 0
+
+
+def test_an_ack_bigger_than_its_batch_allows_is_not_read_and_the_batch_stays_queued(
+        scripted: Start, planner: GroundStation) -> None:
+    """A ground station whose ack passes max_ack_bytes (here a valid ack with 1,000 bytes of
+    a field sparsat.v1 does not have: protobuf keeps and re-sends unknown fields) breaks the
+    bound the budget was planned on: the host stops reading, reports it, and answers
+    nothing of the batch (sent again next time, deduplicated)."""
+    # Prepare
+    padded = pb.BatchAck.FromString(pb.BatchAck(stored=1).SerializeToString()
+                                    + b"\x7a" + varint(1000) + b"x" * 1000)
+    address, station = scripted(lambda n: serde.AckData(n, [], []))
+    station.ack = lambda n: padded  # type: ignore[attr-defined]
+    sensor = _host(planner, address)
+    before = len(sensor.satellites["sat-1"].pending)
+
+    # Execute
+    report = sensor.Transmit(pb.TransmitRequest(satellite_id="sat-1", max_bytes=5_000), Ctx())
+
+    # Assert
+    assert "ground station sent an ack of" in report.error and "may be" in report.error
+    assert report.error_code == grpc.StatusCode.INTERNAL.value[0]
+    assert report.acked == 0 and report.rejected == 0 and report.sent > 0
+    assert len(sensor.satellites["sat-1"].pending) == before == report.remaining

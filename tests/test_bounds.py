@@ -23,6 +23,7 @@ from node.trainer import MAX_DATASET_BYTES, TrainerServicer
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 from sim.ground_client import MissionError
+from sim.hosts import MAX_REPORT_BYTES, _SensorCalls
 from sim.links import Link, PeriodicPasses
 from sim.mission import MissionControl
 from sim.scenario import Scenario
@@ -88,6 +89,32 @@ def test_the_wire_scan_refuses_a_big_message_of_tiny_elements_and_passes_real_ba
     serde.check_batch_wire(b"\x12" + varint(1000) + b"\x01" * 1000)  # small: not scanned
     with pytest.raises(CodecError, match="says"):
         serde.check_batch_wire(b"\x22" + varint(many + 10) + b"\x00" * many)
+
+
+def test_a_batch_rle_is_bounded_and_only_its_payloads_bits_are_unpacked() -> None:
+    # an rle of a batch's most samples' bits decodes to the payloads' flags; one byte more is
+    # refused before anything is unpacked (a 60 MiB rle unpacked into 480 MB of flags)
+    two = pb.DownlinkBatch(satellite_id="sat-0", ids=[1, 1], labels=[0, 0],
+                           patches=[b"a", b"b"], rle=b"\x03" + b"\xff" * 8191)
+    batch = serde.pb_to_batch(two, 100)
+    assert batch.runs.tolist() == [True, True]
+    assert _peak_bytes(lambda: serde.pb_to_batch(two, 100)) < 20_000
+    two.rle = b"\x03" * (serde.MAX_RLE_BYTES + 1)
+    with pytest.raises(CodecError, match="rle is 8193 bytes, more than the 8192"):
+        serde.pb_to_batch(two, 100)
+
+
+@pytest.mark.parametrize("dims", [9, 100_000])
+def test_a_tensor_of_too_many_dimensions_is_refused_before_its_size_is_taken(dims: int) -> None:
+    # the product of 100,000 dimensions took seconds, and past 4,300 digits its error message
+    # raised a ValueError that was not a CodecError (the trainer's LoadDataset: UNKNOWN)
+    tensor = pb.Tensor(shape=[3] * dims, dtype=pb.FLOAT32)
+    with pytest.raises(CodecError, match=f"{dims} dimensions, more than the 8"):
+        serde.pb_to_ndarray(tensor)
+    with pytest.raises(CodecError, match=f"{dims} dimensions, more than the 8"):
+        serde.merge_message([pb.TrainRequest(params=[pb.NamedTensor(
+            name="w1", more=True, tensor=tensor), pb.NamedTensor(name="w1")])],
+            pb.TrainRequest())
 
 
 def test_pack_closes_a_batch_at_the_most_samples_a_batch_may_hold(
@@ -180,6 +207,42 @@ def test_a_batch_too_many_samples_ends_its_stream_with_invalid_argument(
     assert match in details and len(details) < 1024
 
 
+def _unary_raw(address: str, method: str, raw: bytes) -> tuple[grpc.StatusCode, str]:
+    ident = lambda b: b  # noqa: E731
+    ch = rpc.channel(address)
+    try:
+        ch.unary_unary(method, ident, ident)(raw, timeout=30)
+    except grpc.RpcError as e:
+        return e.code(), e.details() or ""
+    finally:
+        ch.close()
+    return grpc.StatusCode.OK, ""
+
+
+@pytest.mark.parametrize(("method", "raw", "match"), [
+    # 2 MiB of empty satellite names: 2 million list entries once parsed
+    ("/sparsat.v1.Registry/Register", b"\x22\x00" * (1 << 20),
+     "(2097152 bytes): more than the 1048576 bytes"),
+    ("/sparsat.v1.Mission/Stats", b"\x0a\x00" * 40_000, "(80000 bytes): more than the 65536"),
+    ("/grpc.health.v1.Health/Check", b"\x0a\x00" * 40_000, "more than the 65536 bytes"),
+], ids=["Register", "Stats", "health Check"])
+def test_a_control_call_is_sized_before_it_is_parsed(
+        station_address: str, method: str, raw: bytes, match: str) -> None:
+    code, details = _unary_raw(station_address, method, raw)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "refused before parsing" in details and match in details
+
+
+def test_a_trainer_dataset_chunk_of_too_many_dimensions_is_invalid_argument(
+        trainer: pb_grpc.TrainerStub) -> None:
+    chunk = _chunk(2, 2)
+    chunk.features.shape[:] = [1] * 100_000
+    with pytest.raises(grpc.RpcError) as e:
+        trainer.LoadDataset(iter([chunk]), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "100000 dimensions, more than the 8" in (e.value.details() or "")
+
+
 # ---- the trainer reading DatasetChunk and TrainRequest parts -----------------------------------
 
 
@@ -250,10 +313,38 @@ class Hostile:
     def __init__(self, **fields: Any) -> None:
         self.fields = fields
 
-    def Transmit(self, request: pb.TransmitRequest, **_: Any) -> pb.TransmitReport:
+    def Transmit(self, request: pb.TransmitRequest, **_: Any
+                 ) -> pb.TransmitReport | tuple[pb.TransmitReport | None, int]:
+        if "oversized" in self.fields:  # as mission control's own calls see one: unparsed
+            return None, self.fields["oversized"]
         base = {"satellite_id": request.satellite_id, "batch_bytes": [1000], "sent": 10,
                 "acked": 10, "ack_bytes": [60]}
         return pb.TransmitReport(**{**base, **self.fields})
+
+
+def test_mission_controls_transmit_call_does_not_parse_an_oversized_report() -> None:
+    # Prepare: a "sensor host" answering Transmit with 2 MB of packed batch sizes (250,000
+    # values: parsed, a list a hundred times the most a real report holds)
+    raw = pb.TransmitReport(satellite_id="sat-0", batch_bytes=[2**62] * 250_000
+                            ).SerializeToString()
+    server = rpc.make_server()
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "sparsat.v1.Sensor", {"Transmit": grpc.unary_unary_rpc_method_handler(
+            lambda request, context: raw)})])
+    address = rpc.bind(server, "127.0.0.1:0")
+    server.start()
+    ch = rpc.channel(address)
+
+    # Execute
+    try:
+        report, size = _SensorCalls(ch).Transmit(pb.TransmitRequest(satellite_id="sat-0"),
+                                                 timeout=10)
+    finally:
+        ch.close()
+        server.stop(None)
+
+    # Assert: sized, not parsed
+    assert report is None and size == len(raw) + 5 > MAX_REPORT_BYTES
 
 
 @pytest.mark.parametrize(("fields", "match"), [
@@ -266,8 +357,10 @@ class Hostile:
     ({"satellite_id": "sat-9"}, "it is for 'sat-9', not 'sat-0'"),
     ({"encode_flops": 2**63}, "FLOPs of on-board encoding for 10 samples"),
     ({"rejections": ["x"] * 1000}, "1000 refusal lines"),
+    ({"rejections": ["x" * 100_000]}, "a refusal line of more than 512 characters"),
+    ({"oversized": 2_000_000}, "TransmitReport of 2000000 bytes, more than the 1048576"),
 ], ids=["batches", "bytes", "samples", "acked", "duplicates", "acks", "satellite", "flops",
-        "rejections"])
+        "rejections", "long refusal line", "oversized report"])
 def test_mission_control_refuses_a_transmit_report_that_cannot_be_true(
         fields: dict[str, Any], match: str) -> None:
     scenario = Scenario.model_validate({"name": "hostile", "links": {"downlink": {

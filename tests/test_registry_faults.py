@@ -373,19 +373,20 @@ def test_a_restart_within_half_a_second_of_registering_is_noticed(
 
 
 def test_a_restart_inside_the_first_watch_period_is_noticed(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The watcher runs from registration on, checking every 1.5 s; the station is replaced
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    """The watcher runs from registration on, checking every 4 s; the station is replaced
     0.2 s after registering, so the first check (the one a watcher used to learn the instance
-    from) already meets the new process. (On a machine so loaded that the restart outlasts
-    the period, that check fails instead and the node registers because the station is back:
-    the test still passes, proving less.)"""
+    from) already meets the new process, and the node registers again because the instance
+    changed (the log says "restarted"), not because a check failed (it would say "back")."""
     # Arrange
+    caplog.set_level(logging.INFO, "sparsat.rejoin")
     cfg = _config(tmp_path / "store")
     listen = f"127.0.0.1:{_free_port()}"
     with _station(cfg, listen):
         registered = register(listen, SENSOR_A, 5)
         watch = Rejoin("host-a", listen, lambda wait_s: register(listen, SENSOR_A, wait_s),
-                       registered.instance, every_s=1.5)
+                       registered.instance, every_s=4.0)
         watch.start()
         t0 = time.monotonic()
         time.sleep(0.2)
@@ -399,9 +400,12 @@ def test_a_restart_inside_the_first_watch_period_is_noticed(
     finally:
         watch.stop()
 
-    # Assert: registered again at the first check
+    # Assert: the premise (the new process answered before the first check), then
+    # registered again at that check, for the instance it named
+    assert restart_s < watch.every_s, f"the restart took {restart_s:.1f} s, past the period"
     assert "host-a" in station.nodes, f"not registered again in {rejoined_s:.1f} s"
     assert watch.rejoined == 1 and watch.instance == instance
+    assert any("restarted; registered again" in r.getMessage() for r in caplog.records)
     print(f"\nrestarted {restart_s:.2f} s into the first period; registered again "
           f"{rejoined_s:.2f} s later")
 
