@@ -82,12 +82,36 @@ def test_unreachable_cluster_names_the_address(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[Any]:
+    """A local Ray whose workers run at this process's priority: Ray starts them at nice 15
+    by default, so on a machine whose cores another job keeps busy the points got about 3 %
+    of a core and these tests took many times their length (what they test is the sweep's
+    logic, not Ray's scheduling)."""
+    import os
+
     ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
+    before = os.environ.get("RAY_worker_niceness")
+    os.environ["RAY_worker_niceness"] = "0"  # read by the raylet that init starts
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
+    finally:
+        if before is None:
+            del os.environ["RAY_worker_niceness"]
+        else:
+            os.environ["RAY_worker_niceness"] = before
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+def test_ray_workers_run_at_the_tests_priority(local_ray: Any) -> None:
+    import os
+
+    @local_ray.remote
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert local_ray.get(niceness.remote(), timeout=120) == os.nice(0)
 
 
 def test_task_errors_and_dead_workers_fail_their_point_only(
