@@ -34,7 +34,6 @@ import hashlib
 import json
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,7 +59,7 @@ from node.security import GROUND_STATION, Credentials
 from proto.sparsat.v1 import sparsat_pb2 as pb
 from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 from sim.certs import NodeSpec, make_deployment
-from sim.launcher import ForkedNode, Proc, _forkserver, _node_main
+from sim.launcher import Proc, start_node
 
 # name: (strategy, K, moments, subnet_scale)
 CONFIGS: dict[str, tuple[str, int, str, str]] = {
@@ -97,22 +96,6 @@ def _free_port() -> int:
 def _tail(path: Path, lines: int = 8) -> str:
     text = path.read_text(errors="replace") if path.exists() else ""
     return "\n".join(text.splitlines()[-lines:])
-
-
-def _start(name: str, args: list[str], log: Path) -> Proc:
-    """`sparsat ARGS` as sim.launcher.LocalCluster starts a node: forked from the fork server
-    that has imported the libraries once (a start costs ~0.1 CPU s, not the ~3.5 s of
-    importing torch again), or a fresh interpreter where there is none (SPARSAT_LAUNCH=exec)."""
-    ctx = _forkserver()
-    if ctx is not None:
-        process = ctx.Process(  # type: ignore[attr-defined]
-            target=_node_main, name=name, daemon=False,
-            args=(name, args, str(log), os.getcwd(), dict(os.environ)))
-        process.start()
-        return ForkedNode(process)
-    with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "sim.cli", *args], stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
 def _wait_serving(proc: Proc, node_id: str, address: str, log: Path,
@@ -161,7 +144,7 @@ def local_trainers(k: int, log_dir: Path, device: str = "cpu"
     try:
         for name in names:
             address = f"127.0.0.1:{_free_port()}"
-            procs.append(_start(name, [
+            procs.append(start_node(name, [
                 "--log-level", "warning", "node", "trainer", "--listen", address, "--id", name,
                 "--device", device, "--threads", str(threads), "--certs", str(certs / name)],
                 log_dir / f"{name}.log"))
