@@ -7,6 +7,7 @@ network sees. Prints one JSON line.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import sys
 from pathlib import Path
@@ -69,7 +70,13 @@ def stranger(ca_file: str, gs: str, sensors: str, trainer: str) -> dict[str, obj
     return out
 
 
+# A probe bounds itself: if it is still running after this long (every call in it has a 10 s
+# deadline), it prints every thread's stack to stderr and exits 1, so that a hang names
+# where it hung (the test keeps probe stderr in logs/probe.log) instead of being killed mute.
+PROBE_BOUND_S = 45
+
 if __name__ == "__main__":
+    faulthandler.dump_traceback_later(PROBE_BOUND_S, exit=True)
     kind, *args = sys.argv[1:]
     result = nodes(*args) if kind == "nodes" else stranger(*args)
     print(json.dumps(result))
