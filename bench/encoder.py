@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from bench import parse_args
-from node import encoders
-from node.encoders import Encoder
-from node.masking import num_visible
+from sparsat.node.data.masking import num_visible
+from sparsat.node.models import encoders
+from sparsat.node.models.encoders import Encoder
 
 RATIOS = (0.0, 0.5, 0.75)
 SMOKE = {"batch": 2, "repeat": 1, "ragged_images": 4}

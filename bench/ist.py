@@ -50,16 +50,16 @@ import torch
 from tqdm import tqdm
 
 from bench import parse_args
-from ground_station.config import TrainingConfig
-from ground_station.coordinator import Coordinator
-from node import security
-from node.encoders import DEFAULT_ENCODER
-from node.rpc import channel
-from node.security import GROUND_STATION, Credentials
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
-from sim.certs import NodeSpec, make_deployment
-from sim.launcher import Proc, start_node
+from sparsat.ground_station.config import TrainingConfig
+from sparsat.ground_station.coordinator import Coordinator
+from sparsat.node.models.encoders import DEFAULT_ENCODER
+from sparsat.node.wire import security
+from sparsat.node.wire.rpc import channel
+from sparsat.node.wire.security import GROUND_STATION, Credentials
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sparsat.sim.deploy.certs import NodeSpec, make_deployment
+from sparsat.sim.deploy.launcher import Proc, start_node
 
 # name: (strategy, K, moments, subnet_scale)
 CONFIGS: dict[str, tuple[str, int, str, str]] = {
@@ -128,7 +128,8 @@ def local_trainers(k: int, log_dir: Path, device: str = "cpu"
                    ) -> Iterator[list[tuple[str, str]]]:
     """K trainer processes sharing this machine's cores (and GPU with device "cuda");
     yields (node_id, address). They speak TLS with node tokens, as a local run's do
-    (sim.launcher.LocalCluster): a throw-away CA in LOG_DIR/certs, a folder per trainer
+    (sparsat.sim.deploy.launcher.LocalCluster): a throw-away CA in LOG_DIR/certs, a folder per
+    trainer
     (`--certs`), and this process, whose coordinator is the ground station's, holds the
     ground station's credentials while they run."""
     threads = max(1, (os.cpu_count() or 1) // k)
@@ -200,7 +201,7 @@ def run_config(name: str, x: np.ndarray, y: np.ndarray, tx: np.ndarray, ty: np.n
 
 def weights_tag(encoder: str, weights: str | None) -> str:
     """A cache key for the encoder's weights: what the file holds, not its name."""
-    from node import encoders
+    from sparsat.node.models import encoders
 
     if weights == "random":
         return f"{encoder}_random"
@@ -222,10 +223,10 @@ def fmnist_tokens(ratio: float, cache: Path, encoder: str = DEFAULT_ENCODER,
     if path.exists():
         d = np.load(path)
         return d["x"], d["y"], d["tx"], d["ty"]
-    from ground_station.encoding import encode_split
-    from node import encoders
-    from node.datasets import DatasetSpec, load_dataset
-    from node.masking import MaskSpec
+    from sparsat.ground_station.encoding import encode_split
+    from sparsat.node.data.datasets import DatasetSpec, load_dataset
+    from sparsat.node.data.masking import MaskSpec
+    from sparsat.node.models import encoders
 
     enc = encoders.create(encoder, weights, pooling="mean")
     mask = MaskSpec("fixed", ratio, 0)

@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpc
 import yaml
 
-from node import rpc, serde
-from node.codec import varint
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sparsat.node.wire import rpc, serde
+from sparsat.node.wire.codec import varint
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
 SAT = "sat-0"
 SCENARIO = {"name": "malformed", "dataset": {"train_subset": 64, "test_subset": 64},
@@ -55,12 +55,13 @@ def _hwm(pid: int) -> int:
 
 def _valid_payloads(scenario_path: Path) -> list[serde.Payload]:
     """Seven samples sat-0 really holds, as a sensor host builds them."""
-    from node import encoders
-    from node.codec import encode_patches
-    from node.datasets import load_dataset
-    from node.masking import capture, copy_id
-    from node.sharding import assign, sample_id
-    from sim.scenario import load, sensor_config
+    from sparsat.node.data.datasets import load_dataset
+    from sparsat.node.data.masking import capture, copy_id
+    from sparsat.node.data.sharding import assign, sample_id
+    from sparsat.node.models import encoders
+    from sparsat.node.wire.codec import encode_patches
+    from sparsat.sim.scenario.configs import sensor_config
+    from sparsat.sim.scenario.schema import load
 
     cfg = sensor_config(load(scenario_path))
     data = load_dataset(cfg.dataset, "train")
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         port_file = Path(tmp) / "port"
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sim.cli", "ground-station", "--scenario", str(scenario),
+            [sys.executable, "-m", "sparsat.sim.cli", "ground-station", "--scenario", str(scenario),
              "--listen", "127.0.0.1:0", "--store", str(Path(tmp) / "store"),
              "--port-file", str(port_file), "--insecure"], env=env, stdout=subprocess.DEVNULL,
             stderr=open(Path(tmp) / "gs.log", "w"))  # noqa: SIM115

@@ -9,7 +9,8 @@ stations of bench/orbits.py (two antennas each), --hours of contact windows; Fas
 --images training images (default all 60,000) split across the satellites, patch payloads
 with a fixed mask at r = 0.5, downlinks at --rate; IST with K = 2 for --epochs epochs,
 evaluated on --test-images (default all 10,000) test images. Then runs it exactly as
-`sparsat run` does (sim.launcher.LocalCluster + sim.mission.MissionControl: real node
+`sparsat run` does (sparsat.sim.deploy.launcher.LocalCluster +
+sparsat.sim.mission.control.MissionControl: real node
 processes, real gRPC) and reports the wall seconds of each stage:
   startup   node processes started, registered and serving (the launcher's start-up)
   contacts  contact windows of the whole constellation (mission control, in this process;
@@ -44,10 +45,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import parse_args  # noqa: E402
-from sim import report  # noqa: E402
-from sim.launcher import LocalCluster  # noqa: E402
-from sim.mission import MissionControl  # noqa: E402
-from sim.scenario import Scenario, dump, load  # noqa: E402
+from sparsat.sim.deploy.launcher import LocalCluster  # noqa: E402
+from sparsat.sim.mission import report  # noqa: E402
+from sparsat.sim.mission.control import MissionControl  # noqa: E402
+from sparsat.sim.scenario.schema import Scenario, dump, load  # noqa: E402
 
 SCENARIO = Path(__file__).resolve().parents[1] / "scenarios" / "constellation.yaml"
 STAGES = ("startup", "contacts", "downlink", "prepare", "training", "report", "shutdown")

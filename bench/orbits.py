@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 
 from bench import parse_args
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from sim.mission import MissionControl
-from sim.orbits import Station, contact_windows, walker_delta
-from sim.scenario import Scenario
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.sim.mission.control import MissionControl
+from sparsat.sim.scenario.schema import Scenario
+from sparsat.sim.space.orbits import Station, contact_windows, walker_delta
 
 SAMPLE_BYTES, ACK_BYTES = 488, 45  # patch sample at r = 0.5 and its ack, on the wire
 SMOKE = {"satellites": 25, "hours": 3.0, "samples": 20}
@@ -86,7 +86,7 @@ def downlink_only(n_sats: int, hours: float, step: float, samples: int) -> dict[
     host_of = {sat: pb.NodeInfo(node_id=sat) for sat in sats}
     from tqdm import tqdm
 
-    from sim.links import Link
+    from sparsat.sim.space.links import Link
 
     links = {sat: Link(mc.env, f"downlink:{sat}", 1e6, 0.01) for sat in sats}
     bar = tqdm(disable=True)

@@ -26,12 +26,12 @@ import torch
 from tqdm import tqdm
 
 from bench import parse_args
-from ground_station.encoding import encode_split
-from node import encoders
-from node.datasets import DatasetSpec, load_dataset
-from node.masking import MaskSpec, stable_seed
-from node.mlp import MLP
-from node.training import epoch_order, evaluate, train_steps
+from sparsat.ground_station.encoding import encode_split
+from sparsat.node.data.datasets import DatasetSpec, load_dataset
+from sparsat.node.data.masking import MaskSpec, stable_seed
+from sparsat.node.models import encoders
+from sparsat.node.models.mlp import MLP
+from sparsat.node.models.training import epoch_order, evaluate, train_steps
 
 SMOKE = {"train_subset": 128, "test_subset": 64, "ratios": "0.5", "epochs": 2}
 

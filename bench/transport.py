@@ -2,7 +2,8 @@
 
 Run from the repo root: .venv/bin/python bench/transport.py [--samples N] [--repeat R]
     [--stream-bytes B] [--smoke]
-Samples are real Downlink batches, packed as a satellite packs them (node.serde.pack, the
+Samples are real Downlink batches, packed as a satellite packs them (sparsat.node.wire.serde.pack,
+the
 default 64 KiB batches): Fashion-MNIST images with fixed masks on the 7x7 grid of
 vit_tiny_d8_patch4_28, or random CLS tokens of dim 192 (their size does not depend on their
 values). Payload is what the image needs: the visible tiles' pixels and the visible-token code
@@ -35,19 +36,27 @@ import grpc
 import numpy as np
 
 from bench import parse_args
-from ground_station.config import GroundStationConfig
-from ground_station.server import GroundStation, build_server
-from node import encoders, security, serde
-from node.codec import CLS_DTYPES, decode_visible, encode_patches, quantize_token
-from node.config import PayloadKind, SensorConfig
-from node.datasets import DatasetMissingError, DatasetSpec, load_dataset
-from node.masking import MaskSpec, visible_indices
-from node.rpc import GRPC_FRAME_BYTES, bind, channel, make_server, wait_ready, wire_size
-from node.security import GROUND_STATION, Credentials
-from node.sharding import sample_id
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
-from sim.certs import NodeSpec, make_deployment
+from sparsat.ground_station.config import GroundStationConfig
+from sparsat.ground_station.server import GroundStation, build_server
+from sparsat.node.data.config import PayloadKind, SensorConfig
+from sparsat.node.data.datasets import DatasetMissingError, DatasetSpec, load_dataset
+from sparsat.node.data.masking import MaskSpec, visible_indices
+from sparsat.node.data.sharding import sample_id
+from sparsat.node.models import encoders
+from sparsat.node.wire import security, serde
+from sparsat.node.wire.codec import CLS_DTYPES, decode_visible, encode_patches, quantize_token
+from sparsat.node.wire.rpc import (
+    GRPC_FRAME_BYTES,
+    bind,
+    channel,
+    make_server,
+    wait_ready,
+    wire_size,
+)
+from sparsat.node.wire.security import GROUND_STATION, Credentials
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sparsat.sim.deploy.certs import NodeSpec, make_deployment
 
 ENCODER = encoders.config(encoders.DEFAULT_ENCODER)
 GRID, DIM = ENCODER.grid, ENCODER.embed_dim

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ground_station.config import TrainingConfig
+from sparsat.ground_station.config import TrainingConfig
 
 CHECKPOINT = "coordinator.pt"
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from node.config import SensorConfig
+from sparsat.node.data.config import SensorConfig
 
 Strategy = Literal["centralized", "ist", "local_sgd"]
 Moments = Literal["travel", "reset"]

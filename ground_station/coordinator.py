@@ -1,7 +1,7 @@
 """Training coordinator: holds the full MLP and its Adam state, runs rounds on remote trainers.
 
 Strategies (`TrainingConfig.strategy`: ist, centralized, local_sgd) say how a round splits
-the model over its workers and merges what comes back (`ground_station.strategies`); every
+the model over its workers and merges what comes back (`sparsat.ground_station.strategies`); every
 worker trains its piece for at most L local Adam steps.
 
 Moments (`TrainingConfig.moments`):
@@ -40,16 +40,16 @@ import grpc
 import numpy as np
 import torch
 
-from ground_station import checkpoints, ist, strategies
-from ground_station.checkpoints import CheckpointError
-from ground_station.config import TrainingConfig
-from node import serde
-from node.codec import CodecError
-from node.masking import stable_seed
-from node.mlp import MLP
-from node.rpc import CHUNK_BYTES, Outbox, channel, sized, wire_size
-from node.training import AdamState, epoch_order, evaluate, steps_for, train_flops
-from proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.ground_station import checkpoints, ist, strategies
+from sparsat.ground_station.checkpoints import CheckpointError
+from sparsat.ground_station.config import TrainingConfig
+from sparsat.node.data.masking import stable_seed
+from sparsat.node.models.mlp import MLP
+from sparsat.node.models.training import AdamState, epoch_order, evaluate, steps_for, train_flops
+from sparsat.node.wire import serde
+from sparsat.node.wire.codec import CodecError
+from sparsat.node.wire.rpc import CHUNK_BYTES, Outbox, channel, sized, wire_size
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 
 log = logging.getLogger("sparsat.coordinator")
 
@@ -66,7 +66,7 @@ class WorkerBytes:
     sent: int = 0  # ground station -> trainer: what went out, also of a failed call
     received: int = 0  # trainer -> ground station
     error: str = ""  # the call failed: nothing was written back
-    flops: int = 0  # the job's training compute (node.training.train_flops)
+    flops: int = 0  # the job's training compute (sparsat.node.models.training.train_flops)
     wall_s: float = 0.0  # measured wall time of the call
     rows: int = 0  # rows trained on
 
@@ -396,7 +396,8 @@ class Coordinator:
         return total
 
     def _order_seed(self, epoch: int) -> int:
-        """Seed of the epoch's row order (node.training.epoch_order), sent to the trainers."""
+        """Seed of the epoch's row order (sparsat.node.models.training.epoch_order), sent to the
+        trainers."""
         return stable_seed(self.cfg.seed, "order", epoch)
 
     def _job(self, w: int, params: ist.Params, state: AdamState | None, scale: float,
@@ -484,7 +485,7 @@ class Coordinator:
     # ---- checkpoints ----------------------------------------------------------------------------
 
     def fingerprint(self) -> str:
-        """What a checkpoint must match (ground_station.checkpoints.fingerprint)."""
+        """What a checkpoint must match (sparsat.ground_station.checkpoints.fingerprint)."""
         return checkpoints.fingerprint(self.cfg, self.dim, self.n_classes,
                                        [d for d, _, _ in self._datasets])
 

@@ -3,7 +3,7 @@
 Patch payloads are rebuilt into their canvas and only their visible tokens enter the ViT;
 CLS payloads are dequantized as they are. Stored rows stream in, a chunk at a time, so memory
 is the token dataset plus one chunk, whatever the store's size. Each set counts the encoder's
-FLOPs (node.encoders.encode_flops) and wall time, for the mission clock.
+FLOPs (sparsat.node.models.encoders.encode_flops) and wall time, for the mission clock.
 """
 
 from __future__ import annotations
@@ -26,19 +26,19 @@ from typing import Any
 
 import numpy as np
 
-from ground_station.store import Row
-from node.codec import (
+from sparsat.ground_station.store import Row
+from sparsat.node.data.datasets import DatasetSpec, ImageDataset, default_root
+from sparsat.node.data.masking import MaskSpec, capture
+from sparsat.node.data.sharding import sample_id as make_sample_id
+from sparsat.node.data.sharding import train_subset
+from sparsat.node.models.encoders import Encoder, encode_flops
+from sparsat.node.wire.codec import (
     decode_patches,
     dequantize_token,
     masked_canvas,
     parse_patch_record,
     quantize_token,
 )
-from node.datasets import DatasetSpec, ImageDataset, default_root
-from node.encoders import Encoder, encode_flops
-from node.masking import MaskSpec, capture
-from node.sharding import sample_id as make_sample_id
-from node.sharding import train_subset
 
 Progress = Callable[[int, int], None]
 log = logging.getLogger("sparsat.ground_station")
@@ -283,7 +283,8 @@ def train_key(encoder: str, store_digest: str, cls_dtype: str | None) -> dict[st
 def eval_key(encoder: str, dataset: DatasetSpec, files: str, mask: MaskSpec, n_test: int,
              subset: int | None, seed: int) -> dict[str, object]:
     """The test split's key: the encoder, the dataset (its spec, the root resolved, and
-    `files`: node.datasets.files_digest of the split as loaded), the mask as encode_split
+    `files`: sparsat.node.data.datasets.files_digest of the split as loaded), the mask as
+    encode_split
     applies it, and the test images picked. Not the payload: a CLS payload's
     requantization is applied after the cache."""
     if mask.kind == "clouds":

@@ -1,11 +1,12 @@
 """Ingest: check every sample of a downlinked batch, so a bad one is refused alone.
 
-Validation is a plain function on a decoded batch (node.serde.BatchData); the servicer in
+Validation is a plain function on a decoded batch (sparsat.node.wire.serde.BatchData); the servicer
+in
 server.py stores what passes and acks the batch with each refusal's status code, cause
 (sparsat.v1.RejectCause, what a program acts on) and reason (for people; the ack carries its
-first node.serde.MAX_REASON_BYTES bytes, the log all of it).
+first sparsat.node.wire.serde.MAX_REASON_BYTES bytes, the log all of it).
 The common case (bitmaps on a dataset of one image shape) is checked with numpy, a batch at a
-time; run codes and per-sample shapes go through node.codec one by one.
+time; run codes and per-sample shapes go through sparsat.node.wire.codec one by one.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from ground_station.store import Row
-from node.codec import (
+from sparsat.ground_station.store import Row
+from sparsat.node.wire.codec import (
     BIT_TABLE,
     CLS_ITEMSIZE,
     CodecError,
@@ -27,7 +28,7 @@ from node.codec import (
     decode_visible,
     tile_sizes,
 )
-from node.serde import BatchData, RejectCause
+from sparsat.node.wire.serde import BatchData, RejectCause
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ground_station.checkpoints import CheckpointError
-from ground_station.config import GroundStationConfig
-from ground_station.coordinator import Coordinator
-from ground_station.encoding import (
+from sparsat.ground_station.checkpoints import CheckpointError
+from sparsat.ground_station.config import GroundStationConfig
+from sparsat.ground_station.coordinator import Coordinator
+from sparsat.ground_station.encoding import (
     TokenCache,
     TokenSet,
     encode_rows,
@@ -32,10 +32,10 @@ from ground_station.encoding import (
     requantize,
     train_key,
 )
-from ground_station.store import SampleStore
-from node import encoders
-from node.datasets import ImageDataset, files_digest
-from node.training import resolve_device
+from sparsat.ground_station.store import SampleStore
+from sparsat.node.data.datasets import ImageDataset, files_digest
+from sparsat.node.models import encoders
+from sparsat.node.models.training import resolve_device
 
 log = logging.getLogger("sparsat.ground_station")
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ground_station.coordinator import EpochResult, WorkerBytes
-from proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.ground_station.coordinator import EpochResult, WorkerBytes
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 
 
 def _worker(w: WorkerBytes) -> pb.WorkerBytes:

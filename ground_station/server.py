@@ -20,20 +20,21 @@ import grpc
 import numpy as np
 import torch
 
-from ground_station import serde as gs_serde
-from ground_station.checkpoints import CheckpointError
-from ground_station.config import GroundStationConfig
-from ground_station.coordinator import Coordinator, TrainerUnavailable
-from ground_station.encoding import TokenSet
-from ground_station.ingest import Checked, IngestRules, check_batch, refusal
-from ground_station.prepare import EncodingFailed, NotReady, Prepared, Update, prepare
-from ground_station.store import NodeRecord, SampleStore
-from node import encoders
-from node import serde as node_serde
-from node.codec import CodecError, tile_edges
-from node.config import SensorSetup
-from node.datasets import load_dataset, split_size
-from node.rpc import (
+from sparsat.ground_station import serde as gs_serde
+from sparsat.ground_station.checkpoints import CheckpointError
+from sparsat.ground_station.config import GroundStationConfig
+from sparsat.ground_station.coordinator import Coordinator, TrainerUnavailable
+from sparsat.ground_station.encoding import TokenSet
+from sparsat.ground_station.ingest import Checked, IngestRules, check_batch, refusal
+from sparsat.ground_station.prepare import EncodingFailed, NotReady, Prepared, Update, prepare
+from sparsat.ground_station.store import NodeRecord, SampleStore
+from sparsat.node.data.config import SensorSetup
+from sparsat.node.data.datasets import load_dataset, split_size
+from sparsat.node.data.sharding import assign, owners
+from sparsat.node.models import encoders
+from sparsat.node.wire import serde as node_serde
+from sparsat.node.wire.codec import CodecError, tile_edges
+from sparsat.node.wire.rpc import (
     INSTANCE,
     ByteCounter,
     abort,
@@ -45,10 +46,9 @@ from node.rpc import (
     received_size,
     wire_size,
 )
-from node.security import Identity
-from node.sharding import assign, owners
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sparsat.node.wire.security import Identity
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
 log = logging.getLogger("sparsat.ground_station")
 SERVICES = ["sparsat.v1.Downlink", "sparsat.v1.Registry", "sparsat.v1.Health",
@@ -177,7 +177,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         # its satellites: their samples are accepted, no other node takes them), but its
         # address is listed (nodes: ListNodes, trainers for Prepare) only once it registered
         # with this process: it may have moved (sparsat run --resume starts new processes on
-        # new ports), and it registers again by itself within seconds (node/rejoin.py).
+        # new ports), and it registers again by itself within seconds (node/processes/rejoin.py).
         self.enrolled: dict[str, pb.NodeInfo] = {
             r.node_id: pb.NodeInfo(node_id=r.node_id, role=pb.Role.Name(r.role),
                                    address=r.address, satellite_ids=r.satellites,

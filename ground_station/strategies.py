@@ -3,7 +3,7 @@ over its workers and how the pieces that come back are merged.
 
 - `ist`: K workers; every round each hidden layer gets its own random permutation split into
   K disjoint groups, worker k trains its pieces and they go back in place; the shared output
-  bias is averaged over the pieces that came back (`ground_station.ist`). With
+  bias is averaged over the pieces that came back (`sparsat.ground_station.ist`). With
   `subnet_scale: k` a subnet's hidden outputs are scaled by K while it trains.
 - `centralized`: IST with K = 1: one worker trains the whole network.
 - `local_sgd`: K full replicas start each round from the same weights, train on their own
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ground_station import ist
-from ground_station.config import TrainingConfig
-from node.training import AdamState
+from sparsat.ground_station import ist
+from sparsat.ground_station.config import TrainingConfig
+from sparsat.node.models.training import AdamState
 
 # worker -> (trained pieces, their moments when they travel); the workers whose call failed
 # are missing, and their part of the model keeps its pre-round weights and moments

@@ -1,13 +1,13 @@
 """Generate the Python stubs for proto/sparsat/v1/*.proto (one script, used by `make proto`).
 
-Run from anywhere: `python -m proto.codegen` or `python proto/codegen.py [--out DIR]`. The
-stubs land beside the .proto files, importable as `proto.sparsat.v1.sparsat_pb2`; `--out`
-writes them under another root instead (the drift test compares the two).
+Run from anywhere: `python -m sparsat.proto.codegen` or `python proto/codegen.py [--out DIR]`.
+The stubs land beside the .proto files, importable as `sparsat.proto.sparsat.v1.sparsat_pb2`;
+`--out` writes them under another root instead (the drift test compares the two).
 
 protoc runs with `-I proto`, so the file is registered (descriptor pool, server reflection)
 under its package path `sparsat/v1/sparsat.proto`, as clients in other languages name it;
-the generated modules' references to `sparsat.v1` are then rewritten to `proto.sparsat.v1`,
-the package the stubs are imported as.
+the generated modules' references to `sparsat.v1` are then rewritten to
+`sparsat.proto.sparsat.v1`, the package the stubs are imported as.
 """
 
 from __future__ import annotations
@@ -55,11 +55,13 @@ def generate(out_root: Path = REPO_ROOT) -> list[Path]:
 
 def _fix_imports(text: str) -> str:
     """Generated code names its modules after the proto path (`sparsat.v1.sparsat_pb2`);
-    here they live in the `proto` package."""
-    text = re.sub(r"^from sparsat\.v1 import ", "from proto.sparsat.v1 import ", text,
+    here they live in the `sparsat.proto` package."""
+    text = re.sub(r"^from sparsat\.v1 import ", "from sparsat.proto.sparsat.v1 import ", text,
                   flags=re.MULTILINE)
-    text = re.sub(r"^import sparsat\.v1\.", "import proto.sparsat.v1.", text, flags=re.MULTILINE)
-    return text.replace("'sparsat.v1.sparsat_pb2'", "'proto.sparsat.v1.sparsat_pb2'").replace(
+    text = re.sub(r"^import sparsat\.v1\.", "import sparsat.proto.sparsat.v1.", text,
+                  flags=re.MULTILINE)
+    text = text.replace("'sparsat.v1.sparsat_pb2'", "'sparsat.proto.sparsat.v1.sparsat_pb2'")
+    return text.replace(
         "code in sparsat/v1/", "code in proto/sparsat/v1/")
 
 

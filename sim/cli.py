@@ -36,7 +36,7 @@ def _configure_security(args: argparse.Namespace, role: str,
     """Set this process's credentials from the flags; returns the node name they carry (None
     with --insecure). `role`: the role the credentials must have; `name`: the node name the
     command was given, which must match."""
-    from node import security
+    from sparsat.node.wire import security
 
     files = [args.tls_cert, args.tls_key, args.tls_ca, args.token]
     if args.insecure:
@@ -72,8 +72,8 @@ def _configure_security(args: argparse.Namespace, role: str,
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from sim.certs import make_deployment, parse_node, scenario_nodes
-    from sim.scenario import load
+    from sparsat.sim.deploy.certs import make_deployment, parse_node, scenario_nodes
+    from sparsat.sim.scenario.schema import load
 
     nodes = scenario_nodes(load(args.scenario), args.trainers) if args.scenario else []
     nodes += [parse_node(n) for n in args.node or []]
@@ -96,10 +96,10 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from sim import report
-    from sim.launcher import LocalCluster
-    from sim.mission import MissionControl
-    from sim.scenario import dump, load
+    from sparsat.sim.deploy.launcher import LocalCluster
+    from sparsat.sim.mission import report
+    from sparsat.sim.mission.control import MissionControl
+    from sparsat.sim.scenario.schema import dump, load
 
     if args.resume:
         if args.scenario or args.out:
@@ -166,8 +166,8 @@ def cmd_contacts(args: argparse.Namespace) -> int:
     import csv
     import time
 
-    from sim import orbits
-    from sim.scenario import load
+    from sparsat.sim.scenario.schema import load
+    from sparsat.sim.space import orbits
 
     scenario = load(args.scenario)
     if scenario.orbits is None:
@@ -205,8 +205,9 @@ def cmd_contacts(args: argparse.Namespace) -> int:
 
 
 def cmd_ground_station(args: argparse.Namespace) -> int:
-    from ground_station.server import serve
-    from sim.scenario import ground_station_config, load
+    from sparsat.ground_station.server import serve
+    from sparsat.sim.scenario.configs import ground_station_config
+    from sparsat.sim.scenario.schema import load
 
     _configure_security(args, "ground_station")
     scenario = load(args.scenario)
@@ -224,7 +225,7 @@ def cmd_ground_station(args: argparse.Namespace) -> int:
 
 
 def _register_wait(args: argparse.Namespace) -> None:
-    from node import rpc
+    from sparsat.node.wire import rpc
 
     if args.register_wait <= 0:
         raise ValueError("--register-wait must be > 0 seconds")
@@ -232,8 +233,8 @@ def _register_wait(args: argparse.Namespace) -> None:
 
 
 def cmd_sensor(args: argparse.Namespace) -> int:
-    from node import security
-    from node.sensor import serve
+    from sparsat.node.processes.sensor import serve
+    from sparsat.node.wire import security
 
     _register_wait(args)
     name = _configure_security(args, "sensor", args.node_id)
@@ -253,7 +254,7 @@ def cmd_sensor(args: argparse.Namespace) -> int:
 
 
 def cmd_trainer(args: argparse.Namespace) -> int:
-    from node.trainer import serve
+    from sparsat.node.processes.trainer import serve
 
     _register_wait(args)
     name = _configure_security(args, "trainer", args.id)
@@ -266,10 +267,10 @@ def cmd_trainer(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from node.datasets import DatasetSpec, load_dataset
-    from node.encoders import config
-    from node.pretrain import DecoderConfig, PretrainConfig, pretrain
-    from node.training import resolve_device
+    from sparsat.node.data.datasets import DatasetSpec, load_dataset
+    from sparsat.node.models.encoders import config
+    from sparsat.node.models.pretrain import DecoderConfig, PretrainConfig, pretrain
+    from sparsat.node.models.training import resolve_device
 
     resolve_device(args.device)  # an unavailable device fails before the dataset is read
 
@@ -299,8 +300,8 @@ def cmd_clouds(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     args.size = args.size or [28, 256]
-    from node.clouds import PRESETS, example_figure
-    from sim.scenario import load
+    from sparsat.node.data.clouds import PRESETS, example_figure
+    from sparsat.sim.scenario.schema import load
 
     if args.scenario:
         scenario = load(args.scenario)
@@ -327,7 +328,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from sim import sweep as sw
+    from sparsat.sim.sweeps import runner as sw
 
     if args.collect:
         spec = sw.load_sweep(args.sweep) if args.sweep else None
@@ -352,7 +353,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         sw.prepare_point(out, p)
     cache = None if args.no_token_cache else (out / "token_cache").resolve()
     if args.executor == "ray":
-        from sim.sweep_ray import ray_executor
+        from sparsat.sim.sweeps.ray_executor import ray_executor
 
         execute = ray_executor(out, args.jobs, cache, args.address)
     else:
@@ -543,10 +544,10 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a one-line error for users; --log-level debug shows the trace
-        from node.rpc import Refused, Unreachable
-        from sim.launcher import LaunchError
-        from sim.mission import MissionError
-        from sim.scenario import ScenarioError
+        from sparsat.node.wire.rpc import Refused, Unreachable
+        from sparsat.sim.deploy.launcher import LaunchError
+        from sparsat.sim.mission.control import MissionError
+        from sparsat.sim.scenario.schema import ScenarioError
 
         known = (ScenarioError, MissionError, LaunchError, FileNotFoundError, ValueError,
                  Unreachable, Refused)

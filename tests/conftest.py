@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from node import security
+from sparsat.node.wire import security
 
 
 @pytest.fixture(autouse=True)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import grpc
 
-from node import rpc
-from node.security import Credentials
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sparsat.node.wire import rpc
+from sparsat.node.wire.security import Credentials
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
 
 def _code(call: object) -> str:

@@ -14,17 +14,17 @@ from pathlib import Path
 import grpc
 import pytest
 
-from ground_station.config import GroundStationConfig
-from ground_station.server import GroundStation, build_server, sensor_setup
-from node import serde
-from node.codec import varint
-from node.config import SensorConfig
-from node.datasets import DatasetSpec
-from node.masking import MaskSpec
-from node.rpc import bind, make_server
-from node.sensor import SensorServicer
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sparsat.ground_station.config import GroundStationConfig
+from sparsat.ground_station.server import GroundStation, build_server, sensor_setup
+from sparsat.node.data.config import SensorConfig
+from sparsat.node.data.datasets import DatasetSpec
+from sparsat.node.data.masking import MaskSpec
+from sparsat.node.processes.sensor import SensorServicer
+from sparsat.node.wire import serde
+from sparsat.node.wire.codec import varint
+from sparsat.node.wire.rpc import bind, make_server
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
 SATS = ["sat-0", "sat-1"]
 Answer = Callable[[int], serde.AckData]  # the ack of an n-sample batch

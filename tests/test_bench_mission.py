@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from node.masking import num_visible
+from sparsat.node.data.masking import num_visible
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "mission.py"
 

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from node import encoders
-from node.datasets import DEBIAN_FASHION_MNIST_DIR, read_idx
-from node.masking import num_visible
+from sparsat.node.data.datasets import DEBIAN_FASHION_MNIST_DIR, read_idx
+from sparsat.node.data.masking import num_visible
+from sparsat.node.models import encoders
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_RECORD = ROOT / "node" / "weights" / "vit_tiny_d8_patch4_28_fmnist_mae_e32.json"
@@ -293,7 +293,7 @@ def test_make_gpu_pretrain_steps_on_cpu(tmp_path: Path, capsys: pytest.CaptureFi
 def test_tiny_fashion_mnist_reads_back(tmp_path: Path) -> None:
     """The IDX files the gpu-pretrain smoke writes are the dataset's first images."""
     _tiny_fashion_mnist(tmp_path, 5, 3)
-    from node.datasets import DatasetSpec, load_dataset
+    from sparsat.node.data.datasets import DatasetSpec, load_dataset
 
     got = load_dataset(DatasetSpec("fashion_mnist", root=str(tmp_path)), "test")
     want = read_idx(DEBIAN_FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz")[:3]

@@ -16,17 +16,17 @@ import pytest
 import torch
 from tqdm import tqdm
 
-from ground_station.server import MAX_SEND_STREAMS_PER_CALLER, SendStreams
-from node import rpc, serde
-from node.codec import CodecError, varint
-from node.trainer import MAX_DATASET_BYTES, TrainerServicer
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
-from sim.ground_client import MissionError
-from sim.hosts import MAX_REPORT_BYTES, _SensorCalls
-from sim.links import Link, PeriodicPasses
-from sim.mission import MissionControl
-from sim.scenario import Scenario
+from sparsat.ground_station.server import MAX_SEND_STREAMS_PER_CALLER, SendStreams
+from sparsat.node.processes.trainer import MAX_DATASET_BYTES, TrainerServicer
+from sparsat.node.wire import rpc, serde
+from sparsat.node.wire.codec import CodecError, varint
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sparsat.sim.mission.control import MissionControl
+from sparsat.sim.mission.ground_client import MissionError
+from sparsat.sim.mission.hosts import MAX_REPORT_BYTES, _SensorCalls
+from sparsat.sim.scenario.schema import Scenario
+from sparsat.sim.space.links import Link, PeriodicPasses
 
 
 def _peak_bytes(run: Any) -> int:
@@ -154,11 +154,11 @@ def test_one_caller_holds_at_most_its_share_of_the_send_streams() -> None:
 
 @pytest.fixture(scope="module")
 def station_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from ground_station.config import GroundStationConfig
-    from ground_station.server import GroundStation, build_server
-    from node.config import SensorConfig
-    from node.datasets import DatasetSpec
-    from node.masking import MaskSpec
+    from sparsat.ground_station.config import GroundStationConfig
+    from sparsat.ground_station.server import GroundStation, build_server
+    from sparsat.node.data.config import SensorConfig
+    from sparsat.node.data.datasets import DatasetSpec
+    from sparsat.node.data.masking import MaskSpec
 
     sensor = SensorConfig(dataset=DatasetSpec("fashion_mnist", download=False),
                           mask=MaskSpec(kind="fixed", ratio=0.5, seed=0),

@@ -1,4 +1,5 @@
-"""Tests for node.clouds: exact cover, reproducibility, climatology, edge roughness, tiling."""
+"""Tests for sparsat.node.data.clouds: exact cover, reproducibility, climatology, edge roughness,
+tiling."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from node.clouds import (
+from sparsat.node.data.clouds import (
     DEFAULT_ROUGHNESS,
     PRESETS,
     CloudSpec,
@@ -23,7 +24,7 @@ from node.clouds import (
     scene_clouds,
     token_cover,
 )
-from node.codec import tile_edges
+from sparsat.node.wire.codec import tile_edges
 
 # ---- exact cover ----------------------------------------------------------------------------
 
@@ -227,7 +228,7 @@ def test_example_figure_writes_a_png(tmp_path: Path) -> None:
 
 
 def test_sparsat_clouds_writes_a_picture_and_refuses_bad_input(tmp_path: Path) -> None:
-    from sim.cli import main
+    from sparsat.sim.cli import main
 
     out = tmp_path / "m.png"
     assert main(["clouds", "--out", str(out), "--preset", "ocean", "--n", "2",

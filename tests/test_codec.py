@@ -1,4 +1,5 @@
-"""Tests for node.codec: tile edges, the patch payload round trip and checks, CLS quantization."""
+"""Tests for sparsat.node.wire.codec: tile edges, the patch payload round trip and checks, CLS
+quantization."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.codec import (
+from sparsat.node.wire.codec import (
     CLS_DTYPES,
     CodecError,
     PatchData,

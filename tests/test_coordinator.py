@@ -12,18 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from ground_station import ist
-from ground_station.checkpoints import CheckpointError
-from ground_station.config import TrainingConfig
-from ground_station.coordinator import Coordinator
-from node import serde
-from node.masking import stable_seed
-from node.mlp import MLP
-from node.rpc import CHUNK_BYTES, bind, make_server, wire_size
-from node.trainer import TrainerServicer
-from node.training import Adam, AdamState, epoch_order, train_steps
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sparsat.ground_station import ist
+from sparsat.ground_station.checkpoints import CheckpointError
+from sparsat.ground_station.config import TrainingConfig
+from sparsat.ground_station.coordinator import Coordinator
+from sparsat.node.data.masking import stable_seed
+from sparsat.node.models.mlp import MLP
+from sparsat.node.models.training import Adam, AdamState, epoch_order, train_steps
+from sparsat.node.processes.trainer import TrainerServicer
+from sparsat.node.wire import serde
+from sparsat.node.wire.rpc import CHUNK_BYTES, bind, make_server, wire_size
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
 DIM, CLASSES, ROWS = 16, 4, 1024
 
@@ -270,7 +270,7 @@ def test_a_failed_trainer_keeps_its_pieces_and_rejoins_after_registering_again(
 
 
 def test_no_trainer_at_all_fails_the_epoch_after_the_round_timeout(trainers: Trainers) -> None:
-    from ground_station.coordinator import TrainerUnavailable
+    from sparsat.ground_station.coordinator import TrainerUnavailable
 
     cfg = TrainingConfig(strategy="ist", workers=2, local_steps=2, batch_size=32,
                          hidden=(8, 8), round_timeout_s=1)
@@ -532,7 +532,7 @@ def test_one_trainer_alive_trains_one_subnet_a_round_never_the_union(
 def test_a_trainers_replies_are_charged_the_bytes_that_arrived() -> None:
     # Prepare: a trainer whose encoder is not Python's: it writes an explicit empty
     # dataset_id before the real fields (valid protobuf, 2 bytes more than Python's encoding)
-    from ground_station.coordinator import TrainerClient
+    from sparsat.ground_station.coordinator import TrainerClient
 
     canonical = pb.LoadDatasetReply(dataset_id="ds", rows=3).SerializeToString()
     raw = b"\x0a\x00" + canonical

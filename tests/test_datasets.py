@@ -1,4 +1,5 @@
-"""Tests for node.datasets: IDX parsing, fallbacks, error messages and the seeded file split."""
+"""Tests for sparsat.node.data.datasets: IDX parsing, fallbacks, error messages and the seeded file
+split."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from node import datasets
-from node.datasets import DatasetMissingError, DatasetSpec, load_dataset
+from sparsat.node.data import datasets
+from sparsat.node.data.datasets import DatasetMissingError, DatasetSpec, load_dataset
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from node import encoders
-from node.encoders import Encoder, EncoderConfig, EncoderWeightsError
+from sparsat.node.models import encoders
+from sparsat.node.models.encoders import Encoder, EncoderConfig, EncoderWeightsError
 
 SMALL = EncoderConfig(28, 4, 1, 64, 3, 4, (0.5,), (0.25,))
 
@@ -269,9 +269,9 @@ def test_shipped_checkpoints_load_and_are_small(name: str) -> None:
 
 
 def test_every_default_names_the_same_encoder() -> None:
-    from node.config import SensorConfig
-    from sim.cli import parser
-    from sim.scenario import EncoderCfg
+    from sparsat.node.data.config import SensorConfig
+    from sparsat.sim.cli import parser
+    from sparsat.sim.scenario.schema import EncoderCfg
 
     # the default encoder's weights=None is a checkpoint that ships with the package
     assert Path(encoders.config(encoders.DEFAULT_ENCODER).default_weights).parent == (

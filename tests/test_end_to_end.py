@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import yaml
 
-from ground_station.store import Row
-from node.rpc import GRPC_FRAME_BYTES
-from node.serde import BatchBuilder, Payload
-from sim.cli import main
+from sparsat.ground_station.store import Row
+from sparsat.node.wire.rpc import GRPC_FRAME_BYTES
+from sparsat.node.wire.serde import BatchBuilder, Payload
+from sparsat.sim.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -175,7 +175,7 @@ def test_clouds_drop_cloudy_tokens_skip_overcast_scenes_and_report_both_test_gro
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as f:
-        return subprocess.Popen([sys.executable, "-m", "sim.cli", *args], stdout=f,
+        return subprocess.Popen([sys.executable, "-m", "sparsat.sim.cli", *args], stdout=f,
                                 stderr=subprocess.STDOUT)
 
 
@@ -235,9 +235,9 @@ FAULTS = {**TINY, "name": "faults",
 def _node_address(cluster: Any, node_id: str) -> str:
     import grpc  # noqa: F401  (imported for the stub's errors)
 
-    from node.rpc import channel
-    from proto.sparsat.v1 import sparsat_pb2 as pb
-    from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+    from sparsat.node.wire.rpc import channel
+    from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+    from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
     ch = channel(cluster.address)
     try:
@@ -249,9 +249,9 @@ def _node_address(cluster: Any, node_id: str) -> str:
 
 def test_a_killed_trainer_does_not_stop_the_run_and_rejoins_when_it_registers_again(
         tmp_path: Path) -> None:
-    from sim.launcher import LocalCluster
-    from sim.mission import MissionControl
-    from sim.scenario import Scenario, dump
+    from sparsat.sim.deploy.launcher import LocalCluster
+    from sparsat.sim.mission.control import MissionControl
+    from sparsat.sim.scenario.schema import Scenario, dump
 
     scenario = Scenario.model_validate(FAULTS)
     out = tmp_path / "out"
@@ -298,9 +298,9 @@ def test_a_killed_trainer_does_not_stop_the_run_and_rejoins_when_it_registers_ag
 
 
 def test_run_resume_continues_a_run_whose_ground_station_was_killed(tmp_path: Path) -> None:
-    from sim.launcher import LocalCluster
-    from sim.mission import Deadlines, MissionControl, MissionError
-    from sim.scenario import Scenario, dump
+    from sparsat.sim.deploy.launcher import LocalCluster
+    from sparsat.sim.mission.control import Deadlines, MissionControl, MissionError
+    from sparsat.sim.scenario.schema import Scenario, dump
 
     scenario = Scenario.model_validate({**FAULTS, "name": "resume"})
     whole = tmp_path / "whole"
@@ -353,7 +353,7 @@ def _twin_tle(path: Path) -> None:
 
     from sgp4.api import WGS72, Satrec
 
-    from sim import orbits
+    from sparsat.sim.space import orbits
 
     epoch = datetime(2026, 1, 1, tzinfo=UTC)
     days = orbits._julian(epoch) - orbits.SGP4_EPOCH_JD
@@ -369,8 +369,8 @@ def _twin_tle(path: Path) -> None:
 @pytest.mark.parametrize("antennas", [1, 2])
 def test_orbital_downlink_uses_only_contact_windows_and_queues_for_antennas(
         tmp_path: Path, antennas: int) -> None:
-    from sim import orbits
-    from sim.scenario import load
+    from sparsat.sim.scenario.schema import load
+    from sparsat.sim.space import orbits
 
     _twin_tle(tmp_path / "twins.tle")
     scenario = {

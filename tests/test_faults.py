@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
-from sim.launcher import LocalCluster
-from sim.mission import Deadlines, MissionControl, MissionError
-from sim.scenario import Scenario, load
+from sparsat.sim.deploy.launcher import LocalCluster
+from sparsat.sim.mission.control import Deadlines, MissionControl, MissionError
+from sparsat.sim.scenario.schema import Scenario, load
 
 pytestmark = pytest.mark.slow
 

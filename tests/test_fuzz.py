@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from ground_station.config import GroundStationConfig
-from ground_station.server import GroundStation, build_server
-from node import rpc, serde
-from node.config import SensorConfig
-from node.datasets import DatasetSpec
-from node.masking import MaskSpec
-from node.mlp import MLP
-from node.trainer import TrainerServicer
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sparsat.ground_station.config import GroundStationConfig
+from sparsat.ground_station.server import GroundStation, build_server
+from sparsat.node.data.config import SensorConfig
+from sparsat.node.data.datasets import DatasetSpec
+from sparsat.node.data.masking import MaskSpec
+from sparsat.node.models.mlp import MLP
+from sparsat.node.processes.trainer import TrainerServicer
+from sparsat.node.wire import rpc, serde
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
 MUTATIONS = 60  # per seed message
 BAD = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
@@ -79,10 +79,10 @@ def station(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GroundSt
 
 
 def _valid_batch(gs: GroundStation) -> pb.DownlinkBatch:
-    from node.codec import encode_patches
-    from node.datasets import load_dataset
-    from node.masking import capture, copy_id
-    from node.sharding import sample_id, shard, train_subset
+    from sparsat.node.data.datasets import load_dataset
+    from sparsat.node.data.masking import capture, copy_id
+    from sparsat.node.data.sharding import sample_id, shard, train_subset
+    from sparsat.node.wire.codec import encode_patches
 
     data = load_dataset(gs.cfg.sensor.dataset, "train")
     idx = shard(train_subset(len(data), 40, 0), 0, 2)[:3]

@@ -18,18 +18,18 @@ import numpy as np
 import pytest
 import torch
 
-from ground_station.config import GroundStationConfig, TrainingConfig
-from ground_station.coordinator import Coordinator
-from ground_station.server import GroundStation, build_server
-from node import encoders
-from node.config import SensorConfig
-from node.datasets import DatasetSpec
-from node.masking import MaskSpec, num_visible
-from node.rpc import bind, channel, make_server
-from node.sensor import SensorServicer
-from node.trainer import TrainerServicer
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sparsat.ground_station.config import GroundStationConfig, TrainingConfig
+from sparsat.ground_station.coordinator import Coordinator
+from sparsat.ground_station.server import GroundStation, build_server
+from sparsat.node.data.config import SensorConfig
+from sparsat.node.data.datasets import DatasetSpec
+from sparsat.node.data.masking import MaskSpec, num_visible
+from sparsat.node.models import encoders
+from sparsat.node.processes.sensor import SensorServicer
+from sparsat.node.processes.trainer import TrainerServicer
+from sparsat.node.wire.rpc import bind, channel, make_server
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
 pytestmark = [
     pytest.mark.gpu,

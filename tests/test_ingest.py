@@ -3,8 +3,10 @@ localhost port, and the sample store under them.
 
 Every server here runs in-process on 127.0.0.1:0 and is called through the generated stubs, so
 requests go through real serialization, real status codes and real message-size limits. Samples
-are built the way node/sensor.py builds them: ids copy * N + index into the N-image training
-split, each satellite's shard from node.sharding.train_subset/shard, masks from node.masking.
+are built the way node/processes/sensor.py builds them: ids copy * N + index into the N-image
+training
+split, each satellite's shard from sparsat.node.data.sharding.train_subset/shard, masks from
+sparsat.node.data.masking.
 """
 
 from __future__ import annotations
@@ -23,24 +25,25 @@ import numpy as np
 import pytest
 import torch
 
-from ground_station import server as gs_server
-from ground_station.config import GroundStationConfig, TrainingConfig
-from ground_station.encoding import TokenCache, TokenSet, eval_key, requantize
-from ground_station.ingest import STATUS_OF, IngestRules, check_batch
-from ground_station.server import GroundStation, build_server
-from ground_station.store import Row, SampleStore, StoreMismatchError
-from node import encoders, serde
-from node.codec import encode_patches, masked_canvas, quantize_token, varint
-from node.config import SensorConfig
-from node.datasets import DatasetSpec, ImageDataset, load_dataset
-from node.masking import MaskSpec, capture, copy_id
-from node.rpc import bind, channel, make_server, wait_ready, wire_size
-from node.serde import BatchBuilder, ClsData, Payload
-from node.sharding import sample_id, shard, train_subset
-from node.trainer import TrainerServicer
-from node.training import AdamState
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sparsat.ground_station import server as gs_server
+from sparsat.ground_station.config import GroundStationConfig, TrainingConfig
+from sparsat.ground_station.encoding import TokenCache, TokenSet, eval_key, requantize
+from sparsat.ground_station.ingest import STATUS_OF, IngestRules, check_batch
+from sparsat.ground_station.server import GroundStation, build_server
+from sparsat.ground_station.store import Row, SampleStore, StoreMismatchError
+from sparsat.node.data.config import SensorConfig
+from sparsat.node.data.datasets import DatasetSpec, ImageDataset, load_dataset
+from sparsat.node.data.masking import MaskSpec, capture, copy_id
+from sparsat.node.data.sharding import sample_id, shard, train_subset
+from sparsat.node.models import encoders
+from sparsat.node.models.training import AdamState
+from sparsat.node.processes.trainer import TrainerServicer
+from sparsat.node.wire import serde
+from sparsat.node.wire.codec import encode_patches, masked_canvas, quantize_token, varint
+from sparsat.node.wire.rpc import bind, channel, make_server, wait_ready, wire_size
+from sparsat.node.wire.serde import BatchBuilder, ClsData, Payload
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
 SATELLITES = ["sat-0", "sat-1", "sat-2"]
 SENSOR = "sat-0"  # registered in every station below
@@ -158,7 +161,8 @@ def patch_gs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Station]:
     yield from _run_station(_config(tmp_path_factory.mktemp("patch-gs")))
 
 
-# ---- sample builders (as node/sensor.py builds them) -----------------------------------------
+# ---- sample builders (as node/processes/sensor.py builds them)
+# -----------------------------------------
 
 
 def _shard(sat: str) -> list[int]:

@@ -1,13 +1,13 @@
-"""Tests for ground_station.ist: partition, subnet slicing and in-place write-back."""
+"""Tests for sparsat.ground_station.ist: partition, subnet slicing and in-place write-back."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ground_station import ist
-from ground_station.ist import Params, Partition
-from node.mlp import MLP
+from sparsat.ground_station import ist
+from sparsat.ground_station.ist import Params, Partition
+from sparsat.node.models.mlp import MLP
 
 D, H1, H2, C = 6, 5, 4, 3  # a small d-h1-h2-C MLP: w1 (5, 6), w2 (4, 5), w3 (3, 4)
 

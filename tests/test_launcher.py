@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sim.cli import main
-from sim.launcher import LocalCluster
-from sim.scenario import load
+from sparsat.sim.cli import main
+from sparsat.sim.deploy.launcher import LocalCluster
+from sparsat.sim.scenario.schema import load
 
 pytestmark = pytest.mark.slow
 

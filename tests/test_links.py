@@ -7,7 +7,7 @@ from collections.abc import Generator
 import pytest
 import simpy
 
-from sim.links import Link, PeriodicPasses
+from sparsat.sim.space.links import Link, PeriodicPasses
 
 RATE_BPS = 8_000  # 1,000 bytes per second: durations are easy to read
 
@@ -53,7 +53,7 @@ def test_periodic_windows(t: float, window: tuple[float, float]) -> None:
 def test_link_budget_follows_range_and_caps_at_the_modem() -> None:
     import math
 
-    from sim.links import LinkBudget
+    from sparsat.sim.space.links import LinkBudget
 
     b = LinkBudget(frequency_hz=2.2e9, eirp_dbw=3.0, gt_dbk=2.0, bandwidth_hz=2e6,
                    modem_rate_bps=2e6, losses_db=3.0)
@@ -69,7 +69,7 @@ def test_link_budget_follows_range_and_caps_at_the_modem() -> None:
 def test_retransmission_charges_every_lost_frame_again() -> None:
     import random
 
-    from sim.links import retransmitted
+    from sparsat.sim.space.links import retransmitted
 
     assert retransmitted(10_000, 0.0, 256, random.Random(0)) == 10_000
     sent = [retransmitted(25_600, 0.2, 256, random.Random(s)) for s in range(200)]

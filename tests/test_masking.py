@@ -1,4 +1,5 @@
-"""Tests for node.masking: the MAE keep-count convention and the fixed/random/none masks."""
+"""Tests for sparsat.node.data.masking: the MAE keep-count convention and the fixed/random/none
+masks."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.clouds import CloudSpec
-from node.masking import (
+from sparsat.node.data.clouds import CloudSpec
+from sparsat.node.data.masking import (
     MaskSpec,
     capture,
     copy_id,

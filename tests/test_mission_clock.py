@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 from tqdm import tqdm
 
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from sim.links import Link, PeriodicPasses
-from sim.mission import MissionControl
-from sim.scenario import Scenario
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.sim.mission.control import MissionControl
+from sparsat.sim.scenario.schema import Scenario
+from sparsat.sim.space.links import Link, PeriodicPasses
 
 
 class OneBatch:

@@ -12,18 +12,18 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from ground_station.config import GroundStationConfig
-from ground_station.encoding import encode_rows
-from ground_station.server import GroundStation, build_server
-from node import encoders
-from node.codec import decode_patches, parse_patch_record
-from node.config import SensorConfig
-from node.datasets import DatasetSpec, load_dataset
-from node.masking import MaskSpec
-from node.rpc import channel
-from node.sensor import SensorServicer
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sparsat.ground_station.config import GroundStationConfig
+from sparsat.ground_station.encoding import encode_rows
+from sparsat.ground_station.server import GroundStation, build_server
+from sparsat.node.data.config import SensorConfig
+from sparsat.node.data.datasets import DatasetSpec, load_dataset
+from sparsat.node.data.masking import MaskSpec
+from sparsat.node.models import encoders
+from sparsat.node.processes.sensor import SensorServicer
+from sparsat.node.wire.codec import decode_patches, parse_patch_record
+from sparsat.node.wire.rpc import channel
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
 ENCODER = "vit_tiny_patch4_28"  # 28x28 input, a 7x7 grid
 SIZES = [(28, 28), (40, 24), (17, 33)]  # (width, height) as PIL takes them

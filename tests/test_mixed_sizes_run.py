@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from sim.cli import main
+from sparsat.sim.cli import main
 
 pytestmark = pytest.mark.slow
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import yaml
 
-from sim import orbits
-from sim.cli import main
-from sim.orbits import Contact, OrbitError, Station, contact_windows, walker_delta
-from sim.scenario import Scenario, load
+from sparsat.sim.cli import main
+from sparsat.sim.scenario.schema import Scenario, load
+from sparsat.sim.space import orbits
+from sparsat.sim.space.orbits import Contact, OrbitError, Station, contact_windows, walker_delta
 
 EPOCH = datetime(2026, 3, 20, 12, 0, tzinfo=UTC)
 ROOT = Path(__file__).resolve().parent.parent

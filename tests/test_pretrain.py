@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from node import encoders
-from node.pretrain import DecoderConfig, PretrainConfig, patchify, pretrain, sincos_2d
+from sparsat.node.models import encoders
+from sparsat.node.models.pretrain import (
+    DecoderConfig,
+    PretrainConfig,
+    patchify,
+    pretrain,
+    sincos_2d,
+)
 
 
 def _images(n: int = 192) -> np.ndarray:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from proto import codegen
+from sparsat.proto import codegen
 
 
 def test_generated_stubs_match_proto_files(tmp_path: Path) -> None:

@@ -20,14 +20,14 @@ import grpc
 import numpy as np
 import pytest
 
-from ground_station.config import GroundStationConfig
-from ground_station.server import GroundStation, build_server
-from node.codec import parse_patch_record
-from node.config import SensorConfig
-from node.datasets import DatasetSpec, load_dataset
-from node.masking import MaskSpec
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sparsat.ground_station.config import GroundStationConfig
+from sparsat.ground_station.server import GroundStation, build_server
+from sparsat.node.data.config import SensorConfig
+from sparsat.node.data.datasets import DatasetSpec, load_dataset
+from sparsat.node.data.masking import MaskSpec
+from sparsat.node.wire.codec import parse_patch_record
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 SATS = ["sat-0", "sat-1"]

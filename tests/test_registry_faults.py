@@ -21,17 +21,17 @@ import test_ingest
 import yaml
 from test_ingest import SATELLITES, FMnist, _batch, _config, _good
 
-from ground_station import server as server_module
-from ground_station.config import GroundStationConfig
-from ground_station.server import GroundStation, build_server
-from node import rejoin as rejoin_module
-from node import rpc
-from node.rejoin import Rejoin
-from node.rpc import Refused, Registered, Unreachable, channel, register, wait_ready
-from node.serde import pb_to_ack
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
-from sim.cli import main
+from sparsat.ground_station import server as server_module
+from sparsat.ground_station.config import GroundStationConfig
+from sparsat.ground_station.server import GroundStation, build_server
+from sparsat.node.processes import rejoin as rejoin_module
+from sparsat.node.processes.rejoin import Rejoin
+from sparsat.node.wire import rpc
+from sparsat.node.wire.rpc import Refused, Registered, Unreachable, channel, register, wait_ready
+from sparsat.node.wire.serde import pb_to_ack
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sparsat.sim.cli import main
 
 # test_ingest's fixtures: one load of Fashion-MNIST for the module, shared by its stations
 fm = test_ingest.fm
@@ -95,7 +95,7 @@ def test_registry_and_enrollment_survive_a_restart(tmp_path: Path, fm: FMnist) -
             registry.Register(pb.RegisterRequest(node_id="host-b", role=pb.SENSOR,
                                                  address="127.0.0.1:7003",
                                                  satellite_ids=["sat-0"]), timeout=10)
-        registry.Register(SENSOR_A, timeout=10)  # host-a back (what node/rejoin.py does)
+        registry.Register(SENSOR_A, timeout=10)  # host-a back (what node/processes/rejoin.py does)
         back = [n.node_id for n in registry.ListNodes(pb.ListNodesRequest(), timeout=10).nodes]
         stored = len(station.store)
         enrolled = sorted(station.enrolled)
@@ -458,8 +458,8 @@ def test_sensor_with_a_wrong_address_is_a_one_line_error(
 def test_nodes_register_again_with_a_restarted_ground_station_process(tmp_path: Path) -> None:
     """A local cluster (TLS, node tokens): the ground-station process is killed and started
     again on its port and store; the sensor host and the trainer register again by themselves."""
-    from sim.launcher import LocalCluster
-    from sim.scenario import load
+    from sparsat.sim.deploy.launcher import LocalCluster
+    from sparsat.sim.scenario.schema import load
 
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from sim.scenario import ScenarioError, ground_station_config, load
+from sparsat.sim.scenario.configs import ground_station_config
+from sparsat.sim.scenario.schema import ScenarioError, load
 
 SCENARIOS = sorted(Path(__file__).resolve().parent.parent.joinpath("scenarios").glob("*.yaml"))
 
@@ -95,7 +96,7 @@ def test_random_masks_send_one_copy_per_epoch(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.name)
 def test_a_resolved_scenario_loads_again(tmp_path: Path, path: Path) -> None:
     """config.yaml spells every default out: none of them counts as a no-effect setting."""
-    from sim.scenario import dump
+    from sparsat.sim.scenario.schema import dump
 
     out = tmp_path / "config.yaml"
     out.write_text(dump(load(path)))

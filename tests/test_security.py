@@ -1,4 +1,5 @@
-"""TLS and node identity (node/security.py, node/rpc.py's Guard, sim/certs.py) against a
+"""TLS and node identity (node/wire/security.py, node/wire/rpc.py's Guard, sim/deploy/certs.py)
+against a
 real ground station serving over TLS on 127.0.0.1: strangers are UNAUTHENTICATED, nodes
 outside their role PERMISSION_DENIED, bytes that are not a message INVALID_ARGUMENT."""
 
@@ -15,17 +16,23 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
-from ground_station.config import GroundStationConfig
-from ground_station.server import GroundStation, build_server
-from node import rpc, security
-from node.config import SensorConfig
-from node.datasets import DatasetSpec
-from node.masking import MaskSpec
-from node.security import AuthError, Credentials, CredentialsError, Identity, TokenVerifier
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
-from sim import certs
-from sim.certs import NodeSpec, make_deployment
+from sparsat.ground_station.config import GroundStationConfig
+from sparsat.ground_station.server import GroundStation, build_server
+from sparsat.node.data.config import SensorConfig
+from sparsat.node.data.datasets import DatasetSpec
+from sparsat.node.data.masking import MaskSpec
+from sparsat.node.wire import rpc, security
+from sparsat.node.wire.security import (
+    AuthError,
+    Credentials,
+    CredentialsError,
+    Identity,
+    TokenVerifier,
+)
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sparsat.sim.deploy import certs
+from sparsat.sim.deploy.certs import NodeSpec, make_deployment
 
 NODES = [NodeSpec("ground-station", "ground_station"), NodeSpec("sensors-0", "sensor", ("sat-0",)),
          NodeSpec("sensors-1", "sensor", ("sat-1",)), NodeSpec("trainer-0", "trainer"),
@@ -285,7 +292,7 @@ def test_mutual_tls(deployment: Path, gs_mtls: Server) -> None:
 
 def test_cli_requires_credentials_or_insecure(deployment: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    from sim.cli import main
+    from sparsat.sim.cli import main
 
     base = ["node", "trainer", "--listen", "127.0.0.1:0"]
     assert main(base) == 2
@@ -304,7 +311,7 @@ def test_cli_requires_credentials_or_insecure(deployment: Path,
 
 
 def test_cli_certs_from_scenario(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from sim.cli import main
+    from sparsat.sim.cli import main
 
     assert main(["certs", str(tmp_path), "--scenario", "scenarios/quickstart.yaml",
                  "--node", "trainer:trainer-spare", "--san", "*=127.0.0.1"]) == 0

@@ -15,17 +15,17 @@ import grpc
 import numpy as np
 import pytest
 
-from ground_station.config import GroundStationConfig
-from ground_station.server import GroundStation, build_server
-from node import serde
-from node.codec import CodecError
-from node.config import SensorConfig
-from node.datasets import DatasetSpec
-from node.masking import MaskSpec
-from node.rpc import Refused, register_reply
-from node.sensor import SensorServicer
-from node.sharding import shard, train_subset
-from proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.ground_station.config import GroundStationConfig
+from sparsat.ground_station.server import GroundStation, build_server
+from sparsat.node.data.config import SensorConfig
+from sparsat.node.data.datasets import DatasetSpec
+from sparsat.node.data.masking import MaskSpec
+from sparsat.node.data.sharding import shard, train_subset
+from sparsat.node.processes.sensor import SensorServicer
+from sparsat.node.wire import serde
+from sparsat.node.wire.codec import CodecError
+from sparsat.node.wire.rpc import Refused, register_reply
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 
 SATS = ["sat-0", "sat-1", "sat-2"]
 N_TRAIN = 60_000  # Fashion-MNIST's training split
@@ -118,7 +118,7 @@ def _stored(cfg: GroundStationConfig) -> dict[str, list[int]]:
 
 
 def test_a_host_built_from_the_reply_sends_exactly_the_images_it_names(tmp_path: Path) -> None:
-    # Prepare: a real ground station on 127.0.0.1; the host registers through node.rpc
+    # Prepare: a real ground station on 127.0.0.1; the host registers through sparsat.node.wire.rpc
     cfg = _config(tmp_path, SATS[:2], mask=MaskSpec("random", 0.5, copies=2))
     server, address = build_server(GroundStation(cfg), "127.0.0.1:0")
     server.start()

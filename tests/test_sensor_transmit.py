@@ -12,16 +12,16 @@ from pathlib import Path
 import grpc
 import pytest
 
-from ground_station.config import GroundStationConfig
-from ground_station.server import GroundStation, build_server
-from node import sensor as sensor_module
-from node.config import SensorConfig
-from node.datasets import DatasetSpec
-from node.masking import MaskSpec
-from node.rpc import channel
-from node.sensor import SensorServicer
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sparsat.ground_station.config import GroundStationConfig
+from sparsat.ground_station.server import GroundStation, build_server
+from sparsat.node.data.config import SensorConfig
+from sparsat.node.data.datasets import DatasetSpec
+from sparsat.node.data.masking import MaskSpec
+from sparsat.node.processes import sensor as sensor_module
+from sparsat.node.processes.sensor import SensorServicer
+from sparsat.node.wire.rpc import channel
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
 SATS = ["sat-0", "sat-1"]
 

@@ -12,10 +12,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ground_station.coordinator import EpochResult, WorkerBytes
-from ground_station.serde import epoch_to_pb, pb_to_epoch
-from node import serde
-from node.codec import (
+from sparsat.ground_station.coordinator import EpochResult, WorkerBytes
+from sparsat.ground_station.serde import epoch_to_pb, pb_to_epoch
+from sparsat.node.models.training import AdamState
+from sparsat.node.wire import serde
+from sparsat.node.wire.codec import (
     CodecError,
     PatchData,
     decode_patches,
@@ -27,10 +28,9 @@ from node.codec import (
     patch_record,
     quantize_token,
 )
-from node.rpc import GRPC_FRAME_BYTES, wire_size
-from node.serde import AckData, BatchBuilder, ClsData, Payload, TrainJob
-from node.training import AdamState
-from proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.node.wire.rpc import GRPC_FRAME_BYTES, wire_size
+from sparsat.node.wire.serde import AckData, BatchBuilder, ClsData, Payload, TrainJob
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 
 M = TypeVar("M")
 

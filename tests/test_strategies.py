@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ground_station import strategies
-from ground_station.config import TrainingConfig
-from node.mlp import MLP
-from node.training import AdamState
+from sparsat.ground_station import strategies
+from sparsat.ground_station.config import TrainingConfig
+from sparsat.node.models.mlp import MLP
+from sparsat.node.models.training import AdamState
 
 
 def _model() -> tuple[dict[str, torch.Tensor], AdamState]:

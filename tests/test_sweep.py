@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from sim import sweep as sw
-from sim.cli import main
+from sparsat.sim.cli import main
+from sparsat.sim.sweeps import runner as sw
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,7 +126,8 @@ def test_shards_are_disjoint_and_cover_the_grid(tmp_path: Path) -> None:
 def test_interrupted_sweep_resumes_without_redoing_points(tmp_path: Path) -> None:
     path = _files(tmp_path, {"name": "resume", "grid": {"seed": [0, 1, 2]}})
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "sim.cli", "sweep", str(path), "--out", str(out), "--quiet",
+    cmd = [sys.executable, "-m", "sparsat.sim.cli", "sweep", str(path), "--out", str(out),
+           "--quiet",
            "--no-token-cache"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)

@@ -1,4 +1,4 @@
-"""The Ray executor of `sparsat sweep` on a local Ray instance (sim.sweep_ray)."""
+"""The Ray executor of `sparsat sweep` on a local Ray instance (sparsat.sim.sweeps.ray_executor)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
-from sim import sweep as sw
-from sim.cli import main
-from sim.sweep_ray import RayExecutorError, ray_executor
+from sparsat.sim.cli import main
+from sparsat.sim.sweeps import runner as sw
+from sparsat.sim.sweeps.ray_executor import RayExecutorError, ray_executor
 
 # smaller than test_end_to_end's TINY: one sensor, one trainer, one epoch
 TINY = {
@@ -132,7 +132,7 @@ def test_task_errors_and_dead_workers_fail_their_point_only(
                 "files": {"run/results.json": b"{}", "run/config.yaml": point.yaml.encode(),
                           "run.log": b"ran\n", "../escape.txt": b"never written"}}
 
-    monkeypatch.setattr("sim.sweep_ray.run_on_node", stand_in)
+    monkeypatch.setattr("sparsat.sim.sweeps.ray_executor.run_on_node", stand_in)
     out = tmp_path / "out"
     statuses = _run(out, spec.points, jobs=0)
     by_seed = {p.overrides["seed"]: statuses[p.name] for p in spec.points}

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from sim import sweep_report as sr
-from sim.scenario import load
+from sparsat.sim.scenario.schema import load
+from sparsat.sim.sweeps import report as sr
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "docs" / "masks_runs"

@@ -1,5 +1,6 @@
 """The token cache's keys: a changed dataset file, numpy version or token-shaping code misses;
-an unchanged setup hits. Run through the encoder stage itself (ground_station.prepare._encode)
+an unchanged setup hits. Run through the encoder stage itself
+(sparsat.ground_station.prepare._encode)
 on an empty store and a small image folder, and on the key functions."""
 
 from __future__ import annotations
@@ -16,21 +17,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ground_station import encoding
-from ground_station.config import GroundStationConfig
-from ground_station.encoding import encoder_digest, eval_key, stage_code, stage_digest
-from ground_station.prepare import Update, _encode
-from ground_station.store import SampleStore
-from node import encoders
-from node.config import SensorConfig
-from node.datasets import (
+from sparsat.ground_station import encoding
+from sparsat.ground_station.config import GroundStationConfig
+from sparsat.ground_station.encoding import encoder_digest, eval_key, stage_code, stage_digest
+from sparsat.ground_station.prepare import Update, _encode
+from sparsat.ground_station.store import SampleStore
+from sparsat.node.data.config import SensorConfig
+from sparsat.node.data.datasets import (
     ArrayImageDataset,
     DatasetSpec,
     ImageDataset,
     files_digest,
     load_dataset,
 )
-from node.masking import MaskSpec
+from sparsat.node.data.masking import MaskSpec
+from sparsat.node.models import encoders
 
 MASK = MaskSpec(kind="fixed", ratio=0.5, seed=0)
 
@@ -130,10 +131,10 @@ def test_a_changed_masking_function_misses_both_splits(folder_stage: Stage,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     # Prepare
     assert folder_stage.run() == (False, False)
-    masking = Path(sys.modules["node.masking"].__file__ or "")
+    masking = Path(sys.modules["sparsat.node.data.masking"].__file__ or "")
     real = encoding._source
 
-    def edited(path: Path) -> bytes:  # node/masking.py as if one function had been changed
+    def edited(path: Path) -> bytes:  # node/data/masking.py as if one function had been changed
         data = real(path)
         return data.replace(b"def capture(", b"def capture(  ") if path == masking else data
 
@@ -149,9 +150,10 @@ def test_a_changed_masking_function_misses_both_splits(folder_stage: Stage,
 
 def test_the_stage_code_is_found_from_the_import_graph() -> None:
     files, libraries = stage_code()
-    # what shapes tokens: found by walking imports from ground_station.encoding
-    assert {"ground_station.encoding", "node.masking", "node.clouds", "node.codec",
-            "node.encoders", "node.datasets", "node.sharding"} <= set(files)
+    # what shapes tokens: found by walking imports from sparsat.ground_station.encoding
+    assert {"sparsat.ground_station.encoding", "sparsat.node.data.masking",
+            "sparsat.node.data.clouds", "sparsat.node.wire.codec", "sparsat.node.models.encoders",
+            "sparsat.node.data.datasets", "sparsat.node.data.sharding"} <= set(files)
     assert all(p.suffix == ".py" and p.is_file() for p in files.values())
     assert {"numpy", "torch", "timm", "PIL"} <= libraries  # PIL: a lazy import in a function
     assert not {"json", "hashlib", "os"} & libraries  # the standard library is left out

@@ -12,15 +12,22 @@ import numpy as np
 import pytest
 import torch
 
-from ground_station.coordinator import CallFailed, TrainerClient
-from node import serde
-from node.codec import CodecError
-from node.mlp import MLP
-from node.rpc import CHUNK_BYTES, MAX_MESSAGE_BYTES, bind, channel, make_server, wire_size
-from node.trainer import TrainerServicer
-from node.training import AdamState, steps_for
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sparsat.ground_station.coordinator import CallFailed, TrainerClient
+from sparsat.node.models.mlp import MLP
+from sparsat.node.models.training import AdamState, steps_for
+from sparsat.node.processes.trainer import TrainerServicer
+from sparsat.node.wire import serde
+from sparsat.node.wire.codec import CodecError
+from sparsat.node.wire.rpc import (
+    CHUNK_BYTES,
+    MAX_MESSAGE_BYTES,
+    bind,
+    channel,
+    make_server,
+    wire_size,
+)
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
 BOUND = CHUNK_BYTES + 4096  # no message on the wire is bigger than a part and its framing
 ROWS, BATCH = 16, 8

@@ -17,27 +17,27 @@ import numpy as np
 import pytest
 import torch
 
-from ground_station.config import GroundStationConfig, TrainingConfig
-from ground_station.coordinator import TrainerClient
-from ground_station.server import GroundStation, build_server
-from node import serde
-from node import trainer as trainer_module
-from node.config import SensorConfig
-from node.datasets import DatasetSpec
-from node.masking import MaskSpec
-from node.mlp import MLP
-from node.rejoin import Rejoin
-from node.rpc import bind, make_server
-from node.trainer import (
+from sparsat.ground_station.config import GroundStationConfig, TrainingConfig
+from sparsat.ground_station.coordinator import TrainerClient
+from sparsat.ground_station.server import GroundStation, build_server
+from sparsat.node.data.config import SensorConfig
+from sparsat.node.data.datasets import DatasetSpec
+from sparsat.node.data.masking import MaskSpec
+from sparsat.node.models.mlp import MLP
+from sparsat.node.models.training import steps_for, train_steps
+from sparsat.node.processes import trainer as trainer_module
+from sparsat.node.processes.rejoin import Rejoin
+from sparsat.node.processes.trainer import (
     TrainerServicer,
     apply_training_config,
     device_label,
     register_trainer,
 )
-from node.training import steps_for, train_steps
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
-from sim.scenario import TrainingCfg
+from sparsat.node.wire import serde
+from sparsat.node.wire.rpc import bind, make_server
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sparsat.sim.scenario.schema import TrainingCfg
 
 ROWS, BATCH = 512, 64
 

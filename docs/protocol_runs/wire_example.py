@@ -16,11 +16,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from node import serde  # noqa: E402
-from node.codec import encode_patches, quantize_token, tile_edges  # noqa: E402
-from node.config import SensorSetup  # noqa: E402
-from node.rpc import GRPC_FRAME_BYTES  # noqa: E402
-from proto.sparsat.v1 import sparsat_pb2 as pb  # noqa: E402
+from sparsat.node.data.config import SensorSetup  # noqa: E402
+from sparsat.node.wire import serde  # noqa: E402
+from sparsat.node.wire.codec import encode_patches, quantize_token, tile_edges  # noqa: E402
+from sparsat.node.wire.rpc import GRPC_FRAME_BYTES  # noqa: E402
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb  # noqa: E402
 
 N, GRID, H, W = 100, 5, 7, 7
 IMAGE = np.arange(H * W, dtype=np.uint8).reshape(H, W, 1)  # pixel (r, c) = 7 r + c

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto.sparsat.v1 import sparsat_pb2 as sparsat_dot_v1_dot_sparsat__pb2
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as sparsat_dot_v1_dot_sparsat__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

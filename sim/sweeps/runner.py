@@ -22,7 +22,7 @@ a point whose run/results.json is there and whose run/config.yaml is its resolve
 done and not run again, so an interrupted sweep continues where it stopped. `--shard i/n` runs
 the points whose index in name order is i modulo n (any scheduler can spread a sweep so:
 a Slurm array, Kubernetes jobs), and `--collect DIR...` gathers the points' results into
-sweep.csv, summary.md and the figures (sim.sweep_report).
+sweep.csv, summary.md and the figures (sparsat.sim.sweeps.report).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from sim.scenario import Scenario, dump
+from sparsat.sim.scenario.schema import Scenario, dump
 
 SWEEP_KEYS = ("name", "base", "set", "grid", "zip", "exclude")
 POINT_TIMEOUT_S = 6 * 3600.0  # one point's `sparsat run`, at most
@@ -266,7 +266,7 @@ def run_point(root: Path, point: Point, token_cache: Path | None = None,
     folder = prepare_point(root, point)
     run = folder / "run"
     shutil.rmtree(run, ignore_errors=True)  # a half-finished earlier attempt
-    cmd = [sys.executable, "-m", "sim.cli", "run", str(folder / "scenario.yaml"),
+    cmd = [sys.executable, "-m", "sparsat.sim.cli", "run", str(folder / "scenario.yaml"),
            "--out", str(run), "--quiet"]
     if token_cache is not None:
         cmd += ["--token-cache", str(token_cache)]
@@ -311,7 +311,7 @@ def collect(dirs: list[Path], out: Path, spec: Sweep | None = None) -> list[Path
     copied together) into OUT/sweep.csv, summary.md and the figures, in the grid's order when
     `spec` is given (else by name); a point of `spec` found nowhere is listed as missing.
     Returns the files written."""
-    from sim.sweep_report import point_row, write_outputs
+    from sparsat.sim.sweeps.report import point_row, write_outputs
 
     found: dict[str, dict[str, Any]] = {}
     for root in dirs:

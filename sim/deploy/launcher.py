@@ -4,19 +4,20 @@ The ground station binds port 0 and writes its address to a file; trainers and s
 bind port 0 too and register their addresses with it. Every child is stopped on exit,
 including on error or Ctrl-C.
 
-Each node is `sparsat` (sim.cli) in a process of its own. Where the platform has it, the
+Each node is `sparsat` (sparsat.sim.cli) in a process of its own. Where the platform has it, the
 processes are forked from a multiprocessing fork server that has imported the third-party
 libraries the nodes use (torch, timm, gRPC...: ~3.5 CPU seconds a process) once, instead of
 each child importing them again: a constellation's sensor hosts start in a fraction of the
 time on a few cores. Only libraries are preloaded, and only imported (no gRPC channel, no
 torch work before a fork); sparsat's own modules are imported by each child (0.1 s), so
-their module-level state (node.rpc.INSTANCE, a node's identity) is each process's own, and
+their module-level state (sparsat.node.wire.rpc.INSTANCE, a node's identity) is each process's own,
+and
 numpy's global generator is seeded afresh as in a new interpreter. A forked node ends the
 way multiprocessing ends a child, with os._exit once its command returns (streams flushed):
 atexit handlers do not run (sparsat registers none). SPARSAT_LAUNCH=exec starts every node
-as a fresh interpreter (`python -m sim.cli`) instead. While the nodes start, the contact
+as a fresh interpreter (`python -m sparsat.sim.cli`) instead. While the nodes start, the contact
 windows of an orbital scenario are computed in a thread (mission control then takes them
-from sim.orbits' memo instead of computing them after the nodes are up).
+from sparsat.sim.space.orbits' memo instead of computing them after the nodes are up).
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import TracebackType
 
-from node import security
-from node.security import Credentials
-from sim.scenario import Scenario
+from sparsat.node.wire import security
+from sparsat.node.wire.security import Credentials
+from sparsat.sim.scenario.schema import Scenario
 
 log = logging.getLogger("sparsat.launcher")
 START_TIMEOUT_S = 120.0
@@ -63,7 +64,8 @@ def _forkserver() -> multiprocessing.context.BaseContext | None:
 def _node_main(name: str, args: list[str], log_path: str, cwd: str,
                env: dict[str, str]) -> None:
     """A forked node: the launcher's environment and directory, output to its log, then the
-    `sparsat` command line, as `python -m sim.cli ARGS` would run it. Its command line in `ps`
+    `sparsat` command line, as `python -m sparsat.sim.cli ARGS` would run it. Its command line in
+    `ps`
     is the fork server's; its name (`ps -o comm`, top) is the node's."""
     try:
         Path("/proc/self/comm").write_text(name[:15])  # Linux: the kernel's 15-byte name
@@ -81,7 +83,7 @@ def _node_main(name: str, args: list[str], log_path: str, cwd: str,
     import numpy as np
 
     np.random.seed()  # as a new interpreter would: not the fork server's state
-    from sim.cli import main
+    from sparsat.sim.cli import main
 
     code = main(args)
     sys.stdout.flush()
@@ -133,7 +135,7 @@ def start_node(name: str, args: list[str], log_path: Path) -> Proc:
         process.start()
         return ForkedNode(process)
     with open(log_path, "wb") as log:  # the child has its own copy of the descriptor
-        return subprocess.Popen([sys.executable, "-m", "sim.cli", *args], stdout=log,
+        return subprocess.Popen([sys.executable, "-m", "sparsat.sim.cli", *args], stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
@@ -218,8 +220,8 @@ class LocalCluster:
 
     def _prefetch_contacts(self) -> None:
         """The contact windows mission control will ask for (same arguments), into
-        sim.orbits' memo; a failure is left for mission control to raise."""
-        from sim import orbits
+        sparsat.sim.space.orbits' memo; a failure is left for mission control to raise."""
+        from sparsat.sim.space import orbits
 
         o = self.s.orbits
         assert o is not None
@@ -234,7 +236,7 @@ class LocalCluster:
     def _credentials(self) -> None:
         """Fresh credentials for every node this scenario starts (and spares for trainers
         started later), and the operator's for this process."""
-        from sim.certs import NodeSpec, make_deployment, scenario_nodes
+        from sparsat.sim.deploy.certs import NodeSpec, make_deployment, scenario_nodes
 
         shutil.rmtree(self.certs, ignore_errors=True)
         spares = [NodeSpec(f"trainer-{k}", "trainer") for k in

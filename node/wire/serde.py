@@ -11,11 +11,11 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from node.codec import CodecError, PatchData, patch_record
-from node.config import PayloadKind, SensorSetup
-from node.rpc import GRPC_FRAME_BYTES, wire_size
-from node.training import AdamState
-from proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.node.data.config import PayloadKind, SensorSetup
+from sparsat.node.models.training import AdamState
+from sparsat.node.wire.codec import CodecError, PatchData, patch_record
+from sparsat.node.wire.rpc import GRPC_FRAME_BYTES, wire_size
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 
 _NP_OF_DTYPE: dict[int, np.dtype[Any]] = {
     pb.FLOAT32: np.dtype("<f4"),
@@ -109,7 +109,8 @@ class Payload:
 
     id: int  # copy * N + index into the training split of N images
     label: int
-    data: bytes  # patches: visible-token code + pixels (node.codec.patch_record); CLS: token
+    # patches: visible-token code + pixels (sparsat.node.wire.codec.patch_record); CLS: token
+    data: bytes
     runs: bool = False  # patches: the code is runs, not a bitmap
     scale: float = 0.0  # int8 CLS tokens
     shape: tuple[int, int, int] | None = None  # only datasets whose images differ in size
@@ -612,7 +613,7 @@ class TrainJob:
     steps: int
     batch_size: int
     lr: float
-    seed: int  # the epoch's row order (node.training.epoch_order)
+    seed: int  # the epoch's row order (sparsat.node.models.training.epoch_order)
     params: dict[str, torch.Tensor]
     moments: AdamState | None = None  # None: the trainer starts from fresh moments
     hidden_scale: float = 1.0

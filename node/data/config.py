@@ -14,8 +14,8 @@ from typing import Literal
 
 import numpy as np
 
-from node.datasets import DatasetSpec
-from node.masking import MaskSpec
+from sparsat.node.data.datasets import DatasetSpec
+from sparsat.node.data.masking import MaskSpec
 
 PayloadKind = Literal["patches", "cls"]
 
@@ -26,7 +26,8 @@ class SensorConfig:
     mask: MaskSpec
     payload: PayloadKind = "patches"
     cls_dtype: str = "float16"
-    encoder: str = "vit_tiny_d8_patch4_28"  # node.encoders.DEFAULT_ENCODER (no torch import here)
+    # sparsat.node.models.encoders.DEFAULT_ENCODER (no torch import here)
+    encoder: str = "vit_tiny_d8_patch4_28"
     encoder_weights: str | None = None  # None: the encoder's default; see encoders.create
     encoder_seed: int = 0
     encoder_pooling: str = "cls"  # "cls" | "mean" of the visible tokens

@@ -22,8 +22,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from tqdm import tqdm
 
-from node.encoders import DEFAULT_ENCODER, Encoder, EncoderConfig, config
-from node.training import resolve_device
+from sparsat.node.models.encoders import DEFAULT_ENCODER, Encoder, EncoderConfig, config
+from sparsat.node.models.training import resolve_device
 
 
 def sincos_2d(dim: int, grid: int, cls_token: bool) -> torch.Tensor:

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from sim.links import Link
-from sim.scenario import Scenario, dump
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.sim.scenario.schema import Scenario, dump
+from sparsat.sim.space.links import Link
 
 if TYPE_CHECKING:
-    from sim.mission import Tally
+    from sparsat.sim.mission.tally import Tally
 
 HISTORY_FIELDS = ("epoch", "accuracy", "test_loss", "train_loss", "bytes_total", "sim_time_s")
 

@@ -12,7 +12,8 @@ Kinds:
   freshly masked copies of each image; copy c has sample id `<id>#c` and its own mask, and
   epoch c + 1 trains on copy c.
 - `clouds`: natural masking. Each capture gets a seeded procedural cloud field at its native
-  resolution (node.clouds); cloudy pixels are white in the image, a token whose tile is more
+  resolution (sparsat.node.data.clouds); cloudy pixels are white in the image, a token whose tile
+  is more
   than `max_cloud` cloudy is dropped, then `ratio` of the clear tokens is dropped on purpose.
   A scene with no usable token is not sent at all.
 """
@@ -25,7 +26,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from node.clouds import PRESETS, CloudSpec, scene_clouds, token_cover
+from sparsat.node.data.clouds import PRESETS, CloudSpec, scene_clouds, token_cover
 
 MaskKind = Literal["none", "fixed", "random", "clouds"]
 KINDS: tuple[str, ...] = get_args(MaskKind)
@@ -43,7 +44,8 @@ class MaskSpec:
     max_cloud: float = 0.25  # clouds: a token more cloudy than this is dropped
 
     def __post_init__(self) -> None:
-        if isinstance(self.clouds, dict):  # from JSON (node.config.SensorConfig.from_json)
+        # from JSON (sparsat.node.data.config.SensorConfig.from_json)
+        if isinstance(self.clouds, dict):
             object.__setattr__(self, "clouds", CloudSpec(**self.clouds))
         if self.kind not in KINDS:
             raise ValueError(f"mask kind must be one of {', '.join(KINDS)}, got {self.kind!r}")

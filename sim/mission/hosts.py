@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import simpy
 
-from node.rpc import MAX_MESSAGE_BYTES, channel, sized
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
-from sim.ground_client import Deadlines, GroundStationClient, MissionError
-from sim.scenario import Scenario
+from sparsat.node.wire.rpc import MAX_MESSAGE_BYTES, channel, sized
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sparsat.sim.mission.ground_client import Deadlines, GroundStationClient, MissionError
+from sparsat.sim.scenario.schema import Scenario
 
 if TYPE_CHECKING:
-    from sim.mission import Tally
+    from sparsat.sim.mission.tally import Tally
 
 TRANSMIT_MAX_SAMPLES = 4096  # samples per Transmit call: bounds one call's stream
 
@@ -230,9 +230,9 @@ class SensorHosts:
 
     def queued_at_start(self, sat_id: str) -> int:
         """A satellite's queue before it sent anything: its shard, once per masked copy."""
-        from node.datasets import split_size
-        from node.sharding import shard, train_subset
-        from sim.scenario import sensor_config
+        from sparsat.node.data.datasets import split_size
+        from sparsat.node.data.sharding import shard, train_subset
+        from sparsat.sim.scenario.configs import sensor_config
 
         sats = self.s.sensors.ids()
         n_train = split_size(sensor_config(self.s).dataset, "train")

@@ -12,7 +12,7 @@ A sample stays queued until its batch is acked, so a failed or cut transfer is r
 the same payload (same id, same mask) and the ground station's dedupe keeps the store exact; a
 sample the ground station rejects is dropped from the queue and reported with its reason.
 On the wire a sample is a compact id (copy * N + index into the N-image training split), its
-label and its payload (node.serde.Payload); the satellite is named once per stream.
+label and its payload (sparsat.node.wire.serde.Payload); the satellite is named once per stream.
 """
 
 from __future__ import annotations
@@ -27,13 +27,21 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 
-from node import encoders, serde
-from node.codec import CodecError, encode_patches, masked_canvas, quantize_token, tile_edges
-from node.config import SensorConfig, SensorSetup
-from node.datasets import ImageDataset, load_dataset
-from node.masking import capture, copy_id
-from node.rejoin import Rejoin
-from node.rpc import (
+from sparsat.node.data.config import SensorConfig, SensorSetup
+from sparsat.node.data.datasets import ImageDataset, load_dataset
+from sparsat.node.data.masking import capture, copy_id
+from sparsat.node.data.sharding import sample_id
+from sparsat.node.models import encoders
+from sparsat.node.processes.rejoin import Rejoin
+from sparsat.node.wire import serde
+from sparsat.node.wire.codec import (
+    CodecError,
+    encode_patches,
+    masked_canvas,
+    quantize_token,
+    tile_edges,
+)
+from sparsat.node.wire.rpc import (
     INSTANCE,
     ByteCounter,
     Outbox,
@@ -47,10 +55,9 @@ from node.rpc import (
     sized,
     wire_size,
 )
-from node.security import GROUND_STATION
-from node.sharding import sample_id
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sparsat.node.wire.security import GROUND_STATION
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
 log = logging.getLogger("sparsat.sensor")
 

@@ -8,7 +8,7 @@ perimeter-area relation of real clouds, P ~ A^(D/2) with D ~ 1.33 (Lovejoy 1982,
 Everything is drawn from one np.random.Generator, so a seed fixes the mask on every machine
 (numpy does not promise the same streams across its own versions).
 
-Run `python -m node.clouds` to print the measured statistics beside their targets.
+Run `python -m sparsat.node.data.clouds` to print the measured statistics beside their targets.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from node.codec import tile_edges
+from sparsat.node.wire.codec import tile_edges
 
 # Calibrated by measurement: edge_dimension of 512x512 masks at cover 0.5, seeds 0-3 with 48
 # masks each, gives D = 1.330 (1.321 to 1.336 per seed), Lovejoy's value; 0.47 gives 1.344.

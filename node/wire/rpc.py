@@ -19,10 +19,10 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from node import security
-from node.security import AuthError, Identity
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sparsat.node.wire import security
+from sparsat.node.wire.security import AuthError, Identity
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
 GRPC_FRAME_BYTES = 5  # gRPC length-prefixed message: 1 flag byte + 4 length bytes
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # explicit, both directions; large tensors are chunked below
@@ -184,12 +184,14 @@ def routable_host(toward: str | None) -> str:
     return "127.0.0.1"
 
 
-_PROCESS = object()  # channel(creds=...): this process's credentials (node.security.active)
+# channel(creds=...): this process's credentials (sparsat.node.wire.security.active)
+_PROCESS = object()
 
 
 def channel(address: str, peer: str | None = None,
             creds: security.Credentials | None | object = _PROCESS) -> grpc.Channel:
-    """A channel to `address`. With credentials (this process's, node.security) it is TLS,
+    """A channel to `address`. With credentials (this process's, sparsat.node.wire.security) it is
+    TLS,
     checks that the server's certificate is the deployment's and names `peer` (the node
     meant: names stay when addresses change; without `peer`, the address's host), and every
     call carries this node's token."""
@@ -240,7 +242,7 @@ def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) ->
 class Registered:
     """What a Register call answered: the node's configuration, and which ground-station
     process took the registration (its INSTANCE; "" from a ground station that does not say),
-    so a node can tell a restart from the first Health check on (node/rejoin.py)."""
+    so a node can tell a restart from the first Health check on (node/processes/rejoin.py)."""
 
     config_json: str
     instance: str
@@ -467,7 +469,7 @@ REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 def add_standard_services(server: grpc.Server, services: list[str]) -> None:
     """The standard grpc.health.v1 service (Check, Watch and List: SERVING for "" and each
     of `services`, so orchestrators and grpc_health_probe work) and server reflection, v1
-    and v1alpha (grpcurl, grpcui; both open, like health: see node.security.ROLES)."""
+    and v1alpha (grpcurl, grpcui; both open, like health: see sparsat.node.wire.security.ROLES)."""
     checker = _Health()
     for name in ["", *services]:
         checker.set(name, _SERVING)

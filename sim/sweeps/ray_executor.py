@@ -5,12 +5,14 @@ the executor is made. Ray does the scheduling; this is only the glue between a s
 points and Ray tasks:
 
 - Each point is one Ray task (`num_cpus` each, default 1, or $SPARSAT_RAY_CPUS_PER_POINT)
-  that runs the point exactly as sim.sweep.run_point does, a `sparsat run` process, on
+  that runs the point exactly as sparsat.sim.sweeps.runner.run_point does, a `sparsat run` process,
+  on
   whatever node Ray picks. No shared filesystem is assumed: the task runs the point in a
   temporary folder on its node and returns, as bytes, the files a sweep reads back (run/'s
   own files: results.json, config.yaml, history.csv, the PNGs..., run/logs/, and the point's
   run.log and status record); the driver writes them under ROOT/points/NAME/, so
-  sim.sweep.is_done, resuming and collect work as for local runs. The store and checkpoint
+  sparsat.sim.sweeps.runner.is_done, resuming and collect work as for local runs. The store and
+  checkpoint
   folders stay on the node and are deleted with the temporary folder.
 - The token cache is per node: the sweep's own cache folder where that path exists on the
   node (the driver's machine, or a shared disk mounted at the same path), else
@@ -41,7 +43,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sim.sweep import Executor, Point, SweepError, point_dir, prepare_point, run_point
+from sparsat.sim.sweeps.runner import (
+    Executor,
+    Point,
+    SweepError,
+    point_dir,
+    prepare_point,
+    run_point,
+)
 
 CPUS_ENV = "SPARSAT_RAY_CPUS_PER_POINT"
 NODE_CACHE = "sparsat-token-cache"  # under the node's temp folder
@@ -184,7 +193,8 @@ def _connect(ray: Any, address: str | None, cpus: float) -> bool:
 
 def ray_executor(root: Path, jobs: int | None, token_cache: Path | None, address: str | None,
                  num_cpus: float | None = None) -> Executor:
-    """An Executor (sim.sweep.local_executor's contract) running each point as a Ray task;
+    """An Executor (sparsat.sim.sweeps.runner.local_executor's contract) running each point as a
+    Ray task;
     on_done is called in this process as each point finishes. Raises RayExecutorError now
     if Ray is not installed; connects when called."""
     ray = _ray()

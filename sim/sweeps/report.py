@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from node.encoders import DEFAULT_ENCODER
-from node.encoders import config as encoder_config
+from sparsat.node.models.encoders import DEFAULT_ENCODER
+from sparsat.node.models.encoders import config as encoder_config
 
 SEED_KEY = "seed"
 STATUSES = ("done", "failed", "missing")

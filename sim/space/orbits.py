@@ -27,7 +27,7 @@ from sgp4.api import WGS72, Satrec, SatrecArray, jday
 from sgp4.exporter import export_tle
 
 if TYPE_CHECKING:
-    from sim.scenario import Scenario
+    from sparsat.sim.scenario.schema import Scenario
 
 MU_KM3_S2 = 398600.4418  # WGS-84 gravitational parameter
 WGS84_A_KM = 6378.137
@@ -493,7 +493,8 @@ def utc(epoch: datetime, seconds: float) -> str:
 
 
 def constellation(scenario: Scenario) -> list[Satellite]:
-    """The scenario's satellites, named by its sensor ids (`sim.scenario.load` has made a
+    """The scenario's satellites, named by its sensor ids (`sparsat.sim.scenario.schema.load` has
+    made a
     TLE path relative to the scenario file absolute)."""
     o = scenario.orbits
     if o is None:

@@ -17,11 +17,12 @@ import grpc
 import numpy as np
 import torch
 
-from node import serde
-from node.codec import CodecError
-from node.mlp import MLP
-from node.rejoin import Rejoin
-from node.rpc import (
+from sparsat.node.models.mlp import MLP
+from sparsat.node.models.training import Adam, epoch_order, resolve_device, steps_for, train_steps
+from sparsat.node.processes.rejoin import Rejoin
+from sparsat.node.wire import serde
+from sparsat.node.wire.codec import CodecError
+from sparsat.node.wire.rpc import (
     CHUNK_BYTES,
     INSTANCE,
     ByteCounter,
@@ -34,9 +35,8 @@ from node.rpc import (
     register,
     wire_size,
 )
-from node.training import Adam, epoch_order, resolve_device, steps_for, train_steps
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
 log = logging.getLogger("sparsat.trainer")
 

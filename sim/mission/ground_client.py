@@ -19,14 +19,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from tqdm import tqdm
 
-from node.rpc import channel
-from node.security import GROUND_STATION
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
-from sim.scenario import Scenario, ground_station_config
+from sparsat.node.wire.rpc import channel
+from sparsat.node.wire.security import GROUND_STATION
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sparsat.sim.scenario.configs import ground_station_config
+from sparsat.sim.scenario.schema import Scenario
 
 if TYPE_CHECKING:
-    from sim.mission import Tally
+    from sparsat.sim.mission.tally import Tally
 
 REGISTER_TIMEOUT_S = 180.0
 

@@ -23,9 +23,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from node.security import GROUND_STATION, ROLE_NAMES, CredentialsError, Identity, check_name
-from node.security import sign_token as _sign
-from sim.scenario import Scenario
+from sparsat.node.wire.security import (
+    GROUND_STATION,
+    ROLE_NAMES,
+    CredentialsError,
+    Identity,
+    check_name,
+)
+from sparsat.node.wire.security import sign_token as _sign
+from sparsat.sim.scenario.schema import Scenario
 
 OPERATOR = "operator"
 

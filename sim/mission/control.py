@@ -23,7 +23,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Generator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +32,22 @@ import numpy as np
 import simpy
 from tqdm import tqdm
 
-from ground_station.serde import pb_to_epoch
-from node.rpc import wait_ready
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from sim import orbits, report
-from sim.ground_client import Deadlines, GroundStationClient, MissionError, health, wait_serving
-from sim.hosts import HostDown, SensorHosts
-from sim.links import C_KM_S, Link, LinkBudget, PeriodicPasses, retransmitted
-from sim.scenario import Scenario
+from sparsat.ground_station.serde import pb_to_epoch
+from sparsat.node.wire.rpc import wait_ready
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.sim.mission import report
+from sparsat.sim.mission.ground_client import (
+    Deadlines,
+    GroundStationClient,
+    MissionError,
+    health,
+    wait_serving,
+)
+from sparsat.sim.mission.hosts import HostDown, SensorHosts
+from sparsat.sim.mission.tally import Tally
+from sparsat.sim.scenario.schema import Scenario
+from sparsat.sim.space import orbits
+from sparsat.sim.space.links import C_KM_S, Link, LinkBudget, PeriodicPasses, retransmitted
 
 __all__ = ["Deadlines", "MissionControl", "MissionError", "Tally"]
 
@@ -50,56 +58,12 @@ MAX_DOWNLINK_FAILURES = 5  # consecutive failed streams before a satellite gives
 log = logging.getLogger("sparsat.mission")
 
 
-@dataclass
-class Tally:
-    downlink_bytes: int = 0
-    downlink_messages: int = 0  # samples sent, retries included
-    downlink_batches: int = 0
-    rejected: int = 0  # samples the ground station refused
-    rejections: list[str] = field(default_factory=list)  # the first few, "id: reason"
-    duplicates: int = 0
-    trainer_bytes: int = 0
-    per_round_bytes: list[dict[str, Any]] = field(default_factory=list)
-    history: list[dict[str, Any]] = field(default_factory=list)
-    per_link: dict[str, int] = field(default_factory=dict)
-    downlink_done_s: float = 0.0
-    uplink_bytes: int = 0  # SampleAcks, ground station -> satellites
-    downlink_failures: int = 0
-    trainer_failures: list[dict[str, Any]] = field(default_factory=list)
-    local_sgd_round_bytes: int = 0  # what a local-SGD round of the same model would move
-    wall_time_s: float = 0.0  # of earlier, interrupted runs of this mission
-    resumed: int = 0
-    retransmitted_bytes: int = 0  # radio frames sent again after a loss
-    stations: dict[str, dict[str, float]] = field(default_factory=dict)
-    cloudy_skipped: int = 0  # scenes the satellites dropped: no usable token
-    rows_trained: int = 0  # rows trained on, all epochs (each row once an epoch)
-    distinct_trained: int = 0  # distinct stored rows trained on
-    # compute: FLOPs, seconds on the mission clock, measured wall seconds
-    compute: dict[str, dict[str, float]] = field(default_factory=lambda: {
-        k: {"flops": 0, "sim_s": 0.0, "wall_s": 0.0}
-        for k in ("onboard_encoder", "ground_encoder", "trainers")})
-    node_bytes: dict[str, dict[str, Any]] = field(default_factory=dict)  # at the last save
-    # measured wall seconds of each stage (contacts: finding the contact windows)
-    stage_wall_s: dict[str, float] = field(default_factory=lambda: {
-        k: 0.0 for k in ("contacts", "downlink", "prepare", "training")})
-    # faults survived, each with the node, its address and the wall seconds recovery took
-    faults: list[dict[str, Any]] = field(default_factory=list)
-    # satellites whose sensor host never came back: satellite -> host, address, undelivered
-    shortfall: dict[str, dict[str, Any]] = field(default_factory=dict)
-    gs_retries: int = 0  # ground-station calls retried after UNAVAILABLE
-    fingerprint: str = ""  # of the scenario, as the ground station runs it
-
-    @property
-    def total_bytes(self) -> int:
-        return (self.downlink_bytes + self.uplink_bytes + self.retransmitted_bytes
-                + self.trainer_bytes)
-
-
 class MissionControl:
     """The mission on its SimPy clock: the satellites' downlink, the ground station's encoder
     stage and the training epochs, tallied. The ground station is called through `gs`
-    (sim.ground_client: deadlines, retries, restarts), the sensor hosts through `hosts`
-    (sim.hosts: Transmit, hosts that go away and come back)."""
+    (sparsat.sim.mission.ground_client: deadlines, retries, restarts), the sensor hosts through
+    `hosts`
+    (sparsat.sim.mission.hosts: Transmit, hosts that go away and come back)."""
 
     def __init__(self, scenario: Scenario, ground_station: str, show_progress: bool = True,
                  alive: Callable[[], None] = lambda: None, state_file: Path | None = None,

@@ -1,6 +1,6 @@
 """Transport security and node identity for every sparsat gRPC server and channel.
 
-A deployment has one certificate authority (`sparsat certs` makes it, sim/certs.py). Every
+A deployment has one certificate authority (`sparsat certs` makes it, sim/deploy/certs.py). Every
 node holds, in its credentials folder:
 
 - `ca.crt`: the deployment's CA certificate, the trust anchor for TLS and for tokens;
@@ -16,7 +16,8 @@ node they mean to reach (not the address they dial: nodes move between addresses
 and every call carries the caller's token (`authorization: Bearer ...`, only ever over TLS).
 Servers check the token on every call: none or a forged one is UNAUTHENTICATED, a role the
 method does not admit is PERMISSION_DENIED (ROLES below), and servicers see the verified
-caller through `node.rpc.caller(context)` for finer checks (a sensor host sends only as its
+caller through `sparsat.node.wire.rpc.caller(context)` for finer checks (a sensor host sends only
+as its
 satellites). With mutual TLS (`mutual=True`), a client must also present a certificate of the
 deployment whose name equals its token's.
 

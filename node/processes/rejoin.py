@@ -18,10 +18,10 @@ from collections.abc import Callable
 
 import grpc
 
-from node import security
-from node.rpc import Refused, Registered, Unreachable, channel
-from proto.sparsat.v1 import sparsat_pb2 as pb
-from proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+from sparsat.node.wire import security
+from sparsat.node.wire.rpc import Refused, Registered, Unreachable, channel
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
 CHECK_EVERY_S = 2.0
 CHECK_DEADLINE_S = 2.0

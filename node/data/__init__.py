@@ -1,0 +1,1 @@
+"""Data and masks: datasets, shards, clouds and masks, and the sensor's configuration."""

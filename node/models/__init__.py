@@ -1,0 +1,1 @@
+"""Models: the ViT encoders, the MLP classifier, training steps and MAE pretraining."""

@@ -1,0 +1,1 @@
+"""Node processes: the sensor host and the trainer servers, and re-registration."""

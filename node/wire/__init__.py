@@ -1,0 +1,1 @@
+"""The wire: the visible-token codec, protobuf serialisation, gRPC plumbing, credentials."""

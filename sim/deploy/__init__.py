@@ -1,0 +1,1 @@
+"""Deployment: starting nodes as processes, certificates, node entry points."""

@@ -1,0 +1,51 @@
+"""What a mission counts: bytes per link, samples, compute, faults, history."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Tally:
+    downlink_bytes: int = 0
+    downlink_messages: int = 0  # samples sent, retries included
+    downlink_batches: int = 0
+    rejected: int = 0  # samples the ground station refused
+    rejections: list[str] = field(default_factory=list)  # the first few, "id: reason"
+    duplicates: int = 0
+    trainer_bytes: int = 0
+    per_round_bytes: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    per_link: dict[str, int] = field(default_factory=dict)
+    downlink_done_s: float = 0.0
+    uplink_bytes: int = 0  # SampleAcks, ground station -> satellites
+    downlink_failures: int = 0
+    trainer_failures: list[dict[str, Any]] = field(default_factory=list)
+    local_sgd_round_bytes: int = 0  # what a local-SGD round of the same model would move
+    wall_time_s: float = 0.0  # of earlier, interrupted runs of this mission
+    resumed: int = 0
+    retransmitted_bytes: int = 0  # radio frames sent again after a loss
+    stations: dict[str, dict[str, float]] = field(default_factory=dict)
+    cloudy_skipped: int = 0  # scenes the satellites dropped: no usable token
+    rows_trained: int = 0  # rows trained on, all epochs (each row once an epoch)
+    distinct_trained: int = 0  # distinct stored rows trained on
+    # compute: FLOPs, seconds on the mission clock, measured wall seconds
+    compute: dict[str, dict[str, float]] = field(default_factory=lambda: {
+        k: {"flops": 0, "sim_s": 0.0, "wall_s": 0.0}
+        for k in ("onboard_encoder", "ground_encoder", "trainers")})
+    node_bytes: dict[str, dict[str, Any]] = field(default_factory=dict)  # at the last save
+    # measured wall seconds of each stage (contacts: finding the contact windows)
+    stage_wall_s: dict[str, float] = field(default_factory=lambda: {
+        k: 0.0 for k in ("contacts", "downlink", "prepare", "training")})
+    # faults survived, each with the node, its address and the wall seconds recovery took
+    faults: list[dict[str, Any]] = field(default_factory=list)
+    # satellites whose sensor host never came back: satellite -> host, address, undelivered
+    shortfall: dict[str, dict[str, Any]] = field(default_factory=dict)
+    gs_retries: int = 0  # ground-station calls retried after UNAVAILABLE
+    fingerprint: str = ""  # of the scenario, as the ground station runs it
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.downlink_bytes + self.uplink_bytes + self.retransmitted_bytes
+                + self.trainer_bytes)

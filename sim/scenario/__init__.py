@@ -1,0 +1,1 @@
+"""The scenario: its schema (YAML), and the node configurations derived from it."""

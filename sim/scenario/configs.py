@@ -1,0 +1,56 @@
+"""The node configurations a scenario gives: the sensors', and the ground station's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sparsat.ground_station.config import GroundStationConfig, TrainingConfig
+from sparsat.node.data.config import SensorConfig
+from sparsat.node.data.datasets import DatasetSpec
+from sparsat.node.data.masking import MaskSpec
+from sparsat.sim.scenario.schema import Scenario
+
+
+def mask_spec(s: Scenario) -> MaskSpec:
+    m = s.sensors.mask
+    return MaskSpec(kind=m.kind, ratio=m.ratio, seed=s.seed,
+                    copies=s.training.epochs if m.kind == "random" else 1,
+                    clouds=m.cloud_spec(), max_cloud=m.max_cloud)
+
+
+def sensor_config(s: Scenario) -> SensorConfig:
+    d = s.dataset
+    return SensorConfig(
+        dataset=DatasetSpec(name=d.name, root=d.root, download=d.download,
+                            split_seed=d.split_seed),
+        mask=mask_spec(s),
+        payload=s.sensors.payload.kind,
+        cls_dtype=s.sensors.payload.cls_dtype,
+        encoder=s.encoder.name,
+        encoder_weights=s.encoder.weights,
+        encoder_seed=s.encoder.seed,
+        encoder_pooling=s.encoder.pooling,
+        satellites=s.sensors.ids(),
+        train_indices_seed=s.seed,
+        train_subset=d.train_subset,
+    )
+
+
+def ground_station_config(s: Scenario, store_dir: Path, checkpoint_dir: Path | None = None,
+                          resume: bool = False, token_cache: Path | None = None
+                          ) -> GroundStationConfig:
+    t = s.training
+    return GroundStationConfig(
+        sensor=sensor_config(s),
+        training=TrainingConfig(
+            strategy=t.strategy, workers=t.workers, local_steps=t.local_steps, epochs=t.epochs,
+            batch_size=t.batch_size, lr=t.lr, hidden=t.hidden, seed=s.seed,
+            round_timeout_s=t.round_timeout_s, subnet_scale=t.subnet_scale, threads=t.threads,
+            moments=t.moments or ("travel" if t.strategy == "centralized" else "reset"),
+        ),
+        store_dir=store_dir,
+        test_subset=s.dataset.test_subset,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        token_cache=token_cache,
+    )

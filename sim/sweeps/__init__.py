@@ -1,0 +1,1 @@
+"""Experiments: sweep specs, their runner and reports, the Ray executor."""
