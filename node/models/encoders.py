@@ -48,7 +48,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 DEFAULT_ENCODER = "vit_tiny_d8_patch4_28"  # what scenarios, nodes and benchmarks use unless told
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"  # node/weights/
 
 ENCODERS: dict[str, EncoderConfig] = {
     # The default: a small ViT for 28x28 grey images (Fashion-MNIST), a 7x7 grid of 4x4
