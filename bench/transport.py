@@ -4,14 +4,14 @@ Run from the repo root: .venv/bin/python bench/transport.py [--samples N] [--rep
     [--stream-bytes B] [--smoke]
 Samples are real Downlink batches, packed as a satellite packs them
 (sparsat.node.wire.downlink.pack, the default 64 KiB batches): Fashion-MNIST images with fixed
-masks on the 7x7 grid of vit_tiny_d8_patch4_28, or random CLS tokens of dim 192 (their size does not depend on their
-values). Payload is what the image needs: the visible tiles' pixels and the visible-token code
-(patches), the token's bytes (CLS; an int8 token's scale counts as overhead). Wire bytes are
-the batches' and their acks' (ByteSize + 5 each). Throughput streams the batches through
-DownlinkStub.Send to an ack-only servicer and to the real GroundStation (decode, validate,
-SQLite), and sends the same serialized, gRPC-framed bytes over a raw TCP socket, one ack frame
-per batch. The last stdout line is one JSON object with every figure. --smoke: 200 samples,
-one timed run, streams of 1 MiB (seconds).
+masks on the 7x7 grid of vit_tiny_d8_patch4_28, or random CLS tokens of dim 192 (their size does
+not depend on their values). Payload is what the image needs: the visible tiles' pixels and the
+visible-token code (patches), the token's bytes (CLS; an int8 token's scale counts as overhead).
+Wire bytes are the batches' and their acks' (ByteSize + 5 each). Throughput streams the batches
+through DownlinkStub.Send to an ack-only servicer and to the real GroundStation (decode,
+validate, SQLite), and sends the same serialized, gRPC-framed bytes over a raw TCP socket, one
+ack frame per batch. The last stdout line is one JSON object with every figure. --smoke: 200
+samples, one timed run, streams of 1 MiB (seconds).
 """
 
 from __future__ import annotations
