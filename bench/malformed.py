@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpc
 import yaml
 
-from sparsat.node.wire import rpc, serde
+from sparsat.node.wire import downlink, rpc
 from sparsat.node.wire.codec import varint
 from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
@@ -53,7 +53,7 @@ def _hwm(pid: int) -> int:
     return 0
 
 
-def _valid_payloads(scenario_path: Path) -> list[serde.Payload]:
+def _valid_payloads(scenario_path: Path) -> list[downlink.Payload]:
     """Seven samples sat-0 really holds, as a sensor host builds them."""
     from sparsat.node.data.datasets import load_dataset
     from sparsat.node.data.masking import capture, copy_id
@@ -71,13 +71,13 @@ def _valid_payloads(scenario_path: Path) -> list[serde.Payload]:
     for i in [int(k) for k in held[:7]]:
         sid = copy_id(sample_id(cfg.dataset.name, "train", i), None)
         cap = capture(cfg.mask, data.image(i), grid, sid)
-        out.append(serde.patch_payload(i, data.label(i),
+        out.append(downlink.patch_payload(i, data.label(i),
                                        encode_patches(cap.image, grid, cap.visible), False))
     return out
 
 
-def _batch(payloads: list[serde.Payload], first: bool = True) -> bytes:
-    b = serde.BatchBuilder(SAT if first else "")
+def _batch(payloads: list[downlink.Payload], first: bool = True) -> bytes:
+    b = downlink.BatchBuilder(SAT if first else "")
     for p in payloads:
         b.add(p)
     return b.to_pb().SerializeToString()
@@ -180,7 +180,7 @@ def _run(address: str, pid: int, scenario: Path, big: int, streams: int, smoke: 
     record("a valid batch (baseline)", "OK", _send(address, [_batch(good[:1])]), stored=1)
     for k, run in enumerate((2**35 - 1, 2**26)):
         fresh = good[1 + 3 * k : 4 + 3 * k]  # samples not stored yet
-        bad = serde.Payload(fresh[0].id, fresh[0].label, b"\x00" + varint(run) + b"\x00" * 16,
+        bad = downlink.Payload(fresh[0].id, fresh[0].label, b"\x00" + varint(run) + b"\x00" * 16,
                             runs=True)
         record(f"a sample whose run says {run} tokens, beside 2 valid ones", "OK",
                _send(address, [_batch([bad] + fresh[1:])]), stored=2)

@@ -2,17 +2,16 @@
 
 Run from the repo root: .venv/bin/python bench/transport.py [--samples N] [--repeat R]
     [--stream-bytes B] [--smoke]
-Samples are real Downlink batches, packed as a satellite packs them (sparsat.node.wire.serde.pack,
-the
-default 64 KiB batches): Fashion-MNIST images with fixed masks on the 7x7 grid of
-vit_tiny_d8_patch4_28, or random CLS tokens of dim 192 (their size does not depend on their
-values). Payload is what the image needs: the visible tiles' pixels and the visible-token code
-(patches), the token's bytes (CLS; an int8 token's scale counts as overhead). Wire bytes are
-the batches' and their acks' (ByteSize + 5 each). Throughput streams the batches through
-DownlinkStub.Send to an ack-only servicer and to the real GroundStation (decode, validate,
-SQLite), and sends the same serialized, gRPC-framed bytes over a raw TCP socket, one ack frame
-per batch. The last stdout line is one JSON object with every figure. --smoke: 200 samples,
-one timed run, streams of 1 MiB (seconds).
+Samples are real Downlink batches, packed as a satellite packs them
+(sparsat.node.wire.downlink.pack, the default 64 KiB batches): Fashion-MNIST images with fixed
+masks on the 7x7 grid of vit_tiny_d8_patch4_28, or random CLS tokens of dim 192 (their size does
+not depend on their values). Payload is what the image needs: the visible tiles' pixels and the
+visible-token code (patches), the token's bytes (CLS; an int8 token's scale counts as overhead).
+Wire bytes are the batches' and their acks' (ByteSize + 5 each). Throughput streams the batches
+through DownlinkStub.Send to an ack-only servicer and to the real GroundStation (decode,
+validate, SQLite), and sends the same serialized, gRPC-framed bytes over a raw TCP socket, one
+ack frame per batch. The last stdout line is one JSON object with every figure. --smoke: 200
+samples, one timed run, streams of 1 MiB (seconds).
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ from sparsat.node.data.datasets import DatasetMissingError, DatasetSpec, load_da
 from sparsat.node.data.masking import MaskSpec, visible_indices
 from sparsat.node.data.sharding import sample_id
 from sparsat.node.models import encoders
-from sparsat.node.wire import security, serde
+from sparsat.node.wire import downlink, security
 from sparsat.node.wire.codec import CLS_DTYPES, decode_visible, encode_patches, quantize_token
 from sparsat.node.wire.rpc import (
     GRPC_FRAME_BYTES,
@@ -89,10 +88,10 @@ def sid(i: int) -> str:
 Batches = list[pb.DownlinkBatch]
 
 
-def batches(payloads: list[serde.Payload], cls: bool = False, int8: bool = False,
+def batches(payloads: list[downlink.Payload], cls: bool = False, int8: bool = False,
             size: int | None = None) -> Batches:
     """Pack payloads as a satellite does, one stream: the first batch names the satellite."""
-    packed = serde.pack(iter(payloads), lambda first: serde.BatchBuilder(
+    packed = downlink.pack(iter(payloads), lambda first: downlink.BatchBuilder(
         SENSOR if first else "", cls, int8), 1 << 62, size or BATCH_BYTES)
     if sum(len(b.items) for b in packed) != len(payloads):
         raise RuntimeError("not every payload was packed")
@@ -100,26 +99,26 @@ def batches(payloads: list[serde.Payload], cls: bool = False, int8: bool = False
 
 
 def patch_payloads(images: np.ndarray, labels: np.ndarray, ratio: float,
-                   first: int = 0) -> list[serde.Payload]:
+                   first: int = 0) -> list[downlink.Payload]:
     spec = MaskSpec("fixed", ratio)
-    return [serde.patch_payload(first + i, int(y), encode_patches(
+    return [downlink.patch_payload(first + i, int(y), encode_patches(
         im, GRID, visible_indices(spec, GRID**2, sid(first + i))), False)
         for i, (im, y) in enumerate(zip(images, labels, strict=True))]
 
 
-def cls_payloads(tokens: np.ndarray, labels: np.ndarray, dtype: str) -> list[serde.Payload]:
+def cls_payloads(tokens: np.ndarray, labels: np.ndarray, dtype: str) -> list[downlink.Payload]:
     out = []
     for i, (t, y) in enumerate(zip(tokens, labels, strict=True)):
         data, scale = quantize_token(t, dtype)
-        out.append(serde.cls_payload(i, int(y), serde.ClsData(data, dtype, DIM, scale)))
+        out.append(downlink.cls_payload(i, int(y), downlink.ClsData(data, dtype, DIM, scale)))
     return out
 
 
-def payload_bytes(p: serde.Payload) -> int:
+def payload_bytes(p: downlink.Payload) -> int:
     return len(p.data)  # patches: visible-token code + pixels; CLS: the token
 
 
-def pixel_bytes(p: serde.Payload) -> int:
+def pixel_bytes(p: downlink.Payload) -> int:
     return len(p.data) - decode_visible(p.data, p.runs, GRID)[1]
 
 
@@ -437,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> Result:
             for name, ps in payloads.items()}
     # warm-up samples: other images (ids after the measured ones), stored before the runs
     warm = {"patch": batches(patch_payloads(images[n:], labels[n:], 0.5, first=n), size=size),
-            "cls": batches([serde.Payload(n + p.id, p.label, p.data, scale=p.scale)
+            "cls": batches([downlink.Payload(n + p.id, p.label, p.data, scale=p.scale)
                             for p in payloads[f"cls_{CLS_DTYPE}"][:warm_n]], True,
                            CLS_DTYPE == "int8", size)}
     server = make_server()

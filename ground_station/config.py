@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from sparsat.node.data.config import SensorConfig
 
@@ -46,3 +47,41 @@ class GroundStationConfig:
     resume: bool = False  # continue from checkpoint_dir's checkpoint when there is one
     # encoded splits, content-addressed (may be shared by runs); None: STORE/tokens
     token_cache: Path | None = None
+
+
+# keys of the configuration that are this deployment's own, not the mission's: where files
+# are (store, checkpoints, token cache, dataset root), what runs the encoder stage, how long
+# the coordinator waits for a trainer, and this process's own settings. Mission control's
+# scenario may differ from the ground station's in these and nothing else.
+DEPLOYMENT_KEYS = frozenset({
+    "store_dir", "checkpoint_dir", "resume", "token_cache", "node_id", "device",
+    "encode_batch", "sensor.dataset.root", "sensor.dataset.download",
+    "training.round_timeout_s"})
+
+
+def config_tree(cfg: GroundStationConfig) -> dict[str, Any]:
+    """`cfg` as JSON data (paths and other values JSON has no type for as strings)."""
+    tree: dict[str, Any] = json.loads(json.dumps(asdict(cfg), default=str))
+    return tree
+
+
+def flatten(tree: dict[str, Any], skip: frozenset[str] = frozenset(),
+            prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}, leaving out the keys in `skip`: the keys of a
+    configuration as the ground station's Describe names them and mission control compares
+    them (the one flattener both use)."""
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            flat.update(flatten(v, skip, key))
+        elif key not in skip:
+            flat[key] = list(v) if isinstance(v, tuple) else v
+    return flat
+
+
+def mission_keys(cfg: GroundStationConfig) -> dict[str, Any]:
+    """The mission `cfg` runs, flattened: every key but the deployment's own
+    (DEPLOYMENT_KEYS). What Describe answers, and mission control checks its scenario
+    against."""
+    return flatten(config_tree(cfg), DEPLOYMENT_KEYS)

@@ -34,7 +34,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -46,10 +46,26 @@ from sparsat.ground_station.config import TrainingConfig
 from sparsat.node.data.masking import stable_seed
 from sparsat.node.models.mlp import MLP
 from sparsat.node.models.training import AdamState, epoch_order, evaluate, steps_for, train_flops
-from sparsat.node.wire import serde
 from sparsat.node.wire.codec import CodecError
+from sparsat.node.wire.jobs import (
+    TrainJob,
+    dataset_chunks,
+    parse_load_reply,
+    parse_reply,
+    pb_to_adam,
+    reply_parts,
+    serialize_chunk,
+    serialize_request,
+    split_reply,
+    split_request,
+    train_job_to_pb,
+    train_reply,
+)
 from sparsat.node.wire.rpc import CHUNK_BYTES, Outbox, channel, sized, wire_size
-from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.node.wire.tensors import pb_to_params
+
+if TYPE_CHECKING:
+    from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 
 log = logging.getLogger("sparsat.coordinator")
 
@@ -147,15 +163,15 @@ class TrainerClient:
         # MiB of packed shape values would parse into half a gigabyte)
         self._load = self.channel.stream_unary(
             "/sparsat.v1.Trainer/LoadDataset",
-            request_serializer=pb.DatasetChunk.SerializeToString,
-            response_deserializer=sized(pb.LoadDatasetReply.FromString, MAX_CONTROL_REPLY))
+            request_serializer=serialize_chunk,
+            response_deserializer=sized(parse_load_reply, MAX_CONTROL_REPLY))
         self._train = self.channel.stream_stream(
-            "/sparsat.v1.Trainer/Train", request_serializer=pb.TrainRequest.SerializeToString,
-            response_deserializer=sized(pb.TrainReply.FromString, MAX_REPLY_PART))
+            "/sparsat.v1.Trainer/Train", request_serializer=serialize_request,
+            response_deserializer=sized(parse_reply, MAX_REPLY_PART))
 
     def load_dataset(self, dataset_id: str, x: np.ndarray, y: np.ndarray,
                      timeout_s: float) -> WorkerBytes:
-        outbox = Outbox(serde.dataset_chunks(dataset_id, x, y, CHUNK_BYTES))
+        outbox = Outbox(dataset_chunks(dataset_id, x, y, CHUNK_BYTES))
         t0, reply_bytes = time.monotonic(), 0
         try:
             reply, reply_bytes = self._load(iter(outbox), timeout=timeout_s)
@@ -173,31 +189,29 @@ class TrainerClient:
                              f"{len(x)}", size)
         return size
 
-    def train(self, job: serde.TrainJob, timeout_s: float
+    def train(self, job: TrainJob, timeout_s: float
               ) -> tuple[ist.Params, AdamState | None, float, WorkerBytes]:
         """The trained pieces, their moments (when sent), the mean loss and the bytes. A
         failed call or a reply that makes no sense raises CallFailed with what was sent."""
-        outbox = Outbox(serde.split_request(serde.train_job_to_pb(job), CHUNK_BYTES))
+        outbox = Outbox(split_request(train_job_to_pb(job), CHUNK_BYTES))
         t0 = time.monotonic()
-        reply, received = pb.TrainReply(), 0
+        parts = reply_parts()  # counts what came in: a call that breaks is charged it
         call = self._train(iter(outbox), timeout=timeout_s)
         try:
             for part, part_bytes in call:
-                received += part_bytes  # a call that breaks is charged what came in
                 if part is None:
+                    parts.received += part_bytes
                     raise CodecError(f"a reply part of {part_bytes} bytes, more than the "
                                      f"{MAX_REPLY_PART} a trainer's parts may be")
-                if received > serde.MAX_TRAIN_BYTES:  # before it is merged: memory bounded
-                    raise CodecError(f"parts past {serde.MAX_TRAIN_BYTES} bytes, the most a "
-                                     "training message may hold")
-                reply.MergeFrom(part)
-            serde.merge_message([], reply)  # join tensors that came in pieces
+                parts.add(part, part_bytes)  # past MAX_TRAIN_BYTES: refused before merged
+            reply = parts.joined()  # tensors that came in pieces joined
         except (grpc.RpcError, CodecError) as e:
             call.cancel()  # a reply refused half way: the trainer sends no more
             why = _describe(e) if isinstance(e, grpc.RpcError) else f"reply: {e}"
             raise CallFailed(why, WorkerBytes(
-                self.node_id, outbox.bytes, received, wall_s=time.monotonic() - t0)) from e
-        size = WorkerBytes(self.node_id, outbox.bytes, received,
+                self.node_id, outbox.bytes, parts.received,
+                wall_s=time.monotonic() - t0)) from e
+        size = WorkerBytes(self.node_id, outbox.bytes, parts.received,
                            wall_s=time.monotonic() - t0, rows=job.rows,
                            flops=train_flops(job.params, job.rows, job.batch_size))
         try:
@@ -207,11 +221,11 @@ class TrainerClient:
             raise CallFailed(str(e), size) from e
         return params, moments, float(reply.mean_loss), size
 
-    def _check(self, job: serde.TrainJob, reply: pb.TrainReply
+    def _check(self, job: TrainJob, reply: pb.TrainReply
                ) -> tuple[ist.Params, AdamState | None]:
         if reply.steps_done != job.steps:
             raise RuntimeError(f"{self.node_id} did {reply.steps_done} steps, asked {job.steps}")
-        params = serde.pb_to_params(reply.params)
+        params = pb_to_params(reply.params)
         for name, p in job.params.items():
             if name not in params or params[name].shape != p.shape:
                 raise RuntimeError(f"{self.node_id} returned {name} of the wrong shape")
@@ -219,7 +233,7 @@ class TrainerClient:
         if job.moments is not None:
             if not reply.HasField("moments"):
                 raise RuntimeError(f"{self.node_id} did not return the moments it was sent")
-            moments = serde.pb_to_adam(reply.moments, params)
+            moments = pb_to_adam(reply.moments, params)
         return params, moments
 
     def close(self) -> None:
@@ -386,13 +400,10 @@ class Coordinator:
         total = 0
         for w in range(k):
             job = self._job(w, self.params, state, 1.0, epoch, (offset + w * rows, rows))
-            total += sum(wire_size(m) for m in serde.split_request(
-                serde.train_job_to_pb(job), CHUNK_BYTES))
-            reply = pb.TrainReply(params=serde.params_to_pb(self.params),
-                                  steps_done=job.steps, mean_loss=1.0)
-            if state is not None:
-                reply.moments.CopyFrom(serde.adam_to_pb(state.compact()))
-            total += sum(wire_size(m) for m in serde.split_reply(reply, CHUNK_BYTES))
+            total += sum(wire_size(m) for m in split_request(train_job_to_pb(job), CHUNK_BYTES))
+            reply = train_reply(self.params, job.steps, 1.0,
+                                state.compact() if state is not None else None)
+            total += sum(wire_size(m) for m in split_reply(reply, CHUNK_BYTES))
         return total
 
     def _order_seed(self, epoch: int) -> int:
@@ -401,13 +412,13 @@ class Coordinator:
         return stable_seed(self.cfg.seed, "order", epoch)
 
     def _job(self, w: int, params: ist.Params, state: AdamState | None, scale: float,
-             epoch: int, rows: tuple[int, int]) -> serde.TrainJob:
+             epoch: int, rows: tuple[int, int]) -> TrainJob:
         """Worker w's job: train `params` on rows [offset, offset + n) of the epoch's order."""
         cfg = self.cfg
         offset, n = rows
-        return serde.TrainJob(self._dataset_of(epoch)[0], self.round, w,
-                              steps_for(n, cfg.batch_size), cfg.batch_size, cfg.lr,
-                              self._order_seed(epoch), params, state, scale, offset, n)
+        return TrainJob(self._dataset_of(epoch)[0], self.round, w,
+                        steps_for(n, cfg.batch_size), cfg.batch_size, cfg.lr,
+                        self._order_seed(epoch), params, state, scale, offset, n)
 
     def _start_epoch(self, epoch: int, n_rows: int) -> _Progress:
         resumed, self._resumed = self._resumed, None

@@ -1,10 +1,9 @@
 """Ingest: check every sample of a downlinked batch, so a bad one is refused alone.
 
-Validation is a plain function on a decoded batch (sparsat.node.wire.serde.BatchData); the servicer
-in
-server.py stores what passes and acks the batch with each refusal's status code, cause
-(sparsat.v1.RejectCause, what a program acts on) and reason (for people; the ack carries its
-first sparsat.node.wire.serde.MAX_REASON_BYTES bytes, the log all of it).
+Validation is a plain function on a decoded batch (sparsat.node.wire.downlink.BatchData); the
+servicer in server.py stores what passes and acks the batch with each refusal's status code,
+cause (sparsat.v1.RejectCause, what a program acts on) and reason (for people; the ack carries
+its first sparsat.node.wire.downlink.MAX_REASON_BYTES bytes, the log all of it).
 The common case (bitmaps on a dataset of one image shape) is checked with numpy, a batch at a
 time; run codes and per-sample shapes go through sparsat.node.wire.codec one by one.
 """
@@ -28,7 +27,7 @@ from sparsat.node.wire.codec import (
     decode_visible,
     tile_sizes,
 )
-from sparsat.node.wire.serde import BatchData, RejectCause
+from sparsat.node.wire.downlink import BatchData, RejectCause
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]

@@ -1,8 +1,13 @@
-"""protobuf <-> plain Python for the ground station's own messages."""
+"""protobuf <-> plain Python for the ground station's own messages (the Mission service): the
+only ground-station module that imports the generated messages (the node's serde modules,
+sparsat.node.wire.{tensors,downlink,setup,jobs,control}, build the rest)."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from sparsat.ground_station.coordinator import EpochResult, WorkerBytes
+from sparsat.ground_station.prepare import Update
 from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 
 
@@ -37,3 +42,27 @@ def pb_to_epoch(m: pb.EpochReport) -> EpochResult:
         distinct_trained=int(m.distinct_trained), group_accuracy=dict(m.group_accuracy),
         group_size={k: int(v) for k, v in m.group_size.items()},
     )
+
+
+def update_to_pb(update: Update) -> pb.Progress:
+    return pb.Progress(**asdict(update))
+
+
+def stats_reply(*, samples_stored: int, samples_received: int, duplicates: int, rejected: int,
+                downlink_bytes_received: int, train_tokens: int, test_tokens: int,
+                test_skipped: int, test_encode_flops: int, peak_rss_bytes: int
+                ) -> pb.StatsReply:
+    return pb.StatsReply(
+        samples_stored=samples_stored, samples_received=samples_received,
+        duplicates=duplicates, rejected=rejected,
+        downlink_bytes_received=downlink_bytes_received, train_tokens=train_tokens,
+        test_tokens=test_tokens, test_skipped=test_skipped,
+        test_encode_flops=test_encode_flops, peak_rss_bytes=peak_rss_bytes)
+
+
+def mission_info(config_json: str, instance: str, prepared: bool, fingerprint: str,
+                 rounds_done: int) -> pb.MissionInfo:
+    """Describe's answer: the mission's keys (config_json, flattened: config.mission_keys)
+    and their fingerprint, the process, and what a restart may have lost."""
+    return pb.MissionInfo(config_json=config_json, instance=instance, prepared=prepared,
+                          fingerprint=fingerprint, rounds_done=rounds_done)

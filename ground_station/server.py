@@ -13,8 +13,8 @@ import resource
 import threading
 import time
 from collections.abc import Generator, Iterator
-from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -22,7 +22,7 @@ import torch
 
 from sparsat.ground_station import serde as gs_serde
 from sparsat.ground_station.checkpoints import CheckpointError
-from sparsat.ground_station.config import GroundStationConfig
+from sparsat.ground_station.config import GroundStationConfig, mission_keys
 from sparsat.ground_station.coordinator import Coordinator, TrainerUnavailable
 from sparsat.ground_station.encoding import TokenSet
 from sparsat.ground_station.ingest import Checked, IngestRules, check_batch, refusal
@@ -32,7 +32,7 @@ from sparsat.node.data.config import SensorSetup
 from sparsat.node.data.datasets import load_dataset, split_size
 from sparsat.node.data.sharding import assign, owners
 from sparsat.node.models import encoders
-from sparsat.node.wire import serde as node_serde
+from sparsat.node.wire import control, downlink
 from sparsat.node.wire.codec import CodecError, tile_edges
 from sparsat.node.wire.rpc import (
     INSTANCE,
@@ -47,8 +47,11 @@ from sparsat.node.wire.rpc import (
     wire_size,
 )
 from sparsat.node.wire.security import Identity
-from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.node.wire.setup import setup_to_pb
 from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 
 log = logging.getLogger("sparsat.ground_station")
 SERVICES = ["sparsat.v1.Downlink", "sparsat.v1.Registry", "sparsat.v1.Health",
@@ -179,9 +182,8 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         # with this process: it may have moved (sparsat run --resume starts new processes on
         # new ports), and it registers again by itself within seconds (node/processes/rejoin.py).
         self.enrolled: dict[str, pb.NodeInfo] = {
-            r.node_id: pb.NodeInfo(node_id=r.node_id, role=pb.Role.Name(r.role),
-                                   address=r.address, satellite_ids=r.satellites,
-                                   device=r.device)
+            r.node_id: control.node_info(r.node_id, control.role_name(r.role), r.address,
+                                         r.satellites, r.device)
             for r in self.store.nodes()}
         self.nodes: dict[str, pb.NodeInfo] = {}
         self.known_sensors: set[str] = self._enrolled()
@@ -245,14 +247,14 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         """Check, store and answer one batch: every sample stored, a duplicate, or refused
         alone with its reason."""
         try:
-            batch = node_serde.pb_to_batch(msg, self.rules.max_id)
+            batch = downlink.pb_to_batch(msg, self.rules.max_id)
         except CodecError as e:  # more samples than a batch may hold: nothing was allocated
             self.store.count(received_bytes=size, received=len(msg.ids), rejected=len(msg.ids))
             raise BatchRefused(str(e)) from e
         if msg.satellite_id and msg.satellite_id != satellite:
             n = len(batch.ids)
             checked = Checked([], [], [
-                refusal(k, node_serde.RejectCause.SATELLITE_CHANGED,
+                refusal(k, downlink.RejectCause.SATELLITE_CHANGED,
                         "the satellite changed within a stream")
                 for k in range(n)])
         else:
@@ -261,12 +263,12 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             checked.rows, size, batch.ids.astype("<i8").tobytes(), satellite[:256],
             bool(msg.satellite_id), len(checked.rejected))
         rejected = checked.rejected + [
-            refusal(checked.positions[k], node_serde.RejectCause.CONFLICT,
+            refusal(checked.positions[k], downlink.RejectCause.CONFLICT,
                     "id stored before with other content")
             for k in conflicts]
         for pos, _, _, reason in rejected[:4]:  # the whole reason; the ack carries its head
             log.warning("%s: sample at %d refused: %s", satellite[:64], pos, reason)
-        return node_serde.ack_to_pb(node_serde.AckData(
+        return downlink.ack_to_pb(downlink.AckData(
             stored=len(checked.rows) - len(duplicates) - len(conflicts),
             duplicates=[checked.positions[k] for k in duplicates], rejected=sorted(rejected)))
 
@@ -276,15 +278,16 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                  context: grpc.ServicerContext) -> pb.RegisterReply:
         if not request.node_id or not request.address:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, "node_id and address are required")
-        if request.role not in (pb.SENSOR, pb.TRAINER):  # before anything names the role
-            known = request.role in pb.Role.values()
+        if request.role not in (control.SENSOR, control.TRAINER):  # before anything names it
+            known = control.known_role(request.role)
             abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                  f"role {pb.Role.Name(request.role) if known else request.role} cannot "
-                  f"register: the roles are SENSOR ({pb.SENSOR}) and TRAINER ({pb.TRAINER})")
+                  f"role {control.role_name(request.role) if known else request.role} cannot "
+                  f"register: the roles are SENSOR ({control.SENSOR}) and TRAINER "
+                  f"({control.TRAINER})")
         _check_sizes(request, context)
         who = caller(context)
         if who is not None:  # the credentials decide who a node may register as
-            role = {pb.SENSOR: "sensor", pb.TRAINER: "trainer"}.get(request.role)
+            role = {control.SENSOR: "sensor", control.TRAINER: "trainer"}.get(request.role)
             if request.node_id != who.name or role != who.role:
                 abort(context, grpc.StatusCode.PERMISSION_DENIED,
                       f"{who.describe()} may register only as itself, not as "
@@ -293,7 +296,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             if stray:
                 abort(context, grpc.StatusCode.PERMISSION_DENIED,
                       f"{who.name} may not speak for satellites {_quote_list(stray)}")
-        if request.role == pb.SENSOR:
+        if request.role == control.SENSOR:
             scenario = self.cfg.sensor.satellites
             stray = [s for s in request.satellite_ids if s not in scenario]
             if not request.satellite_ids:
@@ -304,27 +307,27 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                       f"satellites {_quote_list(stray)} are not in this scenario, whose "
                       f"{len(scenario)} satellites are {_quote_list(scenario)}")
             config_json = self.cfg.sensor.to_json()
-            setup = node_serde.setup_to_pb(sensor_setup(
+            setup = setup_to_pb(sensor_setup(
                 self.rules, {s: self.images[s] for s in request.satellite_ids}))
         else:  # TRAINER
             setup = None
             config_json = json.dumps({"training": self.cfg.training.strategy,
                                       "threads": self.cfg.training.threads})
-        info = pb.NodeInfo(node_id=request.node_id, role=request.role, address=request.address,
-                           satellite_ids=request.satellite_ids, device=request.device)
+        info = control.node_info(request.node_id, request.role, request.address,
+                                 request.satellite_ids, request.device)
         with self._lock:
             self._check_enrollment(request, context)
             self.store.save_node(NodeRecord(request.node_id, request.role, request.address,
                                             tuple(request.satellite_ids), request.device))
             self.enrolled[request.node_id] = self.nodes[request.node_id] = info
-            if request.role == pb.SENSOR:  # only validated sensor registrations count
+            if request.role == control.SENSOR:  # only validated sensor registrations count
                 self.known_sensors = self._enrolled()
             elif self.coordinator is not None:  # a trainer (back) during training: it rejoins
                 self.coordinator.add_trainer(request.node_id, request.address)
-        log.info("registered %s (%s) at %s", request.node_id, pb.Role.Name(request.role),
+        log.info("registered %s (%s) at %s", request.node_id, control.role_name(request.role),
                  request.address)
         # the instance the node registered with: a restart any time after this is one it sees
-        return pb.RegisterReply(config_json=config_json, instance=INSTANCE, sensor=setup)
+        return control.register_answer(config_json, INSTANCE, setup)
 
     def _check_enrollment(self, request: pb.RegisterRequest,
                           context: grpc.ServicerContext) -> None:
@@ -333,10 +336,12 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         old = self.enrolled.get(request.node_id)
         if old is not None and old.role != request.role:
             abort(context, grpc.StatusCode.PERMISSION_DENIED,
-                  f"node {quote(request.node_id)} is registered as {pb.Role.Name(old.role)}; "
-                  f"it cannot register as {pb.Role.Name(request.role)}")
+                  f"node {quote(request.node_id)} is registered as "
+                  f"{control.role_name(old.role)}; it cannot register as "
+                  f"{control.role_name(request.role)}")
         owner = {s: n.node_id for n in self.enrolled.values()
-                 if n.role == pb.SENSOR and n.node_id != request.node_id for s in n.satellite_ids}
+                 if n.role == control.SENSOR and n.node_id != request.node_id
+                 for s in n.satellite_ids}
         taken = [s for s in request.satellite_ids if s in owner]
         if taken:
             abort(context, grpc.StatusCode.PERMISSION_DENIED,
@@ -345,18 +350,18 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
 
     def _enrolled(self) -> set[str]:
         """The satellites enrolled sensor hosts speak for (the ones Send accepts)."""
-        return {s for n in self.enrolled.values() if n.role == pb.SENSOR for s in n.satellite_ids}
+        return {s for n in self.enrolled.values() if n.role == control.SENSOR
+                for s in n.satellite_ids}
 
     def ListNodes(self, request: pb.ListNodesRequest,
                   context: grpc.ServicerContext) -> pb.ListNodesReply:
         with self._lock:
             nodes = [self.nodes[k] for k in sorted(self.nodes)]
-        return pb.ListNodesReply(nodes=nodes)
+        return control.list_nodes_reply(nodes)
 
     def Check(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
-        return pb.HealthReply(node_id=self.cfg.node_id, role=pb.GROUND_STATION, ready=True,
-                              bytes_received=self.bytes.received, bytes_sent=self.bytes.sent,
-                              instance=INSTANCE)
+        return control.health_reply(self.cfg.node_id, control.GROUND_STATION,
+                                    self.bytes.received, self.bytes.sent, INSTANCE)
 
     # ---- Mission ----------------------------------------------------------------------------
 
@@ -384,7 +389,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             abort(context, grpc.StatusCode.INTERNAL, str(e))
         with self._lock:  # with the registry locked: no trainer registers in between
             for n in self.nodes.values():
-                if n.role == pb.TRAINER:
+                if n.role == control.TRAINER:
                     prepared.coordinator.add_trainer(n.node_id, n.address)
             self.train_tokens, self.test_tokens = prepared.train, prepared.test
             if self.coordinator is not None:
@@ -395,7 +400,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         k = self.cfg.training.num_workers
         with self._lock:
             found = [self.nodes[n] for n in sorted(self.nodes)
-                     if self.nodes[n].role == pb.TRAINER]
+                     if self.nodes[n].role == control.TRAINER]
         if len(found) < k:
             abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                   f"{self.cfg.training.strategy} needs {k} trainers, {len(found)} registered")
@@ -432,7 +437,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsReply:
         c = self.store.counters()  # the store's: the whole run, across restarts
-        return pb.StatsReply(
+        return gs_serde.stats_reply(
             samples_stored=len(self.store), samples_received=c.get("received", 0),
             duplicates=c.get("duplicates", 0), rejected=c.get("rejected", 0),
             downlink_bytes_received=c.get("received_bytes", 0),
@@ -443,37 +448,18 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
         )
 
-    # keys of the configuration that are this deployment's own, not the mission's: where files
-    # are (store, checkpoints, token cache, dataset root), what runs the encoder stage, how long
-    # the coordinator waits for a trainer, and this process's own settings. Mission control's
-    # scenario may differ from the ground station's in these and nothing else.
-    DEPLOYMENT_KEYS = frozenset({
-        "store_dir", "checkpoint_dir", "resume", "token_cache", "node_id", "device",
-        "encode_batch", "sensor.dataset.root", "sensor.dataset.download",
-        "training.round_timeout_s"})
-
     def Describe(self, request: pb.DescribeRequest,
                  context: grpc.ServicerContext) -> pb.MissionInfo:
         """The mission this ground station runs (its scenario's keys, flattened), so that mission
         control can refuse to drive it with another scenario; and whether a restart lost the
         Prepare state (prepared) or the training (rounds_done)."""
-        flat: dict[str, object] = {}
-
-        def walk(prefix: str, value: object) -> None:
-            if isinstance(value, dict):
-                for k, v in value.items():
-                    walk(f"{prefix}.{k}" if prefix else str(k), v)
-            elif prefix not in self.DEPLOYMENT_KEYS:
-                flat[prefix] = list(value) if isinstance(value, tuple) else value
-
-        walk("", json.loads(json.dumps(asdict(self.cfg), default=str)))
-        text = json.dumps(flat, sort_keys=True)
+        text = json.dumps(mission_keys(self.cfg), sort_keys=True)
         with self._lock:
             coord = self.coordinator
-        return pb.MissionInfo(
-            config_json=text, instance=INSTANCE, prepared=coord is not None,
-            fingerprint=hashlib.blake2b(text.encode(), digest_size=16).hexdigest(),
-            rounds_done=coord.round if coord is not None else 0)
+        return gs_serde.mission_info(
+            text, INSTANCE, coord is not None,
+            hashlib.blake2b(text.encode(), digest_size=16).hexdigest(),
+            coord.round if coord is not None else 0)
 
 
 def sensor_setup(rules: IngestRules, images: dict[str, np.ndarray]) -> SensorSetup:
@@ -517,7 +503,7 @@ def _as_progress(run: Generator[Update, None, Prepared]
             update = next(run)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
-        yield pb.Progress(**asdict(update))
+        yield gs_serde.update_to_pb(update)
 
 
 def build_server(station: GroundStation, listen: str) -> tuple[grpc.Server, str]:
@@ -525,7 +511,7 @@ def build_server(station: GroundStation, listen: str) -> tuple[grpc.Server, str]
     # a message is sized before it is parsed: batches field by field, a registration (up to
     # MAX_SATELLITES names) whole, every other call (health, mission, reflection) whole
     server = make_server(max_workers=station.streams.limit + CONTROL_WORKERS,
-                         prechecks={"/sparsat.v1.Downlink/Send": node_serde.check_batch_wire,
+                         prechecks={"/sparsat.v1.Downlink/Send": downlink.check_batch_wire,
                                     "/sparsat.v1.Registry/Register": at_most(MAX_REGISTER_BYTES)},
                          max_request_bytes=MAX_CONTROL_BYTES)
     pb_grpc.add_DownlinkServicer_to_server(station, server)

@@ -30,8 +30,8 @@ class StoreMismatchError(ValueError):
 
 
 class Row(NamedTuple):
-    """One stored sample: its payload as it arrived (sparsat.node.wire.serde.Payload) and its
-    sender."""
+    """One stored sample: its payload as it arrived (sparsat.node.wire.downlink.Payload) and
+    its sender."""
 
     id: int
     satellite: str

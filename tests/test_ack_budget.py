@@ -20,14 +20,14 @@ from sparsat.node.data.config import SensorConfig
 from sparsat.node.data.datasets import DatasetSpec
 from sparsat.node.data.masking import MaskSpec
 from sparsat.node.processes.sensor import SensorServicer
-from sparsat.node.wire import serde
+from sparsat.node.wire import downlink
 from sparsat.node.wire.codec import varint
 from sparsat.node.wire.rpc import bind, make_server
 from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
 SATS = ["sat-0", "sat-1"]
-Answer = Callable[[int], serde.AckData]  # the ack of an n-sample batch
+Answer = Callable[[int], downlink.AckData]  # the ack of an n-sample batch
 
 
 class Ctx:
@@ -49,20 +49,20 @@ class ScriptedStation(pb_grpc.DownlinkServicer):
             yield self.ack(len(msg.ids))
 
     def ack(self, n: int) -> pb.BatchAck:
-        return serde.ack_to_pb(self.answer(n))
+        return downlink.ack_to_pb(self.answer(n))
 
 
 Start = Callable[[Answer], tuple[str, ScriptedStation]]
 
 
-def alternating(n: int) -> serde.AckData:
+def alternating(n: int) -> downlink.AckData:
     """Every other sample a duplicate: n // 2 + 1 runs of 1, about a byte a sample."""
-    return serde.AckData(n - n // 2, list(range(1, n, 2)), [])
+    return downlink.AckData(n - n // 2, list(range(1, n, 2)), [])
 
 
-def all_refused(n: int) -> serde.AckData:
+def all_refused(n: int) -> downlink.AckData:
     """Every sample refused, each with the longest code, cause and reason there are."""
-    return serde.AckData(0, [], [(p, 16, 127, "\u00e9" * 24) for p in range(n)])
+    return downlink.AckData(0, [], [(p, 16, 127, "\u00e9" * 24) for p in range(n)])
 
 
 def _sensor_config(subset: int) -> SensorConfig:
@@ -180,7 +180,7 @@ def test_a_stream_of_many_batches_waits_for_acks_only_at_the_end(
     assert _spent(report) <= max_bytes
     # reserving every batch's worst case to the end would have left it unused
     assert sum(station.samples) == report.sent
-    worst = sum(serde.max_ack_bytes(n) - a for n, a in zip(
+    worst = sum(downlink.max_ack_bytes(n) - a for n, a in zip(
         station.samples, report.ack_bytes, strict=True))
     assert max_bytes - _spent(report) < report.next_bytes < worst
 
@@ -219,7 +219,7 @@ def test_an_ack_bigger_than_its_batch_allows_is_not_read_and_the_batch_stays_que
     # Prepare
     padded = pb.BatchAck.FromString(pb.BatchAck(stored=1).SerializeToString()
                                     + b"\x7a" + varint(1000) + b"x" * 1000)
-    address, station = scripted(lambda n: serde.AckData(n, [], []))
+    address, station = scripted(lambda n: downlink.AckData(n, [], []))
     station.ack = lambda n: padded  # type: ignore[attr-defined]
     sensor = _host(planner, address)
     before = len(sensor.satellites["sat-1"].pending)

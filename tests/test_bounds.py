@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from sparsat.ground_station.server import MAX_SEND_STREAMS_PER_CALLER, SendStreams
 from sparsat.node.processes.trainer import MAX_DATASET_BYTES, TrainerServicer
-from sparsat.node.wire import rpc, serde
+from sparsat.node.wire import downlink, jobs, rpc, tensors
 from sparsat.node.wire.codec import CodecError, varint
 from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
@@ -52,29 +52,29 @@ def _peak_bytes(run: Any) -> int:
 ], ids=["huge duplicate run", "many runs", "many refusals"])
 def test_an_ack_is_refused_on_its_counts_before_lists_are_built(ack: pb.BatchAck) -> None:
     with pytest.raises(CodecError):
-        serde.pb_to_ack(ack, 4)
+        downlink.pb_to_ack(ack, 4)
     # Python's own allocations while decoding: the old decoder built a list of every
     # position a run named (16 MB for the first) before it checked them
-    assert _peak_bytes(lambda: serde.pb_to_ack(ack, 4)) < 100_000
+    assert _peak_bytes(lambda: downlink.pb_to_ack(ack, 4)) < 100_000
 
 
 # ---- the ground station reading a DownlinkBatch ---------------------------------------------
 
 
 def test_a_batch_with_more_samples_than_a_batch_may_hold_is_refused_before_decoding() -> None:
-    n = serde.MAX_BATCH_SAMPLES + 1
+    n = downlink.MAX_BATCH_SAMPLES + 1
     msg = pb.DownlinkBatch(satellite_id="sat-0", ids=[1] * n)  # no labels, no patches
     with pytest.raises(CodecError, match=f"batch has {n} ids, more than the 65536"):
-        serde.pb_to_batch(msg, 10**6)
-    shapes = pb.DownlinkBatch(ids=[1], shapes=[1] * (3 * serde.MAX_BATCH_SAMPLES + 1))
+        downlink.pb_to_batch(msg, 10**6)
+    shapes = pb.DownlinkBatch(ids=[1], shapes=[1] * (3 * downlink.MAX_BATCH_SAMPLES + 1))
     with pytest.raises(CodecError, match="shapes"):
-        serde.pb_to_batch(shapes, 10**6)
+        downlink.pb_to_batch(shapes, 10**6)
 
 
 def test_the_wire_scan_refuses_a_big_message_of_tiny_elements_and_passes_real_batches() -> None:
     # Prepare: 2 MiB of 1-byte ids, packed; the same unpacked; 2 MiB of empty patches; and a
     # real 3 MiB batch (4 samples of 768 KiB) that must pass
-    many = 2 * serde.SCAN_ABOVE_BYTES
+    many = 2 * downlink.SCAN_ABOVE_BYTES
     packed = b"\x12" + varint(many) + b"\x01" * many
     unpacked = b"\x10\x01" * (many // 2)
     patches = b"\x22\x00" * (many // 2)
@@ -84,11 +84,11 @@ def test_the_wire_scan_refuses_a_big_message_of_tiny_elements_and_passes_real_ba
     # Execute / Assert
     for raw, name in ((packed, "ids"), (unpacked, "ids"), (patches, "patches")):
         with pytest.raises(CodecError, match=f"more than 65536 {name}"):
-            serde.check_batch_wire(raw)
-    serde.check_batch_wire(real)
-    serde.check_batch_wire(b"\x12" + varint(1000) + b"\x01" * 1000)  # small: not scanned
+            downlink.check_batch_wire(raw)
+    downlink.check_batch_wire(real)
+    downlink.check_batch_wire(b"\x12" + varint(1000) + b"\x01" * 1000)  # small: not scanned
     with pytest.raises(CodecError, match="says"):
-        serde.check_batch_wire(b"\x22" + varint(many + 10) + b"\x00" * many)
+        downlink.check_batch_wire(b"\x22" + varint(many + 10) + b"\x00" * many)
 
 
 def test_a_batch_rle_is_bounded_and_only_its_payloads_bits_are_unpacked() -> None:
@@ -96,12 +96,12 @@ def test_a_batch_rle_is_bounded_and_only_its_payloads_bits_are_unpacked() -> Non
     # refused before anything is unpacked (a 60 MiB rle unpacked into 480 MB of flags)
     two = pb.DownlinkBatch(satellite_id="sat-0", ids=[1, 1], labels=[0, 0],
                            patches=[b"a", b"b"], rle=b"\x03" + b"\xff" * 8191)
-    batch = serde.pb_to_batch(two, 100)
+    batch = downlink.pb_to_batch(two, 100)
     assert batch.runs.tolist() == [True, True]
-    assert _peak_bytes(lambda: serde.pb_to_batch(two, 100)) < 20_000
-    two.rle = b"\x03" * (serde.MAX_RLE_BYTES + 1)
+    assert _peak_bytes(lambda: downlink.pb_to_batch(two, 100)) < 20_000
+    two.rle = b"\x03" * (downlink.MAX_RLE_BYTES + 1)
     with pytest.raises(CodecError, match="rle is 8193 bytes, more than the 8192"):
-        serde.pb_to_batch(two, 100)
+        downlink.pb_to_batch(two, 100)
 
 
 @pytest.mark.parametrize("dims", [9, 100_000])
@@ -110,18 +110,18 @@ def test_a_tensor_of_too_many_dimensions_is_refused_before_its_size_is_taken(dim
     # raised a ValueError that was not a CodecError (the trainer's LoadDataset: UNKNOWN)
     tensor = pb.Tensor(shape=[3] * dims, dtype=pb.FLOAT32)
     with pytest.raises(CodecError, match=f"{dims} dimensions, more than the 8"):
-        serde.pb_to_ndarray(tensor)
+        tensors.pb_to_ndarray(tensor)
     with pytest.raises(CodecError, match=f"{dims} dimensions, more than the 8"):
-        serde.merge_message([pb.TrainRequest(params=[pb.NamedTensor(
+        jobs.merge_message([pb.TrainRequest(params=[pb.NamedTensor(
             name="w1", more=True, tensor=tensor), pb.NamedTensor(name="w1")])],
             pb.TrainRequest())
 
 
 def test_pack_closes_a_batch_at_the_most_samples_a_batch_may_hold(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(serde, "MAX_BATCH_SAMPLES", 3)
-    payloads = [serde.Payload(i + 1, 0, b"\x01" * 8) for i in range(7)]
-    batches = serde.pack(iter(payloads), lambda first: serde.BatchBuilder(
+    monkeypatch.setattr(downlink, "MAX_BATCH_SAMPLES", 3)
+    payloads = [downlink.Payload(i + 1, 0, b"\x01" * 8) for i in range(7)]
+    batches = downlink.pack(iter(payloads), lambda first: downlink.BatchBuilder(
         "sat-0" if first else ""), 1 << 20, 1 << 20)
     assert [len(b.items) for b in batches] == [3, 3, 1]
 
@@ -262,8 +262,8 @@ def trainer() -> Iterator[pb_grpc.TrainerStub]:
 def _chunk(rows: int, total: int, dim: int = 4) -> pb.DatasetChunk:
     return pb.DatasetChunk(
         dataset_id="ds", total_rows=total,
-        features=serde.ndarray_to_pb(np.zeros((rows, dim), np.float32)),
-        labels=serde.ndarray_to_pb(np.zeros(rows, np.int64)))
+        features=tensors.ndarray_to_pb(np.zeros((rows, dim), np.float32)),
+        labels=tensors.ndarray_to_pb(np.zeros(rows, np.int64)))
 
 
 @pytest.mark.parametrize(("chunks", "match"), [
@@ -289,8 +289,8 @@ def test_a_dataset_stream_is_refused_on_its_counts_at_the_chunk_that_breaks_them
 
 def test_train_parts_past_the_limit_are_refused_as_they_arrive(
         trainer: pb_grpc.TrainerStub, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(serde, "MAX_TRAIN_BYTES", 100_000)
-    part = pb.TrainRequest(params=[pb.NamedTensor(name="w1", tensor=serde.ndarray_to_pb(
+    monkeypatch.setattr(jobs, "MAX_TRAIN_BYTES", 100_000)
+    part = pb.TrainRequest(params=[pb.NamedTensor(name="w1", tensor=tensors.ndarray_to_pb(
         np.zeros(10_000, np.float32)))])  # 40 KB a part: the third passes the limit
     with pytest.raises(grpc.RpcError) as e:
         list(trainer.Train(iter([part] * 5), timeout=10))
@@ -303,7 +303,7 @@ def test_pieces_of_a_tensor_may_not_hold_more_than_its_shape_and_dtype() -> None
         shape=[4], dtype=pb.FLOAT32, data=b"\x00" * 8))
     tail = pb.NamedTensor(name="w1", tensor=pb.Tensor(data=b"\x00" * 4096))
     with pytest.raises(CodecError, match="its pieces hold more than the 16 bytes"):
-        serde.merge_message([pb.TrainRequest(params=[head, tail])], pb.TrainRequest())
+        jobs.merge_message([pb.TrainRequest(params=[head, tail])], pb.TrainRequest())
 
 
 # ---- mission control reading a sensor host's TransmitReport ---------------------------------

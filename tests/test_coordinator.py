@@ -20,7 +20,7 @@ from sparsat.node.data.masking import stable_seed
 from sparsat.node.models.mlp import MLP
 from sparsat.node.models.training import Adam, AdamState, epoch_order, train_steps
 from sparsat.node.processes.trainer import TrainerServicer
-from sparsat.node.wire import serde
+from sparsat.node.wire.jobs import TrainJob, split_request, train_job_to_pb
 from sparsat.node.wire.rpc import CHUNK_BYTES, bind, make_server, wire_size
 from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
@@ -379,8 +379,8 @@ def test_a_failed_call_is_charged_what_went_out(trainers: Trainers) -> None:
     # before the abort is up to HTTP/2 flow control), never more than the request
     full = second["trainer-0"].sent
     half = ist.subnet(coord.params, ist.partition(4000, 2000, 2, torch.Generator()), 0)
-    job = serde.TrainJob("d1", 0, 0, 2, 32, 1e-3, 0, half, rows=64)  # each got 1/K, K = 2
-    parts = [wire_size(p) for p in serde.split_request(serde.train_job_to_pb(job), CHUNK_BYTES)]
+    job = TrainJob("d1", 0, 0, 2, 32, 1e-3, 0, half, rows=64)  # each got 1/K, K = 2
+    parts = [wire_size(p) for p in split_request(train_job_to_pb(job), CHUNK_BYTES)]
     assert len(parts) > 3 and max(parts) < CHUNK_BYTES + 1024  # W2 (8 MB) went in pieces
     assert quit.sent - quits.parts[0] in {sum(parts[1:i]) for i in range(1, len(parts) + 1)}
     # whole: as trainer-0's (the head's varints (round, seed, offset) differ from quits' job)
@@ -447,8 +447,8 @@ def _ist_round_by_hand(coord: Coordinator, epoch: int, progress: Any) -> tuple[
                                 ist.subnet(state.exp_avg_sq, part, w),
                                 ist.subnet(state.step, part, w)).compact()
             job = coord._job(w, piece, moments, 1.0, epoch, (offset, q))
-            jobs.append(sum(wire_size(m) for m in serde.split_request(
-                serde.train_job_to_pb(job), CHUNK_BYTES)))
+            jobs.append(sum(wire_size(m) for m in split_request(
+                train_job_to_pb(job), CHUNK_BYTES)))
             offset += q
     coord._round(epoch, progress)
     return part, before, state, jobs
@@ -500,8 +500,8 @@ def test_an_epochs_last_single_batch_trains_one_subnet_not_the_whole_model(
     for r, jobs in zip(progress.rounds, expected_bytes, strict=True):
         assert [w.sent for w in r] == jobs  # every job one 1/K subnet, the last one too
     whole = coord._job(0, before, state.compact(), 1.0, 1, (9 * 1280, 50))
-    whole_bytes = sum(wire_size(m) for m in serde.split_request(
-        serde.train_job_to_pb(whole), CHUNK_BYTES))
+    whole_bytes = sum(wire_size(m) for m in split_request(
+        train_job_to_pb(whole), CHUNK_BYTES))
     assert progress.rounds[-1][0].sent < 0.7 * whole_bytes
     _untouched(coord, part, 1, before, state)  # the subnet with no rows left
     g1 = part.hidden1[0]

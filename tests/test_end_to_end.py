@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from sparsat.ground_station.store import Row
+from sparsat.node.wire.downlink import BatchBuilder, Payload
 from sparsat.node.wire.rpc import GRPC_FRAME_BYTES
-from sparsat.node.wire.serde import BatchBuilder, Payload
 from sparsat.sim.cli import main
 
 pytestmark = pytest.mark.slow

@@ -22,7 +22,7 @@ from sparsat.node.data.datasets import DatasetSpec
 from sparsat.node.data.masking import MaskSpec
 from sparsat.node.models.mlp import MLP
 from sparsat.node.processes.trainer import TrainerServicer
-from sparsat.node.wire import rpc, serde
+from sparsat.node.wire import downlink, jobs, rpc
 from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
@@ -86,11 +86,11 @@ def _valid_batch(gs: GroundStation) -> pb.DownlinkBatch:
 
     data = load_dataset(gs.cfg.sensor.dataset, "train")
     idx = shard(train_subset(len(data), 40, 0), 0, 2)[:3]
-    b = serde.BatchBuilder("sat-0")
+    b = downlink.BatchBuilder("sat-0")
     for i in idx:
         sid = copy_id(sample_id("fashion_mnist", "train", int(i)), None)
         cap = capture(gs.cfg.sensor.mask, data.image(int(i)), 7, sid)
-        b.add(serde.patch_payload(int(i), data.label(int(i)),
+        b.add(downlink.patch_payload(int(i), data.label(int(i)),
                                   encode_patches(cap.image, 7, cap.visible), False))
     return b.to_pb()
 
@@ -149,13 +149,13 @@ def test_fuzz_the_trainer() -> None:
     try:
         x = np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32)
         y = np.arange(20, dtype=np.int64) % 3
-        chunks = list(serde.dataset_chunks("d", x, y, 1 << 20))
+        chunks = list(jobs.dataset_chunks("d", x, y, 1 << 20))
         pb_grpc.TrainerStub(ch).LoadDataset(iter(chunks), timeout=10)
         with torch.random.fork_rng():
             torch.manual_seed(0)
             params = MLP(8, 6, 5, 3).params()
-        job = serde.TrainJob("d", 0, 0, 1, 20, 0.01, 0, params, None, 1.0, 0, 20)
-        seeds = {"/sparsat.v1.Trainer/Train": serde.train_job_to_pb(job),
+        job = jobs.TrainJob("d", 0, 0, 1, 20, 0.01, 0, params, None, 1.0, 0, 20)
+        seeds = {"/sparsat.v1.Trainer/Train": jobs.train_job_to_pb(job),
                  "/sparsat.v1.Trainer/LoadDataset": chunks[0]}
         rng = random.Random(1)
         codes: Counter[str] = Counter()

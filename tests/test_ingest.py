@@ -38,10 +38,10 @@ from sparsat.node.data.sharding import sample_id, shard, train_subset
 from sparsat.node.models import encoders
 from sparsat.node.models.training import AdamState
 from sparsat.node.processes.trainer import TrainerServicer
-from sparsat.node.wire import serde
+from sparsat.node.wire import downlink, jobs, tensors
 from sparsat.node.wire.codec import encode_patches, masked_canvas, quantize_token, varint
+from sparsat.node.wire.downlink import BatchBuilder, ClsData, Payload
 from sparsat.node.wire.rpc import bind, channel, make_server, wait_ready, wire_size
-from sparsat.node.wire.serde import BatchBuilder, ClsData, Payload
 from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
@@ -53,7 +53,7 @@ SUBSET = 600  # the scenario's training images: the first 600 of a seeded permut
 MASK = MaskSpec(kind="fixed", ratio=0.5, seed=0)
 VISIBLE = 24  # int(49 * 0.5) tokens of 4x4x1 pixels under MASK
 
-C = serde.RejectCause
+C = downlink.RejectCause
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]
 CONFLICT = grpc.StatusCode.ALREADY_EXISTS.value[0]
@@ -179,7 +179,7 @@ def _outside() -> int:
 def _patch(fm: FMnist, index: int, copy: int | None = None, mask: MaskSpec = MASK) -> Payload:
     sid = copy_id(sample_id("fashion_mnist", "train", index), copy)
     cap = capture(mask, fm.train.image(index), GRID, sid)
-    return serde.patch_payload(index + (copy or 0) * len(fm.train), fm.train.label(index),
+    return downlink.patch_payload(index + (copy or 0) * len(fm.train), fm.train.label(index),
                                encode_patches(cap.image, GRID, cap.visible), with_shape=False)
 
 
@@ -189,7 +189,7 @@ def _token(index: int) -> np.ndarray:
 
 def _cls(fm: FMnist, index: int, dtype: str) -> Payload:
     data, scale = quantize_token(_token(index), dtype)
-    return serde.cls_payload(index, fm.train.label(index), ClsData(data, dtype, DIM, scale))
+    return downlink.cls_payload(index, fm.train.label(index), ClsData(data, dtype, DIM, scale))
 
 
 def _batch(payloads: list[Payload], satellite: str = SENSOR, cls: bool = False,
@@ -227,7 +227,7 @@ def _names(reason: str, match: str) -> bool:
     least 8 characters of it where the cap cut it."""
     if match in reason:
         return True
-    return len(reason.encode()) > serde.MAX_REASON_BYTES - 4 and any(
+    return len(reason.encode()) > downlink.MAX_REASON_BYTES - 4 and any(
         reason.endswith(match[:k]) for k in range(len(match), min(8, len(match)) - 1, -1))
 
 
@@ -330,7 +330,7 @@ def _good(fm: FMnist, first: int, count: int, sat: str = SENSOR) -> list[Payload
 
 
 def _check_one_refused(st: Station, batch: list[Payload], pos: int, msg: pb.DownlinkBatch,
-                       cause: serde.RejectCause, match: str, follow: list[Payload],
+                       cause: downlink.RejectCause, match: str, follow: list[Payload],
                        cls: bool = False, int8: bool = False) -> None:
     """Send `msg` (the batch with its bad sample at `pos`) then a batch of `follow` on the
     same stream: the bad sample alone refused, the stream on, every count exact."""
@@ -361,7 +361,7 @@ def _check_one_refused(st: Station, batch: list[Payload], pos: int, msg: pb.Down
 @pytest.mark.parametrize(("bad", "cause", "match"), [c[1:] for c in BAD_PATCHES],
                          ids=[c[0] for c in BAD_PATCHES])
 def test_patch_batch_refuses_its_bad_sample_alone(
-    station: Station, fm: FMnist, bad: Bad, cause: serde.RejectCause, match: str
+    station: Station, fm: FMnist, bad: Bad, cause: downlink.RejectCause, match: str
 ) -> None:
     # Prepare
     batch, pos = bad(fm, _good(fm, 0, 5))
@@ -432,7 +432,7 @@ BAD_CLS: list[tuple[str, str, Callable[[Payload], Payload], C, str]] = [
                          ids=[c[0] for c in BAD_CLS])
 def test_cls_batch_refuses_its_bad_sample_alone(
     start: StartStation, fm: FMnist, dtype: str, edit: Callable[[Payload], Payload],
-    cause: serde.RejectCause, match: str
+    cause: downlink.RejectCause, match: str
 ) -> None:
     # Prepare
     st = start(payload="cls", cls_dtype=dtype)
@@ -517,7 +517,8 @@ def test_structural_error_refuses_the_batch_and_the_stream_goes_on(
     assert err is None and len(acks) == 2
     assert acks[0].stored == 0 and list(acks[0].duplicate_runs) == []
     assert [(p, c) for p, c, _ in _rejected(acks[0])] == [(k, INVALID) for k in range(5)]
-    assert all(r == serde.cap_reason(match) for _, _, r in _rejected(acks[0])), _rejected(acks[0])
+    assert all(r == downlink.cap_reason(match) for _, _, r in _rejected(acks[0])), \
+        _rejected(acks[0])
     assert _causes(acks[0]) == [C.BAD_STRUCTURE] * 5
     assert acks[1] == pb.BatchAck(stored=2)
     assert sorted(station.stored()) == [p.id for p in follow]
@@ -559,7 +560,7 @@ def test_cls_structural_error_refuses_the_batch_and_the_stream_goes_on(
 
     # Assert
     assert err is None and len(acks) == 2
-    assert _rejected(acks[0]) == [(k, INVALID, serde.cap_reason(match)) for k in range(5)]
+    assert _rejected(acks[0]) == [(k, INVALID, downlink.cap_reason(match)) for k in range(5)]
     assert _causes(acks[0]) == [C.BAD_STRUCTURE] * 5
     assert acks[0].stored == 0
     assert acks[1] == pb.BatchAck(stored=1)
@@ -683,7 +684,7 @@ def test_resent_batch_is_acked_as_duplicates_and_stored_once(station: Station,
     assert err1 is None and err2 is None
     all_dup = pb.BatchAck(stored=0, duplicate_runs=[0, 5])
     assert acks1 == [all_dup] and acks2 == [all_dup, all_dup]
-    assert serde.pb_to_ack(acks1[0], 5).duplicates == [0, 1, 2, 3, 4]
+    assert downlink.pb_to_ack(acks1[0], 5).duplicates == [0, 1, 2, 3, 4]
     assert station.stored() == first
     assert _counts(station) == (5, 20, 15, 0, _bytes([msg, msg, msg, again]))
 
@@ -699,7 +700,7 @@ def test_partly_resent_batch_acks_duplicates_as_runs(station: Station, fm: FMnis
     # Assert
     assert err is None
     assert acks == [pb.BatchAck(stored=3, duplicate_runs=[1, 2, 1, 1])]
-    assert serde.pb_to_ack(acks[0], 6) == serde.AckData(3, [1, 2, 4], [])
+    assert downlink.pb_to_ack(acks[0], 6) == downlink.AckData(3, [1, 2, 4], [])
     assert sorted(station.stored()) == [p.id for p in good]
     assert _counts(station)[:4] == (6, 9, 3, 0)
 
@@ -876,16 +877,16 @@ def test_check_batch_with_per_sample_shapes() -> None:
     for k, shape in enumerate(shapes):
         image = rng.integers(0, 256, size=shape, dtype=np.uint8)
         visible = np.flatnonzero(rng.random(GRID * GRID) < 0.4).astype(np.uint16)
-        payloads.append(serde.patch_payload(k * 10, k, encode_patches(image, GRID, visible),
+        payloads.append(downlink.patch_payload(k * 10, k, encode_patches(image, GRID, visible),
                                             with_shape=True))
     msg = _batch(payloads)
     msg.shapes[3 * 2 + 1] = 10  # sample 2 claims a 7x10 image: its pixels do not match
 
     # Execute
-    checked = check_batch(serde.pb_to_batch(msg, rules.max_id), SENSOR, rules, {SENSOR})
+    checked = check_batch(downlink.pb_to_batch(msg, rules.max_id), SENSOR, rules, {SENSOR})
     no_shapes = _batch(payloads)
     no_shapes.ClearField("shapes")
-    structural = check_batch(serde.pb_to_batch(no_shapes, rules.max_id), SENSOR, rules,
+    structural = check_batch(downlink.pb_to_batch(no_shapes, rules.max_id), SENSOR, rules,
                              {SENSOR})
 
     # Assert
@@ -1449,12 +1450,12 @@ def _mlp_params(d_in: int = FEAT) -> dict[str, torch.Tensor]:
 def _train(stub: pb_grpc.TrainerStub, request: pb.TrainRequest, timeout: float
            ) -> pb.TrainReply:
     """One Train call (the reply streams back in parts): the merged reply."""
-    return serde.merge_reply(stub.Train(iter([request]), timeout=timeout))[0]
+    return jobs.merge_reply(stub.Train(iter([request]), timeout=timeout))[0]
 
 
 def _train_request(params: dict[str, torch.Tensor] | None = None, dataset_id: str = "ds",
                    steps: int = 3) -> pb.TrainRequest:
-    return serde.train_job_to_pb(serde.TrainJob(
+    return jobs.train_job_to_pb(jobs.TrainJob(
         dataset_id=dataset_id, round=0, worker=0, steps=steps, batch_size=8, lr=1e-2, seed=1,
         params=params if params is not None else _mlp_params(), rows=steps * 8))
 
@@ -1464,7 +1465,7 @@ def trainer() -> Iterator[Trainer]:
     """A trainer with dataset "ds" loaded."""
     for t in _run_trainer():
         x, y = _token_data()
-        t.stub.LoadDataset(serde.dataset_chunks("ds", x, y, chunk_bytes=FEAT * 4 * 16),
+        t.stub.LoadDataset(jobs.dataset_chunks("ds", x, y, chunk_bytes=FEAT * 4 * 16),
                            timeout=10)
         yield t
 
@@ -1494,8 +1495,8 @@ def test_load_dataset_rejects_row_mismatch(fresh_trainer: Trainer) -> None:
     # Prepare
     x, y = _token_data()
     chunk = pb.DatasetChunk(dataset_id="bad", total_rows=ROWS,
-                            features=serde.ndarray_to_pb(x),
-                            labels=serde.ndarray_to_pb(y[:-1]))
+                            features=tensors.ndarray_to_pb(x),
+                            labels=tensors.ndarray_to_pb(y[:-1]))
 
     # Execute
     err = _load_error(fresh_trainer, [chunk])
@@ -1510,7 +1511,7 @@ def test_load_dataset_rejects_row_mismatch(fresh_trainer: Trainer) -> None:
 def test_load_dataset_rejects_wrong_total_rows(fresh_trainer: Trainer, announced: int) -> None:
     # Prepare
     x, y = _token_data()
-    chunks = list(serde.dataset_chunks("bad", x, y, chunk_bytes=FEAT * 4 * 16))
+    chunks = list(jobs.dataset_chunks("bad", x, y, chunk_bytes=FEAT * 4 * 16))
     for c in chunks:
         c.total_rows = announced
 
@@ -1530,8 +1531,8 @@ def test_load_dataset_rejects_wrong_total_rows(fresh_trainer: Trainer, announced
 def test_load_dataset_rejects_bad_tensor(fresh_trainer: Trainer) -> None:
     # Prepare
     x, y = _token_data()
-    chunk = pb.DatasetChunk(dataset_id="bad", total_rows=ROWS, features=serde.ndarray_to_pb(x),
-                            labels=serde.ndarray_to_pb(y))
+    chunk = pb.DatasetChunk(dataset_id="bad", total_rows=ROWS, features=tensors.ndarray_to_pb(x),
+                            labels=tensors.ndarray_to_pb(y))
     chunk.features.data = chunk.features.data[:-1]
 
     # Execute
@@ -1547,7 +1548,7 @@ def test_load_dataset_rejects_overflowing_shape(fresh_trainer: Trainer) -> None:
     _, y = _token_data()
     chunk = pb.DatasetChunk(dataset_id="bad", total_rows=ROWS,
                             features=pb.Tensor(shape=[2**32, 2**32], dtype=pb.FLOAT32),
-                            labels=serde.ndarray_to_pb(y))
+                            labels=tensors.ndarray_to_pb(y))
 
     # Execute
     err = _load_error(fresh_trainer, [chunk])
@@ -1630,7 +1631,7 @@ def test_train_returns_trained_params_of_the_same_shapes(trainer: Trainer) -> No
 
     # Execute
     reply = _train(trainer.stub, _train_request(sent, steps=4), 20)
-    got = serde.pb_to_params(reply.params)
+    got = tensors.pb_to_params(reply.params)
 
     # Assert
     assert reply.steps_done == 4
@@ -1643,8 +1644,8 @@ def test_train_returns_trained_params_of_the_same_shapes(trainer: Trainer) -> No
 
 def test_train_is_deterministic_for_the_same_request(trainer: Trainer) -> None:
     # Execute
-    a = serde.pb_to_params(_train(trainer.stub, _train_request(), 20).params)
-    b = serde.pb_to_params(_train(trainer.stub, _train_request(), 20).params)
+    a = tensors.pb_to_params(_train(trainer.stub, _train_request(), 20).params)
+    b = tensors.pb_to_params(_train(trainer.stub, _train_request(), 20).params)
 
     # Assert
     for k in a:
@@ -1658,7 +1659,7 @@ def test_negative_labels_are_invalid_argument(fresh_trainer: Trainer) -> None:
 
     # Execute
     with pytest.raises(grpc.RpcError) as info:
-        fresh_trainer.stub.LoadDataset(serde.dataset_chunks("neg", x, y, 1 << 20), timeout=10)
+        fresh_trainer.stub.LoadDataset(jobs.dataset_chunks("neg", x, y, 1 << 20), timeout=10)
         _train(fresh_trainer.stub, _train_request(dataset_id="neg"), 10)
 
     # Assert
@@ -1668,8 +1669,8 @@ def test_negative_labels_are_invalid_argument(fresh_trainer: Trainer) -> None:
 def test_float_labels_are_invalid_argument(fresh_trainer: Trainer) -> None:
     # Prepare
     x, y = _token_data()
-    chunk = pb.DatasetChunk(dataset_id="flt", total_rows=ROWS, features=serde.ndarray_to_pb(x),
-                            labels=serde.ndarray_to_pb(y.astype(np.float32)))
+    chunk = pb.DatasetChunk(dataset_id="flt", total_rows=ROWS, features=tensors.ndarray_to_pb(x),
+                            labels=tensors.ndarray_to_pb(y.astype(np.float32)))
 
     # Execute
     with pytest.raises(grpc.RpcError) as info:
@@ -1683,7 +1684,7 @@ def test_float_labels_are_invalid_argument(fresh_trainer: Trainer) -> None:
 def test_trainer_byte_counters_equal_wire_sizes(fresh_trainer: Trainer) -> None:
     # Prepare
     x, y = _token_data()
-    chunks = list(serde.dataset_chunks("ds", x, y, chunk_bytes=FEAT * 4 * 16))
+    chunks = list(jobs.dataset_chunks("ds", x, y, chunk_bytes=FEAT * 4 * 16))
     request = _train_request()
     assert len(chunks) > 1
 
@@ -1710,7 +1711,7 @@ def _with_moments(change: Callable[[AdamState], None]) -> pb.TrainRequest:
     state = _moments(params)
     change(state)
     request = _train_request(params)
-    request.moments.CopyFrom(serde.adam_to_pb(state))
+    request.moments.CopyFrom(jobs.adam_to_pb(state))
     return request
 
 
@@ -1749,7 +1750,7 @@ def test_train_rejects_a_negative_hidden_scale(trainer: Trainer) -> None:
 def test_moments_sent_come_back_advanced_by_the_steps_done(trainer: Trainer) -> None:
     reply = _train(trainer.stub, _with_moments(lambda s: None), 20)
 
-    back = serde.pb_to_adam(reply.moments, serde.pb_to_params(reply.params))
+    back = jobs.pb_to_adam(reply.moments, tensors.pb_to_params(reply.params))
     assert all(float(t) == reply.steps_done for t in back.step.values())
     assert all(bool((m != 0).any()) for m in back.exp_avg.values())
     plain = _train(trainer.stub, _train_request(), 20)

@@ -27,8 +27,8 @@ from sparsat.ground_station.server import GroundStation, build_server
 from sparsat.node.processes import rejoin as rejoin_module
 from sparsat.node.processes.rejoin import Rejoin
 from sparsat.node.wire import rpc
+from sparsat.node.wire.downlink import pb_to_ack
 from sparsat.node.wire.rpc import Refused, Registered, Unreachable, channel, register, wait_ready
-from sparsat.node.wire.serde import pb_to_ack
 from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 from sparsat.sim.cli import main

@@ -22,9 +22,9 @@ from sparsat.node.data.datasets import DatasetSpec
 from sparsat.node.data.masking import MaskSpec
 from sparsat.node.data.sharding import shard, train_subset
 from sparsat.node.processes.sensor import SensorServicer
-from sparsat.node.wire import serde
 from sparsat.node.wire.codec import CodecError
 from sparsat.node.wire.rpc import Refused, register_reply
+from sparsat.node.wire.setup import pb_to_setup, setup_to_pb
 from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 
 SATS = ["sat-0", "sat-1", "sat-2"]
@@ -59,7 +59,7 @@ def test_the_reply_names_each_satellites_images_as_the_owner_table_the_station_c
     one = station.Register(_request(["sat-2"]), Ctx())
 
     # Assert: each satellite's list is the owner table's, in increasing (sending) order...
-    setup = serde.pb_to_setup(reply.sensor)
+    setup = pb_to_setup(reply.sensor)
     assert list(setup.images) == SATS
     owner = station.rules.owner
     assert owner is not None
@@ -88,7 +88,7 @@ def test_cls_random_masks_the_setup_carries_copies_dim_and_dtype(tmp_path: Path)
     reply = station.Register(_request(["sat-1"]), Ctx())
 
     assert (reply.sensor.payload, reply.sensor.cls_dtype) == (pb.PAYLOAD_CLS, pb.INT8)
-    setup = serde.pb_to_setup(reply.sensor)
+    setup = pb_to_setup(reply.sensor)
     assert (setup.copies, setup.cls_dim, setup.cls_dtype) == (3, 192, "int8")
 
 
@@ -99,7 +99,7 @@ def test_the_reply_for_all_60000_images_is_small(tmp_path: Path) -> None:
 
     reply = station.Register(_request(sats), Ctx())
 
-    setup = serde.pb_to_setup(reply.sensor)
+    setup = pb_to_setup(reply.sensor)
     assert sorted(np.concatenate(list(setup.images.values())).tolist()) == list(range(N_TRAIN))
     # 60,000 one-byte deltas, a few bytes a satellite and the scalars (docs/protocol.md)
     assert N_TRAIN < reply.sensor.ByteSize() <= N_TRAIN + 100  # 60,082 B measured
@@ -124,7 +124,7 @@ def test_a_host_built_from_the_reply_sends_exactly_the_images_it_names(tmp_path:
     server.start()
     try:
         reply = register_reply(address, _request(SATS[:2]), timeout_s=30)
-        told = serde.pb_to_setup(reply.sensor).images
+        told = pb_to_setup(reply.sensor).images
         host = SensorServicer.from_reply("host", SATS[:2], reply, address)
         queues = {s: list(sat.pending) for s, sat in host.satellites.items()}
         # a reply that swaps the two lists: the host follows it, the station refuses
@@ -204,14 +204,14 @@ def _setup_pb(**fields: object) -> pb.SensorSetup:
 
 
 def test_setup_round_trip() -> None:
-    setup = serde.pb_to_setup(_setup_pb())
+    setup = pb_to_setup(_setup_pb())
     assert setup.images["a"].tolist() == [3, 4, 14]
-    again = serde.pb_to_setup(serde.setup_to_pb(setup))
+    again = pb_to_setup(setup_to_pb(setup))
     assert again.images["a"].tolist() == [3, 4, 14]
     assert (again.n_train, again.grid, again.tile_rows, again.tile_cols) == (
         100, 2, (0, 2, 4), (0, 3, 5))
     with pytest.raises(ValueError, match="strictly increase"):
-        serde.setup_to_pb(dataclasses.replace(setup, images={"a": np.array([4, 3])}))
+        setup_to_pb(dataclasses.replace(setup, images={"a": np.array([4, 3])}))
 
 
 @pytest.mark.parametrize(("fields", "match"), [
@@ -237,4 +237,4 @@ def test_setup_round_trip() -> None:
 def test_a_malformed_setup_is_refused_naming_what_is_wrong(fields: dict[str, object],
                                                            match: str) -> None:
     with pytest.raises(CodecError, match=match):
-        serde.pb_to_setup(_setup_pb(**fields))
+        pb_to_setup(_setup_pb(**fields))

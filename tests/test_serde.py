@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from sparsat.ground_station.coordinator import EpochResult, WorkerBytes
 from sparsat.ground_station.serde import epoch_to_pb, pb_to_epoch
 from sparsat.node.models.training import AdamState
-from sparsat.node.wire import serde
+from sparsat.node.wire import downlink, jobs, tensors
 from sparsat.node.wire.codec import (
     CodecError,
     PatchData,
@@ -28,8 +28,9 @@ from sparsat.node.wire.codec import (
     patch_record,
     quantize_token,
 )
+from sparsat.node.wire.downlink import AckData, BatchBuilder, ClsData, Payload
+from sparsat.node.wire.jobs import TrainJob
 from sparsat.node.wire.rpc import GRPC_FRAME_BYTES, wire_size
-from sparsat.node.wire.serde import AckData, BatchBuilder, ClsData, Payload, TrainJob
 from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 
 M = TypeVar("M")
@@ -71,8 +72,8 @@ def test_ndarray_round_trip_every_dtype(dtype: type, wire: int, shape: tuple[int
         arr = rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
 
     # Execute
-    msg = _wire(serde.ndarray_to_pb(arr))
-    back = serde.pb_to_ndarray(msg)
+    msg = _wire(tensors.ndarray_to_pb(arr))
+    back = tensors.pb_to_ndarray(msg)
 
     # Assert
     assert msg.dtype == wire
@@ -87,8 +88,8 @@ def test_ndarray_round_trip_big_endian_and_non_contiguous() -> None:
     strided = np.arange(24, dtype=np.int64).reshape(4, 6)[:, ::2]
 
     # Execute
-    back_big = serde.pb_to_ndarray(_wire(serde.ndarray_to_pb(big)))
-    back_strided = serde.pb_to_ndarray(_wire(serde.ndarray_to_pb(strided)))
+    back_big = tensors.pb_to_ndarray(_wire(tensors.ndarray_to_pb(big)))
+    back_strided = tensors.pb_to_ndarray(_wire(tensors.ndarray_to_pb(strided)))
 
     # Assert
     np.testing.assert_array_equal(back_big, big)
@@ -100,7 +101,7 @@ def test_ndarray_round_trip_zero_dimensional() -> None:
     arr = np.array(2.5, dtype=np.float32)
 
     # Execute
-    back = serde.pb_to_ndarray(_wire(serde.ndarray_to_pb(arr)))
+    back = tensors.pb_to_ndarray(_wire(tensors.ndarray_to_pb(arr)))
 
     # Assert
     assert back.shape == ()
@@ -112,7 +113,7 @@ def test_pb_to_ndarray_decodes_empty_shape_as_scalar() -> None:
     msg = pb.Tensor(shape=[], dtype=pb.INT64, data=np.array([-3], dtype="<i8").tobytes())
 
     # Execute
-    back = serde.pb_to_ndarray(_wire(msg))
+    back = tensors.pb_to_ndarray(_wire(msg))
 
     # Assert
     assert back.shape == () and int(back) == -3
@@ -120,7 +121,7 @@ def test_pb_to_ndarray_decodes_empty_shape_as_scalar() -> None:
 
 def test_ndarray_scale_survives_the_wire() -> None:
     # Execute
-    msg = _wire(serde.ndarray_to_pb(np.zeros(3, dtype=np.int8), scale=0.25))
+    msg = _wire(tensors.ndarray_to_pb(np.zeros(3, dtype=np.int8), scale=0.25))
 
     # Assert
     assert msg.scale == 0.25
@@ -129,18 +130,18 @@ def test_ndarray_scale_survives_the_wire() -> None:
 @pytest.mark.parametrize("dtype", [np.float64, np.int32, np.bool_, np.complex64])
 def test_ndarray_without_wire_dtype_raises(dtype: type) -> None:
     with pytest.raises(TypeError, match="wire dtype"):
-        serde.ndarray_to_pb(np.zeros(3, dtype=dtype))
+        tensors.ndarray_to_pb(np.zeros(3, dtype=dtype))
 
 
 @pytest.mark.parametrize("delta", [-1, 1, -12])
 def test_pb_to_ndarray_rejects_data_length_mismatch(delta: int) -> None:
     # Prepare
-    msg = serde.ndarray_to_pb(np.zeros((3, 4), dtype=np.float32))
+    msg = tensors.ndarray_to_pb(np.zeros((3, 4), dtype=np.float32))
     msg.data = msg.data[:delta] if delta < 0 else msg.data + b"\0" * delta
 
     # Execute / Assert
     with pytest.raises(CodecError, match="bytes"):
-        serde.pb_to_ndarray(_wire(msg))
+        tensors.pb_to_ndarray(_wire(msg))
 
 
 def test_pb_to_ndarray_rejects_negative_dimension() -> None:
@@ -149,7 +150,7 @@ def test_pb_to_ndarray_rejects_negative_dimension() -> None:
 
     # Execute / Assert
     with pytest.raises(CodecError, match="negative"):
-        serde.pb_to_ndarray(_wire(msg))
+        tensors.pb_to_ndarray(_wire(msg))
 
 
 @pytest.mark.parametrize("dtype", [pb.DTYPE_UNSPECIFIED, 99])
@@ -159,7 +160,7 @@ def test_pb_to_ndarray_rejects_unknown_dtype(dtype: int) -> None:
 
     # Execute / Assert
     with pytest.raises(CodecError, match="dtype"):
-        serde.pb_to_ndarray(_wire(msg))
+        tensors.pb_to_ndarray(_wire(msg))
 
 
 @pytest.mark.parametrize("shape", [[2**32, 2**32], [2**62, 4]])
@@ -169,7 +170,7 @@ def test_pb_to_ndarray_rejects_overflowing_shape_with_codec_error(shape: list[in
 
     # Execute / Assert
     with pytest.raises(CodecError):
-        serde.pb_to_ndarray(_wire(msg))
+        tensors.pb_to_ndarray(_wire(msg))
 
 
 # ---- parameters -----------------------------------------------------------------------------
@@ -180,8 +181,8 @@ def test_params_round_trip() -> None:
     params = _params()
 
     # Execute
-    named = [_wire(nt) for nt in serde.params_to_pb(params)]
-    back = serde.pb_to_params(named)
+    named = [_wire(nt) for nt in tensors.params_to_pb(params)]
+    back = tensors.pb_to_params(named)
 
     # Assert
     assert list(back) == list(params)
@@ -192,14 +193,14 @@ def test_params_round_trip() -> None:
 
 def test_params_decoded_are_writable_and_independent_of_the_message() -> None:
     # Prepare
-    named = [_wire(nt) for nt in serde.params_to_pb(_params())]
+    named = [_wire(nt) for nt in tensors.params_to_pb(_params())]
 
     # Execute
-    back = serde.pb_to_params(named)
+    back = tensors.pb_to_params(named)
     back["w1"].add_(1.0)  # would fail on a read-only buffer
 
     # Assert
-    assert not torch.equal(back["w1"], serde.pb_to_params(named)["w1"])
+    assert not torch.equal(back["w1"], tensors.pb_to_params(named)["w1"])
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -210,16 +211,16 @@ def test_pb_to_params_rejects_non_finite(bad: float) -> None:
 
     # Execute / Assert
     with pytest.raises(CodecError, match="w2"):
-        serde.pb_to_params([_wire(nt) for nt in serde.params_to_pb(params)])
+        tensors.pb_to_params([_wire(nt) for nt in tensors.params_to_pb(params)])
 
 
 def test_pb_to_params_rejects_non_float32() -> None:
     # Prepare
-    named = [pb.NamedTensor(name="w1", tensor=serde.ndarray_to_pb(np.zeros(3, np.float16)))]
+    named = [pb.NamedTensor(name="w1", tensor=tensors.ndarray_to_pb(np.zeros(3, np.float16)))]
 
     # Execute / Assert
     with pytest.raises(CodecError, match="FLOAT32"):
-        serde.pb_to_params(named)
+        tensors.pb_to_params(named)
 
 
 # ---- visible-token codes --------------------------------------------------------------------
@@ -404,8 +405,8 @@ def _patch_data(grid: int = 7, shape: tuple[int, int, int] = (28, 28, 1),
     return encode_patches(image, grid, vis.astype(np.uint16))
 
 
-def _wire_batch(b: BatchBuilder, max_id: int = 1 << 40) -> serde.BatchData:
-    return serde.pb_to_batch(_wire(b.to_pb()), max_id)
+def _wire_batch(b: BatchBuilder, max_id: int = 1 << 40) -> downlink.BatchData:
+    return downlink.pb_to_batch(_wire(b.to_pb()), max_id)
 
 
 @pytest.mark.parametrize(("grid", "shape"), [(7, (28, 28, 1)), (5, (32, 20, 3)), (14, (28, 28, 1))])
@@ -416,7 +417,7 @@ def test_patch_payload_round_trip_through_a_batch(grid: int, shape: tuple[int, i
     visible = None if mask == "scattered" else np.arange(grid * grid)
     data = _patch_data(grid, shape, visible)
     builder = BatchBuilder("sat-0")
-    builder.add(serde.patch_payload(3, 7, data, with_shape=True))
+    builder.add(downlink.patch_payload(3, 7, data, with_shape=True))
 
     # Execute
     batch = _wire_batch(builder)
@@ -457,8 +458,8 @@ def test_patch_payload_without_shape_and_cls_payload() -> None:
     token = ClsData(b"\x01\x02", "int8", 2, 0.5)
 
     # Execute
-    p = serde.patch_payload(12, 4, data, with_shape=False)
-    c = serde.cls_payload(13, 5, token)
+    p = downlink.patch_payload(12, 4, data, with_shape=False)
+    c = downlink.cls_payload(13, 5, token)
 
     # Assert
     assert (p.id, p.label, p.runs, p.scale, p.shape) == (12, 4, False, 0.0, None)
@@ -494,7 +495,7 @@ def test_cls_payload_round_trip_through_a_batch(dtype: str) -> None:
     builder = BatchBuilder("sat-1", cls=True, int8=dtype == "int8")
     quantized = [quantize_token(t, dtype) for t in tokens]
     for k, (data, scale) in enumerate(quantized):
-        builder.add(serde.cls_payload(10 + 5 * k, k, ClsData(data, dtype, 192, scale)))
+        builder.add(downlink.cls_payload(10 + 5 * k, k, ClsData(data, dtype, 192, scale)))
 
     # Execute
     batch = _wire_batch(builder)
@@ -592,7 +593,7 @@ def test_batch_to_pb_packs_deltas_labels_and_rle_flags() -> None:
 
     # Execute
     msg = _wire(builder.to_pb())
-    batch = serde.pb_to_batch(msg, 180_000)
+    batch = downlink.pb_to_batch(msg, 180_000)
 
     # Assert
     assert msg.satellite_id == "sat-2"
@@ -641,7 +642,7 @@ def test_pb_to_batch_marks_ids_past_max_and_repeats() -> None:
                            patches=[b"a", b"b", b"c", b"d", b"e"], rle=b"\x05\x00\x00")
 
     # Execute
-    batch = serde.pb_to_batch(_wire(msg), max_id=50)
+    batch = downlink.pb_to_batch(_wire(msg), max_id=50)
 
     # Assert
     assert batch.ids.tolist() == [3, 3, 10, -1, -1]
@@ -656,7 +657,7 @@ def test_pb_to_batch_huge_delta_does_not_wrap() -> None:
     msg = pb.DownlinkBatch(ids=[5, 2**64 - 1, 2], labels=[0, 0, 0])
 
     # Execute
-    batch = serde.pb_to_batch(msg, max_id=60_000)
+    batch = downlink.pb_to_batch(msg, max_id=60_000)
 
     # Assert
     assert batch.ids.tolist() == [5, -1, -1]
@@ -664,7 +665,7 @@ def test_pb_to_batch_huge_delta_does_not_wrap() -> None:
 
 def test_pb_to_batch_short_rle_means_bitmaps() -> None:
     # Execute
-    batch = serde.pb_to_batch(pb.DownlinkBatch(ids=[1] * 10, patches=[b"x"] * 10,
+    batch = downlink.pb_to_batch(pb.DownlinkBatch(ids=[1] * 10, patches=[b"x"] * 10,
                                                rle=b"\x80"), 100)
 
     # Assert
@@ -683,13 +684,13 @@ def test_pack_fills_batches_within_batch_bytes_and_budget() -> None:
         return BatchBuilder("sat-0" if first else "")
 
     # Execute
-    batches = serde.pack(iter(payloads), new_batch, budget=6000, batch_bytes=1500)
+    batches = downlink.pack(iter(payloads), new_batch, budget=6000, batch_bytes=1500)
 
     # Assert
     assert made[0] and not any(made[1:])
     sent = [p for b in batches for p in b.items]
     assert sent == payloads[: len(sent)] and len(sent) < len(payloads)
-    room = serde.max_ack_bytes
+    room = downlink.max_ack_bytes
     total = sum(b.wire_size() + room(len(b.items)) for b in batches)
     assert total <= 6000
     assert all(b.wire_size() + room(len(b.items)) <= 1500 for b in batches)
@@ -707,7 +708,7 @@ def test_pack_sends_a_payload_too_big_for_a_batch_alone() -> None:
     payloads = [Payload(1, 0, b"a" * 100), Payload(2, 0, b"b" * 5000), Payload(3, 0, b"c" * 100)]
 
     # Execute
-    batches = serde.pack(iter(payloads), lambda first: BatchBuilder("s"), 1 << 20, 1000)
+    batches = downlink.pack(iter(payloads), lambda first: BatchBuilder("s"), 1 << 20, 1000)
 
     # Assert
     assert [[p.id for p in b.items] for b in batches] == [[1], [2], [3]]
@@ -734,7 +735,7 @@ def test_ack_round_trip_random() -> None:
             ack = _random_ack(rng, n)
 
             # Execute
-            back = serde.pb_to_ack(_wire(serde.ack_to_pb(ack)), n)
+            back = downlink.pb_to_ack(_wire(downlink.ack_to_pb(ack)), n)
 
             # Assert
             assert back == ack
@@ -752,13 +753,13 @@ def test_ack_round_trip_random() -> None:
 )
 def test_ack_duplicate_runs_exact(ack: AckData, n: int, runs: list[int]) -> None:
     # Execute
-    msg = serde.ack_to_pb(ack)
+    msg = downlink.ack_to_pb(ack)
 
     # Assert
     assert list(msg.duplicate_runs) == runs
     assert msg.stored == ack.stored
     assert [(r.position, r.code, r.cause, r.reason) for r in msg.rejected] == ack.rejected
-    assert serde.pb_to_ack(_wire(msg), n) == ack
+    assert downlink.pb_to_ack(_wire(msg), n) == ack
 
 
 @pytest.mark.parametrize(
@@ -787,33 +788,33 @@ def test_ack_duplicate_runs_exact(ack: AckData, n: int, runs: list[int]) -> None
 )
 def test_pb_to_ack_refuses_acks_that_do_not_cover_the_batch(msg: pb.BatchAck, n: int) -> None:
     with pytest.raises(CodecError, match="ack"):
-        serde.pb_to_ack(_wire(msg), n)
+        downlink.pb_to_ack(_wire(msg), n)
 
 
 def test_cap_reason_cuts_on_a_character_boundary() -> None:
-    assert serde.cap_reason("x" * 100) == "x" * serde.MAX_REASON_BYTES
-    capped = serde.cap_reason("a" + "\u00e9" * 40)  # 1 + 2 x 23 = 47: the 24th would be 49
+    assert downlink.cap_reason("x" * 100) == "x" * downlink.MAX_REASON_BYTES
+    capped = downlink.cap_reason("a" + "\u00e9" * 40)  # 1 + 2 x 23 = 47: the 24th would be 49
     assert capped == "a" + "\u00e9" * 23 and len(capped.encode()) == 47
-    assert serde.cap_reason("short") == "short"
-    assert serde.ack_to_pb(AckData(0, [], [(0, 3, 8, "y" * 300)])).rejected[0].reason == "y" * 48
+    assert downlink.cap_reason("short") == "short"
+    assert downlink.ack_to_pb(AckData(0, [], [(0, 3, 8, "y" * 300)])).rejected[0].reason == "y" * 48
 
 
 def test_reject_cause_mirrors_the_proto_enum() -> None:
-    assert {c.name: c.value for c in serde.RejectCause} == dict(pb.RejectCause.items())
-    assert max(serde.RejectCause) < 128  # one varint byte: max_ack_bytes counts on it
+    assert {c.name: c.value for c in downlink.RejectCause} == dict(pb.RejectCause.items())
+    assert max(downlink.RejectCause) < 128  # one varint byte: max_ack_bytes counts on it
 
 
 def _worst_acks(n: int, rng: np.random.Generator) -> list[pb.BatchAck]:
     """Acks of an n-sample batch built to be big: all refused with the longest reasons and
     codes, alternating duplicates, and random mixes of the three answers."""
-    long_reason = "\u00e9" * (serde.MAX_REASON_BYTES // 2)
+    long_reason = "\u00e9" * (downlink.MAX_REASON_BYTES // 2)
     every = list(range(n))
-    acks = [serde.ack_to_pb(AckData(0, [], [(p, 16, 127, long_reason) for p in every])),
-            serde.ack_to_pb(AckData(n - n // 2, every[1::2], [])),
-            serde.ack_to_pb(AckData(n // 2, every[0::2], []))]
+    acks = [downlink.ack_to_pb(AckData(0, [], [(p, 16, 127, long_reason) for p in every])),
+            downlink.ack_to_pb(AckData(n - n // 2, every[1::2], [])),
+            downlink.ack_to_pb(AckData(n // 2, every[0::2], []))]
     for _ in range(3):
         kind = rng.integers(0, 3, size=n)
-        acks.append(serde.ack_to_pb(AckData(
+        acks.append(downlink.ack_to_pb(AckData(
             int((kind == 0).sum()), np.flatnonzero(kind == 1).tolist(),
             [(p, int(rng.integers(1, 17)), int(rng.integers(0, 128)), "r" * 48)
              for p in np.flatnonzero(kind == 2).tolist()])))
@@ -826,11 +827,11 @@ def test_max_ack_bytes_bounds_the_worst_acks(n: int) -> None:
     acks = _worst_acks(n, np.random.default_rng(n))
 
     # Execute
-    bound = serde.max_ack_bytes(n)
+    bound = downlink.max_ack_bytes(n)
 
     # Assert: every ack is one the sender accepts, and the bound holds for it
     for ack in acks:
-        serde.pb_to_ack(_wire(ack), n)
+        downlink.pb_to_ack(_wire(ack), n)
         assert ack.ByteSize() + GRPC_FRAME_BYTES <= bound
     # and it is tight: all refused with full reasons comes within n + 10 bytes (of ~59n)
     assert bound - wire_size(acks[0]) <= n + 10
@@ -839,7 +840,7 @@ def test_max_ack_bytes_bounds_the_worst_acks(n: int) -> None:
 
 
 def test_max_ack_bytes_is_the_frame_for_an_empty_batch() -> None:
-    assert serde.max_ack_bytes(0) == wire_size(pb.BatchAck()) == GRPC_FRAME_BYTES
+    assert downlink.max_ack_bytes(0) == wire_size(pb.BatchAck()) == GRPC_FRAME_BYTES
 
 
 @settings(max_examples=100, deadline=None)
@@ -861,7 +862,7 @@ def test_max_ack_bytes_bounds_any_ack_the_sender_accepts(data: st.DataObject) ->
     runs.append(length)
     if not dup and data.draw(st.booleans()):
         runs.pop()  # a trailing not-duplicate run may be left off
-    reason = st.text(max_size=48).map(serde.cap_reason)
+    reason = st.text(max_size=48).map(downlink.cap_reason)
     where = [p for p, a in enumerate(answer) if a == 2]
     k = len(where)
     codes = data.draw(st.lists(st.integers(1, 16), min_size=k, max_size=k))
@@ -873,11 +874,11 @@ def test_max_ack_bytes_bounds_any_ack_the_sender_accepts(data: st.DataObject) ->
     ack = pb.BatchAck(stored=answer.count(0), duplicate_runs=runs, rejected=refused)
 
     # Execute
-    back = serde.pb_to_ack(_wire(ack), n)
+    back = downlink.pb_to_ack(_wire(ack), n)
 
     # Assert
     assert len(back.duplicates) == answer.count(1)
-    assert ack.ByteSize() + GRPC_FRAME_BYTES <= serde.max_ack_bytes(n)
+    assert ack.ByteSize() + GRPC_FRAME_BYTES <= downlink.max_ack_bytes(n)
 
 
 # ---- dataset chunks -------------------------------------------------------------------------
@@ -891,9 +892,9 @@ def test_dataset_chunks_reassemble_exactly(n_rows: int) -> None:
     labels = rng.integers(0, 10, size=n_rows)
 
     # Execute
-    chunks = [_wire(c) for c in serde.dataset_chunks("ds-1", features, labels, chunk_bytes=160)]
-    xs = [serde.pb_to_ndarray(c.features) for c in chunks]
-    ys = [serde.pb_to_ndarray(c.labels) for c in chunks]
+    chunks = [_wire(c) for c in jobs.dataset_chunks("ds-1", features, labels, chunk_bytes=160)]
+    xs = [tensors.pb_to_ndarray(c.features) for c in chunks]
+    ys = [tensors.pb_to_ndarray(c.labels) for c in chunks]
 
     # Assert
     assert len(chunks) == -(-n_rows // 4)
@@ -908,7 +909,7 @@ def test_dataset_chunks_with_chunk_smaller_than_a_row_send_one_row_each() -> Non
     features = np.ones((3, 100), dtype=np.float32)
 
     # Execute
-    chunks = list(serde.dataset_chunks("d", features, np.arange(3), chunk_bytes=1))
+    chunks = list(jobs.dataset_chunks("d", features, np.arange(3), chunk_bytes=1))
 
     # Assert
     assert [c.features.shape[0] for c in chunks] == [1, 1, 1]
@@ -923,7 +924,7 @@ def test_train_job_round_trip() -> None:
                    lr=1e-3, seed=2**40 + 7, params=_params(1))
 
     # Execute
-    back = serde.pb_to_train_job(_wire(serde.train_job_to_pb(job)))
+    back = jobs.pb_to_train_job(_wire(jobs.train_job_to_pb(job)))
 
     # Assert
     assert (back.dataset_id, back.round, back.worker, back.steps, back.batch_size, back.lr,
@@ -939,11 +940,11 @@ def test_a_train_request_split_into_parts_merges_back_whole(part_bytes: int) -> 
     params = _params(2)
     job = TrainJob("d", 3, 1, 2, 64, 1e-3, 99, params,
                    AdamState.zeros(params, full_steps=True), 2.0, offset=640, rows=100)
-    request = serde.train_job_to_pb(job)
+    request = jobs.train_job_to_pb(job)
 
     # Execute
-    parts = serde.split_request(request, part_bytes)
-    merged, size = serde.merge_request(iter(parts))
+    parts = jobs.split_request(request, part_bytes)
+    merged, size = jobs.merge_request(iter(parts))
 
     # Assert
     assert merged == request
@@ -991,8 +992,8 @@ def test_epoch_round_trip_keeps_float32_precision() -> None:
 
 def _a_batch() -> pb.DownlinkBatch:
     builder = BatchBuilder("sat-0")
-    builder.add(serde.patch_payload(3, 7, _patch_data(), with_shape=False))
-    builder.add(serde.patch_payload(9, 2, _patch_data(visible=np.arange(49)), with_shape=False))
+    builder.add(downlink.patch_payload(3, 7, _patch_data(), with_shape=False))
+    builder.add(downlink.patch_payload(9, 2, _patch_data(visible=np.arange(49)), with_shape=False))
     return builder.to_pb()
 
 
@@ -1004,7 +1005,7 @@ def _a_batch() -> pb.DownlinkBatch:
                     rejected=[pb.Rejected(position=0, code=3, reason="a" * 300)]),
         pb.DownlinkBatch(),
         _a_batch(),
-        serde.train_job_to_pb(TrainJob("d", 1, 0, 5, 64, 1e-3, 0, _params())),
+        jobs.train_job_to_pb(TrainJob("d", 1, 0, 5, 64, 1e-3, 0, _params())),
         pb.HealthRequest(),
     ],
 )

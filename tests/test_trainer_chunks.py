@@ -16,7 +16,7 @@ from sparsat.ground_station.coordinator import CallFailed, TrainerClient
 from sparsat.node.models.mlp import MLP
 from sparsat.node.models.training import AdamState, steps_for
 from sparsat.node.processes.trainer import TrainerServicer
-from sparsat.node.wire import serde
+from sparsat.node.wire import jobs, tensors
 from sparsat.node.wire.codec import CodecError
 from sparsat.node.wire.rpc import (
     CHUNK_BYTES,
@@ -44,7 +44,7 @@ def trainer() -> Iterator[tuple[TrainerServicer, str]]:
     server.stop(None)
 
 
-def _big_job() -> serde.TrainJob:
+def _big_job() -> jobs.TrainJob:
     """A 768-2000-2000-10 MLP with travelling moments and per-element step counts (IST's
     coordinator keeps them: some W2 blocks skip rounds): about 89 MB each way."""
     torch.manual_seed(0)
@@ -52,7 +52,7 @@ def _big_job() -> serde.TrainJob:
     state = AdamState.zeros(params, full_steps=True)
     for step in state.step.values():
         step.view(-1)[0] = 1  # not uniform: the reply keeps them per element
-    return serde.TrainJob("big", 0, 0, steps_for(ROWS, BATCH), BATCH, 1e-3, 7, params,
+    return jobs.TrainJob("big", 0, 0, steps_for(ROWS, BATCH), BATCH, 1e-3, 7, params,
                           state, 1.0, offset=0, rows=ROWS)
 
 
@@ -70,13 +70,13 @@ def test_a_768_2000_2000_mlp_with_moments_trains_in_parts_each_way(
     client = TrainerClient("trainer-big", address)
     _load(client)
     job = _big_job()
-    request = serde.train_job_to_pb(job)
+    request = jobs.train_job_to_pb(job)
     assert request.ByteSize() > MAX_MESSAGE_BYTES  # one message would be refused
     before = (servicer.bytes.received, servicer.bytes.sent)
 
     # Execute: the coordinator's client, then the same call by hand to see each message
     params, moments, loss, size = client.train(job, timeout_s=120)
-    parts = serde.split_request(request, CHUNK_BYTES)
+    parts = jobs.split_request(request, CHUNK_BYTES)
     replies = list(pb_grpc.TrainerStub(client.channel).Train(iter(parts), timeout=120))
     client.close()
 
@@ -87,10 +87,10 @@ def test_a_768_2000_2000_mlp_with_moments_trains_in_parts_each_way(
         assert params[name].shape == p.shape and moments.exp_avg[name].shape == p.shape
     assert not torch.equal(params["w2"], job.params["w2"])
     assert max(wire_size(m) for m in parts + replies) < BOUND
-    reply, reply_bytes = serde.merge_reply(iter(replies))
+    reply, reply_bytes = jobs.merge_reply(iter(replies))
     assert reply.ByteSize() > MAX_MESSAGE_BYTES and len(replies) > 64
     # the same job twice: the same result, whatever way it was read
-    again = serde.pb_to_params(reply.params)
+    again = tensors.pb_to_params(reply.params)
     assert all(torch.equal(again[n], params[n]) for n in params)
     # bytes: each side counted every part of both calls, and they agree
     received = servicer.bytes.received - before[0]
@@ -107,9 +107,9 @@ class Breaker(pb_grpc.TrainerServicer):
         self.sent: list[int] = []
 
     def Train(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        request, _ = serde.merge_request(request_iterator)
+        request, _ = jobs.merge_request(request_iterator)
         reply = pb.TrainReply(params=request.params, steps_done=request.steps)
-        for part in serde.split_reply(reply, CHUNK_BYTES)[:3]:
+        for part in jobs.split_reply(reply, CHUNK_BYTES)[:3]:
             yield part
             self.sent.append(wire_size(part))
         time.sleep(0.2)  # the parts reach the client before the status
@@ -124,7 +124,7 @@ def test_a_reply_that_breaks_half_way_is_charged_the_parts_that_came_in() -> Non
     address = bind(server, "127.0.0.1:0")
     server.start()
     params = MLP(64, 2000, 500, 10).params()  # w2: 4 MB, in pieces
-    job = serde.TrainJob("d", 0, 0, 1, 8, 1e-3, 0, params, rows=8)
+    job = jobs.TrainJob("d", 0, 0, 1, 8, 1e-3, 0, params, rows=8)
     client = TrainerClient("breaker", address)
 
     # Execute
@@ -140,23 +140,23 @@ def test_a_reply_that_breaks_half_way_is_charged_the_parts_that_came_in() -> Non
     assert len(breaker.sent) == 3
     assert failed.value.bytes.received == sum(breaker.sent)
     assert failed.value.bytes.sent == sum(
-        wire_size(p) for p in serde.split_request(serde.train_job_to_pb(job), CHUNK_BYTES))
+        wire_size(p) for p in jobs.split_request(jobs.train_job_to_pb(job), CHUNK_BYTES))
 
 
 def test_a_tensor_cut_in_pieces_joins_back_and_a_missing_piece_is_refused(
         trainer: tuple[TrainerServicer, str]) -> None:
     # Prepare
     params = {"w": torch.arange(100_000, dtype=torch.float32)}  # 400 KB
-    reply = pb.TrainReply(params=serde.params_to_pb(params), steps_done=3)
-    parts = serde.split_reply(reply, 100_000)
+    reply = pb.TrainReply(params=tensors.params_to_pb(params), steps_done=3)
+    parts = jobs.split_reply(reply, 100_000)
 
     # Execute
-    merged, size = serde.merge_reply(iter(parts))
+    merged, size = jobs.merge_reply(iter(parts))
     with pytest.raises(CodecError, match="last piece is missing"):
-        serde.merge_reply(iter(parts[:-1]))
+        jobs.merge_reply(iter(parts[:-1]))
     _, address = trainer
-    request = serde.train_job_to_pb(_big_job())
-    cut = serde.split_request(request, CHUNK_BYTES)
+    request = jobs.train_job_to_pb(_big_job())
+    cut = jobs.split_request(request, CHUNK_BYTES)
     cut[-1] = pb.TrainRequest(params=[pb.NamedTensor(name="b3", more=True)])  # never ends
     with channel(address) as ch, pytest.raises(grpc.RpcError) as refused:
         list(pb_grpc.TrainerStub(ch).Train(iter(cut), timeout=60))

@@ -33,7 +33,7 @@ from sparsat.node.processes.trainer import (
     device_label,
     register_trainer,
 )
-from sparsat.node.wire import serde
+from sparsat.node.wire.jobs import TrainJob
 from sparsat.node.wire.rpc import bind, make_server
 from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
@@ -50,7 +50,7 @@ def keep_threads() -> Iterator[None]:
 
 
 @contextmanager
-def _trainer(workers: int = 8) -> Iterator[tuple[TrainerServicer, TrainerClient, serde.TrainJob]]:
+def _trainer(workers: int = 8) -> Iterator[tuple[TrainerServicer, TrainerClient, TrainJob]]:
     """A fresh trainer behind a real gRPC server on 127.0.0.1 (its calls on `workers`
     threads), its dataset loaded, its client, and the job these tests train."""
     servicer = TrainerServicer("trainer-t", torch.device("cpu"))
@@ -63,7 +63,7 @@ def _trainer(workers: int = 8) -> Iterator[tuple[TrainerServicer, TrainerClient,
         client.load_dataset("d", rng.standard_normal((ROWS, 384)).astype(np.float32),
                             rng.integers(0, 10, ROWS).astype(np.int64), timeout_s=30)
         torch.manual_seed(0)
-        yield servicer, client, serde.TrainJob("d", 0, 0, steps_for(ROWS, BATCH), BATCH, 1e-3,
+        yield servicer, client, TrainJob("d", 0, 0, steps_for(ROWS, BATCH), BATCH, 1e-3,
                                                3, MLP(384, 256, 128, 10).params(), rows=ROWS)
     finally:
         client.close()

@@ -17,7 +17,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from sparsat.node.data.config import SensorSetup  # noqa: E402
-from sparsat.node.wire import serde  # noqa: E402
+from sparsat.node.wire import downlink, setup  # noqa: E402
 from sparsat.node.wire.codec import encode_patches, quantize_token, tile_edges  # noqa: E402
 from sparsat.node.wire.rpc import GRPC_FRAME_BYTES  # noqa: E402
 from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb  # noqa: E402
@@ -28,7 +28,7 @@ IMAGE = np.arange(H * W, dtype=np.uint8).reshape(H, W, 1)  # pixel (r, c) = 7 r 
 
 def setup_message() -> pb.SensorSetup:
     """The setup of a host of sat-0, which holds images 3, 30 and 64."""
-    return serde.setup_to_pb(SensorSetup(
+    return setup.setup_to_pb(SensorSetup(
         n_train=N, grid=GRID, copies=2, payload="patches", cls_dim=0, cls_dtype=None,
         tile_rows=tuple(tile_edges(H, GRID).tolist()),
         tile_cols=tuple(tile_edges(W, GRID).tolist()),
@@ -40,10 +40,10 @@ def patch_batch() -> pb.DownlinkBatch:
     id 103 in earlier passes): id 130 (copy 1 of image 30, label 3) with tokens 0, 6 and 24
     visible, and id 164 (copy 1 of image 64, label 9) with tokens 0-9 visible. One made-up
     image stands in for both, so the pixels are easy to follow."""
-    batch = serde.BatchBuilder("sat-0")
-    batch.add(serde.patch_payload(130, 3, encode_patches(IMAGE, GRID, np.array([0, 6, 24])),
+    batch = downlink.BatchBuilder("sat-0")
+    batch.add(downlink.patch_payload(130, 3, encode_patches(IMAGE, GRID, np.array([0, 6, 24])),
                                   with_shape=False))
-    batch.add(serde.patch_payload(164, 9, encode_patches(IMAGE, GRID, np.arange(10)),
+    batch.add(downlink.patch_payload(164, 9, encode_patches(IMAGE, GRID, np.arange(10)),
                                   with_shape=False))
     assert batch.wire_size() == batch.to_pb().ByteSize() + GRPC_FRAME_BYTES
     return batch.to_pb()
@@ -53,18 +53,18 @@ def cls_batch() -> pb.DownlinkBatch:
     """A CLS int8 batch (a 4-value token, for the example), not the stream's first batch."""
     token = np.array([0.5, -1.0, 0.25, 0.0], dtype=np.float32)
     data, scale = quantize_token(token, "int8")
-    batch = serde.BatchBuilder("", cls=True, int8=True)
-    batch.add(serde.cls_payload(64, 1, serde.ClsData(data, "int8", 4, scale)))
+    batch = downlink.BatchBuilder("", cls=True, int8=True)
+    batch.add(downlink.cls_payload(64, 1, downlink.ClsData(data, "int8", 4, scale)))
     return batch.to_pb()
 
 
 def acks() -> dict[str, pb.BatchAck]:
     return {
-        "both stored": serde.ack_to_pb(serde.AckData(2, [], [])),
-        "position 1 a duplicate": serde.ack_to_pb(serde.AckData(1, [1], [])),
-        "positions 1, 3, 4 of 5 duplicates": serde.ack_to_pb(serde.AckData(2, [1, 3, 4], [])),
-        "position 0 refused": serde.ack_to_pb(serde.AckData(1, [], [
-            (0, 7, serde.RejectCause.NOT_YOURS, "image not held by sat-0")])),
+        "both stored": downlink.ack_to_pb(downlink.AckData(2, [], [])),
+        "position 1 a duplicate": downlink.ack_to_pb(downlink.AckData(1, [1], [])),
+        "positions 1, 3, 4 of 5 duplicates": downlink.ack_to_pb(downlink.AckData(2, [1, 3, 4], [])),
+        "position 0 refused": downlink.ack_to_pb(downlink.AckData(1, [], [
+            (0, 7, downlink.RejectCause.NOT_YOURS, "image not held by sat-0")])),
     }
 
 

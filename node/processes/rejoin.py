@@ -19,8 +19,8 @@ from collections.abc import Callable
 import grpc
 
 from sparsat.node.wire import security
+from sparsat.node.wire.control import health_request
 from sparsat.node.wire.rpc import Refused, Registered, Unreachable, channel
-from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
 CHECK_EVERY_S = 2.0
@@ -56,7 +56,7 @@ class Rejoin(threading.Thread):
         try:
             while not self._stop.wait(self.every_s):
                 try:
-                    reply = health.Check(pb.HealthRequest(),
+                    reply = health.Check(health_request(),
                                          timeout=min(CHECK_DEADLINE_S, self.every_s))
                 except grpc.RpcError as e:
                     if not lost:

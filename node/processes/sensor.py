@@ -12,7 +12,8 @@ A sample stays queued until its batch is acked, so a failed or cut transfer is r
 the same payload (same id, same mask) and the ground station's dedupe keeps the store exact; a
 sample the ground station rejects is dropped from the queue and reported with its reason.
 On the wire a sample is a compact id (copy * N + index into the N-image training split), its
-label and its payload (sparsat.node.wire.serde.Payload); the satellite is named once per stream.
+label and its payload (sparsat.node.wire.downlink.Payload); the satellite is named once per
+stream.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -33,7 +35,7 @@ from sparsat.node.data.masking import capture, copy_id
 from sparsat.node.data.sharding import sample_id
 from sparsat.node.models import encoders
 from sparsat.node.processes.rejoin import Rejoin
-from sparsat.node.wire import serde
+from sparsat.node.wire import control, downlink
 from sparsat.node.wire.codec import (
     CodecError,
     encode_patches,
@@ -56,8 +58,11 @@ from sparsat.node.wire.rpc import (
     wire_size,
 )
 from sparsat.node.wire.security import GROUND_STATION
-from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.node.wire.setup import pb_to_setup
 from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 
 log = logging.getLogger("sparsat.sensor")
 
@@ -67,7 +72,7 @@ BATCH_BYTES = 64 * 1024  # default largest batch, its worst-case ack's room incl
 MAX_REJECTIONS = 16  # reasons reported per Transmit
 MAX_CONTROL_BYTES = 64 << 10  # a Transmit or Health request message, at most
 # the largest ack of the largest batch: a bigger message is not parsed
-MAX_ACK_WIRE_BYTES = serde.max_ack_bytes(serde.MAX_BATCH_SAMPLES)
+MAX_ACK_WIRE_BYTES = downlink.max_ack_bytes(downlink.MAX_BATCH_SAMPLES)
 SEND_METHOD = "/sparsat.v1.Downlink/Send"
 
 
@@ -79,7 +84,7 @@ class Satellite:
         self.sat_id = sat_id
         self.pending: deque[Key] = deque(
             (int(i), c if copies > 1 else None) for c in range(copies) for i in indices)
-        self.built: dict[Key, serde.Payload] = {}  # payloads built and not yet acked
+        self.built: dict[Key, downlink.Payload] = {}  # payloads built and not yet acked
         self.skipped = 0  # scenes with no usable token, not yet reported
         self.unusable: list[str] = []  # why images could not be encoded, not yet reported
         self.encode_flops = 0  # on-board encoding not yet reported
@@ -90,7 +95,7 @@ class Satellite:
 class Grant:
     """A Transmit's byte grant as its stream goes. A batch goes out only when the bytes
     spent so far (batches, and the acks that came back, at their real size), the worst case
-    (serde.max_ack_bytes) of every ack still owed, the batch and its own worst-case ack fit
+    (downlink.max_ack_bytes) of every ack still owed, the batch and its own worst-case ack fit
     the grant; so whatever the acks say, batches + acks never pass it. Batches stream without
     waiting for acks while the grant is far from spent; near its end the next batch waits for
     the acks owed (their real size is usually a few bytes) and is cut to the room left."""
@@ -98,11 +103,11 @@ class Grant:
     def __init__(self, max_bytes: int) -> None:
         self.left = max_bytes  # neither spent nor reserved for an owed ack
         self.owed: deque[int] = deque()  # worst-case bytes of the acks still owed, in order
-        self.sent: list[tuple[serde.BatchBuilder, pb.DownlinkBatch]] = []  # handed to gRPC
+        self.sent: list[tuple[downlink.BatchBuilder, pb.DownlinkBatch]] = []  # handed to gRPC
         self.closed = False
         self._cond = threading.Condition()
 
-    def next(self, packer: serde.Packer) -> pb.DownlinkBatch | None:
+    def next(self, packer: downlink.Packer) -> pb.DownlinkBatch | None:
         """The next batch to send (waiting for owed acks while they may make room), or None:
         nothing left that fits, or the stream is over. Planned holding the lock, so once
         close() returns no payload is built any more."""
@@ -113,7 +118,7 @@ class Grant:
                     if batch is None:
                         return None
                     packer.take(batch)
-                    worst = serde.max_ack_bytes(len(batch.items))
+                    worst = downlink.max_ack_bytes(len(batch.items))
                     msg = batch.to_pb()
                     self.left -= wire_size(msg) + worst
                     self.owed.append(worst)
@@ -133,7 +138,7 @@ class Grant:
             self.closed = True
             self._cond.notify_all()
 
-    def stream(self, first: pb.DownlinkBatch, packer: serde.Packer
+    def stream(self, first: pb.DownlinkBatch, packer: downlink.Packer
                ) -> Iterator[pb.DownlinkBatch]:
         """The request stream: `first`, then each next batch (gRPC pulls it on its thread)."""
         msg: pb.DownlinkBatch | None = first
@@ -171,7 +176,7 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         if not reply.HasField("sensor"):
             raise CodecError("the ground station's registration reply has no sensor setup "
                              "(RegisterReply.sensor): is it an older ground station?")
-        setup = serde.pb_to_setup(reply.sensor)
+        setup = pb_to_setup(reply.sensor)
         missing = [s for s in satellite_ids if s not in setup.images]
         extra = [s for s in setup.images if s not in satellite_ids]
         if missing or extra:
@@ -210,7 +215,7 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         if self.cfg.payload == "patches":
             with_shape = self.dataset.image_shape is None
             for key, i, y, c in zip([k for k, _, _ in scenes], ids, labels, caps, strict=True):
-                sat.built[key] = serde.patch_payload(
+                sat.built[key] = downlink.patch_payload(
                     i, y, encode_patches(c.image, grid, c.visible), with_shape)
         else:
             assert self.encoder is not None
@@ -222,10 +227,10 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
                                     for c in caps)
             for (key, _, _), i, y, tok in zip(scenes, ids, labels, tokens, strict=True):
                 data, scale = quantize_token(tok, self.cfg.cls_dtype)
-                sat.built[key] = serde.cls_payload(
-                    i, y, serde.ClsData(data, self.cfg.cls_dtype, len(tok), scale))
+                sat.built[key] = downlink.cls_payload(
+                    i, y, downlink.ClsData(data, self.cfg.cls_dtype, len(tok), scale))
 
-    def _message(self, sat: Satellite, pos: int) -> serde.Payload | None:
+    def _message(self, sat: Satellite, pos: int) -> downlink.Payload | None:
         """The payload at queue position `pos`, built when needed; None past the end."""
         while pos < len(sat.pending):
             key = sat.pending[pos]
@@ -251,7 +256,7 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             abort(context, grpc.StatusCode.NOT_FOUND,
                   f"{request.satellite_id!r} is not hosted by {self.node_id}")
         with sat.lock:
-            report = pb.TransmitReport(satellite_id=sat.sat_id)
+            report = control.transmit_report(sat.sat_id)
             self._send(sat, request, report)
             head = self._message(sat, 0)
             report.remaining = len(sat.pending)
@@ -263,23 +268,24 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             sat.unusable.clear()
             return report
 
-    def _builder(self, sat: Satellite, first: bool) -> serde.BatchBuilder:
+    def _builder(self, sat: Satellite, first: bool) -> downlink.BatchBuilder:
         cls = self.cfg.payload == "cls"
-        return serde.BatchBuilder(sat.sat_id if first else "", cls,
-                                  cls and self.cfg.cls_dtype == "int8")
+        return downlink.BatchBuilder(sat.sat_id if first else "", cls,
+                                     cls and self.cfg.cls_dtype == "int8")
 
-    def _alone(self, sat: Satellite, p: serde.Payload) -> int:
+    def _alone(self, sat: Satellite, p: downlink.Payload) -> int:
         """Link bytes of a stream carrying only `p`, and its ack."""
-        return self._builder(sat, True).wire_size(p) + serde.max_ack_bytes(1)
+        return self._builder(sat, True).wire_size(p) + downlink.max_ack_bytes(1)
 
     def _send(self, sat: Satellite, request: pb.TransmitRequest,
               report: pb.TransmitReport) -> None:
         """Stream the next queued samples in batches within the request's grant (no stream
         when not even one sample fits), then settle the queue with the acks."""
         queued = (self._message(sat, k) for k in itertools.count())
-        packer = serde.Packer(itertools.takewhile(lambda p: p is not None, queued),  # type: ignore
-                              lambda first: self._builder(sat, first),
-                              request.batch_bytes or BATCH_BYTES, request.max_samples)
+        packer = downlink.Packer(
+            itertools.takewhile(lambda p: p is not None, queued),  # type: ignore
+            lambda first: self._builder(sat, first),
+            request.batch_bytes or BATCH_BYTES, request.max_samples)
         grant = Grant(request.max_bytes)
         first = grant.next(packer)
         if first is None:
@@ -288,9 +294,9 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         outbox = Outbox(grant.stream(first, packer))
         # acks are charged as they arrived (sized), not as Python would re-encode them
         send = self.channel.stream_stream(SEND_METHOD,
-                                          request_serializer=pb.DownlinkBatch.SerializeToString,
+                                          request_serializer=downlink.serialize_batch,
                                           response_deserializer=sized(
-                                              pb.BatchAck.FromString, MAX_ACK_WIRE_BYTES))
+                                              downlink.parse_ack, MAX_ACK_WIRE_BYTES))
         try:
             # wait_for_ready: ride out a reconnect instead of failing at once
             call = send(iter(outbox), wait_for_ready=True, timeout=SEND_TIMEOUT_S)
@@ -299,12 +305,12 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
                 self.bytes.add(received=size)
                 report.ack_bytes.append(size)
                 n = len(grant.sent[len(acks)][0].items) if len(acks) < len(grant.sent) else 0
-                if ack is None or size > serde.max_ack_bytes(n):
+                if ack is None or size > downlink.max_ack_bytes(n):
                     # bigger than any ack of its batch can be: not read (nor parsed, past the
                     # largest batch's bound); its batch and the rest stay queued
                     report.error_code = grpc.StatusCode.INTERNAL.value[0]
                     report.error = (f"ground station sent an ack of {size} bytes, more than "
-                                    f"the {serde.max_ack_bytes(n)} an ack of {n} samples "
+                                    f"the {downlink.max_ack_bytes(n)} an ack of {n} samples "
                                     "may be")
                     log.warning("%s: %s", sat.sat_id, report.error)
                     call.cancel()
@@ -328,7 +334,7 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         done: set[int] = set()  # ids answered: stored, duplicate or rejected
         for batch, ack in zip(batches, acks, strict=False):
             try:
-                answer = serde.pb_to_ack(ack, len(batch.items))
+                answer = downlink.pb_to_ack(ack, len(batch.items))
             except CodecError as e:  # the batch stays queued: sent again, deduplicated
                 report.error_code = grpc.StatusCode.INTERNAL.value[0]
                 report.error = f"ground station sent a bad ack: {e}"
@@ -338,7 +344,7 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             report.duplicates += len(answer.duplicates)
             report.rejected += len(answer.rejected)
             for pos, _, cause, reason in answer.rejected:
-                why = f"{serde.cause_name(cause)}: {reason}"
+                why = f"{downlink.cause_name(cause)}: {reason}"
                 if len(report.rejections) < MAX_REJECTIONS:
                     report.rejections.append(f"{batch.items[pos].id}: {why}")
                 log.warning("%s: sample %d rejected: %s", sat.sat_id, batch.items[pos].id, why)
@@ -352,9 +358,8 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         sat.pending = deque(k for k in sat.pending if k not in gone)
 
     def Check(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
-        return pb.HealthReply(node_id=self.node_id, role=pb.SENSOR, ready=True,
-                              bytes_received=self.bytes.received, bytes_sent=self.bytes.sent,
-                              instance=INSTANCE)
+        return control.health_reply(self.node_id, control.SENSOR, self.bytes.received,
+                                    self.bytes.sent, INSTANCE)
 
 
 def check_setup(setup: SensorSetup, cfg: SensorConfig, dataset: ImageDataset,
@@ -395,8 +400,8 @@ def serve(listen: str, ground_station: str, satellite_ids: list[str],
     # Register first: the ground station answers with the scenario's sensor configuration
     # and each satellite's images.
     # Transmit calls only come after registration, once the server below is started.
-    request = pb.RegisterRequest(node_id=node_id, role=pb.SENSOR, address=address,
-                                 satellite_ids=satellite_ids)
+    request = control.register_request(node_id, control.SENSOR, address,
+                                       satellite_ids=satellite_ids)
     # its reply says which images each satellite sends, in which order (RegisterReply.sensor)
     reply = register_reply(ground_station, request)
     # a restarted ground station: register again (same id, same address) by ourselves; the

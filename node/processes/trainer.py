@@ -12,6 +12,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -20,8 +21,15 @@ import torch
 from sparsat.node.models.mlp import MLP
 from sparsat.node.models.training import Adam, epoch_order, resolve_device, steps_for, train_steps
 from sparsat.node.processes.rejoin import Rejoin
-from sparsat.node.wire import serde
+from sparsat.node.wire import control
 from sparsat.node.wire.codec import CodecError
+from sparsat.node.wire.jobs import (
+    load_dataset_reply,
+    pb_to_train_job,
+    request_parts,
+    split_reply,
+    train_reply,
+)
 from sparsat.node.wire.rpc import (
     CHUNK_BYTES,
     INSTANCE,
@@ -35,8 +43,11 @@ from sparsat.node.wire.rpc import (
     register,
     wire_size,
 )
-from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.node.wire.tensors import pb_to_ndarray
 from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 
 log = logging.getLogger("sparsat.trainer")
 
@@ -154,7 +165,7 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
             _check_dataset_chunk(chunk, rows, context)
             rows += _chunk_rows(chunk)
             try:
-                x, y = serde.pb_to_ndarray(chunk.features), serde.pb_to_ndarray(chunk.labels)
+                x, y = pb_to_ndarray(chunk.features), pb_to_ndarray(chunk.labels)
             except CodecError as e:
                 abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"dataset chunk: {e}")
             if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or x.dtype != np.float32 \
@@ -180,7 +191,7 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
             while len(self.datasets) > MAX_DATASETS:
                 del self.datasets[next(iter(self.datasets))]
         log.info("dataset %s loaded: %d rows on %s", dataset_id, rows, self.device)
-        reply = pb.LoadDatasetReply(dataset_id=dataset_id, rows=rows)
+        reply = load_dataset_reply(dataset_id, rows)
         self.bytes.add(sent=wire_size(reply))
         return reply
 
@@ -188,17 +199,13 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
               context: grpc.ServicerContext) -> Iterator[pb.TrainReply]:
         """Train the pieces sent in parts; the reply goes back in parts of about CHUNK_BYTES
         (a 768-2000-2000 MLP with its moments is more than gRPC's 64 MiB in one message)."""
-        request, received = pb.TrainRequest(), 0
+        parts = request_parts()
         try:
             for part in request_iterator:  # counted as they come: a broken call is charged
                 size = received_size(context, part)
                 self.bytes.add(received=size)
-                received += size
-                if received > serde.MAX_TRAIN_BYTES:  # before it is merged: memory bounded
-                    raise CodecError(f"parts past {serde.MAX_TRAIN_BYTES} bytes, the most a "
-                                     "training message may hold")
-                request.MergeFrom(part)
-            serde.merge_message([], request)  # join tensors that came in pieces
+                parts.add(part, size)  # past MAX_TRAIN_BYTES: refused before it is merged
+            request = parts.joined()  # tensors that came in pieces joined
         except CodecError as e:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"train request: {e}")
         if request.dataset_id not in self.datasets:
@@ -211,7 +218,7 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
                   f"{request.rows} rows in batches of {request.batch_size} are "
                   f"{steps_for(request.rows, request.batch_size)} steps, not {request.steps}")
         try:
-            job = serde.pb_to_train_job(request)
+            job = pb_to_train_job(request)
             model = MLP.from_params(job.params)
         except (CodecError, ValueError) as e:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -231,18 +238,16 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
         adam = Adam(model.wire_parameters(), job.lr, job.moments)  # moments None: fresh
         rows = torch.from_numpy(epoch_order(len(x), job.seed)[job.offset : job.offset + job.rows])
         steps, loss = train_steps(model, x, y, rows, job.batch_size, adam)
-        reply = pb.TrainReply(params=serde.params_to_pb(model.params()), steps_done=steps,
-                              mean_loss=loss)
-        if job.moments is not None:  # moments travel: send them back with the weights
-            reply.moments.CopyFrom(serde.adam_to_pb(adam.state.compact()))
-        for part in serde.split_reply(reply, CHUNK_BYTES):
+        # moments travel (sent with the job): they go back with the weights
+        reply = train_reply(model.params(), steps, loss,
+                            adam.state.compact() if job.moments is not None else None)
+        for part in split_reply(reply, CHUNK_BYTES):
             yield part
             self.bytes.add(sent=wire_size(part))  # handed to the transport
 
     def Check(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
-        return pb.HealthReply(node_id=self.node_id, role=pb.TRAINER, ready=True,
-                              bytes_received=self.bytes.received, bytes_sent=self.bytes.sent,
-                              instance=INSTANCE)
+        return control.health_reply(self.node_id, control.TRAINER, self.bytes.received,
+                                    self.bytes.sent, INSTANCE)
 
 
 def serve(
@@ -264,8 +269,8 @@ def serve(
     server.start()
     log.info("trainer %s serving on %s (device %s)", node_id, address, dev)
     if ground_station:
-        request = pb.RegisterRequest(node_id=node_id, role=pb.TRAINER, address=address,
-                                     device=device_label(dev))
+        request = control.register_request(node_id, control.TRAINER, address,
+                                           device=device_label(dev))
         registered = register_trainer(ground_station, request, servicer)
         log.info("registered with ground station %s; %d torch threads (the scenario's)",
                  ground_station, servicer.threads)

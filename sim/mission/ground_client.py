@@ -12,13 +12,14 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from tqdm import tqdm
 
+from sparsat.ground_station.config import config_tree, flatten
 from sparsat.node.wire.rpc import channel
 from sparsat.node.wire.security import GROUND_STATION
 from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
@@ -118,15 +119,6 @@ def wait_serving(n: pb.NodeInfo, d: Deadlines, alive: Callable[[], None]) -> Non
 _ABSENT = object()
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}: keys as the ground station's Describe names them."""
-    flat: dict[str, Any] = {}
-    for k, v in tree.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        flat.update(flatten(v, key) if isinstance(v, dict) else {key: v})
-    return flat
-
-
 class GroundStationClient:
     """The ground station as mission control calls it. Retries, restarts survived and the
     fingerprint go into `tally` (the mission's, so faults stay in the order they happened).
@@ -212,11 +204,13 @@ class GroundStationClient:
     def check_scenario(self) -> None:
         """The ground station must run this scenario: the keys it uses are compared with
         this scenario's, and a difference is an error naming each key (keys that are a
-        deployment's own, such as paths and devices, are left out by the ground station)."""
+        deployment's own, such as paths and devices, are left out by the ground station:
+        sparsat.ground_station.config.mission_keys)."""
         info = self.describe()
         theirs = json.loads(info.config_json)
-        mine = flatten(json.loads(json.dumps(
-            asdict(ground_station_config(self.scenario, Path("."))), default=str)))
+        # every key here, flattened as Describe flattens them: the ground station's decide
+        # which are compared
+        mine = flatten(config_tree(ground_station_config(self.scenario, Path("."))))
         diffs = [f"{k}: {json.dumps(mine[k]) if k in mine else 'absent'} here, "
                  f"{json.dumps(v)} at the ground station"
                  for k, v in sorted(theirs.items()) if mine.get(k, _ABSENT) != v]

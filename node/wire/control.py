@@ -1,0 +1,69 @@
+"""protobuf for the control calls every node makes or answers: registration (Registry), the
+registry's listing, Health, and a sensor host's Transmit report. One of the node's serde
+modules (tensors, downlink, setup, jobs, control): servicers and clients build these
+messages here and read them by their fields."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+
+# sparsat.v1.Role: what a node is (RegisterRequest.role, NodeInfo.role, HealthReply.role)
+SENSOR = pb.SENSOR
+TRAINER = pb.TRAINER
+GROUND_STATION = pb.GROUND_STATION
+
+
+def role_name(role: int) -> str:
+    """A Role's name (ValueError for a number sparsat.v1.Role does not have)."""
+    return pb.Role.Name(role)  # type: ignore[arg-type]  # enum int
+
+
+def known_role(role: int) -> bool:
+    """Whether `role` is a number sparsat.v1.Role has."""
+    return role in pb.Role.values()
+
+
+def register_request(node_id: str, role: int, address: str,
+                     satellite_ids: list[str] | None = None,
+                     device: str | None = None) -> pb.RegisterRequest:
+    """A node's registration: who it is, what it is, where it listens; a sensor host names
+    the satellites it hosts, a trainer its device."""
+    return pb.RegisterRequest(node_id=node_id, role=role,  # type: ignore[arg-type]  # enum int
+                              address=address, satellite_ids=satellite_ids, device=device)
+
+
+def register_answer(config_json: str, instance: str,
+                    sensor: pb.SensorSetup | None = None) -> pb.RegisterReply:
+    """The ground station's RegisterReply: the node's configuration, the ground-station
+    process that took the registration, and a sensor host's setup (setup.setup_to_pb)."""
+    return pb.RegisterReply(config_json=config_json, instance=instance, sensor=sensor)
+
+
+def node_info(node_id: str, role: int | str, address: str, satellite_ids: Iterable[str],
+              device: str) -> pb.NodeInfo:
+    """A registered node as the registry lists it (role: its number or its name)."""
+    return pb.NodeInfo(node_id=node_id, role=role,  # type: ignore[arg-type]  # enum int or name
+                       address=address, satellite_ids=satellite_ids, device=device)
+
+
+def list_nodes_reply(nodes: Iterable[pb.NodeInfo]) -> pb.ListNodesReply:
+    return pb.ListNodesReply(nodes=nodes)
+
+
+def health_request() -> pb.HealthRequest:
+    return pb.HealthRequest()
+
+
+def health_reply(node_id: str, role: int, bytes_received: int, bytes_sent: int,
+                 instance: str) -> pb.HealthReply:
+    """A node's Health answer: ready, its byte counts, and its process (rpc.INSTANCE)."""
+    return pb.HealthReply(node_id=node_id, role=role,  # type: ignore[arg-type]  # enum int
+                          ready=True, bytes_received=bytes_received, bytes_sent=bytes_sent,
+                          instance=instance)
+
+
+def transmit_report(satellite_id: str) -> pb.TransmitReport:
+    """An empty TransmitReport for `satellite_id`, which the sensor host fills as it sends."""
+    return pb.TransmitReport(satellite_id=satellite_id)
