@@ -4,17 +4,18 @@ deployment already running elsewhere (--ground-station), its results written to 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from sparsat.sim.deploy.launcher import LocalCluster
+from sparsat.sim.deploy.nodes import configure_security
+from sparsat.sim.mission import report
+from sparsat.sim.mission.control import MissionControl
+from sparsat.sim.scenario.schema import dump, load
+
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from sparsat.sim.deploy.launcher import LocalCluster
-    from sparsat.sim.deploy.nodes import configure_security
-    from sparsat.sim.mission import report
-    from sparsat.sim.mission.control import MissionControl
-    from sparsat.sim.scenario.schema import dump, load
-
     if args.resume:
         if args.scenario or args.out:
             raise ValueError("--resume DIR takes the scenario from DIR/config.yaml and writes "
@@ -47,8 +48,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         # the token cache: --token-cache, else (resuming) the one the run used, recorded in
         # OUT/token_cache.txt, else $SPARSAT_TOKEN_CACHE, else none (the store's own folder)
-        import os
-
         record = out / "token_cache.txt"
         chosen = args.token_cache or (record.read_text().strip() if args.resume
                                       and record.exists() else "")

@@ -4,16 +4,15 @@ as a CSV (and, on request, the constellation as TLEs and the stations as a CSV).
 from __future__ import annotations
 
 import argparse
+import csv
+import time
 from pathlib import Path
+
+from sparsat.sim.scenario.schema import load
+from sparsat.sim.space import orbits
 
 
 def cmd_contacts(args: argparse.Namespace) -> int:
-    import csv
-    import time
-
-    from sparsat.sim.scenario.schema import load
-    from sparsat.sim.space import orbits
-
     scenario = load(args.scenario)
     if scenario.orbits is None:
         raise ValueError(f"{args.scenario} has no `orbits` section (constellation and stations)")

@@ -4,19 +4,18 @@ or only gather folders of points already run (--collect), or list them (--dry-ru
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
+import time
 from pathlib import Path
+
+from tqdm import tqdm
+
+from sparsat.sim.sweeps import runner as sw
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    import json as _json
-    import shutil
-    import time
-
-    from tqdm import tqdm
-
-    from sparsat.sim.sweeps import runner as sw
-
     if args.collect:
         spec = sw.load_sweep(args.sweep) if args.sweep else None
         dirs = [Path(d) for d in args.collect]
@@ -62,7 +61,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     wall = time.monotonic() - t0
-    (out / "sweep_status.json").write_text(_json.dumps({
+    (out / "sweep_status.json").write_text(json.dumps({
         "points": len(points), "run": len(todo), "skipped": len(points) - len(todo),
         "failed": failed, "wall_s": wall, "jobs": args.jobs, "executor": args.executor,
         "token_cache": str(cache) if cache else None, "shard": args.shard}, indent=1))
