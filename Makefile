@@ -31,9 +31,20 @@ data:
 run: install data
 	$(VENV)/bin/sparsat run $(SCENARIO) --out $(OUT)
 
-test: install data
+# mypy checks the `sparsat` package through $(TYPECHECK)/sparsat, a link to this folder (the
+# repository root is the package): imports of sparsat.* resolve to these files, not to Any.
+TYPECHECK := $(VENV)/typecheck
+MYPY := MYPYPATH=$(TYPECHECK) $(VENV)/bin/mypy -p sparsat.node -p sparsat.ground_station \
+	-p sparsat.sim -p sparsat.proto -p sparsat.bench
+
+$(TYPECHECK)/sparsat: | install
+	mkdir -p $(TYPECHECK)
+	ln -sfn $(CURDIR) $(TYPECHECK)/sparsat
+
+test: install data $(TYPECHECK)/sparsat
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy node ground_station sim bench
+	$(VENV)/bin/lint-imports --no-cache
+	$(MYPY)
 	$(PY) -m pytest -q
 
 # ---- GPU ----------------------------------------------------------------------------------------
@@ -98,9 +109,10 @@ gpu-pretrain: install data
 proto: install
 	$(PY) proto/codegen.py
 
-lint: install
+lint: install $(TYPECHECK)/sparsat
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy node ground_station sim bench
+	$(VENV)/bin/lint-imports --no-cache
+	$(MYPY)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

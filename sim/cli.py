@@ -1,267 +1,46 @@
-"""The `sparsat` command line: every service is runnable from here; the CLI only wires."""
+"""The `sparsat` command line: every service is runnable from here; the CLI only wires.
+
+Each command's body lives in the room that does its job: `run` in sparsat.sim.mission.run,
+`contacts` in sparsat.sim.space.contacts, `sweep` in sparsat.sim.sweeps.sweep, `certs` in
+sparsat.sim.deploy.certs, the node commands (`ground-station`, `node sensor|trainer`) in
+sparsat.sim.deploy.nodes, which a node the launcher starts runs without this module. Those
+modules are imported when their command runs: `sparsat --help` imports no torch.
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-DESCRIPTION = "sparsat: simulated satellite-constellation edge learning"
+from sparsat.sim.deploy import nodes
 
-
-def _logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-
-def _add_security(p: argparse.ArgumentParser, who: str) -> None:
-    g = p.add_argument_group("security (TLS and node identity; see `sparsat certs`)")
-    g.add_argument("--certs", metavar="DIR",
-                   help=f"{who}'s credentials folder made by `sparsat certs` (ca.crt, node.crt, "
-                        "node.key, token)")
-    g.add_argument("--tls-cert", metavar="FILE", help="this node's certificate (PEM)")
-    g.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
-    g.add_argument("--tls-ca", metavar="FILE", help="the deployment's CA certificate (PEM)")
-    g.add_argument("--token", metavar="FILE", help="this node's identity token")
-    g.add_argument("--mtls", action="store_true",
-                   help="mutual TLS: servers require client certificates of the deployment")
-    g.add_argument("--insecure", action="store_true",
-                   help="plaintext, no authentication: only on a network you trust")
-
-
-def _configure_security(args: argparse.Namespace, role: str,
-                        name: str | None = None) -> str | None:
-    """Set this process's credentials from the flags; returns the node name they carry (None
-    with --insecure). `role`: the role the credentials must have; `name`: the node name the
-    command was given, which must match."""
-    from sparsat.node.wire import security
-
-    files = [args.tls_cert, args.tls_key, args.tls_ca, args.token]
-    if args.insecure:
-        if args.certs or any(files) or args.mtls:
-            raise ValueError("--insecure takes no credentials (--certs, --tls-*, --token, --mtls)")
-        logging.getLogger("sparsat").warning(
-            "--insecure: plaintext gRPC without authentication; anyone who can reach this "
-            "node's port can use it")
-        security.configure(None)
-        return None
-    if args.certs:
-        if any(files):
-            raise ValueError("give --certs DIR or --tls-cert/--tls-key/--tls-ca/--token, not both")
-        creds = security.Credentials.from_dir(Path(args.certs), args.mtls)
-    elif all(files):
-        creds = security.Credentials.from_files(Path(args.tls_ca), Path(args.tls_cert),
-                                                Path(args.tls_key), Path(args.token),
-                                                args.mtls)
-    elif any(files):
-        raise ValueError("--tls-cert, --tls-key, --tls-ca and --token go together")
-    else:
-        raise ValueError("no credentials: pass --certs DIR (made by `sparsat certs`), or "
-                         "--insecure for plaintext without authentication")
-    ident = creds.identity
-    if ident.role != role:
-        raise ValueError(f"the credentials are {ident.name}'s, a {ident.role}; this command "
-                         f"needs a {role}'s")
-    if name is not None and name != ident.name:
-        raise ValueError(f"node id {name[:64]!r} differs from the credentials' node name "
-                         f"{ident.name!r}")
-    security.configure(creds)
-    return ident.name
-
-
-def cmd_certs(args: argparse.Namespace) -> int:
-    from sparsat.sim.deploy.certs import make_deployment, parse_node, scenario_nodes
-    from sparsat.sim.scenario.schema import load
-
-    nodes = scenario_nodes(load(args.scenario), args.trainers) if args.scenario else []
-    nodes += [parse_node(n) for n in args.node or []]
-    if not nodes:
-        raise ValueError("give --scenario FILE and/or --node ROLE:NAME[:SATS]")
-    hosts: dict[str, tuple[str, ...]] = {}
-    for item in args.san or []:
-        name, sep, values = item.partition("=")
-        if not sep or not values:
-            raise ValueError(f"--san takes NODE=HOST[,HOST...] (NODE may be *), got {item!r}")
-        hosts[name] = hosts.get(name, ()) + tuple(v for v in values.split(",") if v)
-    out = Path(args.out)
-    folders = make_deployment(out, nodes, hosts, args.days)
-    for node, folder in zip(nodes, folders, strict=True):
-        extra = f" satellites {','.join(node.satellites)}" if node.satellites else ""
-        print(f"{node.role:14} {node.name:20} {folder}{extra}")
-    print(f"CA in {out / 'ca'} (keep ca.key off the nodes); start each node with "
-          f"--certs {out}/NODE")
-    return 0
+DESCRIPTION = nodes.DESCRIPTION
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from sparsat.sim.deploy.launcher import LocalCluster
-    from sparsat.sim.mission import report
-    from sparsat.sim.mission.control import MissionControl
-    from sparsat.sim.scenario.schema import dump, load
+    from sparsat.sim.mission.run import cmd_run
 
-    if args.resume:
-        if args.scenario or args.out:
-            raise ValueError("--resume DIR takes the scenario from DIR/config.yaml and writes "
-                             "to DIR: give neither a scenario nor --out")
-        out = Path(args.resume)
-        if not (out / "config.yaml").exists():
-            raise FileNotFoundError(f"nothing to resume: {out / 'config.yaml'} not found")
-        scenario = load(out / "config.yaml")
-    elif not args.scenario:
-        raise ValueError("give a scenario file, or --resume DIR")
-    else:
-        scenario = load(args.scenario)
-        out = Path(args.out or f"runs/{scenario.name}")
-    if args.device:
-        scenario = scenario.model_copy(update={
-            "training": scenario.training.model_copy(update={"device": args.device})})
-    out.mkdir(parents=True, exist_ok=True)
-    if args.ground_station and args.token_cache:
-        raise ValueError("--token-cache is for a local run: give it to the ground station")
-    resolved = out / "config.yaml"
-    resolved.write_text(dump(scenario))
-    show = not args.quiet
-    state = out / "mission_state.json"
-    if not args.resume:
-        state.unlink(missing_ok=True)
-    if args.ground_station:  # a deployment already running elsewhere
-        _configure_security(args, "operator")
-        results = MissionControl(scenario, args.ground_station, show, state_file=state,
-                                 resume=bool(args.resume)).run()
-    else:
-        # the token cache: --token-cache, else (resuming) the one the run used, recorded in
-        # OUT/token_cache.txt, else $SPARSAT_TOKEN_CACHE, else none (the store's own folder)
-        import os
-
-        record = out / "token_cache.txt"
-        chosen = args.token_cache or (record.read_text().strip() if args.resume
-                                      and record.exists() else "")
-        chosen = chosen or os.environ.get("SPARSAT_TOKEN_CACHE", "")
-        token_cache = Path(chosen).expanduser().resolve() if chosen else None
-        if token_cache:
-            record.write_text(f"{token_cache}\n")
-        else:
-            record.unlink(missing_ok=True)
-        if args.certs or args.tls_cert or args.tls_key or args.tls_ca or args.token:
-            raise ValueError("a local run makes its own throw-away credentials (OUT/certs): "
-                             "--certs and --tls-* are for --ground-station")
-        with LocalCluster(scenario, resolved, out, resume=bool(args.resume),
-                          token_cache=token_cache, secure=not args.insecure,
-                          mutual=args.mtls) as cluster:
-            if show:
-                print(f"started {len(cluster.procs)} node processes; logs in {out / 'logs'}",
-                      file=sys.stderr)
-            results = MissionControl(scenario, cluster.address, show,
-                                     alive=cluster.check_alive, state_file=state,
-                                     resume=bool(args.resume)).run()
-    report.write(out, scenario, results)
-    print(report.summary(results))
-    print(f"results in {out}/results.json")
-    return 0
+    return cmd_run(args)
 
 
 def cmd_contacts(args: argparse.Namespace) -> int:
-    import csv
-    import time
+    from sparsat.sim.space.contacts import cmd_contacts
 
-    from sparsat.sim.scenario.schema import load
-    from sparsat.sim.space import orbits
-
-    scenario = load(args.scenario)
-    if scenario.orbits is None:
-        raise ValueError(f"{args.scenario} has no `orbits` section (constellation and stations)")
-    o = scenario.orbits
-    sats = orbits.constellation(scenario)
-    sites = orbits.stations(scenario)
-    if args.hours <= 0:
-        raise ValueError("--hours must be > 0")
-    t0 = time.perf_counter()
-    windows = orbits.contact_windows(sats, sites, o.epoch, args.hours * 3600.0,
-                                     args.step or o.step_s, o.tolerance_s)
-    seconds = time.perf_counter() - t0
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["satellite", "station", "start_utc", "end_utc", "start_s", "end_s",
-                    "max_elevation_deg"])
-        for c in windows:
-            w.writerow([c.satellite, c.station, orbits.utc(o.epoch, c.start_s),
-                        orbits.utc(o.epoch, c.end_s), f"{c.start_s:.3f}", f"{c.end_s:.3f}",
-                        f"{c.max_elevation_deg:.3f}"])
-    if args.tle_out:
-        orbits.write_tle(sats, args.tle_out)
-    if args.stations_out:
-        with open(args.stations_out, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["station", "lat_deg", "lon_deg", "alt_m", "min_elevation_deg"])
-            for st in sites:
-                w.writerow([st.name, st.lat_deg, st.lon_deg, st.alt_m, st.min_elevation_deg])
-    print(f"{len(windows)} contact windows of {len(sats)} satellites over {len(sites)} "
-          f"stations in {args.hours:g} h (computed in {seconds:.1f} s) -> {out}")
-    return 0
+    return cmd_contacts(args)
 
 
-def cmd_ground_station(args: argparse.Namespace) -> int:
-    from sparsat.ground_station.server import serve
-    from sparsat.sim.scenario.configs import ground_station_config
-    from sparsat.sim.scenario.schema import load
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from sparsat.sim.sweeps.sweep import cmd_sweep
 
-    _configure_security(args, "ground_station")
-    scenario = load(args.scenario)
-    store = Path(args.store or f"runs/{scenario.name}/store")
-    checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else None
-    if args.resume and checkpoints is None:
-        raise ValueError("--resume needs --checkpoint-dir")
-    import os
-
-    cache = args.token_cache or os.environ.get("SPARSAT_TOKEN_CACHE")
-    serve(ground_station_config(scenario, store, checkpoints, args.resume,
-                                Path(cache).expanduser() if cache else None), args.listen,
-          Path(args.port_file) if args.port_file else None)
-    return 0
+    return cmd_sweep(args)
 
 
-def _register_wait(args: argparse.Namespace) -> None:
-    from sparsat.node.wire import rpc
+def cmd_certs(args: argparse.Namespace) -> int:
+    from sparsat.sim.deploy.certs import cmd_certs
 
-    if args.register_wait <= 0:
-        raise ValueError("--register-wait must be > 0 seconds")
-    rpc.REGISTER_WAIT_S = args.register_wait
-
-
-def cmd_sensor(args: argparse.Namespace) -> int:
-    from sparsat.node.processes.sensor import serve
-    from sparsat.node.wire import security
-
-    _register_wait(args)
-    name = _configure_security(args, "sensor", args.node_id)
-    creds = security.active()
-    if creds is None and not args.id:
-        raise ValueError("give the satellites this host serves: --id SAT (repeat)")
-    if creds is not None:
-        args.node_id = name
-        args.id = args.id or list(creds.identity.satellites)  # default: all it may serve
-        stray = [s for s in args.id if s not in creds.identity.satellites]
-        if stray:
-            raise ValueError(f"{name}'s credentials do not cover satellites {stray[:8]} (they "
-                             f"cover {list(creds.identity.satellites)[:8]})")
-
-    serve(args.listen, args.ground_station, args.id, args.node_id, args.advertise)
-    return 0
-
-
-def cmd_trainer(args: argparse.Namespace) -> int:
-    from sparsat.node.processes.trainer import serve
-
-    _register_wait(args)
-    name = _configure_security(args, "trainer", args.id)
-    args.id = args.id or name
-
-    serve(args.listen, args.ground_station, args.device, args.id, args.threads, args.advertise)
-    return 0
+    return cmd_certs(args)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -321,79 +100,8 @@ def cmd_clouds(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
-    import json as _json
-    import shutil
-    import time
-
-    from tqdm import tqdm
-
-    from sparsat.sim.sweeps import runner as sw
-
-    if args.collect:
-        spec = sw.load_sweep(args.sweep) if args.sweep else None
-        dirs = [Path(d) for d in args.collect]
-        written = sw.collect(dirs, Path(args.out) if args.out else dirs[0], spec)
-        print("\n".join(str(p) for p in written))
-        return 0
-    if not args.sweep:
-        raise ValueError("give a sweep file, or --collect DIR")
-    spec = sw.load_sweep(args.sweep)
-    points = sw.shard(spec.points, args.shard) if args.shard else spec.points
-    if args.dry_run:
-        for p in points:
-            print(f"{p.name}\t" + " ".join(f"{k}={v}" for k, v in p.overrides.items()))
-        print(f"{len(points)} of {len(spec.points)} points", file=sys.stderr)
-        return 0
-    out = Path(args.out or f"runs/sweeps/{spec.name}")
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(spec.path, out / "sweep.yaml")
-    todo = [p for p in points if not sw.is_done(out, p)]
-    for p in points:
-        sw.prepare_point(out, p)
-    cache = None if args.no_token_cache else (out / "token_cache").resolve()
-    if args.executor == "ray":
-        from sparsat.sim.sweeps.ray_executor import ray_executor
-
-        execute = ray_executor(out, args.jobs, cache, args.address)
-    else:
-        execute = sw.local_executor(out, args.jobs, cache)
-    print(f"sweep {spec.name}: {len(points)} points ({len(points) - len(todo)} already done), "
-          f"{args.jobs} at a time, {args.executor}; in {out}", file=sys.stderr)
-    failed: list[str] = []
-    bar = tqdm(total=len(todo), desc="sweep", unit="point", disable=args.quiet)
-
-    def on_done(point: sw.Point, status: dict[str, object]) -> None:
-        bar.update(1)
-        if status["status"] != "done":
-            failed.append(point.name)
-            bar.write(f"point {point.name} failed: {status.get('error')}")
-
-    t0 = time.monotonic()
-    try:
-        execute(todo, on_done)
-    finally:
-        bar.close()
-    wall = time.monotonic() - t0
-    (out / "sweep_status.json").write_text(_json.dumps({
-        "points": len(points), "run": len(todo), "skipped": len(points) - len(todo),
-        "failed": failed, "wall_s": wall, "jobs": args.jobs, "executor": args.executor,
-        "token_cache": str(cache) if cache else None, "shard": args.shard}, indent=1))
-    print(f"{len(todo) - len(failed)} points run, {len(points) - len(todo)} skipped (done), "
-          f"{len(failed)} failed, in {wall:.1f} s")
-    if args.shard:
-        print(f"shard {args.shard} done; gather the shards with: sparsat sweep {args.sweep} "
-              f"--collect {out} [OTHER_SHARD_DIRS...]")
-    else:
-        for path in sw.collect([out], out, spec):
-            print(path)
-    return 1 if failed else 0
-
-
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sparsat", description=DESCRIPTION)
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p, sub = nodes.top_parser()
 
     run = sub.add_parser("run", help="run a scenario: start the nodes locally, drive the mission")
     run.add_argument("scenario", nargs="?", help="scenario YAML file")
@@ -408,7 +116,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--token-cache", metavar="DIR",
                      help="encoded splits, shared with other runs (default $SPARSAT_TOKEN_CACHE, "
                           "else the run's store; --resume: the run's own)")
-    _add_security(run, "the operator (with --ground-station; a local run makes its own)")
+    nodes.add_security(run, "the operator (with --ground-station; a local run makes its own)")
     run.set_defaults(func=cmd_run)
 
     pre = sub.add_parser("pretrain", help="MAE-pretrain an encoder on unlabelled images")
@@ -486,75 +194,19 @@ def parser() -> argparse.ArgumentParser:
     ce.add_argument("--days", type=int, default=365, help="validity (default 365)")
     ce.set_defaults(func=cmd_certs)
 
-    gs = sub.add_parser("ground-station", help="serve the ground station")
-    gs.add_argument("--listen", default="0.0.0.0:50051", metavar="HOST:PORT")
-    gs.add_argument("--scenario", required=True, help="scenario YAML file")
-    gs.add_argument("--store", help="sample store directory (default runs/<name>/store)")
-    gs.add_argument("--port-file", help="write the bound HOST:PORT here once serving")
-    gs.add_argument("--checkpoint-dir", help="checkpoint the coordinator here every round")
-    gs.add_argument("--resume", action="store_true",
-                    help="continue training from the checkpoint in --checkpoint-dir")
-    gs.add_argument("--token-cache", metavar="DIR",
-                    help="content-addressed cache of encoded splits, may be shared by runs "
-                         "(default $SPARSAT_TOKEN_CACHE, else STORE/tokens)")
-    _add_security(gs, "the ground station")
-    gs.set_defaults(func=cmd_ground_station)
-
-    node = sub.add_parser("node", help="serve a sensor or trainer node")
-    kinds = node.add_subparsers(dest="kind", required=True, metavar="KIND")
-    sensor = kinds.add_parser("sensor", help="host one or more satellites")
-    sensor.add_argument("--id", action="append", metavar="SAT",
-                        help="satellite id from the scenario (repeat to host several; default "
-                             "with --certs: every satellite the credentials cover)")
-    sensor.add_argument("--ground-station", required=True, metavar="HOST:PORT")
-    sensor.add_argument("--listen", default="0.0.0.0:0", metavar="HOST:PORT")
-    sensor.add_argument("--node-id", help="this process's node id (default from the first --id)")
-    sensor.add_argument("--advertise", metavar="HOST[:PORT]",
-                        help="the address other nodes dial (default: the listen address; with "
-                             "0.0.0.0, this machine's address toward the ground station)")
-    sensor.add_argument("--register-wait", type=float, default=60.0, metavar="S",
-                        help="how long to wait for the ground station at start (default 60)")
-    _add_security(sensor, "the sensor host")
-    sensor.set_defaults(func=cmd_sensor)
-    trainer = kinds.add_parser("trainer", help="train MLP subnets sent by the ground station")
-    trainer.add_argument("--listen", default="0.0.0.0:50052", metavar="HOST:PORT")
-    trainer.add_argument("--ground-station", metavar="HOST:PORT", help="register here")
-    trainer.add_argument("--id", help="node id (default: random)")
-    trainer.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
-    trainer.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
-    trainer.add_argument("--advertise", metavar="HOST[:PORT]",
-                         help="the address the ground station dials (default: the listen "
-                              "address; with 0.0.0.0, this machine's address toward the ground "
-                              "station)")
-    trainer.add_argument("--register-wait", type=float, default=60.0, metavar="S",
-                        help="how long to wait for the ground station at start (default 60)")
-    _add_security(trainer, "the trainer")
-    trainer.set_defaults(func=cmd_trainer)
+    nodes.add_commands(sub)  # ground-station, node sensor|trainer
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    _logging(args.log_level)
-    # SIGTERM behaves like Ctrl-C, so `finally` blocks stop child processes
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    try:
-        return int(args.func(args))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # a one-line error for users; --log-level debug shows the trace
-        from sparsat.node.wire.rpc import Refused, Unreachable
-        from sparsat.sim.deploy.launcher import LaunchError
-        from sparsat.sim.mission.control import MissionError
-        from sparsat.sim.scenario.schema import ScenarioError
+def _errors() -> tuple[type[Exception], ...]:
+    from sparsat.sim.deploy.launcher import LaunchError
+    from sparsat.sim.mission.ground_client import MissionError
 
-        known = (ScenarioError, MissionError, LaunchError, FileNotFoundError, ValueError,
-                 Unreachable, Refused)
-        if isinstance(e, known) and args.log_level != "debug":
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+    return (*nodes.node_errors(), MissionError, LaunchError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return nodes.execute(parser(), argv, _errors)
 
 
 if __name__ == "__main__":

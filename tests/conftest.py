@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import pytest
+from namespace_guard import check_session
 
 from sparsat.node.wire import security
 
@@ -15,3 +17,9 @@ def _no_credentials_left_behind() -> Iterator[None]:
     --certs`, a LocalCluster) must not leave them to the next test."""
     yield
     security.configure(None)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """After the suite: no module of this repository in sys.modules under a bare name
+    (`node`, `sim.x`...), which would be a second copy of a sparsat module."""
+    check_session(session, dict(sys.modules))

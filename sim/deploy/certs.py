@@ -12,6 +12,7 @@ Run again on the same DIR to add nodes: the CA is reused, existing node folders 
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import ipaddress
 import os
@@ -31,7 +32,7 @@ from sparsat.node.wire.security import (
     check_name,
 )
 from sparsat.node.wire.security import sign_token as _sign
-from sparsat.sim.scenario.schema import Scenario
+from sparsat.sim.scenario.schema import Scenario, load
 
 OPERATOR = "operator"
 
@@ -170,3 +171,26 @@ def make_deployment(out: Path, nodes: list[NodeSpec], hosts: dict[str, tuple[str
     return [issue(out, ca_key, ca_cert, NodeSpec(
         n.name, n.role, n.satellites, n.hosts + hosts.get("*", ()) + hosts.get(n.name, ())),
         days) for n in nodes]
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    """`sparsat certs DIR`: the CA and the credentials of the nodes named by --scenario
+    and --node, with --san's extra names; prints where each went."""
+    nodes = scenario_nodes(load(args.scenario), args.trainers) if args.scenario else []
+    nodes += [parse_node(n) for n in args.node or []]
+    if not nodes:
+        raise ValueError("give --scenario FILE and/or --node ROLE:NAME[:SATS]")
+    hosts: dict[str, tuple[str, ...]] = {}
+    for item in args.san or []:
+        name, sep, values = item.partition("=")
+        if not sep or not values:
+            raise ValueError(f"--san takes NODE=HOST[,HOST...] (NODE may be *), got {item!r}")
+        hosts[name] = hosts.get(name, ()) + tuple(v for v in values.split(",") if v)
+    out = Path(args.out)
+    folders = make_deployment(out, nodes, hosts, args.days)
+    for node, folder in zip(nodes, folders, strict=True):
+        extra = f" satellites {','.join(node.satellites)}" if node.satellites else ""
+        print(f"{node.role:14} {node.name:20} {folder}{extra}")
+    print(f"CA in {out / 'ca'} (keep ca.key off the nodes); start each node with "
+          f"--certs {out}/NODE")
+    return 0

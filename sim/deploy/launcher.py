@@ -4,20 +4,20 @@ The ground station binds port 0 and writes its address to a file; trainers and s
 bind port 0 too and register their addresses with it. Every child is stopped on exit,
 including on error or Ctrl-C.
 
-Each node is `sparsat` (sparsat.sim.cli) in a process of its own. Where the platform has it, the
-processes are forked from a multiprocessing fork server that has imported the third-party
-libraries the nodes use (torch, timm, gRPC...: ~3.5 CPU seconds a process) once, instead of
-each child importing them again: a constellation's sensor hosts start in a fraction of the
-time on a few cores. Only libraries are preloaded, and only imported (no gRPC channel, no
-torch work before a fork); sparsat's own modules are imported by each child (0.1 s), so
-their module-level state (sparsat.node.wire.rpc.INSTANCE, a node's identity) is each process's own,
-and
-numpy's global generator is seeded afresh as in a new interpreter. A forked node ends the
-way multiprocessing ends a child, with os._exit once its command returns (streams flushed):
-atexit handlers do not run (sparsat registers none). SPARSAT_LAUNCH=exec starts every node
-as a fresh interpreter (`python -m sparsat.sim.cli`) instead. While the nodes start, the contact
-windows of an orbital scenario are computed in a thread (mission control then takes them
-from sparsat.sim.space.orbits' memo instead of computing them after the nodes are up).
+Each node is a `sparsat` node command (sparsat.sim.deploy.nodes) in a process of its own.
+Where the platform has it, the processes are forked from a multiprocessing fork server that
+has imported the third-party libraries the nodes use (torch, timm, gRPC...: ~3.5 CPU seconds
+a process) once, instead of each child importing them again: a constellation's sensor hosts
+start in a fraction of the time on a few cores. Only libraries are preloaded, and only
+imported (no gRPC channel, no torch work before a fork); sparsat's own modules are imported by
+each child (0.1 s), so their module-level state (sparsat.node.wire.rpc.INSTANCE, a node's
+identity) is each process's own, and numpy's global generator is seeded afresh as in a new
+interpreter. A forked node ends the way multiprocessing ends a child, with os._exit once its
+command returns (streams flushed): atexit handlers do not run (sparsat registers none).
+SPARSAT_LAUNCH=exec starts every node as a fresh interpreter (`python -m
+sparsat.sim.deploy.nodes`) instead. While the nodes start, the contact windows of an orbital
+scenario are computed in a thread (mission control then takes them from
+sparsat.sim.space.orbits' memo instead of computing them after the nodes are up).
 """
 
 from __future__ import annotations
@@ -64,9 +64,8 @@ def _forkserver() -> multiprocessing.context.BaseContext | None:
 def _node_main(name: str, args: list[str], log_path: str, cwd: str,
                env: dict[str, str]) -> None:
     """A forked node: the launcher's environment and directory, output to its log, then the
-    `sparsat` command line, as `python -m sparsat.sim.cli ARGS` would run it. Its command line in
-    `ps`
-    is the fork server's; its name (`ps -o comm`, top) is the node's."""
+    node command line, as `python -m sparsat.sim.deploy.nodes ARGS` would run it. Its command
+    line in `ps` is the fork server's; its name (`ps -o comm`, top) is the node's."""
     try:
         Path("/proc/self/comm").write_text(name[:15])  # Linux: the kernel's 15-byte name
     except OSError:
@@ -83,7 +82,7 @@ def _node_main(name: str, args: list[str], log_path: str, cwd: str,
     import numpy as np
 
     np.random.seed()  # as a new interpreter would: not the fork server's state
-    from sparsat.sim.cli import main
+    from sparsat.sim.deploy.nodes import main
 
     code = main(args)
     sys.stdout.flush()
@@ -124,9 +123,10 @@ Proc = subprocess.Popen[bytes] | ForkedNode
 
 
 def start_node(name: str, args: list[str], log_path: Path) -> Proc:
-    """`sparsat ARGS` as a node process logging to `log_path`: forked from the fork server
-    that has imported the libraries once (a start costs ~0.1 CPU s, not the ~3.5 s of
-    importing torch again), or a fresh interpreter where there is none (SPARSAT_LAUNCH=exec)."""
+    """`sparsat ARGS`, a node command (ground-station, node sensor|trainer), as a node
+    process logging to `log_path`: forked from the fork server that has imported the
+    libraries once (a start costs ~0.1 CPU s, not the ~3.5 s of importing torch again), or a
+    fresh interpreter where there is none (SPARSAT_LAUNCH=exec)."""
     ctx = _forkserver()
     if ctx is not None:
         process = ctx.Process(  # type: ignore[attr-defined]
@@ -135,8 +135,8 @@ def start_node(name: str, args: list[str], log_path: Path) -> Proc:
         process.start()
         return ForkedNode(process)
     with open(log_path, "wb") as log:  # the child has its own copy of the descriptor
-        return subprocess.Popen([sys.executable, "-m", "sparsat.sim.cli", *args], stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return subprocess.Popen([sys.executable, "-m", "sparsat.sim.deploy.nodes", *args],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
 class LaunchError(RuntimeError):
