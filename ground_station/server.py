@@ -31,9 +31,10 @@ from sparsat.ground_station.store import NodeRecord, SampleStore
 from sparsat.node.data.config import SensorSetup
 from sparsat.node.data.datasets import load_dataset, split_size
 from sparsat.node.data.sharding import assign, owners
+from sparsat.node.data.tiles import tile_edges
 from sparsat.node.models import encoders
 from sparsat.node.wire import control, downlink
-from sparsat.node.wire.codec import CodecError, tile_edges
+from sparsat.node.wire.codec import CodecError
 from sparsat.node.wire.rpc import (
     INSTANCE,
     ByteCounter,

@@ -24,7 +24,7 @@ from sparsat.node.data.clouds import (
     scene_clouds,
     token_cover,
 )
-from sparsat.node.wire.codec import tile_edges
+from sparsat.node.data.tiles import tile_edges
 
 # ---- exact cover ----------------------------------------------------------------------------
 
@@ -180,7 +180,7 @@ def test_token_cover_is_a_fraction_whose_weighted_mean_is_the_cover(
 
 
 def test_one_cloudy_tile_covers_its_token_only() -> None:
-    height, width, grid = 30, 45, 4  # uneven tiles: edges from codec.tile_edges
+    height, width, grid = 30, 45, 4  # uneven tiles: edges from tiles.tile_edges
     ys, xs = tile_edges(height, grid), tile_edges(width, grid)
     mask = np.zeros((height, width), dtype=bool)
     mask[ys[2] : ys[3], xs[1] : xs[2]] = True

@@ -17,8 +17,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from sparsat.node.data.config import SensorSetup  # noqa: E402
+from sparsat.node.data.tiles import tile_edges  # noqa: E402
 from sparsat.node.wire import downlink, setup  # noqa: E402
-from sparsat.node.wire.codec import encode_patches, quantize_token, tile_edges  # noqa: E402
+from sparsat.node.wire.codec import encode_patches, quantize_token  # noqa: E402
 from sparsat.node.wire.rpc import GRPC_FRAME_BYTES  # noqa: E402
 from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb  # noqa: E402
 

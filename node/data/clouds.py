@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsat.node.wire.codec import tile_edges
+from sparsat.node.data.tiles import tile_edges
 
 # Calibrated by measurement: edge_dimension of 512x512 masks at cover 0.5, seeds 0-3 with 48
 # masks each, gives D = 1.330 (1.321 to 1.336 per seed), Lovejoy's value; 0.47 gives 1.344.
@@ -119,7 +119,7 @@ def cloud_field(height: int, width: int, roughness: float, rng: np.random.Genera
 
 
 def cover_pixels(cover: float, height: int, width: int) -> int:
-    # Round half up like codec.tile_edges, so other implementations reproduce the count.
+    # Round half up like tiles.tile_edges, so other implementations reproduce the count.
     return int(math.floor(cover * height * width + 0.5))
 
 

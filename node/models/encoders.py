@@ -178,7 +178,7 @@ class Encoder(nn.Module):
     def preprocess_each(self, canvases: Sequence[np.ndarray]) -> torch.Tensor:
         """preprocess() for canvases whose sizes may differ (an imagefolder of mixed
         sizes): each is resized to the encoder's input on its own. The sensor tiled it into
-        the g x g token grid in proportion to its own size (sparsat.node.wire.codec.tile_edges), so
+        the g x g token grid in proportion to its own size (sparsat.node.data.tiles.tile_edges), so
         after
         the resize its tile i is the encoder's patch i, whatever its native size."""
         if len({c.shape for c in canvases}) <= 1:

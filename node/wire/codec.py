@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sparsat.node.data.tiles import tile_edges
+
 
 class CodecError(ValueError):
     """A payload whose fields do not describe a valid image or token."""
@@ -25,12 +27,6 @@ class PatchData:
     grid: int
     visible_idx: np.ndarray  # (L,) uint16, sorted, unique
     pixels: bytes  # uint8 tiles (h, w, C) concatenated in visible_idx order
-
-
-def tile_edges(size: int, grid: int) -> np.ndarray:
-    # Round half up, floor(x + 0.5): np.round and Python's round() round half to even, which
-    # is harder to reproduce exactly in other languages.
-    return np.floor(np.arange(grid + 1) * size / grid + 0.5).astype(np.int64)
 
 
 def tile_sizes(height: int, width: int, grid: int) -> np.ndarray:
