@@ -25,6 +25,7 @@ from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 from sparsat.sim.mission.control import MissionControl
 from sparsat.sim.mission.ground_client import MissionError
 from sparsat.sim.mission.hosts import MAX_REPORT_BYTES, _SensorCalls
+from sparsat.sim.mission.satellite import Passes, fixed_rate
 from sparsat.sim.scenario.schema import Scenario
 from sparsat.sim.space.links import Link, PeriodicPasses
 
@@ -372,8 +373,9 @@ def test_mission_control_refuses_a_transmit_report_that_cannot_be_true(
                    {"host-0": Hostile(**fields)})
     try:
         with pytest.raises(MissionError) as e:
-            mc.env.run(until=mc.env.process(mc.satellite(
-                "sat-0", link, PeriodicPasses(100, 50, 0), tqdm(disable=True))))
+            mc.env.run(until=mc.env.process(mc.downlink.fly(
+                "sat-0", Passes(PeriodicPasses(100, 50, 0)), fixed_rate(link), link,
+                tqdm(disable=True))))
     finally:
         mc.gs_channel.close()
     assert "sensor host host-0 at 10.0.0.7:5" in str(e.value) and match in str(e.value)

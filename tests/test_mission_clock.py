@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 from sparsat.sim.mission.control import MissionControl
+from sparsat.sim.mission.satellite import Passes, fixed_rate
 from sparsat.sim.scenario.schema import Scenario
 from sparsat.sim.space.links import Link, PeriodicPasses
 
@@ -35,7 +36,8 @@ def _fly(links: dict[str, Any], sensor: OneBatch, **sensors: Any) -> tuple[Missi
     link = Link(mc.env, "downlink:sat-0", down.rate_bps, down.latency_s)
     bar = tqdm(disable=True)
     mc.use_sensors({"sat-0": pb.NodeInfo(node_id="host-0")}, {"host-0": sensor})
-    mc.env.run(until=mc.env.process(mc.satellite("sat-0", link, PeriodicPasses(100, 50, 0), bar)))
+    mc.env.run(until=mc.env.process(mc.downlink.fly(
+        "sat-0", Passes(PeriodicPasses(100, 50, 0)), fixed_rate(link), link, bar)))
     mc.gs_channel.close()
     return mc, link
 

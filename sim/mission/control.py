@@ -6,9 +6,10 @@ and the scenario's throughputs (deterministic; the measured wall time is recorde
 a satellite's on-board encoding (CLS payloads) runs from the start and a sample cannot leave
 before it is encoded; the ground station's encoder stage runs after the downlink; each
 training job's local steps run between its request and its reply. Phases: downlink (each
-satellite sends inside its contact windows until its shard is delivered), encoding at the
-ground station, then training epochs whose dataset uploads and rounds are charged on the
-ground-trainer links.
+satellite sends inside its contact windows until its shard is delivered: one process per
+satellite, `sparsat.sim.mission.satellite`, fed by its periodic passes or its SGP4 contact
+windows), encoding at the ground station, then training epochs whose dataset uploads and
+rounds are charged on the ground-trainer links.
 
 After the downlink and after every epoch, the mission's state (clock, tallies, history) is
 written to `state_file`; `resume=True` continues from it: the downlink is not repeated, and
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from collections.abc import Callable, Generator
 from dataclasses import asdict
@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 import simpy
 from tqdm import tqdm
 
@@ -43,17 +42,16 @@ from sparsat.sim.mission.ground_client import (
     health,
     wait_serving,
 )
-from sparsat.sim.mission.hosts import HostDown, SensorHosts
+from sparsat.sim.mission.hosts import SensorHosts
+from sparsat.sim.mission.satellite import Contacts, Downlink, Passes, RangeRate, fixed_rate
 from sparsat.sim.mission.tally import Tally
 from sparsat.sim.scenario.schema import Scenario
 from sparsat.sim.space import orbits
-from sparsat.sim.space.links import C_KM_S, Link, LinkBudget, PeriodicPasses, retransmitted
+from sparsat.sim.space.links import Link, LinkBudget, PeriodicPasses
 
 __all__ = ["Deadlines", "MissionControl", "MissionError", "Tally"]
 
 DEADLINES = Deadlines()
-
-MAX_DOWNLINK_FAILURES = 5  # consecutive failed streams before a satellite gives up
 
 log = logging.getLogger("sparsat.mission")
 
@@ -62,8 +60,8 @@ class MissionControl:
     """The mission on its SimPy clock: the satellites' downlink, the ground station's encoder
     stage and the training epochs, tallied. The ground station is called through `gs`
     (sparsat.sim.mission.ground_client: deadlines, retries, restarts), the sensor hosts through
-    `hosts`
-    (sparsat.sim.mission.hosts: Transmit, hosts that go away and come back)."""
+    `hosts` (sparsat.sim.mission.hosts: Transmit, hosts that go away and come back); each
+    satellite's process runs in `downlink` (sparsat.sim.mission.satellite)."""
 
     def __init__(self, scenario: Scenario, ground_station: str, show_progress: bool = True,
                  alive: Callable[[], None] = lambda: None, state_file: Path | None = None,
@@ -72,9 +70,6 @@ class MissionControl:
                  deadlines: Deadlines = DEADLINES):
         self.s = scenario
         self.d = deadlines
-        self._epoch = scenario.orbits.epoch if scenario.orbits else None
-        self._sites: dict[str, orbits.Station] = {}
-        self._budget: LinkBudget | None = None
         self.on_epoch = on_epoch  # called with each epoch's history entry, once it is saved
         self.alive = alive  # raises when a locally launched node has died
         self.ground_station = ground_station
@@ -83,7 +78,6 @@ class MissionControl:
         self.tally = Tally()
         self.epochs_done = 0
         self.saved_links: dict[str, int] = {}
-        self._onboard_ready: dict[str, float] = {}  # satellite -> its encoder's backlog end
         now = 0.0
         if resume:
             now = self._load_state()
@@ -93,134 +87,14 @@ class MissionControl:
         self.gs = GroundStationClient(ground_station, scenario, self.tally, deadlines, alive,
                                       show_progress)
         self.hosts = SensorHosts(self.env, scenario, self.tally, self.gs, deadlines)
+        # the satellites' processes (sparsat.sim.mission.satellite); Transmit through here
+        self.downlink = Downlink(self.env, scenario, self.tally, self.hosts, self.gs, deadlines,
+                                 self._transmit)
 
     @property
     def gs_channel(self) -> grpc.Channel:
         """The channel to the ground station (tests and benches close it themselves)."""
         return self.gs.channel
-
-    # ---- actors -----------------------------------------------------------------------------
-
-    def satellite(self, sat_id: str, link: Link, passes: PeriodicPasses, bar: tqdm
-                  ) -> Generator[simpy.Event, Any, None]:
-        env, down = self.env, self.s.links.downlink
-        rng = random.Random(f"{self.s.seed}-loss-{sat_id}")
-        failures = 0
-        self.hosts.active.add(sat_id)
-        try:
-            while True:
-                start, end = passes.window_at(env.now)
-                if env.now < start:
-                    yield env.timeout(start - env.now)
-                # the budget leaves room for the expected resends of lost frames
-                budget = int(link.capacity(end - env.now) * (1 - down.loss))
-                try:
-                    report = self._transmit(sat_id, budget)
-                except HostDown as e:
-                    log.warning("%s: %s; the other satellites go on", sat_id, e)
-                    back = yield from self.hosts.await_host(
-                        sat_id, lambda: passes.window_at(passes.window_at(env.now)[1])[0])
-                    if not back:
-                        return
-                    continue
-                sent = self._count(sat_id, report, bar)
-                yield from self._onboard(sat_id, report)
-                # each batch, then its ack: the satellite's radio is half duplex
-                for size in _on_link(report):
-                    yield env.process(link.transfer(self._on_air(size, rng)))
-                if report.error_code:
-                    failures = self._check_failure(sat_id, report, failures + 1)
-                    continue  # unacked samples stay queued: try again in what is left of the pass
-                failures = 0
-                if report.remaining == 0:
-                    return
-                if not sent:
-                    if report.next_bytes > link.capacity(passes.duration_s):
-                        raise MissionError(
-                            f"{sat_id}: a {report.next_bytes}-byte sample never fits a pass "
-                            f"({link.capacity(passes.duration_s)} bytes)")
-                    yield env.timeout(end - env.now)  # the rest of this pass is too short
-        finally:
-            self.hosts.active.discard(sat_id)
-
-    def satellite_in_orbit(self, sat: orbits.Satellite, radio: Link,
-                           windows: list[orbits.Contact],
-                           antennas: dict[str, simpy.Resource], bar: tqdm
-                           ) -> Generator[simpy.Event, Any, None]:
-        """Transmit only inside contact windows, on one of the station's antennas (queued
-        when other satellites hold them), at the rate the range allows at each call. While
-        its sensor host is unreachable, its windows go by unused."""
-        env, t, down = self.env, self.tally, self.s.links.downlink
-        rng = random.Random(f"{self.s.seed}-loss-{sat.name}")
-        failures = 0
-        self.hosts.active.add(sat.name)
-        try:
-            for c in windows:
-                if env.now >= c.end_s:
-                    continue
-                if env.now < c.start_s:
-                    yield env.timeout(c.start_s - env.now)
-                if not self.hosts.host_back(sat.name):
-                    if self.hosts.active - self.hosts.waiting - {sat.name}:
-                        continue  # the others go on: try again at the next window
-                    if not self.hosts.wait_alone(sat.name):
-                        return
-                self.hosts.waiting.discard(sat.name)
-                station = t.stations[c.station]
-                asked = env.now
-                req = antennas[c.station].request()
-                got = yield req | env.timeout(c.end_s - env.now)
-                station["queued_s"] += env.now - asked
-                if req not in got:  # every antenna stayed busy until the window closed
-                    req.cancel()
-                    continue
-                try:
-                    while env.now < c.end_s:
-                        rate, latency = self._radio(sat, c.station, env.now)
-                        # the budget leaves room for the expected resends of lost frames
-                        budget = int((c.end_s - env.now - latency) * rate / 8 * (1 - down.loss))
-                        if budget <= 0:
-                            break
-                        try:
-                            report = self._transmit(sat.name, budget)
-                        except HostDown as e:
-                            log.warning("%s: %s; the other satellites go on", sat.name, e)
-                            self.hosts.waiting.add(sat.name)
-                            break
-                        sent = self._count(sat.name, report, bar)
-                        yield from self._onboard(sat.name, report)
-                        # each batch, then its ack, each with the link's latency (half duplex)
-                        sizes = [self._on_air(size, rng) for size in _on_link(report)]
-                        on_air = sum(sizes)
-                        if on_air:
-                            seconds = latency * len(sizes) + 8.0 * on_air / rate
-                            radio.bytes += on_air
-                            radio.busy_s += seconds
-                            station["bytes"] += on_air
-                            station["busy_s"] += seconds
-                            yield env.timeout(seconds)
-                        if report.error_code:
-                            failures = self._check_failure(sat.name, report, failures + 1)
-                            continue
-                        failures = 0
-                        if report.remaining == 0:
-                            return
-                        if not sent:
-                            break  # the next sample does not fit in what is left of this window
-                finally:
-                    antennas[c.station].release(req)
-            if not self.hosts.host_back(sat.name):
-                self.hosts.give_up(sat.name)
-                return
-            remaining = self.hosts.remaining.get(sat.name, -1)
-            horizon = self.s.orbits.horizon_h if self.s.orbits else 0
-            raise MissionError(
-                f"{sat.name}: {remaining if remaining >= 0 else 'all'} samples still queued "
-                f"after its last contact window ({horizon:g} h computed): raise "
-                "orbits.horizon_h, the link rate or the number of stations")
-        finally:
-            self.hosts.active.discard(sat.name)
-            self.hosts.waiting.discard(sat.name)
 
     # ---- sensor hosts: calls with deadlines, outages ------------------------------------------
 
@@ -232,71 +106,6 @@ class MissionControl:
     def _transmit(self, sat_id: str, budget: int) -> pb.TransmitReport:
         """Every Transmit of the mission goes through here (tests hook it to inject faults)."""
         return self.hosts.transmit(sat_id, budget)
-
-    def _radio(self, sat: orbits.Satellite, station: str, now: float) -> tuple[float, float]:
-        """(rate bit/s, latency s) from the slant range at `now`."""
-        down = self.s.links.downlink
-        assert self._epoch is not None
-        pos = orbits.ecef_positions_km([sat], self._epoch, np.array([now]))[0]
-        rng_km = float(orbits.slant_range_km(pos, self._sites[station])[0])
-        rate = self._budget.rate_bps(rng_km) if self._budget is not None else down.rate_bps
-        return rate, rng_km / C_KM_S + down.latency_s
-
-    def _on_air(self, delivered: int, rng: random.Random) -> int:
-        """Bytes on the air to deliver `delivered` over the lossy downlink; resends tallied."""
-        down = self.s.links.downlink
-        on_air = retransmitted(delivered, down.loss, down.frame_bytes, rng)
-        self.tally.retransmitted_bytes += on_air - delivered
-        return on_air
-
-    def _onboard(self, sat_id: str, report: pb.TransmitReport
-                 ) -> Generator[simpy.Event, Any, None]:
-        """On-board encoding (CLS payloads) runs back to back from the start of the mission:
-        what this call sent cannot leave before the satellite has encoded it."""
-        if not report.encode_flops:
-            return
-        c = self.tally.compute["onboard_encoder"]
-        seconds = report.encode_flops / self.s.sensors.onboard_flops
-        c["flops"] += report.encode_flops
-        c["sim_s"] += seconds
-        c["wall_s"] += report.encode_s
-        ready = self._onboard_ready.get(sat_id, 0.0) + seconds
-        self._onboard_ready[sat_id] = ready
-        if ready > self.env.now:
-            yield self.env.timeout(ready - self.env.now)
-
-    def _count(self, sat_id: str, report: pb.TransmitReport, bar: tqdm) -> int:
-        t = self.tally
-        if not report.error_code:
-            self.hosts.remaining[sat_id] = report.remaining
-        t.cloudy_skipped += report.skipped
-        bar.update(report.skipped)
-        sent = sum(report.batch_bytes)
-        t.downlink_bytes += sent
-        t.uplink_bytes += sum(report.ack_bytes)
-        t.downlink_messages += report.sent
-        t.downlink_batches += len(report.batch_bytes)
-        t.duplicates += report.duplicates
-        t.rejected += report.rejected
-        t.rejections += list(report.rejections)[: max(0, 16 - len(t.rejections))]
-        bar.update(report.acked - report.duplicates)
-        return sent
-
-    def _check_failure(self, sat_id: str, report: pb.TransmitReport, failures: int) -> int:
-        """A Transmit whose stream to the ground station failed: the consecutive failures
-        so far. A ground station that is not there (UNAVAILABLE: restarting) is waited for,
-        gs_retry_s at most, and does not count toward MAX_DOWNLINK_FAILURES."""
-        self.tally.downlink_failures += 1
-        if report.error_code == grpc.StatusCode.UNAVAILABLE.value[0]:
-            log.warning("%s: the sensor host could not reach the ground station (%s); waiting "
-                        "for %s", sat_id, report.error, self.ground_station)
-            self.gs.describe()  # retried while UNAVAILABLE, a MissionError after gs_retry_s
-            time.sleep(self.d.host_poll_s)  # its channel to the ground station reconnects
-            return 0
-        if report.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0] \
-                or failures > MAX_DOWNLINK_FAILURES:
-            raise MissionError(f"{sat_id}: downlink failed: {report.error}")
-        return failures
 
     def training(self, downlink_done: simpy.Event, links: dict[str, Link], bar: tqdm
                  ) -> Generator[simpy.Event, Any, None]:
@@ -436,20 +245,22 @@ class MissionControl:
         return float(state["sim_time_s"])
 
     def _orbital_processes(self, dlinks: dict[str, Link], bar: tqdm) -> list[simpy.Process]:
+        """A satellite process per satellite of the constellation, in its contact windows."""
         s, o = self.s, self.s.orbits
         assert o is not None
         sats = orbits.constellation(s)
-        sites = orbits.stations(s)
-        self._sites = {st.name: st for st in sites}
-        b = s.links.downlink.budget
-        self._budget = (LinkBudget(b.frequency_hz, b.eirp_dbw, b.gt_dbk, b.bandwidth_hz,
-                                   s.links.downlink.rate_bps, b.losses_db) if b else None)
+        stations = orbits.stations(s)
+        sites = {st.name: st for st in stations}
+        down = s.links.downlink
+        b = down.budget
+        budget = (LinkBudget(b.frequency_hz, b.eirp_dbw, b.gt_dbk, b.bandwidth_hz,
+                             down.rate_bps, b.losses_db) if b else None)
         t0 = time.monotonic()
-        windows = orbits.contact_windows(sats, sites, o.epoch, o.horizon_h * 3600.0, o.step_s,
+        windows = orbits.contact_windows(sats, stations, o.epoch, o.horizon_h * 3600.0, o.step_s,
                                          o.tolerance_s)
         self.tally.stage_wall_s["contacts"] += time.monotonic() - t0
-        antennas = {st.name: simpy.Resource(self.env, capacity=st.antennas)
-                    for st in o.stations}
+        self.downlink.antennas = {st.name: simpy.Resource(self.env, capacity=st.antennas)
+                                  for st in o.stations}
         for st in o.stations:
             self.tally.stations[st.name] = {
                 "antennas": st.antennas, "bytes": 0, "busy_s": 0.0, "queued_s": 0.0,
@@ -457,8 +268,22 @@ class MissionControl:
         per_sat: dict[str, list[orbits.Contact]] = {sat.name: [] for sat in sats}
         for c in windows:
             per_sat[c.satellite].append(c)
-        return [self.env.process(self.satellite_in_orbit(
-            sat, dlinks[sat.name], per_sat[sat.name], antennas, bar)) for sat in sats]
+        return [self.env.process(self.downlink.fly(
+            sat.name, Contacts(per_sat[sat.name]),
+            RangeRate(sat, o.epoch, sites, budget, down.rate_bps, down.latency_s),
+            dlinks[sat.name], bar)) for sat in sats]
+
+    def _passes_processes(self, dlinks: dict[str, Link], bar: tqdm) -> list[simpy.Process]:
+        """A satellite process per satellite on periodic passes, staggered unless the
+        scenario gives their offset."""
+        p, satellites = self.s.passes, self.s.sensors.ids()
+        procs = []
+        for i, sat in enumerate(satellites):
+            offset = p.offset_s if p.offset_s is not None else i * p.period_s / len(satellites)
+            passes = Passes(PeriodicPasses(p.period_s, p.duration_s, offset))
+            procs.append(self.env.process(self.downlink.fly(
+                sat, passes, fixed_rate(dlinks[sat]), dlinks[sat], bar)))
+        return procs
 
     def _round_trip(self, link: Link, w: Any) -> Generator[simpy.Event, Any, None]:
         yield self.env.process(link.transfer(w.sent))
@@ -507,14 +332,10 @@ class MissionControl:
         copies = s.training.epochs if s.sensors.mask.kind == "random" else 1
         bar = tqdm(total=s.dataset.train_subset and s.dataset.train_subset * copies,
                    desc="downlink", unit="sample", disable=not self.show_progress)
-        p = s.passes
-        sats = []
-        if s.orbits is not None and not self.resume:
-            sats = self._orbital_processes(dlinks, bar)
-        for i, sat in enumerate(satellites if not (self.resume or s.orbits) else []):
-            offset = p.offset_s if p.offset_s is not None else i * p.period_s / len(satellites)
-            passes = PeriodicPasses(p.period_s, p.duration_s, offset)
-            sats.append(self.env.process(self.satellite(sat, dlinks[sat], passes, bar)))
+        sats = []  # resuming, the downlink is done
+        if not self.resume:
+            sats = (self._orbital_processes(dlinks, bar) if s.orbits is not None
+                    else self._passes_processes(dlinks, bar))
         self._downlink_wall0 = time.monotonic()
         try:
             trainer = self.env.process(self.training(self.env.all_of(sats), tlinks, bar))
@@ -538,12 +359,3 @@ class MissionControl:
             wall_time_s=self.tally.wall_time_s + time.monotonic() - wall0,
             links=links, stats=stats, node_bytes=counted,
             unreachable=unreachable, nodes=listed))
-
-def _on_link(report: pb.TransmitReport) -> list[int]:
-    """The sizes a Transmit put on the radio, in order: each batch, then its ack."""
-    sizes: list[int] = []
-    for k, batch in enumerate(report.batch_bytes):
-        sizes.append(batch)
-        if k < len(report.ack_bytes):
-            sizes.append(report.ack_bytes[k])
-    return sizes

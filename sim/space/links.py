@@ -1,4 +1,5 @@
-"""SimPy link and pass models."""
+"""SimPy link and pass models: a point-to-point link that books every transfer's bytes and
+air time, periodic passes, a link budget, frame loss."""
 
 from __future__ import annotations
 
@@ -33,13 +34,18 @@ class Link:
         """Bytes that fit in one transfer of at most `seconds`."""
         return max(0, int((seconds - self.latency_s) * self.rate_bps / 8.0))
 
+    def book(self, nbytes: int, seconds: float) -> None:
+        """Charge `nbytes` on the air for `seconds` to the link (every transfer is booked
+        here: this link's own, and a satellite's in a contact window, timed by the rate there)."""
+        self.bytes += nbytes
+        self.busy_s += seconds
+
     def transfer(self, nbytes: int) -> Generator[simpy.Event, object, None]:
         with self.channel.request() as req:
             yield req
             seconds = self.duration(nbytes)
             yield self.env.timeout(seconds)
-            self.bytes += nbytes
-            self.busy_s += seconds
+            self.book(nbytes, seconds)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,338 @@
+"""One satellite's downlink on the mission clock: the one SimPy process every satellite runs.
+
+It is fed by a window source and a rate function:
+
+- a **window source** yields the satellite's contact windows: `Passes` (the placeholder pass
+  model, `sparsat.sim.space.links.PeriodicPasses`, the window found from the clock at each
+  call) or `Contacts` (the SGP4 contact windows of `sparsat.sim.space.orbits`, in order, each
+  over a ground station whose antennas the satellites share). Both are glue between the
+  physics of `sim/space/` and the process, so they live here;
+- a **rate function** gives the radio's rate (bit/s) and latency (s) at a time within a
+  window: the satellite's link's constant ones on passes (`fixed_rate`), from the slant range
+  and the link budget in contact windows (`RangeRate`).
+
+In each window, `Downlink.fly` repeats transmit (a byte budget of what fits in the rest of
+the window) -> count -> on-board encoding on the clock -> charge each batch and its ack ->
+failure handling, until its queue is empty. Link time is booked in one place,
+`Downlink.charge`. Passes and contact windows differ only where the mission always treated
+them differently (kept so that every figure stays the same): on a pass the budget is whole
+link bytes before the loss allowance, each message is its own transfer on the satellite's
+link, a sample that does not fit waits out the pass (an error if it fits no pass), and an
+unreachable sensor host is waited for at the next passes; in a contact window the satellite
+first takes one of the station's antennas (queued), the rate is the one at the call's start,
+a call's messages hold the antenna together, and a satellite whose host is unreachable lets
+its windows go by until the host answers at the start of one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import grpc
+import numpy as np
+import simpy
+from simpy.resources.resource import Request
+from tqdm import tqdm
+
+from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.sim.mission.ground_client import Deadlines, GroundStationClient, MissionError
+from sparsat.sim.mission.hosts import HostDown, SensorHosts
+from sparsat.sim.mission.tally import Tally
+from sparsat.sim.scenario.schema import Scenario
+from sparsat.sim.space import orbits
+from sparsat.sim.space.links import C_KM_S, Link, LinkBudget, PeriodicPasses, retransmitted
+
+MAX_DOWNLINK_FAILURES = 5  # consecutive failed streams before a satellite gives up
+
+log = logging.getLogger("sparsat.mission")
+
+
+@dataclass(frozen=True)
+class Window:
+    """[start_s, end_s) of mission time; `station`: the ground station it is over (contact
+    windows), None for a pass on the satellite's own link."""
+
+    start_s: float
+    end_s: float
+    station: str | None = None
+
+
+RateFn = Callable[[Window, float], tuple[float, float]]  # (rate bit/s, latency s) at a time
+
+
+class Passes:
+    """Periodic passes: the window at `now` (the one open then, or else the next) is found
+    from the clock at every call."""
+
+    def __init__(self, passes: PeriodicPasses) -> None:
+        self.passes = passes
+
+    @property
+    def duration_s(self) -> float:
+        return self.passes.duration_s
+
+    def at(self, now: float) -> Window | None:
+        return Window(*self.passes.window_at(now))
+
+    def leave(self) -> None:
+        """Nothing to do: the next pass follows from the clock."""
+
+    def next_start(self, now: float) -> float:
+        """The start of the pass after the one at `now`."""
+        return self.passes.window_at(self.passes.window_at(now)[1])[0]
+
+
+class Contacts:
+    """A satellite's contact windows, in order of start: the window at hand until it ends or
+    the satellite leaves it, windows that ended meanwhile skipped; None after the last."""
+
+    def __init__(self, contacts: Sequence[orbits.Contact]) -> None:
+        self.windows = [Window(c.start_s, c.end_s, c.station) for c in contacts]
+        self._i = 0
+
+    def at(self, now: float) -> Window | None:
+        while self._i < len(self.windows) and now >= self.windows[self._i].end_s:
+            self._i += 1
+        return self.windows[self._i] if self._i < len(self.windows) else None
+
+    def leave(self) -> None:
+        self._i += 1
+
+
+def fixed_rate(link: Link) -> RateFn:
+    """A pass's rate: the link's, all along."""
+    return lambda w, t: (link.rate_bps, link.latency_s)
+
+
+class RangeRate:
+    """The rate the slant range from the window's station allows at `t` (the budget's
+    Shannon capacity, capped at the modem's rate; the modem's rate without a budget), and
+    the latency: range / c plus the radio's own."""
+
+    def __init__(self, sat: orbits.Satellite, epoch: datetime, sites: dict[str, orbits.Station],
+                 budget: LinkBudget | None, rate_bps: float, latency_s: float) -> None:
+        self.sat, self.epoch, self.sites = sat, epoch, sites
+        self.budget, self.rate_bps, self.latency_s = budget, rate_bps, latency_s
+
+    def __call__(self, w: Window, t: float) -> tuple[float, float]:
+        assert w.station is not None
+        pos = orbits.ecef_positions_km([self.sat], self.epoch, np.array([t]))[0]
+        rng_km = float(orbits.slant_range_km(pos, self.sites[w.station])[0])
+        rate = self.budget.rate_bps(rng_km) if self.budget is not None else self.rate_bps
+        return rate, rng_km / C_KM_S + self.latency_s
+
+
+class Downlink:
+    """What the satellites' processes share: the clock, the sensor hosts, the ground
+    station's antennas, the tally. `transmit` makes every Transmit of the mission (mission
+    control's, which tests hook to inject faults)."""
+
+    def __init__(self, env: simpy.Environment, scenario: Scenario, tally: Tally,
+                 hosts: SensorHosts, gs: GroundStationClient, deadlines: Deadlines,
+                 transmit: Callable[[str, int], pb.TransmitReport]) -> None:
+        self.env, self.s, self.tally = env, scenario, tally
+        self.hosts, self.gs, self.d = hosts, gs, deadlines
+        self.transmit = transmit
+        self.antennas: dict[str, simpy.Resource] = {}  # station -> its antennas (orbits)
+        self._onboard_ready: dict[str, float] = {}  # satellite -> its encoder's backlog end
+
+    def fly(self, sat_id: str, windows: Passes | Contacts, rate: RateFn, link: Link, bar: tqdm
+            ) -> Generator[simpy.Event, Any, None]:
+        """Transmit inside the satellite's windows until its queue is empty."""
+        env, down = self.env, self.s.links.downlink
+        passes = windows if isinstance(windows, Passes) else None
+        rng = random.Random(f"{self.s.seed}-loss-{sat_id}")
+        failures = 0
+        inside: Window | None = None  # the window entered (its antenna held)
+        held: Request | None = None
+        self.hosts.active.add(sat_id)
+        try:
+            while (w := windows.at(env.now)) is not None:
+                if w is not inside:
+                    self._release(inside, held)
+                    inside, held = None, None
+                    if env.now < w.start_s:
+                        yield env.timeout(w.start_s - env.now)
+                    if w.station is not None:
+                        if not self.hosts.host_back(sat_id):
+                            if self.hosts.active - self.hosts.waiting - {sat_id}:
+                                windows.leave()  # the others go on: try again next window
+                                continue
+                            if not self.hosts.wait_alone(sat_id):
+                                return
+                        self.hosts.waiting.discard(sat_id)
+                        held = yield from self._antenna(w)
+                        if held is None:  # every antenna stayed busy until the window closed
+                            windows.leave()
+                            continue
+                    inside = w
+                    if w.station is not None and env.now >= w.end_s:
+                        continue  # an antenna came free as the window closed
+                r, latency = rate(w, env.now)
+                # the budget leaves room for the expected resends of lost frames
+                room = (w.end_s - env.now - latency) * r / 8
+                if passes is not None:  # whole bytes of the link, then the allowance
+                    budget = int(max(0, int(room)) * (1 - down.loss))
+                else:
+                    budget = int(room * (1 - down.loss))
+                    if budget <= 0:
+                        windows.leave()
+                        continue
+                try:
+                    report = self.transmit(sat_id, budget)
+                except HostDown as e:
+                    log.warning("%s: %s; the other satellites go on", sat_id, e)
+                    if passes is not None:
+                        back = yield from self.hosts.await_host(
+                            sat_id, lambda: passes.next_start(env.now))
+                        if not back:
+                            return
+                    else:
+                        self.hosts.waiting.add(sat_id)
+                        windows.leave()
+                    continue
+                sent = self._count(sat_id, report, bar)
+                yield from self._onboard(sat_id, report)
+                sizes = [self._on_air(size, rng) for size in _on_link(report)]
+                yield from self.charge(link, w.station, sizes, r, latency)
+                if report.error_code:
+                    failures = self._check_failure(sat_id, report, failures + 1)
+                    continue  # unacked samples stay queued: try again in what is left
+                failures = 0
+                if report.remaining == 0:
+                    return
+                if not sent:  # the next sample does not fit in what is left of this window
+                    if passes is not None:
+                        if report.next_bytes > link.capacity(passes.duration_s):
+                            raise MissionError(
+                                f"{sat_id}: a {report.next_bytes}-byte sample never fits a "
+                                f"pass ({link.capacity(passes.duration_s)} bytes)")
+                        yield env.timeout(w.end_s - env.now)
+                    else:
+                        windows.leave()
+            self._release(inside, held)
+            inside, held = None, None
+            if not self.hosts.host_back(sat_id):
+                self.hosts.give_up(sat_id)
+                return
+            remaining = self.hosts.remaining.get(sat_id, -1)
+            horizon = self.s.orbits.horizon_h if self.s.orbits else 0
+            raise MissionError(
+                f"{sat_id}: {remaining if remaining >= 0 else 'all'} samples still queued "
+                f"after its last contact window ({horizon:g} h computed): raise "
+                "orbits.horizon_h, the link rate or the number of stations")
+        finally:
+            self._release(inside, held)
+            self.hosts.active.discard(sat_id)
+            self.hosts.waiting.discard(sat_id)
+
+    def charge(self, link: Link, station: str | None, sizes: list[int], rate: float,
+               latency: float) -> Generator[simpy.Event, Any, None]:
+        """The one place a satellite's transfers take link time: `sizes` on the air, each
+        batch then its ack (the radio is half duplex). On a pass each is a transfer on the
+        satellite's link (Link.transfer books it); in a contact window, where the rate is the
+        one at the call's start, they hold the station's antenna together for one latency
+        each plus their bits at that rate, booked on the link and the station."""
+        if station is None:
+            for size in sizes:
+                yield self.env.process(link.transfer(size))
+            return
+        on_air = sum(sizes)
+        if on_air:
+            seconds = latency * len(sizes) + 8.0 * on_air / rate
+            link.book(on_air, seconds)
+            booked = self.tally.stations[station]
+            booked["bytes"] += on_air
+            booked["busy_s"] += seconds
+            yield self.env.timeout(seconds)
+
+    def _antenna(self, w: Window) -> Generator[simpy.Event, Any, Request | None]:
+        """One of the window's station's antennas, queued for until the window closes (the
+        wait tallied), or None."""
+        assert w.station is not None
+        env = self.env
+        asked = env.now
+        req = self.antennas[w.station].request()
+        got = yield req | env.timeout(w.end_s - env.now)
+        self.tally.stations[w.station]["queued_s"] += env.now - asked
+        if req not in got:
+            req.cancel()
+            return None
+        return req
+
+    def _release(self, w: Window | None, held: Request | None) -> None:
+        if w is not None and held is not None:
+            assert w.station is not None
+            self.antennas[w.station].release(held)
+
+    def _on_air(self, delivered: int, rng: random.Random) -> int:
+        """Bytes on the air to deliver `delivered` over the lossy downlink; resends tallied."""
+        down = self.s.links.downlink
+        on_air = retransmitted(delivered, down.loss, down.frame_bytes, rng)
+        self.tally.retransmitted_bytes += on_air - delivered
+        return on_air
+
+    def _onboard(self, sat_id: str, report: pb.TransmitReport
+                 ) -> Generator[simpy.Event, Any, None]:
+        """On-board encoding (CLS payloads) runs back to back from the start of the mission:
+        what this call sent cannot leave before the satellite has encoded it."""
+        if not report.encode_flops:
+            return
+        c = self.tally.compute["onboard_encoder"]
+        seconds = report.encode_flops / self.s.sensors.onboard_flops
+        c["flops"] += report.encode_flops
+        c["sim_s"] += seconds
+        c["wall_s"] += report.encode_s
+        ready = self._onboard_ready.get(sat_id, 0.0) + seconds
+        self._onboard_ready[sat_id] = ready
+        if ready > self.env.now:
+            yield self.env.timeout(ready - self.env.now)
+
+    def _count(self, sat_id: str, report: pb.TransmitReport, bar: tqdm) -> int:
+        t = self.tally
+        if not report.error_code:
+            self.hosts.remaining[sat_id] = report.remaining
+        t.cloudy_skipped += report.skipped
+        bar.update(report.skipped)
+        sent = sum(report.batch_bytes)
+        t.downlink_bytes += sent
+        t.uplink_bytes += sum(report.ack_bytes)
+        t.downlink_messages += report.sent
+        t.downlink_batches += len(report.batch_bytes)
+        t.duplicates += report.duplicates
+        t.rejected += report.rejected
+        t.rejections += list(report.rejections)[: max(0, 16 - len(t.rejections))]
+        bar.update(report.acked - report.duplicates)
+        return sent
+
+    def _check_failure(self, sat_id: str, report: pb.TransmitReport, failures: int) -> int:
+        """A Transmit whose stream to the ground station failed: the consecutive failures
+        so far. A ground station that is not there (UNAVAILABLE: restarting) is waited for,
+        gs_retry_s at most, and does not count toward MAX_DOWNLINK_FAILURES."""
+        self.tally.downlink_failures += 1
+        if report.error_code == grpc.StatusCode.UNAVAILABLE.value[0]:
+            log.warning("%s: the sensor host could not reach the ground station (%s); waiting "
+                        "for %s", sat_id, report.error, self.gs.address)
+            self.gs.describe()  # retried while UNAVAILABLE, a MissionError after gs_retry_s
+            time.sleep(self.d.host_poll_s)  # its channel to the ground station reconnects
+            return 0
+        if report.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0] \
+                or failures > MAX_DOWNLINK_FAILURES:
+            raise MissionError(f"{sat_id}: downlink failed: {report.error}")
+        return failures
+
+
+def _on_link(report: pb.TransmitReport) -> list[int]:
+    """The sizes a Transmit put on the radio, in order: each batch, then its ack."""
+    sizes: list[int] = []
+    for k, batch in enumerate(report.batch_bytes):
+        sizes.append(batch)
+        if k < len(report.ack_bytes):
+            sizes.append(report.ack_bytes[k])
+    return sizes
