@@ -66,3 +66,20 @@ def mission_info(config_json: str, instance: str, prepared: bool, fingerprint: s
     and their fingerprint, the process, and what a restart may have lost."""
     return pb.MissionInfo(config_json=config_json, instance=instance, prepared=prepared,
                           fingerprint=fingerprint, rounds_done=rounds_done)
+
+
+# the Mission service's requests, as mission control sends them
+def describe_request() -> pb.DescribeRequest:
+    return pb.DescribeRequest()
+
+
+def stats_request() -> pb.StatsRequest:
+    return pb.StatsRequest()
+
+
+def prepare_request() -> pb.PrepareRequest:
+    return pb.PrepareRequest()
+
+
+def train_epoch_request(epoch: int) -> pb.TrainEpochRequest:
+    return pb.TrainEpochRequest(epoch=epoch)

@@ -70,6 +70,7 @@ def test_this_tree_keeps_every_contract(tmp_path: Path) -> None:
      {"pb2-in-serde"}),
     ("ground_station/ingest.py", "from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc",
      set()),
+    ("sim/mission/hosts.py", "import sparsat.proto.sparsat.v1.sparsat_pb2", {"pb2-in-serde"}),
     # imports for the type checker only are not imports
     ("sim/deploy/launcher.py", TYPE_CHECKING_ONLY.format("from sparsat.sim import cli"),
      set()),

@@ -1,5 +1,6 @@
 """protobuf for the control calls every node makes or answers: registration (Registry), the
-registry's listing, Health, and a sensor host's Transmit report. One of the node's serde
+registry's listing, Health, and a sensor host's Transmit (mission control's request, the
+host's report). One of the node's serde
 modules (tensors, downlink, setup, jobs, control): servicers and clients build these
 messages here and read them by their fields."""
 
@@ -48,6 +49,10 @@ def node_info(node_id: str, role: int | str, address: str, satellite_ids: Iterab
                        address=address, satellite_ids=satellite_ids, device=device)
 
 
+def list_nodes_request() -> pb.ListNodesRequest:
+    return pb.ListNodesRequest()
+
+
 def list_nodes_reply(nodes: Iterable[pb.NodeInfo]) -> pb.ListNodesReply:
     return pb.ListNodesReply(nodes=nodes)
 
@@ -67,3 +72,17 @@ def health_reply(node_id: str, role: int, bytes_received: int, bytes_sent: int,
 def transmit_report(satellite_id: str) -> pb.TransmitReport:
     """An empty TransmitReport for `satellite_id`, which the sensor host fills as it sends."""
     return pb.TransmitReport(satellite_id=satellite_id)
+
+
+def transmit_request(satellite_id: str, max_bytes: int, max_samples: int,
+                     batch_bytes: int) -> pb.TransmitRequest:
+    """Mission control's Transmit: send from `satellite_id`'s queue at most `max_bytes` of
+    wire bytes and `max_samples` samples, in batches of about `batch_bytes`."""
+    return pb.TransmitRequest(satellite_id=satellite_id, max_bytes=max_bytes,
+                              max_samples=max_samples, batch_bytes=batch_bytes)
+
+
+# the Sensor service's Transmit as a client calls it without the generated stub (its reply
+# sized before it is parsed: sparsat.node.wire.rpc.sized)
+serialize_transmit_request = pb.TransmitRequest.SerializeToString
+parse_transmit_report = pb.TransmitReport.FromString

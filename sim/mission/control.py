@@ -25,15 +25,15 @@ import time
 from collections.abc import Callable, Generator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import simpy
 from tqdm import tqdm
 
 from sparsat.ground_station.serde import pb_to_epoch
+from sparsat.node.wire.control import SENSOR
 from sparsat.node.wire.rpc import wait_ready
-from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 from sparsat.sim.mission import report
 from sparsat.sim.mission.ground_client import (
     Deadlines,
@@ -48,6 +48,9 @@ from sparsat.sim.mission.tally import Tally
 from sparsat.sim.scenario.schema import Scenario
 from sparsat.sim.space import orbits
 from sparsat.sim.space.links import Link, LinkBudget, PeriodicPasses
+
+if TYPE_CHECKING:
+    from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 
 __all__ = ["Deadlines", "MissionControl", "MissionError", "Tally"]
 
@@ -320,7 +323,7 @@ class MissionControl:
                                        s.training.num_workers)
         for n in nodes:  # registered is not yet serving: sensors register, then load data
             wait_serving(n, self.d, self.alive)
-        host_of = {sat: n for n in nodes if n.role == pb.SENSOR for sat in n.satellite_ids}
+        host_of = {sat: n for n in nodes if n.role == SENSOR for sat in n.satellite_ids}
         self.hosts.connect(host_of)
         down = s.links.downlink
         dlinks = {sat: Link(self.env, f"downlink:{sat}", down.rate_bps, down.latency_s)

@@ -19,15 +19,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from tqdm import tqdm
 
+from sparsat.ground_station import serde as gs_serde
 from sparsat.ground_station.config import config_tree, flatten
+from sparsat.node.wire import control
 from sparsat.node.wire.rpc import channel
 from sparsat.node.wire.security import GROUND_STATION
-from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 from sparsat.sim.scenario.configs import ground_station_config
 from sparsat.sim.scenario.schema import Scenario
 
 if TYPE_CHECKING:
+    from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
     from sparsat.sim.mission.tally import Tally
 
 REGISTER_TIMEOUT_S = 180.0
@@ -72,13 +74,13 @@ def wait_for_nodes(registry: pb_grpc.RegistryStub, satellites: list[str], traine
     while True:
         alive()
         try:
-            nodes = list(registry.ListNodes(pb.ListNodesRequest(), timeout=10).nodes)
+            nodes = list(registry.ListNodes(control.list_nodes_request(), timeout=10).nodes)
         except grpc.RpcError as e:  # a ground station restarting: not yet
             if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
                 raise
             nodes = []
-        hosted = {s for n in nodes if n.role == pb.SENSOR for s in n.satellite_ids}
-        n_trainers = sum(n.role == pb.TRAINER for n in nodes)
+        hosted = {s for n in nodes if n.role == control.SENSOR for s in n.satellite_ids}
+        n_trainers = sum(n.role == control.TRAINER for n in nodes)
         missing = [s for s in satellites if s not in hosted]
         if not missing and n_trainers >= trainers:
             return nodes
@@ -92,7 +94,7 @@ def health(address: str, timeout_s: float, peer: str) -> pb.HealthReply:
     """One Health call to a node, on a channel of its own."""
     ch = channel(address, peer=peer)
     try:
-        return pb_grpc.HealthStub(ch).Check(pb.HealthRequest(), timeout=timeout_s,
+        return pb_grpc.HealthStub(ch).Check(control.health_request(), timeout=timeout_s,
                                             wait_for_ready=True)
     finally:
         ch.close()
@@ -180,21 +182,21 @@ class GroundStationClient:
     def answers(self) -> bool:
         """Whether the ground station process answers at all (a quick Health call)."""
         try:
-            pb_grpc.HealthStub(self.channel).Check(pb.HealthRequest(), timeout=2.0)
+            pb_grpc.HealthStub(self.channel).Check(control.health_request(), timeout=2.0)
             return True
         except grpc.RpcError:
             return False
 
     def describe(self) -> pb.MissionInfo:
         return self.call("Describe", lambda: self.mission.Describe(
-            pb.DescribeRequest(), timeout=self.d.call_s))
+            gs_serde.describe_request(), timeout=self.d.call_s))
 
     def list_nodes(self) -> list[pb.NodeInfo]:
         return list(self.call("ListNodes", lambda: self.registry.ListNodes(
-            pb.ListNodesRequest(), timeout=self.d.call_s)).nodes)
+            control.list_nodes_request(), timeout=self.d.call_s)).nodes)
 
     def stats(self) -> pb.StatsReply:
-        return self.call("Stats", lambda: self.mission.Stats(pb.StatsRequest(),
+        return self.call("Stats", lambda: self.mission.Stats(gs_serde.stats_request(),
                                                              timeout=self.d.call_s))
 
     def wait_for_nodes(self, satellites: list[str], trainers: int) -> list[pb.NodeInfo]:
@@ -271,7 +273,7 @@ class GroundStationClient:
                 failed = None
             try:
                 report: pb.EpochReport = self.mission.TrainEpoch(
-                    pb.TrainEpochRequest(epoch=epoch), timeout=timeout)
+                    gs_serde.train_epoch_request(epoch), timeout=timeout)
             except grpc.RpcError as e:
                 if self.describe().instance == self.instance:
                     raise MissionError(
@@ -295,7 +297,7 @@ class GroundStationClient:
     def _prepare_once(self) -> tuple[int, float]:
         bars: dict[str, tqdm] = {}
         flops, wall_s = 0, 0.0
-        for update in self.mission.Prepare(pb.PrepareRequest(), timeout=self.d.prepare_s):
+        for update in self.mission.Prepare(gs_serde.prepare_request(), timeout=self.d.prepare_s):
             if update.stage == "encode train" and update.flops:
                 flops, wall_s = int(update.flops), float(update.wall_s)
             bar = bars.get(update.stage)

@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import simpy
 
+from sparsat.node.wire import control
 from sparsat.node.wire.rpc import MAX_MESSAGE_BYTES, channel, sized
-from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 from sparsat.sim.mission.ground_client import Deadlines, GroundStationClient, MissionError
 from sparsat.sim.scenario.schema import Scenario
 
 if TYPE_CHECKING:
+    from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
     from sparsat.sim.mission.tally import Tally
 
 TRANSMIT_MAX_SAMPLES = 4096  # samples per Transmit call: bounds one call's stream
@@ -80,8 +81,8 @@ class _SensorCalls:
 
     def __init__(self, ch: grpc.Channel) -> None:
         self.Transmit = ch.unary_unary(
-            "/sparsat.v1.Sensor/Transmit", request_serializer=pb.TransmitRequest.SerializeToString,
-            response_deserializer=sized(pb.TransmitReport.FromString, MAX_REPORT_BYTES))
+            "/sparsat.v1.Sensor/Transmit", request_serializer=control.serialize_transmit_request,
+            response_deserializer=sized(control.parse_transmit_report, MAX_REPORT_BYTES))
 
 
 class HostDown(Exception):
@@ -128,8 +129,8 @@ class SensorHosts:
         not answer (its first miss is remembered), MissionError on any other failure."""
         host = self.host_of[sat_id]
         timeout = self.d.transmit_s(budget)
-        request = pb.TransmitRequest(
-            satellite_id=sat_id, max_bytes=budget, max_samples=TRANSMIT_MAX_SAMPLES,
+        request = control.transmit_request(
+            sat_id, max_bytes=budget, max_samples=TRANSMIT_MAX_SAMPLES,
             batch_bytes=self.s.links.downlink.batch_size())
         try:
             answer = self.stubs[host.node_id].Transmit(request, timeout=timeout)
@@ -196,7 +197,7 @@ class SensorHosts:
         new = next((n for n in nodes if n.node_id == old.node_id), old)
         ch = channel(new.address, peer=new.node_id)
         try:
-            pb_grpc.HealthStub(ch).Check(pb.HealthRequest(), timeout=min(2.0, self.d.call_s))
+            pb_grpc.HealthStub(ch).Check(control.health_request(), timeout=min(2.0, self.d.call_s))
         except grpc.RpcError:
             ch.close()
             return False

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+from sparsat.node.wire.control import TRAINER
 from sparsat.sim.scenario.schema import Scenario, dump
 from sparsat.sim.space.links import Link
 
 if TYPE_CHECKING:
+    from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
     from sparsat.sim.mission.tally import Tally
 
 HISTORY_FIELDS = ("epoch", "accuracy", "test_loss", "train_loss", "bytes_total", "sim_time_s")
@@ -81,7 +82,7 @@ def assemble(o: Outcome) -> dict[str, Any]:
         # where training ran: each trainer's device (and threads, where it reports them),
         # and this process's torch threads
         "devices": {"trainers": {n.node_id: _device(n) for n in o.nodes
-                                 if n.role == pb.TRAINER},
+                                 if n.role == TRAINER},
                     "mission_control_threads": torch.get_num_threads()},
         "per_link_bytes": t.per_link,
         # busy time / mission time; stations: busy / (antennas x mission time)

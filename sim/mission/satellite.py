@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -40,13 +40,15 @@ import simpy
 from simpy.resources.resource import Request
 from tqdm import tqdm
 
-from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 from sparsat.sim.mission.ground_client import Deadlines, GroundStationClient, MissionError
 from sparsat.sim.mission.hosts import HostDown, SensorHosts
 from sparsat.sim.mission.tally import Tally
 from sparsat.sim.scenario.schema import Scenario
 from sparsat.sim.space import orbits
 from sparsat.sim.space.links import C_KM_S, Link, LinkBudget, PeriodicPasses, retransmitted
+
+if TYPE_CHECKING:
+    from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 
 MAX_DOWNLINK_FAILURES = 5  # consecutive failed streams before a satellite gives up
 
