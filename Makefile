@@ -107,7 +107,7 @@ gpu-pretrain: install data
 	    --baseline $(PRETRAIN_OUT)/probe_shipped.log --checkpoint $(PRETRAIN_OUT)/encoder.pt
 
 proto: install
-	$(PY) proto/codegen.py
+	$(PY) -m sparsat.proto.codegen
 
 lint: install $(TYPECHECK)/sparsat
 	$(VENV)/bin/ruff check .

@@ -13,19 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
 
-from bench import parse_args
+from sparsat.bench import parse_args
 from sparsat.node.data.masking import num_visible
 from sparsat.node.models import encoders
 from sparsat.node.models.encoders import Encoder

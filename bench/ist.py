@@ -34,7 +34,6 @@ import hashlib
 import json
 import os
 import socket
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -42,14 +41,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import grpc
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench import parse_args
+from sparsat.bench import parse_args
 from sparsat.ground_station.config import TrainingConfig
 from sparsat.ground_station.coordinator import Coordinator
 from sparsat.node.models.encoders import DEFAULT_ENCODER

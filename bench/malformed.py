@@ -29,8 +29,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import grpc
 import yaml
 
@@ -135,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         scenario = Path(tmp) / "s.yaml"
         scenario.write_text(yaml.safe_dump(SCENARIO))
         port_file = Path(tmp) / "port"
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        env = dict(os.environ)
         proc = subprocess.Popen(
             [sys.executable, "-m", "sparsat.sim.cli", "ground-station", "--scenario", str(scenario),
              "--listen", "127.0.0.1:0", "--store", str(Path(tmp) / "store"),

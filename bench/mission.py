@@ -42,9 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench import parse_args  # noqa: E402
+from sparsat.bench import parse_args  # noqa: E402
 from sparsat.sim.deploy.launcher import LocalCluster  # noqa: E402
 from sparsat.sim.mission import report  # noqa: E402
 from sparsat.sim.mission.control import MissionControl  # noqa: E402

@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from bench import parse_args
+from sparsat.bench import parse_args
 from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 from sparsat.sim.mission.control import MissionControl
 from sparsat.sim.scenario.schema import Scenario

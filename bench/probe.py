@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench import parse_args
+from sparsat.bench import parse_args
 from sparsat.ground_station.encoding import encode_split
 from sparsat.node.data.datasets import DatasetSpec, load_dataset
 from sparsat.node.data.masking import MaskSpec, stable_seed

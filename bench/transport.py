@@ -21,7 +21,6 @@ import contextlib
 import json
 import socket
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -29,12 +28,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import grpc
 import numpy as np
 
-from bench import parse_args
+from sparsat.bench import parse_args
 from sparsat.ground_station.config import GroundStationConfig
 from sparsat.ground_station.server import GroundStation, build_server
 from sparsat.node.data.config import PayloadKind, SensorConfig

@@ -2,7 +2,8 @@
 
 Each command's body lives in the room that does its job: `run` in sparsat.sim.mission.run,
 `contacts` in sparsat.sim.space.contacts, `sweep` in sparsat.sim.sweeps.sweep, `certs` in
-sparsat.sim.deploy.certs, the node commands (`ground-station`, `node sensor|trainer`) in
+sparsat.sim.deploy.certs, `pretrain` in sparsat.sim.deploy.pretrain, `clouds` in
+sparsat.sim.scenario.clouds, the node commands (`ground-station`, `node sensor|trainer`) in
 sparsat.sim.deploy.nodes, which a node the launcher starts runs without this module. Those
 modules are imported when their command runs: `sparsat --help` imports no torch.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from sparsat.sim.deploy import nodes
 
@@ -44,60 +44,15 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    import numpy as np
+    from sparsat.sim.deploy.pretrain import cmd_pretrain
 
-    from sparsat.node.data.datasets import DatasetSpec, load_dataset
-    from sparsat.node.models.encoders import config
-    from sparsat.node.models.pretrain import DecoderConfig, PretrainConfig, pretrain
-    from sparsat.node.models.training import resolve_device
-
-    resolve_device(args.device)  # an unavailable device fails before the dataset is read
-
-    cfg = PretrainConfig(encoder=args.encoder, dataset=args.dataset, epochs=args.epochs,
-                         batch_size=args.batch_size, lr=args.lr, mask_ratio=args.mask_ratio,
-                         seed=args.seed,
-                         decoder=DecoderConfig(args.decoder_dim, args.decoder_depth, 4),
-                         warmup_epochs=args.warmup_epochs,
-                         init=str(Path(args.init).resolve()) if args.init else None)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    data = load_dataset(DatasetSpec(args.dataset, root=args.data_root), "train")
-    size = config(args.encoder).img_size
-    if data.image_shape is None or data.image_shape[:2] != (size, size):
-        raise ValueError(f"pretraining needs {size}x{size} images; {args.dataset} has "
-                         f"{data.image_shape}")
-    # training images only, labels never read
-    images = np.stack([data.image(i) for i in range(len(data))])
-    out = pretrain(images, cfg, Path(args.out), stop_after=args.stop_after, device=args.device)
-    print(f"encoder weights: {out}" if out else "stopped; resume with the same command")
-    return 0
+    return cmd_pretrain(args)
 
 
 def cmd_clouds(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+    from sparsat.sim.scenario.clouds import cmd_clouds
 
-    args.size = args.size or [28, 256]
-    from sparsat.node.data.clouds import PRESETS, example_figure
-    from sparsat.sim.scenario.schema import load
-
-    if args.scenario:
-        scenario = load(args.scenario)
-        if scenario.sensors.mask.kind != "clouds":
-            raise ValueError(f"{args.scenario}: sensors.mask.kind is "
-                             f"{scenario.sensors.mask.kind}, not clouds")
-        spec = scenario.sensors.mask.cloud_spec()
-    else:
-        spec = PRESETS[args.preset]
-    if args.roughness is not None:
-        spec = replace(spec, roughness=args.roughness)
-    if args.n < 1 or any(s < 2 for s in args.size):
-        raise ValueError("--n must be >= 1 and every --size >= 2")
-    example_figure(Path(args.out), spec, n=args.n, sizes=tuple(args.size), seed=args.seed)
-    print(f"{args.n} example scenes ({spec.cover_mean:.2f} mean cover, {spec.clear_share:.2f} "
-          f"clear, {spec.overcast_share:.2f} overcast, roughness {spec.roughness}) in {args.out}")
-    return 0
+    return cmd_clouds(args)
 
 
 def parser() -> argparse.ArgumentParser:

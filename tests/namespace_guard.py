@@ -1,8 +1,8 @@
 """The sys.modules guard run after the suite (tests/conftest.py): no module of this repository
-may be loaded under a bare name (`node`, `sim`, `ground_station`, `proto`, or a submodule of
-one) beside its `sparsat.` name. Loaded twice, a module's process-wide state (the active
-credentials, the encoder and strategy registries) would be two. proto-plus's own `proto`
-(outside this repository) is not ours and is fine."""
+may be loaded under a bare name (`node`, `sim`, `ground_station`, `proto`, `bench`, or a
+submodule of one) beside its `sparsat.` name. Loaded twice, a module's process-wide state
+(the active credentials, the encoder and strategy registries) would be two. proto-plus's own
+`proto` (in site-packages, even of a venv inside the checkout) is not ours and is fine."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-BARE = ("node", "sim", "ground_station", "proto")
+BARE = ("node", "sim", "ground_station", "proto", "bench")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -25,12 +25,14 @@ def _files(module: object) -> list[str]:
 
 def bare_modules(modules: Mapping[str, object], root: Path = ROOT) -> list[str]:
     """The names in `modules` (sys.modules) that are a bare name of BARE, or a submodule of
-    one, whose file lies inside `root`."""
+    one, whose file lies inside that folder of `root` (root/node/... for node.x: not a
+    site-packages `proto` of a venv that lives inside the checkout)."""
     found = []
     for name, module in modules.items():
-        if name.partition(".")[0] not in BARE:
+        top = name.partition(".")[0]
+        if top not in BARE:
             continue
-        if any(Path(f).resolve().is_relative_to(root) for f in _files(module)):
+        if any(Path(f).resolve().is_relative_to(root / top) for f in _files(module)):
             found.append(name)
     return sorted(found)
 

@@ -383,7 +383,7 @@ def test_mission_control_refuses_a_transmit_report_that_cannot_be_true(
 
 
 def test_the_bench_runs_in_its_smoke_mode(tmp_path: Path) -> None:
-    from bench import malformed
+    from sparsat.bench import malformed
 
     res = malformed.main(["--smoke"])
     assert res["refused_all"] and res["answering_after"]

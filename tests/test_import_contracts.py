@@ -29,6 +29,7 @@ def _lint(tmp_path: Path, module: str | None = None, line: str = "") -> dict[str
     copy = tmp_path / "sparsat"
     shutil.copytree(ROOT, copy, ignore=lambda d, names: [  # the sources and pyproject.toml
         n for n in names if n.startswith(".") or n.endswith((".pt", ".pyc")) or n == "__pycache__"
+        or (Path(d) / n / "pyvenv.cfg").exists()  # a virtual environment (VENV=venv make test)
         or Path(d) == ROOT and n in ("runs", "tests", "scenarios", "docs", "sweeps", "build")])
     if module:
         with open(copy / module, "a") as f:
