@@ -37,6 +37,7 @@ from sparsat.node.wire import control, downlink
 from sparsat.node.wire.codec import CodecError
 from sparsat.node.wire.rpc import (
     INSTANCE,
+    MAX_CONTROL_BYTES,
     ByteCounter,
     abort,
     add_standard_services,
@@ -69,7 +70,6 @@ MAX_SEND_STREAMS_PER_CALLER = 4
 SEND_IDLE_S = 30.0
 CONTROL_WORKERS = 16
 MAX_REGISTER_BYTES = 1 << 20  # a RegisterRequest within the field limits is under 600 kB
-MAX_CONTROL_BYTES = 64 << 10  # any other call's request message (they carry a few fields)
 # Registration fields past these are refused (INVALID_ARGUMENT naming the limit); error
 # messages quote at most QUOTE_CHARS of an offending id, so a status always fits gRPC's
 # metadata limit (8 KiB) instead of turning into RESOURCE_EXHAUSTED on the client.

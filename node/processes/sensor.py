@@ -45,6 +45,7 @@ from sparsat.node.wire.codec import (
 )
 from sparsat.node.wire.rpc import (
     INSTANCE,
+    MAX_CONTROL_BYTES,
     ByteCounter,
     Outbox,
     abort,
@@ -70,7 +71,6 @@ CLS_BATCH = 64  # CLS payloads are encoded this many at a time
 SEND_TIMEOUT_S = 60.0  # one Transmit's stream, at most TRANSMIT_MAX_SAMPLES samples
 BATCH_BYTES = 64 * 1024  # default largest batch, its worst-case ack's room included
 MAX_REJECTIONS = 16  # reasons reported per Transmit
-MAX_CONTROL_BYTES = 64 << 10  # a Transmit or Health request message, at most
 # the largest ack of the largest batch: a bigger message is not parsed
 MAX_ACK_WIRE_BYTES = downlink.max_ack_bytes(downlink.MAX_BATCH_SAMPLES)
 SEND_METHOD = "/sparsat.v1.Downlink/Send"

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 GRPC_FRAME_BYTES = 5  # gRPC length-prefixed message: 1 flag byte + 4 length bytes
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # explicit, both directions; large tensors are chunked below
+# a control call's request message (Health, Transmit, Describe, Stats...: a few fields), at most;
+# servers size it before parsing (make_server's max_request_bytes)
+MAX_CONTROL_BYTES = 64 << 10
 CHUNK_BYTES = 1024 * 1024  # target size of one streamed dataset chunk
 
 _OPTIONS = [
