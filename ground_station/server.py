@@ -48,7 +48,7 @@ from sparsat.node.wire.rpc import (
     received_size,
     wire_size,
 )
-from sparsat.node.wire.security import Identity
+from sparsat.node.wire.security import RESERVED_NAMES, Identity
 from sparsat.node.wire.setup import setup_to_pb
 from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
@@ -286,6 +286,11 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                   f"register: the roles are SENSOR ({control.SENSOR}) and TRAINER "
                   f"({control.TRAINER})")
         _check_sizes(request, context)
+        if request.node_id in RESERVED_NAMES:  # nodes dial these names: never a node's
+            abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                  f"node id {quote(request.node_id)} is reserved for the "
+                  f"{RESERVED_NAMES[request.node_id]}; no sensor host or trainer may register "
+                  "under it")
         who = caller(context)
         if who is not None:  # the credentials decide who a node may register as
             role = {control.SENSOR: "sensor", control.TRAINER: "trainer"}.get(request.role)

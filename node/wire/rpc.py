@@ -350,11 +350,22 @@ def _authenticate(method: str, context: grpc.ServicerContext,
         identity = creds.verifier.verify(token)
     except AuthError as e:
         abort(context, grpc.StatusCode.UNAUTHENTICATED, f"bad credentials: {e}")
+    refusal = security.reserved_refusal(identity.name, identity.role)
+    if refusal:  # a token minted past `sparsat certs`' checks
+        abort(context, grpc.StatusCode.PERMISSION_DENIED, f"{identity.describe()}: {refusal}")
     if creds.mutual:
-        names = context.auth_context().get("x509_common_name", [])
+        auth = context.auth_context()
+        names = auth.get("x509_common_name", [])
         if [n.decode(errors="replace") for n in names] != [identity.name]:
             abort(context, grpc.StatusCode.UNAUTHENTICATED,
                   f"the client certificate does not belong to {identity.name}")
+        # the certificate's role too: a trainer's certificate named ground-station carrying
+        # the ground station's token is not the ground station
+        pems = auth.get("x509_pem_cert", [])
+        refusal = (security.client_cert_refusal(pems[0], identity) if len(pems) == 1
+                   else "the client certificate is missing")
+        if refusal:
+            abort(context, grpc.StatusCode.UNAUTHENTICATED, refusal)
     assert isinstance(admitted, frozenset)
     if identity.role not in admitted:
         abort(context, grpc.StatusCode.PERMISSION_DENIED,

@@ -19,7 +19,13 @@ method does not admit is PERMISSION_DENIED (ROLES below), and servicers see the 
 caller through `sparsat.node.wire.rpc.caller(context)` for finer checks (a sensor host sends only
 as its
 satellites). With mutual TLS (`mutual=True`), a client must also present a certificate of the
-deployment whose name equals its token's.
+deployment whose name and role (its OU) equal its token's.
+
+Clients see no more of a server's certificate than its name, so names are roles by
+construction: `ground-station` and `operator` (RESERVED_NAMES) belong to their roles alone.
+`sparsat certs` issues them to nothing else and no certificate carries another node's name,
+a node refuses credentials that break this, and servers refuse a token that does
+(PERMISSION_DENIED). A key or token file others may read is refused (check_private_file).
 
 Security is configured once per process (`configure`); the CLI requires credentials or an
 explicit `--insecure` (plaintext, no authentication: for a trusted network or a laptop).
@@ -28,9 +34,12 @@ explicit `--insecure` (plaintext, no authentication: for a trusted network or a 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
+import os
 import re
+import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,11 +48,16 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 TOKEN_PREFIX = "sparsat1"
 ROLE_NAMES = ("sensor", "trainer", "ground_station", "operator")
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 GROUND_STATION = "ground-station"  # the ground station's node name, as clients expect it
+OPERATOR = "operator"  # mission control's node name
+# Names clients dial by (channel(peer=...)): issued only with their role, never as another
+# node's name or SAN (sparsat certs), and refused by every server with any other role.
+RESERVED_NAMES = {GROUND_STATION: "ground_station", OPERATOR: "operator"}
 CREDENTIAL_FILES = ("ca.crt", "node.crt", "node.key", "token")
 
 # Who may call what: full method name -> roles admitted; None: anyone (no token needed).
@@ -75,6 +89,20 @@ def roles_for(method: str) -> frozenset[str] | None | bool:
     return False
 
 
+def reserved_refusal(name: str, role: str) -> str | None:
+    """Why `name` may not be a `role`'s (a name reserved for another role), else None."""
+    owner = RESERVED_NAMES.get(name)
+    if owner is not None and owner != role:
+        return f"the name {name!r} is reserved for the {owner} role, not a {role}'s"
+    return None
+
+
+def cert_role(cert: x509.Certificate) -> str:
+    """The role `sparsat certs` wrote into a certificate (its OU), "" when it has none."""
+    values = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    return str(values[0].value) if values else ""
+
+
 class AuthError(Exception):
     """A token or certificate that does not prove who the caller is."""
 
@@ -101,6 +129,14 @@ def bearer_token(values: list[str]) -> str:
 
 class CredentialsError(ValueError):
     """Credentials that cannot be used: missing files, another deployment, a bad key."""
+
+
+def check_private_file(path: Path) -> None:
+    """CredentialsError unless only its owner may read and write `path` (a key or a token)."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if os.name == "posix" and mode & 0o077:
+        raise CredentialsError(f"{path} is readable or writable by others (mode {mode:04o}): "
+                               f"it is a secret; run `chmod 600 {path}`")
 
 
 @dataclass(frozen=True)
@@ -214,10 +250,13 @@ class Credentials:
         for what, path in (("CA certificate", ca), ("certificate", cert), ("key", key)):
             try:
                 texts[what] = Path(path).read_bytes()
+                if what == "key":
+                    check_private_file(Path(path))
             except OSError as e:
                 raise CredentialsError(f"cannot read the {what} {path}: {e.strerror}") from e
         if isinstance(token, Path):
             try:
+                check_private_file(token)
                 token = token.read_text().strip()
             except OSError as e:
                 raise CredentialsError(f"cannot read the token {token}: {e.strerror}") from e
@@ -239,6 +278,10 @@ class Credentials:
         names = cert_names(node_cert)
         if identity.name not in names:
             raise CredentialsError(f"{cert} is for {names}, the token for {identity.name!r}")
+        refusal = reserved_refusal(identity.name, identity.role) or cert_refusal(
+            node_cert, identity)
+        if refusal:
+            raise CredentialsError(f"{cert}: {refusal}")
         return Credentials(texts["CA certificate"], texts["certificate"], texts["key"], token,
                            mutual, identity, verifier)
 
@@ -263,6 +306,38 @@ def cert_names(cert: x509.Certificate) -> list[str]:
         return [str(n) for n in san.value.get_values_for_type(x509.DNSName)]
     except x509.ExtensionNotFound:
         return []
+
+
+def cert_refusal(cert: x509.Certificate, identity: Identity) -> str | None:
+    """Why `cert` (the CA's) cannot go with `identity`'s token: its role differs from the
+    token's, or its names include a reserved name of another role; None when it can."""
+    role = cert_role(cert)
+    if role and role != identity.role:
+        return f"the certificate is a {role}'s, the token {identity.describe()}'s"
+    for name in cert_names(cert):
+        refusal = reserved_refusal(name, role or identity.role)
+        if refusal:
+            return f"the certificate names {name!r}: {refusal}"
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _peer_cert(pem: bytes) -> x509.Certificate | None:
+    try:
+        return x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        return None
+
+
+def client_cert_refusal(pem: bytes, identity: Identity) -> str | None:
+    """Why a verified client certificate (PEM, as mutual TLS handed it over) cannot go with
+    `identity`'s token (cert_refusal), else None; parsed once per certificate."""
+    cert = _peer_cert(pem)
+    if cert is None:
+        return "the client certificate is unreadable"
+    if identity.name not in cert_names(cert):
+        return f"the client certificate is for {cert_names(cert)}, the token for {identity.name}"
+    return cert_refusal(cert, identity)
 
 
 def check_name(name: str) -> str:

@@ -5,9 +5,16 @@
                                    one folder per node: copy it to the node's machine and
                                    start the node with --certs DIR/NODE
 
+    DIR/ca/issued.json             every node name issued from this CA: its role, its --san names
+
 Run again on the same DIR to add nodes: the CA is reused, existing node folders are replaced
 (a new key and token). Node names are those the local launcher uses for the scenario
 (ground-station, trainer-K, sensors-H, operator) unless given with --node.
+
+Clients check a server's certificate by name alone (gRPC Python shows them no more), so a
+name must mean one role: `ground-station` and `operator` are issued only with their roles,
+a name issued before keeps its role (re-issuing it with that role rotates its credentials),
+and no certificate carries another node's name as a --san (check_names).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,15 +34,22 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sparsat.node.wire.security import (
     GROUND_STATION,
+    OPERATOR,
+    RESERVED_NAMES,
     ROLE_NAMES,
+    AuthError,
     CredentialsError,
     Identity,
+    TokenVerifier,
+    cert_names,
     check_name,
+    check_private_file,
+    reserved_refusal,
 )
 from sparsat.node.wire.security import sign_token as _sign
 from sparsat.sim.scenario.schema import Scenario, load
 
-OPERATOR = "operator"
+ISSUED = "issued.json"  # beside the CA: {"nodes": {NAME: {"role": ROLE, "sans": [...]}}}
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,7 @@ def load_or_make_ca(out: Path, days: int = 365, name: str = "sparsat deployment 
                     ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key_path, cert_path = out / "ca" / "ca.key", out / "ca" / "ca.crt"
     if key_path.exists() and cert_path.exists():
+        check_private_file(key_path)
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise CredentialsError(f"{key_path} is not an EC key")
@@ -101,7 +117,8 @@ def _san(name: str, hosts: tuple[str, ...]) -> x509.SubjectAlternativeName:
 
 def issue(out: Path, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
           node: NodeSpec, days: int = 365) -> Path:
-    """Write DIR/NODE/{ca.crt,node.crt,node.key,token}; returns the folder."""
+    """Write DIR/NODE/{ca.crt,node.crt,node.key,token}; returns the folder. Checks the name
+    and role alone: make_deployment (`sparsat certs`) checks them against the other nodes."""
     check_name(node.name)
     if node.role not in ROLE_NAMES:
         raise CredentialsError(f"role must be one of {', '.join(ROLE_NAMES)}, got {node.role!r}")
@@ -156,10 +173,84 @@ def parse_node(text: str) -> NodeSpec:
     return NodeSpec(parts[1], role, sats)
 
 
+@dataclass(frozen=True)
+class Issued:
+    """A name issued from a CA: its role and the --san names its certificate carries."""
+
+    role: str
+    sans: tuple[str, ...] = ()
+
+
+def load_issued(out: Path, ca_cert: x509.Certificate) -> dict[str, Issued]:
+    """The names issued from the CA in `out`: its record, else (a CA folder made before
+    the record) the node folders beside it whose tokens the CA signed."""
+    path = out / "ca" / ISSUED
+    if path.exists():
+        try:
+            nodes = json.loads(path.read_text())["nodes"]
+            return {str(k): Issued(str(v["role"]), tuple(str(h) for h in v["sans"]))
+                    for k, v in nodes.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CredentialsError(f"{path} is unreadable ({e}); it records the names this "
+                                   "CA issued: restore it, or remove it to rebuild it from "
+                                   "the node folders") from e
+    verifier, record = TokenVerifier(ca_cert), dict[str, Issued]()
+    for token in sorted(out.glob("*/token")):
+        try:
+            who = verifier.verify(token.read_text().strip())
+            cert = x509.load_pem_x509_certificate((token.parent / "node.crt").read_bytes())
+        except (OSError, ValueError, AuthError):
+            continue
+        record[who.name] = Issued(who.role, tuple(h for h in cert_names(cert) if h != who.name))
+    return record
+
+
+def check_names(nodes: list[NodeSpec], issued: dict[str, Issued]) -> None:
+    """ValueError naming the node and why, for anything that would let one node's
+    certificate pass for another node (clients check names only): a reserved name with
+    another role, a name issued before with another role, a --san that is a reserved name
+    or another node's name, a name another node carries as a --san. `nodes` carry their
+    final --san names."""
+    for n in nodes:
+        refusal = reserved_refusal(n.name, n.role)
+        if refusal:
+            raise ValueError(f"node {n.name}: {refusal} (it is issued only as --node "
+                             f"{RESERVED_NAMES[n.name]}:{n.name})")
+        old = issued.get(n.name)
+        if old is not None and old.role != n.role:
+            raise ValueError(f"node {n.name}: already issued from this CA as a {old.role} "
+                             f"(ca/{ISSUED}); re-issue it as a {old.role} or pick another name")
+    # who holds each name a certificate carries: its node, and the nodes with it as a --san
+    mine = {n.name for n in nodes}
+    holders: dict[str, set[str]] = {}
+    for name, entry in issued.items():
+        if name not in mine:  # the re-issued ones carry their new --san names
+            for h in (name, *entry.sans):
+                holders.setdefault(h, set()).add(name)
+    for n in nodes:
+        for h in [n.name, *n.hosts]:
+            holders.setdefault(h, set()).add(n.name)
+    for n in nodes:
+        for h in n.hosts:
+            if h == n.name:
+                continue
+            refusal = reserved_refusal(h, n.role)
+            if refusal:
+                raise ValueError(f"node {n.name}: --san {h}: {refusal}")
+            if h in mine or h in issued:
+                raise ValueError(f"node {n.name}: --san {h} is another node's name; a "
+                                 "certificate carries only its own node's")
+        others = sorted(holders.get(n.name, set()) - {n.name})
+        if others:
+            raise ValueError(f"node {n.name}: node {others[0]} carries this name as a --san; "
+                             "pick another name")
+
+
 def make_deployment(out: Path, nodes: list[NodeSpec], hosts: dict[str, tuple[str, ...]],
                     days: int = 365) -> list[Path]:
     """The CA (made once) and a folder per node; `hosts`: extra certificate names per node
-    ("*" for every node)."""
+    ("*" for every node). Refuses (ValueError, naming the node) what check_names refuses,
+    and records the names it issues beside the CA before issuing them."""
     unknown = sorted(set(hosts) - {n.name for n in nodes} - {"*"})
     if unknown:
         raise ValueError(f"--san names nodes that are not being made: {unknown}")
@@ -167,10 +258,19 @@ def make_deployment(out: Path, nodes: list[NodeSpec], hosts: dict[str, tuple[str
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ValueError(f"node names given twice: {twice}")
+    for n in nodes:
+        check_name(n.name)
+    nodes = [NodeSpec(n.name, n.role, n.satellites,
+                      n.hosts + hosts.get("*", ()) + hosts.get(n.name, ())) for n in nodes]
+    check_names(nodes, {})  # before a CA is made for nothing
     ca_key, ca_cert = load_or_make_ca(out, days)
-    return [issue(out, ca_key, ca_cert, NodeSpec(
-        n.name, n.role, n.satellites, n.hosts + hosts.get("*", ()) + hosts.get(n.name, ())),
-        days) for n in nodes]
+    issued = load_issued(out, ca_cert)
+    check_names(nodes, issued)
+    for n in nodes:
+        issued[n.name] = Issued(n.role, tuple(dict.fromkeys(n.hosts)))
+    record = {k: {"role": v.role, "sans": list(v.sans)} for k, v in sorted(issued.items())}
+    _write(out / "ca" / ISSUED, (json.dumps({"nodes": record}, indent=1) + "\n").encode())
+    return [issue(out, ca_key, ca_cert, n, days) for n in nodes]
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
