@@ -33,7 +33,7 @@ from sparsat.node.data.datasets import load_dataset, split_size
 from sparsat.node.data.sharding import assign, owners
 from sparsat.node.data.tiles import tile_edges
 from sparsat.node.models import encoders
-from sparsat.node.wire import control, downlink
+from sparsat.node.wire import control, downlink, security
 from sparsat.node.wire.codec import CodecError
 from sparsat.node.wire.rpc import (
     INSTANCE,
@@ -333,7 +333,9 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         log.info("registered %s (%s) at %s", request.node_id, control.role_name(request.role),
                  request.address)
         # the instance the node registered with: a restart any time after this is one it sees
-        return control.register_answer(config_json, INSTANCE, setup)
+        creds = security.active()  # the revocation list it holds goes to every node
+        revoked = creds.revocations.signed() if creds and creds.revocations else b""
+        return control.register_answer(config_json, INSTANCE, setup, revoked)
 
     def _check_enrollment(self, request: pb.RegisterRequest,
                           context: grpc.ServicerContext) -> None:

@@ -14,7 +14,8 @@ import pytest
 from sparsat.sim import cli
 from sparsat.sim.deploy import launcher, nodes
 
-SECURITY = ["--certs", "--insecure", "--mtls", "--tls-ca", "--tls-cert", "--tls-key", "--token"]
+SECURITY = ["--certs", "--insecure", "--mtls", "--revoked", "--tls-ca", "--tls-cert",
+            "--tls-key", "--token"]
 COMMANDS = {
     "": ["--log-level"],
     "run": sorted(["--device", "--ground-station", "--out", "--quiet", "--resume",

@@ -36,10 +36,18 @@ def register_request(node_id: str, role: int, address: str,
 
 
 def register_answer(config_json: str, instance: str,
-                    sensor: pb.SensorSetup | None = None) -> pb.RegisterReply:
+                    sensor: pb.SensorSetup | None = None,
+                    revoked: bytes = b"") -> pb.RegisterReply:
     """The ground station's RegisterReply: the node's configuration, the ground-station
-    process that took the registration, and a sensor host's setup (setup.setup_to_pb)."""
-    return pb.RegisterReply(config_json=config_json, instance=instance, sensor=sensor)
+    process that took the registration, a sensor host's setup (setup.setup_to_pb), and the
+    deployment's revocation list the ground station holds (security.Revocations.signed)."""
+    return pb.RegisterReply(config_json=config_json, instance=instance, sensor=sensor,
+                            revoked=revoked)
+
+
+def reply_revoked(reply: pb.RegisterReply) -> bytes:
+    """The signed revocation list a RegisterReply carries (b"" when none)."""
+    return bytes(reply.revoked)
 
 
 def node_info(node_id: str, role: int | str, address: str, satellite_ids: Iterable[str],

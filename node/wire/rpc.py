@@ -19,7 +19,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from sparsat.node.wire import security
+from sparsat.node.wire import control, security
 from sparsat.node.wire.security import AuthError, Identity
 from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
@@ -287,6 +287,7 @@ def register_reply(ground_station: str, request: pb.RegisterRequest,
                 wait_ready(ch, min(left, log_every_s), ground_station)
                 reply: pb.RegisterReply = pb_grpc.RegistryStub(ch).Register(
                     request, timeout=REGISTER_CALL_S)
+                _adopt_revocations(control.reply_revoked(reply), ground_station)
                 return reply
             except Unreachable:
                 last = "no connection"
@@ -304,6 +305,23 @@ def register_reply(ground_station: str, request: pb.RegisterRequest,
                             timeout_s, last)
     finally:
         ch.close()
+
+
+def _adopt_revocations(signed: bytes, ground_station: str) -> None:
+    """Hold the revocation list a RegisterReply carried, if the CA signed it and it is not
+    older than the one this node holds (security.Revocations.adopt)."""
+    creds = security.active()
+    if not signed or creds is None or creds.revocations is None:
+        return
+    try:
+        if creds.revocations.adopt(signed):
+            held = creds.revocations.current
+            log.info("revocation list from the ground station %s adopted (%d tokens, "
+                     "%d certificates revoked)", ground_station,
+                     len(held.tokens) if held else 0, len(held.serials) if held else 0)
+    except security.CredentialsError as e:
+        log.warning("ground station %s sent a revocation list that is refused: %s",
+                    ground_station, e)
 
 
 # ---- the server side of every call: who is calling, can we read it, and logs -------------
@@ -350,6 +368,11 @@ def _authenticate(method: str, context: grpc.ServicerContext,
         identity = creds.verifier.verify(token)
     except AuthError as e:
         abort(context, grpc.StatusCode.UNAUTHENTICATED, f"bad credentials: {e}")
+    revocations = creds.revocations
+    if revocations is not None and revocations.token_revoked(token):
+        abort(context, grpc.StatusCode.UNAUTHENTICATED,
+              f"credentials revoked: {identity.describe()}'s token was re-issued "
+              "(sparsat certs)")
     refusal = security.reserved_refusal(identity.name, identity.role)
     if refusal:  # a token minted past `sparsat certs`' checks
         abort(context, grpc.StatusCode.PERMISSION_DENIED, f"{identity.describe()}: {refusal}")
@@ -366,6 +389,11 @@ def _authenticate(method: str, context: grpc.ServicerContext,
                    else "the client certificate is missing")
         if refusal:
             abort(context, grpc.StatusCode.UNAUTHENTICATED, refusal)
+        serial = security.client_cert_serial(pems[0])
+        if revocations is not None and serial is not None and revocations.serial_revoked(serial):
+            abort(context, grpc.StatusCode.UNAUTHENTICATED,
+                  f"credentials revoked: {identity.describe()}'s client certificate was "
+                  "re-issued (sparsat certs)")
     assert isinstance(admitted, frozenset)
     if identity.role not in admitted:
         abort(context, grpc.StatusCode.PERMISSION_DENIED,

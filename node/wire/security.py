@@ -41,6 +41,7 @@ import os
 import re
 import stat
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,8 @@ OPERATOR = "operator"  # mission control's node name
 # node's name or SAN (sparsat certs), and refused by every server with any other role.
 RESERVED_NAMES = {GROUND_STATION: "ground_station", OPERATOR: "operator"}
 CREDENTIAL_FILES = ("ca.crt", "node.crt", "node.key", "token")
+REVOKED_FILE = "revoked"  # DIR/NODE/revoked, DIR/ca/revoked: the signed revocation list
+REVOKED_PREFIX = "sparsat-revoked1"
 
 # Who may call what: full method name -> roles admitted; None: anyone (no token needed).
 # A method missing here is refused to everyone.
@@ -230,6 +233,120 @@ class TokenVerifier:
         return identity
 
 
+def token_digest(token: str) -> str:
+    """What a revocation list names a token by: the SHA-256 (hex) of the whole token string,
+    so every token ever issued can be revoked, with no id in its payload."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def cert_serial(cert: x509.Certificate) -> str:
+    """What a revocation list names a certificate by: its serial number, in hex."""
+    return format(cert.serial_number, "x")
+
+
+@dataclass(frozen=True)
+class RevocationList:
+    """The tokens (token_digest) and certificates (cert_serial) a deployment's CA has taken
+    back, as of `issued_at` (seconds since the epoch); `signed`: the list as the CA signed it
+    (`sparsat-revoked1.<payload>.<signature>`), as it travels in files and RegisterReply."""
+
+    deployment: str
+    issued_at: float
+    tokens: frozenset[str] = frozenset()
+    serials: frozenset[str] = frozenset()
+    signed: str = ""
+
+
+def sign_revocations(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
+                     tokens: set[str] | frozenset[str], serials: set[str] | frozenset[str],
+                     issued_at: float | None = None) -> RevocationList:
+    """A revocation list of the CA's deployment, signed with the CA key (like tokens)."""
+    at = time.time() if issued_at is None else issued_at
+    payload = json.dumps({"deployment": deployment_id(ca_cert), "issued_at": at,
+                          "tokens": sorted(tokens), "serials": sorted(serials)},
+                         separators=(",", ":"), sort_keys=True).encode()
+    body = f"{REVOKED_PREFIX}.{_b64(payload)}"
+    signature = ca_key.sign(body.encode(), ec.ECDSA(hashes.SHA256()))
+    return RevocationList(deployment_id(ca_cert), at, frozenset(tokens), frozenset(serials),
+                          f"{body}.{_b64(signature)}")
+
+
+def parse_revocations(signed: str, ca_cert: x509.Certificate) -> RevocationList:
+    """The list `signed` says, checked against `ca_cert`: CredentialsError when it is not a
+    list, not signed by that CA, or of another deployment."""
+    key = ca_cert.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise CredentialsError("the CA certificate's key must be an EC key (sparsat certs)")
+    parts = signed.strip().split(".")
+    if len(parts) != 3 or parts[0] != REVOKED_PREFIX:
+        raise CredentialsError(f"not a revocation list ({REVOKED_PREFIX}.<payload>.<signature>)")
+    try:
+        payload, signature = _unb64(parts[1]), _unb64(parts[2])
+        key.verify(signature, f"{parts[0]}.{parts[1]}".encode(), ec.ECDSA(hashes.SHA256()))
+    except (ValueError, TypeError, InvalidSignature) as e:
+        raise CredentialsError("revocation list not signed by this deployment's CA") from e
+    try:
+        claims = json.loads(payload)
+        rl = RevocationList(str(claims["deployment"]), float(claims["issued_at"]),
+                            frozenset(str(t) for t in claims["tokens"]),
+                            frozenset(str(s) for s in claims["serials"]), signed.strip())
+    except (ValueError, KeyError, TypeError) as e:
+        raise CredentialsError("revocation list payload unreadable") from e
+    if rl.deployment != deployment_id(ca_cert):
+        raise CredentialsError("revocation list of another deployment")
+    return rl
+
+
+def load_revocations(path: Path, ca_cert: x509.Certificate) -> RevocationList:
+    """The revocation list in file `path`; CredentialsError naming the file otherwise."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CredentialsError(f"cannot read the revocation list {path}: {e}") from e
+    try:
+        return parse_revocations(text, ca_cert)
+    except CredentialsError as e:
+        raise CredentialsError(f"revocation list {path} refused: {e}") from e
+
+
+class Revocations:
+    """The revocation list a node holds; it adopts a newer one (a RegisterReply's) when the
+    deployment's CA signed it and it is not older than the one held."""
+
+    def __init__(self, ca_cert: x509.Certificate, held: RevocationList | None = None) -> None:
+        self._ca = ca_cert
+        self._held = held
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> RevocationList | None:
+        return self._held
+
+    def signed(self) -> bytes:
+        """The list held, as signed (b"" when none): what a ground station hands out."""
+        held = self._held
+        return held.signed.encode() if held else b""
+
+    def adopt(self, signed: bytes | str) -> bool:
+        """Hold `signed` if it is the CA's and not older than the list held; whether it did.
+        CredentialsError when it is not the CA's (or garbled)."""
+        text = signed.decode(errors="replace") if isinstance(signed, bytes) else signed
+        rl = parse_revocations(text, self._ca)
+        with self._lock:
+            if self._held is not None and rl.issued_at < self._held.issued_at:
+                return False
+            self._held = rl
+            return True
+
+    def token_revoked(self, token: str) -> bool:
+        held = self._held
+        return held is not None and bool(held.tokens) and token_digest(token) in held.tokens
+
+    def serial_revoked(self, serial: str) -> bool:
+        held = self._held
+        return held is not None and serial in held.serials
+
+
 @dataclass(frozen=True)
 class Credentials:
     """One node's TLS material and identity token, verified against its CA at load."""
@@ -241,11 +358,13 @@ class Credentials:
     mutual: bool = False  # servers require client certificates of the deployment
     identity: Identity = field(default=Identity("", ""))
     verifier: TokenVerifier | None = field(default=None, compare=False, repr=False)
+    revocations: Revocations | None = field(default=None, compare=False, repr=False)
 
     @staticmethod
     def from_files(ca: Path, cert: Path, key: Path, token: Path | str,
-                   mutual: bool = False) -> Credentials:
-        """Load and check: the certificate is the CA's and names the token's node."""
+                   mutual: bool = False, revoked: Path | None = None) -> Credentials:
+        """Load and check: the certificate is the CA's and names the token's node; `revoked`:
+        a revocation list file of the same CA (refused, naming it, when it is not)."""
         texts: dict[str, bytes] = {}
         for what, path in (("CA certificate", ca), ("certificate", cert), ("key", key)):
             try:
@@ -282,12 +401,14 @@ class Credentials:
             node_cert, identity)
         if refusal:
             raise CredentialsError(f"{cert}: {refusal}")
+        held = load_revocations(revoked, ca_cert) if revoked is not None else None
         return Credentials(texts["CA certificate"], texts["certificate"], texts["key"], token,
-                           mutual, identity, verifier)
+                           mutual, identity, verifier, Revocations(ca_cert, held))
 
     @staticmethod
     def from_dir(path: Path, mutual: bool = False) -> Credentials:
-        """A node's folder as `sparsat certs` writes it: ca.crt, node.crt, node.key, token."""
+        """A node's folder as `sparsat certs` writes it: ca.crt, node.crt, node.key, token,
+        and the revocation list `revoked` when there is one."""
         path = Path(path)
         if not path.is_dir():
             raise CredentialsError(f"credentials folder {path} not found (make one with "
@@ -296,8 +417,10 @@ class Credentials:
         if missing:
             raise CredentialsError(f"{path} lacks {', '.join(missing)} (a node's folder made by "
                                    "`sparsat certs` has ca.crt, node.crt, node.key, token)")
+        revoked = path / REVOKED_FILE
         return Credentials.from_files(path / "ca.crt", path / "node.crt", path / "node.key",
-                                      path / "token", mutual)
+                                      path / "token", mutual,
+                                      revoked if revoked.exists() else None)
 
 
 def cert_names(cert: x509.Certificate) -> list[str]:
@@ -338,6 +461,12 @@ def client_cert_refusal(pem: bytes, identity: Identity) -> str | None:
     if identity.name not in cert_names(cert):
         return f"the client certificate is for {cert_names(cert)}, the token for {identity.name}"
     return cert_refusal(cert, identity)
+
+
+def client_cert_serial(pem: bytes) -> str | None:
+    """The serial (cert_serial) of a client certificate as mutual TLS handed it over."""
+    cert = _peer_cert(pem)
+    return cert_serial(cert) if cert is not None else None
 
 
 def check_name(name: str) -> str:

@@ -5,11 +5,17 @@
                                    one folder per node: copy it to the node's machine and
                                    start the node with --certs DIR/NODE
 
-    DIR/ca/issued.json             every node name issued from this CA: its role, its --san names
+    DIR/ca/issued.json             every node name issued from this CA: its role, its --san names,
+                                   its current token's digest and certificate's serial
+    DIR/ca/revoked                 the revocation list, signed with the CA key: the tokens
+                                   (SHA-256 of the token) and certificate serials re-issuing
+                                   a node took back; copied as DIR/NODE/revoked into every
+                                   folder made in the call and the operator's
 
 Run again on the same DIR to add nodes: the CA is reused, existing node folders are replaced
-(a new key and token). Node names are those the local launcher uses for the scenario
-(ground-station, trainer-K, sensors-H, operator) unless given with --node.
+(a new key and token; the old token and certificate go on the revocation list). Node names
+are those the local launcher uses for the scenario (ground-station, trainer-K, sensors-H,
+operator) unless given with --node.
 
 Clients check a server's certificate by name alone (gRPC Python shows them no more), so a
 name must mean one role: `ground-station` and `operator` are issued only with their roles,
@@ -36,20 +42,26 @@ from sparsat.node.wire.security import (
     GROUND_STATION,
     OPERATOR,
     RESERVED_NAMES,
+    REVOKED_FILE,
     ROLE_NAMES,
     AuthError,
     CredentialsError,
     Identity,
     TokenVerifier,
     cert_names,
+    cert_serial,
     check_name,
     check_private_file,
+    load_revocations,
     reserved_refusal,
+    sign_revocations,
+    token_digest,
 )
 from sparsat.node.wire.security import sign_token as _sign
 from sparsat.sim.scenario.schema import Scenario, load
 
-ISSUED = "issued.json"  # beside the CA: {"nodes": {NAME: {"role": ROLE, "sans": [...]}}}
+ISSUED = "issued.json"  # beside the CA: {"nodes": {NAME: {"role": ROLE, "sans": [...],
+#                                                          "token": SHA256, "serial": HEX}}}
 
 
 @dataclass(frozen=True)
@@ -179,6 +191,23 @@ class Issued:
 
     role: str
     sans: tuple[str, ...] = ()
+    token: str = ""  # its current token's digest (token_digest), "" when not recorded
+    serial: str = ""  # its current certificate's serial (cert_serial)
+
+
+def _credential_ids(folder: Path) -> tuple[str, str]:
+    """The token digest and certificate serial of the credentials in a node folder, "" for
+    what it lacks or cannot be read."""
+    digest = serial = ""
+    try:
+        digest = token_digest((folder / "token").read_text().strip())
+    except (OSError, UnicodeDecodeError):
+        pass
+    try:
+        serial = cert_serial(x509.load_pem_x509_certificate((folder / "node.crt").read_bytes()))
+    except (OSError, ValueError):
+        pass
+    return digest, serial
 
 
 def load_issued(out: Path, ca_cert: x509.Certificate) -> dict[str, Issued]:
@@ -188,7 +217,8 @@ def load_issued(out: Path, ca_cert: x509.Certificate) -> dict[str, Issued]:
     if path.exists():
         try:
             nodes = json.loads(path.read_text())["nodes"]
-            return {str(k): Issued(str(v["role"]), tuple(str(h) for h in v["sans"]))
+            return {str(k): Issued(str(v["role"]), tuple(str(h) for h in v["sans"]),
+                                   str(v.get("token", "")), str(v.get("serial", "")))
                     for k, v in nodes.items()}
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CredentialsError(f"{path} is unreadable ({e}); it records the names this "
@@ -201,7 +231,8 @@ def load_issued(out: Path, ca_cert: x509.Certificate) -> dict[str, Issued]:
             cert = x509.load_pem_x509_certificate((token.parent / "node.crt").read_bytes())
         except (OSError, ValueError, AuthError):
             continue
-        record[who.name] = Issued(who.role, tuple(h for h in cert_names(cert) if h != who.name))
+        record[who.name] = Issued(who.role, tuple(h for h in cert_names(cert) if h != who.name),
+                                  *_credential_ids(token.parent))
     return record
 
 
@@ -266,11 +297,35 @@ def make_deployment(out: Path, nodes: list[NodeSpec], hosts: dict[str, tuple[str
     ca_key, ca_cert = load_or_make_ca(out, days)
     issued = load_issued(out, ca_cert)
     check_names(nodes, issued)
+    # rotation: what a re-issued name held before goes on the revocation list first
+    revoked_path = out / "ca" / REVOKED_FILE
+    held = load_revocations(revoked_path, ca_cert) if revoked_path.exists() else None
+    tokens = set(held.tokens) if held else set()
+    serials = set(held.serials) if held else set()
+    for n in nodes:
+        old = issued.get(n.name)
+        if old is not None:  # the same role: check_names refused any other
+            for digest, serial in ((old.token, old.serial), _credential_ids(out / n.name)):
+                tokens.update([digest] if digest else [])
+                serials.update([serial] if serial else [])
+    revocations = sign_revocations(ca_key, ca_cert, tokens, serials)
+    _write(revoked_path, (revocations.signed + "\n").encode())
     for n in nodes:
         issued[n.name] = Issued(n.role, tuple(dict.fromkeys(n.hosts)))
-    record = {k: {"role": v.role, "sans": list(v.sans)} for k, v in sorted(issued.items())}
+    _record(out, issued)
+    folders = [issue(out, ca_key, ca_cert, n, days) for n in nodes]
+    for n, folder in zip(nodes, folders, strict=True):
+        issued[n.name] = Issued(n.role, issued[n.name].sans, *_credential_ids(folder))
+    _record(out, issued)
+    for folder in {*folders, out / OPERATOR} if (out / OPERATOR).is_dir() else folders:
+        _write(folder / REVOKED_FILE, (revocations.signed + "\n").encode())
+    return folders
+
+
+def _record(out: Path, issued: dict[str, Issued]) -> None:
+    record = {k: {"role": v.role, "sans": list(v.sans), "token": v.token, "serial": v.serial}
+              for k, v in sorted(issued.items())}
     _write(out / "ca" / ISSUED, (json.dumps({"nodes": record}, indent=1) + "\n").encode())
-    return [issue(out, ca_key, ca_cert, n, days) for n in nodes]
 
 
 def cmd_certs(args: argparse.Namespace) -> int:

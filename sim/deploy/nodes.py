@@ -30,6 +30,9 @@ def add_security(p: argparse.ArgumentParser, who: str) -> None:
     g.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
     g.add_argument("--tls-ca", metavar="FILE", help="the deployment's CA certificate (PEM)")
     g.add_argument("--token", metavar="FILE", help="this node's identity token")
+    g.add_argument("--revoked", metavar="FILE",
+                   help="the deployment's revocation list (`sparsat certs` writes it as "
+                        "DIR/NODE/revoked; --certs reads it from there)")
     g.add_argument("--mtls", action="store_true",
                    help="mutual TLS: servers require client certificates of the deployment")
     g.add_argument("--insecure", action="store_true",
@@ -45,8 +48,9 @@ def configure_security(args: argparse.Namespace, role: str,
 
     files = [args.tls_cert, args.tls_key, args.tls_ca, args.token]
     if args.insecure:
-        if args.certs or any(files) or args.mtls:
-            raise ValueError("--insecure takes no credentials (--certs, --tls-*, --token, --mtls)")
+        if args.certs or any(files) or args.mtls or args.revoked:
+            raise ValueError("--insecure takes no credentials (--certs, --tls-*, --token, "
+                             "--revoked, --mtls)")
         logging.getLogger("sparsat").warning(
             "--insecure: plaintext gRPC without authentication; anyone who can reach this "
             "node's port can use it")
@@ -55,11 +59,14 @@ def configure_security(args: argparse.Namespace, role: str,
     if args.certs:
         if any(files):
             raise ValueError("give --certs DIR or --tls-cert/--tls-key/--tls-ca/--token, not both")
+        if args.revoked:
+            raise ValueError("--certs DIR reads DIR/revoked; --revoked goes with --tls-*")
         creds = security.Credentials.from_dir(Path(args.certs), args.mtls)
     elif all(files):
         creds = security.Credentials.from_files(Path(args.tls_ca), Path(args.tls_cert),
                                                 Path(args.tls_key), Path(args.token),
-                                                args.mtls)
+                                                args.mtls,
+                                                Path(args.revoked) if args.revoked else None)
     elif any(files):
         raise ValueError("--tls-cert, --tls-key, --tls-ca and --token go together")
     else:

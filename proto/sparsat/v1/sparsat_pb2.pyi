@@ -146,14 +146,16 @@ class RegisterRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., satellite_ids: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("config_json", "instance", "sensor")
+    __slots__ = ("config_json", "instance", "sensor", "revoked")
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     SENSOR_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
     config_json: str
     instance: str
     sensor: SensorSetup
-    def __init__(self, config_json: _Optional[str] = ..., instance: _Optional[str] = ..., sensor: _Optional[_Union[SensorSetup, _Mapping]] = ...) -> None: ...
+    revoked: bytes
+    def __init__(self, config_json: _Optional[str] = ..., instance: _Optional[str] = ..., sensor: _Optional[_Union[SensorSetup, _Mapping]] = ..., revoked: _Optional[bytes] = ...) -> None: ...
 
 class SatelliteImages(_message.Message):
     __slots__ = ("satellite_id", "index_deltas")
