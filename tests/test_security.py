@@ -123,7 +123,7 @@ def test_certs_folders_and_private_files(deployment: Path) -> None:
     for n in NODES:
         folder = deployment / n.name
         assert sorted(p.name for p in folder.iterdir()) == ["ca.crt", "node.crt", "node.key",
-                                                              "token"]
+                                                              "revoked", "token"]
         for private in ("node.key", "token"):
             assert stat.S_IMODE((folder / private).stat().st_mode) == 0o600
         c = creds(deployment, n.name)

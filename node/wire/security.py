@@ -27,6 +27,11 @@ construction: `ground-station` and `operator` (RESERVED_NAMES) belong to their r
 a node refuses credentials that break this, and servers refuse a token that does
 (PERMISSION_DENIED). A key or token file others may read is refused (check_private_file).
 
+Revocation: `sparsat certs` signs a list of the tokens (token_digest: SHA-256 of the token
+string) and certificate serials that re-issuing took back (RevocationList, DIR/ca/revoked and
+DIR/NODE/revoked); a node holds one (Revocations, from its folder or --revoked), adopts a newer
+one from its RegisterReply, and its servers refuse what it names (UNAUTHENTICATED).
+
 Security is configured once per process (`configure`); the CLI requires credentials or an
 explicit `--insecure` (plaintext, no authentication: for a trusted network or a laptop).
 """
