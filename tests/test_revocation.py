@@ -7,12 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +29,11 @@ from sparsat.node.wire.security import (
     token_digest,
 )
 from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
-from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 from sparsat.sim.cli import main
 from sparsat.sim.deploy import certs
+
+sys.path.insert(0, str(Path(__file__).parent))
+from security_cluster import ground_station_and_trainer, load_dataset  # noqa: E402
 
 NODES = ["--node", "ground_station:ground-station", "--node", "trainer:trainer-1",
          "--node", "operator:operator"]
@@ -61,18 +59,6 @@ def rotated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return out, old
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as f:
-        return subprocess.Popen([sys.executable, "-m", "sparsat.sim.cli", *args], stdout=f,
-                                stderr=subprocess.STDOUT)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Cluster:
     trainer: str
@@ -88,53 +74,8 @@ def cluster(request: pytest.FixtureRequest, rotated: tuple[Path, Path],
     out, _ = rotated
     mutual = bool(request.param)
     tmp = tmp_path_factory.mktemp("mtls" if mutual else "tls")
-    scenario = tmp / "scenario.json"
-    scenario.write_text(json.dumps(SCENARIO))
-    mtls = ["--mtls"] if mutual else []
-    port_file = tmp / "gs.addr"
-    procs = [_spawn(["ground-station", "--listen", "127.0.0.1:0", "--scenario", str(scenario),
-                     "--store", str(tmp / "store"), "--port-file", str(port_file),
-                     "--certs", str(out / "ground-station"), *mtls], tmp / "gs.log")]
-    try:
-        deadline = time.monotonic() + 120
-        while not port_file.exists():
-            assert procs[0].poll() is None, (tmp / "gs.log").read_text()
-            assert time.monotonic() < deadline, "the ground station did not start"
-            time.sleep(0.1)
-        gs = port_file.read_text()
-        trainer = f"127.0.0.1:{_free_port()}"
-        procs.append(_spawn(["node", "trainer", "--listen", trainer, "--ground-station", gs,
-                             "--device", "cpu", "--certs", str(out / "trainer-1"), *mtls],
-                            tmp / "trainer.log"))
-        op = Credentials.from_dir(out / "operator", mutual)
-        ch = rpc.channel(gs, peer="ground-station", creds=op)
-        try:
-            while True:
-                nodes = pb_grpc.RegistryStub(ch).ListNodes(pb.ListNodesRequest(),
-                                                           timeout=10).nodes
-                if any(n.node_id == "trainer-1" for n in nodes):
-                    break
-                assert procs[1].poll() is None, (tmp / "trainer.log").read_text()
-                assert time.monotonic() < deadline, "trainer-1 did not register"
-                time.sleep(0.2)
-        finally:
-            ch.close()
+    with ground_station_and_trainer(tmp, SCENARIO, out, mutual) as (gs, trainer):
         yield Cluster(trainer, mutual)
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=30)
-
-
-def _load_dataset(address: str, creds: Credentials) -> grpc.RpcError:
-    ch = rpc.channel(address, peer="trainer-1", creds=creds)
-    try:
-        with pytest.raises(grpc.RpcError) as e:
-            pb_grpc.TrainerStub(ch).LoadDataset(iter([pb.DatasetChunk()]), timeout=10)
-    finally:
-        ch.close()
-    return e.value
 
 
 @pytest.mark.slow
@@ -146,11 +87,11 @@ def test_a_revoked_ground_station_is_refused_by_a_trainer(
     old_token = (old / "token").read_text().strip()
     assert token_digest(old_token) not in load_revocations(out / "trainer-1" / "revoked",
                                                            ca).tokens
-    err = _load_dataset(cluster.trainer, Credentials.from_dir(old, cluster.mutual))
+    err = load_dataset(cluster.trainer, Credentials.from_dir(old, cluster.mutual))
     assert err.code() == grpc.StatusCode.UNAUTHENTICATED, err.details()
     assert "credentials revoked" in (err.details() or "")
     # the new credentials pass the Guard (the empty upload is then refused by the servicer)
-    new = _load_dataset(cluster.trainer, Credentials.from_dir(out / "ground-station",
+    new = load_dataset(cluster.trainer, Credentials.from_dir(out / "ground-station",
                                                               cluster.mutual))
     assert new.code() not in (grpc.StatusCode.UNAUTHENTICATED,
                               grpc.StatusCode.PERMISSION_DENIED), new.details()
@@ -158,7 +99,7 @@ def test_a_revoked_ground_station_is_refused_by_a_trainer(
         fresh = Credentials.from_dir(out / "ground-station", True)
         mixed = Credentials(fresh.ca_pem, (old / "node.crt").read_bytes(),
                             (old / "node.key").read_bytes(), fresh.token, True)
-        err = _load_dataset(cluster.trainer, mixed)
+        err = load_dataset(cluster.trainer, mixed)
         assert err.code() == grpc.StatusCode.UNAUTHENTICATED, err.details()
         assert "client certificate was re-issued" in (err.details() or "")
 

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,10 @@ from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 from sparsat.sim.cli import main
 from sparsat.sim.deploy import certs
+
+sys.path.insert(0, str(Path(__file__).parent))
+from security_cluster import ground_station_and_trainer, load_dataset  # noqa: E402
+
 from sparsat.sim.deploy.certs import NodeSpec
 
 pytestmark = pytest.mark.slow
@@ -56,18 +58,6 @@ def _raw(folder: Path, token_of: Path | None = None) -> Credentials:
                        (folder / "node.key").read_bytes(), token)
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as f:
-        return subprocess.Popen([sys.executable, "-m", "sparsat.sim.cli", *args], stdout=f,
-                                stderr=subprocess.STDOUT)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Cluster:
     gs: str  # the ground station's address
@@ -87,43 +77,8 @@ def cluster(request: pytest.FixtureRequest, deployment: Path,
     """A real ground station and a real trainer-1 registered with it (--mtls or not)."""
     mutual = bool(request.param)
     tmp = tmp_path_factory.mktemp("mtls" if mutual else "tls")
-    scenario = tmp / "scenario.json"  # YAML is a superset of JSON
-    scenario.write_text(json.dumps(SCENARIO))
-    mtls = ["--mtls"] if mutual else []
-    port_file = tmp / "gs.addr"
-    procs = [_spawn(["ground-station", "--listen", "127.0.0.1:0", "--scenario", str(scenario),
-                     "--store", str(tmp / "store"), "--port-file", str(port_file),
-                     "--certs", str(deployment / "ground-station"), *mtls], tmp / "gs.log")]
-    try:
-        deadline = time.monotonic() + 120
-        while not port_file.exists():
-            assert procs[0].poll() is None, (tmp / "gs.log").read_text()
-            assert time.monotonic() < deadline, "the ground station did not start"
-            time.sleep(0.1)
-        gs = port_file.read_text()
-        trainer = f"127.0.0.1:{_free_port()}"
-        procs.append(_spawn(["node", "trainer", "--listen", trainer, "--ground-station", gs,
-                             "--device", "cpu", "--certs", str(deployment / "trainer-1"),
-                             *mtls], tmp / "trainer.log"))
-        op = Credentials.from_dir(deployment / "operator", mutual)
-        ch = rpc.channel(gs, peer="ground-station", creds=op)
-        try:
-            while True:  # the legitimate path works: trainer-1 registered, over --mtls too
-                nodes = pb_grpc.RegistryStub(ch).ListNodes(pb.ListNodesRequest(),
-                                                           timeout=10).nodes
-                if any(n.node_id == "trainer-1" for n in nodes):
-                    break
-                assert procs[1].poll() is None, (tmp / "trainer.log").read_text()
-                assert time.monotonic() < deadline, "trainer-1 did not register"
-                time.sleep(0.2)
-        finally:
-            ch.close()
+    with ground_station_and_trainer(tmp, SCENARIO, deployment, mutual) as (gs, trainer):
         yield Cluster(gs, trainer, mutual)
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=30)
 
 
 # ---- sparsat certs --------------------------------------------------------------------------
@@ -227,16 +182,6 @@ def test_a_node_refuses_to_start_with_a_forged_reserved_name(forged: Path,
     assert "'ground-station' is reserved for the ground_station role" in run.stderr
 
 
-def _load_dataset(address: str, creds: Credentials) -> grpc.RpcError:
-    ch = rpc.channel(address, peer="trainer-1", creds=creds)
-    try:
-        with pytest.raises(grpc.RpcError) as e:
-            pb_grpc.TrainerStub(ch).LoadDataset(iter([pb.DatasetChunk()]), timeout=10)
-    finally:
-        ch.close()
-    return e.value
-
-
 @pytest.mark.parametrize("cluster", [True], ids=["mtls"], indirect=True)
 def test_mtls_a_certificate_goes_only_with_its_own_nodes_token(
         cluster: Cluster, deployment: Path, forged: Path) -> None:
@@ -246,7 +191,7 @@ def test_mtls_a_certificate_goes_only_with_its_own_nodes_token(
     gs_token = _raw(forged, token_of=deployment / "ground-station")
     replay = Credentials(gs_token.ca_pem, gs_token.cert_pem, gs_token.key_pem, gs_token.token,
                          True)
-    err = _load_dataset(cluster.trainer, replay)
+    err = load_dataset(cluster.trainer, replay)
     assert err.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "the certificate is a trainer's, the token ground-station (ground_station)'s" in (
         err.details() or "")
