@@ -1,5 +1,6 @@
-"""A real ground station and a real trainer-1 registered with it, over TLS or --mtls, for the
-security tests that attack them (tests/test_security_names.py, tests/test_revocation.py)."""
+"""A real ground station and a real trainer-1 registered with it, over TLS or --mtls, and more
+real nodes registered with it (registered_node), for the security tests that attack them
+(tests/test_security_names.py, tests/test_revocation.py, tests/test_security_replay.py)."""
 
 from __future__ import annotations
 
@@ -83,10 +84,43 @@ def ground_station_and_trainer(tmp: Path, scenario: dict[str, Any], deployment: 
             p.wait(timeout=30)
 
 
-def load_dataset(address: str, creds: Credentials) -> grpc.RpcError:
-    """trainer-1's LoadDataset called with `creds` (an empty chunk): the error it gets — the
-    Guard's refusal, or, past it, the servicer's INVALID_ARGUMENT."""
-    ch = rpc.channel(address, peer="trainer-1", creds=creds)
+def listed(gs: str, operator: Credentials) -> dict[str, str]:
+    """node id -> address, as the ground station's registry lists them to `operator`."""
+    ch = rpc.channel(gs, peer="ground-station", creds=operator)
+    try:
+        nodes = pb_grpc.RegistryStub(ch).ListNodes(pb.ListNodesRequest(), timeout=10).nodes
+    finally:
+        ch.close()
+    return {n.node_id: n.address for n in nodes}
+
+
+@contextlib.contextmanager
+def registered_node(tmp: Path, gs: str, deployment: Path, kind: str, name: str,
+                    mutual: bool) -> Iterator[str]:
+    """A real `sparsat node KIND` (trainer or sensor) with deployment/NAME's credentials, its
+    address once the ground station at `gs` lists it; stopped on exit."""
+    address = f"127.0.0.1:{free_port()}"
+    extra = ["--device", "cpu"] if kind == "trainer" else []
+    log = tmp / f"{name}.log"
+    proc = spawn(["node", kind, "--listen", address, "--ground-station", gs, *extra,
+                  "--certs", str(deployment / name), *(["--mtls"] if mutual else [])], log)
+    try:
+        op = Credentials.from_dir(deployment / "operator", mutual)
+        deadline = time.monotonic() + 120
+        while name not in listed(gs, op):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"{name} did not register"
+            time.sleep(0.2)
+        yield address
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def load_dataset(address: str, creds: Credentials, peer: str = "trainer-1") -> grpc.RpcError:
+    """trainer `peer`'s LoadDataset called with `creds` (an empty chunk): the error it gets —
+    the Guard's refusal, or, past it, the servicer's INVALID_ARGUMENT."""
+    ch = rpc.channel(address, peer=peer, creds=creds)
     try:
         with pytest.raises(grpc.RpcError) as e:
             pb_grpc.TrainerStub(ch).LoadDataset(iter([pb.DatasetChunk()]), timeout=10)
