@@ -44,6 +44,7 @@ from sparsat.node.wire.rpc import (
     at_most,
     bind,
     caller,
+    credential_bytes_received,
     make_server,
     received_size,
     wire_size,
@@ -201,6 +202,10 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
     def Send(self, request_iterator: Iterator[pb.DownlinkBatch],
              context: grpc.ServicerContext) -> Iterator[pb.BatchAck]:
         who = caller(context)
+        # the stream's call credentials came on the downlink too: counted as received
+        credentials = credential_bytes_received(context)
+        if credentials:
+            self.store.count(received_bytes=credentials, credential_bytes=credentials)
         key = self.streams.open(context, who.describe() if who else f"peer {context.peer()}")
         if isinstance(key, str):
             abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, key)
@@ -449,6 +454,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             samples_stored=len(self.store), samples_received=c.get("received", 0),
             duplicates=c.get("duplicates", 0), rejected=c.get("rejected", 0),
             downlink_bytes_received=c.get("received_bytes", 0),
+            downlink_credential_bytes_received=c.get("credential_bytes", 0),
             train_tokens=len(self.train_tokens.labels) if self.train_tokens else 0,
             test_tokens=len(self.test_tokens.labels) if self.test_tokens else 0,
             test_skipped=self.test_tokens.skipped if self.test_tokens else 0,

@@ -148,8 +148,15 @@ def test_forged_and_foreign_tokens(deployment: Path, tmp_path: Path) -> None:
     ca = x509.load_pem_x509_certificate((deployment / "ca" / "ca.crt").read_bytes())
     verifier = TokenVerifier(ca)
     token = (deployment / "sensors-0" / "token").read_text().strip()
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(
+        (deployment / "sensors-0" / "node.key").read_bytes(), password=None)
     assert verifier.verify(token) == Identity("sensors-0", "sensor", ("sat-0",),
-                                              verifier.deployment)
+                                              verifier.deployment,
+                                              security.public_key_text(key))  # type: ignore
+    with pytest.raises(AuthError, match="older `sparsat certs`"):  # a token without a key
+        verifier.verify("sparsat1." + token.split(".", 1)[1])
     head, payload, sig = token.split(".")
     forged_payload = security._b64(security._unb64(payload).replace(b"sat-0", b"sat-1"))
     for bad in (f"{head}.{forged_payload}.{sig}", f"{head}.{payload}.{sig[:-4]}AAAA",
@@ -165,6 +172,10 @@ def test_forged_and_foreign_tokens(deployment: Path, tmp_path: Path) -> None:
                                theirs / "node.key", theirs / "token")
     with pytest.raises(CredentialsError, match="is for"):  # a certificate of another node
         Credentials.from_files(deployment / "ca" / "ca.crt", deployment / "trainer-0" / "node.crt",
+                               deployment / "trainer-0" / "node.key",
+                               deployment / "sensors-0" / "token")
+    with pytest.raises(CredentialsError, match="names another key"):  # its own cert, not key
+        Credentials.from_files(deployment / "ca" / "ca.crt", deployment / "sensors-0" / "node.crt",
                                deployment / "trainer-0" / "node.key",
                                deployment / "sensors-0" / "token")
 
@@ -380,11 +391,20 @@ def test_a_sensor_host_sends_only_as_its_satellites(deployment: Path, gs: Server
 
 
 def _with_authorization(deployment: Path, gs: Server, values: list[str]) -> grpc.RpcError | None:
-    """Call Mission.Stats over TLS carrying exactly these `authorization` values."""
+    """Call Mission.Stats over TLS carrying exactly these `authorization` values, and the
+    operator's per-call credential for it."""
+    from cryptography.hazmat.primitives import serialization
+
+    op = creds(deployment, "operator")
+    key = serialization.load_pem_private_key(op.key_pem, password=None)
+    assert op.verifier is not None
+    call = security.sign_call(key, op.token, op.verifier.deployment,  # type: ignore[arg-type]
+                              "ground-station", "/sparsat.v1.Mission/Stats")
     ch = _tls_only(deployment, gs.address)
     try:
         pb_grpc.MissionStub(ch).Stats(pb.StatsRequest(), timeout=10,
-                                      metadata=[("authorization", v) for v in values])
+                                      metadata=[("authorization", v) for v in values]
+                                      + [(security.CALL_HEADER, call)])
     except grpc.RpcError as e:
         return e
     finally:

@@ -45,9 +45,7 @@ SCENARIO = {"name": "replay", "seed": 0,
             "sensors": {"count": 2, "per_process": 2, "mask": {"kind": "fixed", "ratio": 0.5}},
             "training": {"strategy": "ist", "workers": 2, "hidden": [16, 16]}}
 
-BEARER = pytest.mark.xfail(strict=True, reason="issue 22 item 1: bearer tokens can be "
-                                                "replayed in plain TLS")
-MODES = [pytest.param(False, id="tls", marks=BEARER), pytest.param(True, id="mtls")]
+MODES = [pytest.param(False, id="tls"), pytest.param(True, id="mtls")]
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ from sparsat.node.data.masking import capture, copy_id
 from sparsat.node.data.sharding import sample_id
 from sparsat.node.models import encoders
 from sparsat.node.processes.rejoin import Rejoin
-from sparsat.node.wire import control, downlink
+from sparsat.node.wire import control, downlink, security
 from sparsat.node.wire.codec import (
     CodecError,
     encode_patches,
@@ -167,6 +167,9 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         self.satellites = {s: Satellite(s, held, setup.copies)
                            for s, held in setup.images.items()}
         self.channel = channel(ground_station, peer=GROUND_STATION)
+        # what each Send stream's call credentials put on the radio, before its first batch
+        creds = security.active()
+        self.credential_bytes = security.credential_bytes(creds.token) if creds else 0
 
     @classmethod
     def from_reply(cls, node_id: str, satellite_ids: list[str], reply: pb.RegisterReply,
@@ -274,8 +277,9 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
                                      cls and self.cfg.cls_dtype == "int8")
 
     def _alone(self, sat: Satellite, p: downlink.Payload) -> int:
-        """Link bytes of a stream carrying only `p`, and its ack."""
-        return self._builder(sat, True).wire_size(p) + downlink.max_ack_bytes(1)
+        """Link bytes of a stream carrying only `p`, and its ack (and its credentials)."""
+        return (self.credential_bytes + self._builder(sat, True).wire_size(p)
+                + downlink.max_ack_bytes(1))
 
     def _send(self, sat: Satellite, request: pb.TransmitRequest,
               report: pb.TransmitReport) -> None:
@@ -286,10 +290,13 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             itertools.takewhile(lambda p: p is not None, queued),  # type: ignore
             lambda first: self._builder(sat, first),
             request.batch_bytes or BATCH_BYTES, request.max_samples)
-        grant = Grant(request.max_bytes)
+        if request.max_bytes <= self.credential_bytes:
+            return  # not even the stream's credentials fit
+        grant = Grant(request.max_bytes - self.credential_bytes)
         first = grant.next(packer)
         if first is None:
             return
+        report.credential_bytes = self.credential_bytes
         acks: list[pb.BatchAck] = []
         outbox = Outbox(grant.stream(first, packer))
         # acks are charged as they arrived (sized), not as Python would re-encode them

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -206,12 +209,46 @@ def channel(address: str, peer: str | None = None,
     if creds is None:
         return grpc.insecure_channel(address, options=_OPTIONS)
     tls = grpc.ssl_channel_credentials(creds.ca_pem, creds.key_pem, creds.cert_pem)
-    token = grpc.access_token_call_credentials(creds.token)
+    audience = peer or _host(address)
+    calls = grpc.metadata_call_credentials(_CallSigner(creds, audience),
+                                           name="sparsat-call")
     options: list[tuple[str, Any]] = list(_OPTIONS)
     if peer:
         options.append(("grpc.ssl_target_name_override", peer))
-    return grpc.secure_channel(address, grpc.composite_channel_credentials(tls, token),
+    return grpc.secure_channel(address, grpc.composite_channel_credentials(tls, calls),
                                options=options)
+
+
+def _host(address: str) -> str:
+    """The host of HOST:PORT (or [V6]:PORT), as a channel's audience when no peer is named."""
+    host = address.rpartition(":")[0] if ":" in address else address
+    return host.strip("[]")
+
+
+class _CallSigner(grpc.AuthMetadataPlugin):  # type: ignore[misc]
+    """Every call's credentials: this node's token, and a per-call credential for `audience`
+    and the method called (security.sign_call; docs/protocol.md)."""
+
+    def __init__(self, creds: security.Credentials, audience: str) -> None:
+        key = serialization.load_pem_private_key(creds.key_pem, password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        self._key, self._token, self._audience = key, creds.token, audience
+        self._bearer = f"Bearer {creds.token}"
+        self._deployment = security.deployment_id(
+            x509.load_pem_x509_certificate(creds.ca_pem))
+
+    def __call__(self, context: grpc.AuthMetadataContext,
+                 callback: grpc.AuthMetadataPluginCallback) -> None:
+        try:
+            # service_url: https://AUTHORITY/PACKAGE.SERVICE; method_name: the method's name
+            service = context.service_url.rpartition("/")[2]
+            method = f"/{service}/{context.method_name}"
+            value = security.sign_call(self._key, self._token, self._deployment,
+                                       self._audience, method)
+        except Exception as e:  # the call fails with it (UNAVAILABLE) rather than hang
+            callback(None, e)
+            return
+        callback((("authorization", self._bearer), (security.CALL_HEADER, value)), None)
 
 
 class Unreachable(grpc.FutureTimeoutError):
@@ -349,9 +386,12 @@ class _Context:
 
 
 def _authenticate(method: str, context: grpc.ServicerContext,
-                  creds: security.Credentials | None) -> Identity | None:
+                  creds: security.Credentials | None,
+                  calls: security.CallChecker | None = None) -> Identity | None:
     """The caller's identity, or abort: UNAUTHENTICATED without a valid token of this
-    deployment, PERMISSION_DENIED for a role `method` does not admit."""
+    deployment and a fresh per-call credential for this server and `method` (`calls`;
+    UNAVAILABLE for one made before this server started, RESOURCE_EXHAUSTED past the
+    caller's share of the nonces), PERMISSION_DENIED for a role `method` does not admit."""
     admitted = security.roles_for(method)
     if creds is None or admitted is None:
         return None
@@ -385,20 +425,46 @@ def _authenticate(method: str, context: grpc.ServicerContext,
         # the certificate's role too: a trainer's certificate named ground-station carrying
         # the ground station's token is not the ground station
         pems = auth.get("x509_pem_cert", [])
-        refusal = (security.client_cert_refusal(pems[0], identity) if len(pems) == 1
-                   else "the client certificate is missing")
-        if refusal:
-            abort(context, grpc.StatusCode.UNAUTHENTICATED, refusal)
+        if len(pems) != 1:
+            abort(context, grpc.StatusCode.UNAUTHENTICATED, "the client certificate is missing")
         serial = security.client_cert_serial(pems[0])
         if revocations is not None and serial is not None and revocations.serial_revoked(serial):
             abort(context, grpc.StatusCode.UNAUTHENTICATED,
                   f"credentials revoked: {identity.describe()}'s client certificate was "
                   "re-issued (sparsat certs)")
+        # its role and key too (the key the token names: the token is bound to it)
+        refusal = security.client_cert_refusal(pems[0], identity)
+        if refusal:
+            abort(context, grpc.StatusCode.UNAUTHENTICATED, refusal)
+    if calls is not None:
+        values = [value if isinstance(value, str) else value.decode(errors="replace")
+                  for key, value in context.invocation_metadata()
+                  if key == security.CALL_HEADER]
+        if len(values) != 1:
+            abort(context, grpc.StatusCode.UNAUTHENTICATED,
+                  f"{len(values)} {security.CALL_HEADER} headers: every call carries one, "
+                  "signed for its callee and method (docs/protocol.md)")
+        try:
+            calls.check(values[0], token, identity, method)
+        except security.StaleCall as e:
+            abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
+        except security.CallsExhausted as e:
+            abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except AuthError as e:
+            abort(context, grpc.StatusCode.UNAUTHENTICATED, f"bad credentials: {e}")
     assert isinstance(admitted, frozenset)
     if identity.role not in admitted:
         abort(context, grpc.StatusCode.PERMISSION_DENIED,
               f"{identity.describe()} may not call {method}")
     return identity
+
+
+def credential_bytes_received(context: grpc.ServicerContext) -> int:
+    """The bytes of the call's credentials as received (security.credential_bytes: header
+    names and values), 0 without them: a downlink stream's share of the radio link."""
+    return sum(len(key) + len(value)
+               for key, value in context.invocation_metadata()
+               if key in ("authorization", security.CALL_HEADER))
 
 
 def _describe_failure(method: str, context: Any, identity: Identity | None,
@@ -437,7 +503,8 @@ def _parse(parse: Callable[[bytes], Any], method: str, raw: Any, context: Any,
 
 def _guarded(handler: grpc.RpcMethodHandler, method: str,
              creds: security.Credentials | None,
-             precheck: Precheck | None = None) -> grpc.RpcMethodHandler:
+             precheck: Precheck | None = None,
+             calls: security.CallChecker | None = None) -> grpc.RpcMethodHandler:
     """`handler` with the caller checked first, its requests parsed here (undecodable bytes
     are INVALID_ARGUMENT, not INTERNAL with a traceback) and failures logged with the call,
     the peer and the caller."""
@@ -452,7 +519,7 @@ def _guarded(handler: grpc.RpcMethodHandler, method: str,
 
     def call(behavior: Callable[..., Any], request: Any, ctx: _Context,
              streaming_in: bool) -> Any:
-        ctx.identity = _authenticate(method, ctx._context, creds)
+        ctx.identity = _authenticate(method, ctx._context, creds, calls)
         req = (requests(request, ctx) if streaming_in
                else _parse(parse, method, request, ctx, precheck))
         return behavior(req, ctx)
@@ -497,6 +564,9 @@ class Guard(grpc.ServerInterceptor):
         self.creds = creds
         self.prechecks = prechecks or {}
         self.default = default
+        # the per-call credentials' check, and its nonces, for this server
+        self.calls = (security.CallChecker(creds.identity.name, creds.verifier.deployment)
+                      if creds is not None and creds.verifier is not None else None)
 
     def intercept_service(self, continuation: Callable[[Any], Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -504,7 +574,8 @@ class Guard(grpc.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method  # type: ignore[attr-defined]
-        return _guarded(handler, method, self.creds, self.prechecks.get(method, self.default))
+        return _guarded(handler, method, self.creds, self.prechecks.get(method, self.default),
+                        self.calls)
 
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"

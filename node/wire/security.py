@@ -41,12 +41,14 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import heapq
 import json
 import os
 import re
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,9 +56,14 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 from cryptography.x509.oid import NameOID
 
-TOKEN_PREFIX = "sparsat1"
+TOKEN_PREFIX = "sparsat2"  # sparsat1: before tokens named their node's key (refused)
+OLD_TOKEN_PREFIXES = ("sparsat1",)
 ROLE_NAMES = ("sensor", "trainer", "ground_station", "operator")
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 GROUND_STATION = "ground-station"  # the ground station's node name, as clients expect it
@@ -153,6 +160,7 @@ class Identity:
     role: str
     satellites: tuple[str, ...] = ()
     deployment: str = ""
+    key: str = ""  # the node's public key (node.key's): base64url of the compressed P-256 point
 
     def describe(self) -> str:
         return f"{self.name} ({self.role})"
@@ -173,11 +181,15 @@ def _unb64(text: str) -> bytes:
 
 def sign_token(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
                identity: Identity) -> str:
+    """The token of `identity`, whose `key` (public_key_text of its node's key) signs its
+    calls (sign_call)."""
     check_name(identity.name)
     if identity.role not in ROLE_NAMES:
         raise CredentialsError(f"role must be one of {ROLE_NAMES}, got {identity.role!r}")
+    _public_key(identity.key)  # CredentialsError when it is not a P-256 point
     payload = json.dumps({"n": identity.name, "r": identity.role,
-                          "s": list(identity.satellites), "d": deployment_id(ca_cert)},
+                          "s": list(identity.satellites), "d": deployment_id(ca_cert),
+                          "k": identity.key},
                          separators=(",", ":"), sort_keys=True).encode()
     body = f"{TOKEN_PREFIX}.{_b64(payload)}"
     signature = ca_key.sign(body.encode(), ec.ECDSA(hashes.SHA256()))
@@ -216,6 +228,10 @@ class TokenVerifier:
         if len(token) > self.MAX_TOKEN_CHARS:
             raise AuthError(f"token longer than {self.MAX_TOKEN_CHARS} characters")
         parts = token.split(".")
+        if len(parts) == 3 and parts[0] in OLD_TOKEN_PREFIXES:
+            raise AuthError(f"a {parts[0]} token, made by an older `sparsat certs` (its token "
+                            "names no key to sign calls with): re-issue the deployment's "
+                            "credentials with `sparsat certs`")
         if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
             raise AuthError(f"not a sparsat token ({TOKEN_PREFIX}.<payload>.<signature>)")
         try:
@@ -230,12 +246,184 @@ class TokenVerifier:
         try:
             claims = json.loads(payload)
             identity = Identity(str(claims["n"]), str(claims["r"]),
-                                tuple(str(s) for s in claims.get("s", [])), str(claims["d"]))
+                                tuple(str(s) for s in claims.get("s", [])), str(claims["d"]),
+                                str(claims["k"]))
         except (ValueError, KeyError, TypeError) as e:
             raise AuthError("token payload unreadable") from e
+        try:
+            _public_key(identity.key)
+        except CredentialsError as e:
+            raise AuthError(f"token payload unreadable: {e}") from e
         if identity.deployment != self.deployment or identity.role not in ROLE_NAMES:
             raise AuthError("token of another deployment")
         return identity
+
+
+def public_key_text(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) -> str:
+    """What a token names a node's key by: base64url of its compressed P-256 point (33 B)."""
+    public = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key
+    return _b64(public.public_bytes(serialization.Encoding.X962,
+                                    serialization.PublicFormat.CompressedPoint))
+
+
+@functools.lru_cache(maxsize=1024)
+def _public_key(text: str) -> ec.EllipticCurvePublicKey:
+    try:
+        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), _unb64(text))
+    except (ValueError, TypeError) as e:
+        raise CredentialsError("the token's key is not a P-256 public key") from e
+
+
+# ---- per-call credentials: bound to the callee, the method, the time, once -----------------
+#
+# Every call carries, beside the token, the metadata header CALL_HEADER:
+#     sparsat-call: <t>.<nonce>.<signature>
+# t: the caller's clock, milliseconds since the epoch, in decimal; nonce: 16 random bytes,
+# base64url; signature: base64url of the raw 64-byte r||s (JWS ES256 form) of the caller's
+# ECDSA P-256 / SHA-256 signature, with the key its token names, over call_message(): the
+# deployment, the audience (the callee's node name: the name the caller checked the server's
+# certificate against), the full method name, t, the nonce and the SHA-256 of the token. The
+# audience and method are not sent: the callee knows its own name and the method called. A
+# callee accepts one only if signed by the token's key, for itself and this method, made
+# within CLOCK_SKEW_S + MAX_AGE_S before its clock and at most CLOCK_SKEW_S after, not before
+# this server started, with a nonce not seen (CallChecker). So what a callee is sent works at
+# no other node, for no other method, once, and not after a minute.
+
+CALL_HEADER = "sparsat-call"
+CALL_PREFIX = "sparsat-call1"
+CLOCK_SKEW_S = 30.0  # a caller's clock may be this far ahead of or behind the callee's
+MAX_AGE_S = 30.0  # from making a call's credential to its arrival, beyond the skew
+NONCE_BYTES = 16
+SIGNATURE_BYTES = 64
+MAX_NONCES = 100_000  # remembered at once per server (about 25 MB at most)
+MAX_NONCES_PER_CALLER = 20_000  # of them from one node: one flooding node cannot fill it
+
+
+def call_message(deployment: str, audience: str, method: str, t_ms: int, nonce: str,
+                 token: str) -> bytes:
+    """The bytes a call's credential signs (UTF-8, lines joined by LF, no final LF)."""
+    return "\n".join([CALL_PREFIX, deployment, audience, method, str(t_ms), nonce,
+                      token_digest(token)]).encode()
+
+
+def sign_call(key: ec.EllipticCurvePrivateKey, token: str, deployment: str, audience: str,
+              method: str, t_ms: int | None = None, nonce: bytes | None = None) -> str:
+    """The CALL_HEADER value for one call of `method` to the node named `audience`."""
+    t_ms = int(time.time() * 1000) if t_ms is None else t_ms
+    nonce_text = _b64(os.urandom(NONCE_BYTES) if nonce is None else nonce)
+    der = key.sign(call_message(deployment, audience, method, t_ms, nonce_text, token),
+                   ec.ECDSA(hashes.SHA256()))
+    r, s = decode_dss_signature(der)
+    signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    return f"{t_ms}.{nonce_text}.{_b64(signature)}"
+
+
+# the header value's length: 13 digits of time (until the year 2286), the nonce's and the
+# signature's base64url (22 and 86 characters), two dots
+CALL_VALUE_CHARS = 13 + 1 + 22 + 1 + 86
+
+
+def credential_bytes(token: str) -> int:
+    """The bytes of one call's credentials as its metadata carries them (header names and
+    values, before HTTP/2's header compression): what the simulated radio link charges a
+    downlink stream (sensor hosts' Send)."""
+    return (len("authorization") + len("Bearer ") + len(token.encode())
+            + len(CALL_HEADER) + CALL_VALUE_CHARS)
+
+
+class StaleCall(AuthError):
+    """A call's credential made before this server started (a caller's clock behind it,
+    or a replay from before a restart): the caller retries with a new one (UNAVAILABLE)."""
+
+
+class CallsExhausted(AuthError):
+    """A caller past its share of the nonce memory (RESOURCE_EXHAUSTED)."""
+
+
+class CallChecker:
+    """One server's check of per-call credentials, and the nonces it has seen.
+
+    A nonce is remembered until its credential is too old to be accepted anyway
+    (CLOCK_SKEW_S + MAX_AGE_S after its time, by this server's clock), MAX_NONCES at once,
+    MAX_NONCES_PER_CALLER from one node; a caller past its share is refused
+    (RESOURCE_EXHAUSTED, CallsExhausted) until its old nonces expire. The memory is this
+    process's: after a restart it is empty, and what it refused as seen could come again, so
+    a server also refuses every credential made before it started (StaleCall): any credential
+    it accepts was made while it ran, and seen while it runs."""
+
+    def __init__(self, audience: str, deployment: str, clock: Callable[[], float] = time.time,
+                 max_nonces: int = MAX_NONCES,
+                 max_per_caller: int = MAX_NONCES_PER_CALLER) -> None:
+        self.audience, self.deployment, self._clock = audience, deployment, clock
+        self.started_ms = int(clock() * 1000)
+        self.max_nonces, self.max_per_caller = max_nonces, max_per_caller
+        self._seen: dict[str, tuple[int, str]] = {}  # nonce -> (expires_ms, caller)
+        self._expiry: list[tuple[int, str]] = []  # heap of (expires_ms, nonce)
+        self._per_caller: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def check(self, value: str, token: str, identity: Identity, method: str) -> None:
+        """AuthError unless `value` is a fresh credential of `identity` (its token `token`)
+        for this server and `method`; StaleCall, CallsExhausted as the class says."""
+        parts = value.strip().split(".")
+        if (len(parts) != 3 or not parts[0].isdigit() or len(parts[0]) > 16
+                or parts[0] != str(int(parts[0]))):
+            raise AuthError(f"{CALL_HEADER} is not <time ms>.<nonce>.<signature>")
+        t_ms, nonce = int(parts[0]), parts[1]
+        try:
+            raw_nonce, signature = _unb64(nonce), _unb64(parts[2])
+        except (ValueError, TypeError) as e:
+            raise AuthError(f"{CALL_HEADER} is not base64url") from e
+        if len(raw_nonce) != NONCE_BYTES or len(signature) != SIGNATURE_BYTES:
+            raise AuthError(f"{CALL_HEADER}: the nonce is {NONCE_BYTES} bytes and the "
+                            f"signature {SIGNATURE_BYTES} (r||s)")
+        der = encode_dss_signature(int.from_bytes(signature[:32], "big"),
+                                   int.from_bytes(signature[32:], "big"))
+        message = call_message(self.deployment, self.audience, method, t_ms, nonce, token)
+        try:
+            _public_key(identity.key).verify(der, message, ec.ECDSA(hashes.SHA256()))
+        except (InvalidSignature, CredentialsError) as e:
+            raise AuthError(f"the call's credential ({CALL_HEADER}) is not {identity.name}'s "
+                            f"for {self.audience} and {method}") from e
+        now_ms = int(self._clock() * 1000)
+        skew_ms, age_ms = int(CLOCK_SKEW_S * 1000), int(MAX_AGE_S * 1000)
+        if t_ms > now_ms + skew_ms:
+            raise AuthError(f"the call's credential is {(t_ms - now_ms) / 1000:.0f} s ahead "
+                            f"of this server's clock ({CLOCK_SKEW_S:g} s allowed)")
+        if t_ms < now_ms - skew_ms - age_ms:
+            raise AuthError(f"the call's credential is {(now_ms - t_ms) / 1000:.0f} s old "
+                            f"({CLOCK_SKEW_S + MAX_AGE_S:g} s at most)")
+        if t_ms < self.started_ms:
+            raise StaleCall(f"the call's credential was made {(self.started_ms - t_ms) / 1000:.1f}"
+                            " s before this server started (is the caller's clock behind? "
+                            "retry with a new one)")
+        with self._lock:
+            self._expire(now_ms)
+            if nonce in self._seen:
+                raise AuthError("the call's credential was used before (a replay)")
+            caller = identity.name
+            if (len(self._seen) >= self.max_nonces
+                    or self._per_caller.get(caller, 0) >= self.max_per_caller):
+                raise CallsExhausted(
+                    f"{caller} made more calls than this server remembers in "
+                    f"{CLOCK_SKEW_S * 2 + MAX_AGE_S:g} s; retry later")
+            expires = t_ms + skew_ms + age_ms
+            self._seen[nonce] = (expires, caller)
+            heapq.heappush(self._expiry, (expires, nonce))
+            self._per_caller[caller] = self._per_caller.get(caller, 0) + 1
+
+    def _expire(self, now_ms: int) -> None:
+        while self._expiry and self._expiry[0][0] < now_ms:
+            _, nonce = heapq.heappop(self._expiry)
+            _, caller = self._seen.pop(nonce)
+            left = self._per_caller[caller] - 1
+            if left:
+                self._per_caller[caller] = left
+            else:
+                del self._per_caller[caller]
 
 
 def token_digest(token: str) -> str:
@@ -387,9 +575,12 @@ class Credentials:
         try:
             ca_cert = x509.load_pem_x509_certificate(texts["CA certificate"])
             node_cert = x509.load_pem_x509_certificate(texts["certificate"])
-            serialization.load_pem_private_key(texts["key"], password=None)
+            private = serialization.load_pem_private_key(texts["key"], password=None)
         except ValueError as e:
             raise CredentialsError(f"unreadable PEM in {ca}, {cert} or {key}: {e}") from e
+        if not isinstance(private, ec.EllipticCurvePrivateKey) or not isinstance(
+                private.curve, ec.SECP256R1):
+            raise CredentialsError(f"{key} is not a P-256 key (sparsat certs makes them)")
         verifier = TokenVerifier(ca_cert)
         try:
             identity = verifier.verify(token)
@@ -402,6 +593,11 @@ class Credentials:
         names = cert_names(node_cert)
         if identity.name not in names:
             raise CredentialsError(f"{cert} is for {names}, the token for {identity.name!r}")
+        if identity.key != public_key_text(private):
+            raise CredentialsError(f"the token names another key than {key}: the key and the "
+                                   "token are of different issues (re-run `sparsat certs`)")
+        if public_key_text(node_cert.public_key()) != identity.key:  # type: ignore[arg-type]
+            raise CredentialsError(f"{cert} holds another key than the token names")
         refusal = reserved_refusal(identity.name, identity.role) or cert_refusal(
             node_cert, identity)
         if refusal:
@@ -465,7 +661,14 @@ def client_cert_refusal(pem: bytes, identity: Identity) -> str | None:
         return "the client certificate is unreadable"
     if identity.name not in cert_names(cert):
         return f"the client certificate is for {cert_names(cert)}, the token for {identity.name}"
-    return cert_refusal(cert, identity)
+    refusal = cert_refusal(cert, identity)
+    if refusal:
+        return refusal
+    public = cert.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey) or public_key_text(
+            public) != identity.key:
+        return f"the client certificate holds another key than {identity.name}'s token names"
+    return None
 
 
 def client_cert_serial(pem: bytes) -> str | None:

@@ -53,6 +53,7 @@ from sparsat.node.wire.security import (
     check_name,
     check_private_file,
     load_revocations,
+    public_key_text,
     reserved_refusal,
     sign_revocations,
     token_digest,
@@ -153,7 +154,8 @@ def issue(out: Path, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certifica
     _write(folder / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))
     _write(folder / "node.crt", cert.public_bytes(serialization.Encoding.PEM))
     _write(folder / "node.key", _pem_key(key), private=True)
-    token = _sign(ca_key, ca_cert, Identity(node.name, node.role, node.satellites))
+    token = _sign(ca_key, ca_cert, Identity(node.name, node.role, node.satellites,
+                                            key=public_key_text(key)))
     _write(folder / "token", (token + "\n").encode(), private=True)
     return folder
 

@@ -38,6 +38,7 @@ MAX_REJECTION_CHARS = 512  # one such line (the Python host's are under 200)
 # A TransmitReport of at most TRANSMIT_MAX_SAMPLES batches and acks (10 B each at most) and its
 # refusal lines is under 200 kB; a bigger message is not parsed
 MAX_REPORT_BYTES = 1 << 20
+MAX_CREDENTIAL_BYTES = 16384  # one stream's call credentials (a token is 8,192 chars at most)
 MAX_SAMPLE_FLOPS = 10**12  # on-board encoding of one sample, at most (ViT-B/16: ~1.8e10)
 
 
@@ -56,7 +57,12 @@ def report_error(report: pb.TransmitReport, request: pb.TransmitRequest) -> str:
         # more acks than batches: the ground station's fault, reported as an error
         ((acks > batches and not report.error_code) or acks > request.max_samples + 1,
          f"{acks} acks for {batches} batches"),
-        (sent > request.max_bytes, f"{sent} batch bytes, {request.max_bytes} granted"),
+        (sent + report.credential_bytes > request.max_bytes,
+         f"{sent} batch bytes and {report.credential_bytes} of credentials, "
+         f"{request.max_bytes} granted"),
+        (report.credential_bytes > MAX_CREDENTIAL_BYTES or (report.credential_bytes
+                                                            and not batches),
+         f"{report.credential_bytes} bytes of call credentials for {batches} batches"),
         (any(a > MAX_MESSAGE_BYTES for a in report.ack_bytes),
          f"an ack of more than {MAX_MESSAGE_BYTES} bytes"),
         (report.acked > report.sent, f"{report.acked} samples acked, {report.sent} sent"),

@@ -48,7 +48,9 @@ def assemble(o: Outcome) -> dict[str, Any]:
         "scenario": s.name,
         "final_accuracy": accs[-1],
         "best_accuracy": max(accs),
-        "bytes": {"downlink": t.downlink_bytes, "uplink": t.uplink_bytes,
+        # downlink: batches and the call credentials of their streams (downlink_credentials)
+        "bytes": {"downlink": t.downlink_bytes, "downlink_credentials": t.credential_bytes,
+                  "uplink": t.uplink_bytes,
                   "retransmitted": t.retransmitted_bytes, "trainer": t.trainer_bytes,
                   "total": t.total_bytes},
         "target_accuracy": target,
@@ -76,6 +78,8 @@ def assemble(o: Outcome) -> dict[str, Any]:
             "test_encoder_flops": int(stats.test_encode_flops)},
         "downlink_failures": t.downlink_failures,
         "ground_station": {"downlink_bytes_received": int(stats.downlink_bytes_received),
+                           "downlink_credential_bytes_received": int(
+                               stats.downlink_credential_bytes_received),
                            "rejected": int(stats.rejected),
                            "peak_rss_mb": round(stats.peak_rss_bytes / 2**20, 1),
                            "scenario_fingerprint": t.fingerprint},

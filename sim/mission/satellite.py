@@ -302,8 +302,9 @@ class Downlink:
             self.hosts.remaining[sat_id] = report.remaining
         t.cloudy_skipped += report.skipped
         bar.update(report.skipped)
-        sent = sum(report.batch_bytes)
+        sent = sum(report.batch_bytes) + report.credential_bytes
         t.downlink_bytes += sent
+        t.credential_bytes += report.credential_bytes
         t.uplink_bytes += sum(report.ack_bytes)
         t.downlink_messages += report.sent
         t.downlink_batches += len(report.batch_bytes)
@@ -331,10 +332,11 @@ class Downlink:
 
 
 def _on_link(report: pb.TransmitReport) -> list[int]:
-    """The sizes a Transmit put on the radio, in order: each batch, then its ack."""
+    """The sizes a Transmit put on the radio, in order: each batch, then its ack; the
+    stream's call credentials go with its first batch."""
     sizes: list[int] = []
     for k, batch in enumerate(report.batch_bytes):
-        sizes.append(batch)
+        sizes.append(batch + (report.credential_bytes if k == 0 else 0))
         if k < len(report.ack_bytes):
             sizes.append(report.ack_bytes[k])
     return sizes

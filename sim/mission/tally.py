@@ -8,7 +8,8 @@ from typing import Any
 
 @dataclass
 class Tally:
-    downlink_bytes: int = 0
+    downlink_bytes: int = 0  # batches and the Send streams' call credentials
+    credential_bytes: int = 0  # of downlink_bytes: the call credentials (one per stream)
     downlink_messages: int = 0  # samples sent, retries included
     downlink_batches: int = 0
     rejected: int = 0  # samples the ground station refused

@@ -244,7 +244,7 @@ class TransmitRequest(_message.Message):
     def __init__(self, satellite_id: _Optional[str] = ..., max_bytes: _Optional[int] = ..., max_samples: _Optional[int] = ..., batch_bytes: _Optional[int] = ...) -> None: ...
 
 class TransmitReport(_message.Message):
-    __slots__ = ("satellite_id", "batch_bytes", "acked", "duplicates", "remaining", "next_bytes", "ack_bytes", "error_code", "error", "encode_flops", "encode_s", "skipped", "sent", "rejected", "rejections")
+    __slots__ = ("satellite_id", "batch_bytes", "acked", "duplicates", "remaining", "next_bytes", "ack_bytes", "error_code", "error", "encode_flops", "encode_s", "skipped", "sent", "rejected", "rejections", "credential_bytes")
     SATELLITE_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
     ACKED_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +260,7 @@ class TransmitReport(_message.Message):
     SENT_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     REJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     satellite_id: str
     batch_bytes: _containers.RepeatedScalarFieldContainer[int]
     acked: int
@@ -275,7 +276,8 @@ class TransmitReport(_message.Message):
     sent: int
     rejected: int
     rejections: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, satellite_id: _Optional[str] = ..., batch_bytes: _Optional[_Iterable[int]] = ..., acked: _Optional[int] = ..., duplicates: _Optional[int] = ..., remaining: _Optional[int] = ..., next_bytes: _Optional[int] = ..., ack_bytes: _Optional[_Iterable[int]] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ..., encode_flops: _Optional[int] = ..., encode_s: _Optional[float] = ..., skipped: _Optional[int] = ..., sent: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[str]] = ...) -> None: ...
+    credential_bytes: int
+    def __init__(self, satellite_id: _Optional[str] = ..., batch_bytes: _Optional[_Iterable[int]] = ..., acked: _Optional[int] = ..., duplicates: _Optional[int] = ..., remaining: _Optional[int] = ..., next_bytes: _Optional[int] = ..., ack_bytes: _Optional[_Iterable[int]] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ..., encode_flops: _Optional[int] = ..., encode_s: _Optional[float] = ..., skipped: _Optional[int] = ..., sent: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[str]] = ..., credential_bytes: _Optional[int] = ...) -> None: ...
 
 class DatasetChunk(_message.Message):
     __slots__ = ("dataset_id", "total_rows", "features", "labels")
@@ -456,7 +458,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("samples_stored", "samples_received", "duplicates", "rejected", "downlink_bytes_received", "train_tokens", "test_tokens", "test_skipped", "test_encode_flops", "peak_rss_bytes")
+    __slots__ = ("samples_stored", "samples_received", "duplicates", "rejected", "downlink_bytes_received", "train_tokens", "test_tokens", "test_skipped", "test_encode_flops", "peak_rss_bytes", "downlink_credential_bytes_received")
     SAMPLES_STORED_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
@@ -467,6 +469,7 @@ class StatsReply(_message.Message):
     TEST_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     TEST_ENCODE_FLOPS_FIELD_NUMBER: _ClassVar[int]
     PEAK_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DOWNLINK_CREDENTIAL_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     samples_stored: int
     samples_received: int
     duplicates: int
@@ -477,7 +480,8 @@ class StatsReply(_message.Message):
     test_skipped: int
     test_encode_flops: int
     peak_rss_bytes: int
-    def __init__(self, samples_stored: _Optional[int] = ..., samples_received: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ..., downlink_bytes_received: _Optional[int] = ..., train_tokens: _Optional[int] = ..., test_tokens: _Optional[int] = ..., test_skipped: _Optional[int] = ..., test_encode_flops: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ...) -> None: ...
+    downlink_credential_bytes_received: int
+    def __init__(self, samples_stored: _Optional[int] = ..., samples_received: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ..., downlink_bytes_received: _Optional[int] = ..., train_tokens: _Optional[int] = ..., test_tokens: _Optional[int] = ..., test_skipped: _Optional[int] = ..., test_encode_flops: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., downlink_credential_bytes_received: _Optional[int] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ()
