@@ -206,6 +206,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         credentials = credential_bytes_received(context)
         if credentials:
             self.store.count(received_bytes=credentials, credential_bytes=credentials)
+            self.bytes.add(received=credentials)
         key = self.streams.open(context, who.describe() if who else f"peer {context.peer()}")
         if isinstance(key, str):
             abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, key)

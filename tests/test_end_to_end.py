@@ -66,8 +66,11 @@ def _check_common(results: dict[str, Any], scenario: dict[str, Any]) -> None:
     b = results["bytes"]
     assert b["total"] == b["downlink"] + b["uplink"] + b["trainer"]
     assert results["samples"] == {**results["samples"], "sent": n, "stored": n, "trained_on": n}
-    # downlink: sensors' count == ground station's count
+    # downlink: sensors' count == ground station's count, the Send streams' call credentials
+    # included (as many as streams, each of the same size per sensor host), counted apart too
     assert results["ground_station"]["downlink_bytes_received"] == b["downlink"]
+    assert results["ground_station"]["downlink_credential_bytes_received"] == \
+        b["downlink_credentials"] > 0  # the launcher's nodes run with credentials
     sensors = {k: v for k, v in results["node_bytes"].items() if k.startswith("sensors")}
     assert sum(v["sent"] for v in sensors.values()) == b["downlink"]
     assert sum(v["received"] for v in sensors.values()) == b["uplink"] > 0  # the acks
@@ -97,7 +100,7 @@ def test_local_run_patches_ist(tmp_path: Path, capsys: pytest.CaptureFixture[str
     # every byte charged on the downlink is a stored message's serialized size + frame
     count, wire = _stored_wire_bytes(out / "store")
     assert count == TINY["dataset"]["train_subset"]
-    assert wire == results["bytes"]["downlink"]
+    assert wire + results["bytes"]["downlink_credentials"] == results["bytes"]["downlink"]
     # 480 samples / (2 workers * 3 steps * 32) = 3 rounds per epoch, 2 workers each
     assert len(results["per_round_bytes"]) == 2 * 3
     assert all(len(r["workers"]) == 2 for r in results["per_round_bytes"])
@@ -125,7 +128,8 @@ def test_random_masks_downlink_one_copy_per_epoch_and_compute_is_on_the_clock(
     s = results["samples"]
     assert s["sent"] == s["stored"] == s["trained_on"] == s["rows_trained"] == epochs * n
     count, wire = _stored_wire_bytes(out / "store")
-    assert count == epochs * n and wire == results["bytes"]["downlink"]
+    assert count == epochs * n
+    assert wire + results["bytes"]["downlink_credentials"] == results["bytes"]["downlink"]
     # ids are copy * N + index (N = 60,000 Fashion-MNIST training images): each copy once
     with sqlite3.connect(out / "store" / "samples.sqlite") as db:
         ids = np.array([r[0] for r in db.execute("SELECT id FROM payloads")])
@@ -166,7 +170,8 @@ def test_clouds_drop_cloudy_tokens_skip_overcast_scenes_and_report_both_test_gro
     assert 0.15 * n < s["cloudy_skipped"] < 0.40 * n
     assert s["sent"] + s["cloudy_skipped"] == n == s["stored"] + s["cloudy_skipped"]
     count, wire = _stored_wire_bytes(out / "store")
-    assert count == s["stored"] and wire == results["bytes"]["downlink"]
+    assert count == s["stored"]
+    assert wire + results["bytes"]["downlink_credentials"] == results["bytes"]["downlink"]
     groups = results["accuracy_by_group"]
     assert set(groups) == {"clear", "cloudy"} and all(0 <= v <= 1 for v in groups.values())
     assert 0 < s["test_cloudy_skipped"] < TINY["dataset"]["test_subset"] // 2
@@ -215,7 +220,7 @@ def test_deployed_nodes_cls_centralized(tmp_path: Path) -> None:
         results = json.loads((tmp_path / "out" / "results.json").read_text())
         _check_common(results, scenario)
         count, wire = _stored_wire_bytes(tmp_path / "store")
-        assert wire == results["bytes"]["downlink"]
+        assert wire + results["bytes"]["downlink_credentials"] == results["bytes"]["downlink"]
         # an int8 CLS token of the default encoder: 192 bytes + its scale and framing
         assert 192 < wire / count < 192 + 64
     finally:
@@ -239,7 +244,7 @@ def _node_address(cluster: Any, node_id: str) -> str:
     from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
     from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
-    ch = channel(cluster.address)
+    ch = channel(cluster.address, peer="ground-station")
     try:
         nodes = pb_grpc.RegistryStub(ch).ListNodes(pb.ListNodesRequest(), timeout=10).nodes
     finally:

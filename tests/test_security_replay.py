@@ -2,18 +2,24 @@
 hijack), against real `sparsat ground-station`, `sparsat node trainer` (trainer-1, trainer-2)
 and `sparsat node sensor` (sensors-0) processes on 127.0.0.1, in plain TLS and with --mtls.
 
-A compromised node is the test holding that node's own credentials folder and a token it
-captured: read here from the victim's token file, which is what recording it from a call
-gives, since bearer tokens travel verbatim. With --mtls the server binds a token to the client
-certificate of the node it names, so each replay is UNAUTHENTICATED and never reaches the
-servicer. In plain TLS the tokens are bearer tokens and every replay succeeds today (item 1 of
-issue 22 is not built): those variants are strict xfails, to be flipped when it lands."""
+A compromised node is the test holding that node's own credentials folder and what it
+captured. Two forms: (1) the victim's token, read from its file, with the attacker's own key
+signing the per-call credential; (2) the whole of what a real call carried (the victim's token
+and its `sparsat-call` header), recorded by a server with the compromised node's own
+certificate and key that the victim's real client code (rpc.channel) called, then replayed
+verbatim elsewhere or again. Every replay is UNAUTHENTICATED and never reaches the servicer:
+in plain TLS because the per-call credential is signed with the key the token names, for one
+callee and one method, once (sparsat.node.wire.security.CallChecker); with --mtls also because
+a token is accepted only with the client certificate of its node."""
 
 from __future__ import annotations
 
 import contextlib
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +27,7 @@ from typing import Any
 import grpc
 import pytest
 
-from sparsat.node.wire import rpc
+from sparsat.node.wire import rpc, security
 from sparsat.node.wire.security import Credentials
 from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
@@ -29,6 +35,7 @@ from sparsat.sim.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent))
 from security_cluster import (  # noqa: E402
+    free_port,
     ground_station_and_trainer,
     listed,
     load_dataset,
@@ -39,10 +46,10 @@ pytestmark = pytest.mark.slow
 
 NODES = ["--node", "ground_station:ground-station", "--node", "trainer:trainer-1",
          "--node", "trainer:trainer-2", "--node", "sensor:sensors-0:sat-0,sat-1",
-         "--node", "operator:operator"]
+         "--node", "sensor:sensors-1:sat-2,sat-3", "--node", "operator:operator"]
 SCENARIO = {"name": "replay", "seed": 0,
             "dataset": {"name": "fashion_mnist", "train_subset": 40, "test_subset": 40},
-            "sensors": {"count": 2, "per_process": 2, "mask": {"kind": "fixed", "ratio": 0.5}},
+            "sensors": {"count": 4, "per_process": 2, "mask": {"kind": "fixed", "ratio": 0.5}},
             "training": {"strategy": "ist", "workers": 2, "hidden": [16, 16]}}
 
 MODES = [pytest.param(False, id="tls"), pytest.param(True, id="mtls")]
@@ -61,8 +68,10 @@ class Cluster:
     trainer1: str
     trainer2: str
     sensors: str  # sensors-0's, hosting sat-0 and sat-1
+    sensors1: str  # sensors-1's, hosting sat-2 and sat-3
     mutual: bool
     deployment: Path
+    t0_ms: int  # the time before the ground station started
 
     def creds(self, folder: str, token_of: str | None = None) -> Credentials:
         """deployment/FOLDER's key and certificate, with deployment/TOKEN_OF's token: what a
@@ -86,6 +95,7 @@ def cluster(request: pytest.FixtureRequest, deployment: Path,
     not); the tls variant of each test is a strict xfail (MODES)."""
     mutual = bool(request.param)
     tmp = tmp_path_factory.mktemp("mtls" if mutual else "tls")
+    t0_ms = int(time.time() * 1000)
     with contextlib.ExitStack() as stack:
         gs, t1 = stack.enter_context(ground_station_and_trainer(tmp, SCENARIO, deployment,
                                                                 mutual))
@@ -93,7 +103,9 @@ def cluster(request: pytest.FixtureRequest, deployment: Path,
                                                  mutual))
         sensors = stack.enter_context(registered_node(tmp, gs, deployment, "sensor",
                                                       "sensors-0", mutual))
-        yield Cluster(gs, t1, t2, sensors, mutual, deployment)
+        sensors1 = stack.enter_context(registered_node(tmp, gs, deployment, "sensor",
+                                                       "sensors-1", mutual))
+        yield Cluster(gs, t1, t2, sensors, sensors1, mutual, deployment, t0_ms)
 
 
 def _code(call: Callable[[], Any]) -> grpc.StatusCode:
@@ -108,6 +120,54 @@ def _code(call: Callable[[], Any]) -> grpc.StatusCode:
 
 def _refused(code: grpc.StatusCode) -> None:
     assert code == grpc.StatusCode.UNAUTHENTICATED, f"the replay got {code.name}"
+
+
+# ---- 0. the per-call credential's time and nonce ------------------------------------------
+
+
+def _operator_stats_headers(cluster: Cluster, t_ms: int | None = None) -> list[tuple[str, str]]:
+    from cryptography.hazmat.primitives import serialization
+
+    op = Credentials.from_dir(cluster.deployment / "operator", cluster.mutual)
+    assert op.verifier is not None
+    key = serialization.load_pem_private_key(op.key_pem, password=None)
+    value = security.sign_call(key, op.token, op.verifier.deployment,  # type: ignore[arg-type]
+                               "ground-station", "/sparsat.v1.Mission/Stats", t_ms)
+    return [("authorization", f"Bearer {op.token}"), (security.CALL_HEADER, value)]
+
+
+def _stats(ch: grpc.Channel, md: list[tuple[str, str]]) -> Any:
+    return pb_grpc.MissionStub(ch).Stats(pb.StatsRequest(), timeout=10, metadata=md)
+
+
+def test_an_old_or_early_call_credential_is_refused(cluster: Cluster) -> None:
+    """Made before the ground station started (a capture from before a restart):
+    UNAVAILABLE, so an honest client with a slow clock retries; past the skew and age
+    allowed, or ahead of the clock past the skew: UNAUTHENTICATED."""
+    now = int(time.time() * 1000)
+    before_start = cluster.t0_ms - 500  # the ground station started after the fixture did
+    age_s = (now - before_start) / 1000
+    code = _replayed(cluster, "operator", cluster.gs, "ground-station", _stats,
+                     _operator_stats_headers(cluster, before_start))
+    window = security.CLOCK_SKEW_S + security.MAX_AGE_S
+    # (first in this module, so that the fixture's start is recent; a slower machine's
+    # credential from before the start may already be too old, which is refused too)
+    if age_s < window - 5:
+        assert code == grpc.StatusCode.UNAVAILABLE, code
+    else:
+        assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED), code
+    for t in (now - int((security.CLOCK_SKEW_S + security.MAX_AGE_S + 5) * 1000),
+              now + int((security.CLOCK_SKEW_S + 5) * 1000)):
+        _refused(_replayed(cluster, "operator", cluster.gs, "ground-station", _stats,
+                           _operator_stats_headers(cluster, t)))
+
+
+def test_a_call_credential_is_accepted_once(cluster: Cluster) -> None:
+    """The operator's own Stats credential: accepted, then the same again is a replay."""
+    headers = _operator_stats_headers(cluster)
+    assert _replayed(cluster, "operator", cluster.gs, "ground-station", _stats,
+                     headers) == grpc.StatusCode.OK
+    _refused(_replayed(cluster, "operator", cluster.gs, "ground-station", _stats, headers))
 
 
 # ---- 1. the operator's token, replayed by a compromised sensor host --------------------------
@@ -190,3 +250,105 @@ def test_an_impostor_with_a_trainers_token_cannot_re_register_it(cluster: Cluste
     print(f"  trainer-1 listed at {where} (real: {cluster.trainer1})")
     _refused(code)
     assert where == cluster.trainer1
+
+
+# ---- 4. the whole of a real call's credentials, recorded by its callee and replayed ---------
+
+
+def _captured(cluster: Cluster, callee: str, caller: str, method: str) -> list[tuple[str, str]]:
+    """The credential headers a real call of `method` by `caller` (its own folder, through
+    rpc.channel as the real nodes call) carries to the node `callee`, as recorded by a
+    server with `callee`'s certificate and key: a compromised `callee`."""
+    mine = Credentials.from_dir(cluster.deployment / callee, cluster.mutual)
+    recorded: list[tuple[str, str]] = []
+    got = threading.Event()
+
+    def record(request: bytes, context: grpc.ServicerContext) -> bytes:
+        recorded.extend((k, v) for k, v in context.invocation_metadata()
+                        if k in ("authorization", security.CALL_HEADER))
+        got.set()
+        return b""
+
+    class Recorder(grpc.GenericRpcHandler):  # type: ignore[misc]
+        def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(record)
+
+    server = grpc.server(futures.ThreadPoolExecutor(2), handlers=[Recorder()])
+    port = free_port()
+    server.add_secure_port(f"127.0.0.1:{port}", grpc.ssl_server_credentials(
+        [(mine.key_pem, mine.cert_pem)], root_certificates=mine.ca_pem,
+        require_client_auth=cluster.mutual))
+    server.start()
+    ch = rpc.channel(f"127.0.0.1:{port}", peer=callee,
+                     creds=Credentials.from_dir(cluster.deployment / caller, cluster.mutual))
+    try:
+        ch.unary_unary(method)(b"", timeout=10)
+    finally:
+        ch.close()
+        server.stop(None)
+    assert got.is_set() and len(recorded) == 2, recorded
+    return recorded
+
+
+def _replayed(cluster: Cluster, attacker: str, address: str, peer: str,
+              call: Callable[[grpc.Channel, list[tuple[str, str]]], Any],
+              headers: list[tuple[str, str]]) -> grpc.StatusCode:
+    """`call` on a TLS channel (with `attacker`'s client certificate under --mtls) to `peer`
+    at `address`, carrying exactly `headers` and no credentials of its own."""
+    mine = Credentials.from_dir(cluster.deployment / attacker, cluster.mutual)
+    tls = grpc.ssl_channel_credentials(mine.ca_pem, mine.key_pem, mine.cert_pem)
+    ch = grpc.secure_channel(address, tls, options=[("grpc.ssl_target_name_override", peer)])
+    try:
+        return _code(lambda: call(ch, headers))
+    finally:
+        ch.close()
+
+
+TRANSMIT = "/sparsat.v1.Sensor/Transmit"
+LOAD = "/sparsat.v1.Trainer/LoadDataset"
+
+
+@pytest.mark.parametrize("method", ["ListNodes", "Stats", "Describe"])
+def test_a_sensor_host_replaying_a_recorded_transmit_cannot_ask_the_ground_station(
+        cluster: Cluster, method: str) -> None:
+    headers = _captured(cluster, "sensors-0", "operator", TRANSMIT)
+    calls = {
+        "ListNodes": lambda ch, md: pb_grpc.RegistryStub(ch).ListNodes(
+            pb.ListNodesRequest(), timeout=10, metadata=md),
+        "Stats": lambda ch, md: pb_grpc.MissionStub(ch).Stats(
+            pb.StatsRequest(), timeout=10, metadata=md),
+        "Describe": lambda ch, md: pb_grpc.MissionStub(ch).Describe(
+            pb.DescribeRequest(), timeout=10, metadata=md)}
+    _refused(_replayed(cluster, "sensors-0", cluster.gs, "ground-station", calls[method],
+                       headers))
+
+
+def test_a_sensor_host_replaying_a_recorded_transmit_cannot_drain_another_host(
+        cluster: Cluster) -> None:
+    before = cluster.stats().samples_received
+    headers = _captured(cluster, "sensors-0", "operator", TRANSMIT)
+    code = _replayed(cluster, "sensors-0", cluster.sensors1, "sensors-1",
+                     lambda ch, md: pb_grpc.SensorStub(ch).Transmit(pb.TransmitRequest(
+                         satellite_id="sat-2", max_bytes=1 << 20, max_samples=1),
+                         timeout=60, metadata=md), headers)
+    _refused(code)
+    assert cluster.stats().samples_received == before
+
+
+@pytest.mark.parametrize("victim", ["trainer-2", "trainer-1"])
+def test_a_trainer_replaying_a_recorded_load_dataset_cannot_load_one(
+        cluster: Cluster, victim: str) -> None:
+    """What the ground station's LoadDataset carried to trainer-1, replayed at trainer-2 (its
+    audience is trainer-1) and at trainer-1's Train (another method)."""
+    headers = _captured(cluster, "trainer-1", "ground-station", LOAD)
+    address = {"trainer-1": cluster.trainer1, "trainer-2": cluster.trainer2}[victim]
+    def load(ch: grpc.Channel, md: list[tuple[str, str]]) -> Any:
+        return pb_grpc.TrainerStub(ch).LoadDataset(iter([pb.DatasetChunk()]), timeout=10,
+                                                   metadata=md)
+
+    def train(ch: grpc.Channel, md: list[tuple[str, str]]) -> Any:
+        return list(pb_grpc.TrainerStub(ch).Train(iter([pb.TrainRequest()]), timeout=10,
+                                                  metadata=md))
+
+    call = load if victim == "trainer-2" else train
+    _refused(_replayed(cluster, "trainer-1", address, victim, call, headers))

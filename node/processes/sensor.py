@@ -297,6 +297,7 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         if first is None:
             return
         report.credential_bytes = self.credential_bytes
+        self.bytes.add(sent=self.credential_bytes)
         acks: list[pb.BatchAck] = []
         outbox = Outbox(grant.stream(first, packer))
         # acks are charged as they arrived (sized), not as Python would re-encode them

@@ -64,6 +64,7 @@ from cryptography.x509.oid import NameOID
 
 TOKEN_PREFIX = "sparsat2"  # sparsat1: before tokens named their node's key (refused)
 OLD_TOKEN_PREFIXES = ("sparsat1",)
+SIGNATURE_BYTES = 64  # tokens and calls are signed ECDSA P-256 / SHA-256, raw r||s (JWS ES256)
 ROLE_NAMES = ("sensor", "trainer", "ground_station", "operator")
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 GROUND_STATION = "ground-station"  # the ground station's node name, as clients expect it
@@ -192,8 +193,23 @@ def sign_token(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
                           "k": identity.key},
                          separators=(",", ":"), sort_keys=True).encode()
     body = f"{TOKEN_PREFIX}.{_b64(payload)}"
-    signature = ca_key.sign(body.encode(), ec.ECDSA(hashes.SHA256()))
-    return f"{body}.{_b64(signature)}"
+    return f"{body}.{_b64(_raw_signature(ca_key, body.encode()))}"
+
+
+def _raw_signature(key: ec.EllipticCurvePrivateKey, message: bytes) -> bytes:
+    """ECDSA P-256 / SHA-256 as the raw 64 bytes r||s (JWS ES256): of a fixed length, so a
+    token's and a call's bytes on the radio link do not vary with the signature."""
+    r, s = decode_dss_signature(key.sign(message, ec.ECDSA(hashes.SHA256())))
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+def _verify_raw(key: ec.EllipticCurvePublicKey, signature: bytes, message: bytes) -> None:
+    """InvalidSignature unless `signature` is `key`'s raw r||s over `message`."""
+    if len(signature) != SIGNATURE_BYTES:
+        raise InvalidSignature(f"a signature is {SIGNATURE_BYTES} bytes (r||s)")
+    der = encode_dss_signature(int.from_bytes(signature[:32], "big"),
+                               int.from_bytes(signature[32:], "big"))
+    key.verify(der, message, ec.ECDSA(hashes.SHA256()))
 
 
 class TokenVerifier:
@@ -239,8 +255,7 @@ class TokenVerifier:
         except (ValueError, TypeError) as e:
             raise AuthError("token is not base64") from e
         try:
-            self._key.verify(signature, f"{parts[0]}.{parts[1]}".encode(),
-                             ec.ECDSA(hashes.SHA256()))
+            _verify_raw(self._key, signature, f"{parts[0]}.{parts[1]}".encode())
         except InvalidSignature as e:
             raise AuthError("token not signed by this deployment's CA") from e
         try:
@@ -294,7 +309,6 @@ CALL_PREFIX = "sparsat-call1"
 CLOCK_SKEW_S = 30.0  # a caller's clock may be this far ahead of or behind the callee's
 MAX_AGE_S = 30.0  # from making a call's credential to its arrival, beyond the skew
 NONCE_BYTES = 16
-SIGNATURE_BYTES = 64
 MAX_NONCES = 100_000  # remembered at once per server (about 25 MB at most)
 MAX_NONCES_PER_CALLER = 20_000  # of them from one node: one flooding node cannot fill it
 
@@ -311,10 +325,8 @@ def sign_call(key: ec.EllipticCurvePrivateKey, token: str, deployment: str, audi
     """The CALL_HEADER value for one call of `method` to the node named `audience`."""
     t_ms = int(time.time() * 1000) if t_ms is None else t_ms
     nonce_text = _b64(os.urandom(NONCE_BYTES) if nonce is None else nonce)
-    der = key.sign(call_message(deployment, audience, method, t_ms, nonce_text, token),
-                   ec.ECDSA(hashes.SHA256()))
-    r, s = decode_dss_signature(der)
-    signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    signature = _raw_signature(
+        key, call_message(deployment, audience, method, t_ms, nonce_text, token))
     return f"{t_ms}.{nonce_text}.{_b64(signature)}"
 
 
@@ -380,14 +392,14 @@ class CallChecker:
         if len(raw_nonce) != NONCE_BYTES or len(signature) != SIGNATURE_BYTES:
             raise AuthError(f"{CALL_HEADER}: the nonce is {NONCE_BYTES} bytes and the "
                             f"signature {SIGNATURE_BYTES} (r||s)")
-        der = encode_dss_signature(int.from_bytes(signature[:32], "big"),
-                                   int.from_bytes(signature[32:], "big"))
         message = call_message(self.deployment, self.audience, method, t_ms, nonce, token)
         try:
-            _public_key(identity.key).verify(der, message, ec.ECDSA(hashes.SHA256()))
+            _verify_raw(_public_key(identity.key), signature, message)
         except (InvalidSignature, CredentialsError) as e:
             raise AuthError(f"the call's credential ({CALL_HEADER}) is not {identity.name}'s "
-                            f"for {self.audience} and {method}") from e
+                            f"for {self.audience} and {method} (made for another node or "
+                            "method, or signed with another key than its token names; a "
+                            "client names the node it dials, e.g. rpc.channel(peer=...))") from e
         now_ms = int(self._clock() * 1000)
         skew_ms, age_ms = int(CLOCK_SKEW_S * 1000), int(MAX_AGE_S * 1000)
         if t_ms > now_ms + skew_ms:
