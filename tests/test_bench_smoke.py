@@ -298,3 +298,14 @@ def test_tiny_fashion_mnist_reads_back(tmp_path: Path) -> None:
     got = load_dataset(DatasetSpec("fashion_mnist", root=str(tmp_path)), "test")
     want = read_idx(DEBIAN_FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz")[:3]
     assert len(got) == 3 and np.array_equal(got.image(2)[..., 0], want[2])
+
+
+def test_call_credentials_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    f, _ = run_main("call_credentials", ["--smoke"], capsys)
+
+    assert f["calls"] == 50 and f["nonces_held"] == 50
+    assert f["sign_us"] > 0 and f["check_us"] > 0
+    # quickstart's nodes: each call carries its token and a 123-character call credential
+    assert set(f["credential_bytes"]) >= {"ground-station", "operator", "sensors-0"}
+    assert all(n > len("authorization") + len("sparsat-call") + 123
+               for n in f["credential_bytes"].values())

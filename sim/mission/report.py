@@ -168,7 +168,10 @@ def summary(results: dict[str, Any]) -> str:
         f"scenario        {results['scenario']}",
         f"final accuracy  {results['final_accuracy']:.4f}  (best {results['best_accuracy']:.4f},"
         f" {s['test']} test images)",
-        f"bytes sent      {b['total']:,}  (downlink {b['downlink']:,}, acks {b['uplink']:,},"
+        f"bytes sent      {b['total']:,}  (downlink {b['downlink']:,}"
+        + (f" of which call credentials {b['downlink_credentials']:,}"
+           if b.get("downlink_credentials") else "")
+        + f", acks {b['uplink']:,},"
         + (f" resent {b['retransmitted']:,}," if b.get("retransmitted") else "")
         + f" trainer links {b['trainer']:,})",
         f"samples         sent {s['sent']:,}"
