@@ -360,8 +360,13 @@ def test_mission_controls_transmit_call_does_not_parse_an_oversized_report() -> 
     ({"rejections": ["x"] * 1000}, "1000 refusal lines"),
     ({"rejections": ["x" * 100_000]}, "a refusal line of more than 512 characters"),
     ({"oversized": 2_000_000}, "TransmitReport of 2000000 bytes, more than the 1048576"),
+    ({"credential_bytes": 2**40}, "of call credentials, 50000 granted"),
+    ({"credential_bytes": 20_000}, "20000 bytes of call credentials for 1 batches"),
+    ({"credential_bytes": 400, "batch_bytes": [], "sent": 0, "acked": 0, "ack_bytes": []},
+     "400 bytes of call credentials for 0 batches"),
 ], ids=["batches", "bytes", "samples", "acked", "duplicates", "acks", "satellite", "flops",
-        "rejections", "long refusal line", "oversized report"])
+        "rejections", "long refusal line", "oversized report", "credentials past the grant",
+        "credentials too big", "credentials without a stream"])
 def test_mission_control_refuses_a_transmit_report_that_cannot_be_true(
         fields: dict[str, Any], match: str) -> None:
     scenario = Scenario.model_validate({"name": "hostile", "links": {"downlink": {

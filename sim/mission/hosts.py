@@ -58,7 +58,7 @@ def report_error(report: pb.TransmitReport, request: pb.TransmitRequest) -> str:
         ((acks > batches and not report.error_code) or acks > request.max_samples + 1,
          f"{acks} acks for {batches} batches"),
         (sent + report.credential_bytes > request.max_bytes,
-         f"{sent} batch bytes and {report.credential_bytes} of credentials, "
+         f"{sent} batch bytes, {report.credential_bytes} of call credentials, "
          f"{request.max_bytes} granted"),
         (report.credential_bytes > MAX_CREDENTIAL_BYTES or (report.credential_bytes
                                                             and not batches),
