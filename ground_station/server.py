@@ -202,11 +202,6 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
     def Send(self, request_iterator: Iterator[pb.DownlinkBatch],
              context: grpc.ServicerContext) -> Iterator[pb.BatchAck]:
         who = caller(context)
-        # the stream's call credentials came on the downlink too: counted as received
-        credentials = credential_bytes_received(context)
-        if credentials:
-            self.store.count(received_bytes=credentials, credential_bytes=credentials)
-            self.bytes.add(received=credentials)
         key = self.streams.open(context, who.describe() if who else f"peer {context.peer()}")
         if isinstance(key, str):
             abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, key)
@@ -223,6 +218,12 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             size = received_size(context, msg)  # as it arrived, however it was encoded
             self.bytes.add(received=size)
             if not satellite:
+                # the stream's call credentials came on the downlink with its first batch (as
+                # the sensor host charges them): counted as received
+                credentials = credential_bytes_received(context)
+                if credentials:
+                    self.store.count(received_bytes=credentials, credential_bytes=credentials)
+                    self.bytes.add(received=credentials)
                 refusal = self._stream_refusal(msg.satellite_id, caller(context))
                 if refusal is not None:  # the whole batch refused, counted as such
                     self.store.count(received_bytes=size, received=len(msg.ids),

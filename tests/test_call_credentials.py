@@ -5,6 +5,7 @@ tests/test_security_replay.py."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sparsat.node.wire import security
 from sparsat.node.wire.security import (
     CALL_VALUE_CHARS,
-    CLOCK_SKEW_S,
+    CLOCK_AHEAD_S,
+    CLOCK_BEHIND_S,
     MAX_AGE_S,
     AuthError,
     CallChecker,
@@ -62,6 +64,7 @@ def _sign(deployment: Path, name: str, clock: Clock, audience: str = GS,
 
 
 def _checker(deployment: Path, clock: Clock, **kw: int) -> CallChecker:
+    """A ground station's checker, started 100 s before `clock`."""
     c = Credentials.from_dir(deployment / GS)
     assert c.verifier is not None
     started = Clock(clock.t - 100)  # the server started 100 s ago
@@ -103,9 +106,9 @@ def test_a_credential_goes_with_its_token_and_key(deployment: Path) -> None:
 def test_the_clock_skew_tolerance(deployment: Path) -> None:
     clock = Clock()
     checker = _checker(deployment, clock)
-    for dt, ok in ((CLOCK_SKEW_S - 1, True), (CLOCK_SKEW_S + 1, False),
-                   (-(CLOCK_SKEW_S + MAX_AGE_S) + 1, True), (-(CLOCK_SKEW_S + MAX_AGE_S) - 1,
-                                                             False)):
+    for dt, ok in ((CLOCK_AHEAD_S - 1, True), (CLOCK_AHEAD_S + 1, False),
+                   (-(CLOCK_BEHIND_S + MAX_AGE_S) + 1, True),
+                   (-(CLOCK_BEHIND_S + MAX_AGE_S) - 1, False)):
         value, op = _sign(deployment, "operator", clock, dt_s=dt)
         if ok:
             checker.check(value, op.token, op.identity, METHOD)
@@ -131,35 +134,65 @@ def test_a_credential_from_before_the_server_started_is_stale(deployment: Path) 
 
 def test_nonces_are_bounded_per_caller_and_expire(deployment: Path) -> None:
     clock = Clock()
-    checker = _checker(deployment, clock, max_nonces=5, max_per_caller=3)
+    checker = _checker(deployment, clock, max_per_caller=3)
     for _ in range(3):
         value, op = _sign(deployment, "operator", clock)
         checker.check(value, op.token, op.identity, METHOD)
     value, op = _sign(deployment, "operator", clock)
-    with pytest.raises(CallsExhausted, match="operator made more calls"):
+    with pytest.raises(CallsExhausted, match="operator made more than 3 calls"):
         checker.check(value, op.token, op.identity, METHOD)
-    for _ in range(2):  # another caller still has its share, up to the whole memory
+    for _ in range(3):  # another caller still has its whole share: nobody crowds it out
         value, sensor = _sign(deployment, "sensors-0", clock)
-        checker.check(value, sensor.token, sensor.identity, METHOD)
-    value, sensor = _sign(deployment, "sensors-0", clock)
-    with pytest.raises(CallsExhausted):
         checker.check(value, sensor.token, sensor.identity, METHOD)
     # once their credentials are too old to be accepted anyway, their nonces are let go
     old, op = _sign(deployment, "operator", clock)
-    clock.t += CLOCK_SKEW_S + MAX_AGE_S + 1
+    clock.t += CLOCK_BEHIND_S + MAX_AGE_S + 1
     value, _ = _sign(deployment, "operator", clock)
     checker.check(value, op.token, op.identity, METHOD)
     assert len(checker) == 1
     with pytest.raises(AuthError, match="old"):  # the forgotten nonce's credential
         checker.check(old, op.token, op.identity, METHOD)
+    clock.t -= 3600  # the wall clock steps back an hour: the checker's clock does not
+    with pytest.raises(AuthError, match="old"):
+        checker.check(old, op.token, op.identity, METHOD)
+    assert len(checker) == 1
+
+
+def test_a_replay_racing_its_original_is_accepted_once(deployment: Path) -> None:
+    """The same credential from 8 threads at once, 20 times over: one of each accepted."""
+    clock = Clock()
+    checker = _checker(deployment, clock)
+    for _ in range(20):
+        value, op = _sign(deployment, "operator", clock)
+        accepted: list[bool] = []
+        start = threading.Barrier(8)
+
+        def call(value: str = value, op: Credentials = op, start: threading.Barrier = start,
+                 accepted: list[bool] = accepted) -> None:
+            start.wait()
+            try:
+                checker.check(value, op.token, op.identity, METHOD)
+                accepted.append(True)
+            except AuthError:
+                accepted.append(False)
+
+        threads = [threading.Thread(target=call) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(accepted) == [False] * 7 + [True]
 
 
 @pytest.mark.parametrize("mangle", [
     lambda v: "", lambda v: "x.y.z", lambda v: "0" + v, lambda v: v + "A",
     lambda v: v.replace(".", ".AA", 1), lambda v: v.rsplit(".", 1)[0] + ".!!!",
-    lambda v: "9" * 17 + v[13:], lambda v: v + "." + v,
+    lambda v: "9" * 17 + v[13:], lambda v: v + "." + v, lambda v: v + "=", lambda v: " " + v,
+    lambda v: v + " ", lambda v: v.replace("-", "+").replace("_", "/") if "-" in v or "_" in v
+    else "+" + v[1:], lambda v: "\u00b2" + v[1:],
 ], ids=["empty", "garbage", "leading zero", "long signature", "long nonce", "not base64",
-        "huge time", "four parts"])
+        "huge time", "four parts", "padding", "leading space", "trailing space",
+        "standard alphabet", "superscript digit"])
 def test_malformed_credentials_are_refused(deployment: Path, mangle: object) -> None:
     clock = Clock()
     checker = _checker(deployment, clock)

@@ -296,8 +296,7 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         first = grant.next(packer)
         if first is None:
             return
-        report.credential_bytes = self.credential_bytes
-        self.bytes.add(sent=self.credential_bytes)
+
         acks: list[pb.BatchAck] = []
         outbox = Outbox(grant.stream(first, packer))
         # acks are charged as they arrived (sized), not as Python would re-encode them
@@ -339,6 +338,9 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             self.bytes.add(sent=size)
             report.batch_bytes.append(size)
             report.sent += len(msg.ids)
+        if report.batch_bytes:  # the credentials went out with the first batch written
+            report.credential_bytes = self.credential_bytes
+            self.bytes.add(sent=self.credential_bytes)
         done: set[int] = set()  # ids answered: stored, duplicate or rejected
         for batch, ack in zip(batches, acks, strict=False):
             try:

@@ -380,9 +380,17 @@ class _Context:
         self._context = context
         self.identity = identity
         self.request_bytes: int | None = None
+        self.credential_bytes = 0  # the call's credentials, as checked (credential_bytes_received)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
+
+
+def _bearer(context: grpc.ServicerContext) -> str:
+    """The token of the call's `authorization` header (security.bearer_token)."""
+    return security.bearer_token([
+        value if isinstance(value, str) else value.decode(errors="replace")
+        for key, value in context.invocation_metadata() if key == "authorization"])
 
 
 def _authenticate(method: str, context: grpc.ServicerContext,
@@ -398,9 +406,7 @@ def _authenticate(method: str, context: grpc.ServicerContext,
     if admitted is False:
         abort(context, grpc.StatusCode.PERMISSION_DENIED, f"{method} is not served to anyone")
     try:
-        token = security.bearer_token([
-            value if isinstance(value, str) else value.decode(errors="replace")
-            for key, value in context.invocation_metadata() if key == "authorization"])
+        token = _bearer(context)
     except AuthError as e:
         abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e))
     assert creds.verifier is not None
@@ -460,11 +466,11 @@ def _authenticate(method: str, context: grpc.ServicerContext,
 
 
 def credential_bytes_received(context: grpc.ServicerContext) -> int:
-    """The bytes of the call's credentials as received (security.credential_bytes: header
-    names and values), 0 without them: a downlink stream's share of the radio link."""
-    return sum(len(key) + len(value)
-               for key, value in context.invocation_metadata()
-               if key in ("authorization", security.CALL_HEADER))
+    """The bytes of the call's credentials (security.credential_bytes of the token the Guard
+    checked: header names and values, as the caller writes them, whatever padding came), 0
+    for a call not authenticated (no credentials, --insecure): a downlink stream's share of
+    the radio link."""
+    return int(getattr(context, "credential_bytes", 0))
 
 
 def _describe_failure(method: str, context: Any, identity: Identity | None,
@@ -520,6 +526,8 @@ def _guarded(handler: grpc.RpcMethodHandler, method: str,
     def call(behavior: Callable[..., Any], request: Any, ctx: _Context,
              streaming_in: bool) -> Any:
         ctx.identity = _authenticate(method, ctx._context, creds, calls)
+        if ctx.identity is not None and calls is not None:  # as checked: of canonical size
+            ctx.credential_bytes = security.credential_bytes(_bearer(ctx._context))
         req = (requests(request, ctx) if streaming_in
                else _parse(parse, method, request, ctx, precheck))
         return behavior(req, ctx)

@@ -6,20 +6,22 @@ node holds, in its credentials folder:
 - `ca.crt`: the deployment's CA certificate, the trust anchor for TLS and for tokens;
 - `node.crt`, `node.key`: its own certificate (DNS name = its node name), used as the server
   certificate of the node's gRPC server and, with mutual TLS, as its client certificate;
-- `token`: its identity, `sparsat1.<payload>.<signature>`, where the payload names the node,
-  its role (sensor, trainer, ground_station, operator) and, for a sensor host, the satellites
-  it may speak for; the signature is the CA key's (ECDSA P-256), so any node can check any
-  token with `ca.crt` alone and no node needs the CA key.
+- `token`: its identity, `sparsat2.<payload>.<signature>`, where the payload names the node,
+  its role (sensor, trainer, ground_station, operator), its public key (node.key's) and, for a
+  sensor host, the satellites it may speak for; the signature is the CA key's (ECDSA P-256,
+  raw r||s), so any node can check any token with `ca.crt` alone and no node needs the CA key.
 
 Channels are TLS, checking the server's certificate against the CA and against the name of the
 node they mean to reach (not the address they dial: nodes move between addresses, names stay),
-and every call carries the caller's token (`authorization: Bearer ...`, only ever over TLS).
-Servers check the token on every call: none or a forged one is UNAUTHENTICATED, a role the
-method does not admit is PERMISSION_DENIED (ROLES below), and servicers see the verified
-caller through `sparsat.node.wire.rpc.caller(context)` for finer checks (a sensor host sends only
-as its
-satellites). With mutual TLS (`mutual=True`), a client must also present a certificate of the
-deployment whose name and role (its OU) equal its token's.
+and every call carries the caller's token (`authorization: Bearer ...`, only ever over TLS) and
+a credential for that call alone (`sparsat-call`: sign_call, CallChecker below), signed with
+the key the token names, for the callee's name, the method, a time and a nonce: a token alone
+authorises nothing, and what a callee receives is of no use anywhere else, or again.
+Servers check both on every call: none, a forged or a replayed one is UNAUTHENTICATED, a role
+the method does not admit is PERMISSION_DENIED (ROLES below), and servicers see the verified
+caller through `sparsat.node.wire.rpc.caller(context)` for finer checks (a sensor host sends
+only as its satellites). With mutual TLS (`mutual=True`), a client must also present a
+certificate of the deployment whose name, role (its OU) and key equal its token's.
 
 Clients see no more of a server's certificate than its name, so names are roles by
 construction: `ground-station` and `operator` (RESERVED_NAMES) belong to their roles alone.
@@ -299,18 +301,23 @@ def _public_key(text: str) -> ec.EllipticCurvePublicKey:
 # deployment, the audience (the callee's node name: the name the caller checked the server's
 # certificate against), the full method name, t, the nonce and the SHA-256 of the token. The
 # audience and method are not sent: the callee knows its own name and the method called. A
-# callee accepts one only if signed by the token's key, for itself and this method, made
-# within CLOCK_SKEW_S + MAX_AGE_S before its clock and at most CLOCK_SKEW_S after, not before
-# this server started, with a nonce not seen (CallChecker). So what a callee is sent works at
-# no other node, for no other method, once, and not after a minute.
+# callee accepts one only if signed by the token's key, for itself and this method, with t at
+# most CLOCK_AHEAD_S ahead of its clock and CLOCK_BEHIND_S + MAX_AGE_S behind it, t not before
+# this server started, and a nonce not seen (CallChecker). So what a callee is sent works at no
+# other node, for no other method, once, and not after a minute.
 
 CALL_HEADER = "sparsat-call"
 CALL_PREFIX = "sparsat-call1"
-CLOCK_SKEW_S = 30.0  # a caller's clock may be this far ahead of or behind the callee's
+CLOCK_AHEAD_S = 5.0  # a caller's clock may run this far ahead of the callee's (NTP: ms)
+CLOCK_BEHIND_S = 30.0  # ... and this far behind it
 MAX_AGE_S = 30.0  # from making a call's credential to its arrival, beyond the skew
 NONCE_BYTES = 16
-MAX_NONCES = 100_000  # remembered at once per server (about 25 MB at most)
-MAX_NONCES_PER_CALLER = 20_000  # of them from one node: one flooding node cannot fill it
+# remembered at once per server from one node (about 6 MiB); one node cannot crowd out
+# another: the memory is at most this times the nodes the CA issued
+MAX_NONCES_PER_CALLER = 20_000
+# the header's value exactly as sign_call writes it: t without leading zeros (16 digits at
+# most), base64url without padding of 16 and 64 bytes; nothing else is read
+CALL_VALUE_RE = re.compile(r"(0|[1-9][0-9]{0,15})\.([A-Za-z0-9_-]{22})\.([A-Za-z0-9_-]{86})")
 
 
 def call_message(deployment: str, audience: str, method: str, t_ms: int, nonce: str,
@@ -344,8 +351,9 @@ def credential_bytes(token: str) -> int:
 
 
 class StaleCall(AuthError):
-    """A call's credential made before this server started (a caller's clock behind it,
-    or a replay from before a restart): the caller retries with a new one (UNAVAILABLE)."""
+    """A call's credential whose time is before this server's start: the process before a
+    restart may have accepted it, and its nonces are forgotten. The caller retries with a new
+    one (UNAVAILABLE)."""
 
 
 class CallsExhausted(AuthError):
@@ -356,19 +364,24 @@ class CallChecker:
     """One server's check of per-call credentials, and the nonces it has seen.
 
     A nonce is remembered until its credential is too old to be accepted anyway
-    (CLOCK_SKEW_S + MAX_AGE_S after its time, by this server's clock), MAX_NONCES at once,
-    MAX_NONCES_PER_CALLER from one node; a caller past its share is refused
-    (RESOURCE_EXHAUSTED, CallsExhausted) until its old nonces expire. The memory is this
-    process's: after a restart it is empty, and what it refused as seen could come again, so
-    a server also refuses every credential made before it started (StaleCall): any credential
-    it accepts was made while it ran, and seen while it runs."""
+    (CLOCK_BEHIND_S + MAX_AGE_S after its time, by this server's clock: at most a minute and
+    CLOCK_AHEAD_S after it arrived), MAX_NONCES_PER_CALLER from one node; a caller past its
+    share is refused (CallsExhausted: RESOURCE_EXHAUSTED) until its old nonces expire. The
+    memory is this process's: after a restart it is empty, so a server also refuses
+    (StaleCall) every credential whose time is before its start. What that leaves: a
+    credential the process before accepted in its last CLOCK_AHEAD_S, from a caller whose
+    clock ran ahead by as much, passes once more if it comes again then; only the node it was
+    made for ever saw it (TLS; its audience), so only that node, or whoever holds its key,
+    can bring it again, and only to itself. The time checks and the nonce memory read one
+    clock, under one lock, that never goes back (a wall-clock step back does not re-open
+    expired nonces)."""
 
     def __init__(self, audience: str, deployment: str, clock: Callable[[], float] = time.time,
-                 max_nonces: int = MAX_NONCES,
                  max_per_caller: int = MAX_NONCES_PER_CALLER) -> None:
         self.audience, self.deployment, self._clock = audience, deployment, clock
         self.started_ms = int(clock() * 1000)
-        self.max_nonces, self.max_per_caller = max_nonces, max_per_caller
+        self._now_ms = self.started_ms
+        self.max_per_caller = max_per_caller
         self._seen: dict[str, tuple[int, str]] = {}  # nonce -> (expires_ms, caller)
         self._expiry: list[tuple[int, str]] = []  # heap of (expires_ms, nonce)
         self._per_caller: dict[str, int] = {}
@@ -380,49 +393,46 @@ class CallChecker:
     def check(self, value: str, token: str, identity: Identity, method: str) -> None:
         """AuthError unless `value` is a fresh credential of `identity` (its token `token`)
         for this server and `method`; StaleCall, CallsExhausted as the class says."""
-        parts = value.strip().split(".")
-        if (len(parts) != 3 or not parts[0].isdigit() or len(parts[0]) > 16
-                or parts[0] != str(int(parts[0]))):
-            raise AuthError(f"{CALL_HEADER} is not <time ms>.<nonce>.<signature>")
-        t_ms, nonce = int(parts[0]), parts[1]
-        try:
-            raw_nonce, signature = _unb64(nonce), _unb64(parts[2])
-        except (ValueError, TypeError) as e:
-            raise AuthError(f"{CALL_HEADER} is not base64url") from e
-        if len(raw_nonce) != NONCE_BYTES or len(signature) != SIGNATURE_BYTES:
-            raise AuthError(f"{CALL_HEADER}: the nonce is {NONCE_BYTES} bytes and the "
-                            f"signature {SIGNATURE_BYTES} (r||s)")
+        found = CALL_VALUE_RE.fullmatch(value)
+        if found is None:
+            raise AuthError(f"{CALL_HEADER} is not <time ms>.<nonce>.<signature> (decimal, and "
+                            f"base64url without padding of {NONCE_BYTES} and {SIGNATURE_BYTES} "
+                            "bytes)")
+        t_text, nonce, signature = found.groups()
+        t_ms = int(t_text)
         message = call_message(self.deployment, self.audience, method, t_ms, nonce, token)
         try:
-            _verify_raw(_public_key(identity.key), signature, message)
-        except (InvalidSignature, CredentialsError) as e:
+            _verify_raw(_public_key(identity.key), _unb64(signature), message)
+        except (InvalidSignature, CredentialsError, ValueError) as e:
             raise AuthError(f"the call's credential ({CALL_HEADER}) is not {identity.name}'s "
                             f"for {self.audience} and {method} (made for another node or "
                             "method, or signed with another key than its token names; a "
                             "client names the node it dials, e.g. rpc.channel(peer=...))") from e
-        now_ms = int(self._clock() * 1000)
-        skew_ms, age_ms = int(CLOCK_SKEW_S * 1000), int(MAX_AGE_S * 1000)
-        if t_ms > now_ms + skew_ms:
-            raise AuthError(f"the call's credential is {(t_ms - now_ms) / 1000:.0f} s ahead "
-                            f"of this server's clock ({CLOCK_SKEW_S:g} s allowed)")
-        if t_ms < now_ms - skew_ms - age_ms:
-            raise AuthError(f"the call's credential is {(now_ms - t_ms) / 1000:.0f} s old "
-                            f"({CLOCK_SKEW_S + MAX_AGE_S:g} s at most)")
-        if t_ms < self.started_ms:
-            raise StaleCall(f"the call's credential was made {(self.started_ms - t_ms) / 1000:.1f}"
-                            " s before this server started (is the caller's clock behind? "
-                            "retry with a new one)")
+        ahead_ms, behind_ms = int(CLOCK_AHEAD_S * 1000), int(CLOCK_BEHIND_S * 1000)
+        age_ms = int(MAX_AGE_S * 1000)
         with self._lock:
+            now_ms = self._now_ms = max(self._now_ms, int(self._clock() * 1000))
+            if t_ms > now_ms + ahead_ms:
+                raise AuthError(f"the call's credential is {(t_ms - now_ms) / 1000:.1f} s ahead "
+                                f"of this server's clock ({CLOCK_AHEAD_S:g} s allowed: keep "
+                                "the nodes' clocks in time, e.g. NTP)")
+            if t_ms < now_ms - behind_ms - age_ms:
+                raise AuthError(f"the call's credential is {(now_ms - t_ms) / 1000:.0f} s old "
+                                f"({CLOCK_BEHIND_S + MAX_AGE_S:g} s at most)")
+            if t_ms < self.started_ms:
+                raise StaleCall(
+                    f"the call's credential was made {(self.started_ms - t_ms) / 1000:.1f} s "
+                    "before this server started (what came before a restart is not accepted "
+                    "again; is the caller's clock behind?): retry with a new one")
             self._expire(now_ms)
             if nonce in self._seen:
                 raise AuthError("the call's credential was used before (a replay)")
             caller = identity.name
-            if (len(self._seen) >= self.max_nonces
-                    or self._per_caller.get(caller, 0) >= self.max_per_caller):
+            if self._per_caller.get(caller, 0) >= self.max_per_caller:
                 raise CallsExhausted(
-                    f"{caller} made more calls than this server remembers in "
-                    f"{CLOCK_SKEW_S * 2 + MAX_AGE_S:g} s; retry later")
-            expires = t_ms + skew_ms + age_ms
+                    f"{caller} made more than {self.max_per_caller} calls in "
+                    f"{CLOCK_BEHIND_S + MAX_AGE_S:g} s; retry later")
+            expires = t_ms + behind_ms + age_ms
             self._seen[nonce] = (expires, caller)
             heapq.heappush(self._expiry, (expires, nonce))
             self._per_caller[caller] = self._per_caller.get(caller, 0) + 1
