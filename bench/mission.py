@@ -66,7 +66,8 @@ def scenario(args: argparse.Namespace) -> Scenario:
     s["dataset"].update(train_subset=None if args.images in (None, 0, TRAIN_IMAGES)
                         else args.images, test_subset=args.test_images or None)
     s["sensors"].update(count=args.satellites, per_process=args.per_process)
-    s["orbits"].update(horizon_h=args.hours, step_s=args.step)
+    s["orbits"].update(step_s=args.step)
+    s["mission"] = {"horizon_h": args.hours}
     s["orbits"]["walker"].update(planes=planes, per_plane=per_plane,
                                  phasing=1 if planes > 1 else 0)
     s["links"]["downlink"].update(rate_bps=args.rate, loss=args.loss)

@@ -68,7 +68,8 @@ def downlink_only(n_sats: int, hours: float, step: float, samples: int) -> dict[
                 for st in STATIONS]
     scenario = Scenario.model_validate({
         "name": "scale", "sensors": {"count": n_sats},
-        "orbits": {"epoch": "2026-01-01T00:00:00Z", "horizon_h": hours, "step_s": step,
+        "mission": {"horizon_h": hours},
+        "orbits": {"epoch": "2026-01-01T00:00:00Z", "step_s": step,
                    "walker": {"planes": n_sats // 25, "per_plane": 25,
                               "phasing": phasing(n_sats // 25),
                               "altitude_km": 550, "inclination_deg": 53},

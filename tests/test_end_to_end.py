@@ -112,6 +112,26 @@ def test_local_run_patches_ist(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "final accuracy" in capsys.readouterr().out
 
 
+def test_the_mission_ends_at_its_horizon_with_samples_on_board(tmp_path: Path) -> None:
+    """mission.horizon_h = 0.2 h (720 s): sat-0's passes at 0 and 600 s fit, sat-1's and
+    sat-2's second ones (800, 1000 s) do not; what is left is reported, not an error, and
+    the ground trains on what arrived (here done before the horizon)."""
+    scenario = {**TINY, "name": "horizon", "mission": {"horizon_h": 0.2}}
+    out = tmp_path / "out"
+    assert main(["run", str(_write(tmp_path, scenario)), "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    left = results["left_on_board"]
+    assert left["per_satellite"]["sat-0"] == 0
+    assert left["per_satellite"]["sat-1"] > 0 and left["per_satellite"]["sat-2"] > 0
+    stored = results["samples"]["stored"]
+    assert left["total"] == sum(left["per_satellite"].values()) == 480 - stored > 0
+    assert results["horizon_h"] == 0.2
+    assert 600 < results["downlink_done_s"] <= results["sim_time_s"] <= 720
+    assert results["accuracy_at_horizon"] == results["final_accuracy"]
+    assert [h["epoch"] for h in results["history"]] == [1, 2]
+    assert results["samples"]["trained_on"] == stored
+
+
 def test_random_masks_downlink_one_copy_per_epoch_and_compute_is_on_the_clock(
         tmp_path: Path) -> None:
     """E epochs of random masks: E copies of every image downlinked, each charged and stored
@@ -382,7 +402,8 @@ def test_orbital_downlink_uses_only_contact_windows_and_queues_for_antennas(
         **{k: v for k, v in TINY.items() if k != "passes"},  # orbits give the windows
         "name": "orbital", "dataset": {**TINY["dataset"], "train_subset": 240},
         "sensors": {**TINY["sensors"], "count": 2},
-        "orbits": {"epoch": "2026-01-01T00:00:00Z", "tle": "twins.tle", "horizon_h": 24,
+        "mission": {"horizon_h": 24},
+        "orbits": {"epoch": "2026-01-01T00:00:00Z", "tle": "twins.tle",
                    "stations": [{"name": "svalbard", "lat_deg": 78.23, "lon_deg": 15.39,
                                  "min_elevation_deg": 5, "antennas": antennas}]},
         "links": {"downlink": {"rate_bps": 9600, "latency_s": 0.05, "loss": 0.05,

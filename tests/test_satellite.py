@@ -39,10 +39,10 @@ class Sensor:
             sent=n, acked=n, remaining=self.left, next_bytes=SAMPLE + ACK if self.left else 0)
 
 
-def _mission(sats: int = 1, antennas: int = 1, latency_s: float = 0.0
-             ) -> tuple[MissionControl, dict[str, Link]]:
+def _mission(sats: int = 1, antennas: int = 1, latency_s: float = 0.0,
+             horizon_h: float | None = None) -> tuple[MissionControl, dict[str, Link]]:
     scenario = Scenario.model_validate({
-        "name": "satellite", "sensors": {"count": sats},
+        "name": "satellite", "sensors": {"count": sats}, "mission": {"horizon_h": horizon_h},
         "links": {"downlink": {"rate_bps": RATE, "latency_s": latency_s}}})
     mc = MissionControl(scenario, "127.0.0.1:1", show_progress=False)  # never dialled here
     mc.downlink.antennas = {"gs": simpy.Resource(mc.env, capacity=antennas)}
@@ -158,8 +158,27 @@ def test_satellites_in_view_together_queue_for_the_stations_antenna() -> None:
 
 def test_a_satellite_left_with_samples_after_its_last_window_is_an_error() -> None:
     mc, links = _mission()
-    with pytest.raises(MissionError, match="sat-0: 546 samples still queued after its last"):
+    with pytest.raises(MissionError, match="sat-0: 546 samples still queued after its last.*"
+                                           "set mission.horizon_h"):
         _fly(mc, links, {"sat-0": _contacts("sat-0", (0, 50))}, 1000)
+
+
+@pytest.mark.parametrize("kind", ["passes", "contacts"])
+def test_at_the_horizon_what_is_on_board_stays_there(kind: str) -> None:
+    """mission.horizon_h = 126 s: passes of 50 s every 100 s are cut at it (the one from
+    100 s has 26 s), contact windows end with their list; what is left is counted."""
+    mc, links = _mission(horizon_h=126 / 3600)
+    windows: Passes | Contacts = (
+        Passes(PeriodicPasses(100, 50, 0), mc.s.mission.horizon_s) if kind == "passes"
+        else _contacts("sat-0", (0, 50), (100, 150)))
+    calls = _fly(mc, links, {"sat-0": windows}, 1000)
+    starts = [(t, b) for _, t, b in calls if b > SAMPLE + ACK]  # each window's first call
+    assert starts == ([(0, 50_000), (100, pytest.approx(26_000, abs=1))] if kind == "passes"
+                      else [(0, 50_000), (100, 50_000)])
+    assert all(t < (126 if kind == "passes" else 150) for _, t, _ in calls)
+    sent = sum(b // (SAMPLE + ACK) for _, _, b in calls)
+    assert mc.tally.left_on_board == {"sat-0": 1000 - sent} and 0 < sent < 1000
+    assert mc.env.now <= (126 if kind == "passes" else 150) + 1e-9
 
 
 def test_contact_windows_skip_what_ended_and_leave_on_request() -> None:
@@ -170,3 +189,13 @@ def test_contact_windows_skip_what_ended_and_leave_on_request() -> None:
     w.leave()
     assert w.at(12) == Window(30, 40, "gs")
     assert w.at(40) is None
+
+
+def test_accuracy_at_the_horizon_is_the_last_model_finished_by_then() -> None:
+    from sparsat.sim.mission.report import _at_horizon
+
+    history = [{"accuracy": 0.5, "sim_time_s": 100.0}, {"accuracy": 0.6, "sim_time_s": 200.0}]
+    assert _at_horizon(history, 150.0) == 0.5
+    assert _at_horizon(history, 200.0) == 0.6
+    assert _at_horizon(history, 50.0) is None  # nothing finished by then
+    assert _at_horizon(history, None) == 0.6  # no horizon: the last model

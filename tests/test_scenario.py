@@ -27,6 +27,10 @@ def test_shipped_scenarios_load(path: Path) -> None:
     ("name: x\norbits: {stations: []}\n", "stations"),
     ("name: x\nencoder: {name: resnet50}\n", "unknown encoder"),
     ("name: x\npasses: {period_s: 10, duration_s: 20}\n", "duration_s"),
+    ("name: x\nsensors: {count: 1}\norbits: {horizon_h: 24, walker: {planes: 1, per_plane: 1, "
+     "altitude_km: 500, inclination_deg: 50}, stations: [{name: a, lat_deg: 0, lon_deg: 0}]}\n",
+     "orbits.horizon_h is now mission.horizon_h"),
+    ("name: x\nmission: {horizon_h: 0}\n", "horizon_h"),
     ("sensors: {count: 2}\n", "name"),
     ("name: [unclosed\n", "not valid YAML"),
     # settings that would change nothing are refused, naming themselves

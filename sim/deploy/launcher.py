@@ -228,7 +228,8 @@ class LocalCluster:
         t0 = time.monotonic()
         try:
             orbits.contact_windows(orbits.constellation(self.s), orbits.stations(self.s),
-                                   o.epoch, o.horizon_h * 3600.0, o.step_s, o.tolerance_s)
+                                   o.epoch, self.s.mission.window_span_s(), o.step_s,
+                                   o.tolerance_s)
         except Exception:  # noqa: BLE001 - mission control computes them again and says why
             return
         self.contacts_s = time.monotonic() - t0

@@ -259,8 +259,8 @@ class MissionControl:
         budget = (LinkBudget(b.frequency_hz, b.eirp_dbw, b.gt_dbk, b.bandwidth_hz,
                              down.rate_bps, b.losses_db) if b else None)
         t0 = time.monotonic()
-        windows = orbits.contact_windows(sats, stations, o.epoch, o.horizon_h * 3600.0, o.step_s,
-                                         o.tolerance_s)
+        windows = orbits.contact_windows(sats, stations, o.epoch, s.mission.window_span_s(),
+                                         o.step_s, o.tolerance_s)
         self.tally.stage_wall_s["contacts"] += time.monotonic() - t0
         self.downlink.antennas = {st.name: simpy.Resource(self.env, capacity=st.antennas)
                                   for st in o.stations}
@@ -283,7 +283,8 @@ class MissionControl:
         procs = []
         for i, sat in enumerate(satellites):
             offset = p.offset_s if p.offset_s is not None else i * p.period_s / len(satellites)
-            passes = Passes(PeriodicPasses(p.period_s, p.duration_s, offset))
+            passes = Passes(PeriodicPasses(p.period_s, p.duration_s, offset),
+                            self.s.mission.horizon_s)
             procs.append(self.env.process(self.downlink.fly(
                 sat, passes, fixed_rate(dlinks[sat]), dlinks[sat], bar)))
         return procs

@@ -55,6 +55,13 @@ def assemble(o: Outcome) -> dict[str, Any]:
                   "total": t.total_bytes},
         "target_accuracy": target,
         "time_to_accuracy_s": reached[0] if reached else None,
+        # the mission's end (scenario mission.horizon_h; None: when everything was down), the
+        # accuracy of the last model finished by then, and what it left on board
+        "horizon_h": s.mission.horizon_h,
+        "accuracy_at_horizon": _at_horizon(t.history, s.mission.horizon_s),
+        "left_on_board": {"total": sum(t.left_on_board.values()),
+                          "per_satellite": {sat: t.left_on_board.get(sat, 0)
+                                            for sat in s.sensors.ids()}},
         "sim_time_s": now,
         "downlink_done_s": t.downlink_done_s,
         "wall_time_s": o.wall_time_s,
@@ -161,6 +168,13 @@ def plot(out_dir: Path, results: dict[str, Any]) -> None:
         plt.close(fig)
 
 
+def _at_horizon(history: list[dict[str, Any]], horizon_s: float | None) -> float | None:
+    """The accuracy of the last model finished by the horizon (the last one when there is
+    none), None when none was finished by then."""
+    done = [h for h in history if horizon_s is None or h["sim_time_s"] <= horizon_s]
+    return done[-1]["accuracy"] if done else None
+
+
 def summary(results: dict[str, Any]) -> str:
     b = results["bytes"]
     s = results["samples"]
@@ -184,12 +198,22 @@ def summary(results: dict[str, Any]) -> str:
         *([_groups_line(results)] if results.get("accuracy_by_group") else []),
         _rounds_line(results),
         f"mission time    {results['sim_time_s']:,.1f} s" + _compute(results),
+        *([_horizon_line(results)] if results.get("horizon_h") is not None else []),
         *([_target_line(results)] if results.get("target_accuracy") else []),
         f"wall time       {results['wall_time_s']:.1f} s",
         *([f"not delivered   {_shortfall(results)}"] if results.get("shortfall") else []),
         *([f"trainer faults  {len(results['trainer_failures'])} failed calls (see "
            "results.json trainer_failures)"] if results.get("trainer_failures") else []),
     ])
+
+
+def _horizon_line(results: dict[str, Any]) -> str:
+    acc = results.get("accuracy_at_horizon")
+    left = results.get("left_on_board", {}).get("total", 0)
+    return (f"horizon         {results['horizon_h']:g} h: "
+            + (f"accuracy {acc:.4f} (the last model finished by then)" if acc is not None
+               else "no model finished by then")
+            + f", {left:,} samples left on board")
 
 
 def _shortfall(results: dict[str, Any]) -> str:

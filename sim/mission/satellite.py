@@ -43,7 +43,7 @@ from tqdm import tqdm
 from sparsat.sim.mission.ground_client import Deadlines, GroundStationClient, MissionError
 from sparsat.sim.mission.hosts import HostDown, SensorHosts
 from sparsat.sim.mission.tally import Tally
-from sparsat.sim.scenario.schema import Scenario
+from sparsat.sim.scenario.schema import WINDOW_SEARCH_H, Scenario
 from sparsat.sim.space import orbits
 from sparsat.sim.space.links import C_KM_S, Link, LinkBudget, PeriodicPasses, retransmitted
 
@@ -70,17 +70,23 @@ RateFn = Callable[[Window, float], tuple[float, float]]  # (rate bit/s, latency 
 
 class Passes:
     """Periodic passes: the window at `now` (the one open then, or else the next) is found
-    from the clock at every call."""
+    from the clock at every call; with a horizon, cut at it and None from there on."""
 
-    def __init__(self, passes: PeriodicPasses) -> None:
+    def __init__(self, passes: PeriodicPasses, horizon_s: float | None = None) -> None:
         self.passes = passes
+        self.horizon_s = horizon_s
 
     @property
     def duration_s(self) -> float:
         return self.passes.duration_s
 
     def at(self, now: float) -> Window | None:
-        return Window(*self.passes.window_at(now))
+        start, end = self.passes.window_at(now)
+        if self.horizon_s is None:
+            return Window(start, end)
+        if start >= self.horizon_s or now >= self.horizon_s:
+            return None
+        return Window(start, min(end, self.horizon_s))
 
     def leave(self) -> None:
         """Nothing to do: the next pass follows from the clock."""
@@ -224,11 +230,18 @@ class Downlink:
                 self.hosts.give_up(sat_id)
                 return
             remaining = self.hosts.remaining.get(sat_id, -1)
-            horizon = self.s.orbits.horizon_h if self.s.orbits else 0
+            if self.s.mission.horizon_h is not None:  # the mission ends: what is left stays
+                left = remaining if remaining >= 0 else self.hosts.queued_at_start(sat_id)
+                self.tally.left_on_board[sat_id] = left
+                if left:
+                    log.info("%s: %d samples left on board at the horizon (%g h)", sat_id,
+                             left, self.s.mission.horizon_h)
+                return
             raise MissionError(
                 f"{sat_id}: {remaining if remaining >= 0 else 'all'} samples still queued "
-                f"after its last contact window ({horizon:g} h computed): raise "
-                "orbits.horizon_h, the link rate or the number of stations")
+                f"after its last contact window ({WINDOW_SEARCH_H:g} h searched): set "
+                "mission.horizon_h to end the mission there with them on board, or raise the "
+                "link rate or the number of stations")
         finally:
             self._release(inside, held)
             self.hosts.active.discard(sat_id)

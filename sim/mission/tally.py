@@ -44,6 +44,8 @@ class Tally:
     # satellites whose sensor host never came back: satellite -> host, address, undelivered
     shortfall: dict[str, dict[str, Any]] = field(default_factory=dict)
     gs_retries: int = 0  # ground-station calls retried after UNAVAILABLE
+    # satellite -> samples still queued on board when the mission reached its horizon
+    left_on_board: dict[str, int] = field(default_factory=dict)
     fingerprint: str = ""  # of the scenario, as the ground station runs it
 
     @property

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -161,7 +161,14 @@ class OrbitsCfg(Model):
     stations: list[StationCfg] = Field(min_length=1)
     step_s: float = Field(30.0, gt=0)  # coarse grid of the window search
     tolerance_s: float = Field(1.0, gt=0)  # window edges refined to this
-    horizon_h: float = Field(48.0, gt=0)  # contact windows computed this far ahead
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "horizon_h" in data:
+            raise ValueError("orbits.horizon_h is now mission.horizon_h (a top-level key, for "
+                             "periodic passes and orbits alike): move it there")
+        return data
 
     @model_validator(mode="after")
     def _one_source(self) -> OrbitsCfg:
@@ -248,6 +255,28 @@ class TrainingCfg(Model):
         return 1 if self.strategy == "centralized" else self.workers
 
 
+# Without mission.horizon_h, contact windows are searched this far ahead; a satellite with
+# samples left after its last window is then an error that says what to set
+WINDOW_SEARCH_H = 48.0
+
+
+class MissionCfg(Model):
+    """The mission as a whole. `horizon_h`: it ends this long after t = 0 whatever is still
+    on board (counted, not an error), for periodic passes and orbits alike (contact windows
+    are computed up to it); None: it lasts until every satellite's queue is down (today's
+    missions), contact windows searched WINDOW_SEARCH_H ahead."""
+
+    horizon_h: float | None = Field(None, gt=0)
+
+    @property
+    def horizon_s(self) -> float | None:
+        return None if self.horizon_h is None else self.horizon_h * 3600.0
+
+    def window_span_s(self) -> float:
+        """How far ahead contact windows are computed."""
+        return (self.horizon_h if self.horizon_h is not None else WINDOW_SEARCH_H) * 3600.0
+
+
 class Scenario(Model):
     name: str
     seed: int = 0
@@ -258,6 +287,7 @@ class Scenario(Model):
     links: LinksCfg = LinksCfg()
     training: TrainingCfg = TrainingCfg()
     orbits: OrbitsCfg | None = None  # None: the periodic pass placeholder (`passes`)
+    mission: MissionCfg = MissionCfg()
 
     @model_validator(mode="after")
     def _constellation(self) -> Scenario:
