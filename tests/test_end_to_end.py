@@ -66,6 +66,13 @@ def _check_common(results: dict[str, Any], scenario: dict[str, Any]) -> None:
     b = results["bytes"]
     assert b["total"] == b["downlink"] + b["uplink"] + b["trainer"]
     assert results["samples"] == {**results["samples"], "sent": n, "stored": n, "trained_on": n}
+    # the timeline: an entry after every update, the radio's and the LAN's bytes apart
+    updates = [e for e in results["timeline"] if e["event"] == "update"]
+    assert [e["epoch"] for e in updates] == [h["epoch"] for h in results["history"]]
+    assert all(e["downlink_bytes"] == b["downlink"] for e in updates)  # trained after it
+    assert all(e["images_on_ground"] == n and e["captured"] == n for e in updates)
+    lan = [e["trainer_bytes"] for e in updates]
+    assert lan == sorted(lan) and lan[-1] == b["trainer"] and len(set(lan)) == len(lan)
     # downlink: sensors' count == ground station's count, the Send streams' call credentials
     # included (as many as streams, each of the same size per sensor host), counted apart too
     assert results["ground_station"]["downlink_bytes_received"] == b["downlink"]
@@ -129,6 +136,12 @@ def test_the_mission_ends_at_its_horizon_with_samples_on_board(tmp_path: Path) -
     assert 600 < results["downlink_done_s"] <= results["sim_time_s"] <= 720
     assert results["accuracy_at_horizon"] == results["final_accuracy"]
     assert [h["epoch"] for h in results["history"]] == [1, 2]
+    timeline = results["timeline"]
+    assert [e["event"] for e in timeline] == ["update", "update", "horizon"]
+    at = timeline[-1]
+    assert (at["sim_time_s"], at["accuracy"], at["epoch"]) == (720, results["final_accuracy"], 2)
+    assert at["images_on_ground"] == stored and at["captured"] == 480
+    assert at["downlink_bytes"] == results["bytes"]["downlink"]
     assert results["samples"]["trained_on"] == stored
 
 

@@ -175,6 +175,10 @@ class MissionControl:
                 "train_loss": report.train_loss,
                 "bytes_total": self.tally.total_bytes,
                 "sim_time_s": self.env.now,
+                # the timeline's axes (report.timeline): radio and ground links apart
+                "downlink_bytes": self.tally.downlink_bytes,
+                "trainer_bytes": self.tally.trainer_bytes,
+                "images_on_ground": self.tally.stored,
             })
             self.epochs_done = epoch
             stage["training"] += time.monotonic() - t0

@@ -113,6 +113,7 @@ def assemble(o: Outcome) -> dict[str, Any]:
         "round_bytes": round_bytes(t),
         "trainer_failures": t.trainer_failures,
         "history": t.history,
+        "timeline": timeline(t.history, s.mission.horizon_s, t, _captured_at_start(s)),
     }
 
 
@@ -149,23 +150,69 @@ def plot(out_dir: Path, results: dict[str, Any]) -> None:
     matplotlib.use("Agg")  # no display on servers and in CI
     import matplotlib.pyplot as plt
 
-    hist = results["history"]
-    acc = [h["accuracy"] for h in hist]
-    for name, xs, label in (
-        ("accuracy_vs_bytes.png", [h["bytes_total"] / 1e6 for h in hist],
-         "bytes sent (MB, all links)"),
-        ("accuracy_vs_mission_time.png", [h["sim_time_s"] / 3600 for h in hist],
-         "mission time (h)"),
-    ):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(xs, acc, marker="o")
+    updates = [e for e in results.get("timeline", []) if e["event"] == "update"]
+    acc = [e["accuracy"] for e in updates]
+    horizon = results.get("horizon_h")
+    title = results["scenario"]
+    # accuracy against each link's bytes, on axes of their own: the radio's and the LAN's
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, key, label in ((axes[0], "downlink_bytes", "downlink bytes (MB, the radio)"),
+                           (axes[1], "trainer_bytes", "trainer-link bytes (MB, the ground LAN)")):
+        ax.plot([(e[key] or 0) / 1e6 for e in updates], acc, marker="o")
         ax.set_xlabel(label)
-        ax.set_ylabel("test accuracy")
-        ax.set_title(f"{results['scenario']}: accuracy vs {label.split(' (')[0]}")
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=120)
-        plt.close(fig)
+    axes[0].set_ylabel("test accuracy")
+    fig.suptitle(f"{title}: accuracy vs bytes, after every model update")
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy_vs_bytes.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([e["sim_time_s"] / 3600 for e in updates], acc, marker="o", label="test accuracy")
+    if horizon is not None:
+        ax.axvline(horizon, color="grey", linestyle="--", label=f"horizon ({horizon:g} h)")
+        ax.legend()
+    ax.set_xlabel("mission time (h)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"{title}: accuracy vs mission time")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy_vs_mission_time.png", dpi=120)
+    plt.close(fig)
+
+
+def _captured_at_start(s: Scenario) -> int:
+    """Scenes the satellites hold at t = 0 (today's missions capture everything then): the
+    training subset, once per masked copy."""
+    from sparsat.node.data.datasets import split_size
+    from sparsat.node.data.sharding import train_subset
+    from sparsat.sim.scenario.configs import sensor_config
+
+    n_train = split_size(sensor_config(s).dataset, "train")
+    copies = s.training.epochs if s.sensors.mask.kind == "random" else 1
+    return len(train_subset(n_train, s.dataset.train_subset, s.seed)) * copies
+
+
+def timeline(history: list[dict[str, Any]], horizon_s: float | None, t: Tally,
+             captured: int) -> list[dict[str, Any]]:
+    """results.json's `timeline`, in mission-time order: after every model update its test
+    accuracy, with the downlink bytes (the radio), the trainer links' bytes (the ground LAN:
+    never summed with the radio's), images on the ground and scenes captured so far; and,
+    with a horizon, the mission at its horizon (the accuracy of the last model finished by
+    then, None when none was)."""
+    entries = [{"event": "update", "epoch": h["epoch"], "sim_time_s": h["sim_time_s"],
+                "accuracy": h["accuracy"], "downlink_bytes": h.get("downlink_bytes"),
+                "trainer_bytes": h.get("trainer_bytes"),
+                "images_on_ground": h.get("images_on_ground"), "captured": captured}
+               for h in history]
+    if horizon_s is not None:
+        done = [h for h in history if h["sim_time_s"] <= horizon_s]
+        entries.append({"event": "horizon", "epoch": done[-1]["epoch"] if done else None,
+                        "sim_time_s": horizon_s,
+                        "accuracy": done[-1]["accuracy"] if done else None,
+                        "downlink_bytes": t.downlink_bytes,  # the downlink ends by then
+                        "trainer_bytes": done[-1].get("trainer_bytes", 0) if done else 0,
+                        "images_on_ground": t.stored, "captured": captured})
+    return sorted(entries, key=lambda e: (e["sim_time_s"], e["event"] == "horizon"))
 
 
 def _at_horizon(history: list[dict[str, Any]], horizon_s: float | None) -> float | None:

@@ -323,6 +323,7 @@ class Downlink:
         t.downlink_batches += len(report.batch_bytes)
         t.duplicates += report.duplicates
         t.rejected += report.rejected
+        t.stored += report.acked - report.duplicates - report.rejected
         t.rejections += list(report.rejections)[: max(0, 16 - len(t.rejections))]
         bar.update(report.acked - report.duplicates)
         return sent

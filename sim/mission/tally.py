@@ -11,6 +11,7 @@ class Tally:
     downlink_bytes: int = 0  # batches and the Send streams' call credentials
     credential_bytes: int = 0  # of downlink_bytes: the call credentials (one per stream)
     downlink_messages: int = 0  # samples sent, retries included
+    stored: int = 0  # samples the ground station stored (acked, not duplicate nor refused)
     downlink_batches: int = 0
     rejected: int = 0  # samples the ground station refused
     rejections: list[str] = field(default_factory=list)  # the first few, "id: reason"
