@@ -41,6 +41,8 @@ class GroundStationConfig:
     store_dir: Path = Path("runs/store")
     node_id: str = "ground-station"
     test_subset: int | None = None  # evaluate on the first N of a seeded test permutation
+    # the validation split: the next N training images after the satellites' (0: none)
+    validation_subset: int = 0
     device: str = "auto"  # where the encoder stage runs
     encode_batch: int = 256
     checkpoint_dir: Path | None = None  # the coordinator's per-round checkpoint

@@ -110,6 +110,8 @@ class EpochResult:
     distinct_trained: int = 0  # distinct rows of every dataset trained on so far
     group_accuracy: dict[str, float] = field(default_factory=dict)  # per test group
     group_size: dict[str, int] = field(default_factory=dict)
+    validation_accuracy: float | None = None  # on the validation split, when there is one
+    validation_size: int = 0
 
 
 @dataclass
@@ -362,9 +364,11 @@ class Coordinator:
     # ---- rounds ------------------------------------------------------------------------------
 
     def train_epoch(self, epoch: int, test_x: torch.Tensor, test_y: torch.Tensor,
-                    groups: dict[str, torch.Tensor] | None = None) -> EpochResult:
+                    groups: dict[str, torch.Tensor] | None = None,
+                    validation: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> EpochResult:
         """One pass over the epoch's dataset, then the test set (`groups`: boolean masks of
-        test rows whose accuracy is reported apart)."""
+        test rows whose accuracy is reported apart) and the validation split, if any."""
         if not self._datasets:
             raise RuntimeError("no dataset: call set_dataset first")
         progress = self._start_epoch(epoch, len(self._dataset_of(epoch)[2]))
@@ -379,12 +383,15 @@ class Coordinator:
             group_size[name] = int(rows.sum())
             if group_size[name]:
                 group_accuracy[name] = evaluate(self.model, test_x[rows], test_y[rows])[0]
+        val = (evaluate(self.model, *validation)[0]
+               if validation is not None and len(validation[1]) else None)
         return EpochResult(
             epoch, accuracy, test_loss,
             float(np.mean(progress.losses)) if progress.losses else 0.0,
             list(progress.dataset_bytes), [list(r) for r in progress.rounds],
             progress.samples_trained, resumed, self.local_sgd_round_bytes(),
-            self.distinct_trained, group_accuracy, group_size)
+            self.distinct_trained, group_accuracy, group_size, val,
+            len(validation[1]) if validation is not None else 0)
 
     def local_sgd_round_bytes(self) -> int:
         """Bytes one full round of local SGD moves with this model, K and moments setting:

@@ -106,7 +106,8 @@ def encode_rows(rows: Iterable[Row], total: int, encoder: Encoder, batch_size: i
 
 def encode_split(dataset: ImageDataset, split: str, name: str, mask: MaskSpec,
                  encoder: Encoder, batch_size: int, subset: int | None = None, seed: int = 0,
-                 progress: Progress | None = None) -> TokenSet:
+                 progress: Progress | None = None,
+                 indices: np.ndarray | None = None) -> TokenSet:
     """Encode a split held at the ground station (the test set) under the scenario's mask.
 
     Clouds: every image gets its own clouds (its id seeds them, so other seeds than the
@@ -115,7 +116,8 @@ def encode_split(dataset: ImageDataset, split: str, name: str, mask: MaskSpec,
     t0 = time.perf_counter()
     # Evaluation must be repeatable: `random` masks are drawn like `fixed` ones here.
     eval_mask = MaskSpec("fixed", mask.ratio, mask.seed) if mask.kind == "random" else mask
-    indices = train_subset(len(dataset), subset, seed)
+    if indices is None:  # else: the images given (the validation split)
+        indices = train_subset(len(dataset), subset, seed)
     grid = encoder.grid
     features = np.empty((len(indices), encoder.dim), dtype=np.float32)
     labels = np.array([dataset.label(int(i)) for i in indices], dtype=np.int64)
@@ -281,7 +283,8 @@ def train_key(encoder: str, store_digest: str, cls_dtype: str | None) -> dict[st
 
 
 def eval_key(encoder: str, dataset: DatasetSpec, files: str, mask: MaskSpec, n_test: int,
-             subset: int | None, seed: int) -> dict[str, object]:
+             subset: int | None, seed: int,
+             validation: tuple[int, int] | None = None) -> dict[str, object]:
     """The test split's key: the encoder, the dataset (its spec, the root resolved, and
     `files`: sparsat.node.data.datasets.files_digest of the split as loaded), the mask as
     encode_split
@@ -298,6 +301,9 @@ def eval_key(encoder: str, dataset: DatasetSpec, files: str, mask: MaskSpec, n_t
     ds["root"] = str(Path(dataset.root).expanduser().resolve() if dataset.root
                      else default_root().resolve())
     picked: object = "all" if subset is None or subset >= n_test else [subset, seed]
+    if validation is not None:  # (train_subset, validation_subset) of the training split
+        return {"stage": "validation", "encoder": encoder, "dataset": ds, "files": files,
+                "mask": m, "images": [*validation, seed]}
     return {"stage": "test", "encoder": encoder, "dataset": ds, "files": files, "mask": m,
             "images": picked}
 

@@ -33,7 +33,8 @@ from sparsat.ground_station.encoding import (
     train_key,
 )
 from sparsat.ground_station.store import SampleStore
-from sparsat.node.data.datasets import ImageDataset, files_digest
+from sparsat.node.data.datasets import ImageDataset, files_digest, load_dataset
+from sparsat.node.data.sharding import validation_indices
 from sparsat.node.models import encoders
 from sparsat.node.models.training import resolve_device
 
@@ -69,6 +70,7 @@ class Prepared:
     coordinator: Coordinator  # without trainers yet
     train: TokenSet
     test: TokenSet
+    validation: TokenSet | None = None  # cfg.validation_subset > 0
 
 
 def prepare(cfg: GroundStationConfig, store: SampleStore, test_data: ImageDataset,
@@ -111,7 +113,7 @@ def prepare(cfg: GroundStationConfig, store: SampleStore, test_data: ImageDatase
         except (CheckpointError, OSError, KeyError) as e:
             coord.close()
             raise NotReady(f"resume: {e}") from e
-    return Prepared(coord, train, result["test"])
+    return Prepared(coord, train, result["test"], result.get("validation"))
 
 
 def _encode(cfg: GroundStationConfig, store: SampleStore, test_data: ImageDataset,
@@ -158,8 +160,31 @@ def _encode(cfg: GroundStationConfig, store: SampleStore, test_data: ImageDatase
         if cls:  # train tokens were quantized on the satellites: evaluate like for like
             test = replace(test, features=requantize(test.features, cfg.sensor.cls_dtype))
         result["test"] = test
+        if cfg.validation_subset:
+            result["validation"] = _validation(cfg, encoder, stage, enc, progress)
     except BaseException as e:  # reported to the caller
         errors.append(e)
+
+
+def _validation(cfg: GroundStationConfig, encoder: encoders.Encoder,
+                stage: Callable[[str, dict[str, object], Callable[[], TokenSet]], TokenSet],
+                enc: str, progress: Callable[[str], Callable[[int, int], None]]) -> TokenSet:
+    """The validation split, kept on the ground: training images no satellite holds, under
+    the training data's masks and payload path (CLS: requantized like the satellites')."""
+    s = cfg.sensor
+    train_data = load_dataset(s.dataset, "train")
+    if s.train_subset is None:
+        raise ValueError("a validation split needs dataset.train_subset")
+    indices = validation_indices(len(train_data), s.train_subset, cfg.validation_subset,
+                                 s.train_indices_seed)
+    tokens = stage("encode validation", eval_key(
+        enc, s.dataset, files_digest(train_data), s.mask, len(train_data), None,
+        s.train_indices_seed, (s.train_subset, cfg.validation_subset)), lambda: encode_split(
+            train_data, "train", s.dataset.name, s.mask, encoder, cfg.encode_batch,
+            progress=progress("encode validation"), indices=indices))
+    if s.payload == "cls":
+        tokens = replace(tokens, features=requantize(tokens.features, s.cls_dtype))
+    return tokens
 
 
 def per_copy(train: TokenSet, copies: int, n_train: int

@@ -25,6 +25,7 @@ def epoch_to_pb(r: EpochResult) -> pb.EpochReport:
         samples_trained=r.samples_trained, rounds_resumed=r.rounds_resumed,
         local_sgd_round_bytes=r.local_sgd_round_bytes, distinct_trained=r.distinct_trained,
         group_accuracy=r.group_accuracy, group_size=r.group_size,
+        validation_accuracy=r.validation_accuracy or 0.0, validation_size=r.validation_size,
     )
 
 
@@ -41,6 +42,8 @@ def pb_to_epoch(m: pb.EpochReport) -> EpochResult:
         local_sgd_round_bytes=int(m.local_sgd_round_bytes),
         distinct_trained=int(m.distinct_trained), group_accuracy=dict(m.group_accuracy),
         group_size={k: int(v) for k, v in m.group_size.items()},
+        validation_accuracy=float(m.validation_accuracy) if m.validation_size else None,
+        validation_size=int(m.validation_size),
     )
 
 

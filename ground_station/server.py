@@ -195,6 +195,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         self._train_lock = threading.Lock()  # one Prepare or TrainEpoch at a time
         self.train_tokens: TokenSet | None = None
         self.test_tokens: TokenSet | None = None
+        self.validation_tokens: TokenSet | None = None
         self.coordinator: Coordinator | None = None
 
     # ---- Downlink ------------------------------------------------------------------------
@@ -407,6 +408,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                 if n.role == control.TRAINER:
                     prepared.coordinator.add_trainer(n.node_id, n.address)
             self.train_tokens, self.test_tokens = prepared.train, prepared.test
+            self.validation_tokens = prepared.validation
             if self.coordinator is not None:
                 self.coordinator.close()
             self.coordinator = prepared.coordinator
@@ -434,12 +436,15 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                      context: grpc.ServicerContext) -> pb.EpochReport:
         with self._lock:
             coord, train, test = self.coordinator, self.train_tokens, self.test_tokens
+            val = self.validation_tokens
         if coord is None or train is None or test is None:
             abort(context, grpc.StatusCode.FAILED_PRECONDITION, "call Prepare first")
         try:
             result = coord.train_epoch(int(request.epoch), torch.from_numpy(test.features),
                                        torch.from_numpy(test.labels),
-                                       {k: torch.from_numpy(v) for k, v in test.groups.items()})
+                                       {k: torch.from_numpy(v) for k, v in test.groups.items()},
+                                       (torch.from_numpy(val.features),
+                                        torch.from_numpy(val.labels)) if val else None)
         except TrainerUnavailable as e:
             abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
         except CheckpointError as e:

@@ -92,7 +92,16 @@ def _check_common(results: dict[str, Any], scenario: dict[str, Any]) -> None:
     assert all(a["bytes_total"] < c["bytes_total"] for a, c in zip(hist, hist[1:], strict=False))
     assert results["sim_time_s"] == hist[-1]["sim_time_s"] > results["downlink_done_s"] > 0
     assert results["final_accuracy"] == hist[-1]["accuracy"]
-    assert results["best_accuracy"] == max(h["accuracy"] for h in hist)
+    # the best model is chosen on the validation split, never on the test set
+    if "validation_accuracy" in hist[-1]:
+        vals = [h["validation_accuracy"] for h in hist]
+        best = vals.index(max(vals))
+        assert results["best_chosen_on"] == "validation"
+    else:
+        best = len(hist) - 1
+        assert results["best_chosen_on"] == "none (the last model)"
+    assert (results["best_epoch"], results["best_accuracy"]) == (hist[best]["epoch"],
+                                                                 hist[best]["accuracy"])
 
 
 def test_local_run_patches_ist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -143,6 +152,31 @@ def test_the_mission_ends_at_its_horizon_with_samples_on_board(tmp_path: Path) -
     assert at["images_on_ground"] == stored and at["captured"] == 480
     assert at["downlink_bytes"] == results["bytes"]["downlink"]
     assert results["samples"]["trained_on"] == stored
+
+
+def test_the_best_model_is_chosen_on_a_validation_split_kept_on_the_ground(
+        tmp_path: Path) -> None:
+    """dataset.validation_subset: 200 training images no satellite holds, encoded at the
+    ground station like the training data; every epoch is scored on them, and the best
+    model (and the test accuracy reported for it) is the one they pick."""
+    from sparsat.node.data.sharding import train_subset, validation_indices
+
+    train = train_subset(60_000, 480, TINY["seed"])
+    val = validation_indices(60_000, 480, 200, TINY["seed"])
+    assert len(val) == 200 and not set(val) & set(train)  # never on board
+    with pytest.raises(ValueError, match="59520 left for it"):
+        validation_indices(60_000, 480, 59_521, TINY["seed"])
+
+    scenario = {**TINY, "name": "validation",
+                "dataset": {**TINY["dataset"], "validation_subset": 200},
+                "training": {**TINY["training"], "epochs": 3}}
+    out = tmp_path / "out"
+    assert main(["run", str(_write(tmp_path, scenario)), "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    _check_common(results, scenario)
+    assert all(0 <= h["validation_accuracy"] <= 1 for h in results["history"])
+    assert results["best_chosen_on"] == "validation"
+    assert "validation_accuracy" in (out / "history.csv").read_text().splitlines()[0]
 
 
 def test_random_masks_downlink_one_copy_per_epoch_and_compute_is_on_the_clock(

@@ -31,6 +31,7 @@ def test_shipped_scenarios_load(path: Path) -> None:
      "altitude_km: 500, inclination_deg: 50}, stations: [{name: a, lat_deg: 0, lon_deg: 0}]}\n",
      "orbits.horizon_h is now mission.horizon_h"),
     ("name: x\nmission: {horizon_h: 0}\n", "horizon_h"),
+    ("name: x\ndataset: {validation_subset: 100}\n", "set dataset.train_subset"),
     ("sensors: {count: 2}\n", "name"),
     ("name: [unclosed\n", "not valid YAML"),
     # settings that would change nothing are refused, naming themselves

@@ -19,6 +19,17 @@ def train_subset(n_train: int, subset: int | None, seed: int) -> np.ndarray:
     return np.sort(order[: subset if subset is not None else n_train])
 
 
+def validation_indices(n_train: int, subset: int, validation: int, seed: int) -> np.ndarray:
+    """The validation split's training indices: the `validation` images of the seeded
+    permutation right after the `subset` train_subset takes (no satellite holds them);
+    ValueError when the split has not that many left."""
+    if subset + validation > n_train:
+        raise ValueError(f"dataset.validation_subset {validation} with train_subset {subset}: "
+                         f"the split has {n_train} images, {n_train - subset} left for it")
+    order = np.random.default_rng(seed).permutation(n_train)
+    return np.sort(order[subset : subset + validation])
+
+
 def shard(indices: np.ndarray, sat_index: int, n_sats: int) -> np.ndarray:
     """Satellite `sat_index`'s images of `indices`: every n_sats-th, so shards differ by at
     most one image."""

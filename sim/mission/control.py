@@ -170,6 +170,8 @@ class MissionControl:
             self.tally.history.append({
                 "epoch": epoch,
                 "accuracy": report.accuracy,
+                **({"validation_accuracy": report.validation_accuracy}
+                   if report.validation_accuracy is not None else {}),
                 **{f"accuracy_{g}": a for g, a in sorted(report.group_accuracy.items())},
                 "test_loss": report.test_loss,
                 "train_loss": report.train_loss,

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
     from sparsat.sim.mission.tally import Tally
 
-HISTORY_FIELDS = ("epoch", "accuracy", "test_loss", "train_loss", "bytes_total", "sim_time_s")
+HISTORY_FIELDS = ("epoch", "accuracy", "validation_accuracy", "test_loss", "train_loss",
+                  "bytes_total", "sim_time_s", "downlink_bytes", "trainer_bytes")
 
 
 @dataclass
@@ -47,7 +48,12 @@ def assemble(o: Outcome) -> dict[str, Any]:
     return {
         "scenario": s.name,
         "final_accuracy": accs[-1],
-        "best_accuracy": max(accs),
+        # the best model is chosen on the validation split (dataset.validation_subset), never
+        # on the test set; its test accuracy is reported. Without one: the last model
+        "best_accuracy": t.history[_best(t.history)]["accuracy"],
+        "best_epoch": t.history[_best(t.history)]["epoch"],
+        "best_chosen_on": ("validation" if "validation_accuracy" in t.history[-1]
+                           else "none (the last model)"),
         # downlink: batches and the call credentials of their streams (downlink_credentials)
         "bytes": {"downlink": t.downlink_bytes, "downlink_credentials": t.credential_bytes,
                   "uplink": t.uplink_bytes,
@@ -178,6 +184,15 @@ def plot(out_dir: Path, results: dict[str, Any]) -> None:
     fig.tight_layout()
     fig.savefig(out_dir / "accuracy_vs_mission_time.png", dpi=120)
     plt.close(fig)
+
+
+def _best(history: list[dict[str, Any]]) -> int:
+    """The history entry of the best model: the first with the highest validation accuracy;
+    the last one when there is no validation split."""
+    if "validation_accuracy" not in history[-1]:
+        return len(history) - 1
+    vals = [h.get("validation_accuracy", -1.0) for h in history]
+    return vals.index(max(vals))
 
 
 def _captured_at_start(s: Scenario) -> int:

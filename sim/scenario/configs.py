@@ -50,6 +50,7 @@ def ground_station_config(s: Scenario, store_dir: Path, checkpoint_dir: Path | N
         ),
         store_dir=store_dir,
         test_subset=s.dataset.test_subset,
+        validation_subset=s.dataset.validation_subset,
         checkpoint_dir=checkpoint_dir,
         resume=resume,
         token_cache=token_cache,

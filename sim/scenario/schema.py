@@ -32,7 +32,19 @@ class DatasetCfg(Model):
     download: bool = True
     train_subset: int | None = Field(None, ge=1)  # use the first N of a seeded permutation
     test_subset: int | None = Field(None, ge=1)
+    # a validation split kept on the ground, from the training images no satellite holds (the
+    # next ones of the seeded permutation train_subset takes from): the mission's best model
+    # is chosen on it, never on the test set; 0: none (best = the last model)
+    validation_subset: int = Field(0, ge=0)
     split_seed: int = 0
+
+    @model_validator(mode="after")
+    def _validation(self) -> DatasetCfg:
+        if self.validation_subset and self.train_subset is None:
+            raise ValueError("dataset.validation_subset is taken from the training images the "
+                             "satellites do not hold: set dataset.train_subset below the "
+                             "split's size")
+        return self
 
 
 class EncoderCfg(Model):

@@ -412,7 +412,7 @@ class TrainEpochRequest(_message.Message):
     def __init__(self, epoch: _Optional[int] = ...) -> None: ...
 
 class EpochReport(_message.Message):
-    __slots__ = ("epoch", "accuracy", "test_loss", "train_loss", "dataset_bytes", "rounds", "samples_trained", "rounds_resumed", "local_sgd_round_bytes", "distinct_trained", "group_accuracy", "group_size")
+    __slots__ = ("epoch", "accuracy", "test_loss", "train_loss", "dataset_bytes", "rounds", "samples_trained", "rounds_resumed", "local_sgd_round_bytes", "distinct_trained", "group_accuracy", "group_size", "validation_accuracy", "validation_size")
     class GroupAccuracyEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -439,6 +439,8 @@ class EpochReport(_message.Message):
     DISTINCT_TRAINED_FIELD_NUMBER: _ClassVar[int]
     GROUP_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_SIZE_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     accuracy: float
     test_loss: float
@@ -451,7 +453,9 @@ class EpochReport(_message.Message):
     distinct_trained: int
     group_accuracy: _containers.ScalarMap[str, float]
     group_size: _containers.ScalarMap[str, int]
-    def __init__(self, epoch: _Optional[int] = ..., accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., train_loss: _Optional[float] = ..., dataset_bytes: _Optional[_Iterable[_Union[WorkerBytes, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundBytes, _Mapping]]] = ..., samples_trained: _Optional[int] = ..., rounds_resumed: _Optional[int] = ..., local_sgd_round_bytes: _Optional[int] = ..., distinct_trained: _Optional[int] = ..., group_accuracy: _Optional[_Mapping[str, float]] = ..., group_size: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    validation_accuracy: float
+    validation_size: int
+    def __init__(self, epoch: _Optional[int] = ..., accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., train_loss: _Optional[float] = ..., dataset_bytes: _Optional[_Iterable[_Union[WorkerBytes, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundBytes, _Mapping]]] = ..., samples_trained: _Optional[int] = ..., rounds_resumed: _Optional[int] = ..., local_sgd_round_bytes: _Optional[int] = ..., distinct_trained: _Optional[int] = ..., group_accuracy: _Optional[_Mapping[str, float]] = ..., group_size: _Optional[_Mapping[str, int]] = ..., validation_accuracy: _Optional[float] = ..., validation_size: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
