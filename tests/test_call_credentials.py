@@ -209,3 +209,40 @@ def test_credential_bytes_as_the_radio_link_charges_them(deployment: Path) -> No
     headers = [("authorization", f"Bearer {sensor.token}"), (security.CALL_HEADER, value)]
     assert security.credential_bytes(sensor.token) == sum(len(k) + len(v) for k, v in headers)
     assert CALL_VALUE_CHARS == 123
+
+
+def test_a_credential_made_from_the_docs_alone_is_accepted(deployment: Path) -> None:
+    """docs/protocol.md "Call credential", followed with nothing of sparsat's but the files
+    of a node's folder: the deployment id from ca.crt, the message's seven lines, the raw
+    r||s, base64url without padding."""
+    import base64
+    import hashlib
+    import os
+    import time
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    folder = deployment / "operator"
+    ca = x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes())
+    deployment_id = hashlib.sha256(ca.public_bytes(serialization.Encoding.DER)).hexdigest()[:16]
+    token = (folder / "token").read_text().strip()
+    key = serialization.load_pem_private_key((folder / "node.key").read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+    t = str(int(time.time() * 1000))
+    nonce = b64(os.urandom(16))
+    message = "\n".join(["sparsat-call1", deployment_id, GS, METHOD, t, nonce,
+                         hashlib.sha256(token.encode()).hexdigest()]).encode()
+    r, s = decode_dss_signature(key.sign(message, ec.ECDSA(hashes.SHA256())))
+    value = f"{t}.{nonce}.{b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+    assert len(value) == 123
+
+    op = Credentials.from_dir(folder)
+    checker = CallChecker(GS, deployment_id, clock=lambda: int(t) / 1000 + 1)
+    checker.started_ms = int(t) - 1000
+    checker.check(value, token, op.identity, METHOD)
