@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsat.bench import parse_args  # noqa: E402
+from sparsat.node.models.encoders import _cpu_flags  # noqa: E402
 from sparsat.sim.deploy.launcher import LocalCluster  # noqa: E402
 from sparsat.sim.mission import report  # noqa: E402
 from sparsat.sim.mission.control import MissionControl  # noqa: E402
@@ -186,6 +187,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "per_process": args.per_process, "processes": processes,
         "sensor_processes": -(-s.sensors.count // args.per_process),
         "rate_bps": args.rate, "loss": args.loss,
+        # the CPU's instruction sets the encoder stage can use (bfloat16: encoder.precision)
+        "cpu_flags": sorted(_cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16",
+                                            "amx_tile", "avx512_vnni"}),
+        "encoder_precision": results.get("encoder_precision"),
         "stage_wall_s": {k: round(v, 2) for k, v in walls.items()},
         "total_wall_s": round(total, 2),
         "spawn_s": round(spawned - t0, 2),
@@ -259,6 +264,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{f['final_accuracy']:.4f}; mission time {f['mission_time_h']:.2f} h (downlink done "
           f"at {f['downlink_done_h']:.2f} h); wall {f['total_wall_s']:.1f} s "
           f"on {os.cpu_count()} cores")
+    print(f"CPU: {' '.join(f['cpu_flags']) or 'none of avx2/avx512/amx'}; encoder precision "
+          f"{f['encoder_precision']}")
     Path(args.out, "bench_mission.json").write_text(json.dumps(main_figures, indent=2) + "\n")
     print(json.dumps(main_figures))
     return main_figures

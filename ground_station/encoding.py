@@ -267,6 +267,8 @@ def encoder_digest(encoder: Encoder, batch_size: int) -> str:
     cfg = {k: v for k, v in asdict(encoder.cfg).items() if k != "default_weights"}
     h.update(_json([stage_digest(), torch.__version__, cfg, encoder.pooling,
                     encoder.mean.device.type, batch_size]).encode())
+    if encoder.precision != "float32":  # the precision computed in (float32 keys unchanged)
+        h.update(_json(["precision", encoder.precision]).encode())
     for name, tensor in encoder.state_dict().items():
         t = tensor.detach().cpu().contiguous()
         h.update(_json([name, str(t.dtype), list(t.shape)]).encode())

@@ -71,6 +71,8 @@ class Prepared:
     train: TokenSet
     test: TokenSet
     validation: TokenSet | None = None  # cfg.validation_subset > 0
+    precision: str = "float32"  # what the encoder stage computed in
+    precision_note: str = ""  # why not what the scenario asked, "" when it was
 
 
 def prepare(cfg: GroundStationConfig, store: SampleStore, test_data: ImageDataset,
@@ -84,6 +86,7 @@ def prepare(cfg: GroundStationConfig, store: SampleStore, test_data: ImageDatase
             cfg.sensor.encoder, cfg.sensor.encoder_weights, cfg.sensor.encoder_seed,
             cfg.sensor.encoder_pooling,  # type: ignore[arg-type]
         ).to(resolve_device(cfg.device))
+        encoder.set_precision(cfg.sensor.encoder_precision)
     except (OSError, ValueError) as e:
         raise NotReady(f"encoder: {e}") from e
     updates: list[Update] = []
@@ -113,7 +116,8 @@ def prepare(cfg: GroundStationConfig, store: SampleStore, test_data: ImageDatase
         except (CheckpointError, OSError, KeyError) as e:
             coord.close()
             raise NotReady(f"resume: {e}") from e
-    return Prepared(coord, train, result["test"], result.get("validation"))
+    return Prepared(coord, train, result["test"], result.get("validation"),
+                    encoder.precision, encoder.precision_note)
 
 
 def _encode(cfg: GroundStationConfig, store: SampleStore, test_data: ImageDataset,

@@ -54,14 +54,16 @@ def update_to_pb(update: Update) -> pb.Progress:
 def stats_reply(*, samples_stored: int, samples_received: int, duplicates: int, rejected: int,
                 downlink_bytes_received: int, train_tokens: int, test_tokens: int,
                 test_skipped: int, test_encode_flops: int, peak_rss_bytes: int,
-                downlink_credential_bytes_received: int = 0) -> pb.StatsReply:
+                downlink_credential_bytes_received: int = 0, encoder_precision: str = "",
+                encoder_precision_note: str = "") -> pb.StatsReply:
     return pb.StatsReply(
         samples_stored=samples_stored, samples_received=samples_received,
         duplicates=duplicates, rejected=rejected,
         downlink_bytes_received=downlink_bytes_received, train_tokens=train_tokens,
         test_tokens=test_tokens, test_skipped=test_skipped,
         test_encode_flops=test_encode_flops, peak_rss_bytes=peak_rss_bytes,
-        downlink_credential_bytes_received=downlink_credential_bytes_received)
+        downlink_credential_bytes_received=downlink_credential_bytes_received,
+        encoder_precision=encoder_precision, encoder_precision_note=encoder_precision_note)
 
 
 def mission_info(config_json: str, instance: str, prepared: bool, fingerprint: str,

@@ -196,6 +196,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         self.train_tokens: TokenSet | None = None
         self.test_tokens: TokenSet | None = None
         self.validation_tokens: TokenSet | None = None
+        self.encoder_precision = ("", "")  # (what the encoder stage used, why), after Prepare
         self.coordinator: Coordinator | None = None
 
     # ---- Downlink ------------------------------------------------------------------------
@@ -409,6 +410,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                     prepared.coordinator.add_trainer(n.node_id, n.address)
             self.train_tokens, self.test_tokens = prepared.train, prepared.test
             self.validation_tokens = prepared.validation
+            self.encoder_precision = (prepared.precision, prepared.precision_note)
             if self.coordinator is not None:
                 self.coordinator.close()
             self.coordinator = prepared.coordinator
@@ -462,6 +464,8 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             duplicates=c.get("duplicates", 0), rejected=c.get("rejected", 0),
             downlink_bytes_received=c.get("received_bytes", 0),
             downlink_credential_bytes_received=c.get("credential_bytes", 0),
+            encoder_precision=self.encoder_precision[0],
+            encoder_precision_note=self.encoder_precision[1],
             train_tokens=len(self.train_tokens.labels) if self.train_tokens else 0,
             test_tokens=len(self.test_tokens.labels) if self.test_tokens else 0,
             test_skipped=self.test_tokens.skipped if self.test_tokens else 0,

@@ -43,4 +43,10 @@ def test_mission_bench_reports_every_stage(tmp_path: Path,
     assert (out / "certs" / "ground-station" / "token").exists()  # its nodes ran with credentials
     assert set(res["stage_cpu_s"]["prepare"]) >= {"ground-station", "mission-control"}
     assert (out / "results.json").exists() and (out / "scenario.yaml").exists()
+    from sparsat.node.models.encoders import _cpu_flags
+
+    assert set(res["cpu_flags"]) <= _cpu_flags()  # this CPU's, as /proc/cpuinfo says
+    assert res["encoder_precision"]["asked"] == "float32"
+    assert res["encoder_precision"]["ground_station"] == "float32"
+    assert any(line.startswith("CPU: ") for line in lines)
     assert any(line.startswith("total") for line in lines)  # the stage table

@@ -31,6 +31,9 @@ class SensorConfig:
     encoder_weights: str | None = None  # None: the encoder's default; see encoders.create
     encoder_seed: int = 0
     encoder_pooling: str = "cls"  # "cls" | "mean" of the visible tokens
+    # what the encoder computes in, on board and at the ground station alike: "float32" or
+    # "bfloat16" (where the hardware runs it natively; else float32, said and recorded)
+    encoder_precision: str = "float32"
     satellites: list[str] = field(default_factory=list)  # the whole constellation, in order
     train_indices_seed: int = 0
     train_subset: int | None = None  # first N of a seeded permutation of the training split

@@ -8,6 +8,9 @@ positional embedding), blocks, final norm, read CLS.
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
 import threading
 import urllib.error
 import urllib.request
@@ -90,11 +93,47 @@ def config(name: str) -> EncoderConfig:
     return ENCODERS[name]
 
 
+Precision = Literal["float32", "bfloat16"]
+PRECISIONS = ("float32", "bfloat16")
+NO_BF16_ENV = "SPARSAT_NO_BF16"  # set (to anything): act as a machine without bfloat16
+
+log = logging.getLogger("sparsat.encoders")
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def bf16_refusal(device: torch.device) -> str | None:
+    """Why `device` does not run bfloat16 natively (None when it does): a CPU needs
+    AVX512-BF16 or AMX-BF16 (else bfloat16 is emulated, slower than float32), a GPU
+    torch.cuda.is_bf16_supported()."""
+    if os.environ.get(NO_BF16_ENV):
+        return f"{NO_BF16_ENV} is set"
+    if device.type == "cuda":
+        return None if torch.cuda.is_bf16_supported() else "this GPU has no bfloat16"
+    if device.type == "cpu":
+        if {"avx512_bf16", "amx_bf16"} & _cpu_flags():
+            return None
+        return "this CPU has neither AVX512-BF16 nor AMX-BF16 (/proc/cpuinfo)"
+    return f"no bfloat16 on {device.type}"
+
+
 class Encoder(nn.Module):
     """A timm VisionTransformer run on visible tokens only."""
 
     mean: torch.Tensor
     std: torch.Tensor
+    precision: Precision = "float32"  # what encode_canvases computes in (set_precision)
+    precision_note: str = ""  # why the precision asked was not used, "" when it was
 
     def __init__(self, cfg: EncoderConfig, pooling: Pooling = "cls") -> None:
         super().__init__()
@@ -117,6 +156,22 @@ class Encoder(nn.Module):
     @property
     def grid(self) -> int:
         return self.cfg.grid
+
+    def set_precision(self, asked: str) -> Precision:
+        """Encode in `asked` from now on (bfloat16: torch.autocast; the weights stay float32)
+        where this encoder's device runs it natively, else in float32 with
+        `precision_note` saying why (call it after moving the encoder to its device)."""
+        if asked not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {asked!r}")
+        self.precision, self.precision_note = "float32", ""
+        if asked == "bfloat16":
+            why = bf16_refusal(self.mean.device)
+            if why is None:
+                self.precision = "bfloat16"
+            else:
+                self.precision_note = f"bfloat16 asked, float32 used: {why}"
+                log.warning("encoder: %s", self.precision_note)
+        return self.precision
 
     @property
     def dim(self) -> int:
@@ -217,7 +272,9 @@ class Encoder(nn.Module):
                 idx[r, : len(visible[i])] = visible[i]
                 valid[r, : len(visible[i])] = True
             mask = None if valid.all() else torch.from_numpy(valid).to(device)
-            feats = self.encode(images, torch.from_numpy(idx).to(device), mask)
+            with torch.autocast(device.type, dtype=torch.bfloat16,
+                                enabled=self.precision == "bfloat16"):
+                feats = self.encode(images, torch.from_numpy(idx).to(device), mask)
             out[rows] = feats.float().cpu().numpy()
         return out
 

@@ -162,6 +162,8 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         self.encoder = (encoders.create(cfg.encoder, cfg.encoder_weights, cfg.encoder_seed,
                                         cfg.encoder_pooling)  # type: ignore[arg-type]
                         if cfg.payload == "cls" else None)
+        if self.encoder is not None:  # on-board encoding in the scenario's precision
+            self.encoder.set_precision(cfg.encoder_precision)
         check_setup(setup, cfg, self.dataset,
                     self.encoder.cfg.grid if self.encoder is not None else None)
         self.satellites = {s: Satellite(s, held, setup.copies)

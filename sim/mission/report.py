@@ -90,6 +90,11 @@ def assemble(o: Outcome) -> dict[str, Any]:
             "trainers": s.training.trainer_flops},
             "test_encoder_flops": int(stats.test_encode_flops)},
         "downlink_failures": t.downlink_failures,
+        # asked (the scenario) and used (the ground station's encoder stage; on-board
+        # encoders decide alike, in their logs)
+        "encoder_precision": {"asked": s.encoder.precision,
+                              "ground_station": stats.encoder_precision or None,
+                              "note": stats.encoder_precision_note},
         "ground_station": {"downlink_bytes_received": int(stats.downlink_bytes_received),
                            "downlink_credential_bytes_received": int(
                                stats.downlink_credential_bytes_received),

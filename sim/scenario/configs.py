@@ -30,6 +30,7 @@ def sensor_config(s: Scenario) -> SensorConfig:
         encoder_weights=s.encoder.weights,
         encoder_seed=s.encoder.seed,
         encoder_pooling=s.encoder.pooling,
+        encoder_precision=s.encoder.precision,
         satellites=s.sensors.ids(),
         train_indices_seed=s.seed,
         train_subset=d.train_subset,

@@ -55,6 +55,10 @@ class EncoderCfg(Model):
     weights: str | None = None
     seed: int = 0  # random weights only
     pooling: Literal["cls", "mean"] = "cls"  # CLS token, or mean of the visible tokens
+    # what the encoder computes in, on board and at the ground station (training, validation
+    # and test splits alike): bfloat16 (torch.autocast) where the hardware has it natively,
+    # else float32, said in the log and recorded in results.json (encoder_precision)
+    precision: Literal["float32", "bfloat16"] = "float32"
 
     @model_validator(mode="after")
     def _known(self) -> EncoderCfg:

@@ -462,7 +462,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("samples_stored", "samples_received", "duplicates", "rejected", "downlink_bytes_received", "train_tokens", "test_tokens", "test_skipped", "test_encode_flops", "peak_rss_bytes", "downlink_credential_bytes_received")
+    __slots__ = ("samples_stored", "samples_received", "duplicates", "rejected", "downlink_bytes_received", "train_tokens", "test_tokens", "test_skipped", "test_encode_flops", "peak_rss_bytes", "downlink_credential_bytes_received", "encoder_precision", "encoder_precision_note")
     SAMPLES_STORED_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
@@ -474,6 +474,8 @@ class StatsReply(_message.Message):
     TEST_ENCODE_FLOPS_FIELD_NUMBER: _ClassVar[int]
     PEAK_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     DOWNLINK_CREDENTIAL_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_PRECISION_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_PRECISION_NOTE_FIELD_NUMBER: _ClassVar[int]
     samples_stored: int
     samples_received: int
     duplicates: int
@@ -485,7 +487,9 @@ class StatsReply(_message.Message):
     test_encode_flops: int
     peak_rss_bytes: int
     downlink_credential_bytes_received: int
-    def __init__(self, samples_stored: _Optional[int] = ..., samples_received: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ..., downlink_bytes_received: _Optional[int] = ..., train_tokens: _Optional[int] = ..., test_tokens: _Optional[int] = ..., test_skipped: _Optional[int] = ..., test_encode_flops: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., downlink_credential_bytes_received: _Optional[int] = ...) -> None: ...
+    encoder_precision: str
+    encoder_precision_note: str
+    def __init__(self, samples_stored: _Optional[int] = ..., samples_received: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ..., downlink_bytes_received: _Optional[int] = ..., train_tokens: _Optional[int] = ..., test_tokens: _Optional[int] = ..., test_skipped: _Optional[int] = ..., test_encode_flops: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., downlink_credential_bytes_received: _Optional[int] = ..., encoder_precision: _Optional[str] = ..., encoder_precision_note: _Optional[str] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ()
