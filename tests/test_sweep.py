@@ -179,3 +179,10 @@ def test_shards_run_apart_and_collect_together(tmp_path: Path) -> None:
     other = sw.Point(spec.points[0].name, spec.points[0].overrides,
                      {**spec.points[0].resolved, "seed": 99})
     assert not any(sw.is_done(d, other) for d in dirs)
+
+
+@pytest.mark.parametrize("spec", sorted((Path(__file__).parents[1] / "sweeps").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_shipped_sweep_expands_into_valid_scenarios(spec: Path) -> None:
+    sweep = sw.load_sweep(spec)  # every point's scenario validated
+    assert sweep.points
