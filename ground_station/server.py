@@ -30,7 +30,7 @@ from sparsat.ground_station.prepare import EncodingFailed, NotReady, Prepared, U
 from sparsat.ground_station.store import NodeRecord, SampleStore
 from sparsat.node.data.config import SensorSetup
 from sparsat.node.data.datasets import load_dataset, split_size
-from sparsat.node.data.sharding import assign, owners
+from sparsat.node.data.sharding import assign, owners, validation_indices
 from sparsat.node.data.tiles import tile_edges
 from sparsat.node.models import encoders
 from sparsat.node.wire import control, downlink, security
@@ -168,6 +168,9 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         self.test_data = load_dataset(cfg.sensor.dataset, "test")
         enc = encoders.config(cfg.sensor.encoder)
         n_train = split_size(cfg.sensor.dataset, "train")
+        if cfg.validation_subset:  # refused now, not after the downlink (ValueError)
+            validation_indices(n_train, cfg.sensor.train_subset or n_train,
+                               cfg.validation_subset, cfg.sensor.train_indices_seed)
         # which images each satellite holds, in sending order: told to each sensor host when it
         # registers, and the owner table ingest checks every sample against
         self.images = assign(n_train, cfg.sensor.train_subset, cfg.sensor.train_indices_seed,

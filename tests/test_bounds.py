@@ -364,9 +364,10 @@ def test_mission_controls_transmit_call_does_not_parse_an_oversized_report() -> 
     ({"credential_bytes": 20_000}, "20000 bytes of call credentials for 1 batches"),
     ({"credential_bytes": 400, "batch_bytes": [], "sent": 0, "acked": 0, "ack_bytes": []},
      "400 bytes of call credentials for 0 batches"),
+    ({"encoder_precision": "x" * 1000}, "an on-board encoder precision 'xxx"),
 ], ids=["batches", "bytes", "samples", "acked", "duplicates", "acks", "satellite", "flops",
         "rejections", "long refusal line", "oversized report", "credentials past the grant",
-        "credentials too big", "credentials without a stream"])
+        "credentials too big", "credentials without a stream", "precision"])
 def test_mission_control_refuses_a_transmit_report_that_cannot_be_true(
         fields: dict[str, Any], match: str) -> None:
     scenario = Scenario.model_validate({"name": "hostile", "links": {"downlink": {

@@ -154,6 +154,29 @@ def test_the_mission_ends_at_its_horizon_with_samples_on_board(tmp_path: Path) -
     assert results["samples"]["trained_on"] == stored
 
 
+def test_a_horizon_before_any_window_says_so(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    scenario = {**TINY, "name": "early", "mission": {"horizon_h": 0.01},  # 36 s
+                "passes": {**TINY["passes"], "offset_s": 100}}
+    code = main(["run", str(_write(tmp_path, scenario)), "--out", str(tmp_path / "out"),
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code != 0 and "nothing reached the ground by the horizon" in err, err
+    assert "480 samples left on board" in err
+
+
+def test_a_validation_split_bigger_than_what_is_left_is_refused_before_the_downlink(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    scenario = {**TINY, "name": "val", "dataset": {**TINY["dataset"],
+                                                   "validation_subset": 59_521}}
+    code = main(["run", str(_write(tmp_path, scenario)), "--out", str(tmp_path / "out"),
+                 "--quiet"])
+    out = capsys.readouterr()
+    assert code != 0
+    assert "59520 left for it" in out.err + out.out
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
 def test_the_best_model_is_chosen_on_a_validation_split_kept_on_the_ground(
         tmp_path: Path) -> None:
     """dataset.validation_subset: 200 training images no satellite holds, encoded at the

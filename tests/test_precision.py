@@ -76,4 +76,5 @@ def test_a_run_records_the_precision_asked_and_used(
     native = NATIVE and not no_bf16
     assert p["asked"] == "bfloat16"
     assert p["ground_station"] == ("bfloat16" if native else "float32")
+    assert p["onboard"] == ["bfloat16" if native else "float32"]  # the CLS payloads' encoder
     assert (p["note"] == "") == native

@@ -39,7 +39,10 @@ class SensorConfig:
     train_subset: int | None = None  # first N of a seeded permutation of the training split
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        raw = asdict(self)
+        if raw["encoder_precision"] == "float32":  # the default: stores bound before it was
+            del raw["encoder_precision"]            # a key still bind (from_json restores it)
+        return json.dumps(raw)
 
     @classmethod
     def from_json(cls, text: str) -> SensorConfig:

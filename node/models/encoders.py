@@ -119,7 +119,9 @@ def bf16_refusal(device: torch.device) -> str | None:
     if os.environ.get(NO_BF16_ENV):
         return f"{NO_BF16_ENV} is set"
     if device.type == "cuda":
-        return None if torch.cuda.is_bf16_supported() else "this GPU has no bfloat16"
+        with torch.cuda.device(device):
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return None if native else "this GPU has no native bfloat16"
     if device.type == "cpu":
         if {"avx512_bf16", "amx_bf16"} & _cpu_flags():
             return None

@@ -268,6 +268,8 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             report.next_bytes = self._alone(sat, head) if head is not None else 0
             report.skipped, report.encode_flops, report.encode_s = (
                 sat.skipped, sat.encode_flops, sat.encode_s)
+            if self.encoder is not None:
+                report.encoder_precision = self.encoder.precision
             sat.skipped, sat.encode_flops, sat.encode_s = 0, 0, 0.0
             report.rejections.extend(sat.unusable[: MAX_REJECTIONS - len(report.rejections)])
             sat.unusable.clear()

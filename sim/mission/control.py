@@ -192,6 +192,11 @@ class MissionControl:
         started (a deployment driven twice), which is an error, not a run of 0 bytes."""
         if self.tally.downlink_messages or self.tally.cloudy_skipped or self.tally.shortfall:
             return
+        if any(self.tally.left_on_board.values()):
+            raise MissionError(
+                f"nothing reached the ground by the horizon (mission.horizon_h = "
+                f"{self.s.mission.horizon_h:g} h): {sum(self.tally.left_on_board.values())} "
+                "samples left on board; no satellite had a window before it")
         stored = self.gs.stats().samples_stored
         raise MissionError(
             f"every satellite's queue was already empty: the sensor hosts had sent their "

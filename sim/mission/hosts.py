@@ -69,6 +69,8 @@ def report_error(report: pb.TransmitReport, request: pb.TransmitRequest) -> str:
         (report.duplicates + report.rejected > report.acked,
          f"{report.duplicates} duplicates and {report.rejected} refused of "
          f"{report.acked} acked"),
+        (report.encoder_precision not in ("", "float32", "bfloat16"),
+         f"an on-board encoder precision {report.encoder_precision[:32]!r}"),
         (len(report.rejections) > MAX_REPORT_REJECTIONS,
          f"{len(report.rejections)} refusal lines, {MAX_REPORT_REJECTIONS} at most"),
         (any(len(r) > MAX_REJECTION_CHARS for r in report.rejections),

@@ -90,10 +90,11 @@ def assemble(o: Outcome) -> dict[str, Any]:
             "trainers": s.training.trainer_flops},
             "test_encoder_flops": int(stats.test_encode_flops)},
         "downlink_failures": t.downlink_failures,
-        # asked (the scenario) and used (the ground station's encoder stage; on-board
-        # encoders decide alike, in their logs)
+        # asked (the scenario) and used: by the ground station's encoder stage, and by the
+        # sensor hosts' on-board encoders (CLS payloads; each decides on its own hardware)
         "encoder_precision": {"asked": s.encoder.precision,
                               "ground_station": stats.encoder_precision or None,
+                              "onboard": sorted(t.onboard_precision),
                               "note": stats.encoder_precision_note},
         "ground_station": {"downlink_bytes_received": int(stats.downlink_bytes_received),
                            "downlink_credential_bytes_received": int(
@@ -200,20 +201,24 @@ def _best(history: list[dict[str, Any]]) -> int:
     return vals.index(max(vals))
 
 
-def _captured_at_start(s: Scenario) -> int:
+def _captured_at_start(s: Scenario) -> int | None:
     """Scenes the satellites hold at t = 0 (today's missions capture everything then): the
-    training subset, once per masked copy."""
+    training subset, once per masked copy; None when it needs the training split's size and
+    this machine (mission control's) has not the data."""
     from sparsat.node.data.datasets import split_size
-    from sparsat.node.data.sharding import train_subset
     from sparsat.sim.scenario.configs import sensor_config
 
-    n_train = split_size(sensor_config(s).dataset, "train")
     copies = s.training.epochs if s.sensors.mask.kind == "random" else 1
-    return len(train_subset(n_train, s.dataset.train_subset, s.seed)) * copies
+    try:
+        n_train = split_size(sensor_config(s).dataset, "train")
+    except Exception:  # noqa: BLE001 - the data lives with the nodes, not the operator
+        return None
+    n = n_train if s.dataset.train_subset is None else min(s.dataset.train_subset, n_train)
+    return n * copies
 
 
 def timeline(history: list[dict[str, Any]], horizon_s: float | None, t: Tally,
-             captured: int) -> list[dict[str, Any]]:
+             captured: int | None) -> list[dict[str, Any]]:
     """results.json's `timeline`, in mission-time order: after every model update its test
     accuracy, with the downlink bytes (the radio), the trainer links' bytes (the ground LAN:
     never summed with the radio's), images on the ground and scenes captured so far; and,

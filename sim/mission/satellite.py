@@ -324,6 +324,8 @@ class Downlink:
         t.duplicates += report.duplicates
         t.rejected += report.rejected
         t.stored += report.acked - report.duplicates - report.rejected
+        if report.encoder_precision and report.encoder_precision not in t.onboard_precision:
+            t.onboard_precision.append(report.encoder_precision[:16])
         t.rejections += list(report.rejections)[: max(0, 16 - len(t.rejections))]
         bar.update(report.acked - report.duplicates)
         return sent

@@ -47,6 +47,7 @@ class Tally:
     gs_retries: int = 0  # ground-station calls retried after UNAVAILABLE
     # satellite -> samples still queued on board when the mission reached its horizon
     left_on_board: dict[str, int] = field(default_factory=dict)
+    onboard_precision: list[str] = field(default_factory=list)  # what on-board encoders used
     fingerprint: str = ""  # of the scenario, as the ground station runs it
 
     @property

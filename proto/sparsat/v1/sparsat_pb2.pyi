@@ -244,7 +244,7 @@ class TransmitRequest(_message.Message):
     def __init__(self, satellite_id: _Optional[str] = ..., max_bytes: _Optional[int] = ..., max_samples: _Optional[int] = ..., batch_bytes: _Optional[int] = ...) -> None: ...
 
 class TransmitReport(_message.Message):
-    __slots__ = ("satellite_id", "batch_bytes", "acked", "duplicates", "remaining", "next_bytes", "ack_bytes", "error_code", "error", "encode_flops", "encode_s", "skipped", "sent", "rejected", "rejections", "credential_bytes")
+    __slots__ = ("satellite_id", "batch_bytes", "acked", "duplicates", "remaining", "next_bytes", "ack_bytes", "error_code", "error", "encode_flops", "encode_s", "skipped", "sent", "rejected", "rejections", "credential_bytes", "encoder_precision")
     SATELLITE_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
     ACKED_FIELD_NUMBER: _ClassVar[int]
@@ -261,6 +261,7 @@ class TransmitReport(_message.Message):
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     REJECTIONS_FIELD_NUMBER: _ClassVar[int]
     CREDENTIAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_PRECISION_FIELD_NUMBER: _ClassVar[int]
     satellite_id: str
     batch_bytes: _containers.RepeatedScalarFieldContainer[int]
     acked: int
@@ -277,7 +278,8 @@ class TransmitReport(_message.Message):
     rejected: int
     rejections: _containers.RepeatedScalarFieldContainer[str]
     credential_bytes: int
-    def __init__(self, satellite_id: _Optional[str] = ..., batch_bytes: _Optional[_Iterable[int]] = ..., acked: _Optional[int] = ..., duplicates: _Optional[int] = ..., remaining: _Optional[int] = ..., next_bytes: _Optional[int] = ..., ack_bytes: _Optional[_Iterable[int]] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ..., encode_flops: _Optional[int] = ..., encode_s: _Optional[float] = ..., skipped: _Optional[int] = ..., sent: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[str]] = ..., credential_bytes: _Optional[int] = ...) -> None: ...
+    encoder_precision: str
+    def __init__(self, satellite_id: _Optional[str] = ..., batch_bytes: _Optional[_Iterable[int]] = ..., acked: _Optional[int] = ..., duplicates: _Optional[int] = ..., remaining: _Optional[int] = ..., next_bytes: _Optional[int] = ..., ack_bytes: _Optional[_Iterable[int]] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ..., encode_flops: _Optional[int] = ..., encode_s: _Optional[float] = ..., skipped: _Optional[int] = ..., sent: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[str]] = ..., credential_bytes: _Optional[int] = ..., encoder_precision: _Optional[str] = ...) -> None: ...
 
 class DatasetChunk(_message.Message):
     __slots__ = ("dataset_id", "total_rows", "features", "labels")
