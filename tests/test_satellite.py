@@ -192,7 +192,11 @@ def test_contact_windows_skip_what_ended_and_leave_on_request() -> None:
 
 
 def test_accuracy_at_the_horizon_is_the_last_model_finished_by_then() -> None:
-    from sparsat.sim.mission.report import _at_horizon
+    from sparsat.sim.mission.report import _finished_by
+
+    def _at_horizon(history: list[dict[str, float]], horizon_s: float | None) -> float | None:
+        done = _finished_by(history, horizon_s)  # type: ignore[arg-type]
+        return done["accuracy"] if done else None
 
     history = [{"accuracy": 0.5, "sim_time_s": 100.0}, {"accuracy": 0.6, "sim_time_s": 200.0}]
     assert _at_horizon(history, 150.0) == 0.5

@@ -300,7 +300,6 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         first = grant.next(packer)
         if first is None:
             return
-
         acks: list[pb.BatchAck] = []
         outbox = Outbox(grant.stream(first, packer))
         # acks are charged as they arrived (sized), not as Python would re-encode them

@@ -380,17 +380,20 @@ class _Context:
         self._context = context
         self.identity = identity
         self.request_bytes: int | None = None
-        self.credential_bytes = 0  # the call's credentials, as checked (credential_bytes_received)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
 
 
+def _header(context: grpc.ServicerContext, name: str) -> list[str]:
+    """The values of the call's metadata header `name`, as text."""
+    return [value if isinstance(value, str) else value.decode(errors="replace")
+            for key, value in context.invocation_metadata() if key == name]
+
+
 def _bearer(context: grpc.ServicerContext) -> str:
     """The token of the call's `authorization` header (security.bearer_token)."""
-    return security.bearer_token([
-        value if isinstance(value, str) else value.decode(errors="replace")
-        for key, value in context.invocation_metadata() if key == "authorization"])
+    return security.bearer_token(_header(context, "authorization"))
 
 
 def _authenticate(method: str, context: grpc.ServicerContext,
@@ -443,9 +446,7 @@ def _authenticate(method: str, context: grpc.ServicerContext,
         if refusal:
             abort(context, grpc.StatusCode.UNAUTHENTICATED, refusal)
     if calls is not None:
-        values = [value if isinstance(value, str) else value.decode(errors="replace")
-                  for key, value in context.invocation_metadata()
-                  if key == security.CALL_HEADER]
+        values = _header(context, security.CALL_HEADER)
         if len(values) != 1:
             abort(context, grpc.StatusCode.UNAUTHENTICATED,
                   f"{len(values)} {security.CALL_HEADER} headers: every call carries one, "
@@ -469,8 +470,8 @@ def credential_bytes_received(context: grpc.ServicerContext) -> int:
     """The bytes of the call's credentials (security.credential_bytes of the token the Guard
     checked: header names and values, as the caller writes them, whatever padding came), 0
     for a call not authenticated (no credentials, --insecure): a downlink stream's share of
-    the radio link."""
-    return int(getattr(context, "credential_bytes", 0))
+    the radio link. Computed when asked (once a stream), not on every call."""
+    return security.credential_bytes(_bearer(context)) if caller(context) is not None else 0
 
 
 def _describe_failure(method: str, context: Any, identity: Identity | None,
@@ -526,8 +527,6 @@ def _guarded(handler: grpc.RpcMethodHandler, method: str,
     def call(behavior: Callable[..., Any], request: Any, ctx: _Context,
              streaming_in: bool) -> Any:
         ctx.identity = _authenticate(method, ctx._context, creds, calls)
-        if ctx.identity is not None and calls is not None:  # as checked: of canonical size
-            ctx.credential_bytes = security.credential_bytes(_bearer(ctx._context))
         req = (requests(request, ctx) if streaming_in
                else _parse(parse, method, request, ctx, precheck))
         return behavior(req, ctx)

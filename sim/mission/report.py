@@ -45,13 +45,15 @@ def assemble(o: Outcome) -> dict[str, Any]:
     accs = [h["accuracy"] for h in t.history]
     target = s.training.target_accuracy
     reached = [h["sim_time_s"] for h in t.history if target and h["accuracy"] >= target]
+    best = _best(t.history)
+    at_horizon = _finished_by(t.history, s.mission.horizon_s)
     return {
         "scenario": s.name,
         "final_accuracy": accs[-1],
         # the best model is chosen on the validation split (dataset.validation_subset), never
         # on the test set; its test accuracy is reported. Without one: the last model
-        "best_accuracy": t.history[_best(t.history)]["accuracy"],
-        "best_epoch": t.history[_best(t.history)]["epoch"],
+        "best_accuracy": best["accuracy"],
+        "best_epoch": best["epoch"],
         "best_chosen_on": ("validation" if "validation_accuracy" in t.history[-1]
                            else "none (the last model)"),
         # downlink: batches and the call credentials of their streams (downlink_credentials)
@@ -64,7 +66,7 @@ def assemble(o: Outcome) -> dict[str, Any]:
         # the mission's end (scenario mission.horizon_h; None: when everything was down), the
         # accuracy of the last model finished by then, and what it left on board
         "horizon_h": s.mission.horizon_h,
-        "accuracy_at_horizon": _at_horizon(t.history, s.mission.horizon_s),
+        "accuracy_at_horizon": at_horizon["accuracy"] if at_horizon else None,
         "left_on_board": {"total": sum(t.left_on_board.values()),
                           "per_satellite": {sat: t.left_on_board.get(sat, 0)
                                             for sat in s.sensors.ids()}},
@@ -192,13 +194,13 @@ def plot(out_dir: Path, results: dict[str, Any]) -> None:
     plt.close(fig)
 
 
-def _best(history: list[dict[str, Any]]) -> int:
+def _best(history: list[dict[str, Any]]) -> dict[str, Any]:
     """The history entry of the best model: the first with the highest validation accuracy;
     the last one when there is no validation split."""
     if "validation_accuracy" not in history[-1]:
-        return len(history) - 1
+        return history[-1]
     vals = [h.get("validation_accuracy", -1.0) for h in history]
-    return vals.index(max(vals))
+    return history[vals.index(max(vals))]
 
 
 def _captured_at_start(s: Scenario) -> int | None:
@@ -206,9 +208,9 @@ def _captured_at_start(s: Scenario) -> int | None:
     training subset, once per masked copy; None when it needs the training split's size and
     this machine (mission control's) has not the data."""
     from sparsat.node.data.datasets import split_size
-    from sparsat.sim.scenario.configs import sensor_config
+    from sparsat.sim.scenario.configs import mask_spec, sensor_config
 
-    copies = s.training.epochs if s.sensors.mask.kind == "random" else 1
+    copies = mask_spec(s).copies
     try:
         n_train = split_size(sensor_config(s).dataset, "train")
     except Exception:  # noqa: BLE001 - the data lives with the nodes, not the operator
@@ -230,21 +232,22 @@ def timeline(history: list[dict[str, Any]], horizon_s: float | None, t: Tally,
                 "images_on_ground": h.get("images_on_ground"), "captured": captured}
                for h in history]
     if horizon_s is not None:
-        done = [h for h in history if h["sim_time_s"] <= horizon_s]
-        entries.append({"event": "horizon", "epoch": done[-1]["epoch"] if done else None,
+        done = _finished_by(history, horizon_s)
+        entries.append({"event": "horizon", "epoch": done["epoch"] if done else None,
                         "sim_time_s": horizon_s,
-                        "accuracy": done[-1]["accuracy"] if done else None,
+                        "accuracy": done["accuracy"] if done else None,
                         "downlink_bytes": t.downlink_bytes,  # the downlink ends by then
-                        "trainer_bytes": done[-1].get("trainer_bytes", 0) if done else 0,
+                        "trainer_bytes": done.get("trainer_bytes", 0) if done else 0,
                         "images_on_ground": t.stored, "captured": captured})
     return sorted(entries, key=lambda e: (e["sim_time_s"], e["event"] == "horizon"))
 
 
-def _at_horizon(history: list[dict[str, Any]], horizon_s: float | None) -> float | None:
-    """The accuracy of the last model finished by the horizon (the last one when there is
-    none), None when none was finished by then."""
+def _finished_by(history: list[dict[str, Any]], horizon_s: float | None
+                 ) -> dict[str, Any] | None:
+    """The history entry of the last model finished by the horizon (the last one when there
+    is none), None when none was finished by then."""
     done = [h for h in history if horizon_s is None or h["sim_time_s"] <= horizon_s]
-    return done[-1]["accuracy"] if done else None
+    return done[-1] if done else None
 
 
 def summary(results: dict[str, Any]) -> str:
