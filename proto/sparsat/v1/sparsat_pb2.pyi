@@ -88,7 +88,7 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ..., scale: _Optional[float] = ...) -> None: ...
 
 class DownlinkBatch(_message.Message):
-    __slots__ = ("satellite_id", "ids", "labels", "patches", "rle", "shapes", "tokens", "scales", "last_id")
+    __slots__ = ("satellite_id", "ids", "labels", "patches", "rle", "shapes", "tokens", "scales", "last_id", "transmit_id")
     SATELLITE_ID_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,7 @@ class DownlinkBatch(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     SCALES_FIELD_NUMBER: _ClassVar[int]
     LAST_ID_FIELD_NUMBER: _ClassVar[int]
+    TRANSMIT_ID_FIELD_NUMBER: _ClassVar[int]
     satellite_id: str
     ids: _containers.RepeatedScalarFieldContainer[int]
     labels: _containers.RepeatedScalarFieldContainer[int]
@@ -107,7 +108,8 @@ class DownlinkBatch(_message.Message):
     tokens: bytes
     scales: bytes
     last_id: int
-    def __init__(self, satellite_id: _Optional[str] = ..., ids: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[int]] = ..., patches: _Optional[_Iterable[bytes]] = ..., rle: _Optional[bytes] = ..., shapes: _Optional[_Iterable[int]] = ..., tokens: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., last_id: _Optional[int] = ...) -> None: ...
+    transmit_id: int
+    def __init__(self, satellite_id: _Optional[str] = ..., ids: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[int]] = ..., patches: _Optional[_Iterable[bytes]] = ..., rle: _Optional[bytes] = ..., shapes: _Optional[_Iterable[int]] = ..., tokens: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., last_id: _Optional[int] = ..., transmit_id: _Optional[int] = ...) -> None: ...
 
 class Rejected(_message.Message):
     __slots__ = ("position", "code", "reason", "cause")
@@ -232,19 +234,23 @@ class HealthReply(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., ready: _Optional[bool] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class TransmitRequest(_message.Message):
-    __slots__ = ("satellite_id", "max_bytes", "max_samples", "batch_bytes")
+    __slots__ = ("satellite_id", "max_bytes", "max_samples", "batch_bytes", "mission_time_s", "transmit_id")
     SATELLITE_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     BATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MISSION_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    TRANSMIT_ID_FIELD_NUMBER: _ClassVar[int]
     satellite_id: str
     max_bytes: int
     max_samples: int
     batch_bytes: int
-    def __init__(self, satellite_id: _Optional[str] = ..., max_bytes: _Optional[int] = ..., max_samples: _Optional[int] = ..., batch_bytes: _Optional[int] = ...) -> None: ...
+    mission_time_s: float
+    transmit_id: int
+    def __init__(self, satellite_id: _Optional[str] = ..., max_bytes: _Optional[int] = ..., max_samples: _Optional[int] = ..., batch_bytes: _Optional[int] = ..., mission_time_s: _Optional[float] = ..., transmit_id: _Optional[int] = ...) -> None: ...
 
 class TransmitReport(_message.Message):
-    __slots__ = ("satellite_id", "batch_bytes", "acked", "duplicates", "remaining", "next_bytes", "ack_bytes", "error_code", "error", "encode_flops", "encode_s", "skipped", "sent", "rejected", "rejections", "credential_bytes", "encoder_precision")
+    __slots__ = ("satellite_id", "batch_bytes", "acked", "duplicates", "remaining", "next_bytes", "ack_bytes", "error_code", "error", "encode_flops", "encode_s", "skipped", "sent", "rejected", "rejections", "credential_bytes", "encoder_precision", "captured", "dropped", "onboard_bytes", "next_capture_s")
     SATELLITE_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
     ACKED_FIELD_NUMBER: _ClassVar[int]
@@ -262,6 +268,10 @@ class TransmitReport(_message.Message):
     REJECTIONS_FIELD_NUMBER: _ClassVar[int]
     CREDENTIAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     ENCODER_PRECISION_FIELD_NUMBER: _ClassVar[int]
+    CAPTURED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    ONBOARD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_CAPTURE_S_FIELD_NUMBER: _ClassVar[int]
     satellite_id: str
     batch_bytes: _containers.RepeatedScalarFieldContainer[int]
     acked: int
@@ -279,19 +289,27 @@ class TransmitReport(_message.Message):
     rejections: _containers.RepeatedScalarFieldContainer[str]
     credential_bytes: int
     encoder_precision: str
-    def __init__(self, satellite_id: _Optional[str] = ..., batch_bytes: _Optional[_Iterable[int]] = ..., acked: _Optional[int] = ..., duplicates: _Optional[int] = ..., remaining: _Optional[int] = ..., next_bytes: _Optional[int] = ..., ack_bytes: _Optional[_Iterable[int]] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ..., encode_flops: _Optional[int] = ..., encode_s: _Optional[float] = ..., skipped: _Optional[int] = ..., sent: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[str]] = ..., credential_bytes: _Optional[int] = ..., encoder_precision: _Optional[str] = ...) -> None: ...
+    captured: int
+    dropped: int
+    onboard_bytes: int
+    next_capture_s: float
+    def __init__(self, satellite_id: _Optional[str] = ..., batch_bytes: _Optional[_Iterable[int]] = ..., acked: _Optional[int] = ..., duplicates: _Optional[int] = ..., remaining: _Optional[int] = ..., next_bytes: _Optional[int] = ..., ack_bytes: _Optional[_Iterable[int]] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ..., encode_flops: _Optional[int] = ..., encode_s: _Optional[float] = ..., skipped: _Optional[int] = ..., sent: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[str]] = ..., credential_bytes: _Optional[int] = ..., encoder_precision: _Optional[str] = ..., captured: _Optional[int] = ..., dropped: _Optional[int] = ..., onboard_bytes: _Optional[int] = ..., next_capture_s: _Optional[float] = ...) -> None: ...
 
 class DatasetChunk(_message.Message):
-    __slots__ = ("dataset_id", "total_rows", "features", "labels")
+    __slots__ = ("dataset_id", "total_rows", "features", "labels", "base_id", "base_rows")
     DATASET_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROWS_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    BASE_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_ROWS_FIELD_NUMBER: _ClassVar[int]
     dataset_id: str
     total_rows: int
     features: Tensor
     labels: Tensor
-    def __init__(self, dataset_id: _Optional[str] = ..., total_rows: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    base_id: str
+    base_rows: int
+    def __init__(self, dataset_id: _Optional[str] = ..., total_rows: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., base_id: _Optional[str] = ..., base_rows: _Optional[int] = ...) -> None: ...
 
 class LoadDatasetReply(_message.Message):
     __slots__ = ("dataset_id", "rows")
@@ -312,7 +330,7 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("dataset_id", "round", "worker", "steps", "batch_size", "lr", "seed", "offset", "rows", "params", "moments", "hidden_scale")
+    __slots__ = ("dataset_id", "round", "worker", "steps", "batch_size", "lr", "seed", "offset", "rows", "params", "moments", "hidden_scale", "order_start", "order_replay")
     DATASET_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
@@ -325,6 +343,8 @@ class TrainRequest(_message.Message):
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     MOMENTS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SCALE_FIELD_NUMBER: _ClassVar[int]
+    ORDER_START_FIELD_NUMBER: _ClassVar[int]
+    ORDER_REPLAY_FIELD_NUMBER: _ClassVar[int]
     dataset_id: str
     round: int
     worker: int
@@ -337,7 +357,9 @@ class TrainRequest(_message.Message):
     params: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     moments: AdamState
     hidden_scale: float
-    def __init__(self, dataset_id: _Optional[str] = ..., round: _Optional[int] = ..., worker: _Optional[int] = ..., steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ..., offset: _Optional[int] = ..., rows: _Optional[int] = ..., params: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., moments: _Optional[_Union[AdamState, _Mapping]] = ..., hidden_scale: _Optional[float] = ...) -> None: ...
+    order_start: int
+    order_replay: int
+    def __init__(self, dataset_id: _Optional[str] = ..., round: _Optional[int] = ..., worker: _Optional[int] = ..., steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ..., offset: _Optional[int] = ..., rows: _Optional[int] = ..., params: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., moments: _Optional[_Union[AdamState, _Mapping]] = ..., hidden_scale: _Optional[float] = ..., order_start: _Optional[int] = ..., order_replay: _Optional[int] = ...) -> None: ...
 
 class AdamState(_message.Message):
     __slots__ = ("exp_avg", "exp_avg_sq", "step")
@@ -362,8 +384,12 @@ class TrainReply(_message.Message):
     def __init__(self, params: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., steps_done: _Optional[int] = ..., mean_loss: _Optional[float] = ..., moments: _Optional[_Union[AdamState, _Mapping]] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("stream", "upto_s")
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    UPTO_S_FIELD_NUMBER: _ClassVar[int]
+    stream: bool
+    upto_s: float
+    def __init__(self, stream: _Optional[bool] = ..., upto_s: _Optional[float] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("stage", "done", "total", "flops", "wall_s", "cached")
@@ -408,10 +434,30 @@ class RoundBytes(_message.Message):
     def __init__(self, round: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerBytes, _Mapping]]] = ...) -> None: ...
 
 class TrainEpochRequest(_message.Message):
-    __slots__ = ("epoch",)
+    __slots__ = ("epoch", "new_rows_only", "replay_share")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    NEW_ROWS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_SHARE_FIELD_NUMBER: _ClassVar[int]
     epoch: int
-    def __init__(self, epoch: _Optional[int] = ...) -> None: ...
+    new_rows_only: bool
+    replay_share: float
+    def __init__(self, epoch: _Optional[int] = ..., new_rows_only: _Optional[bool] = ..., replay_share: _Optional[float] = ...) -> None: ...
+
+class ArrivedRequest(_message.Message):
+    __slots__ = ("satellite_id", "transmit_id", "batch_end_s")
+    SATELLITE_ID_FIELD_NUMBER: _ClassVar[int]
+    TRANSMIT_ID_FIELD_NUMBER: _ClassVar[int]
+    BATCH_END_S_FIELD_NUMBER: _ClassVar[int]
+    satellite_id: str
+    transmit_id: int
+    batch_end_s: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, satellite_id: _Optional[str] = ..., transmit_id: _Optional[int] = ..., batch_end_s: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ArrivedReply(_message.Message):
+    __slots__ = ("stamped",)
+    STAMPED_FIELD_NUMBER: _ClassVar[int]
+    stamped: int
+    def __init__(self, stamped: _Optional[int] = ...) -> None: ...
 
 class EpochReport(_message.Message):
     __slots__ = ("epoch", "accuracy", "test_loss", "train_loss", "dataset_bytes", "rounds", "samples_trained", "rounds_resumed", "local_sgd_round_bytes", "distinct_trained", "group_accuracy", "group_size", "validation_accuracy", "validation_size")
@@ -464,7 +510,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("samples_stored", "samples_received", "duplicates", "rejected", "downlink_bytes_received", "train_tokens", "test_tokens", "test_skipped", "test_encode_flops", "peak_rss_bytes", "downlink_credential_bytes_received", "encoder_precision", "encoder_precision_note")
+    __slots__ = ("samples_stored", "samples_received", "duplicates", "rejected", "downlink_bytes_received", "train_tokens", "test_tokens", "test_skipped", "test_encode_flops", "peak_rss_bytes", "downlink_credential_bytes_received", "encoder_precision", "encoder_precision_note", "samples_arrived")
     SAMPLES_STORED_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
@@ -478,6 +524,7 @@ class StatsReply(_message.Message):
     DOWNLINK_CREDENTIAL_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     ENCODER_PRECISION_FIELD_NUMBER: _ClassVar[int]
     ENCODER_PRECISION_NOTE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_ARRIVED_FIELD_NUMBER: _ClassVar[int]
     samples_stored: int
     samples_received: int
     duplicates: int
@@ -491,7 +538,8 @@ class StatsReply(_message.Message):
     downlink_credential_bytes_received: int
     encoder_precision: str
     encoder_precision_note: str
-    def __init__(self, samples_stored: _Optional[int] = ..., samples_received: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ..., downlink_bytes_received: _Optional[int] = ..., train_tokens: _Optional[int] = ..., test_tokens: _Optional[int] = ..., test_skipped: _Optional[int] = ..., test_encode_flops: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., downlink_credential_bytes_received: _Optional[int] = ..., encoder_precision: _Optional[str] = ..., encoder_precision_note: _Optional[str] = ...) -> None: ...
+    samples_arrived: int
+    def __init__(self, samples_stored: _Optional[int] = ..., samples_received: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ..., downlink_bytes_received: _Optional[int] = ..., train_tokens: _Optional[int] = ..., test_tokens: _Optional[int] = ..., test_skipped: _Optional[int] = ..., test_encode_flops: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., downlink_credential_bytes_received: _Optional[int] = ..., encoder_precision: _Optional[str] = ..., encoder_precision_note: _Optional[str] = ..., samples_arrived: _Optional[int] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ()

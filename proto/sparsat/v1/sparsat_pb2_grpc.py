@@ -504,6 +504,11 @@ class MissionStub:
                 request_serializer=sparsat_dot_v1_dot_sparsat__pb2.DescribeRequest.SerializeToString,
                 response_deserializer=sparsat_dot_v1_dot_sparsat__pb2.MissionInfo.FromString,
                 _registered_method=True)
+        self.Arrived = channel.unary_unary(
+                '/sparsat.v1.Mission/Arrived',
+                request_serializer=sparsat_dot_v1_dot_sparsat__pb2.ArrivedRequest.SerializeToString,
+                response_deserializer=sparsat_dot_v1_dot_sparsat__pb2.ArrivedReply.FromString,
+                _registered_method=True)
 
 
 class MissionServicer:
@@ -533,6 +538,12 @@ class MissionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Arrived(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MissionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -555,6 +566,11 @@ def add_MissionServicer_to_server(servicer, server):
                     servicer.Describe,
                     request_deserializer=sparsat_dot_v1_dot_sparsat__pb2.DescribeRequest.FromString,
                     response_serializer=sparsat_dot_v1_dot_sparsat__pb2.MissionInfo.SerializeToString,
+            ),
+            'Arrived': grpc.unary_unary_rpc_method_handler(
+                    servicer.Arrived,
+                    request_deserializer=sparsat_dot_v1_dot_sparsat__pb2.ArrivedRequest.FromString,
+                    response_serializer=sparsat_dot_v1_dot_sparsat__pb2.ArrivedReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -665,6 +681,33 @@ class Mission:
             '/sparsat.v1.Mission/Describe',
             sparsat_dot_v1_dot_sparsat__pb2.DescribeRequest.SerializeToString,
             sparsat_dot_v1_dot_sparsat__pb2.MissionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Arrived(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sparsat.v1.Mission/Arrived',
+            sparsat_dot_v1_dot_sparsat__pb2.ArrivedRequest.SerializeToString,
+            sparsat_dot_v1_dot_sparsat__pb2.ArrivedReply.FromString,
             options,
             channel_credentials,
             insecure,
