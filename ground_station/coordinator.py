@@ -22,12 +22,18 @@ a job, and the others are neither sent nor changed that round (no worker is ever
 whole model unless K = 1). Every round can be
 checkpointed; a coordinator loaded from the checkpoint continues mid-epoch where it stopped.
 
+Streaming missions grow one dataset (`extend_dataset`): each version has its own id, a trainer
+holding an earlier version is sent only the rows past it (DatasetChunk.base_id), and an epoch
+may pass over the rows the last extension added and a share of older ones replayed
+(`train_epoch(new_rows_only=True, replay_share=...)`).
+
 `random` masks bring one dataset per epoch (each a freshly masked copy of every image):
 epoch e trains on dataset (e - 1) mod len(datasets).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -91,9 +97,11 @@ class CallFailed(RuntimeError):
     """A trainer call that failed, or came back with a reply that makes no sense; `bytes`
     holds what did cross the wire before it failed, with the error."""
 
-    def __init__(self, message: str, bytes: WorkerBytes) -> None:
+    def __init__(self, message: str, bytes: WorkerBytes,
+                 code: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
         self.bytes = replace(bytes, error=message)
+        self.code = code  # the trainer's status, when it answered with one
 
 
 @dataclass
@@ -124,6 +132,8 @@ class _Progress:
     dataset_bytes: list[WorkerBytes] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     samples_trained: int = 0
+    start: int = 0  # the pass's rows: epoch_order's start and replay (0, 0: all of them)
+    replay: int = 0
 
     @property
     def complete(self) -> bool:
@@ -171,9 +181,13 @@ class TrainerClient:
             "/sparsat.v1.Trainer/Train", request_serializer=serialize_request,
             response_deserializer=sized(parse_reply, MAX_REPLY_PART))
 
-    def load_dataset(self, dataset_id: str, x: np.ndarray, y: np.ndarray,
-                     timeout_s: float) -> WorkerBytes:
-        outbox = Outbox(dataset_chunks(dataset_id, x, y, CHUNK_BYTES))
+    def load_dataset(self, dataset_id: str, x: np.ndarray, y: np.ndarray, timeout_s: float,
+                     base_id: str = "", base_rows: int = 0) -> WorkerBytes:
+        """Upload dataset (x, y); with `base_id`, only its rows past the first `base_rows`,
+        which the trainer holds as dataset base_id (CallFailed with FAILED_PRECONDITION when
+        it does not)."""
+        outbox = Outbox(dataset_chunks(dataset_id, x[base_rows:], y[base_rows:], CHUNK_BYTES,
+                                       base_id, base_rows))
         t0, reply_bytes = time.monotonic(), 0
         try:
             reply, reply_bytes = self._load(iter(outbox), timeout=timeout_s)
@@ -183,7 +197,8 @@ class TrainerClient:
         except (grpc.RpcError, CodecError) as e:
             why = _describe(e) if isinstance(e, grpc.RpcError) else str(e)
             raise CallFailed(f"dataset upload: {why}", WorkerBytes(
-                self.node_id, outbox.bytes, reply_bytes, wall_s=time.monotonic() - t0)) from e
+                self.node_id, outbox.bytes, reply_bytes, wall_s=time.monotonic() - t0),
+                e.code() if isinstance(e, grpc.RpcError) else None) from e
         size = WorkerBytes(self.node_id, outbox.bytes, reply_bytes,
                            wall_s=time.monotonic() - t0)
         if reply.rows != len(x):
@@ -263,10 +278,15 @@ class Coordinator:
         self._resumed: _Progress | None = None  # loaded from a checkpoint, not yet continued
         self._datasets: list[tuple[str, np.ndarray, np.ndarray]] = []
         self._seen: dict[str, np.ndarray] = {}  # dataset_id -> rows trained on (bool)
-        self._order_cache: tuple[int, int, np.ndarray] | None = None
+        self._order_cache: tuple[tuple[int, int, int, int], np.ndarray] | None = None
         self._trainers: dict[str, TrainerClient] = {}
         self._active: set[str] = set()  # registered and not failed since
-        self._loaded: dict[str, str] = {}  # node_id -> dataset_id it holds
+        self._loaded: dict[str, tuple[str, int]] = {}  # node_id -> (dataset_id, rows) it holds
+        # the growing dataset (extend_dataset): its earlier versions (id -> rows, each a prefix
+        # of the current one), the rows before the last extension, the digest of its features
+        self._versions: dict[str, int] = {}
+        self._added_from = 0
+        self._digest: Any = None
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * self.strategy.workers(cfg)))
 
@@ -331,6 +351,40 @@ class Coordinator:
             raise ValueError("no datasets")
         self._datasets = list(datasets)
         self._seen = {d: np.zeros(len(y), dtype=bool) for d, _, y in datasets}
+        self._versions, self._added_from, self._digest = {}, 0, None
+
+    def extend_dataset(self, x_new: np.ndarray, y_new: np.ndarray) -> str:
+        """Append rows to the one dataset a streaming mission trains on (the first call
+        creates it) and return the grown version's new id, f"stream-{rows}-{digest}" (blake2b
+        of all its float32 features). A trainer holding an earlier version is sent only the
+        rows past it; the rows trained on so far stay trained on."""
+        if len(self._datasets) > 1:
+            raise ValueError(f"extend_dataset grows one dataset; there are "
+                             f"{len(self._datasets)} (set_datasets)")
+        if x_new.ndim != 2 or y_new.ndim != 1 or len(x_new) != len(y_new) or not len(y_new):
+            raise ValueError(f"extend_dataset needs (rows, dim) features and (rows,) labels, "
+                             f"rows > 0; got {x_new.shape} and {y_new.shape}")
+        x_new, y_new = x_new.astype(np.float32), y_new.astype(np.int64)  # the wire's dtypes
+        if self._datasets:
+            old_id, x, y = self._datasets[0]
+            if x_new.shape[1] != x.shape[1]:
+                raise ValueError(f"extend_dataset: {x_new.shape[1]} features a row, the "
+                                 f"dataset has {x.shape[1]}")
+            if self._digest is None:  # grown from set_dataset's
+                self._digest = hashlib.blake2b(
+                    np.ascontiguousarray(x, np.float32).tobytes(), digest_size=8)
+            self._versions[old_id] = len(y)
+            seen = self._seen.pop(old_id, np.zeros(len(y), dtype=bool))
+            self._added_from = len(y)
+            x, y = np.concatenate([x, x_new]), np.concatenate([y, y_new])
+        else:
+            self._digest = hashlib.blake2b(digest_size=8)
+            seen, self._added_from, x, y = np.zeros(0, dtype=bool), 0, x_new, y_new
+        self._digest.update(np.ascontiguousarray(x_new).tobytes())
+        dataset_id = f"stream-{len(y)}-{self._digest.hexdigest()}"
+        self._datasets = [(dataset_id, x, y)]
+        self._seen[dataset_id] = np.concatenate([seen, np.zeros(len(y_new), dtype=bool)])
+        return dataset_id
 
     @property
     def distinct_trained(self) -> int:
@@ -341,37 +395,76 @@ class Coordinator:
         if not self._datasets:
             raise RuntimeError("no dataset: call set_dataset first")
         dataset_id, x, y = self._dataset_of(epoch)
-        with self._lock:
-            need = [w for w in workers if self._loaded.get(w.node_id) != dataset_id]
-        futures = {w.node_id: self._pool.submit(w.load_dataset, dataset_id, x, y,
-                                                self.cfg.round_timeout_s) for w in need}
-        uploads, ok = [], []
+        futures = {}
+        for w in workers:
+            with self._lock:
+                held = self._loaded.get(w.node_id)
+            if held is not None and held[0] == dataset_id:
+                continue
+            # an earlier version of the growing dataset: only the rows past it travel
+            base = held if held is not None and self._versions.get(held[0]) == held[1] else None
+            futures[w.node_id] = self._pool.submit(self._load, w, dataset_id, x, y, base)
+        uploads: list[WorkerBytes] = []
+        ok = []
         for w in workers:
             if w.node_id not in futures:
                 ok.append(w)
                 continue
-            try:
-                uploads.append(futures[w.node_id].result())
-            except CallFailed as e:
-                self._fail(w, epoch, str(e))
-                uploads.append(e.bytes)  # what went out before it failed is charged
+            sizes, error = futures[w.node_id].result()
+            uploads += sizes  # what went out, also of a failed call, is charged
+            if error:
+                self._fail(w, epoch, error)
                 continue
             with self._lock:
-                self._loaded[w.node_id] = dataset_id
+                self._loaded[w.node_id] = (dataset_id, len(y))
             ok.append(w)
         return ok, uploads
+
+    def _load(self, w: TrainerClient, dataset_id: str, x: np.ndarray, y: np.ndarray,
+              base: tuple[str, int] | None) -> tuple[list[WorkerBytes], str]:
+        """Upload the dataset to `w`: the rows past `base` (a dataset id and its rows, a
+        prefix of this one that `w` holds) or, without one, whole; an append it refuses for
+        want of the base (FAILED_PRECONDITION: it lost it) is followed by the whole dataset.
+        Returns each call's bytes and the error of the last ("": loaded)."""
+        timeout_s = self.cfg.round_timeout_s
+        sizes = []
+        if base is not None:
+            try:
+                return [w.load_dataset(dataset_id, x, y, timeout_s, *base)], ""
+            except CallFailed as e:
+                if e.code != grpc.StatusCode.FAILED_PRECONDITION:
+                    return [e.bytes], str(e)
+                log.info("%s lacks %s to append to (%s): sending %s whole", w.node_id,
+                         base[0], e, dataset_id)
+                sizes.append(e.bytes)
+        try:
+            sizes.append(w.load_dataset(dataset_id, x, y, timeout_s))
+        except CallFailed as e:
+            return [*sizes, e.bytes], str(e)
+        return sizes, ""
 
     # ---- rounds ------------------------------------------------------------------------------
 
     def train_epoch(self, epoch: int, test_x: torch.Tensor, test_y: torch.Tensor,
                     groups: dict[str, torch.Tensor] | None = None,
-                    validation: tuple[torch.Tensor, torch.Tensor] | None = None
+                    validation: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    new_rows_only: bool = False, replay_share: float = 0.0
                     ) -> EpochResult:
         """One pass over the epoch's dataset, then the test set (`groups`: boolean masks of
-        test rows whose accuracy is reported apart) and the validation split, if any."""
+        test rows whose accuracy is reported apart) and the validation split, if any.
+
+        new_rows_only (streaming missions): the pass covers only the rows the last
+        extend_dataset added, and min(older rows, round(replay_share x added)) older rows
+        drawn from the seed, so the model keeps seeing what came before; replay_share is
+        ignored otherwise. A pass continued from a checkpoint keeps the rows it started with."""
         if not self._datasets:
             raise RuntimeError("no dataset: call set_dataset first")
-        progress = self._start_epoch(epoch, len(self._dataset_of(epoch)[2]))
+        if not (replay_share >= 0 and np.isfinite(replay_share)):
+            raise ValueError(f"replay_share must be >= 0, got {replay_share}")
+        n_rows = len(self._dataset_of(epoch)[2])
+        start = min(self._added_from, n_rows) if new_rows_only else 0
+        replay = min(start, round(replay_share * (n_rows - start))) if new_rows_only else 0
+        progress = self._start_epoch(epoch, n_rows, start, replay)
         resumed = len(progress.rounds)
         while not progress.complete:
             self._round(epoch, progress)
@@ -402,11 +495,13 @@ class Coordinator:
         k, rows = self.strategy.workers(cfg), cfg.local_steps * cfg.batch_size
         state = AdamState.zeros(self.params) if self.state is not None else None
         # the round that would come next: its number and offsets (varints) as a real one's
-        epoch = self._progress.epoch if self._progress is not None else 1
-        offset = self._progress.todo[0][0] if self._progress and self._progress.todo else 0
+        p = self._progress
+        epoch = p.epoch if p is not None else 1
+        offset = p.todo[0][0] if p and p.todo else 0
+        order = (p.start, p.replay) if p is not None else (0, 0)
         total = 0
         for w in range(k):
-            job = self._job(w, self.params, state, 1.0, epoch, (offset + w * rows, rows))
+            job = self._job(w, self.params, state, 1.0, epoch, (offset + w * rows, rows), order)
             total += sum(wire_size(m) for m in split_request(train_job_to_pb(job), CHUNK_BYTES))
             reply = train_reply(self.params, job.steps, 1.0,
                                 state.compact() if state is not None else None)
@@ -419,15 +514,19 @@ class Coordinator:
         return stable_seed(self.cfg.seed, "order", epoch)
 
     def _job(self, w: int, params: ist.Params, state: AdamState | None, scale: float,
-             epoch: int, rows: tuple[int, int]) -> TrainJob:
-        """Worker w's job: train `params` on rows [offset, offset + n) of the epoch's order."""
+             epoch: int, rows: tuple[int, int], order: tuple[int, int] = (0, 0)) -> TrainJob:
+        """Worker w's job: train `params` on rows [offset, offset + n) of the epoch's order
+        (`order`: the pass's start and replay, see epoch_order)."""
         cfg = self.cfg
         offset, n = rows
         return TrainJob(self._dataset_of(epoch)[0], self.round, w,
                         steps_for(n, cfg.batch_size), cfg.batch_size, cfg.lr,
-                        self._order_seed(epoch), params, state, scale, offset, n)
+                        self._order_seed(epoch), params, state, scale, offset, n, *order)
 
-    def _start_epoch(self, epoch: int, n_rows: int) -> _Progress:
+    def _start_epoch(self, epoch: int, n_rows: int, start: int = 0,
+                     replay: int = 0) -> _Progress:
+        """The epoch's progress: continued from the checkpoint's, or a new pass over
+        n_rows - start + replay rows (see epoch_order)."""
         resumed, self._resumed = self._resumed, None
         if resumed is not None:
             if resumed.epoch == epoch:
@@ -440,13 +539,16 @@ class Coordinator:
                     f"the checkpoint stopped in epoch {resumed.epoch} after round "
                     f"{len(resumed.rounds)} with {resumed.remaining} rows to go; asked for "
                     f"epoch {epoch}")
-        self._progress = _Progress(epoch, [(0, n_rows)] if n_rows else [])
+        length = n_rows - start + replay
+        self._progress = _Progress(epoch, [(0, length)] if length else [], start=start,
+                                   replay=replay)
         return self._progress
 
-    def _order(self, n_rows: int, seed: int) -> np.ndarray:
-        if self._order_cache is None or self._order_cache[:2] != (n_rows, seed):
-            self._order_cache = (n_rows, seed, epoch_order(n_rows, seed))
-        return self._order_cache[2]
+    def _order(self, n_rows: int, seed: int, start: int = 0, replay: int = 0) -> np.ndarray:
+        key = (n_rows, seed, start, replay)
+        if self._order_cache is None or self._order_cache[0] != key:
+            self._order_cache = (key, epoch_order(*key))
+        return self._order_cache[1]
 
     def _quotas(self, remaining: int, k: int) -> list[int]:
         """Rows per worker this round: L batches each, or, when less than that is left for
@@ -475,8 +577,9 @@ class Coordinator:
         # not sent and keeps its weights and moments this round
         split = self.strategy.split(cfg, self.params, self.state, self.strategy.workers(cfg),
                                     self.generator)
-        jobs = [self._job(w, split.pieces[w], split.states[w], split.scale, epoch, slices[w])
-                for w in range(len(workers))]
+        order = (progress.start, progress.replay)
+        jobs = [self._job(w, split.pieces[w], split.states[w], split.scale, epoch, slices[w],
+                          order) for w in range(len(workers))]
         futures = [self._pool.submit(t.train, job, cfg.round_timeout_s)
                    for t, job in zip(workers, jobs, strict=True)]
         done: strategies.Returned = {}
@@ -494,7 +597,7 @@ class Coordinator:
             progress.losses.append(loss)
             progress.samples_trained += size.rows
             offset, n = slices[w]
-            seen[self._order(len(seen), jobs[w].seed)[offset : offset + n]] = True
+            seen[self._order(len(seen), jobs[w].seed, *order)[offset : offset + n]] = True
             sizes.append(size)
         self.strategy.merge(self.params, self.state, split, done)
         progress.rounds.append(sizes)
@@ -536,7 +639,7 @@ class Coordinator:
                 p["epoch"], [tuple(t) for t in p["todo"]],
                 [[WorkerBytes(**w) for w in r] for r in p["rounds"]],
                 [WorkerBytes(**w) for w in p["dataset_bytes"]], p["losses"],
-                p["samples_trained"])
+                p["samples_trained"], p.get("start", 0), p.get("replay", 0))  # older: 0, 0
         self._seen = ckpt["seen"]
         self.model.load_params(self.params)
         log.info("resumed from %s at round %d", self.checkpoint_dir / checkpoints.CHECKPOINT,

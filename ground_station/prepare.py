@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -75,12 +75,7 @@ class Prepared:
     precision_note: str = ""  # why not what the scenario asked, "" when it was
 
 
-def prepare(cfg: GroundStationConfig, store: SampleStore, test_data: ImageDataset,
-            n_train: int) -> Generator[Update, None, Prepared]:
-    """Encode, then make the coordinator (resumed from its checkpoint when cfg.resume);
-    yields progress, returns what was prepared."""
-    if not len(store):
-        raise NotReady("no samples stored yet")
+def _encoder(cfg: GroundStationConfig) -> encoders.Encoder:
     try:
         encoder = encoders.create(
             cfg.sensor.encoder, cfg.sensor.encoder_weights, cfg.sensor.encoder_seed,
@@ -89,11 +84,24 @@ def prepare(cfg: GroundStationConfig, store: SampleStore, test_data: ImageDatase
         encoder.set_precision(cfg.sensor.encoder_precision)
     except (OSError, ValueError) as e:
         raise NotReady(f"encoder: {e}") from e
+    return encoder
+
+
+def _in_thread(work: Callable[[list[Update], dict[str, TokenSet]], None]
+               ) -> Generator[Update, None, dict[str, TokenSet]]:
+    """Run `work(updates, result)` in a worker thread, yielding its progress as it comes;
+    returns its result. EncodingFailed carries what it raised."""
     updates: list[Update] = []
     result: dict[str, TokenSet] = {}
     errors: list[BaseException] = []
-    thread = threading.Thread(target=_encode, daemon=True,
-                              args=(cfg, store, test_data, encoder, updates, result, errors))
+
+    def run() -> None:
+        try:
+            work(updates, result)
+        except BaseException as e:  # reported to the caller
+            errors.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     sent = 0
     while thread.is_alive() or sent < len(updates):
@@ -103,6 +111,18 @@ def prepare(cfg: GroundStationConfig, store: SampleStore, test_data: ImageDatase
             sent += 1
     if errors:
         raise EncodingFailed(f"encoding failed: {errors[0]}") from errors[0]
+    return result
+
+
+def prepare(cfg: GroundStationConfig, store: SampleStore, test_data: ImageDataset,
+            n_train: int) -> Generator[Update, None, Prepared]:
+    """Encode, then make the coordinator (resumed from its checkpoint when cfg.resume);
+    yields progress, returns what was prepared."""
+    if not len(store):
+        raise NotReady("no samples stored yet")
+    encoder = _encoder(cfg)
+    result = yield from _in_thread(
+        lambda updates, result: _encode(cfg, store, test_data, encoder, updates, result))
     train = result["train"]
     coord = Coordinator(cfg.training, encoder.dim, test_data.num_classes, cfg.checkpoint_dir)
     try:
@@ -120,11 +140,12 @@ def prepare(cfg: GroundStationConfig, store: SampleStore, test_data: ImageDatase
                     encoder.precision, encoder.precision_note)
 
 
-def _encode(cfg: GroundStationConfig, store: SampleStore, test_data: ImageDataset,
-            encoder: encoders.Encoder, updates: list[Update], result: dict[str, TokenSet],
-            errors: list[BaseException]) -> None:
-    """The encoder stage (a worker thread): train and test tokens into `result`, progress
-    appended to `updates`, an exception to `errors`."""
+Stage = Callable[[str, dict[str, object], Callable[[], TokenSet]], TokenSet]
+
+
+def _stages(cfg: GroundStationConfig, updates: list[Update]
+            ) -> tuple[Stage, Callable[[str], Callable[[int, int], None]]]:
+    """A cached stage runner and a progress maker, both reporting into `updates`."""
 
     def progress(stage: str) -> Callable[[int, int], None]:
         return lambda done, n: updates.append(Update(stage, done, n))
@@ -145,29 +166,105 @@ def _encode(cfg: GroundStationConfig, store: SampleStore, test_data: ImageDatase
         updates.append(Update(name, n, n, tokens.flops, wall_s, cached))
         return tokens
 
-    try:
+    return stage, progress
+
+
+def _encode(cfg: GroundStationConfig, store: SampleStore, test_data: ImageDataset,
+            encoder: encoders.Encoder, updates: list[Update], result: dict[str, TokenSet]
+            ) -> None:
+    """The encoder stage (a worker thread): train and test tokens into `result`, progress
+    appended to `updates`."""
+    stage, progress = _stages(cfg, updates)
+    enc = encoder_digest(encoder, cfg.encode_batch)
+    # a snapshot: samples may still arrive (encode_rows fails if one lands below top)
+    n, top, content = store.content_digest()
+    cls = cfg.sensor.payload == "cls"
+    result["train"] = stage(
+        "encode train", train_key(enc, content, cfg.sensor.cls_dtype if cls else None),
+        lambda: encode_rows(
+            (r for chunk in store.rows(upto=top) for r in chunk), n, encoder,
+            cfg.encode_batch, cfg.sensor.cls_dtype, progress("encode train")))
+    _evaluation_sets(cfg, test_data, encoder, stage, progress, enc, result)
+
+
+def _evaluation_sets(cfg: GroundStationConfig, test_data: ImageDataset,
+                     encoder: encoders.Encoder, stage: Stage,
+                     progress: Callable[[str], Callable[[int, int], None]], enc: str,
+                     result: dict[str, TokenSet]) -> None:
+    """The test split (and the validation split) under the training data's masks and
+    payload path, into `result`."""
+    cls = cfg.sensor.payload == "cls"
+    test = stage("encode test", eval_key(
+        enc, cfg.sensor.dataset, files_digest(test_data), cfg.sensor.mask, len(test_data),
+        cfg.test_subset, cfg.sensor.train_indices_seed), lambda: encode_split(
+            test_data, "test", cfg.sensor.dataset.name, cfg.sensor.mask, encoder,
+            cfg.encode_batch, cfg.test_subset, cfg.sensor.train_indices_seed,
+            progress("encode test")))
+    if cls:  # train tokens were quantized on the satellites: evaluate like for like
+        test = replace(test, features=requantize(test.features, cfg.sensor.cls_dtype))
+    result["test"] = test
+    if cfg.validation_subset:
+        result["validation"] = _validation(cfg, encoder, stage, enc, progress)
+
+
+@dataclass
+class Stream:
+    """A streaming mission's encoder stage between updates, kept by the ground station: the
+    encoder, what was prepared (the coordinator, the training tokens so far, the test and
+    validation splits) and the ids encoded already (each sample is encoded once)."""
+
+    encoder: encoders.Encoder
+    prepared: Prepared
+    encoded: set[int] = field(default_factory=set)
+    added: int = 0  # rows the last update appended
+
+
+def prepare_stream(cfg: GroundStationConfig, store: SampleStore, test_data: ImageDataset,
+                   upto_s: float, stream: Stream | None) -> Generator[Update, None, Stream]:
+    """One streaming update's encoder stage: the samples that arrived by `upto_s` and were
+    not encoded yet, in order of arrival (then id), encoded in batches of encode_batch
+    formed from that order alone (so a deployed run encodes exactly what a local one does),
+    appended to the training tokens and to the coordinator's dataset. The first call also
+    encodes the test (and validation) split and makes the coordinator."""
+    if stream is None:
+        encoder = _encoder(cfg)
         enc = encoder_digest(encoder, cfg.encode_batch)
-        # a snapshot: samples may still arrive (encode_rows fails if one lands below top)
-        n, top, content = store.content_digest()
-        cls = cfg.sensor.payload == "cls"
-        result["train"] = stage(
-            "encode train", train_key(enc, content, cfg.sensor.cls_dtype if cls else None),
-            lambda: encode_rows(
-                (r for chunk in store.rows(upto=top) for r in chunk), n, encoder,
-                cfg.encode_batch, cfg.sensor.cls_dtype, progress("encode train")))
-        test = stage("encode test", eval_key(
-            enc, cfg.sensor.dataset, files_digest(test_data), cfg.sensor.mask, len(test_data),
-            cfg.test_subset, cfg.sensor.train_indices_seed), lambda: encode_split(
-                test_data, "test", cfg.sensor.dataset.name, cfg.sensor.mask, encoder,
-                cfg.encode_batch, cfg.test_subset, cfg.sensor.train_indices_seed,
-                progress("encode test")))
-        if cls:  # train tokens were quantized on the satellites: evaluate like for like
-            test = replace(test, features=requantize(test.features, cfg.sensor.cls_dtype))
-        result["test"] = test
-        if cfg.validation_subset:
-            result["validation"] = _validation(cfg, encoder, stage, enc, progress)
-    except BaseException as e:  # reported to the caller
-        errors.append(e)
+
+        def evaluation(updates: list[Update], result: dict[str, TokenSet]) -> None:
+            stage, progress = _stages(cfg, updates)
+            _evaluation_sets(cfg, test_data, encoder, stage, progress, enc, result)
+
+        result = yield from _in_thread(evaluation)
+        coord = Coordinator(cfg.training, encoder.dim, test_data.num_classes,
+                            cfg.checkpoint_dir)
+        empty = TokenSet(np.empty((0, encoder.dim), np.float32), np.empty(0, np.int64),
+                         np.empty(0, np.int64))
+        stream = Stream(encoder, Prepared(coord, empty, result["test"], result.get("validation"),
+                                          encoder.precision, encoder.precision_note))
+    new = [i for _, i in store.arrived(upto_s) if i not in stream.encoded]
+    s = stream
+
+    def encode(updates: list[Update], result: dict[str, TokenSet]) -> None:
+        result["train"] = encode_rows(
+            store.rows_of(new), len(new), s.encoder, cfg.encode_batch, cfg.sensor.cls_dtype,
+            lambda done, n: updates.append(Update("encode train", done, n)))
+
+    tokens = (yield from _in_thread(encode))["train"] if new else None
+    stream.added = len(new)
+    if tokens is None:
+        yield Update("encode train", 0, 0)
+        return stream
+    stream.encoded.update(new)
+    old = stream.prepared.train
+    stream.prepared.train = TokenSet(np.concatenate([old.features, tokens.features]),
+                                     np.concatenate([old.labels, tokens.labels]),
+                                     np.concatenate([old.ids, tokens.ids]))
+    try:
+        stream.prepared.coordinator.extend_dataset(tokens.features, tokens.labels)
+    except ValueError as e:
+        raise NotReady(f"training data: {e}") from e
+    yield Update("encode train", len(new), len(new), tokens.flops, tokens.wall_s)
+    return stream
 
 
 def _validation(cfg: GroundStationConfig, encoder: encoders.Encoder,

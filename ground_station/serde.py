@@ -55,7 +55,7 @@ def stats_reply(*, samples_stored: int, samples_received: int, duplicates: int, 
                 downlink_bytes_received: int, train_tokens: int, test_tokens: int,
                 test_skipped: int, test_encode_flops: int, peak_rss_bytes: int,
                 downlink_credential_bytes_received: int = 0, encoder_precision: str = "",
-                encoder_precision_note: str = "") -> pb.StatsReply:
+                encoder_precision_note: str = "", samples_arrived: int = 0) -> pb.StatsReply:
     return pb.StatsReply(
         samples_stored=samples_stored, samples_received=samples_received,
         duplicates=duplicates, rejected=rejected,
@@ -63,7 +63,18 @@ def stats_reply(*, samples_stored: int, samples_received: int, duplicates: int, 
         test_tokens=test_tokens, test_skipped=test_skipped,
         test_encode_flops=test_encode_flops, peak_rss_bytes=peak_rss_bytes,
         downlink_credential_bytes_received=downlink_credential_bytes_received,
-        encoder_precision=encoder_precision, encoder_precision_note=encoder_precision_note)
+        encoder_precision=encoder_precision, encoder_precision_note=encoder_precision_note,
+        samples_arrived=samples_arrived)
+
+
+def arrived_reply(stamped: int) -> pb.ArrivedReply:
+    return pb.ArrivedReply(stamped=stamped)
+
+
+def arrived_request(satellite_id: str, transmit_id: int, batch_end_s: list[float]
+                    ) -> pb.ArrivedRequest:
+    return pb.ArrivedRequest(satellite_id=satellite_id, transmit_id=transmit_id,
+                             batch_end_s=batch_end_s)
 
 
 def mission_info(config_json: str, instance: str, prepared: bool, fingerprint: str,
@@ -83,9 +94,16 @@ def stats_request() -> pb.StatsRequest:
     return pb.StatsRequest()
 
 
-def prepare_request() -> pb.PrepareRequest:
-    return pb.PrepareRequest()
+def prepare_request(upto_s: float | None = None) -> pb.PrepareRequest:
+    """The whole store (None), or a streaming update's: what arrived by upto_s."""
+    if upto_s is None:
+        return pb.PrepareRequest()
+    return pb.PrepareRequest(stream=True, upto_s=upto_s)
 
 
-def train_epoch_request(epoch: int) -> pb.TrainEpochRequest:
-    return pb.TrainEpochRequest(epoch=epoch)
+def train_epoch_request(epoch: int, replay_share: float | None = None) -> pb.TrainEpochRequest:
+    """An epoch over the whole dataset, or (replay_share given) a pass over the rows the last
+    streaming Prepare added and that share of older ones."""
+    if replay_share is None:
+        return pb.TrainEpochRequest(epoch=epoch)
+    return pb.TrainEpochRequest(epoch=epoch, new_rows_only=True, replay_share=replay_share)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import resource
 import threading
 import time
@@ -26,7 +27,15 @@ from sparsat.ground_station.config import GroundStationConfig, mission_keys
 from sparsat.ground_station.coordinator import Coordinator, TrainerUnavailable
 from sparsat.ground_station.encoding import TokenSet
 from sparsat.ground_station.ingest import Checked, IngestRules, check_batch, refusal
-from sparsat.ground_station.prepare import EncodingFailed, NotReady, Prepared, Update, prepare
+from sparsat.ground_station.prepare import (
+    EncodingFailed,
+    NotReady,
+    Prepared,
+    Stream,
+    Update,
+    prepare,
+    prepare_stream,
+)
 from sparsat.ground_station.store import NodeRecord, SampleStore
 from sparsat.node.data.config import SensorSetup
 from sparsat.node.data.datasets import load_dataset, split_size
@@ -50,7 +59,7 @@ from sparsat.node.wire.rpc import (
     wire_size,
 )
 from sparsat.node.wire.security import RESERVED_NAMES, Identity
-from sparsat.node.wire.setup import setup_to_pb
+from sparsat.node.wire.setup import MAX_N_TRAIN, setup_to_pb
 from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
@@ -79,6 +88,8 @@ MAX_ADDRESS_CHARS = 256
 MAX_DEVICE_CHARS = 64
 MAX_SATELLITES = 1024
 QUOTE_CHARS = 64
+MAX_ARRIVED_BATCHES = 4097  # one Transmit's batches (TRANSMIT_MAX_SAMPLES, and a spare)
+MAX_REPLAY_SHARE = 1000.0
 
 
 class BatchRefused(Exception):
@@ -175,10 +186,17 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         # registers, and the owner table ingest checks every sample against
         self.images = assign(n_train, cfg.sensor.train_subset, cfg.sensor.train_indices_seed,
                              cfg.sensor.satellites)
+        copies = cfg.sensor.mask.copies
+        if cfg.sensor.capture is not None:  # revisits: copies of the id space, not of masks
+            copies = cfg.sensor.capture.revisits(min(len(v) for v in self.images.values()))
+            if copies * n_train > MAX_N_TRAIN:
+                raise ValueError(f"sensors.capture makes {cfg.sensor.capture.max_captures} "
+                                 f"captures per satellite, {copies} visits of each image: "
+                                 f"more sample ids than {MAX_N_TRAIN}; lower the rate")
         self.rules = IngestRules(
             payload=cfg.sensor.payload, grid=enc.grid, dim=enc.embed_dim,
             num_classes=self.test_data.num_classes, image_shape=self.test_data.image_shape,
-            n_train=n_train, copies=cfg.sensor.mask.copies, cls_dtype=cfg.sensor.cls_dtype,
+            n_train=n_train, copies=copies, cls_dtype=cfg.sensor.cls_dtype,
             owner=owners(n_train, [self.images[s] for s in cfg.sensor.satellites]),
             satellites={s: k for k, s in enumerate(cfg.sensor.satellites)})
         # Every registration is stored. After a restart a node's enrollment holds (its role,
@@ -201,6 +219,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         self.validation_tokens: TokenSet | None = None
         self.encoder_precision = ("", "")  # (what the encoder stage used, why), after Prepare
         self.coordinator: Coordinator | None = None
+        self.stream: Stream | None = None  # streaming missions: the encoder stage's state
 
     # ---- Downlink ------------------------------------------------------------------------
 
@@ -217,7 +236,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
 
     def _send(self, request_iterator: Iterator[pb.DownlinkBatch],
               context: grpc.ServicerContext, key: int) -> Iterator[pb.BatchAck]:
-        satellite = ""
+        satellite, transmit_id = "", 0
         for msg in request_iterator:
             self.streams.touch(key)
             size = received_size(context, msg)  # as it arrived, however it was encoded
@@ -234,9 +253,9 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                     self.store.count(received_bytes=size, received=len(msg.ids),
                                      rejected=len(msg.ids))
                     abort(context, *refusal)
-                satellite = msg.satellite_id
+                satellite, transmit_id = msg.satellite_id, int(msg.transmit_id)
             try:
-                ack = self._ingest(msg, satellite, size)
+                ack = self._ingest(msg, satellite, size, transmit_id)
             except BatchRefused as e:
                 abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{satellite[:64]}: {e}")
             self.bytes.add(sent=wire_size(ack))
@@ -256,7 +275,8 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                     f"{who.name} may not send as {quote(satellite)}")
         return None
 
-    def _ingest(self, msg: pb.DownlinkBatch, satellite: str, size: int) -> pb.BatchAck:
+    def _ingest(self, msg: pb.DownlinkBatch, satellite: str, size: int,
+                transmit_id: int = 0) -> pb.BatchAck:
         """Check, store and answer one batch: every sample stored, a duplicate, or refused
         alone with its reason."""
         try:
@@ -274,7 +294,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             checked = check_batch(batch, satellite, self.rules, self.known_sensors)
         duplicates, conflicts = self.store.put_batch(
             checked.rows, size, batch.ids.astype("<i8").tobytes(), satellite[:256],
-            bool(msg.satellite_id), len(checked.rejected))
+            bool(msg.satellite_id), len(checked.rejected), transmit_id)
         rejected = checked.rejected + [
             refusal(checked.positions[k], downlink.RejectCause.CONFLICT,
                     "id stored before with other content")
@@ -391,9 +411,64 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         if not self._train_lock.acquire(blocking=False):
             abort(context, grpc.StatusCode.FAILED_PRECONDITION, "Prepare or TrainEpoch running")
         try:
-            yield from self._prepare(context)
+            if request.stream:
+                yield from self._prepare_stream(request, context)
+            else:
+                yield from self._prepare(context)
         finally:
             self._train_lock.release()
+
+    def _prepare_stream(self, request: pb.PrepareRequest,
+                        context: grpc.ServicerContext) -> Iterator[pb.Progress]:
+        """A streaming update's encoder stage: what arrived by request.upto_s and was not
+        encoded yet is encoded and appended (the first call also encodes the test split and
+        makes the coordinator)."""
+        if not (math.isfinite(request.upto_s) and request.upto_s >= 0):
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                  f"upto_s must be a mission time (finite, >= 0), got {request.upto_s}")
+        if self.cfg.resume:
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                  "a streaming mission cannot resume from a checkpoint: run it from the start")
+        self._trainer_nodes(context)
+        first = self.stream is None
+        try:
+            stream = yield from _as_progress(prepare_stream(
+                self.cfg, self.store, self.test_data, request.upto_s, self.stream))
+        except NotReady as e:
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except EncodingFailed as e:
+            log.error("encoding failed", exc_info=e.__cause__)
+            abort(context, grpc.StatusCode.INTERNAL, str(e))
+        prepared = stream.prepared
+        with self._lock:
+            if first:
+                for n in self.nodes.values():
+                    if n.role == control.TRAINER:
+                        prepared.coordinator.add_trainer(n.node_id, n.address)
+                self.coordinator = prepared.coordinator
+                self.test_tokens = prepared.test
+                self.validation_tokens = prepared.validation
+                self.encoder_precision = (prepared.precision, prepared.precision_note)
+            self.stream = stream
+            self.train_tokens = prepared.train
+
+    def Arrived(self, request: pb.ArrivedRequest,
+                context: grpc.ServicerContext) -> pb.ArrivedReply:
+        """Stamp one Transmit's batches with the mission times they finished on the air."""
+        if request.satellite_id not in self.rules.satellites:
+            abort(context, grpc.StatusCode.NOT_FOUND,
+                  f"{quote(request.satellite_id)} is not a satellite of this mission")
+        if not request.transmit_id:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "transmit_id is required")
+        ends = list(request.batch_end_s)
+        if len(ends) > MAX_ARRIVED_BATCHES:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                  f"{len(ends)} batch times, at most {MAX_ARRIVED_BATCHES} (one Transmit's)")
+        if not all(math.isfinite(e) and e >= 0 for e in ends):
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                  "batch_end_s must be mission times (finite, >= 0)")
+        return gs_serde.arrived_reply(self.store.stamp(request.satellite_id,
+                                                       int(request.transmit_id), ends))
 
     def _prepare(self, context: grpc.ServicerContext) -> Iterator[pb.Progress]:
         if not len(self.store):
@@ -444,12 +519,22 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             val = self.validation_tokens
         if coord is None or train is None or test is None:
             abort(context, grpc.StatusCode.FAILED_PRECONDITION, "call Prepare first")
+        share = float(request.replay_share)
+        if not (math.isfinite(share) and 0 <= share <= MAX_REPLAY_SHARE):
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                  f"replay_share must be in [0, {MAX_REPLAY_SHARE}], got {share}")
+        if request.new_rows_only and self.stream is None:
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                  "new_rows_only is for streaming missions (Prepare with stream set)")
         try:
+            extra = ({"new_rows_only": True, "replay_share": share}
+                     if request.new_rows_only else {})
             result = coord.train_epoch(int(request.epoch), torch.from_numpy(test.features),
                                        torch.from_numpy(test.labels),
                                        {k: torch.from_numpy(v) for k, v in test.groups.items()},
                                        (torch.from_numpy(val.features),
-                                        torch.from_numpy(val.labels)) if val else None)
+                                        torch.from_numpy(val.labels)) if val else None,
+                                       **extra)
         except TrainerUnavailable as e:
             abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
         except CheckpointError as e:
@@ -469,6 +554,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             downlink_credential_bytes_received=c.get("credential_bytes", 0),
             encoder_precision=self.encoder_precision[0],
             encoder_precision_note=self.encoder_precision[1],
+            samples_arrived=c.get("arrived", 0),
             train_tokens=len(self.train_tokens.labels) if self.train_tokens else 0,
             test_tokens=len(self.test_tokens.labels) if self.test_tokens else 0,
             test_skipped=self.test_tokens.skipped if self.test_tokens else 0,

@@ -82,6 +82,16 @@ class SampleStore:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS nodes (node_id TEXT PRIMARY KEY, role INTEGER NOT NULL, "
             "address TEXT NOT NULL, satellites TEXT NOT NULL, device TEXT NOT NULL)")
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(batches)")}
+        if "transmit_id" not in columns:  # a store from before streaming missions
+            self._db.execute("ALTER TABLE batches ADD COLUMN transmit_id INTEGER NOT NULL "
+                             "DEFAULT 0")
+        # streaming missions: the batch (of a Transmit, DownlinkBatch.transmit_id) that brought
+        # each sample, and the mission time it finished on the air once mission control said
+        # (Mission.Arrived); NULL until then: not usable for training
+        self._db.execute("CREATE TABLE IF NOT EXISTS arrivals (id INTEGER PRIMARY KEY, "
+                         "batch_seq INTEGER NOT NULL, arrival_s REAL)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS arrivals_batch ON arrivals (batch_seq)")
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value "
                          "INTEGER NOT NULL)")
@@ -101,12 +111,16 @@ class SampleStore:
                     f"use another --store directory or delete it")
 
     def put_batch(self, rows: list[Row], wire_bytes: int, ids: bytes, satellite: str,
-                  named: bool, rejected: int) -> tuple[list[int], list[int]]:
+                  named: bool, rejected: int, transmit_id: int = 0
+                  ) -> tuple[list[int], list[int]]:
         """Store the rows whose id is new, in one transaction with the batch's record (`ids`:
         all its ids as int64, in order; `named`: it carried the satellite's name) and
         counters (`rejected`: samples refused before this call). Returns the indices into
         `rows` of duplicates (same id and content stored before) and of conflicts (another
-        content under a stored id: not stored, counted as rejected)."""
+        content under a stored id: not stored, counted as rejected). With a `transmit_id`
+        (streaming missions) the new samples wait for their arrival stamp (stamp), and a
+        duplicate not yet stamped now arrives with this batch (its first copy's batch was
+        never reported on the air)."""
         with self._lock:
             # a sample's content: everything but its sender (an int8 token's scale included)
             stored: dict[int, tuple[int, bool, int, int, int, float, bytes]] = {}
@@ -130,12 +144,56 @@ class SampleStore:
                 else:
                     conflicts.append(k)
             self._db.executemany("INSERT INTO payloads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", new)
-            self._db.execute("INSERT INTO batches (satellite, named, ids, wire_bytes) VALUES "
-                             "(?, ?, ?, ?)", (satellite, int(named), ids, wire_bytes))
+            seq = self._db.execute(
+                "INSERT INTO batches (satellite, named, ids, wire_bytes, transmit_id) VALUES "
+                "(?, ?, ?, ?, ?)", (satellite, int(named), ids, wire_bytes, transmit_id)
+            ).lastrowid
+            if transmit_id:
+                self._db.executemany("INSERT INTO arrivals VALUES (?, ?, NULL)",
+                                     [(r.id, seq) for r in new])
+                self._db.executemany(
+                    "UPDATE arrivals SET batch_seq = ? WHERE id = ? AND arrival_s IS NULL",
+                    [(seq, rows[k].id) for k in duplicates])
             self._add({"received": len(ids) // 8, "received_bytes": wire_bytes,
                        "duplicates": len(duplicates), "rejected": rejected + len(conflicts)})
             self._db.commit()
             return duplicates, conflicts
+
+    def stamp(self, satellite: str, transmit_id: int, ends_s: list[float]) -> int:
+        """Stamp the new samples of the first len(ends_s) batches `satellite` sent under
+        `transmit_id`, in order, with those arrival times (a batch past the list is not
+        stamped: mission control did not see it on the air). Samples stamped before keep
+        their stamp. Returns how many were stamped."""
+        with self._lock:
+            seqs = [s for (s,) in self._db.execute(
+                "SELECT seq FROM batches WHERE satellite = ? AND transmit_id = ? ORDER BY seq "
+                "LIMIT ?", (satellite, transmit_id, len(ends_s)))]
+            stamped = 0
+            for seq, end in zip(seqs, ends_s, strict=False):
+                stamped += self._db.execute(
+                    "UPDATE arrivals SET arrival_s = ? WHERE batch_seq = ? AND arrival_s IS "
+                    "NULL", (end, seq)).rowcount
+            self._add({"arrived": stamped})
+            self._db.commit()
+            return stamped
+
+    def arrived(self, upto_s: float) -> list[tuple[float, int]]:
+        """(arrival time, id) of every sample stamped at or before `upto_s`, in that order."""
+        with self._lock:
+            return [(float(a), int(i)) for a, i in self._db.execute(
+                "SELECT arrival_s, id FROM arrivals WHERE arrival_s <= ? ORDER BY arrival_s, "
+                "id", (upto_s,))]
+
+    def rows_of(self, ids: list[int], chunk: int = 500) -> Iterator[Row]:
+        """The stored samples `ids`, in that order."""
+        for start in range(0, len(ids), chunk):
+            part = ids[start : start + chunk]
+            with self._lock:
+                found = {r[0]: r for r in self._db.execute(
+                    f"SELECT * FROM payloads WHERE id IN ({','.join('?' * len(part))})", part)}
+            for i in part:
+                i_, s, y, r, h, w, c, sc, d = found[i]
+                yield Row(i_, s, y, bool(r), h, w, c, sc, bytes(d))
 
     def save_node(self, node: NodeRecord) -> None:
         """Insert or replace one node's registration, committed before Register answers."""

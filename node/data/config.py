@@ -14,6 +14,7 @@ from typing import Literal
 
 import numpy as np
 
+from sparsat.node.data.capture import CaptureSpec
 from sparsat.node.data.datasets import DatasetSpec
 from sparsat.node.data.masking import MaskSpec
 
@@ -37,11 +38,16 @@ class SensorConfig:
     satellites: list[str] = field(default_factory=list)  # the whole constellation, in order
     train_indices_seed: int = 0
     train_subset: int | None = None  # first N of a seeded permutation of the training split
+    # captures over time (sparsat.node.data.capture); None: each satellite holds its whole
+    # shard at t = 0 (today's missions)
+    capture: CaptureSpec | None = None
 
     def to_json(self) -> str:
         raw = asdict(self)
         if raw["encoder_precision"] == "float32":  # the default: stores bound before it was
             del raw["encoder_precision"]            # a key still bind (from_json restores it)
+        if raw["capture"] is None:  # likewise
+            del raw["capture"]
         return json.dumps(raw)
 
     @classmethod
@@ -49,6 +55,8 @@ class SensorConfig:
         raw = json.loads(text)
         raw["dataset"] = DatasetSpec(**raw["dataset"])
         raw["mask"] = MaskSpec(**raw["mask"])
+        if raw.get("capture") is not None:
+            raw["capture"] = CaptureSpec(**raw["capture"])
         return cls(**raw)
 
 

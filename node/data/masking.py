@@ -125,7 +125,9 @@ def capture(spec: MaskSpec, image: np.ndarray, grid: int, sample_id: str) -> Cap
     if spec.kind != "clouds":
         return Capture(image, visible_indices(spec, grid * grid, sample_id))
     height, width = image.shape[:2]
-    base, _ = split_copy(sample_id)
+    # the scene's clouds and kept tokens follow the image; a revisit (a copy, which only
+    # captures over time make for cloud masks) is another scene with its own clouds
+    base = sample_id
     clouds, cover = scene_clouds(spec.clouds, height, width, stable_seed(spec.seed, "clouds", base))
     if cover > 0:
         image = image.copy()

@@ -109,11 +109,24 @@ class Adam:
                 p.sub_(m / denom * (self.lr / (1 - b1**t)))
 
 
-def epoch_order(n_rows: int, seed: int) -> np.ndarray:
-    """The order an epoch visits its rows in: a seeded permutation, identical on every machine
-    (numpy's PCG64 stream is stable across versions), so a trainer and the coordinator agree
-    on it from the seed alone."""
-    return np.random.default_rng(seed).permutation(n_rows)
+def epoch_order(n_rows: int, seed: int, start: int = 0, replay: int = 0) -> np.ndarray:
+    """The order a pass visits its rows in, identical on every machine (numpy's PCG64 stream
+    is stable across versions), so a trainer and the coordinator agree on it from the seed
+    alone.
+
+    start == replay == 0: a seeded permutation of all `n_rows` rows. Otherwise a pass over a
+    grown dataset's new rows (streaming missions): rows [start, n_rows), then `replay` rows
+    drawn without replacement from the older [0, start), all permuted together, each draw
+    from one generator seeded with `seed`; n_rows - start + replay rows. ValueError when
+    start > n_rows or replay > start."""
+    rng = np.random.default_rng(seed)
+    if start == 0 and replay == 0:
+        return rng.permutation(n_rows)  # the whole dataset, exactly as before subset passes
+    if not 0 <= start <= n_rows or not 0 <= replay <= start:
+        raise ValueError(f"a pass from row {start} replaying {replay} older rows: needs "
+                         f"0 <= replay <= start <= {n_rows} (the dataset's rows)")
+    older = rng.choice(start, size=replay, replace=False)
+    return rng.permutation(np.concatenate([np.arange(start, n_rows), older]))
 
 
 def steps_for(rows: int, batch_size: int) -> int:

@@ -8,6 +8,12 @@ them to the ground station in batches sized to the budget, one ack per batch. Wi
 masks it queues one freshly masked copy of every image per epoch (all first copies, then all
 second copies...). A scene that clouds leave with no usable token is dropped from the queue
 and counted, never sent.
+With a capture schedule (SensorConfig.capture, sparsat.node.data.capture) a satellite starts
+empty: each Transmit names the mission time, and the host first makes every capture due by
+then (image k mod n of the shard, revisit k // n: a new sample id with its own mask and
+clouds), each into on-board storage: patch payloads are built at capture, CLS scenes wait raw
+(H x W x C bytes) until encoded. A capture that does not fit drops the oldest waiting sample
+(`drop_oldest`; never one sent and not yet acked) or itself (`drop_newest`), counted.
 A sample stays queued until its batch is acked, so a failed or cut transfer is retried with
 the same payload (same id, same mask) and the ground station's dedupe keeps the store exact; a
 sample the ground station rejects is dropped from the queue and reported with its reason.
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -29,6 +36,7 @@ from typing import TYPE_CHECKING
 import grpc
 import numpy as np
 
+from sparsat.node.data.capture import CaptureSpec
 from sparsat.node.data.config import SensorConfig, SensorSetup
 from sparsat.node.data.datasets import ImageDataset, load_dataset
 from sparsat.node.data.masking import capture, copy_id
@@ -80,10 +88,23 @@ Key = tuple[int, int | None]  # (image index, copy): copy None unless masks are 
 
 
 class Satellite:
-    def __init__(self, sat_id: str, indices: np.ndarray, copies: int = 1) -> None:
+    def __init__(self, sat_id: str, indices: np.ndarray, copies: int = 1,
+                 capture: CaptureSpec | None = None) -> None:
         self.sat_id = sat_id
+        self.shard = indices
         self.pending: deque[Key] = deque(
-            (int(i), c if copies > 1 else None) for c in range(copies) for i in indices)
+            () if capture is not None else
+            ((int(i), c if copies > 1 else None) for c in range(copies) for i in indices))
+        # captures over time: made so far, the last Transmit's mission time, what each waiting
+        # sample takes on board, those sent and not yet acked (never dropped), counters since
+        # the last report
+        self.made = 0
+        self.clock_s = 0.0
+        self.sizes: dict[Key, int] = {}
+        self.onboard_bytes = 0
+        self.unacked: set[Key] = set()
+        self.captured = 0
+        self.dropped = 0
         self.built: dict[Key, downlink.Payload] = {}  # payloads built and not yet acked
         self.skipped = 0  # scenes with no usable token, not yet reported
         self.unusable: list[str] = []  # why images could not be encoded, not yet reported
@@ -166,7 +187,7 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             self.encoder.set_precision(cfg.encoder_precision)
         check_setup(setup, cfg, self.dataset,
                     self.encoder.cfg.grid if self.encoder is not None else None)
-        self.satellites = {s: Satellite(s, held, setup.copies)
+        self.satellites = {s: Satellite(s, held, setup.copies, cfg.capture)
                            for s, held in setup.images.items()}
         self.channel = channel(ground_station, peer=GROUND_STATION)
         # what each Send stream's call credentials put on the radio, before its first batch
@@ -214,6 +235,7 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             sat.skipped += len(keys) - len(scenes)
             for k in set(keys) - {key for key, _, _ in scenes}:
                 sat.pending.remove(k)  # near the head: O(position)
+                sat.onboard_bytes -= sat.sizes.pop(k, 0)
         caps = [cap for _, _, cap in scenes]
         ids = [key[0] + (key[1] or 0) * len(self.dataset) for key, _, _ in scenes]
         labels = [self.dataset.label(key[0]) for key, _, _ in scenes]
@@ -234,6 +256,11 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
                 data, scale = quantize_token(tok, self.cfg.cls_dtype)
                 sat.built[key] = downlink.cls_payload(
                     i, y, downlink.ClsData(data, self.cfg.cls_dtype, len(tok), scale))
+        if self.cfg.capture is not None:  # stored as its payload from now on
+            for key, _, _ in scenes:
+                size = stored_bytes(sat.built[key])
+                sat.onboard_bytes += size - sat.sizes.get(key, 0)
+                sat.sizes[key] = size
 
     def _message(self, sat: Satellite, pos: int) -> downlink.Payload | None:
         """The payload at queue position `pos`, built when needed; None past the end."""
@@ -262,6 +289,14 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
                   f"{request.satellite_id!r} is not hosted by {self.node_id}")
         with sat.lock:
             report = control.transmit_report(sat.sat_id)
+            if self.cfg.capture is not None:
+                t = request.mission_time_s
+                if not (math.isfinite(t) and t >= sat.clock_s):
+                    abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{sat.sat_id}: mission_time_s {t} is not a time at or after the "
+                          f"last call's {sat.clock_s}")
+                sat.clock_s = t
+                self._capture(sat, self.cfg.capture, t)
             self._send(sat, request, report)
             head = self._message(sat, 0)
             report.remaining = len(sat.pending)
@@ -273,12 +308,55 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             sat.skipped, sat.encode_flops, sat.encode_s = 0, 0, 0.0
             report.rejections.extend(sat.unusable[: MAX_REJECTIONS - len(report.rejections)])
             sat.unusable.clear()
+            if self.cfg.capture is not None:
+                report.captured, report.dropped = sat.captured, sat.dropped
+                report.onboard_bytes = sat.onboard_bytes
+                report.next_capture_s = self.cfg.capture.next_capture_s(sat.made)
+                sat.captured, sat.dropped = 0, 0
             return report
 
-    def _builder(self, sat: Satellite, first: bool) -> downlink.BatchBuilder:
+    def _capture(self, sat: Satellite, spec: CaptureSpec, t: float) -> None:
+        """Every capture due by mission time `t`, into storage under the policy."""
+        n = len(sat.shard)
+        due = spec.captured_by(t)
+        while sat.made < due and n:
+            k = sat.made
+            sat.made += 1
+            sat.captured += 1
+            revisit = k // n
+            key: Key = (int(sat.shard[k % n]), revisit or None)
+            sat.pending.append(key)
+            if self.cfg.payload == "patches":
+                self._build(sat, [key])  # stored as its payload; one with nothing usable goes
+                if key not in sat.built:
+                    continue
+            else:  # waits raw for the on-board encoder
+                sat.sizes[key] = self.dataset.image(key[0]).nbytes
+                sat.onboard_bytes += sat.sizes[key]
+            self._make_room(sat, spec, key)
+
+    def _make_room(self, sat: Satellite, spec: CaptureSpec, new: Key) -> None:
+        """Storage over its bytes after capturing `new`: drop the oldest waiting samples that
+        were never sent unacked (drop_oldest), or `new` itself (drop_newest, or nothing older
+        can go)."""
+        while sat.onboard_bytes > spec.storage_bytes:
+            victim = new
+            if spec.when_full == "drop_oldest":
+                victim = next((k for k in sat.pending if k != new and k not in sat.unacked),
+                              new)
+            sat.pending.remove(victim)
+            sat.built.pop(victim, None)
+            sat.onboard_bytes -= sat.sizes.pop(victim, 0)
+            sat.dropped += 1
+            if victim == new:
+                return
+
+    def _builder(self, sat: Satellite, first: bool, transmit_id: int = 0
+                 ) -> downlink.BatchBuilder:
         cls = self.cfg.payload == "cls"
         return downlink.BatchBuilder(sat.sat_id if first else "", cls,
-                                     cls and self.cfg.cls_dtype == "int8")
+                                     cls and self.cfg.cls_dtype == "int8",
+                                     transmit_id if first else 0)
 
     def _alone(self, sat: Satellite, p: downlink.Payload) -> int:
         """Link bytes of a stream carrying only `p`, and its ack (and its credentials)."""
@@ -292,7 +370,7 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         queued = (self._message(sat, k) for k in itertools.count())
         packer = downlink.Packer(
             itertools.takewhile(lambda p: p is not None, queued),  # type: ignore
-            lambda first: self._builder(sat, first),
+            lambda first: self._builder(sat, first, request.transmit_id),
             request.batch_bytes or BATCH_BYTES, request.max_samples)
         if request.max_bytes <= self.credential_bytes:
             return  # not even the stream's credentials fit
@@ -367,12 +445,23 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         keys = [k for k, p in sat.built.items() if p.id in done]
         for k in keys:
             del sat.built[k]
+            sat.onboard_bytes -= sat.sizes.pop(k, 0)
         gone = set(keys)
         sat.pending = deque(k for k in sat.pending if k not in gone)
+        # sent and not acked: kept on board whatever storage needs, until an ack settles it
+        out = {p.id for b, _ in grant.sent[: max(outbox.written, len(report.ack_bytes))]
+               for p in b.items}
+        sat.unacked = {k for k in sat.unacked if k not in gone} | {
+            k for k, p in sat.built.items() if p.id in out and p.id not in done}
 
     def Check(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         return control.health_reply(self.node_id, control.SENSOR, self.bytes.received,
                                     self.bytes.sent, INSTANCE)
+
+
+def stored_bytes(p: downlink.Payload) -> int:
+    """What a built payload takes in on-board storage: its data, and an int8 token's scale."""
+    return len(p.data) + (4 if p.scale else 0)
 
 
 def check_setup(setup: SensorSetup, cfg: SensorConfig, dataset: ImageDataset,

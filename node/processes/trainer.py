@@ -137,6 +137,18 @@ def _check_dataset_chunk(chunk: pb.DatasetChunk, rows: int,
               f"{chunk.total_rows} announced")
 
 
+def _check_append(chunk: pb.DatasetChunk, context: grpc.ServicerContext) -> None:
+    """Refuse an append-only upload's base that cannot be (INVALID_ARGUMENT): base rows
+    without a base, or more base rows than the whole dataset announced."""
+    if chunk.base_rows and not chunk.base_id:
+        abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+              f"dataset chunk: {chunk.base_rows} base rows without a base_id")
+    if chunk.base_rows > chunk.total_rows:
+        abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+              f"dataset chunk: {chunk.base_rows} base rows, more than the {chunk.total_rows} "
+              "announced")
+
+
 class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
     def __init__(self, node_id: str, device: torch.device) -> None:
         self.node_id = node_id
@@ -154,6 +166,8 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
         feats: list[np.ndarray] = []
         labels: list[np.ndarray] = []
         dataset_id, total, rows = "", 0, 0
+        base: tuple[torch.Tensor, torch.Tensor] | None = None  # an append-only upload's
+        base_id, base_rows, first = "", 0, True
         for chunk in request_iterator:
             self.bytes.add(received=received_size(context, chunk))
             if dataset_id and chunk.dataset_id != dataset_id:
@@ -161,8 +175,17 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
             if dataset_id and chunk.total_rows != total:
                 abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                       f"dataset chunk: total_rows changed from {total} to {chunk.total_rows}")
+            if not first and (chunk.base_id, chunk.base_rows) != (base_id, base_rows):
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                      "dataset chunk: base_id or base_rows changed mid-stream")
             dataset_id, total = chunk.dataset_id, chunk.total_rows
+            if first:  # rows so far start at the base's
+                _check_append(chunk, context)
+                base_id, base_rows, rows = chunk.base_id, chunk.base_rows, chunk.base_rows
             _check_dataset_chunk(chunk, rows, context)
+            if first and base_id:  # held, with enough rows: before anything more is read
+                base = self._base(base_id, base_rows, context)
+            first = False
             rows += _chunk_rows(chunk)
             try:
                 x, y = pb_to_ndarray(chunk.features), pb_to_ndarray(chunk.labels)
@@ -177,6 +200,10 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
                               f"dataset chunk: negative label {int(y.min())}")
             if feats and x.shape[1] != feats[0].shape[1]:
                 abort(context, grpc.StatusCode.INVALID_ARGUMENT, "dataset chunk: dim changed")
+            if base is not None and x.shape[1] != base[0].shape[1]:
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                      f"dataset chunk: dim {x.shape[1]}, its base {base_id!r} has "
+                      f"{base[0].shape[1]}")
             feats.append(x)
             labels.append(y)
         if not dataset_id or rows == 0 or rows != total:
@@ -184,16 +211,32 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
                           f"dataset {dataset_id!r}: got {rows} rows, announced {total}")
         x_all = torch.from_numpy(np.concatenate(feats)).to(self.device)
         y_all = torch.from_numpy(np.concatenate(labels)).to(self.device)
+        if base is not None:  # the base's first base_rows rows, then these
+            x_all, y_all = torch.cat([base[0], x_all]), torch.cat([base[1], y_all])
         with self._lock:
             self.datasets.pop(dataset_id, None)
             self.datasets[dataset_id] = (x_all, y_all)
             # random masks bring a new dataset every epoch: keep the newest few only
             while len(self.datasets) > MAX_DATASETS:
                 del self.datasets[next(iter(self.datasets))]
-        log.info("dataset %s loaded: %d rows on %s", dataset_id, rows, self.device)
+        log.info("dataset %s loaded: %d rows on %s (%d of them from %r)", dataset_id, rows,
+                 self.device, base_rows, base_id)
         reply = load_dataset_reply(dataset_id, rows)
         self.bytes.add(sent=wire_size(reply))
         return reply
+
+    def _base(self, base_id: str, base_rows: int, context: grpc.ServicerContext
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `base_rows` rows of held dataset `base_id` (kept referenced: an eviction
+        meanwhile does not take them away), FAILED_PRECONDITION when it is not held or is
+        shorter: the ground station then sends the dataset whole."""
+        with self._lock:
+            held = self.datasets.get(base_id)
+        if held is None or len(held[0]) < base_rows:
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                  f"append to dataset {base_id!r}: {self.node_id} holds "
+                  f"{0 if held is None else len(held[0])} of its {base_rows} rows")
+        return held[0][:base_rows], held[1][:base_rows]
 
     def Train(self, request_iterator: Iterator[pb.TrainRequest],
               context: grpc.ServicerContext) -> Iterator[pb.TrainReply]:
@@ -223,9 +266,15 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
         except (CodecError, ValueError) as e:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         x, y = self.datasets[job.dataset_id]
-        if job.offset + job.rows > len(x):
+        if not job.order_replay <= job.order_start <= len(x):
             abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                  f"rows [{job.offset}, {job.offset + job.rows}) are past the dataset's {len(x)}")
+                  f"a pass from row {job.order_start} replaying {job.order_replay} older rows: "
+                  f"needs replay <= start <= the dataset's {len(x)} rows")
+        length = len(x) - job.order_start + job.order_replay  # the pass's rows
+        if job.offset + job.rows > length:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                  f"rows [{job.offset}, {job.offset + job.rows}) are past the pass's {length} "
+                  f"(of the dataset's {len(x)})")
         if model.fc1.in_features != x.shape[1]:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                           f"w1 expects {model.fc1.in_features} features, dataset has {x.shape[1]}")
@@ -236,7 +285,8 @@ class TrainerServicer(pb_grpc.TrainerServicer, pb_grpc.HealthServicer):
         model.to(self.device)
         model.hidden_scale = job.hidden_scale
         adam = Adam(model.wire_parameters(), job.lr, job.moments)  # moments None: fresh
-        rows = torch.from_numpy(epoch_order(len(x), job.seed)[job.offset : job.offset + job.rows])
+        order = epoch_order(len(x), job.seed, job.order_start, job.order_replay)
+        rows = torch.from_numpy(order[job.offset : job.offset + job.rows])
         steps, loss = train_steps(model, x, y, rows, job.batch_size, adam)
         # moments travel (sent with the job): they go back with the weights
         reply = train_reply(model.params(), steps, loss,

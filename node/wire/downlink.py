@@ -65,8 +65,10 @@ class BatchBuilder:
     """A DownlinkBatch filled sample by sample, with its exact wire size at every step (the
     protobuf encoding is arithmetic; tests check it against ByteSize()). Ids must increase."""
 
-    def __init__(self, satellite_id: str, cls: bool = False, int8: bool = False) -> None:
+    def __init__(self, satellite_id: str, cls: bool = False, int8: bool = False,
+                 transmit_id: int = 0) -> None:
         self.satellite_id, self.cls, self.int8 = satellite_id, cls, int8
+        self.transmit_id = transmit_id  # streaming missions: the first batch of a stream
         self.items: list[Payload] = []
         # bytes inside: packed ids, labels, shapes; patch fields; tokens; scales; rle bitmap
         self._sizes = (0, 0, 0, 0, 0, 0, 0)
@@ -90,7 +92,7 @@ class BatchBuilder:
         last = adding.id if adding is not None else self.items[-1].id if self.items else 0
         return (_field(len(self.satellite_id.encode())) + _field(ids) + _field(labels)
                 + _field(shapes) + patches + _field(rle) + _field(tokens) + _field(scales)
-                + _varint_field(last) + GRPC_FRAME_BYTES)
+                + _varint_field(last) + _varint_field(self.transmit_id) + GRPC_FRAME_BYTES)
 
     def add(self, p: Payload) -> None:
         self._sizes = self._grown(p)
@@ -103,7 +105,7 @@ class BatchBuilder:
             ids=[p.id - (items[i - 1].id if i else 0) for i, p in enumerate(items)],
             labels=[p.label for p in items],
             shapes=[v for p in items if p.shape for v in p.shape],
-            last_id=items[-1].id if items else 0)
+            last_id=items[-1].id if items else 0, transmit_id=self.transmit_id)
         if self.cls:
             msg.tokens = b"".join(p.data for p in items)
             if self.int8:

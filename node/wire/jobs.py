@@ -21,13 +21,17 @@ from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 
 
 def dataset_chunks(
-    dataset_id: str, features: np.ndarray, labels: np.ndarray, chunk_bytes: int
+    dataset_id: str, features: np.ndarray, labels: np.ndarray, chunk_bytes: int,
+    base_id: str = "", base_rows: int = 0,
 ) -> Iterator[pb.DatasetChunk]:
-    """Stream a token dataset in chunks of about `chunk_bytes`."""
+    """Stream a token dataset in chunks of about `chunk_bytes`. With `base_id`, an append-only
+    upload: the dataset is the first `base_rows` rows of base_id (which the trainer holds)
+    followed by `features`, and only `features` travel."""
     rows = max(1, chunk_bytes // max(1, features.shape[1] * 4))
+    total = base_rows + len(features)
     for start in range(0, len(features), rows):
         yield pb.DatasetChunk(
-            dataset_id=dataset_id, total_rows=len(features),
+            dataset_id=dataset_id, total_rows=total, base_id=base_id, base_rows=base_rows,
             features=ndarray_to_pb(features[start : start + rows].astype(np.float32)),
             labels=ndarray_to_pb(labels[start : start + rows].astype(np.int64)),
         )
@@ -47,6 +51,8 @@ class TrainJob:
     hidden_scale: float = 1.0
     offset: int = 0  # rows order[offset : offset + rows] of the epoch's order
     rows: int = 0
+    order_start: int = 0  # the pass's rows (epoch_order's start and replay); 0, 0: all
+    order_replay: int = 0
 
 
 def adam_to_pb(state: AdamState) -> pb.AdamState:
@@ -75,7 +81,8 @@ def train_job_to_pb(job: TrainJob) -> pb.TrainRequest:
         batch_size=job.batch_size, lr=job.lr, seed=job.seed, params=params_to_pb(job.params),
         moments=adam_to_pb(job.moments) if job.moments is not None else None,
         hidden_scale=job.hidden_scale if job.hidden_scale != 1.0 else 0.0,  # 0: 1, unsent
-        offset=job.offset, rows=job.rows,
+        offset=job.offset, rows=job.rows, order_start=job.order_start,
+        order_replay=job.order_replay,
     )
 
 
@@ -251,6 +258,7 @@ def pb_to_train_job(msg: pb.TrainRequest) -> TrainJob:
         batch_size=msg.batch_size, lr=msg.lr, seed=msg.seed, params=params,
         moments=pb_to_adam(msg.moments, params) if msg.HasField("moments") else None,
         hidden_scale=msg.hidden_scale or 1.0, offset=msg.offset, rows=msg.rows,
+        order_start=msg.order_start, order_replay=msg.order_replay,
     )
 
 

@@ -45,6 +45,7 @@ from sparsat.sim.mission.ground_client import (
 from sparsat.sim.mission.hosts import SensorHosts
 from sparsat.sim.mission.satellite import Contacts, Downlink, Passes, RangeRate, fixed_rate
 from sparsat.sim.mission.tally import Tally
+from sparsat.sim.scenario.configs import capture_spec, mask_spec
 from sparsat.sim.scenario.schema import Scenario
 from sparsat.sim.space import orbits
 from sparsat.sim.space.links import Link, LinkBudget, PeriodicPasses
@@ -110,16 +111,20 @@ class MissionControl:
         """Every Transmit of the mission goes through here (tests hook it to inject faults)."""
         return self.hosts.transmit(sat_id, budget)
 
+    def _link(self, node_id: str) -> Link:
+        """The link to a trainer the coordinator used (made when first used)."""
+        links, tl = self._tlinks, self.s.links.trainer
+        if node_id not in links:
+            links[node_id] = Link(self.env, f"trainer:{node_id}", tl.rate_bps, tl.latency_s)
+            links[node_id].bytes = self.saved_links.get(links[node_id].name, 0)
+        return links[node_id]
+
     def training(self, downlink_done: simpy.Event, links: dict[str, Link], bar: tqdm
                  ) -> Generator[simpy.Event, Any, None]:
-        tl = self.s.links.trainer
-
-        def link(node_id: str) -> Link:  # trainers the coordinator actually used
-            if node_id not in links:
-                links[node_id] = Link(self.env, f"trainer:{node_id}", tl.rate_bps, tl.latency_s)
-                links[node_id].bytes = self.saved_links.get(links[node_id].name, 0)
-            return links[node_id]
-
+        self._tlinks = links
+        if self.s.training.streaming:
+            yield from self._streaming(downlink_done, links, bar)
+            return
         yield downlink_done
         bar.close()
         stage = self.tally.stage_wall_s
@@ -137,55 +142,153 @@ class MissionControl:
             yield self.env.timeout(c["sim_s"])  # the encoder stage, before training starts
         epochs = range(self.epochs_done + 1, self.s.training.epochs + 1)
         for epoch in tqdm(epochs, desc="training", unit="epoch", disable=not self.show_progress):
-            t0 = time.monotonic()
-            report = pb_to_epoch(self.gs.train_epoch(epoch, self.epochs_done))
-            self.tally.local_sgd_round_bytes = report.local_sgd_round_bytes
-            # dataset uploads, then rounds: workers in parallel, each on its own link
-            stages = [report.dataset_bytes] if report.dataset_bytes else []
-            stages += report.rounds
-            for i, workers in enumerate(stages):
-                transfers = []
-                began = self.env.now
-                for w in workers:
-                    self.tally.trainer_bytes += w.sent + w.received
-                    # down, compute, then up on the same link: the reply waits for the request
-                    transfers.append(self.env.process(self._round_trip(link(w.node_id), w)))
-                yield self.env.all_of(transfers)
-                if i >= len(stages) - len(report.rounds):
-                    r = i - (len(stages) - len(report.rounds))
-                    self.tally.per_round_bytes.append({
-                        "epoch": epoch, "round": r,
-                        "workers": {w.node_id: {"sent": w.sent, "received": w.received,
-                                                "rows": w.rows, "flops": w.flops,
-                                                **({"error": w.error} if w.error else {})}
-                                    for w in workers},
-                        "sim_s": self.env.now - began,  # transfers and compute, mission clock
-                        "wall_s": max((w.wall_s for w in workers), default=0.0),  # measured
-                    })
-                    self.tally.trainer_failures += [
-                        {"epoch": epoch, "round": r, "node_id": w.node_id, "error": w.error}
-                        for w in workers if w.error]
-            self.tally.rows_trained += report.samples_trained
-            self.tally.distinct_trained = report.distinct_trained
-            self.tally.history.append({
-                "epoch": epoch,
-                "accuracy": report.accuracy,
-                **({"validation_accuracy": report.validation_accuracy}
-                   if report.validation_accuracy is not None else {}),
-                **{f"accuracy_{g}": a for g, a in sorted(report.group_accuracy.items())},
-                "test_loss": report.test_loss,
-                "train_loss": report.train_loss,
-                "bytes_total": self.tally.total_bytes,
-                "sim_time_s": self.env.now,
-                # the timeline's axes (report.timeline): radio and ground links apart
-                "downlink_bytes": self.tally.downlink_bytes,
-                "trainer_bytes": self.tally.trainer_bytes,
-                "images_on_ground": self.tally.stored,
-            })
-            self.epochs_done = epoch
-            stage["training"] += time.monotonic() - t0
-            self.save_state(links)
-            self.on_epoch(self.tally.history[-1])
+            yield from self._epoch(epoch, self._link)
+
+    def _epoch(self, epoch: int, link: Callable[[str], Link], replay_share: float | None = None,
+               extra: dict[str, Any] | None = None) -> Generator[simpy.Event, Any, None]:
+        """One TrainEpoch, its dataset uploads and rounds charged on the trainer links, its
+        history entry (with `extra`: a streaming update's fields)."""
+        stage = self.tally.stage_wall_s
+        t0 = time.monotonic()
+        report = pb_to_epoch(self.gs.train_epoch(epoch, self.epochs_done, replay_share))
+        self.tally.local_sgd_round_bytes = report.local_sgd_round_bytes
+        # dataset uploads, then rounds: workers in parallel, each on its own link
+        stages = [report.dataset_bytes] if report.dataset_bytes else []
+        stages += report.rounds
+        for i, workers in enumerate(stages):
+            transfers = []
+            began = self.env.now
+            for w in workers:
+                self.tally.trainer_bytes += w.sent + w.received
+                # down, compute, then up on the same link: the reply waits for the request
+                transfers.append(self.env.process(self._round_trip(link(w.node_id), w)))
+            yield self.env.all_of(transfers)
+            if i >= len(stages) - len(report.rounds):
+                r = i - (len(stages) - len(report.rounds))
+                self.tally.per_round_bytes.append({
+                    "epoch": epoch, "round": r,
+                    "workers": {w.node_id: {"sent": w.sent, "received": w.received,
+                                            "rows": w.rows, "flops": w.flops,
+                                            **({"error": w.error} if w.error else {})}
+                                for w in workers},
+                    "sim_s": self.env.now - began,  # transfers and compute, mission clock
+                    "wall_s": max((w.wall_s for w in workers), default=0.0),  # measured
+                })
+                self.tally.trainer_failures += [
+                    {"epoch": epoch, "round": r, "node_id": w.node_id, "error": w.error}
+                    for w in workers if w.error]
+        self.tally.rows_trained += report.samples_trained
+        self.tally.distinct_trained = report.distinct_trained
+        self.tally.history.append({
+            "epoch": epoch,
+            **(extra or {}),
+            "accuracy": report.accuracy,
+            **({"validation_accuracy": report.validation_accuracy}
+               if report.validation_accuracy is not None else {}),
+            **{f"accuracy_{g}": a for g, a in sorted(report.group_accuracy.items())},
+            "test_loss": report.test_loss,
+            "train_loss": report.train_loss,
+            "bytes_total": self.tally.total_bytes,
+            "sim_time_s": self.env.now,
+            # the timeline's axes (report.timeline): radio and ground links apart
+            "downlink_bytes": self.tally.downlink_bytes,
+            "trainer_bytes": self.tally.trainer_bytes,
+            "images_on_ground": self.tally.stored,
+        })
+        self.epochs_done = epoch
+        stage["training"] += time.monotonic() - t0
+        if not self.s.training.streaming:  # streaming missions are not resumed
+            self.save_state(self._tlinks)
+        self.on_epoch(self.tally.history[-1])
+
+    def _streaming(self, downlink_done: simpy.Event, links: dict[str, Link], bar: tqdm
+                   ) -> Generator[simpy.Event, Any, None]:
+        """Training while data arrives: an update when a trigger came (a pass that brought
+        data down ended: per_pass; every_s of mission time), new data has arrived, and the
+        trainers are idle (triggers during an update make one update after it). No update
+        starts at or after the horizon; the last one covers what arrived by its start."""
+        env, s = self.env, self.s
+        if self.resume:
+            raise MissionError("a streaming mission (training.schedule "
+                               f"{s.training.schedule!r}) cannot be resumed: run it again")
+        horizon = s.mission.horizon_s
+        self._due, self._over = False, False
+        self._wake = env.event()
+        if s.training.schedule == "per_pass":
+            self.downlink.on_pass_end = self._poke
+        every = s.training.every_s
+        if every is not None:
+            env.process(self._ticks(every))
+        env.process(self._downlink_over(downlink_done, bar))
+        while True:
+            while not self._due:
+                self._wake = env.event()
+                yield self._wake
+            self._due = False
+            if horizon is not None and env.now >= horizon:
+                break
+            if self.downlink.new_arrivals(env.now):
+                yield from self._update(env.now, links)
+            if self._over and not self._due:
+                break
+        if not self.tally.history:
+            self._check_delivered()
+            raise MissionError("no update trained a model: every sample that reached the "
+                               "ground was a duplicate or refused")
+
+    def _poke(self) -> None:
+        """A trigger: an update is due (now, or once the one running ends)."""
+        self._due = True
+        if not self._wake.triggered:
+            self._wake.succeed()
+
+    def _ticks(self, every_s: float) -> Generator[simpy.Event, Any, None]:
+        horizon = self.s.mission.horizon_s
+        while not self._over and (horizon is None or self.env.now + every_s < horizon):
+            yield self.env.timeout(every_s)
+            self._poke()
+
+    def _downlink_over(self, downlink_done: simpy.Event, bar: tqdm
+                       ) -> Generator[simpy.Event, Any, None]:
+        """Every satellite is done (queue empty, or the horizon): a last update for what
+        arrived since the one before."""
+        yield downlink_done
+        bar.close()
+        self.tally.downlink_done_s = self.env.now
+        self.tally.stage_wall_s["downlink"] += time.monotonic() - self._downlink_wall0
+        self._over = True
+        self._poke()
+
+    def _update(self, upto_s: float, links: dict[str, Link]) -> Generator[simpy.Event, Any, None]:
+        """One streaming update at `upto_s`: the ground station encodes what arrived by then
+        (its FLOPs on the mission clock), then the update's work (training.update) runs, its
+        uploads and rounds charged on the trainer links."""
+        s, stage = self.s, self.tally.stage_wall_s
+        t0 = time.monotonic()
+        flops, wall_s, added = self.gs.prepare_stream(upto_s)
+        stage["prepare"] += time.monotonic() - t0
+        c = self.tally.compute["ground_encoder"]
+        seconds = flops / s.training.ground_flops
+        c["flops"] += flops
+        c["sim_s"] += seconds
+        c["wall_s"] += wall_s
+        yield self.env.timeout(seconds)
+        if not added:  # only duplicates or refused samples arrived
+            return
+        self.tally.updates += 1
+        u = s.training.update
+        extra = {"update": self.tally.updates, "upto_s": upto_s,
+                 "captured": self._captured_by(upto_s)}
+        for _ in range(u.epochs if u.kind == "epochs" else 1):
+            yield from self._epoch(self.epochs_done + 1, self._link,
+                                   u.replay_share if u.kind == "replay" else None, extra)
+
+    def _captured_by(self, t: float) -> int | None:
+        """Scenes captured by mission time t, all satellites (captures over time)."""
+        spec = capture_spec(self.s)
+        if spec is None:
+            return None
+        return spec.captured_by(t) * self.s.sensors.count
 
     def _check_delivered(self) -> None:
         """A downlink that sent nothing: every queue was empty before this mission control
@@ -344,7 +447,7 @@ class MissionControl:
         for link in dlinks.values():
             link.bytes = self.saved_links.get(link.name, 0)
         tlinks: dict[str, Link] = {}
-        copies = s.training.epochs if s.sensors.mask.kind == "random" else 1
+        copies = mask_spec(s).copies
         bar = tqdm(total=s.dataset.train_subset and s.dataset.train_subset * copies,
                    desc="downlink", unit="sample", disable=not self.show_progress)
         sats = []  # resuming, the downlink is done

@@ -25,7 +25,7 @@ from sparsat.node.wire import control
 from sparsat.node.wire.rpc import channel
 from sparsat.node.wire.security import GROUND_STATION
 from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
-from sparsat.sim.scenario.configs import ground_station_config
+from sparsat.sim.scenario.configs import ground_station_config, mask_spec
 from sparsat.sim.scenario.schema import Scenario
 
 if TYPE_CHECKING:
@@ -248,7 +248,7 @@ class GroundStationClient:
                 "fault": "ground station restarted", "node": GROUND_STATION,
                 "address": self.address, "epochs_done": epochs_done,
                 "recovered": True, "recovery_wall_s": round(time.monotonic() - t0, 2)})
-        copies = s.training.epochs if s.sensors.mask.kind == "random" else 1
+        copies = mask_spec(s).copies
         self.rows_per_epoch = int(self.stats().train_tokens) // copies
         if epochs_done and not info.rounds_done:
             raise MissionError(
@@ -258,22 +258,56 @@ class GroundStationClient:
                 "start again from scratch")
         return out
 
-    def train_epoch(self, epoch: int, epochs_done: int) -> pb.EpochReport:
+    def arrived(self, satellite_id: str, transmit_id: int, ends_s: list[float]) -> int:
+        """Streaming: stamp a Transmit's batches with their end on the air; samples stamped."""
+        return int(self.call("Arrived", lambda: self.mission.Arrived(
+            gs_serde.arrived_request(satellite_id, transmit_id, ends_s),
+            timeout=self.d.call_s)).stamped)
+
+    def prepare_stream(self, upto_s: float) -> tuple[int, float, int]:
+        """Streaming: encode what arrived by `upto_s` and append it to the training data;
+        (FLOPs, wall s, rows added). A ground station that restarted since the first call
+        has lost the stream's state: a MissionError (streaming missions do not resume)."""
+        if self.instance and self.describe().instance != self.instance:
+            raise MissionError(
+                f"the ground station {self.address} restarted during a streaming mission and "
+                "lost its training state (streaming missions are not resumed): run the mission "
+                "again from the start")
+        flops, wall_s, added = 0, 0.0, 0
+        for update in self.call("Prepare", lambda: list(self.mission.Prepare(
+                gs_serde.prepare_request(upto_s), timeout=self.d.prepare_s))):
+            if update.stage == "encode train":
+                flops, wall_s, added = int(update.flops), float(update.wall_s), int(update.done)
+        if not self.instance:
+            self.instance = self.describe().instance
+        self.rows_per_epoch = int(self.stats().train_tokens)
+        return flops, wall_s, added
+
+    def train_epoch(self, epoch: int, epochs_done: int,
+                    replay_share: float | None = None) -> pb.EpochReport:
         """TrainEpoch with a deadline (each round within the coordinator's round timeout);
-        a ground station that restarted meanwhile is prepared again and asked again."""
+        a ground station that restarted meanwhile is prepared again and asked again
+        (`replay_share`: a streaming update's pass over the new rows and that share of older
+        ones; a restart then ends the mission)."""
         t = self.scenario.training
         rows = max(1, self.rows_per_epoch)
         rounds = -(-rows // (t.num_workers * t.local_steps * t.batch_size)) + 1
         timeout = rounds * t.round_timeout_s + self.d.epoch_slack_s
         failed: dict[str, Any] | None = None  # the fault being recovered from
         while True:
-            self.ensure_prepared(epochs_done)
+            if t.streaming:
+                if self.describe().instance != self.instance:
+                    raise MissionError(
+                        f"the ground station {self.address} restarted during a streaming "
+                        "mission (streaming missions are not resumed): run it again")
+            else:
+                self.ensure_prepared(epochs_done)
             if failed is not None:  # prepared again: the epoch goes on
                 failed["recovery_wall_s"] = round(time.monotonic() - failed.pop("at"), 2)
                 failed = None
             try:
                 report: pb.EpochReport = self.mission.TrainEpoch(
-                    gs_serde.train_epoch_request(epoch), timeout=timeout)
+                    gs_serde.train_epoch_request(epoch, replay_share), timeout=timeout)
             except grpc.RpcError as e:
                 if self.describe().instance == self.instance:
                     raise MissionError(

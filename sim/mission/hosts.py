@@ -22,6 +22,7 @@ from sparsat.node.wire import control
 from sparsat.node.wire.rpc import MAX_MESSAGE_BYTES, channel, sized
 from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 from sparsat.sim.mission.ground_client import Deadlines, GroundStationClient, MissionError
+from sparsat.sim.scenario.configs import mask_spec
 from sparsat.sim.scenario.schema import Scenario
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ MAX_REJECTION_CHARS = 512  # one such line (the Python host's are under 200)
 MAX_REPORT_BYTES = 1 << 20
 MAX_CREDENTIAL_BYTES = 16384  # one stream's call credentials (a token is 8,192 chars at most)
 MAX_SAMPLE_FLOPS = 10**12  # on-board encoding of one sample, at most (ViT-B/16: ~1.8e10)
+MAX_CAPTURES_PER_REPORT = 10**7  # captures (or drops) one report may count
 
 
 def report_error(report: pb.TransmitReport, request: pb.TransmitRequest) -> str:
@@ -69,6 +71,11 @@ def report_error(report: pb.TransmitReport, request: pb.TransmitRequest) -> str:
         (report.duplicates + report.rejected > report.acked,
          f"{report.duplicates} duplicates and {report.rejected} refused of "
          f"{report.acked} acked"),
+        (report.captured > MAX_CAPTURES_PER_REPORT or report.dropped > report.captured
+         + MAX_CAPTURES_PER_REPORT, f"{report.captured} captures and {report.dropped} drops "
+         "in one report"),
+        (not (math.isfinite(report.next_capture_s) and report.next_capture_s >= -1),
+         f"a next capture at {report.next_capture_s}"),
         (report.encoder_precision not in ("", "float32", "bfloat16"),
          f"an on-board encoder precision {report.encoder_precision[:32]!r}"),
         (len(report.rejections) > MAX_REPORT_REJECTIONS,
@@ -117,6 +124,10 @@ class SensorHosts:
         self.waiting: set[str] = set()
         self.down_since: dict[str, float] = {}
         self.remaining: dict[str, int] = {}
+        # streaming missions: each Transmit's id (copied into its stream's first batch, then
+        # named when its batches are stamped), the satellite's last
+        self.transmit_ids: dict[str, int] = {}
+        self._next_transmit = 0
 
     def use(self, host_of: dict[str, pb.NodeInfo], stubs: dict[str, Any]) -> None:
         """Which host holds each satellite, and a Sensor stub per host (by node id)."""
@@ -137,9 +148,15 @@ class SensorHosts:
         not answer (its first miss is remembered), MissionError on any other failure."""
         host = self.host_of[sat_id]
         timeout = self.d.transmit_s(budget)
+        transmit_id = 0
+        if self.s.training.streaming:
+            self._next_transmit += 1
+            transmit_id = self.transmit_ids[sat_id] = self._next_transmit
         request = control.transmit_request(
             sat_id, max_bytes=budget, max_samples=TRANSMIT_MAX_SAMPLES,
-            batch_bytes=self.s.links.downlink.batch_size())
+            batch_bytes=self.s.links.downlink.batch_size(),
+            mission_time_s=self.env.now if self.s.sensors.capture is not None else 0.0,
+            transmit_id=transmit_id)
         try:
             answer = self.stubs[host.node_id].Transmit(request, timeout=timeout)
         except grpc.RpcError as e:
@@ -238,7 +255,10 @@ class SensorHosts:
                     host.address, gone, undelivered, sat_id)
 
     def queued_at_start(self, sat_id: str) -> int:
-        """A satellite's queue before it sent anything: its shard, once per masked copy."""
+        """A satellite's queue before it sent anything: its shard, once per masked copy
+        (with captures over time it starts empty)."""
+        if self.s.sensors.capture is not None:
+            return 0
         from sparsat.node.data.datasets import split_size
         from sparsat.node.data.sharding import shard, train_subset
         from sparsat.sim.scenario.configs import sensor_config
@@ -246,5 +266,5 @@ class SensorHosts:
         sats = self.s.sensors.ids()
         n_train = split_size(sensor_config(self.s).dataset, "train")
         subset = train_subset(n_train, self.s.dataset.train_subset, self.s.seed)
-        copies = self.s.training.epochs if self.s.sensors.mask.kind == "random" else 1
+        copies = mask_spec(self.s).copies
         return len(shard(subset, sats.index(sat_id), len(sats))) * copies

@@ -127,8 +127,41 @@ def assemble(o: Outcome) -> dict[str, Any]:
         "round_bytes": round_bytes(t),
         "trainer_failures": t.trainer_failures,
         "history": t.history,
-        "timeline": timeline(t.history, s.mission.horizon_s, t, _captured_at_start(s)),
+        # when the model trained (training.schedule), and the streaming updates made
+        "schedule": (s.training.schedule if isinstance(s.training.schedule, str)
+                     else s.training.schedule.model_dump()),
+        "updates": t.updates,
+        "samples_arrived": int(stats.samples_arrived),
+        "captures": _captures(s, t),
+        "timeline": timeline(t.history, s.mission.horizon_s, t, _captured_total(s)),
     }
+
+
+def _captured_total(s: Scenario) -> int | None:
+    """Scenes captured over the whole mission: with captures over time, every satellite's by
+    the horizon; else what they hold at t = 0."""
+    from sparsat.sim.scenario.configs import capture_spec
+
+    spec = capture_spec(s)
+    if spec is None:
+        return _captured_at_start(s)
+    return spec.max_captures * s.sensors.count
+
+
+def _captures(s: Scenario, t: Tally) -> dict[str, Any] | None:
+    """Captures over time, per satellite and in all: captured, dropped on board (storage
+    full), sent (retries included), stored on the ground, left on board at the end."""
+    if s.sensors.capture is None:
+        return None
+    per = {}
+    for sat in s.sensors.ids():
+        c = t.captures.get(sat, {})
+        per[sat] = {"captured": c.get("captured", 0), "dropped_on_board": c.get("dropped", 0),
+                    "sent": c.get("sent", 0), "stored_on_ground": c.get("stored", 0),
+                    "left_on_board": t.left_on_board.get(sat, 0),
+                    "onboard_bytes_at_end": c.get("onboard_bytes", 0)}
+    keys = ("captured", "dropped_on_board", "sent", "stored_on_ground", "left_on_board")
+    return {**{k: sum(v[k] for v in per.values()) for k in keys}, "per_satellite": per}
 
 
 def _device(n: pb.NodeInfo) -> dict[str, Any]:
@@ -229,7 +262,10 @@ def timeline(history: list[dict[str, Any]], horizon_s: float | None, t: Tally,
     entries = [{"event": "update", "epoch": h["epoch"], "sim_time_s": h["sim_time_s"],
                 "accuracy": h["accuracy"], "downlink_bytes": h.get("downlink_bytes"),
                 "trainer_bytes": h.get("trainer_bytes"),
-                "images_on_ground": h.get("images_on_ground"), "captured": captured}
+                "images_on_ground": h.get("images_on_ground"),
+                "captured": h.get("captured", captured),
+                **({"update": h["update"], "data_upto_s": h["upto_s"]} if "update" in h
+                   else {})}
                for h in history]
     if horizon_s is not None:
         done = _finished_by(history, horizon_s)
@@ -274,6 +310,7 @@ def summary(results: dict[str, Any]) -> str:
         _rounds_line(results),
         f"mission time    {results['sim_time_s']:,.1f} s" + _compute(results),
         *([_horizon_line(results)] if results.get("horizon_h") is not None else []),
+        *([_captures_line(results["captures"])] if results.get("captures") else []),
         *([_target_line(results)] if results.get("target_accuracy") else []),
         f"wall time       {results['wall_time_s']:.1f} s",
         *([f"not delivered   {_shortfall(results)}"] if results.get("shortfall") else []),
@@ -289,6 +326,12 @@ def _horizon_line(results: dict[str, Any]) -> str:
             + (f"accuracy {acc:.4f} (the last model finished by then)" if acc is not None
                else "no model finished by then")
             + f", {left:,} samples left on board")
+
+
+def _captures_line(c: dict[str, Any]) -> str:
+    return (f"captures        captured {c['captured']:,}, dropped on board "
+            f"{c['dropped_on_board']:,}, delivered {c['stored_on_ground']:,}, left on board "
+            f"{c['left_on_board']:,}")
 
 
 def _shortfall(results: dict[str, Any]) -> str:

@@ -26,6 +26,7 @@ its windows go by until the host answers at the start of one.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import random
 import time
@@ -149,6 +150,11 @@ class Downlink:
         self.transmit = transmit
         self.antennas: dict[str, simpy.Resource] = {}  # station -> its antennas (orbits)
         self._onboard_ready: dict[str, float] = {}  # satellite -> its encoder's backlog end
+        # streaming missions: the end times of the batches stamped and not yet used by an
+        # update (a heap), and what is told when a satellite leaves a window it sent in
+        self.arrivals: list[float] = []
+        self.on_pass_end: Callable[[], None] = lambda: None
+        self._brought: set[str] = set()  # satellites that sent in the window they are in
 
     def fly(self, sat_id: str, windows: Passes | Contacts, rate: RateFn, link: Link, bar: tqdm
             ) -> Generator[simpy.Event, Any, None]:
@@ -160,10 +166,12 @@ class Downlink:
         inside: Window | None = None  # the window entered (its antenna held)
         held: Request | None = None
         self.hosts.active.add(sat_id)
+        capture = self.s.sensors.capture
         try:
             while (w := windows.at(env.now)) is not None:
-                if w is not inside:
+                if w != inside:  # a new window (passes make equal ones at every call)
                     self._release(inside, held)
+                    self._left_window(sat_id)
                     inside, held = None, None
                     if env.now < w.start_s:
                         yield env.timeout(w.start_s - env.now)
@@ -208,13 +216,29 @@ class Downlink:
                 sent = self._count(sat_id, report, bar)
                 yield from self._onboard(sat_id, report)
                 sizes = [self._on_air(size, rng) for size in _on_link(report)]
+                if self.s.training.streaming and report.batch_bytes:
+                    self._stamp(sat_id, report, sizes, r, latency)
                 yield from self.charge(link, w.station, sizes, r, latency)
                 if report.error_code:
                     failures = self._check_failure(sat_id, report, failures + 1)
                     continue  # unacked samples stay queued: try again in what is left
                 failures = 0
                 if report.remaining == 0:
-                    return
+                    if capture is None or report.next_capture_s < 0:
+                        # nothing on board, nothing more to capture: done
+                        self._release(inside, held)
+                        inside, held = None, None
+                        self._left_window(sat_id)
+                        if self.s.mission.horizon_h is not None:
+                            self.tally.left_on_board[sat_id] = 0
+                        return
+                    if report.next_capture_s < w.end_s:  # wait in the window for it
+                        yield env.timeout(max(0.0, report.next_capture_s - env.now))
+                    elif passes is not None:
+                        yield env.timeout(max(0.0, w.end_s - env.now))
+                    else:
+                        windows.leave()
+                    continue
                 if not sent:  # the next sample does not fit in what is left of this window
                     if passes is not None:
                         if report.next_bytes > link.capacity(passes.duration_s):
@@ -225,10 +249,13 @@ class Downlink:
                     else:
                         windows.leave()
             self._release(inside, held)
+            self._left_window(sat_id)
             inside, held = None, None
             if not self.hosts.host_back(sat_id):
                 self.hosts.give_up(sat_id)
                 return
+            if capture is not None:  # what it captures until the horizon stays on board
+                yield from self._at_horizon(sat_id, bar)
             remaining = self.hosts.remaining.get(sat_id, -1)
             if self.s.mission.horizon_h is not None:  # the mission ends: what is left stays
                 left = remaining if remaining >= 0 else self.hosts.queued_at_start(sat_id)
@@ -246,6 +273,51 @@ class Downlink:
             self._release(inside, held)
             self.hosts.active.discard(sat_id)
             self.hosts.waiting.discard(sat_id)
+
+    def _left_window(self, sat_id: str) -> None:
+        """The satellite left a window: a pass that brought data down ends (per_pass)."""
+        if sat_id in self._brought:
+            self._brought.discard(sat_id)
+            self.on_pass_end()
+
+    def _at_horizon(self, sat_id: str, bar: tqdm) -> Generator[simpy.Event, Any, None]:
+        """Captures over time: after its last window the satellite captures on until the
+        horizon; a Transmit of no bytes then makes those captures and reports what is on
+        board."""
+        horizon = self.s.mission.horizon_s
+        assert horizon is not None  # the schema asks for one with captures
+        if self.env.now < horizon:
+            yield self.env.timeout(horizon - self.env.now)
+        try:
+            self._count(sat_id, self.transmit(sat_id, 0), bar)
+        except HostDown as e:
+            log.warning("%s: %s at the horizon; its last report stands", sat_id, e)
+
+    def _stamp(self, sat_id: str, report: pb.TransmitReport, sizes: list[int], rate: float,
+               latency: float) -> None:
+        """Streaming missions: tell the ground station when each batch of this Transmit
+        finishes on the air (charge's timing: each size on the air takes one latency and its
+        bits at `rate`, back to back from now), before the charge runs; an update at T uses
+        only what arrived by T."""
+        ends, at, k = [], self.env.now, 0
+        for i, size in enumerate(sizes):
+            at += latency + 8.0 * size / rate
+            if i == k:  # a batch (each followed by its ack, while there are acks)
+                ends.append(at)
+                k += 2 if len(ends) <= len(report.ack_bytes) else 1
+        ends = ends[: len(report.batch_bytes)]
+        self.tally.arrived += self.gs.arrived(sat_id, self.hosts.transmit_ids[sat_id], ends)
+        for end in ends:
+            heapq.heappush(self.arrivals, end)
+        self._brought.add(sat_id)
+
+    def new_arrivals(self, now: float) -> int:
+        """Batches that finished on the air by `now` since the last call (taken)."""
+        n = 0
+        while self.arrivals and self.arrivals[0] <= now:
+            heapq.heappop(self.arrivals)
+            n += 1
+        return n
 
     def charge(self, link: Link, station: str | None, sizes: list[int], rate: float,
                latency: float) -> Generator[simpy.Event, Any, None]:
@@ -328,6 +400,14 @@ class Downlink:
             t.onboard_precision.append(report.encoder_precision[:16])
         t.rejections += list(report.rejections)[: max(0, 16 - len(t.rejections))]
         bar.update(report.acked - report.duplicates)
+        if self.s.sensors.capture is not None:
+            c = t.captures.setdefault(sat_id, {"captured": 0, "dropped": 0, "sent": 0,
+                                               "stored": 0, "onboard_bytes": 0})
+            c["captured"] += report.captured
+            c["dropped"] += report.dropped
+            c["sent"] += report.sent
+            c["stored"] += report.acked - report.duplicates - report.rejected
+            c["onboard_bytes"] = int(report.onboard_bytes)
         return sent
 
     def _check_failure(self, sat_id: str, report: pb.TransmitReport, failures: int) -> int:

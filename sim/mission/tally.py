@@ -49,6 +49,11 @@ class Tally:
     left_on_board: dict[str, int] = field(default_factory=dict)
     onboard_precision: list[str] = field(default_factory=list)  # what on-board encoders used
     fingerprint: str = ""  # of the scenario, as the ground station runs it
+    # captures over time: satellite -> captured, dropped on board, sent, stored on the
+    # ground, bytes on board at its last report
+    captures: dict[str, dict[str, int]] = field(default_factory=dict)
+    arrived: int = 0  # streaming: samples stamped with their arrival on the mission clock
+    updates: int = 0  # streaming: model updates made
 
     @property
     def total_bytes(self) -> int:

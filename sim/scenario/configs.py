@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sparsat.ground_station.config import GroundStationConfig, TrainingConfig
+from sparsat.node.data.capture import CaptureSpec
 from sparsat.node.data.config import SensorConfig
 from sparsat.node.data.datasets import DatasetSpec
 from sparsat.node.data.masking import MaskSpec
@@ -12,10 +13,23 @@ from sparsat.sim.scenario.schema import Scenario
 
 
 def mask_spec(s: Scenario) -> MaskSpec:
+    """The sensors' masks; with captures over time a random mask is drawn per capture (its
+    sample id names the revisit), so there are no per-epoch copies."""
     m = s.sensors.mask
+    per_epoch = m.kind == "random" and s.sensors.capture is None
     return MaskSpec(kind=m.kind, ratio=m.ratio, seed=s.seed,
-                    copies=s.training.epochs if m.kind == "random" else 1,
+                    copies=s.training.epochs if per_epoch else 1,
                     clouds=m.cloud_spec(), max_cloud=m.max_cloud)
+
+
+def capture_spec(s: Scenario) -> CaptureSpec | None:
+    c = s.sensors.capture
+    if c is None:
+        return None
+    assert s.mission.horizon_s is not None  # the schema asks for it
+    return CaptureSpec(rate_per_h=c.rate_per_h, storage_bytes=c.storage_bytes,
+                       horizon_s=s.mission.horizon_s, when_full=c.when_full,
+                       duty_on_s=c.duty_on_s, duty_period_s=c.duty_period_s)
 
 
 def sensor_config(s: Scenario) -> SensorConfig:
@@ -34,6 +48,7 @@ def sensor_config(s: Scenario) -> SensorConfig:
         satellites=s.sensors.ids(),
         train_indices_seed=s.seed,
         train_subset=d.train_subset,
+        capture=capture_spec(s),
     )
 
 

@@ -114,6 +114,29 @@ class PayloadCfg(Model):
         return self
 
 
+class CaptureCfg(Model):
+    """Captures over time (sparsat.node.data.capture): each satellite starts empty and
+    captures `rate_per_h` scenes an hour (only the first duty_on_s of every duty_period_s,
+    when given) until mission.horizon_h; what waits to be sent (payloads, raw scenes waiting
+    for on-board encoding) lives in `storage_bytes`, and a capture that does not fit drops
+    the oldest waiting sample (never one sent and not yet acked) or itself. When the shard is
+    used up a capture is a revisit: a new sample id, a fresh mask and cloud field."""
+
+    rate_per_h: float = Field(gt=0)
+    storage_bytes: int = Field(gt=0)
+    when_full: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
+    duty_on_s: float | None = Field(None, gt=0)
+    duty_period_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _duty(self) -> CaptureCfg:
+        if (self.duty_on_s is None) != (self.duty_period_s is None):
+            raise ValueError("a duty cycle needs both duty_on_s and duty_period_s")
+        if self.duty_on_s is not None and self.duty_on_s > self.duty_period_s:  # type: ignore[operator]
+            raise ValueError("duty_on_s must not exceed duty_period_s")
+        return self
+
+
 class SensorsCfg(Model):
     count: int = Field(4, ge=1)
     prefix: str = "sat-"
@@ -123,6 +146,7 @@ class SensorsCfg(Model):
     # on-board encoder throughput for CLS payloads, FLOP/s: an edge GPU of the Jetson class
     # (order 1 TFLOP/s fp32); puts the satellites' encoding on the mission clock
     onboard_flops: float = Field(1.0e12, gt=0)
+    capture: CaptureCfg | None = None  # None: every satellite holds its shard at t = 0
 
     def ids(self) -> list[str]:
         return [f"{self.prefix}{i}" for i in range(self.count)]
@@ -239,6 +263,28 @@ class LinksCfg(Model):
     trainer: TrainerLinkCfg = TrainerLinkCfg(rate_bps=1_000_000_000, latency_s=0.001)
 
 
+class EveryCfg(Model):
+    every_s: float = Field(gt=0)  # an update every this many mission seconds (coalesced)
+
+
+class UpdateCfg(Model):
+    """What one update of a streaming schedule trains: `epochs` epochs over every sample
+    stored so far, or (`replay`) one pass over the samples new since the last update plus
+    `replay_share` times as many older ones, drawn afresh each update."""
+
+    kind: Literal["epochs", "replay"] = "epochs"
+    epochs: int = Field(1, ge=1)
+    replay_share: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _keys(self) -> UpdateCfg:
+        if self.kind == "epochs" and self.changed("replay_share"):
+            raise ValueError("training.update.replay_share applies to kind: replay")
+        if self.kind == "replay" and self.changed("epochs"):
+            raise ValueError("training.update.epochs applies to kind: epochs")
+        return self
+
+
 class TrainingCfg(Model):
     strategy: Literal["centralized", "ist", "local_sgd"] = "ist"
     workers: int = Field(2, ge=1)  # K (ist, local_sgd); centralized uses one trainer
@@ -265,10 +311,24 @@ class TrainingCfg(Model):
     # 9.3 TFLOP/s fp32 peak; small MLPs reach a fraction of it, so set what yours sustain
     trainer_flops: float = Field(9.3e12, gt=0)
     ground_flops: float = Field(9.3e12, gt=0)  # the ground station's encoder stage, FLOP/s
+    # when the model trains: `after_downlink` (once everything is down, or at the horizon:
+    # `epochs` epochs), or while data arrives: `per_pass` (after each contact window or pass
+    # that brought data down) or `{every_s: T}`; an update starts only when the trainers are
+    # idle and new data has arrived, so triggers that come meanwhile make one update
+    schedule: Literal["after_downlink", "per_pass"] | EveryCfg = "after_downlink"
+    update: UpdateCfg = UpdateCfg()  # streaming schedules: the work of one update
 
     @property
     def num_workers(self) -> int:
         return 1 if self.strategy == "centralized" else self.workers
+
+    @property
+    def streaming(self) -> bool:
+        return self.schedule != "after_downlink"
+
+    @property
+    def every_s(self) -> float | None:
+        return self.schedule.every_s if isinstance(self.schedule, EveryCfg) else None
 
 
 # Without mission.horizon_h, contact windows are searched this far ahead; a satellite with
@@ -334,6 +394,24 @@ class Scenario(Model):
         e = self.encoder
         if e.weights != "random" and e.changed("seed"):
             raise ValueError("encoder.seed only seeds random weights (weights: random)")
+        return self
+
+    @model_validator(mode="after")
+    def _stream(self) -> Scenario:
+        t, cap = self.training, self.sensors.capture
+        if cap is not None and self.mission.horizon_h is None:
+            raise ValueError("sensors.capture needs mission.horizon_h (captures go on until the "
+                             "mission ends)")
+        if not t.streaming and t.changed("update"):
+            raise ValueError("training.update is the work of a streaming schedule's update: "
+                             "set training.schedule (per_pass or every_s), or remove it")
+        if t.streaming and t.changed("epochs"):
+            raise ValueError("training.epochs is after_downlink's; a streaming schedule trains "
+                             "training.update.epochs per update")
+        if self.sensors.mask.kind == "random" and cap is None and t.streaming:
+            raise ValueError("mask kind random means a new mask every epoch, which has no "
+                             "meaning in a streaming schedule without captures; with "
+                             "sensors.capture every capture (revisits too) gets a fresh mask")
         return self
 
     @model_validator(mode="after")
