@@ -208,3 +208,50 @@ def _deploy_and_survive(net: Network, tmp: Path, env: dict[str, str], logs: Path
     assert results["samples"]["stored"] == 1200
     assert _accuracies(tmp / "runs/deploy2/results.json") == _accuracies(
         tmp / "runs/local/results.json")
+
+
+def _timeline(results: Path) -> list[tuple[Any, ...]]:
+    """What a streaming mission's timeline says, without wall times."""
+    return [(e["event"], e.get("update"), e["epoch"], round(e["sim_time_s"], 6), e["accuracy"],
+             e["downlink_bytes"], e["images_on_ground"], e["captured"])
+            for e in json.loads(results.read_text())["timeline"]]
+
+
+@pytest.mark.slow
+def test_a_streaming_deployment_equals_the_local_run(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same README commands on scenarios/deploy_stream.yaml (captures over time, an update
+    after each pass): the deployed timeline is the local one, update for update."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scenarios").mkdir()
+    shutil.copy(ROOT / "scenarios" / "deploy_stream.yaml",
+                tmp_path / "scenarios" / "deploy.yaml")  # under the README's file name
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    local = subprocess.run([SPARSAT, "run", "scenarios/deploy.yaml", "--out", "runs/local",
+                            "--quiet"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=600, env=env)
+    assert local.returncode == 0, local.stderr[-3000:]
+    try:
+        net = Network(MACHINES)
+        net.__enter__()
+    except NetnsUnavailable as e:
+        pytest.skip(f"network namespaces unavailable here: {e}")
+    try:
+        r = net.run(CERTS[0], _argv(CERTS[1]), timeout=60, env=env)
+        assert r.returncode == 0, r.stderr
+        for spec, log in ((GROUND, "ground.log"), (GPU1, "gpu1.log"), (GPU2, "gpu2.log"),
+                          (SENSORS, "sensors.log")):
+            net.popen(spec[0], _argv(spec[1]), logs / log, env=env)
+        # mission control waits for the nodes to register (REGISTER_TIMEOUT_S)
+        r = net.run(MISSION[0], _argv(MISSION[1]) + ["--quiet"], timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+    finally:
+        net.close()
+        for log in sorted(logs.glob("*.log")):
+            print(f"---- {log.name} (tail)\n" + "\n".join(
+                log.read_text(errors="replace").splitlines()[-15:]))
+    deployed = _timeline(tmp_path / "runs/deploy/results.json")
+    assert sum(e[0] == "update" for e in deployed) >= 4
+    assert deployed == _timeline(tmp_path / "runs/local/results.json")

@@ -211,7 +211,7 @@ def _point(base: dict[str, Any], shared: dict[str, Any], overrides: dict[str, An
            grid: dict[str, list[Any]]) -> Point:
     name = "_".join(f"{_label(k, grid)}={v}" for k, v in overrides.items())
     name = re.sub(r"[^A-Za-z0-9._=+-]", "-", name)[:200] or "point"
-    tree = json.loads(json.dumps(base))  # a deep copy
+    tree = json.loads(json.dumps(base, default=str))  # a deep copy (YAML dates as text)
     try:
         for key, value in {**shared, **overrides}.items():
             _set(tree, key, value)
