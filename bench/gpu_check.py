@@ -12,7 +12,9 @@
     .venv/bin/python bench/gpu_check.py adopt --new NEW.json --baseline OLD.json \
             --checkpoint DIR/encoder.pt
         the adoption rule for a longer pretraining run: its `bench/probe.py --pooling mean`
-        accuracy at r = 0.5 beats the shipped checkpoint's from the same probe run, and the
+        validation accuracy at r = 0.5 (the probe's epoch chosen on a validation split of
+        training images, never on the test set) beats the shipped checkpoint's from the same
+        probe settings, and the
         checkpoint is at most 8 MiB (the cap tests/test_encoders.py checks). Exits 0 to adopt,
         1 not to, and prints why either way.
 """
@@ -98,7 +100,7 @@ def summary(folder: Path) -> int:
 
 
 def adopt(new: Path, baseline: Path, checkpoint: Path) -> int:
-    key = "mean_r0.5_best_accuracy"
+    key = "mean_r0.5_validation_accuracy"  # chosen and compared on validation, not test
     a, b = _json_line(new).get(key), _json_line(baseline).get(key)
     if a is None or b is None:
         print(f"no {key} in {new if a is None else baseline} (run bench/probe.py "
@@ -107,7 +109,7 @@ def adopt(new: Path, baseline: Path, checkpoint: Path) -> int:
     size = checkpoint.stat().st_size
     rises, fits = a > b, size <= CAP_BYTES
     verdict = "ADOPT" if rises and fits else "KEEP the shipped checkpoint"
-    print(f"probe r=0.5 (mean pooling): new {a:.4f} vs shipped {b:.4f} "
+    print(f"probe r=0.5 (mean pooling, validation): new {a:.4f} vs shipped {b:.4f} "
           f"({'rises' if rises else 'does not rise'}); checkpoint {size:,} B "
           f"({'within' if fits else 'over'} the {CAP_BYTES:,} B cap) -> {verdict}")
     return 0 if rises and fits else 1

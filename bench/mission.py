@@ -2,6 +2,7 @@
 
 Run from the repo root: .venv/bin/python bench/mission.py [--satellites 1000] [--images N]
     [--test-images N] [--epochs 2] [--per-process 250] [--hours 24] [--rate 1e6]
+    [--precision float32|bfloat16]
     [--out runs/bench_mission] [--profile] [--smoke]
 Builds a scenario (written to OUT/scenario.yaml) from scenarios/constellation.yaml with the
 flags' sizes: a Walker-delta of --satellites (planes of 25, 550 km, 53°) over the five
@@ -73,6 +74,7 @@ def scenario(args: argparse.Namespace) -> Scenario:
                                  phasing=1 if planes > 1 else 0)
     s["links"]["downlink"].update(rate_bps=args.rate, loss=args.loss)
     s["training"].update(epochs=args.epochs)
+    s["encoder"]["precision"] = args.precision
     return Scenario.model_validate(s)
 
 
@@ -245,6 +247,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--step", type=float, default=30.0, help="contact search grid, s")
     p.add_argument("--rate", type=float, default=1e6, help="downlink rate, bit/s")
     p.add_argument("--loss", type=float, default=0.01, help="downlink frame loss")
+    p.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
+                   help="encoder.precision (bfloat16 where the CPU has it natively)")
     p.add_argument("--out", default="runs/bench_mission")
     p.add_argument("--sample", type=float, default=0.5, help="CPU sampling period, s")
     p.add_argument("--profile", action="store_true", help="cProfile mission control")

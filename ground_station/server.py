@@ -90,6 +90,7 @@ MAX_SATELLITES = 1024
 QUOTE_CHARS = 64
 MAX_ARRIVED_BATCHES = 4097  # one Transmit's batches (TRANSMIT_MAX_SAMPLES, and a spare)
 MAX_REPLAY_SHARE = 1000.0
+MAX_TRANSMIT_ID = 2**63 - 1  # what the store's integer column holds
 
 
 class BatchRefused(Exception):
@@ -254,6 +255,11 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                                      rejected=len(msg.ids))
                     abort(context, *refusal)
                 satellite, transmit_id = msg.satellite_id, int(msg.transmit_id)
+                if transmit_id > MAX_TRANSMIT_ID:
+                    self.store.count(received_bytes=size, received=len(msg.ids),
+                                     rejected=len(msg.ids))
+                    abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                          f"transmit_id {transmit_id} is past {MAX_TRANSMIT_ID}")
             try:
                 ack = self._ingest(msg, satellite, size, transmit_id)
             except BatchRefused as e:

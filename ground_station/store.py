@@ -92,6 +92,8 @@ class SampleStore:
         self._db.execute("CREATE TABLE IF NOT EXISTS arrivals (id INTEGER PRIMARY KEY, "
                          "batch_seq INTEGER NOT NULL, arrival_s REAL)")
         self._db.execute("CREATE INDEX IF NOT EXISTS arrivals_batch ON arrivals (batch_seq)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS batches_transmit ON batches "
+                         "(satellite, transmit_id)")
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value "
                          "INTEGER NOT NULL)")
@@ -143,20 +145,29 @@ class SampleStore:
                     duplicates.append(k)
                 else:
                     conflicts.append(k)
-            self._db.executemany("INSERT INTO payloads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", new)
-            seq = self._db.execute(
-                "INSERT INTO batches (satellite, named, ids, wire_bytes, transmit_id) VALUES "
-                "(?, ?, ?, ?, ?)", (satellite, int(named), ids, wire_bytes, transmit_id)
-            ).lastrowid
-            if transmit_id:
-                self._db.executemany("INSERT INTO arrivals VALUES (?, ?, NULL)",
-                                     [(r.id, seq) for r in new])
-                self._db.executemany(
-                    "UPDATE arrivals SET batch_seq = ? WHERE id = ? AND arrival_s IS NULL",
-                    [(seq, rows[k].id) for k in duplicates])
-            self._add({"received": len(ids) // 8, "received_bytes": wire_bytes,
-                       "duplicates": len(duplicates), "rejected": rejected + len(conflicts)})
-            self._db.commit()
+            try:  # all of the batch or none of it
+                self._db.executemany("INSERT INTO payloads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                     new)
+                seq = self._db.execute(
+                    "INSERT INTO batches (satellite, named, ids, wire_bytes, transmit_id) "
+                    "VALUES (?, ?, ?, ?, ?)", (satellite, int(named), ids, wire_bytes,
+                                               transmit_id)).lastrowid
+                if transmit_id:
+                    self._db.executemany("INSERT INTO arrivals VALUES (?, ?, NULL)",
+                                         [(r.id, seq) for r in new])
+                    again = [(rows[k].id, seq) for k in duplicates]
+                    self._db.executemany("INSERT OR IGNORE INTO arrivals VALUES (?, ?, NULL)",
+                                         again)  # first stored outside a stream's Transmit
+                    self._db.executemany(
+                        "UPDATE arrivals SET batch_seq = ? WHERE id = ? AND arrival_s IS NULL",
+                        [(s, i) for i, s in again])
+                self._add({"received": len(ids) // 8, "received_bytes": wire_bytes,
+                           "duplicates": len(duplicates),
+                           "rejected": rejected + len(conflicts)})
+                self._db.commit()
+            except BaseException:
+                self._db.rollback()
+                raise
             return duplicates, conflicts
 
     def stamp(self, satellite: str, transmit_id: int, ends_s: list[float]) -> int:

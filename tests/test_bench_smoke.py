@@ -129,11 +129,16 @@ def test_probe_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     f, lines = run_main("probe", ["--smoke", "--pooling", "both"], capsys)
 
     assert (f["pooling"], f["epochs"]) == ("both", 2)
+    assert (f["train_images"], f["validation_images"]) == (128, 64)
     for pooling in ("cls", "mean"):
-        curve = f[f"{pooling}_r0.5_curve"]
-        assert len(curve) == 2 and f[f"{pooling}_r0.5_best_accuracy"] == max(curve)
+        curve, val = f[f"{pooling}_r0.5_curve"], f[f"{pooling}_r0.5_validation_curve"]
+        assert len(curve) == len(val) == 2 and f[f"{pooling}_r0.5_best_accuracy"] == max(curve)
+        # the epoch is the validation split's choice, and its test accuracy is reported
+        epoch = f[f"{pooling}_r0.5_best_epoch"]
+        assert val[epoch - 1] == max(val) == f[f"{pooling}_r0.5_validation_accuracy"]
+        assert f[f"{pooling}_r0.5_test_at_best"] == curve[epoch - 1]
         # the shipped encoder's features, 128 training images: well above chance (0.1)
-        assert 0.3 < max(curve) <= 1
+        assert 0.3 < max(curve) <= 1 and 0.3 < max(val) <= 1
     assert sum(line.split()[0] in ("cls", "mean") for line in lines) == 2
 
 
@@ -273,15 +278,16 @@ def test_make_gpu_pretrain_steps_on_cpu(tmp_path: Path, capsys: pytest.CaptureFi
                                  "PROBE_EPOCHS": "2", "PRETRAIN_OUT": str(out)},
                 env={"SPARSAT_DATA": str(tmp_path / "data")})
 
-    verdict = re.search(r"probe r=0.5 \(mean pooling\): new ([\d.]+) vs shipped ([\d.]+) .*"
+    verdict = re.search(r"probe r=0.5 \(mean pooling, validation\): new ([\d.]+) vs shipped "
+                        r"([\d.]+) .*"
                         r"checkpoint ([\d,]+) B .* -> (ADOPT|KEEP)", done.stdout)
     assert verdict, done.stdout[-3000:] + done.stderr[-3000:]
     # adopt's exit status is the verdict's (1 = keep the shipped one: make reports the error)
     assert done.returncode == (0 if verdict[4] == "ADOPT" else 2)
     new, shipped = (json_line(out / f) for f in ("probe.log", "probe_shipped.log"))
-    assert float(verdict[1]) == new["mean_r0.5_best_accuracy"]
-    assert float(verdict[2]) == shipped["mean_r0.5_best_accuracy"]
-    assert 0.2 < shipped["mean_r0.5_best_accuracy"] <= 1  # the shipped encoder; chance is 0.1
+    assert float(verdict[1]) == new["mean_r0.5_validation_accuracy"]
+    assert float(verdict[2]) == shipped["mean_r0.5_validation_accuracy"]
+    assert 0.2 < shipped["mean_r0.5_validation_accuracy"] <= 1  # the shipped encoder; chance 0.1
     assert int(verdict[3].replace(",", "")) == (out / "encoder.pt").stat().st_size
     record = out / "pretrain.json"
     assert json.loads(record.read_text())["config"]["epochs"] == 1

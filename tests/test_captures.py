@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 
 from sparsat.ground_station.config import GroundStationConfig
@@ -301,3 +302,48 @@ def test_stamps_apply_to_their_transmits_batches_only(tmp_path: Path) -> None:
         assert store.arrived(45.0) == [(40.0, i) for _, i in arrived[:6]]
     finally:
         store.close()
+
+
+def test_a_capture_that_cannot_fit_drops_only_itself() -> None:
+    """drop_oldest frees room for a new capture only when that makes it fit: with the store
+    held by an unacked sample, older waiting samples are not thrown away for nothing."""
+    spec = CaptureSpec(rate_per_h=60, storage_bytes=1000, horizon_s=3600)
+    sat = sensor_module.Satellite("sat-0", np.arange(3), capture=spec)  # starts empty
+    unacked, older, new = (0, None), (1, None), (2, None)
+    for key, size in ((unacked, 700), (older, 200), (new, 400)):
+        sat.pending.append(key)
+        sat.sizes[key] = size
+        sat.onboard_bytes += size
+    sat.unacked = {unacked}
+    SensorServicer._make_room(None, sat, spec, new)  # type: ignore[arg-type]
+    assert list(sat.pending) == [unacked, older] and sat.dropped == 1
+    assert sat.onboard_bytes == 900
+    # room made by dropping the oldest droppable one
+    sat.sizes[new] = 250
+    sat.pending.append(new)
+    sat.onboard_bytes += 250
+    SensorServicer._make_room(None, sat, spec, new)  # type: ignore[arg-type]
+    assert list(sat.pending) == [unacked, new] and sat.dropped == 2
+
+
+def test_a_transmit_id_past_the_stores_integers_is_refused(tmp_path: Path) -> None:
+    spec = CaptureSpec(rate_per_h=3600, storage_bytes=10**7, horizon_s=100.0)
+    cfg = _config(tmp_path, spec)
+    server, address, sensor = _start(cfg)
+    try:
+        bad = _transmit(sensor, 3.0, transmit_id=2**64 - 1)
+        good = _transmit(sensor, 3.0, transmit_id=5)
+    finally:
+        server.stop(None)
+    assert bad.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "transmit_id" in bad.error and bad.acked == 0
+    assert good.acked == 4 and len(_stored_ids(cfg)) == 4  # nothing half-stored before
+
+
+def test_transmit_ids_are_unguessable_and_always_nine_varint_bytes() -> None:
+    from sparsat.sim.mission.hosts import transmit_id_of
+
+    ids = [transmit_id_of(b"k" * 16, n) for n in range(1, 200)]
+    assert len(set(ids)) == len(ids)
+    assert all(2**61 <= i < 2**62 for i in ids)
+    assert transmit_id_of(b"j" * 16, 1) != ids[0]

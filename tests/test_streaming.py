@@ -149,6 +149,7 @@ def _scenario(**changes: Any) -> Scenario:
      "random means a new mask every epoch"),
     ({"sensors.capture.duty_on_s": 100}, "duty cycle needs both"),
     ({"training.update": {"kind": "epochs", "replay_share": 0.5}}, "applies to kind: replay"),
+    ({"training.schedule": {"every_s": 3600}}, "not before the horizon"),
 ])
 def test_streaming_settings_that_mean_nothing_are_refused(changes: dict[str, Any],
                                                           message: str) -> None:
@@ -164,3 +165,48 @@ def test_shipped_streaming_scenarios_load() -> None:
     with pytest.raises(ScenarioError):
         bad = root.parent / "tests" / "_no_such.yaml"
         load(bad)
+
+
+def test_resuming_a_streaming_mission_is_refused_with_the_reason(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(STREAM))
+    assert main(["run", "--resume", str(run)]) != 0
+    err = capsys.readouterr().err
+    assert "streaming missions cannot be resumed" in err and "from the start" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["local_sgd", "centralized"])
+def test_every_strategy_trains_in_the_stream(tmp_path: Path, strategy: str) -> None:
+    """Local SGD and centralized training run on the mission clock too (IST above), with
+    random masks meaning a fresh mask per capture."""
+    s = copy.deepcopy(STREAM)
+    s["mission"]["horizon_h"] = 0.5
+    s["sensors"]["mask"] = {"kind": "random", "ratio": 0.5}
+    s["training"].update({"strategy": strategy, "workers": 2 if strategy == "local_sgd" else 1})
+    if strategy == "centralized":
+        s["training"]["moments"] = "travel"
+    results, out = _run(tmp_path, s)
+    arrived = _arrivals(out)
+    rows = _rows_per_epoch(results)
+    updates = [e for e in results["timeline"] if e["event"] == "update"]
+    assert len(updates) >= 3 and results["compute"]["trainers"]["flops"] > 0
+    for e in updates:
+        assert rows[e["epoch"]] == int((arrived <= e["data_upto_s"]).sum())
+    assert all(u["sim_time_s"] > u["data_upto_s"] for u in updates)  # training takes time
+
+
+
+@pytest.mark.slow
+def test_a_satellite_with_an_empty_shard_ends_its_downlink(tmp_path: Path) -> None:
+    """Two training images for three satellites: one has nothing to capture (it reports no
+    next capture, and mission control does not wait on it)."""
+    s = copy.deepcopy(STREAM)
+    s["dataset"]["train_subset"] = 2
+    s["mission"]["horizon_h"] = 0.25
+    results, _ = _run(tmp_path, s)
+    per = results["captures"]["per_satellite"]
+    assert per["sat-2"]["captured"] == 0 and per["sat-0"]["captured"] == 30
+    assert results["timeline"][-1]["captured"] == 2 * 30

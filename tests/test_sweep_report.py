@@ -57,7 +57,10 @@ def test_row_from_committed_quickstart_run() -> None:
     res = results("quickstart")
     row = sr.point_row("p0", {"sensors.mask.kind": "fixed", "seed": 0}, scenario("quickstart"),
                        res, "done", 41.5)
-    assert list(row) == ["point", "sensors.mask.kind", "seed", *sr.METRIC_COLUMNS]
+    assert list(row) == ["point", "sensors.mask.kind", "seed", *sr.METRIC_COLUMNS,
+                         "_timeline"]  # the last for timelines.png only, not in sweep.csv
+    assert row["_timeline"] == [(h["sim_time_s"], h["accuracy"], h["downlink_bytes"])
+                                for h in res.get("timeline", []) if h["event"] == "update"]
     assert row["final_accuracy"] == 0.8488
     assert row["downlink_bytes"] == 4752532
     assert row["downlink_bytes_per_image"] == pytest.approx(4752532 / 12000)
@@ -279,3 +282,16 @@ def test_committed_runs_as_a_sweep(tmp_path: Path) -> None:
     front = md.split("## Pareto frontier")[1].split("##")[0]
     # clouds is the cheapest, fixed beats random on bytes, random the best accuracy
     assert front.index("kind=clouds") < front.index("kind=fixed") < front.index("kind=random")
+
+
+def test_streaming_points_get_their_timelines_drawn(tmp_path: Path) -> None:
+    rows = []
+    for k, ratio in enumerate((0.0, 0.5)):
+        row = sr.point_row(f"p{k}", {"sensors.mask.ratio": ratio}, scenario("quickstart"),
+                           None, "done", 1.0)
+        row.update(final_accuracy=0.8, downlink_bytes_per_image=400.0 * (k + 1),
+                   _timeline=[(3600.0 * i, 0.5 + 0.1 * i, 1000 * i) for i in range(1, 4)])
+        rows.append(row)
+    names = [p.name for p in sr.write_outputs(tmp_path, rows, ["sensors.mask.ratio"])]
+    assert "timelines.png" in names and (tmp_path / "timelines.png").stat().st_size > 0
+    assert "_timeline" not in (tmp_path / "sweep.csv").read_text()

@@ -300,18 +300,21 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             self._send(sat, request, report)
             head = self._message(sat, 0)
             report.remaining = len(sat.pending)
-            report.next_bytes = self._alone(sat, head) if head is not None else 0
-            report.skipped, report.encode_flops, report.encode_s = (
-                sat.skipped, sat.encode_flops, sat.encode_s)
+            report.next_bytes = (self._alone(sat, head, bool(request.transmit_id))
+                                 if head is not None else 0)
+            report.skipped, sat.skipped = sat.skipped, 0
+            if report.sent:  # encoding is reported with the first samples it lets leave
+                report.encode_flops, report.encode_s = sat.encode_flops, sat.encode_s
+                sat.encode_flops, sat.encode_s = 0, 0.0
             if self.encoder is not None:
                 report.encoder_precision = self.encoder.precision
-            sat.skipped, sat.encode_flops, sat.encode_s = 0, 0, 0.0
             report.rejections.extend(sat.unusable[: MAX_REJECTIONS - len(report.rejections)])
             sat.unusable.clear()
             if self.cfg.capture is not None:
                 report.captured, report.dropped = sat.captured, sat.dropped
                 report.onboard_bytes = sat.onboard_bytes
-                report.next_capture_s = self.cfg.capture.next_capture_s(sat.made)
+                report.next_capture_s = (self.cfg.capture.next_capture_s(sat.made)
+                                         if len(sat.shard) else -1.0)
                 sat.captured, sat.dropped = 0, 0
             return report
 
@@ -336,20 +339,27 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             self._make_room(sat, spec, key)
 
     def _make_room(self, sat: Satellite, spec: CaptureSpec, new: Key) -> None:
-        """Storage over its bytes after capturing `new`: drop the oldest waiting samples that
-        were never sent unacked (drop_oldest), or `new` itself (drop_newest, or nothing older
-        can go)."""
-        while sat.onboard_bytes > spec.storage_bytes:
-            victim = new
-            if spec.when_full == "drop_oldest":
-                victim = next((k for k in sat.pending if k != new and k not in sat.unacked),
-                              new)
-            sat.pending.remove(victim)
+        """Storage over its bytes after capturing `new`: drop the oldest waiting samples
+        never sent unacked (drop_oldest) until it fits, or `new` itself (drop_newest, or
+        when it would not fit even with every such sample gone)."""
+        over = sat.onboard_bytes - spec.storage_bytes
+        if over <= 0:
+            return
+        kept = sat.sizes.get(new, 0) + sum(sat.sizes.get(k, 0) for k in sat.unacked)
+        victims = [new]
+        if spec.when_full == "drop_oldest" and kept <= spec.storage_bytes:
+            victims, freed = [], 0
+            for k in sat.pending:  # oldest first; stops as soon as enough is freed
+                if freed >= over:
+                    break
+                if k != new and k not in sat.unacked:
+                    victims.append(k)
+                    freed += sat.sizes.get(k, 0)
+        for victim in victims:
+            sat.pending.remove(victim)  # near the head: O(position)
             sat.built.pop(victim, None)
             sat.onboard_bytes -= sat.sizes.pop(victim, 0)
             sat.dropped += 1
-            if victim == new:
-                return
 
     def _builder(self, sat: Satellite, first: bool, transmit_id: int = 0
                  ) -> downlink.BatchBuilder:
@@ -358,9 +368,11 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
                                      cls and self.cfg.cls_dtype == "int8",
                                      transmit_id if first else 0)
 
-    def _alone(self, sat: Satellite, p: downlink.Payload) -> int:
-        """Link bytes of a stream carrying only `p`, and its ack (and its credentials)."""
-        return (self.credential_bytes + self._builder(sat, True).wire_size(p)
+    def _alone(self, sat: Satellite, p: downlink.Payload, streaming: bool = False) -> int:
+        """Link bytes of a stream carrying only `p`, and its ack (and its credentials; and,
+        streaming, the largest transmit_id's bytes)."""
+        tid = (1 << 64) - 1 if streaming else 0
+        return (self.credential_bytes + self._builder(sat, True, tid).wire_size(p)
                 + downlink.max_ack_bytes(1))
 
     def _send(self, sat: Satellite, request: pb.TransmitRequest,
@@ -449,8 +461,9 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         gone = set(keys)
         sat.pending = deque(k for k in sat.pending if k not in gone)
         # sent and not acked: kept on board whatever storage needs, until an ack settles it
-        out = {p.id for b, _ in grant.sent[: max(outbox.written, len(report.ack_bytes))]
-               for p in b.items}
+        # (every batch handed to gRPC: one whose write completed as the call failed may
+        # have reached the ground)
+        out = {p.id for b, _ in grant.sent for p in b.items}
         sat.unacked = {k for k in sat.unacked if k not in gone} | {
             k for k, p in sat.built.items() if p.id in out and p.id not in done}
 

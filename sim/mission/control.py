@@ -233,8 +233,9 @@ class MissionControl:
                 break
         if not self.tally.history:
             self._check_delivered()
-            raise MissionError("no update trained a model: every sample that reached the "
-                               "ground was a duplicate or refused")
+            raise MissionError("no update trained a model: nothing new had arrived at any "
+                               "trigger before the horizon (or every sample that arrived was "
+                               "a duplicate or refused); see training.schedule")
 
     def _poke(self) -> None:
         """A trigger: an update is due (now, or once the one running ends)."""
@@ -250,8 +251,9 @@ class MissionControl:
 
     def _downlink_over(self, downlink_done: simpy.Event, bar: tqdm
                        ) -> Generator[simpy.Event, Any, None]:
-        """Every satellite is done (queue empty, or the horizon): a last update for what
-        arrived since the one before."""
+        """Every satellite is done: before a horizon (queues empty, nothing left to
+        capture) a last update for what arrived since the one before; at the horizon
+        (where captures over time always end) none: no update starts there."""
         yield downlink_done
         bar.close()
         self.tally.downlink_done_s = self.env.now
@@ -288,7 +290,7 @@ class MissionControl:
         spec = capture_spec(self.s)
         if spec is None:
             return None
-        return spec.captured_by(t) * self.s.sensors.count
+        return spec.captured_by(t) * _capturing(self.s)
 
     def _check_delivered(self) -> None:
         """A downlink that sent nothing: every queue was empty before this mission control
@@ -477,3 +479,10 @@ class MissionControl:
             wall_time_s=self.tally.wall_time_s + time.monotonic() - wall0,
             links=links, stats=stats, node_bytes=counted,
             unreachable=unreachable, nodes=listed))
+
+
+def _capturing(s: Scenario) -> int:
+    """Satellites with images to capture (a training subset smaller than the constellation
+    leaves some shards empty)."""
+    n = s.dataset.train_subset
+    return s.sensors.count if n is None else min(n, s.sensors.count)

@@ -9,8 +9,11 @@ recorded; one gone for longer than host_return_s leaves its satellites' shortfal
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
@@ -90,6 +93,14 @@ def report_error(report: pb.TransmitReport, request: pb.TransmitRequest) -> str:
     return next((why for bad, why in checks if bad), "")
 
 
+def transmit_id_of(key: bytes, n: int) -> int:
+    """The n-th Transmit's id: keyed (a sensor host cannot open a stream under the id of a
+    Transmit to come) and always in [2^61, 2^62), so its varint is 9 bytes whatever the key:
+    the bytes on the radio are the same in every run."""
+    digest = hmac.new(key, str(n).encode(), hashlib.sha256).digest()
+    return (1 << 61) | (int.from_bytes(digest[:8], "little") & ((1 << 61) - 1))
+
+
 class _SensorCalls:
     """A sensor host's Transmit, its report sized before it is parsed: (report, wire size),
     (None, size) for one bigger than MAX_REPORT_BYTES."""
@@ -128,6 +139,7 @@ class SensorHosts:
         # named when its batches are stamped), the satellite's last
         self.transmit_ids: dict[str, int] = {}
         self._next_transmit = 0
+        self._transmit_key = secrets.token_bytes(16)  # ids no host can guess ahead
 
     def use(self, host_of: dict[str, pb.NodeInfo], stubs: dict[str, Any]) -> None:
         """Which host holds each satellite, and a Sensor stub per host (by node id)."""
@@ -151,7 +163,8 @@ class SensorHosts:
         transmit_id = 0
         if self.s.training.streaming:
             self._next_transmit += 1
-            transmit_id = self.transmit_ids[sat_id] = self._next_transmit
+            transmit_id = self.transmit_ids[sat_id] = transmit_id_of(self._transmit_key,
+                                                                     self._next_transmit)
         request = control.transmit_request(
             sat_id, max_bytes=budget, max_samples=TRANSMIT_MAX_SAMPLES,
             batch_bytes=self.s.links.downlink.batch_size(),

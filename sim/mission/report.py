@@ -145,7 +145,8 @@ def _captured_total(s: Scenario) -> int | None:
     spec = capture_spec(s)
     if spec is None:
         return _captured_at_start(s)
-    return spec.max_captures * s.sensors.count
+    n = s.dataset.train_subset
+    return spec.max_captures * (s.sensors.count if n is None else min(n, s.sensors.count))
 
 
 def _captures(s: Scenario, t: Tally) -> dict[str, Any] | None:
@@ -258,7 +259,8 @@ def timeline(history: list[dict[str, Any]], horizon_s: float | None, t: Tally,
     accuracy, with the downlink bytes (the radio), the trainer links' bytes (the ground LAN:
     never summed with the radio's), images on the ground and scenes captured so far; and,
     with a horizon, the mission at its horizon (the accuracy of the last model finished by
-    then, None when none was)."""
+    then, None when none was). A streaming update of several epochs is one entry, the model
+    it finished; `history` has every epoch."""
     entries = [{"event": "update", "epoch": h["epoch"], "sim_time_s": h["sim_time_s"],
                 "accuracy": h["accuracy"], "downlink_bytes": h.get("downlink_bytes"),
                 "trainer_bytes": h.get("trainer_bytes"),
@@ -266,7 +268,10 @@ def timeline(history: list[dict[str, Any]], horizon_s: float | None, t: Tally,
                 "captured": h.get("captured", captured),
                 **({"update": h["update"], "data_upto_s": h["upto_s"]} if "update" in h
                    else {})}
-               for h in history]
+               for k, h in enumerate(history)
+               # a streaming update's epochs: the model it finished (its last epoch)
+               if "update" not in h or k + 1 == len(history)
+               or history[k + 1].get("update") != h["update"]]
     if horizon_s is not None:
         done = _finished_by(history, horizon_s)
         entries.append({"event": "horizon", "epoch": done["epoch"] if done else None,

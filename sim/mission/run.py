@@ -24,6 +24,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not (out / "config.yaml").exists():
             raise FileNotFoundError(f"nothing to resume: {out / 'config.yaml'} not found")
         scenario = load(out / "config.yaml")
+        if scenario.training.streaming:
+            raise ValueError(
+                f"{out} is a streaming mission (training.schedule {scenario.training.schedule!r}"
+                "): streaming missions cannot be resumed yet (the ground station keeps what "
+                "each update encoded in memory); run it again from the start")
     elif not args.scenario:
         raise ValueError("give a scenario file, or --resume DIR")
     else:

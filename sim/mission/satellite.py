@@ -44,6 +44,7 @@ from tqdm import tqdm
 from sparsat.sim.mission.ground_client import Deadlines, GroundStationClient, MissionError
 from sparsat.sim.mission.hosts import HostDown, SensorHosts
 from sparsat.sim.mission.tally import Tally
+from sparsat.sim.scenario.configs import capture_spec
 from sparsat.sim.scenario.schema import WINDOW_SEARCH_H, Scenario
 from sparsat.sim.space import orbits
 from sparsat.sim.space.links import C_KM_S, Link, LinkBudget, PeriodicPasses, retransmitted
@@ -166,7 +167,7 @@ class Downlink:
         inside: Window | None = None  # the window entered (its antenna held)
         held: Request | None = None
         self.hosts.active.add(sat_id)
-        capture = self.s.sensors.capture
+        capture = capture_spec(self.s)
         try:
             while (w := windows.at(env.now)) is not None:
                 if w != inside:  # a new window (passes make equal ones at every call)
@@ -224,7 +225,10 @@ class Downlink:
                     continue  # unacked samples stay queued: try again in what is left
                 failures = 0
                 if report.remaining == 0:
-                    if capture is None or report.next_capture_s < 0:
+                    # the next capture, from the schedule (a host's word can only end it)
+                    made = capture.captured_by(env.now) if capture is not None else 0
+                    if (capture is None or report.next_capture_s < 0
+                            or made >= capture.max_captures):
                         # nothing on board, nothing more to capture: done
                         self._release(inside, held)
                         inside, held = None, None
@@ -232,8 +236,9 @@ class Downlink:
                         if self.s.mission.horizon_h is not None:
                             self.tally.left_on_board[sat_id] = 0
                         return
-                    if report.next_capture_s < w.end_s:  # wait in the window for it
-                        yield env.timeout(max(0.0, report.next_capture_s - env.now))
+                    nxt = capture.time_of(made)  # after now, by captured_by's definition
+                    if nxt < w.end_s:  # wait in the window for it
+                        yield env.timeout(nxt - env.now)
                     elif passes is not None:
                         yield env.timeout(max(0.0, w.end_s - env.now))
                     else:
@@ -376,7 +381,10 @@ class Downlink:
         c["flops"] += report.encode_flops
         c["sim_s"] += seconds
         c["wall_s"] += report.encode_s
-        ready = self._onboard_ready.get(sat_id, 0.0) + seconds
+        ready = self._onboard_ready.get(sat_id, 0.0)
+        if self.s.sensors.capture is not None:  # scenes captured over time: encoded no
+            ready = max(ready, self.env.now)     # sooner than they are asked for
+        ready += seconds
         self._onboard_ready[sat_id] = ready
         if ready > self.env.now:
             yield self.env.timeout(ready - self.env.now)

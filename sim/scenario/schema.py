@@ -408,6 +408,10 @@ class Scenario(Model):
         if t.streaming and t.changed("epochs"):
             raise ValueError("training.epochs is after_downlink's; a streaming schedule trains "
                              "training.update.epochs per update")
+        h = self.mission.horizon_s
+        if t.every_s is not None and h is not None and t.every_s >= h:
+            raise ValueError(f"training.schedule every_s {t.every_s:g} s is not before the "
+                             f"horizon ({h:g} s): no update would start; lower it")
         if self.sensors.mask.kind == "random" and cap is None and t.streaming:
             raise ValueError("mask kind random means a new mask every epoch, which has no "
                              "meaning in a streaming schedule without captures; with "

@@ -36,6 +36,9 @@ METRIC_COLUMNS = (
     "time_to_target_s",
     "accuracy_at_horizon",
     "left_on_board",
+    "captured",
+    "dropped_on_board",
+    "updates",
     "wall_time_s",
     "paper_bytes_per_image",
     "measured_over_paper",
@@ -53,7 +56,8 @@ IMAGE_HW: dict[str, tuple[int, int] | None] = {
 
 PAPER_BYTES_PER_VALUE = 4  # the paper counts every pixel and token value as float32
 
-FIGURES = ("accuracy_vs_bytes.png", "accuracy_vs_ratio.png", "accuracy_vs_mission_time.png")
+FIGURES = ("accuracy_vs_bytes.png", "accuracy_vs_ratio.png", "accuracy_vs_mission_time.png",
+           "timelines.png")
 
 
 def columns(grid_keys: Sequence[str]) -> list[str]:
@@ -94,7 +98,10 @@ def paper_bytes_per_image(scenario: dict[str, Any]) -> float | None:
 
 def copies_per_image(scenario: dict[str, Any]) -> int:
     """How many masked copies of each image are downlinked: `training.epochs` for random
-    masks (a new mask every epoch), else 1."""
+    masks (a new mask every epoch), else 1 (also with captures over time: a fresh mask per
+    capture, no per-epoch copies)."""
+    if _get(scenario, "sensors.capture") is not None:
+        return 1
     if _get(scenario, "sensors.mask.kind") == "random":
         return int(_get(scenario, "training.epochs", 1))
     return 1
@@ -131,12 +138,23 @@ def point_row(name: str, overrides: dict[str, object], scenario: dict[str, Any],
         # the last model finished by the scenario's mission.horizon_h (None without one)
         "accuracy_at_horizon": r.get("accuracy_at_horizon") if r.get("horizon_h") else None,
         "left_on_board": r.get("left_on_board", {}).get("total"),
+        # captures over time (None without): scenes captured, dropped on board; updates
+        "captured": (r.get("captures") or {}).get("captured"),
+        "dropped_on_board": (r.get("captures") or {}).get("dropped_on_board"),
+        "updates": r.get("updates"),
         "wall_time_s": wall_s,
         "paper_bytes_per_image": paper,
         "measured_over_paper": _div(per_image, paper),
         "samples_sent": s.get("sent"),
         "rejected": s.get("rejected", 0) if results is not None else None,
     })
+    # not a sweep.csv column: the point's timeline (mission time, accuracy, downlink bytes
+    # after each update) for timelines.png
+    updates = [e for e in r.get("timeline", []) if e.get("event") == "update"]
+    row["_timeline"] = [(e["sim_time_s"], e["accuracy"], e.get("downlink_bytes"))
+                        for k, e in enumerate(updates)  # a streaming update: its last epoch
+                        if "update" not in e or k + 1 == len(updates)
+                        or updates[k + 1].get("update") != e["update"]]
     return row
 
 
@@ -447,6 +465,27 @@ def plot(out_dir: Path, rows: list[dict[str, object]], grid_keys: Sequence[str])
         save(fig, FIGURES[1])
 
     scatter("mission_time_s", FIGURES[2], "mission time (s)", logx=False, draw_frontier=False)
+
+    # streaming missions: accuracy after each update against mission time and against the
+    # downlink's bytes, one line per point
+    lines = [(str(r["point"]), r["_timeline"]) for r in rows
+             if isinstance(r.get("_timeline"), list) and len(r["_timeline"]) > 1]  # type: ignore[arg-type]
+    if lines:
+        fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(12, 5))
+        for name, line in lines:
+            ax_t.plot([x / 3600 for x, _, _ in line], [a for _, a, _ in line], marker=".",
+                      label=name)
+            ax_b.plot([(b or 0) / 1e6 for _, _, b in line], [a for _, a, _ in line],
+                      marker=".", label=name)
+        ax_t.set_xlabel("mission time (h)")
+        ax_b.set_xlabel("downlink bytes so far (MB)")
+        for ax in (ax_t, ax_b):
+            ax.set_ylabel("test accuracy after each update")
+            ax.grid(alpha=0.3)
+        ax_t.legend(fontsize=7)
+        ax_t.set_title("accuracy vs mission time")
+        ax_b.set_title("accuracy vs downlink bytes")
+        save(fig, FIGURES[3])
     return written
 
 
