@@ -142,18 +142,25 @@ def test_a_satellite_captures_what_is_due_and_revisits_its_shard(tmp_path: Path)
     assert first != again
 
 
-@pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest"])
-def test_full_storage_drops_by_its_policy(tmp_path: Path, policy: str) -> None:
-    probe = CaptureSpec(rate_per_h=3600, storage_bytes=10**7, horizon_s=100.0)
-    server, _, sensor = _start(_config(tmp_path / "probe", probe))
+PROBE = CaptureSpec(rate_per_h=3600, storage_bytes=10**7, horizon_s=100.0)  # 1 a second
+
+
+def _sizes(tmp_path: Path, t: float) -> list[int]:
+    """What the captures due by `t` take on board (storage large enough for all)."""
+    server, _, sensor = _start(_config(tmp_path / "probe", PROBE))
     try:
-        _transmit(sensor, 9.0, max_bytes=0)
-        sizes = list(sensor.satellites["sat-0"].sizes.values())
+        _transmit(sensor, t, max_bytes=0)
+        return list(sensor.satellites["sat-0"].sizes.values())
     finally:
         server.stop(None)
+
+
+@pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest"])
+def test_full_storage_drops_by_its_policy(tmp_path: Path, policy: str) -> None:
+    sizes = _sizes(tmp_path, 9.0)
     room = sum(sorted(sizes)[:3]) + min(sizes) // 2  # three payloads, never four
     assert sum(sorted(sizes)[:4]) > room
-    spec = replace(probe, storage_bytes=room, when_full=policy)  # type: ignore[arg-type]
+    spec = replace(PROBE, storage_bytes=room, when_full=policy)  # type: ignore[arg-type]
     cfg = _config(tmp_path, spec)
     server, _, sensor = _start(cfg)
     try:
@@ -184,14 +191,8 @@ class _DiesBeforeAcking(pb_grpc.DownlinkServicer):
 
 
 def test_a_sample_sent_and_not_acked_is_never_dropped(tmp_path: Path) -> None:
-    probe = CaptureSpec(rate_per_h=3600, storage_bytes=10**7, horizon_s=100.0)
-    server, _, sensor = _start(_config(tmp_path / "probe", probe))
-    try:
-        _transmit(sensor, 3.0, max_bytes=0)
-        sizes = list(sensor.satellites["sat-0"].sizes.values())
-    finally:
-        server.stop(None)
-    cfg = _config(tmp_path, replace(probe, storage_bytes=sum(sorted(sizes)[:3]) + 10))
+    sizes = _sizes(tmp_path, 3.0)
+    cfg = _config(tmp_path, replace(PROBE, storage_bytes=sum(sorted(sizes)[:3]) + 10))
     server, address, sensor = _start(cfg)
     dying = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     pb_grpc.add_DownlinkServicer_to_server(_DiesBeforeAcking(), dying)

@@ -77,20 +77,9 @@ def test_deployment_on_separate_machines(tmp_path: Path,
     monkeypatch.chdir(tmp_path)  # the commands' relative paths; every machine shares it
     (tmp_path / "scenarios").mkdir()
     shutil.copy(ROOT / "scenarios" / "deploy.yaml", tmp_path / "scenarios" / "deploy.yaml")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    logs = tmp_path / "logs"
-    logs.mkdir()
+    env, logs = _local_reference(tmp_path)
     report: dict[str, Any] = {}
-    # the reference: the same scenario run locally (its own throw-away credentials)
-    local = subprocess.run([SPARSAT, "run", "scenarios/deploy.yaml", "--out", "runs/local",
-                            "--quiet"], cwd=tmp_path, capture_output=True, text=True,
-                           timeout=600, env=env)
-    assert local.returncode == 0, local.stderr[-3000:]
-    try:
-        net = Network(MACHINES)
-        net.__enter__()
-    except NetnsUnavailable as e:
-        pytest.skip(f"network namespaces unavailable here: {e}")
+    net = _network()
     try:
         _deploy_and_survive(net, tmp_path, env, logs, report)
     finally:
@@ -102,6 +91,28 @@ def test_deployment_on_separate_machines(tmp_path: Path,
         print(json.dumps(report, indent=1))
         if os.environ.get("SPARSAT_NETNS_REPORT"):
             Path(os.environ["SPARSAT_NETNS_REPORT"]).write_text(json.dumps(report, indent=1))
+
+
+def _local_reference(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """The reference, scenarios/deploy.yaml run locally (its own throw-away credentials):
+    the environment and the logs folder the deployment then uses."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    local = subprocess.run([SPARSAT, "run", "scenarios/deploy.yaml", "--out", "runs/local",
+                            "--quiet"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=600, env=env)
+    assert local.returncode == 0, local.stderr[-3000:]
+    return env, logs
+
+
+def _network() -> Network:
+    try:
+        net = Network(MACHINES)
+        net.__enter__()
+    except NetnsUnavailable as e:
+        pytest.skip(f"network namespaces unavailable here: {e}")
+    return net
 
 
 def _deploy_and_survive(net: Network, tmp: Path, env: dict[str, str], logs: Path,
@@ -226,18 +237,8 @@ def test_a_streaming_deployment_equals_the_local_run(tmp_path: Path,
     (tmp_path / "scenarios").mkdir()
     shutil.copy(ROOT / "scenarios" / "deploy_stream.yaml",
                 tmp_path / "scenarios" / "deploy.yaml")  # under the README's file name
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    local = subprocess.run([SPARSAT, "run", "scenarios/deploy.yaml", "--out", "runs/local",
-                            "--quiet"], cwd=tmp_path, capture_output=True, text=True,
-                           timeout=600, env=env)
-    assert local.returncode == 0, local.stderr[-3000:]
-    try:
-        net = Network(MACHINES)
-        net.__enter__()
-    except NetnsUnavailable as e:
-        pytest.skip(f"network namespaces unavailable here: {e}")
+    env, logs = _local_reference(tmp_path)
+    net = _network()
     try:
         r = net.run(CERTS[0], _argv(CERTS[1]), timeout=60, env=env)
         assert r.returncode == 0, r.stderr
