@@ -45,9 +45,9 @@ VALIDATION = 5000  # default validation images (at most a fifth of the training 
 def probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
           epochs: int, seed: int, n_classes: int,
           val: tuple[np.ndarray, np.ndarray] | None = None
-          ) -> list[float] | tuple[list[float], list[float]]:
-    """Test accuracy after each epoch of centralized MLP training; with `val`, (test,
-    validation) accuracies after each epoch."""
+          ) -> tuple[list[float], list[float]]:
+    """(test, validation) accuracy after each epoch of centralized MLP training (no
+    validation figures without `val`)."""
     torch.manual_seed(seed)
     model = MLP(train_x.shape[1], 1000, 1000, n_classes)
     x, y = torch.from_numpy(train_x), torch.from_numpy(train_y)
@@ -62,7 +62,7 @@ def probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: 
         if val is not None:
             val_accs.append(evaluate(model, torch.from_numpy(val[0]),
                                      torch.from_numpy(val[1]))[0])
-    return (accs, val_accs) if val is not None else accs
+    return accs, val_accs
 
 
 class BothPoolings(encoders.Encoder):
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             cols = slice(k * d, (k + 1) * d)
             accs, val_accs = probe(tr.features[:, cols], tr.labels, te.features[:, cols],
                                    te.labels, args.epochs, args.seed, train.num_classes,
-                                   (va.features[:, cols], va.labels))  # type: ignore[misc]
+                                   (va.features[:, cols], va.labels))
             chosen = int(np.argmax(val_accs))  # the epoch the validation split picks
             best = max(accs)
             figures[f"{pooling}_r{r}_validation_accuracy"] = round(val_accs[chosen], 4)

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 import numpy as np
@@ -30,7 +30,6 @@ from sparsat.ground_station.ingest import Checked, IngestRules, check_batch, ref
 from sparsat.ground_station.prepare import (
     EncodingFailed,
     NotReady,
-    Prepared,
     Stream,
     Update,
     prepare,
@@ -66,6 +65,7 @@ if TYPE_CHECKING:
     from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 
 log = logging.getLogger("sparsat.ground_station")
+T = TypeVar("T")
 SERVICES = ["sparsat.v1.Downlink", "sparsat.v1.Registry", "sparsat.v1.Health",
             "sparsat.v1.Mission"]
 
@@ -461,7 +461,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
     def Arrived(self, request: pb.ArrivedRequest,
                 context: grpc.ServicerContext) -> pb.ArrivedReply:
         """Stamp one Transmit's batches with the mission times they finished on the air."""
-        if request.satellite_id not in self.rules.satellites:
+        if request.satellite_id not in (self.rules.satellites or {}):
             abort(context, grpc.StatusCode.NOT_FOUND,
                   f"{quote(request.satellite_id)} is not a satellite of this mission")
         if not request.transmit_id:
@@ -533,14 +533,13 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                   "new_rows_only is for streaming missions (Prepare with stream set)")
         try:
-            extra = ({"new_rows_only": True, "replay_share": share}
-                     if request.new_rows_only else {})
             result = coord.train_epoch(int(request.epoch), torch.from_numpy(test.features),
                                        torch.from_numpy(test.labels),
                                        {k: torch.from_numpy(v) for k, v in test.groups.items()},
                                        (torch.from_numpy(val.features),
                                         torch.from_numpy(val.labels)) if val else None,
-                                       **extra)
+                                       new_rows_only=bool(request.new_rows_only),
+                                       replay_share=share)
         except TrainerUnavailable as e:
             abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
         except CheckpointError as e:
@@ -615,8 +614,7 @@ def _quote_list(ids: list[str]) -> str:
     return f"[{shown}{f', ... ({len(ids)} in all)' if len(ids) > 4 else ''}]"
 
 
-def _as_progress(run: Generator[Update, None, Prepared]
-                 ) -> Generator[pb.Progress, None, Prepared]:
+def _as_progress(run: Generator[Update, None, T]) -> Generator[pb.Progress, None, T]:
     """prepare()'s updates as sparsat.v1.Progress messages; returns what it returns."""
     while True:
         try:

@@ -468,15 +468,16 @@ def plot(out_dir: Path, rows: list[dict[str, object]], grid_keys: Sequence[str])
 
     # streaming missions: accuracy after each update against mission time and against the
     # downlink's bytes, one line per point
-    lines = [(str(r["point"]), r["_timeline"]) for r in rows
-             if isinstance(r.get("_timeline"), list) and len(r["_timeline"]) > 1]  # type: ignore[arg-type]
-    if lines:
+    timelines: list[tuple[str, list[tuple[float, float, int | None]]]] = [
+        (str(r["point"]), tl) for r in rows
+        if isinstance(tl := r.get("_timeline"), list) and len(tl) > 1]
+    if timelines:
         fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(12, 5))
-        for name, line in lines:
-            ax_t.plot([x / 3600 for x, _, _ in line], [a for _, a, _ in line], marker=".",
-                      label=name)
-            ax_b.plot([(b or 0) / 1e6 for _, _, b in line], [a for _, a, _ in line],
-                      marker=".", label=name)
+        for point, curve in timelines:
+            ax_t.plot([x / 3600 for x, _, _ in curve], [a for _, a, _ in curve], marker=".",
+                      label=point)
+            ax_b.plot([(b or 0) / 1e6 for _, _, b in curve], [a for _, a, _ in curve],
+                      marker=".", label=point)
         ax_t.set_xlabel("mission time (h)")
         ax_b.set_xlabel("downlink bytes so far (MB)")
         for ax in (ax_t, ax_b):
