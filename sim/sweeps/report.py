@@ -467,17 +467,21 @@ def plot(out_dir: Path, rows: list[dict[str, object]], grid_keys: Sequence[str])
     scatter("mission_time_s", FIGURES[2], "mission time (s)", logx=False, draw_frontier=False)
 
     # streaming missions: accuracy after each update against mission time and against the
-    # downlink's bytes, one line per point
-    timelines: list[tuple[str, list[tuple[float, float, int | None]]]] = [
-        (str(r["point"]), tl) for r in rows
+    # downlink's bytes, a line per point, one colour per configuration (its seeds alike)
+    drawn: list[tuple[int, Config, list[tuple[float, float, int | None]]]] = [
+        (k, c, tl) for k, c in enumerate(configs) for r in c.done
         if isinstance(tl := r.get("_timeline"), list) and len(tl) > 1]
-    if timelines:
+    if drawn:
         fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(12, 5))
-        for point, curve in timelines:
+        labelled: set[int] = set()
+        for k, c, curve in drawn:
+            colour = f"C{k % 10}"
+            legend = None if k in labelled else (label(c, varied) or "all points")
+            labelled.add(k)
             ax_t.plot([x / 3600 for x, _, _ in curve], [a for _, a, _ in curve], marker=".",
-                      label=point)
+                      color=colour, label=legend, alpha=0.8)
             ax_b.plot([(b or 0) / 1e6 for _, _, b in curve], [a for _, a, _ in curve],
-                      marker=".", label=point)
+                      marker=".", color=colour, label=legend, alpha=0.8)
         ax_t.set_xlabel("mission time (h)")
         ax_b.set_xlabel("downlink bytes so far (MB)")
         for ax in (ax_t, ax_b):
