@@ -64,7 +64,11 @@ def _stored_wire_bytes(store: Path) -> tuple[int, int]:
 def _check_common(results: dict[str, Any], scenario: dict[str, Any]) -> None:
     n = scenario["dataset"]["train_subset"]
     b = results["bytes"]
-    assert b["total"] == b["downlink"] + b["uplink"] + b["trainer"]
+    # lossless and unframed unless the scenario says otherwise
+    assert b["total"] == (b["downlink"] + b["uplink"] + b["trainer"] + b["retransmitted"]
+                          + b["framing"])
+    assert b["retransmitted"] == 0 or scenario["links"]["downlink"].get("loss")
+    assert b["framing"] == 0 or scenario["links"]["downlink"].get("framing")
     assert results["samples"] == {**results["samples"], "sent": n, "stored": n, "trained_on": n}
     # the timeline: an entry after every update, the radio's and the LAN's bytes apart
     updates = [e for e in results["timeline"] if e["event"] == "update"]
@@ -152,6 +156,26 @@ def test_the_mission_ends_at_its_horizon_with_samples_on_board(tmp_path: Path) -
     assert at["images_on_ground"] == stored and at["captured"] == 480
     assert at["downlink_bytes"] == results["bytes"]["downlink"]
     assert results["samples"]["trained_on"] == stored
+
+
+def test_radio_framing_is_charged_on_the_air_and_counted_apart(tmp_path: Path) -> None:
+    """AX.25/CSP frames (252 data bytes, 24 around them) on a lossy link: every batch and ack
+    pays its frames' overhead, resent frames too; the air's bytes are gRPC + resent + framing,
+    and every sample still arrives."""
+    links = {**TINY["links"], "downlink": {**TINY["links"]["downlink"], "loss": 0.05,
+                                           "framing": {"kind": "ax25"}}}
+    scenario = {**TINY, "name": "framing", "links": links}
+    out = tmp_path / "out"
+    assert main(["run", str(_write(tmp_path, scenario)), "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    _check_common(results, scenario)
+    b = results["bytes"]
+    air = sum(v for k, v in results["per_link_bytes"].items() if k.startswith("downlink:"))
+    assert air == b["downlink"] + b["uplink"] + b["retransmitted"] + b["framing"]
+    transfers = results["samples"]["batches"] * 2  # each batch, and its ack
+    assert b["framing"] >= 24 * (transfers + b["downlink"] // 252)
+    assert b["framing"] <= 24 * (transfers + (b["downlink"] + b["retransmitted"]) // 252 + 64)
+    assert results["samples"]["stored"] == TINY["dataset"]["train_subset"]
 
 
 def test_a_horizon_before_any_window_says_so(tmp_path: Path,

@@ -78,3 +78,41 @@ def test_retransmission_charges_every_lost_frame_again() -> None:
     assert retransmitted(300, 0.5, 256, random.Random(1)) in {300 + 256 * i + 44 * j
                                                               for i in range(20)
                                                               for j in range(20)}
+
+
+class _Draws:
+    """A random source that returns the given draws in turn."""
+
+    def __init__(self, draws: list[float]) -> None:
+        self.draws = list(draws)
+
+    def random(self) -> float:
+        return self.draws.pop(0)
+
+
+def test_radio_framing_charges_each_frames_header_trailer_and_fec() -> None:
+    from sparsat.sim.space.links import Framing
+
+    ax25 = Framing(payload_bytes=252, header_bytes=21, trailer_bytes=3)
+    # 600 gRPC bytes: frames of 252, 252 and 96, each with 24 bytes around it
+    assert (ax25.frames(600), ax25.on_air(600)) == (3, 600 + 3 * 24)
+    assert ax25.on_air(252) == 276 and ax25.on_air(253) == 253 + 48 and ax25.on_air(0) == 0
+    assert ax25.send(600, 0.0, _Draws([])) == (600, 672)  # type: ignore[arg-type]
+    # the first frame lost once: it is sent twice, with its overhead both times
+    assert ax25.send(600, 0.2, _Draws([0.1, 0.9, 0.9, 0.9])) == (  # type: ignore[arg-type]
+        852, 852 + 4 * 24)
+    # CCSDS-style: 1,103 data bytes a frame, 12 around it, Reed-Solomon (255, 223)
+    ccsds = Framing(payload_bytes=1103, header_bytes=10, trailer_bytes=2, fec_rate=223 / 255)
+    assert ccsds.on_air(2000) == -(-(2000 + 2 * 12) * 255 // 223)  # 2,315
+    assert ccsds.efficiency == pytest.approx(1103 / 1115 * 223 / 255)
+
+
+def test_framing_in_a_scenario() -> None:
+    from sparsat.sim.scenario.schema import LinkCfg
+
+    link = LinkCfg(rate_bps=9600, framing={"kind": "ax25"})  # type: ignore[arg-type]
+    assert link.framing is not None and link.framing.layout() == (252, 21, 3, 1.0)
+    own = LinkCfg(rate_bps=9600, framing={"kind": "ccsds", "fec_rate": 0.5})  # type: ignore[arg-type]
+    assert own.framing is not None and own.framing.layout() == (1103, 10, 2, 0.5)
+    with pytest.raises(ValueError, match="frame_bytes has no effect with framing"):
+        LinkCfg(rate_bps=9600, frame_bytes=128, framing={"kind": "ax25"})  # type: ignore[arg-type]

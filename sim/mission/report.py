@@ -59,7 +59,10 @@ def assemble(o: Outcome) -> dict[str, Any]:
         # downlink: batches and the call credentials of their streams (downlink_credentials)
         "bytes": {"downlink": t.downlink_bytes, "downlink_credentials": t.credential_bytes,
                   "uplink": t.uplink_bytes,
-                  "retransmitted": t.retransmitted_bytes, "trainer": t.trainer_bytes,
+                  "retransmitted": t.retransmitted_bytes,
+                  # the radio's framing (links.downlink.framing) on batches and acks alike,
+                  # resent frames' included: gRPC bytes + retransmitted + framing is the air's
+                  "framing": t.framing_bytes, "trainer": t.trainer_bytes,
                   "total": t.total_bytes},
         "target_accuracy": target,
         "time_to_accuracy_s": reached[0] if reached else None,
@@ -303,6 +306,7 @@ def summary(results: dict[str, Any]) -> str:
            if b.get("downlink_credentials") else "")
         + f", acks {b['uplink']:,},"
         + (f" resent {b['retransmitted']:,}," if b.get("retransmitted") else "")
+        + (f" radio framing {b['framing']:,}," if b.get("framing") else "")
         + f" trainer links {b['trainer']:,})",
         f"samples         sent {s['sent']:,}"
         + (f" in {s['batches']:,} batches" if s.get("batches") else "")

@@ -47,7 +47,14 @@ from sparsat.sim.mission.tally import Tally
 from sparsat.sim.scenario.configs import capture_spec
 from sparsat.sim.scenario.schema import WINDOW_SEARCH_H, Scenario
 from sparsat.sim.space import orbits
-from sparsat.sim.space.links import C_KM_S, Link, LinkBudget, PeriodicPasses, retransmitted
+from sparsat.sim.space.links import (
+    C_KM_S,
+    Framing,
+    Link,
+    LinkBudget,
+    PeriodicPasses,
+    retransmitted,
+)
 
 if TYPE_CHECKING:
     from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
@@ -154,6 +161,8 @@ class Downlink:
         # streaming missions: the end times of the batches stamped and not yet used by an
         # update (a heap), and what is told when a satellite leaves a window it sent in
         self.arrivals: list[float] = []
+        f = scenario.links.downlink.framing
+        self.framing = Framing(*f.layout()) if f is not None else None
         self.on_pass_end: Callable[[], None] = lambda: None
         self._brought: set[str] = set()  # satellites that sent in the window they are in
 
@@ -194,6 +203,8 @@ class Downlink:
                 r, latency = rate(w, env.now)
                 # the budget leaves room for the expected resends of lost frames
                 room = (w.end_s - env.now - latency) * r / 8
+                if self.framing is not None:  # the radio's framing and FEC ride on top
+                    room *= self.framing.efficiency
                 if passes is not None:  # whole bytes of the link, then the allowance
                     budget = int(max(0, int(room)) * (1 - down.loss))
                 else:
@@ -366,6 +377,11 @@ class Downlink:
     def _on_air(self, delivered: int, rng: random.Random) -> int:
         """Bytes on the air to deliver `delivered` over the lossy downlink; resends tallied."""
         down = self.s.links.downlink
+        if self.framing is not None:  # resent frames, then every frame's own overhead
+            sent, on_air = self.framing.send(delivered, down.loss, rng)
+            self.tally.retransmitted_bytes += sent - delivered
+            self.tally.framing_bytes += on_air - sent
+            return on_air
         on_air = retransmitted(delivered, down.loss, down.frame_bytes, rng)
         self.tally.retransmitted_bytes += on_air - delivered
         return on_air

@@ -28,6 +28,7 @@ class Tally:
     wall_time_s: float = 0.0  # of earlier, interrupted runs of this mission
     resumed: int = 0
     retransmitted_bytes: int = 0  # radio frames sent again after a loss
+    framing_bytes: int = 0  # the radio's frame headers, trailers and FEC (links.*.framing)
     stations: dict[str, dict[str, float]] = field(default_factory=dict)
     cloudy_skipped: int = 0  # scenes the satellites dropped: no usable token
     rows_trained: int = 0  # rows trained on, all epochs (each row once an epoch)
@@ -58,4 +59,5 @@ class Tally:
     @property
     def total_bytes(self) -> int:
         return (self.downlink_bytes + self.uplink_bytes + self.retransmitted_bytes
+                + self.framing_bytes
                 + self.trainer_bytes)

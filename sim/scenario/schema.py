@@ -230,6 +230,33 @@ class BudgetCfg(Model):
     losses_db: float = Field(3.0, ge=0)
 
 
+FRAMINGS = {  # (payload, header, trailer bytes per frame, FEC code rate)
+    # AX.25 UI frame carrying CSP: flag, addresses, control, PID (17) and the CSP header (4);
+    # FCS and flag (3); 252 of the 256-byte information field left for data
+    "ax25": (252, 21, 3, 1.0),
+    # CCSDS TM transfer frame of 1,115 bytes: attached sync marker (4) and primary header (6),
+    # frame error control (2); Reed-Solomon (255, 223)
+    "ccsds": (1103, 10, 2, 223 / 255),
+}
+
+
+class FramingCfg(Model):
+    """The radio's framing, charged on top of the gRPC bytes (bytes.framing): `kind` gives
+    the defaults (FRAMINGS), any of which the keys override. Frame loss (links.downlink.loss)
+    is per frame of `payload_bytes`; every resent frame pays its overhead again."""
+
+    kind: Literal["ax25", "ccsds"]
+    payload_bytes: int | None = Field(None, ge=1)
+    header_bytes: int | None = Field(None, ge=0)
+    trailer_bytes: int | None = Field(None, ge=0)
+    fec_rate: float | None = Field(None, gt=0, le=1)
+
+    def layout(self) -> tuple[int, int, int, float]:
+        base = FRAMINGS[self.kind]
+        mine = (self.payload_bytes, self.header_bytes, self.trailer_bytes, self.fec_rate)
+        return tuple(b if m is None else m for b, m in zip(base, mine, strict=True))  # type: ignore[return-value]
+
+
 BATCH_AIRTIME_S = 10.0  # a downlink batch's default length on the air
 
 
@@ -244,6 +271,14 @@ class LinkCfg(Model):
     # amortise the per-batch bytes, the link's latency and the ground's per-message cost; a
     # stream cut mid-batch resends the whole batch.
     batch_bytes: int | None = Field(None, ge=256, le=16 * 1024 * 1024)
+    framing: FramingCfg | None = None  # None: the gRPC bytes are what the radio sends
+
+    @model_validator(mode="after")
+    def _frames(self) -> LinkCfg:
+        if self.framing is not None and self.changed("frame_bytes"):
+            raise ValueError("links.downlink.frame_bytes has no effect with framing: frames "
+                             "are framing.payload_bytes long")
+        return self
 
     def batch_size(self) -> int:
         if self.batch_bytes is not None:

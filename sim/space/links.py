@@ -93,6 +93,49 @@ class LinkBudget:
         return min(self.modem_rate_bps, self.bandwidth_hz * math.log2(1 + snr))
 
 
+@dataclass(frozen=True)
+class Framing:
+    """The radio's own framing around the gRPC bytes: each frame carries `payload_bytes` of
+    them between `header_bytes` and `trailer_bytes`, and the whole goes through a FEC code of
+    rate `fec_rate` (1: none). AX.25 UI frames with a CSP header on UHF; CCSDS TM transfer
+    frames with their attached sync marker and a Reed-Solomon or LDPC code on S-band."""
+
+    payload_bytes: int
+    header_bytes: int
+    trailer_bytes: int
+    fec_rate: float = 1.0
+
+    def frames(self, nbytes: int) -> int:
+        return -(-nbytes // self.payload_bytes) if nbytes > 0 else 0
+
+    def on_air(self, nbytes: int) -> int:
+        """Bytes on the air to carry `nbytes`: whole frames' overhead, then the FEC's."""
+        framed = nbytes + self.frames(nbytes) * (self.header_bytes + self.trailer_bytes)
+        return math.ceil(framed / self.fec_rate) if framed else 0
+
+    def send(self, nbytes: int, loss: float, rng: random.Random) -> tuple[int, int]:
+        """(gRPC bytes on the air, all bytes on the air) to deliver `nbytes` when each frame
+        is lost with probability `loss` and resent until it arrives: every copy of a frame
+        is charged with its header, trailer and FEC."""
+        frames = self.frames(nbytes)
+        sent = copies = 0
+        for i in range(frames):
+            size = self.payload_bytes if i < frames - 1 else nbytes - self.payload_bytes * i
+            tries = 1
+            while loss > 0 and rng.random() < loss:
+                tries += 1
+            sent += size * tries
+            copies += tries
+        framed = sent + copies * (self.header_bytes + self.trailer_bytes)
+        return sent, math.ceil(framed / self.fec_rate) if framed else 0
+
+    @property
+    def efficiency(self) -> float:
+        """gRPC bytes per byte on the air, full frames."""
+        per = self.payload_bytes + self.header_bytes + self.trailer_bytes
+        return self.payload_bytes / per * self.fec_rate
+
+
 def retransmitted(nbytes: int, loss: float, frame_bytes: int, rng: random.Random) -> int:
     """Bytes on the air to deliver `nbytes` in frames of `frame_bytes` when each frame is
     lost with probability `loss` and resent until it arrives (every copy is charged)."""
