@@ -116,3 +116,29 @@ def test_framing_in_a_scenario() -> None:
     assert own.framing is not None and own.framing.layout() == (1103, 10, 2, 0.5)
     with pytest.raises(ValueError, match="frame_bytes has no effect with framing"):
         LinkCfg(rate_bps=9600, frame_bytes=128, framing={"kind": "ax25"})  # type: ignore[arg-type]
+
+
+def test_dvb_s2_modcod_follows_the_geometry() -> None:
+    """scenarios/sband.yaml's budget (2.2 GHz, EIRP 3 dBW, G/T 2 dB/K, 2 MHz, 3 dB losses),
+    550 km up, a 1 dB margin and a 0.2 roll-off. Overhead (550 km): FSPL = 20 log 550 +
+    20 log 2200 + 32.44 = 154.09 dB, C/N = 3 + 2 - 154.09 - 3 + 228.6 - 63.01 = 13.49 dB,
+    Es/N0 = 13.49 + 10 log 1.2 = 14.29 dB: 32APSK 3/4 (12.73 + 1 <= 14.29; 32APSK 4/5 needs
+    14.64), 3.7033 bit/symbol x 2 MHz / 1.2. At 10 degrees elevation (1,815 km): FSPL 164.46,
+    C/N 3.12, Es/N0 3.92 dB: QPSK 3/5 (2.23 + 1; QPSK 2/3 needs 4.10)."""
+    from sparsat.sim.space.links import AdaptiveModcod, LinkBudget
+
+    acm = AdaptiveModcod(margin_db=1.0, rolloff=0.2)
+    b = LinkBudget(2.2e9, 3.0, 2.0, 2e6, modem_rate_bps=1e9, losses_db=3.0, modcod=acm)
+    assert b.snr_db(550.0) == pytest.approx(13.49, abs=0.01)
+    assert acm.choose(b.snr_db(550.0)) == ("32APSK 3/4", 3.703295)
+    assert b.rate_bps(550.0) == pytest.approx(2e6 / 1.2 * 3.703295)
+    assert b.snr_db(1815.1) == pytest.approx(3.12, abs=0.01)
+    assert acm.choose(b.snr_db(1815.1)) == ("QPSK 3/5", 1.188304)
+    assert b.rate_bps(1815.1) == pytest.approx(2e6 / 1.2 * 1.188304)
+    # below QPSK 1/4's threshold nothing closes; the modem's rate caps the rest
+    assert acm.choose(-5.0) is None and b.rate_bps(10_000.0) == 0.0
+    capped = LinkBudget(2.2e9, 3.0, 2.0, 2e6, modem_rate_bps=2e6, losses_db=3.0, modcod=acm)
+    assert capped.rate_bps(550.0) == 2e6
+    # without MODCODs: Shannon, as before
+    shannon = LinkBudget(2.2e9, 3.0, 2.0, 2e6, modem_rate_bps=1e9, losses_db=3.0)
+    assert shannon.rate_bps(550.0) > b.rate_bps(550.0)

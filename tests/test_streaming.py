@@ -216,7 +216,7 @@ def test_a_satellite_with_an_empty_shard_ends_its_downlink(tmp_path: Path) -> No
 def test_the_link_bound_scenario_leaves_scenes_on_board(tmp_path: Path) -> None:
     """scenarios/cubesat_link_bound.yaml, its first 6 hours and 300 test images: the pass
     brings down far fewer scenes than were captured; the rest waits on board at the horizon
-    (the whole day: 4,247 of 9,600 delivered at r = 0.5, docs/streaming.md)."""
+    (the whole day, AX.25 framing included: 3,876 of 9,600 delivered at r = 0.5)."""
     s = load(Path(__file__).resolve().parents[1] / "scenarios" / "cubesat_link_bound.yaml")
     tree = s.model_dump(mode="json")
     tree["mission"]["horizon_h"] = 6

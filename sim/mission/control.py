@@ -48,7 +48,7 @@ from sparsat.sim.mission.tally import Tally
 from sparsat.sim.scenario.configs import capture_spec, mask_spec
 from sparsat.sim.scenario.schema import Scenario
 from sparsat.sim.space import orbits
-from sparsat.sim.space.links import Link, LinkBudget, PeriodicPasses
+from sparsat.sim.space.links import AdaptiveModcod, Link, LinkBudget, PeriodicPasses
 
 if TYPE_CHECKING:
     from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
@@ -372,8 +372,10 @@ class MissionControl:
         sites = {st.name: st for st in stations}
         down = s.links.downlink
         b = down.budget
+        modcod = (AdaptiveModcod(b.modcod.margin_db, b.modcod.rolloff)
+                  if b is not None and b.modcod is not None else None)
         budget = (LinkBudget(b.frequency_hz, b.eirp_dbw, b.gt_dbk, b.bandwidth_hz,
-                             down.rate_bps, b.losses_db) if b else None)
+                             down.rate_bps, b.losses_db, modcod) if b else None)
         t0 = time.monotonic()
         windows = orbits.contact_windows(sats, stations, o.epoch, s.mission.window_span_s(),
                                          o.step_s, o.tolerance_s)

@@ -220,6 +220,12 @@ class OrbitsCfg(Model):
         return self
 
 
+class ModcodCfg(Model):
+    table: Literal["dvb-s2"] = "dvb-s2"
+    margin_db: float = Field(1.0, ge=0)  # above each MODCOD's ideal Es/N0
+    rolloff: float = Field(0.2, gt=0, le=1)  # root-raised-cosine: symbol rate B / (1 + a)
+
+
 class BudgetCfg(Model):
     """Downlink budget: the rate follows the slant range (sparsat.sim.space.links.LinkBudget)."""
 
@@ -228,6 +234,9 @@ class BudgetCfg(Model):
     gt_dbk: float
     bandwidth_hz: float = Field(gt=0)
     losses_db: float = Field(3.0, ge=0)
+    # adaptive modulation: the rate from a DVB-S2 MODCOD chosen at every call from the
+    # geometry (ETSI EN 302 307 thresholds + margin_db), instead of Shannon's capacity
+    modcod: ModcodCfg | None = None
 
 
 FRAMINGS = {  # (payload, header, trailer bytes per frame, FEC code rate)

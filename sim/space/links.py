@@ -88,9 +88,63 @@ class LinkBudget:
         return (self.eirp_dbw + self.gt_dbk - self.fspl_db(range_km) - self.losses_db
                 - BOLTZMANN_DBW - 10 * math.log10(self.bandwidth_hz))
 
+    # DVB-S2 adaptive modulation (modcod set): the MODCOD chosen at each call, or Shannon
+    modcod: AdaptiveModcod | None = None
+
     def rate_bps(self, range_km: float) -> float:
+        if self.modcod is not None:
+            return min(self.modem_rate_bps, self.modcod.rate_bps(self.snr_db(range_km),
+                                                                self.bandwidth_hz))
         snr = 10 ** (self.snr_db(range_km) / 10)
         return min(self.modem_rate_bps, self.bandwidth_hz * math.log2(1 + snr))
+
+
+# DVB-S2 MODCODs (ETSI EN 302 307-1, Table 13: normal FECFRAMEs, AWGN, quasi error free):
+# (name, ideal Es/N0 in dB, spectral efficiency in information bits per symbol). The
+# efficiencies already include the LDPC/BCH code rate: nothing else charges the FEC.
+DVB_S2 = (
+    ("QPSK 1/4", -2.35, 0.490243), ("QPSK 1/3", -1.24, 0.656448),
+    ("QPSK 2/5", -0.30, 0.789412), ("QPSK 1/2", 1.00, 0.988858),
+    ("QPSK 3/5", 2.23, 1.188304), ("QPSK 2/3", 3.10, 1.322253),
+    ("QPSK 3/4", 4.03, 1.487473), ("QPSK 4/5", 4.68, 1.587196),
+    ("QPSK 5/6", 5.18, 1.654663), ("QPSK 8/9", 6.20, 1.766451),
+    ("QPSK 9/10", 6.42, 1.788612), ("8PSK 3/5", 5.50, 1.779991),
+    ("8PSK 2/3", 6.62, 1.980636), ("8PSK 3/4", 7.91, 2.228124),
+    ("8PSK 5/6", 9.35, 2.478562), ("8PSK 8/9", 10.69, 2.646012),
+    ("8PSK 9/10", 10.98, 2.679207), ("16APSK 2/3", 8.97, 2.637201),
+    ("16APSK 3/4", 10.21, 2.966728), ("16APSK 4/5", 11.03, 3.165623),
+    ("16APSK 5/6", 11.61, 3.300184), ("16APSK 8/9", 12.89, 3.523143),
+    ("16APSK 9/10", 13.13, 3.567342), ("32APSK 3/4", 12.73, 3.703295),
+    ("32APSK 4/5", 13.64, 3.951571), ("32APSK 5/6", 14.28, 4.119540),
+    ("32APSK 8/9", 15.69, 4.397854), ("32APSK 9/10", 16.05, 4.453027),
+)
+
+
+@dataclass(frozen=True)
+class AdaptiveModcod:
+    """DVB-S2 adaptive coding and modulation: the symbol rate is bandwidth / (1 + rolloff),
+    Es/N0 = C/N (the budget's SNR in the bandwidth) + 10 log10(1 + rolloff), and the MODCOD
+    is the most efficient one whose threshold plus `margin_db` Es/N0 reaches; below every
+    threshold the link carries nothing."""
+
+    margin_db: float = 1.0
+    rolloff: float = 0.2
+
+    def es_n0_db(self, snr_db: float) -> float:
+        return snr_db + 10 * math.log10(1 + self.rolloff)
+
+    def choose(self, snr_db: float) -> tuple[str, float] | None:
+        """(MODCOD, spectral efficiency) for a C/N of `snr_db`, None when none closes."""
+        es_n0 = self.es_n0_db(snr_db)
+        usable = [(eff, name) for name, need, eff in DVB_S2 if need + self.margin_db <= es_n0]
+        if not usable:
+            return None
+        eff, name = max(usable)
+        return name, eff
+
+    def rate_bps(self, snr_db: float, bandwidth_hz: float) -> float:
+        chosen = self.choose(snr_db)
+        return 0.0 if chosen is None else bandwidth_hz / (1 + self.rolloff) * chosen[1]
 
 
 @dataclass(frozen=True)
