@@ -464,8 +464,9 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         if request.satellite_id not in (self.rules.satellites or {}):
             abort(context, grpc.StatusCode.NOT_FOUND,
                   f"{quote(request.satellite_id)} is not a satellite of this mission")
-        if not request.transmit_id:
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "transmit_id is required")
+        if not 0 < request.transmit_id <= MAX_TRANSMIT_ID:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                  f"transmit_id must be in [1, {MAX_TRANSMIT_ID}], got {request.transmit_id}")
         ends = list(request.batch_end_s)
         if len(ends) > MAX_ARRIVED_BATCHES:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT,

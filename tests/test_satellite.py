@@ -203,3 +203,61 @@ def test_accuracy_at_the_horizon_is_the_last_model_finished_by_then() -> None:
     assert _at_horizon(history, 200.0) == 0.6
     assert _at_horizon(history, 50.0) is None  # nothing finished by then
     assert _at_horizon(history, None) == 0.6  # no horizon: the last model
+
+
+class CapturingSensor:
+    """A host with a capture schedule (sparsat.node.data.capture): at each Transmit it first
+    makes the captures due by the request's mission time, then sends what the budget allows,
+    one 1,000-byte batch per sample."""
+
+    SIZE = 1000
+
+    def __init__(self, spec: Any) -> None:
+        self.spec, self.made, self.queue, self.sent = spec, 0, 0, 0
+
+    def Transmit(self, request: pb.TransmitRequest, **_: Any) -> pb.TransmitReport:
+        due = self.spec.captured_by(request.mission_time_s)
+        self.queue += due - self.made
+        self.made = due
+        n = min(self.queue, request.max_bytes // (self.SIZE + ACK))
+        self.queue -= n
+        self.sent += n
+        return pb.TransmitReport(
+            satellite_id=request.satellite_id, batch_bytes=[self.SIZE] * n,
+            ack_bytes=[ACK] * n, sent=n, acked=n, remaining=self.queue,
+            next_bytes=self.SIZE + ACK if self.queue else 0,
+            next_capture_s=self.spec.next_capture_s(self.made))
+
+
+@pytest.mark.parametrize("kind", ["passes", "contacts"])
+def test_a_capture_made_while_a_transmit_was_on_the_air_is_sent_too(kind: str) -> None:
+    """A capture every 30 s until the horizon (900 s); one window from 855 s. Its first
+    Transmit finds 29 captures (0 ... 840 s) and is on the air until 884.3 s; capture 29 (at
+    870 s) was due meanwhile: the satellite asks again at once and sends it, instead of
+    taking the schedule at 884.3 s for done."""
+    from sparsat.sim.scenario.configs import capture_spec
+
+    scenario = Scenario.model_validate({
+        "name": "capture", "sensors": {"count": 1, "capture": {"rate_per_h": 120,
+                                                                "storage_bytes": 10**7}},
+        "mission": {"horizon_h": 0.25}, "links": {"downlink": {"rate_bps": RATE}}})
+    mc = MissionControl(scenario, "127.0.0.1:1", show_progress=False)
+    link = Link(mc.env, "downlink:sat-0", RATE)
+    spec = capture_spec(scenario)
+    assert spec is not None and spec.max_captures == 30
+    host = CapturingSensor(spec)
+    mc.use_sensors({"sat-0": pb.NodeInfo(node_id="sat-0")}, {"sat-0": host})
+    mc.downlink.antennas = {"gs": simpy.Resource(mc.env, capacity=1)}
+    mc.tally.stations["gs"] = {"antennas": 1, "bytes": 0, "busy_s": 0.0, "queued_s": 0.0,
+                               "contact_s": 0.0}
+    windows: Passes | Contacts = (
+        Passes(PeriodicPasses(900, 45, 855), mc.s.mission.horizon_s) if kind == "passes"
+        else _contacts("sat-0", (855, 900)))
+    try:
+        mc.env.run(until=mc.env.process(mc.downlink.fly(
+            "sat-0", windows, fixed_rate(link), link, tqdm(disable=True))))
+    finally:
+        mc.gs_channel.close()
+    assert (host.made, host.sent, host.queue) == (30, 30, 0)
+    assert mc.tally.left_on_board == {"sat-0": 0}
+    assert mc.env.now < 900

@@ -371,7 +371,7 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
     def _alone(self, sat: Satellite, p: downlink.Payload, streaming: bool = False) -> int:
         """Link bytes of a stream carrying only `p`, and its ack (and its credentials; and,
         streaming, the largest transmit_id's bytes)."""
-        tid = (1 << 64) - 1 if streaming else 0
+        tid = (1 << 62) - 1 if streaming else 0  # mission control's ids: below 2^62
         return (self.credential_bytes + self._builder(sat, True, tid).wire_size(p)
                 + downlink.max_ack_bytes(1))
 

@@ -212,6 +212,7 @@ class Downlink:
                     if budget <= 0:
                         windows.leave()
                         continue
+                asked = env.now  # the host makes the captures due by then
                 try:
                     report = self.transmit(sat_id, budget)
                 except HostDown as e:
@@ -236,8 +237,9 @@ class Downlink:
                     continue  # unacked samples stay queued: try again in what is left
                 failures = 0
                 if report.remaining == 0:
-                    # the next capture, from the schedule (a host's word can only end it)
-                    made = capture.captured_by(env.now) if capture is not None else 0
+                    # the next capture, from the schedule (a host's word can only end it):
+                    # the first one the host had not made when asked (maybe due already)
+                    made = capture.captured_by(asked) if capture is not None else 0
                     if (capture is None or report.next_capture_s < 0
                             or made >= capture.max_captures):
                         # nothing on board, nothing more to capture: done
@@ -247,9 +249,9 @@ class Downlink:
                         if self.s.mission.horizon_h is not None:
                             self.tally.left_on_board[sat_id] = 0
                         return
-                    nxt = capture.time_of(made)  # after now, by captured_by's definition
+                    nxt = capture.time_of(made)  # after `asked`: each call makes progress
                     if nxt < w.end_s:  # wait in the window for it
-                        yield env.timeout(nxt - env.now)
+                        yield env.timeout(max(0.0, nxt - env.now))
                     elif passes is not None:
                         yield env.timeout(max(0.0, w.end_s - env.now))
                     else:
