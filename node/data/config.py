@@ -41,13 +41,17 @@ class SensorConfig:
     # captures over time (sparsat.node.data.capture); None: each satellite holds its whole
     # shard at t = 0 (today's missions)
     capture: CaptureSpec | None = None
+    # which satellite holds which training image (sparsat.node.data.sharding.assign):
+    # None: IID; a number: Dirichlet(alpha) label skew per class
+    placement_alpha: float | None = None
 
     def to_json(self) -> str:
         raw = asdict(self)
         if raw["encoder_precision"] == "float32":  # the default: stores bound before it was
             del raw["encoder_precision"]            # a key still bind (from_json restores it)
-        if raw["capture"] is None:  # likewise
-            del raw["capture"]
+        for key in ("capture", "placement_alpha"):  # likewise
+            if raw[key] is None:
+                del raw[key]
         return json.dumps(raw)
 
     @classmethod

@@ -373,3 +373,9 @@ def load_dataset(spec: DatasetSpec, split: str) -> ImageDataset:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
     return DATASETS[spec.name](spec, split)
+
+
+def split_labels(spec: DatasetSpec, split: str) -> np.ndarray:
+    """Every label of a split, in index order (placement by class needs them)."""
+    data = load_dataset(spec, split)
+    return np.fromiter((data.label(i) for i in range(len(data))), np.int64, len(data))

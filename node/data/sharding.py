@@ -36,14 +36,40 @@ def shard(indices: np.ndarray, sat_index: int, n_sats: int) -> np.ndarray:
     return indices[sat_index::n_sats]
 
 
-def assign(n_train: int, subset: int | None, seed: int,
-           satellites: Sequence[str]) -> dict[str, np.ndarray]:
+def assign(n_train: int, subset: int | None, seed: int, satellites: Sequence[str],
+           labels: np.ndarray | None = None, alpha: float | None = None
+           ) -> dict[str, np.ndarray]:
     """Each satellite's training indices, in the order it captures and sends them (strictly
     increasing). Only the ground station calls this: it tells every sensor host its
     satellites' lists when the host registers (RegisterReply.sensor), since numpy's
-    permutation cannot be reproduced in another language."""
+    permutation cannot be reproduced in another language. IID (every n-th image of the
+    subset) unless `alpha` is given: then `dirichlet` placement with the training split's
+    `labels`."""
     indices = train_subset(n_train, subset, seed)
-    return {s: shard(indices, k, len(satellites)) for k, s in enumerate(satellites)}
+    if alpha is None:
+        return {s: shard(indices, k, len(satellites)) for k, s in enumerate(satellites)}
+    if labels is None or len(labels) != n_train:
+        raise ValueError("dirichlet placement needs the training split's labels")
+    return dirichlet(indices, labels[indices], alpha, seed, satellites)
+
+
+def dirichlet(indices: np.ndarray, labels: np.ndarray, alpha: float, seed: int,
+              satellites: Sequence[str]) -> dict[str, np.ndarray]:
+    """Label skew, as satellites over different regions see different classes: for each
+    class, its images of `indices` (in a seeded order) are split among the satellites in
+    proportions drawn from Dirichlet(alpha, ..., alpha) (seeded per class); small alpha:
+    each satellite sees few classes, large alpha: close to IID. Every image goes to exactly
+    one satellite; a satellite may get none."""
+    rng = np.random.default_rng([seed, 0x5D1C])
+    held: list[list[np.ndarray]] = [[] for _ in satellites]
+    for c in np.unique(labels):
+        members = rng.permutation(indices[labels == c])
+        share = rng.dirichlet(np.full(len(satellites), alpha))
+        cuts = np.round(np.cumsum(share)[:-1] * len(members)).astype(np.int64)
+        for k, part in enumerate(np.split(members, cuts)):
+            held[k].append(part)
+    return {s: np.sort(np.concatenate(parts)).astype(np.int64) if parts else
+            np.empty(0, np.int64) for s, parts in zip(satellites, held, strict=True)}
 
 
 def owners(n_train: int, images: Sequence[np.ndarray]) -> np.ndarray:

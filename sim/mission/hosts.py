@@ -272,12 +272,6 @@ class SensorHosts:
         (with captures over time it starts empty)."""
         if self.s.sensors.capture is not None:
             return 0
-        from sparsat.node.data.datasets import split_size
-        from sparsat.node.data.sharding import shard, train_subset
-        from sparsat.sim.scenario.configs import sensor_config
+        from sparsat.sim.scenario.configs import satellite_images
 
-        sats = self.s.sensors.ids()
-        n_train = split_size(sensor_config(self.s).dataset, "train")
-        subset = train_subset(n_train, self.s.dataset.train_subset, self.s.seed)
-        copies = mask_spec(self.s).copies
-        return len(shard(subset, sats.index(sat_id), len(sats))) * copies
+        return len(satellite_images(self.s)[sat_id]) * mask_spec(self.s).copies

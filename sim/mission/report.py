@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from sparsat.node.wire.control import TRAINER
 from sparsat.sim.scenario.schema import Scenario, dump
 from sparsat.sim.space.links import Link
@@ -136,6 +138,7 @@ def assemble(o: Outcome) -> dict[str, Any]:
         "updates": t.updates,
         "samples_arrived": int(stats.samples_arrived),
         "captures": _captures(s, t),
+        "placement": _placement(s),
         "timeline": timeline(t.history, s.mission.horizon_s, t, _captured_total(s)),
     }
 
@@ -150,6 +153,26 @@ def _captured_total(s: Scenario) -> int | None:
         return _captured_at_start(s)
     n = s.dataset.train_subset
     return spec.max_captures * (s.sensors.count if n is None else min(n, s.sensors.count))
+
+
+def _placement(s: Scenario) -> dict[str, Any]:
+    """Which satellite holds which images (dataset.placement): each satellite's count of
+    every class in its shard (None when this machine, mission control's, has not the
+    training split)."""
+    from sparsat.node.data.datasets import split_labels
+    from sparsat.sim.scenario.configs import satellite_images, sensor_config
+
+    out: dict[str, Any] = {"kind": s.dataset.placement, "alpha": s.dataset.alpha,
+                           "label_counts": None}
+    try:
+        labels = split_labels(sensor_config(s).dataset, "train")
+        images = satellite_images(s)
+    except Exception:  # noqa: BLE001 - the data lives with the nodes, not the operator
+        return out
+    classes = int(labels.max()) + 1 if len(labels) else 0
+    out["label_counts"] = {sat: np.bincount(labels[held], minlength=classes).tolist()
+                           for sat, held in images.items()}
+    return out
 
 
 def _captures(s: Scenario, t: Tally) -> dict[str, Any] | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from sparsat.ground_station.config import GroundStationConfig, TrainingConfig
 from sparsat.node.data.capture import CaptureSpec
 from sparsat.node.data.config import SensorConfig
@@ -49,7 +51,22 @@ def sensor_config(s: Scenario) -> SensorConfig:
         train_indices_seed=s.seed,
         train_subset=d.train_subset,
         capture=capture_spec(s),
+        placement_alpha=d.alpha if d.placement == "dirichlet" else None,
     )
+
+
+def satellite_images(s: Scenario) -> dict[str, np.ndarray]:
+    """Each satellite's training indices as the ground station assigns them (this machine
+    needs the training split: its size, and its labels for a Dirichlet placement)."""
+    from sparsat.node.data.datasets import split_labels, split_size
+    from sparsat.node.data.sharding import assign
+
+    spec = sensor_config(s).dataset
+    d = s.dataset
+    labels, alpha = ((split_labels(spec, "train"), d.alpha) if d.placement == "dirichlet"
+                     else (None, None))
+    return assign(split_size(spec, "train"), d.train_subset, s.seed, s.sensors.ids(), labels,
+                  alpha)
 
 
 def ground_station_config(s: Scenario, store_dir: Path, checkpoint_dir: Path | None = None,

@@ -37,9 +37,17 @@ class DatasetCfg(Model):
     # is chosen on it, never on the test set; 0: none (best = the last model)
     validation_subset: int = Field(0, ge=0)
     split_seed: int = 0
+    # which satellite holds which image: `iid` (every n-th of the subset), or `dirichlet`:
+    # each class split among the satellites in Dirichlet(alpha) proportions (label skew)
+    placement: Literal["iid", "dirichlet"] = "iid"
+    alpha: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _validation(self) -> DatasetCfg:
+        if self.placement == "dirichlet" and self.alpha is None:
+            raise ValueError("dataset.placement dirichlet needs dataset.alpha (e.g. 0.5)")
+        if self.placement == "iid" and self.alpha is not None:
+            raise ValueError("dataset.alpha applies to placement: dirichlet")
         if self.validation_subset and self.train_subset is None:
             raise ValueError("dataset.validation_subset is taken from the training images the "
                              "satellites do not hold: set dataset.train_subset below the "
