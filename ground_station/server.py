@@ -37,8 +37,8 @@ from sparsat.ground_station.prepare import (
 )
 from sparsat.ground_station.store import NodeRecord, SampleStore
 from sparsat.node.data.config import SensorSetup
-from sparsat.node.data.datasets import load_dataset, split_labels, split_size
-from sparsat.node.data.sharding import assign, owners, validation_indices
+from sparsat.node.data.datasets import load_dataset, split_size
+from sparsat.node.data.sharding import owners, satellite_images, validation_indices
 from sparsat.node.data.tiles import tile_edges
 from sparsat.node.models import encoders
 from sparsat.node.wire import control, downlink, security
@@ -185,8 +185,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                                cfg.validation_subset, cfg.sensor.train_indices_seed)
         # which images each satellite holds, in sending order: told to each sensor host when it
         # registers, and the owner table ingest checks every sample against
-        self.images = assign(n_train, cfg.sensor.train_subset, cfg.sensor.train_indices_seed,
-                             cfg.sensor.satellites, *_placement(cfg))
+        self.images = satellite_images(cfg.sensor)
         copies = cfg.sensor.mask.copies
         if cfg.sensor.capture is not None:  # revisits: copies of the id space, not of masks
             copies = cfg.sensor.capture.revisits(
@@ -581,14 +580,6 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             text, INSTANCE, coord is not None,
             hashlib.blake2b(text.encode(), digest_size=16).hexdigest(),
             coord.round if coord is not None else 0)
-
-
-def _placement(cfg: GroundStationConfig) -> tuple[np.ndarray | None, float | None]:
-    """(training labels, alpha) for a Dirichlet placement, (None, None) for IID."""
-    alpha = cfg.sensor.placement_alpha
-    if alpha is None:
-        return None, None
-    return split_labels(cfg.sensor.dataset, "train"), alpha
 
 
 def sensor_setup(rules: IngestRules, images: dict[str, np.ndarray]) -> SensorSetup:

@@ -9,8 +9,12 @@ ground station told them (sample_id, a mask's seed material, is shared).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from sparsat.node.data.config import SensorConfig
 
 
 def train_subset(n_train: int, subset: int | None, seed: int) -> np.ndarray:
@@ -84,3 +88,15 @@ def owners(n_train: int, images: Sequence[np.ndarray]) -> np.ndarray:
 def sample_id(dataset: str, split: str, index: int) -> str:
     """A sample's name, the same on the satellite and at the ground station."""
     return f"{dataset}/{split}/{index}"
+
+
+def satellite_images(cfg: SensorConfig) -> dict[str, np.ndarray]:
+    """Each satellite's training indices under `cfg` (its placement included): what the
+    ground station tells the sensor hosts, and what mission control counts from (it needs
+    the training split: its size, and its labels for a Dirichlet placement)."""
+    from sparsat.node.data.datasets import split_labels, split_size
+
+    alpha = cfg.placement_alpha
+    labels = split_labels(cfg.dataset, "train") if alpha is not None else None
+    return assign(split_size(cfg.dataset, "train"), cfg.train_subset, cfg.train_indices_seed,
+                  cfg.satellites, labels, alpha)

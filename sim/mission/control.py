@@ -45,7 +45,7 @@ from sparsat.sim.mission.ground_client import (
 from sparsat.sim.mission.hosts import SensorHosts
 from sparsat.sim.mission.satellite import Contacts, Downlink, Passes, RangeRate, fixed_rate
 from sparsat.sim.mission.tally import Tally
-from sparsat.sim.scenario.configs import capture_spec, mask_spec
+from sparsat.sim.scenario.configs import capture_spec, capturing_satellites, mask_spec
 from sparsat.sim.scenario.schema import Scenario
 from sparsat.sim.space import orbits
 from sparsat.sim.space.links import AdaptiveModcod, Link, LinkBudget, PeriodicPasses
@@ -290,7 +290,7 @@ class MissionControl:
         spec = capture_spec(self.s)
         if spec is None:
             return None
-        return spec.captured_by(t) * _capturing(self.s)
+        return spec.captured_by(t) * capturing_satellites(self.s)
 
     def _check_delivered(self) -> None:
         """A downlink that sent nothing: every queue was empty before this mission control
@@ -481,10 +481,3 @@ class MissionControl:
             wall_time_s=self.tally.wall_time_s + time.monotonic() - wall0,
             links=links, stats=stats, node_bytes=counted,
             unreachable=unreachable, nodes=listed))
-
-
-def _capturing(s: Scenario) -> int:
-    """Satellites with images to capture (a training subset smaller than the constellation
-    leaves some shards empty)."""
-    n = s.dataset.train_subset
-    return s.sensors.count if n is None else min(n, s.sensors.count)

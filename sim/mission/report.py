@@ -146,13 +146,12 @@ def assemble(o: Outcome) -> dict[str, Any]:
 def _captured_total(s: Scenario) -> int | None:
     """Scenes captured over the whole mission: with captures over time, every satellite's by
     the horizon; else what they hold at t = 0."""
-    from sparsat.sim.scenario.configs import capture_spec
+    from sparsat.sim.scenario.configs import capture_spec, capturing_satellites
 
     spec = capture_spec(s)
     if spec is None:
         return _captured_at_start(s)
-    n = s.dataset.train_subset
-    return spec.max_captures * (s.sensors.count if n is None else min(n, s.sensors.count))
+    return spec.max_captures * capturing_satellites(s)
 
 
 def _placement(s: Scenario) -> dict[str, Any]:

@@ -58,15 +58,16 @@ def sensor_config(s: Scenario) -> SensorConfig:
 def satellite_images(s: Scenario) -> dict[str, np.ndarray]:
     """Each satellite's training indices as the ground station assigns them (this machine
     needs the training split: its size, and its labels for a Dirichlet placement)."""
-    from sparsat.node.data.datasets import split_labels, split_size
-    from sparsat.node.data.sharding import assign
+    from sparsat.node.data import sharding
 
-    spec = sensor_config(s).dataset
-    d = s.dataset
-    labels, alpha = ((split_labels(spec, "train"), d.alpha) if d.placement == "dirichlet"
-                     else (None, None))
-    return assign(split_size(spec, "train"), d.train_subset, s.seed, s.sensors.ids(), labels,
-                  alpha)
+    return sharding.satellite_images(sensor_config(s))
+
+
+def capturing_satellites(s: Scenario) -> int:
+    """Satellites with images to capture (a training subset smaller than the constellation
+    leaves some IID shards empty)."""
+    n = s.dataset.train_subset
+    return s.sensors.count if n is None else min(n, s.sensors.count)
 
 
 def ground_station_config(s: Scenario, store_dir: Path, checkpoint_dir: Path | None = None,

@@ -171,15 +171,7 @@ class Framing:
         """(gRPC bytes on the air, all bytes on the air) to deliver `nbytes` when each frame
         is lost with probability `loss` and resent until it arrives: every copy of a frame
         is charged with its header, trailer and FEC."""
-        frames = self.frames(nbytes)
-        sent = copies = 0
-        for i in range(frames):
-            size = self.payload_bytes if i < frames - 1 else nbytes - self.payload_bytes * i
-            tries = 1
-            while loss > 0 and rng.random() < loss:
-                tries += 1
-            sent += size * tries
-            copies += tries
+        sent, copies = _frame_copies(nbytes, self.payload_bytes, loss, rng)
         framed = sent + copies * (self.header_bytes + self.trailer_bytes)
         return sent, math.ceil(framed / self.fec_rate) if framed else 0
 
@@ -195,12 +187,20 @@ def retransmitted(nbytes: int, loss: float, frame_bytes: int, rng: random.Random
     lost with probability `loss` and resent until it arrives (every copy is charged)."""
     if loss <= 0 or nbytes <= 0:
         return nbytes
-    frames = -(-nbytes // frame_bytes)
-    sent = 0
+    return _frame_copies(nbytes, frame_bytes, loss, rng)[0]
+
+
+def _frame_copies(nbytes: int, frame_bytes: int, loss: float, rng: random.Random
+                  ) -> tuple[int, int]:
+    """(bytes, frames) sent to deliver `nbytes` in frames of `frame_bytes`, each lost with
+    probability `loss` and resent until it arrives (no draw at all when loss is 0)."""
+    frames = -(-nbytes // frame_bytes) if nbytes > 0 else 0
+    sent = copies = 0
     for i in range(frames):
         size = frame_bytes if i < frames - 1 else nbytes - frame_bytes * (frames - 1)
         tries = 1
-        while rng.random() < loss:
+        while loss > 0 and rng.random() < loss:
             tries += 1
         sent += size * tries
-    return sent
+        copies += tries
+    return sent, copies

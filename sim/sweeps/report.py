@@ -150,11 +150,8 @@ def point_row(name: str, overrides: dict[str, object], scenario: dict[str, Any],
     })
     # not a sweep.csv column: the point's timeline (mission time, accuracy, downlink bytes
     # after each update) for timelines.png
-    updates = [e for e in r.get("timeline", []) if e.get("event") == "update"]
     row["_timeline"] = [(e["sim_time_s"], e["accuracy"], e.get("downlink_bytes"))
-                        for k, e in enumerate(updates)  # a streaming update: its last epoch
-                        if "update" not in e or k + 1 == len(updates)
-                        or updates[k + 1].get("update") != e["update"]]
+                        for e in r.get("timeline", []) if e.get("event") == "update"]
     return row
 
 
