@@ -485,11 +485,13 @@ def _twin_tle(path: Path) -> None:
     orbits.write_tle(sats, path)
 
 
-@pytest.mark.parametrize(("antennas", "acm"), [(1, False), (2, False), (1, True)])
+@pytest.mark.parametrize(("antennas", "acm"), [(1, False), (2, False), (1, True),
+                                                (1, "replan")])
 def test_orbital_downlink_uses_only_contact_windows_and_queues_for_antennas(
-        tmp_path: Path, antennas: int, acm: bool) -> None:
+        tmp_path: Path, antennas: int, acm: bool | str) -> None:
     """(acm: the rate from DVB-S2 MODCODs instead of Shannon's capacity; on this UHF budget
-    both stay above the modem's 9.6 kbit/s, so the mission is the same)"""
+    both stay above the modem's 9.6 kbit/s, so the mission is the same; "replan": a MODCOD
+    chosen again every 5 s of a pass)"""
     from sparsat.sim.scenario.schema import load
     from sparsat.sim.space import orbits
 
@@ -505,7 +507,9 @@ def test_orbital_downlink_uses_only_contact_windows_and_queues_for_antennas(
         "links": {"downlink": {"rate_bps": 9600, "latency_s": 0.05, "loss": 0.05,
                                "budget": {"frequency_hz": 437e6, "eirp_dbw": 0.0,
                                           "gt_dbk": -15.0, "bandwidth_hz": 25e3,
-                                          **({"modcod": {"margin_db": 1.0}} if acm else {})}},
+                                          **({"modcod": {"margin_db": 1.0, **(
+                                              {"replan_s": 5.0} if acm == "replan" else {})}}
+                                             if acm else {})}},
                   "trainer": TINY["links"]["trainer"]},
         "training": {**TINY["training"], "strategy": "centralized", "workers": 1, "epochs": 1,
                      "target_accuracy": 0.05},
@@ -530,6 +534,17 @@ def test_orbital_downlink_uses_only_contact_windows_and_queues_for_antennas(
     station = results["stations"]["svalbard"]
     assert station["bytes"] == b["downlink"] + b["uplink"] + b["retransmitted"]
     assert 0 < station["utilisation"] <= 1
+    if acm:  # every second and byte on the air is booked on the MODCOD that carried it
+        m = results["modcods"]
+        assert m and "none" not in m
+        assert sum(v["bytes"] for v in m.values()) == station["bytes"]
+        assert sum(v["seconds"] for v in m.values()) == pytest.approx(station["busy_s"])
+        assert sum(v["time_share"] for v in m.values()) == pytest.approx(1.0)
+        transfers = sum(v["transfers"] for v in m.values())
+        if acm == "replan":  # 5-s slices: the geometry changes between them
+            assert len(m) >= 2 and transfers > 2
+    else:
+        assert results["modcods"] is None
     if antennas == 1:  # the twins are in view together: one waits for the other
         assert station["queued_s"] > 0
     else:

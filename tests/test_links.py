@@ -137,8 +137,12 @@ def test_dvb_s2_modcod_follows_the_geometry() -> None:
     assert b.rate_bps(1815.1) == pytest.approx(2e6 / 1.2 * 1.188304)
     # below QPSK 1/4's threshold nothing closes; the modem's rate caps the rest
     assert acm.choose(-5.0) is None and b.rate_bps(10_000.0) == 0.0
+    # what results.json's modcods books each transfer on
+    assert (b.mode(550.0), b.mode(1815.1), b.mode(10_000.0)) == ("32APSK 3/4", "QPSK 3/5",
+                                                                 "none")
     capped = LinkBudget(2.2e9, 3.0, 2.0, 2e6, modem_rate_bps=2e6, losses_db=3.0, modcod=acm)
     assert capped.rate_bps(550.0) == 2e6
     # without MODCODs: Shannon, as before
     shannon = LinkBudget(2.2e9, 3.0, 2.0, 2e6, modem_rate_bps=1e9, losses_db=3.0)
     assert shannon.rate_bps(550.0) > b.rate_bps(550.0)
+    assert shannon.mode(550.0) is None

@@ -84,3 +84,29 @@ def test_a_mission_on_skewed_shards_reports_each_satellites_classes(tmp_path: Pa
     counts = np.array([p["label_counts"][s] for s in ("sat-0", "sat-1", "sat-2")])
     assert counts.sum() == 480 == results["samples"]["stored"]  # every shard accepted
     assert (counts.max(axis=1) / np.maximum(counts.sum(axis=1), 1)).mean() > 0.3  # skewed
+
+
+def test_the_link_bound_pair_splits_classes_between_its_two_cubesats() -> None:
+    """scenarios/cubesat_link_bound_pair.yaml, the placement study's base: IID gives each
+    CubeSat 12,000 images of all ten classes (more than its day's 9,600 captures); Dirichlet
+    0.5 gives each class mostly to one of them, every image still held once."""
+    from sparsat.node.data.datasets import split_labels
+    from sparsat.node.data.sharding import satellite_images
+    from sparsat.sim.scenario.configs import sensor_config
+    from sparsat.sim.scenario.schema import load
+
+    path = Path(__file__).resolve().parents[1] / "scenarios" / "cubesat_link_bound_pair.yaml"
+    s = load(path)
+    labels = split_labels(sensor_config(s).dataset, "train")
+    iid = satellite_images(sensor_config(s))
+    assert [len(v) for v in iid.values()] == [12_000, 12_000]
+    assert s.sensors.capture is not None and s.sensors.capture.rate_per_h * 24 < 12_000
+    skewed = Scenario.model_validate(
+        {**yaml.safe_load(path.read_text()),
+         "dataset": {**s.dataset.model_dump(), "placement": "dirichlet", "alpha": 0.5}})
+    images = satellite_images(sensor_config(skewed))
+    held = np.concatenate(list(images.values()))
+    assert sorted(held.tolist()) == sorted(np.concatenate(list(iid.values())).tolist())
+    counts = np.stack([np.bincount(labels[v], minlength=10) for v in images.values()])
+    # the larger holder's share of each class, averaged: 0.5 would be IID
+    assert (counts.max(axis=0) / counts.sum(axis=0)).mean() > 0.65

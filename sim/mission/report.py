@@ -119,6 +119,10 @@ def assemble(o: Outcome) -> dict[str, Any]:
         "link_utilisation": {link.name: link.busy_s / now if now else 0.0 for link in o.links},
         "stations": {name: {**v, "utilisation": v["busy_s"] / (v["antennas"] * now)
                             if now else 0.0} for name, v in t.stations.items()},
+        # adaptive modulation: per MODCOD, seconds and bytes on the air and transfers, with
+        # its share of the air time; None without links.downlink.budget.modcod
+        "modcods": _modcods(t.modcods) if s.links.downlink.budget is not None
+        and s.links.downlink.budget.modcod is not None else None,
         "node_bytes": {k: {"sent": v["sent"] + v["base_sent"],
                            "received": v["received"] + v["base_received"]}
                        for k, v in o.node_bytes.items()},
@@ -152,6 +156,12 @@ def _captured_total(s: Scenario) -> int | None:
     if spec is None:
         return _captured_at_start(s)
     return spec.max_captures * capturing_satellites(s)
+
+
+def _modcods(used: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    total = sum(m["seconds"] for m in used.values())
+    return {name: {**m, "time_share": m["seconds"] / total if total else 0.0}
+            for name, m in sorted(used.items(), key=lambda kv: -kv[1]["seconds"])}
 
 
 def _placement(s: Scenario) -> dict[str, Any]:
@@ -342,6 +352,7 @@ def summary(results: dict[str, Any]) -> str:
         f"mission time    {results['sim_time_s']:,.1f} s" + _compute(results),
         *([_horizon_line(results)] if results.get("horizon_h") is not None else []),
         *([_captures_line(results["captures"])] if results.get("captures") else []),
+        *([_modcods_line(results["modcods"])] if results.get("modcods") else []),
         *([_target_line(results)] if results.get("target_accuracy") else []),
         f"wall time       {results['wall_time_s']:.1f} s",
         *([f"not delivered   {_shortfall(results)}"] if results.get("shortfall") else []),
@@ -363,6 +374,11 @@ def _captures_line(c: dict[str, Any]) -> str:
     return (f"captures        captured {c['captured']:,}, dropped on board "
             f"{c['dropped_on_board']:,}, delivered {c['stored_on_ground']:,}, left on board "
             f"{c['left_on_board']:,}")
+
+
+def _modcods_line(m: dict[str, dict[str, float]]) -> str:
+    return "modcods         " + ", ".join(
+        f"{name} {v['time_share']:.0%} ({v['seconds']:,.0f} s)" for name, v in m.items())
 
 
 def _shortfall(results: dict[str, Any]) -> str:

@@ -136,12 +136,14 @@ class RangeRate:
                  budget: LinkBudget | None, rate_bps: float, latency_s: float) -> None:
         self.sat, self.epoch, self.sites = sat, epoch, sites
         self.budget, self.rate_bps, self.latency_s = budget, rate_bps, latency_s
+        self.mode: str | None = None  # the MODCOD of the last call (adaptive modulation)
 
     def __call__(self, w: Window, t: float) -> tuple[float, float]:
         assert w.station is not None
         pos = orbits.ecef_positions_km([self.sat], self.epoch, np.array([t]))[0]
         rng_km = float(orbits.slant_range_km(pos, self.sites[w.station])[0])
         rate = self.budget.rate_bps(rng_km) if self.budget is not None else self.rate_bps
+        self.mode = self.budget.mode(rng_km) if self.budget is not None else None
         return rate, rng_km / C_KM_S + self.latency_s
 
 
@@ -164,6 +166,9 @@ class Downlink:
         f = scenario.links.downlink.framing
         self.framing = Framing(*f.layout()) if f is not None else None
         self.on_pass_end: Callable[[], None] = lambda: None
+        b = scenario.links.downlink.budget  # adaptive modulation: a MODCOD per slice
+        self.replan_s = (b.modcod.replan_s if b is not None and b.modcod is not None
+                         and scenario.orbits is not None else None)
         self._brought: set[str] = set()  # satellites that sent in the window they are in
 
     def fly(self, sat_id: str, windows: Passes | Contacts, rate: RateFn, link: Link, bar: tqdm
@@ -173,6 +178,7 @@ class Downlink:
         passes = windows if isinstance(windows, Passes) else None
         rng = random.Random(f"{self.s.seed}-loss-{sat_id}")
         failures = 0
+        whole = False  # the next Transmit may fill the rest of the window (replan_s)
         inside: Window | None = None  # the window entered (its antenna held)
         held: Request | None = None
         self.hosts.active.add(sat_id)
@@ -202,7 +208,9 @@ class Downlink:
                         continue  # an antenna came free as the window closed
                 r, latency = rate(w, env.now)
                 # the budget leaves room for the expected resends of lost frames
-                room = (w.end_s - env.now - latency) * r / 8
+                until = w.end_s if self.replan_s is None or whole else min(
+                    w.end_s, env.now + self.replan_s)
+                room = (until - env.now - latency) * r / 8
                 if self.framing is not None:  # the radio's framing and FEC ride on top
                     room *= self.framing.efficiency
                 if passes is not None:  # whole bytes of the link, then the allowance
@@ -231,7 +239,8 @@ class Downlink:
                 sizes = [self._on_air(size, rng) for size in _on_link(report)]
                 if self.s.training.streaming and report.batch_bytes:
                     self._stamp(sat_id, report, sizes, r, latency)
-                yield from self.charge(link, w.station, sizes, r, latency)
+                yield from self.charge(link, w.station, sizes, r, latency,
+                                       rate.mode if isinstance(rate, RangeRate) else None)
                 if report.error_code:
                     failures = self._check_failure(sat_id, report, failures + 1)
                     continue  # unacked samples stay queued: try again in what is left
@@ -257,6 +266,10 @@ class Downlink:
                     else:
                         windows.leave()
                     continue
+                if not sent and until < w.end_s:  # not in a MODCOD's slice: the whole rest
+                    whole = True
+                    continue
+                whole = False
                 if not sent:  # the next sample does not fit in what is left of this window
                     if passes is not None:
                         if report.next_bytes > link.capacity(passes.duration_s):
@@ -338,12 +351,13 @@ class Downlink:
         return n
 
     def charge(self, link: Link, station: str | None, sizes: list[int], rate: float,
-               latency: float) -> Generator[simpy.Event, Any, None]:
+               latency: float, mode: str | None = None) -> Generator[simpy.Event, Any, None]:
         """The one place a satellite's transfers take link time: `sizes` on the air, each
         batch then its ack (the radio is half duplex). On a pass each is a transfer on the
         satellite's link (Link.transfer books it); in a contact window, where the rate is the
         one at the call's start, they hold the station's antenna together for one latency
-        each plus their bits at that rate, booked on the link and the station."""
+        each plus their bits at that rate, booked on the link and the station (and on the
+        MODCOD `mode` that rate came from, with adaptive modulation)."""
         if station is None:
             for size in sizes:
                 yield self.env.process(link.transfer(size))
@@ -355,6 +369,12 @@ class Downlink:
             booked = self.tally.stations[station]
             booked["bytes"] += on_air
             booked["busy_s"] += seconds
+            if mode is not None:
+                m = self.tally.modcods.setdefault(
+                    mode, {"seconds": 0.0, "bytes": 0, "transfers": 0})
+                m["seconds"] += seconds
+                m["bytes"] += on_air
+                m["transfers"] += 1
             yield self.env.timeout(seconds)
 
     def _antenna(self, w: Window) -> Generator[simpy.Event, Any, Request | None]:

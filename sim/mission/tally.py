@@ -30,6 +30,9 @@ class Tally:
     retransmitted_bytes: int = 0  # radio frames sent again after a loss
     framing_bytes: int = 0  # the radio's frame headers, trailers and FEC (links.*.framing)
     stations: dict[str, dict[str, float]] = field(default_factory=dict)
+    # adaptive modulation (links.downlink.budget.modcod): MODCOD -> the seconds on the air,
+    # bytes on the air and transfers (one per Transmit) it carried
+    modcods: dict[str, dict[str, float]] = field(default_factory=dict)
     cloudy_skipped: int = 0  # scenes the satellites dropped: no usable token
     rows_trained: int = 0  # rows trained on, all epochs (each row once an epoch)
     distinct_trained: int = 0  # distinct stored rows trained on

@@ -232,6 +232,10 @@ class ModcodCfg(Model):
     table: Literal["dvb-s2"] = "dvb-s2"
     margin_db: float = Field(1.0, ge=0)  # above each MODCOD's ideal Es/N0
     rolloff: float = Field(0.2, gt=0, le=1)  # root-raised-cosine: symbol rate B / (1 + a)
+    # each Transmit in a contact window covers at most this many seconds, so the MODCOD is
+    # chosen again as the geometry changes over the pass (None: one Transmit may fill the
+    # rest of the window at the MODCOD of its start)
+    replan_s: float | None = Field(None, gt=0)
 
 
 class BudgetCfg(Model):

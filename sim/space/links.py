@@ -91,6 +91,14 @@ class LinkBudget:
     # DVB-S2 adaptive modulation (modcod set): the MODCOD chosen at each call, or Shannon
     modcod: AdaptiveModcod | None = None
 
+    def mode(self, range_km: float) -> str | None:
+        """The MODCOD adaptive modulation picks at `range_km` ("none" when none closes);
+        None for a Shannon-rate budget."""
+        if self.modcod is None:
+            return None
+        chosen = self.modcod.choose(self.snr_db(range_km))
+        return "none" if chosen is None else chosen[0]
+
     def rate_bps(self, range_km: float) -> float:
         if self.modcod is not None:
             return min(self.modem_rate_bps, self.modcod.rate_bps(self.snr_db(range_km),
