@@ -486,12 +486,14 @@ def _twin_tle(path: Path) -> None:
 
 
 @pytest.mark.parametrize(("antennas", "acm"), [(1, False), (2, False), (1, True),
-                                                (1, "replan")])
+                                                (1, "replan"), (1, "weak")])
 def test_orbital_downlink_uses_only_contact_windows_and_queues_for_antennas(
         tmp_path: Path, antennas: int, acm: bool | str) -> None:
     """(acm: the rate from DVB-S2 MODCODs instead of Shannon's capacity; on this UHF budget
     both stay above the modem's 9.6 kbit/s, so the mission is the same; "replan": a MODCOD
-    chosen again every 5 s of a pass)"""
+    chosen again every 5 s of a pass; "weak": 20 dB less EIRP, so that near the horizon
+    (beyond about 1,450 km) no MODCOD closes, slices of 0.01 s, shorter than the latency:
+    the satellite waits for the geometry, then stretches its slices, and all comes down)"""
     from sparsat.sim.scenario.schema import load
     from sparsat.sim.space import orbits
 
@@ -505,10 +507,12 @@ def test_orbital_downlink_uses_only_contact_windows_and_queues_for_antennas(
                    "stations": [{"name": "svalbard", "lat_deg": 78.23, "lon_deg": 15.39,
                                  "min_elevation_deg": 5, "antennas": antennas}]},
         "links": {"downlink": {"rate_bps": 9600, "latency_s": 0.05, "loss": 0.05,
-                               "budget": {"frequency_hz": 437e6, "eirp_dbw": 0.0,
+                               "budget": {"frequency_hz": 437e6,
+                                          "eirp_dbw": -20.0 if acm == "weak" else 0.0,
                                           "gt_dbk": -15.0, "bandwidth_hz": 25e3,
                                           **({"modcod": {"margin_db": 1.0, **(
-                                              {"replan_s": 5.0} if acm == "replan" else {})}}
+                                              {"replan_s": 5.0} if acm == "replan" else
+                                              {"replan_s": 0.01} if acm == "weak" else {})}}
                                              if acm else {})}},
                   "trainer": TINY["links"]["trainer"]},
         "training": {**TINY["training"], "strategy": "centralized", "workers": 1, "epochs": 1,
@@ -541,8 +545,8 @@ def test_orbital_downlink_uses_only_contact_windows_and_queues_for_antennas(
         assert sum(v["seconds"] for v in m.values()) == pytest.approx(station["busy_s"])
         assert sum(v["time_share"] for v in m.values()) == pytest.approx(1.0)
         transfers = sum(v["transfers"] for v in m.values())
-        if acm == "replan":  # 5-s slices: the geometry changes between them
-            assert len(m) >= 2 and transfers > 2
+        if acm == "replan":  # 5-s slices (latency and a part-filled last one aside)
+            assert len(m) >= 2 and station["busy_s"] / transfers <= 5.0 + 1.0
     else:
         assert results["modcods"] is None
     if antennas == 1:  # the twins are in view together: one waits for the other

@@ -178,7 +178,7 @@ class Downlink:
         passes = windows if isinstance(windows, Passes) else None
         rng = random.Random(f"{self.s.seed}-loss-{sat_id}")
         failures = 0
-        whole = False  # the next Transmit may fill the rest of the window (replan_s)
+        stretch_s = 0.0  # replan_s: the next slice's length when a sample did not fit one
         inside: Window | None = None  # the window entered (its antenna held)
         held: Request | None = None
         self.hosts.active.add(sat_id)
@@ -188,7 +188,7 @@ class Downlink:
                 if w != inside:  # a new window (passes make equal ones at every call)
                     self._release(inside, held)
                     self._left_window(sat_id)
-                    inside, held = None, None
+                    inside, held, stretch_s = None, None, 0.0
                     if env.now < w.start_s:
                         yield env.timeout(w.start_s - env.now)
                     if w.station is not None:
@@ -208,8 +208,8 @@ class Downlink:
                         continue  # an antenna came free as the window closed
                 r, latency = rate(w, env.now)
                 # the budget leaves room for the expected resends of lost frames
-                until = w.end_s if self.replan_s is None or whole else min(
-                    w.end_s, env.now + self.replan_s)
+                until = w.end_s if self.replan_s is None else min(
+                    w.end_s, env.now + max(self.replan_s, stretch_s))
                 room = (until - env.now - latency) * r / 8
                 if self.framing is not None:  # the radio's framing and FEC ride on top
                     room *= self.framing.efficiency
@@ -217,6 +217,12 @@ class Downlink:
                     budget = int(max(0, int(room)) * (1 - down.loss))
                 else:
                     budget = int(room * (1 - down.loss))
+                    if budget <= 0 and self.replan_s is not None and until < w.end_s:
+                        if r > 0:  # a slice shorter than the latency: a longer one
+                            stretch_s = max(2 * stretch_s, latency + self.replan_s)
+                        else:  # no MODCOD closes yet: the geometry may improve
+                            yield env.timeout(until - env.now)
+                        continue
                     if budget <= 0:
                         windows.leave()
                         continue
@@ -235,6 +241,8 @@ class Downlink:
                         windows.leave()
                     continue
                 sent = self._count(sat_id, report, bar)
+                if sent:
+                    stretch_s = 0.0
                 yield from self._onboard(sat_id, report)
                 sizes = [self._on_air(size, rng) for size in _on_link(report)]
                 if self.s.training.streaming and report.batch_bytes:
@@ -266,10 +274,11 @@ class Downlink:
                     else:
                         windows.leave()
                     continue
-                if not sent and until < w.end_s:  # not in a MODCOD's slice: the whole rest
-                    whole = True
+                if not sent and until < w.end_s:  # the next sample needs a longer slice
+                    eff = self.framing.efficiency if self.framing is not None else 1.0
+                    need = latency + 8.0 * report.next_bytes / (r * eff * (1 - down.loss))
+                    stretch_s = max(2 * stretch_s, need, latency + (self.replan_s or 0.0))
                     continue
-                whole = False
                 if not sent:  # the next sample does not fit in what is left of this window
                     if passes is not None:
                         if report.next_bytes > link.capacity(passes.duration_s):
