@@ -74,7 +74,8 @@ class Window:
     station: str | None = None
 
 
-RateFn = Callable[[Window, float], tuple[float, float]]  # (rate bit/s, latency s) at a time
+# (rate bit/s, latency s, MODCOD or None) at a time
+RateFn = Callable[[Window, float], tuple[float, float, str | None]]
 
 
 class Passes:
@@ -124,27 +125,26 @@ class Contacts:
 
 def fixed_rate(link: Link) -> RateFn:
     """A pass's rate: the link's, all along."""
-    return lambda w, t: (link.rate_bps, link.latency_s)
+    return lambda w, t: (link.rate_bps, link.latency_s, None)
 
 
 class RangeRate:
     """The rate the slant range from the window's station allows at `t` (the budget's
     Shannon capacity, capped at the modem's rate; the modem's rate without a budget), and
-    the latency: range / c plus the radio's own."""
+    the latency: range / c plus the radio's own; the MODCOD, with adaptive modulation."""
 
     def __init__(self, sat: orbits.Satellite, epoch: datetime, sites: dict[str, orbits.Station],
                  budget: LinkBudget | None, rate_bps: float, latency_s: float) -> None:
         self.sat, self.epoch, self.sites = sat, epoch, sites
         self.budget, self.rate_bps, self.latency_s = budget, rate_bps, latency_s
-        self.mode: str | None = None  # the MODCOD of the last call (adaptive modulation)
 
-    def __call__(self, w: Window, t: float) -> tuple[float, float]:
+    def __call__(self, w: Window, t: float) -> tuple[float, float, str | None]:
         assert w.station is not None
         pos = orbits.ecef_positions_km([self.sat], self.epoch, np.array([t]))[0]
         rng_km = float(orbits.slant_range_km(pos, self.sites[w.station])[0])
-        rate = self.budget.rate_bps(rng_km) if self.budget is not None else self.rate_bps
-        self.mode = self.budget.mode(rng_km) if self.budget is not None else None
-        return rate, rng_km / C_KM_S + self.latency_s
+        rate, mode = (self.budget.rate_and_mode(rng_km) if self.budget is not None
+                      else (self.rate_bps, None))
+        return rate, rng_km / C_KM_S + self.latency_s, mode
 
 
 class Downlink:
@@ -206,7 +206,7 @@ class Downlink:
                     inside = w
                     if w.station is not None and env.now >= w.end_s:
                         continue  # an antenna came free as the window closed
-                r, latency = rate(w, env.now)
+                r, latency, mode = rate(w, env.now)
                 # the budget leaves room for the expected resends of lost frames
                 until = w.end_s if self.replan_s is None else min(
                     w.end_s, env.now + max(self.replan_s, stretch_s))
@@ -247,8 +247,7 @@ class Downlink:
                 sizes = [self._on_air(size, rng) for size in _on_link(report)]
                 if self.s.training.streaming and report.batch_bytes:
                     self._stamp(sat_id, report, sizes, r, latency)
-                yield from self.charge(link, w.station, sizes, r, latency,
-                                       rate.mode if isinstance(rate, RangeRate) else None)
+                yield from self.charge(link, w.station, sizes, r, latency, mode)
                 if report.error_code:
                     failures = self._check_failure(sat_id, report, failures + 1)
                     continue  # unacked samples stay queued: try again in what is left

@@ -91,20 +91,21 @@ class LinkBudget:
     # DVB-S2 adaptive modulation (modcod set): the MODCOD chosen at each call, or Shannon
     modcod: AdaptiveModcod | None = None
 
-    def mode(self, range_km: float) -> str | None:
-        """The MODCOD adaptive modulation picks at `range_km` ("none" when none closes);
-        None for a Shannon-rate budget."""
-        if self.modcod is None:
-            return None
-        chosen = self.modcod.choose(self.snr_db(range_km))
-        return "none" if chosen is None else chosen[0]
+    def rate_and_mode(self, range_km: float) -> tuple[float, str | None]:
+        """The rate at `range_km` and the MODCOD adaptive modulation picks for it ("none"
+        when none closes; None for a Shannon-rate budget)."""
+        snr_db = self.snr_db(range_km)
+        if self.modcod is not None:
+            rate, name = self.modcod.rate_and_mode(snr_db, self.bandwidth_hz)
+            return min(self.modem_rate_bps, rate), name
+        capacity = self.bandwidth_hz * math.log2(1 + 10 ** (snr_db / 10))
+        return min(self.modem_rate_bps, capacity), None
 
     def rate_bps(self, range_km: float) -> float:
-        if self.modcod is not None:
-            return min(self.modem_rate_bps, self.modcod.rate_bps(self.snr_db(range_km),
-                                                                self.bandwidth_hz))
-        snr = 10 ** (self.snr_db(range_km) / 10)
-        return min(self.modem_rate_bps, self.bandwidth_hz * math.log2(1 + snr))
+        return self.rate_and_mode(range_km)[0]
+
+    def mode(self, range_km: float) -> str | None:
+        return self.rate_and_mode(range_km)[1]
 
 
 # DVB-S2 MODCODs (ETSI EN 302 307-1, Table 13: normal FECFRAMEs, AWGN, quasi error free):
@@ -150,9 +151,13 @@ class AdaptiveModcod:
         eff, name = max(usable)
         return name, eff
 
-    def rate_bps(self, snr_db: float, bandwidth_hz: float) -> float:
+    def rate_and_mode(self, snr_db: float, bandwidth_hz: float) -> tuple[float, str]:
+        """The symbol rate times the chosen MODCOD's efficiency, and its name; (0, "none")
+        when none closes."""
         chosen = self.choose(snr_db)
-        return 0.0 if chosen is None else bandwidth_hz / (1 + self.rolloff) * chosen[1]
+        if chosen is None:
+            return 0.0, "none"
+        return bandwidth_hz / (1 + self.rolloff) * chosen[1], chosen[0]
 
 
 @dataclass(frozen=True)
