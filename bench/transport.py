@@ -88,7 +88,7 @@ Batches = list[pb.DownlinkBatch]
 def batches(payloads: list[downlink.Payload], cls: bool = False, int8: bool = False,
             size: int | None = None) -> Batches:
     """Pack payloads as a satellite does, one stream: the first batch names the satellite."""
-    packed = downlink.pack(iter(payloads), lambda first: downlink.BatchBuilder(
+    packed = downlink.pack(iter(payloads), lambda first, _basis: downlink.BatchBuilder(
         SENSOR if first else "", cls, int8), 1 << 62, size or BATCH_BYTES)
     if sum(len(b.items) for b in packed) != len(payloads):
         raise RuntimeError("not every payload was packed")

@@ -32,6 +32,7 @@ from sparsat.node.data.masking import MaskSpec, capture
 from sparsat.node.data.sharding import sample_id as make_sample_id
 from sparsat.node.data.sharding import train_subset
 from sparsat.node.models.encoders import Encoder, encode_flops
+from sparsat.node.wire.basis import Basis
 from sparsat.node.wire.codec import (
     decode_patches,
     dequantize_token,
@@ -41,6 +42,7 @@ from sparsat.node.wire.codec import (
 )
 
 Progress = Callable[[int, int], None]
+Projection = tuple[Mapping[int, Basis], Basis]  # projected CLS payloads: bases, the final one
 log = logging.getLogger("sparsat.ground_station")
 PENDING_CANVAS_BYTES = 256 << 20  # decoded canvases held for one encoder batch, at most
 
@@ -60,14 +62,19 @@ class TokenSet:
 
 
 def encode_rows(rows: Iterable[Row], total: int, encoder: Encoder, batch_size: int,
-                cls_dtype: str, progress: Progress | None = None) -> TokenSet:
-    """Encode `total` stored samples (patches through the encoder, CLS tokens dequantized)."""
+                cls_dtype: str, progress: Progress | None = None,
+                projection: Projection | None = None) -> TokenSet:
+    """Encode `total` stored samples (patches through the encoder, CLS tokens dequantized;
+    projected ones decoded with their basis and, like plain tokens sent before a basis, recoded
+    through the final one: `projection` = (bases by version, final))."""
     t0 = time.perf_counter()
     features = np.empty((total, encoder.dim), dtype=np.float32)
     labels = np.empty(total, dtype=np.int64)
     ids = np.empty(total, dtype=np.int64)
     pending: list[tuple[int, np.ndarray, np.ndarray]] = []  # (row, canvas, visible)
     flops, count, held = 0, 0, 0  # held: bytes of the pending canvases
+    bases, final = projection if projection is not None else ({}, None)
+    recode = np.zeros(total, dtype=bool)  # rows to pass through the final basis
 
     def flush() -> None:
         if pending:
@@ -80,8 +87,15 @@ def encode_rows(rows: Iterable[Row], total: int, encoder: Encoder, batch_size: i
         if k >= total:
             raise RuntimeError(f"store yielded more than the {total} samples expected")
         ids[k], labels[k] = row.id, row.label
-        if not row.height:  # a CLS token
+        if not row.height and row.basis:  # codes of a projected token
+            b = bases[row.basis]
+            u, _ = b.decode(np.frombuffer(row.data, np.uint8).reshape(1, -1),
+                            np.array([row.scale], np.float32))
+            features[k] = b.reconstruct(u)[0]
+            recode[k] = final is not None and row.basis != final.version
+        elif not row.height:  # a CLS token
             features[k] = dequantize_token(row.data, cls_dtype, encoder.dim, row.scale)
+            recode[k] = final is not None
         else:
             data = parse_patch_record(row.data, row.runs, (row.height, row.width, row.channels),
                                       encoder.grid)
@@ -99,6 +113,8 @@ def encode_rows(rows: Iterable[Row], total: int, encoder: Encoder, batch_size: i
     flush()
     if count != total:
         raise RuntimeError(f"store yielded {count} samples, expected {total}")
+    if final is not None and recode.any():
+        features[recode] = final.recode(features[recode])
     if progress:
         progress(total, total)
     return TokenSet(features, labels, ids, flops, time.perf_counter() - t0)

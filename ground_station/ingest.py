@@ -10,13 +10,14 @@ time; run codes and per-sample shapes go through sparsat.node.wire.codec one by 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 
 import grpc
 import numpy as np
 
 from sparsat.ground_station.store import Row
+from sparsat.node.wire.basis import Basis
 from sparsat.node.wire.codec import (
     BIT_TABLE,
     CLS_ITEMSIZE,
@@ -59,6 +60,13 @@ class IngestRules:
     # `satellites`, -1 for images outside the scenario's subset
     owner: np.ndarray | None = None
     satellites: dict[str, int] | None = None
+    # projected CLS payloads: tokens come as codes of an uplinked basis (DownlinkBatch.basis),
+    # or, with `unprojected`, as cls_dtype tokens (basis 0); `bases` and `dictionaries` (zstd,
+    # by dictionary id) are what the ground station uplinked, the live mappings it keeps
+    projected: bool = False
+    unprojected: bool = False
+    bases: Mapping[int, Basis] = field(default_factory=dict)
+    dictionaries: Mapping[int, object] = field(default_factory=dict)  # id -> ZstdCompressionDict
 
     @property
     def max_id(self) -> int:
@@ -83,7 +91,11 @@ def check_batch(batch: BatchData, satellite: str, rules: IngestRules,
             reasons.setdefault(pos, (cause, why if isinstance(why, str) else why[k]))
 
     everything = np.ones(n, dtype=bool)
-    structure = _structure(batch, n, rules)
+    batch, unknown = _inflate(batch, n, rules)
+    if unknown:
+        refuse(everything, RejectCause.BAD_BASIS, unknown)
+    structure = _structure(batch, n, rules) if not unknown else "unknown basis"
+
     if structure:
         refuse(everything, RejectCause.BAD_STRUCTURE, f"batch: {structure}")
     if batch.last_id != batch.id_sum:
@@ -131,6 +143,15 @@ def _structure(batch: BatchData, n: int, rules: IngestRules) -> str:
     else:
         if batch.patches:
             return "patch payloads, but this scenario's sensors send CLS tokens"
+        if batch.basis:
+            b = rules.bases[batch.basis]
+            if len(batch.tokens) != n * b.code_bytes:
+                return (f"tokens are {len(batch.tokens)} bytes, {n} codes of basis "
+                        f"{batch.basis} need {n * b.code_bytes}")
+            if len(batch.scales) != n * b.scale_bytes or batch.shapes.size:
+                return (f"scales are {len(batch.scales)} bytes, basis {batch.basis} needs "
+                        f"{n * b.scale_bytes}; no shapes")
+            return ""
         size = rules.dim * CLS_ITEMSIZE[rules.cls_dtype]
         if len(batch.tokens) != n * size:
             return (f"tokens are {len(batch.tokens)} bytes, {n} {rules.cls_dtype} tokens of "
@@ -188,8 +209,70 @@ def _patch_rows(batch: BatchData, satellite: str, rules: IngestRules, refuse: _R
     return rows
 
 
+def _inflate(batch: BatchData, n: int, rules: IngestRules) -> tuple[BatchData, str]:
+    """The batch with a zstd frame's tokens and scales in place, and why every sample is
+    refused as of an unknown basis ('' when none is): a basis or dictionary the ground
+    station never uplinked, or a projection the scenario does not have. A frame that does
+    not declare exactly what its samples need is never inflated (its tokens are dropped:
+    the structure check then refuses the batch)."""
+    if batch.basis and not rules.projected:
+        return batch, f"basis {batch.basis}: this scenario's tokens are not projected"
+    if batch.basis and batch.basis not in rules.bases:
+        return batch, f"basis {batch.basis} was never uplinked"
+    if not batch.basis and rules.projected and not rules.unprojected and rules.payload == "cls":
+        return batch, "tokens without a basis: this scenario's satellites wait for theirs"
+    if not batch.dictionary:
+        return batch, ""
+    zdict = rules.dictionaries.get(batch.dictionary)
+    if zdict is None:
+        return batch, f"zstd dictionary {batch.dictionary} was never uplinked"
+    if batch.basis:
+        b = rules.bases[batch.basis]
+        code, scale = b.code_bytes, b.scale_bytes
+    else:
+        code = rules.dim * CLS_ITEMSIZE[rules.cls_dtype]
+        scale = 4 if rules.cls_dtype == "int8" else 0
+    want = n * (code + scale)
+    import zstandard
+
+    try:
+        declared = zstandard.get_frame_parameters(batch.tokens).content_size
+    except zstandard.ZstdError:
+        declared = -1
+    if declared != want or batch.scales:  # unknown (-1), or not what n samples need
+        return replace(batch, tokens=b"\x00", scales=b""), ""
+    try:
+        raw = zstandard.ZstdDecompressor(dict_data=zdict).decompress(  # type: ignore[arg-type]
+            batch.tokens, max_output_size=want)
+    except zstandard.ZstdError:
+        return replace(batch, tokens=b"\x00", scales=b""), ""
+    if len(raw) != want:
+        return replace(batch, tokens=b"\x00", scales=b""), ""
+    return replace(batch, tokens=raw[: n * code], scales=raw[n * code :]), ""
+
+
+def _projected_rows(batch: BatchData, satellite: str, rules: IngestRules, refuse: _Refuse
+                    ) -> list[Row]:
+    """Codes of an uplinked basis, checked by decoding them (bad codes and scales refused)."""
+    b = rules.bases[batch.basis]
+    n, size = len(batch.ids), b.code_bytes
+    codes = np.frombuffer(batch.tokens, np.uint8).reshape(n, size)
+    if b.scale_bytes:
+        scales = np.frombuffer(batch.scales, "<f4" if b.scale_bytes == 4 else "<f2"
+                               ).astype(np.float32)
+    else:
+        scales = np.zeros(n, np.float32)
+    _, bad = b.decode(codes, scales)
+    refuse(bad, RejectCause.BAD_TOKEN, f"codes or scale that basis {batch.basis} never writes")
+    ids, labels, s = batch.ids.tolist(), batch.labels.tolist(), scales.tolist()
+    return [Row(ids[k], satellite, labels[k], False, 0, 0, 0, s[k],
+                batch.tokens[k * size : (k + 1) * size], batch.basis) for k in range(n)]
+
+
 def _cls_rows(batch: BatchData, satellite: str, rules: IngestRules, refuse: _Refuse
               ) -> list[Row]:
+    if batch.basis:
+        return _projected_rows(batch, satellite, rules, refuse)
     n, dim, dtype = len(batch.ids), rules.dim, rules.cls_dtype
     size = dim * CLS_ITEMSIZE[dtype]
     if dtype == "int8":

@@ -23,6 +23,7 @@ from sparsat.ground_station.checkpoints import CheckpointError
 from sparsat.ground_station.config import GroundStationConfig
 from sparsat.ground_station.coordinator import Coordinator
 from sparsat.ground_station.encoding import (
+    Projection,
     TokenCache,
     TokenSet,
     encode_rows,
@@ -75,7 +76,7 @@ class Prepared:
     precision_note: str = ""  # why not what the scenario asked, "" when it was
 
 
-def _encoder(cfg: GroundStationConfig) -> encoders.Encoder:
+def build_encoder(cfg: GroundStationConfig) -> encoders.Encoder:
     try:
         encoder = encoders.create(
             cfg.sensor.encoder, cfg.sensor.encoder_weights, cfg.sensor.encoder_seed,
@@ -115,14 +116,16 @@ def _in_thread(work: Callable[[list[Update], dict[str, TokenSet]], None]
 
 
 def prepare(cfg: GroundStationConfig, store: SampleStore, test_data: ImageDataset,
-            n_train: int) -> Generator[Update, None, Prepared]:
+            n_train: int, projection: Projection | None = None
+            ) -> Generator[Update, None, Prepared]:
     """Encode, then make the coordinator (resumed from its checkpoint when cfg.resume);
     yields progress, returns what was prepared."""
     if not len(store):
         raise NotReady("no samples stored yet")
-    encoder = _encoder(cfg)
+    encoder = build_encoder(cfg)
     result = yield from _in_thread(
-        lambda updates, result: _encode(cfg, store, test_data, encoder, updates, result))
+        lambda updates, result: _encode(cfg, store, test_data, encoder, updates, result,
+                                        projection))
     train = result["train"]
     coord = Coordinator(cfg.training, encoder.dim, test_data.num_classes, cfg.checkpoint_dir)
     try:
@@ -169,42 +172,60 @@ def _stages(cfg: GroundStationConfig, updates: list[Update]
     return stage, progress
 
 
+def _read_as(cfg: GroundStationConfig, projection: Projection | None) -> str | None:
+    """How CLS payloads are read, for the training split's cache key (None: patches)."""
+    if cfg.sensor.payload != "cls":
+        return None
+    if projection is None:
+        return cfg.sensor.cls_dtype
+    return f"{cfg.sensor.cls_dtype}+basis{projection[1].version}"
+
+
+def _as_sent(cfg: GroundStationConfig, tokens: TokenSet, projection: Projection | None
+             ) -> TokenSet:
+    """Ground-held tokens (test, validation) as the satellites' arrive: through the final
+    basis, or requantized to the wire dtype; patches: as they are."""
+    if cfg.sensor.payload != "cls":
+        return tokens
+    if projection is not None:
+        return replace(tokens, features=projection[1].recode(tokens.features))
+    return replace(tokens, features=requantize(tokens.features, cfg.sensor.cls_dtype))
+
+
 def _encode(cfg: GroundStationConfig, store: SampleStore, test_data: ImageDataset,
-            encoder: encoders.Encoder, updates: list[Update], result: dict[str, TokenSet]
-            ) -> None:
+            encoder: encoders.Encoder, updates: list[Update], result: dict[str, TokenSet],
+            projection: Projection | None = None) -> None:
     """The encoder stage (a worker thread): train and test tokens into `result`, progress
     appended to `updates`."""
     stage, progress = _stages(cfg, updates)
     enc = encoder_digest(encoder, cfg.encode_batch)
     # a snapshot: samples may still arrive (encode_rows fails if one lands below top)
     n, top, content = store.content_digest()
-    cls = cfg.sensor.payload == "cls"
     result["train"] = stage(
-        "encode train", train_key(enc, content, cfg.sensor.cls_dtype if cls else None),
+        "encode train", train_key(enc, content, _read_as(cfg, projection)),
         lambda: encode_rows(
             (r for chunk in store.rows(upto=top) for r in chunk), n, encoder,
-            cfg.encode_batch, cfg.sensor.cls_dtype, progress("encode train")))
-    _evaluation_sets(cfg, test_data, encoder, stage, progress, enc, result)
+            cfg.encode_batch, cfg.sensor.cls_dtype, progress("encode train"), projection))
+    _evaluation_sets(cfg, test_data, encoder, stage, progress, enc, result, projection)
 
 
 def _evaluation_sets(cfg: GroundStationConfig, test_data: ImageDataset,
                      encoder: encoders.Encoder, stage: Stage,
                      progress: Callable[[str], Callable[[int, int], None]], enc: str,
-                     result: dict[str, TokenSet]) -> None:
+                     result: dict[str, TokenSet], projection: Projection | None = None) -> None:
     """The test split (and the validation split) under the training data's masks and
     payload path, into `result`."""
-    cls = cfg.sensor.payload == "cls"
     test = stage("encode test", eval_key(
         enc, cfg.sensor.dataset, files_digest(test_data), cfg.sensor.mask, len(test_data),
         cfg.test_subset, cfg.sensor.train_indices_seed), lambda: encode_split(
             test_data, "test", cfg.sensor.dataset.name, cfg.sensor.mask, encoder,
             cfg.encode_batch, cfg.test_subset, cfg.sensor.train_indices_seed,
             progress("encode test")))
-    if cls:  # train tokens were quantized on the satellites: evaluate like for like
-        test = replace(test, features=requantize(test.features, cfg.sensor.cls_dtype))
-    result["test"] = test
+    # train tokens were quantized (and projected) on the satellites: evaluate like for like
+    result["test"] = _as_sent(cfg, test, projection)
     if cfg.validation_subset:
-        result["validation"] = _validation(cfg, encoder, stage, enc, progress)
+        result["validation"] = _as_sent(cfg, _validation(cfg, encoder, stage, enc, progress),
+                                        projection)
 
 
 @dataclass
@@ -220,19 +241,20 @@ class Stream:
 
 
 def prepare_stream(cfg: GroundStationConfig, store: SampleStore, test_data: ImageDataset,
-                   upto_s: float, stream: Stream | None) -> Generator[Update, None, Stream]:
+                   upto_s: float, stream: Stream | None, projection: Projection | None = None
+                   ) -> Generator[Update, None, Stream]:
     """One streaming update's encoder stage: the samples that arrived by `upto_s` and were
     not encoded yet, in order of arrival (then id), encoded in batches of encode_batch
     formed from that order alone (so a deployed run encodes exactly what a local one does),
     appended to the training tokens and to the coordinator's dataset. The first call also
     encodes the test (and validation) split and makes the coordinator."""
     if stream is None:
-        encoder = _encoder(cfg)
+        encoder = build_encoder(cfg)
         enc = encoder_digest(encoder, cfg.encode_batch)
 
         def evaluation(updates: list[Update], result: dict[str, TokenSet]) -> None:
             stage, progress = _stages(cfg, updates)
-            _evaluation_sets(cfg, test_data, encoder, stage, progress, enc, result)
+            _evaluation_sets(cfg, test_data, encoder, stage, progress, enc, result, projection)
 
         result = yield from _in_thread(evaluation)
         coord = Coordinator(cfg.training, encoder.dim, test_data.num_classes,
@@ -247,7 +269,7 @@ def prepare_stream(cfg: GroundStationConfig, store: SampleStore, test_data: Imag
     def encode(updates: list[Update], result: dict[str, TokenSet]) -> None:
         result["train"] = encode_rows(
             store.rows_of(new), len(new), s.encoder, cfg.encode_batch, cfg.sensor.cls_dtype,
-            lambda done, n: updates.append(Update("encode train", done, n)))
+            lambda done, n: updates.append(Update("encode train", done, n)), projection)
 
     tokens = (yield from _in_thread(encode))["train"] if new else None
     stream.added = len(new)

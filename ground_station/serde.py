@@ -107,3 +107,13 @@ def train_epoch_request(epoch: int, replay_share: float | None = None) -> pb.Tra
     if replay_share is None:
         return pb.TrainEpochRequest(epoch=epoch)
     return pb.TrainEpochRequest(epoch=epoch, new_rows_only=True, replay_share=replay_share)
+
+
+def uplink_reply(basis: pb.Basis, dictionary: bytes, fit_tokens: int,
+                 fit_s: float) -> pb.UplinkReply:
+    return pb.UplinkReply(basis=basis, dictionary=dictionary, fit_tokens=fit_tokens,
+                          fit_s=fit_s)
+
+
+def uplink_request() -> pb.UplinkRequest:
+    return pb.UplinkRequest()

@@ -15,33 +15,37 @@ import threading
 import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import numpy as np
 import torch
 
 from sparsat.ground_station import serde as gs_serde
+from sparsat.ground_station import uplink
 from sparsat.ground_station.checkpoints import CheckpointError
 from sparsat.ground_station.config import GroundStationConfig, mission_keys
 from sparsat.ground_station.coordinator import Coordinator, TrainerUnavailable
-from sparsat.ground_station.encoding import TokenSet
+from sparsat.ground_station.encoding import Projection, TokenSet
 from sparsat.ground_station.ingest import Checked, IngestRules, check_batch, refusal
 from sparsat.ground_station.prepare import (
     EncodingFailed,
     NotReady,
     Stream,
     Update,
+    build_encoder,
     prepare,
     prepare_stream,
 )
 from sparsat.ground_station.store import NodeRecord, SampleStore
+from sparsat.ground_station.uplink import Fitted
 from sparsat.node.data.config import SensorSetup
 from sparsat.node.data.datasets import load_dataset, split_size
 from sparsat.node.data.sharding import owners, satellite_images, validation_indices
 from sparsat.node.data.tiles import tile_edges
 from sparsat.node.models import encoders
 from sparsat.node.wire import control, downlink, security
+from sparsat.node.wire.basis import Basis
 from sparsat.node.wire.codec import CodecError
 from sparsat.node.wire.rpc import (
     INSTANCE,
@@ -199,7 +203,17 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             num_classes=self.test_data.num_classes, image_shape=self.test_data.image_shape,
             n_train=n_train, copies=copies, cls_dtype=cfg.sensor.cls_dtype,
             owner=owners(n_train, [self.images[s] for s in cfg.sensor.satellites]),
-            satellites={s: k for k, s in enumerate(cfg.sensor.satellites)})
+            satellites={s: k for k, s in enumerate(cfg.sensor.satellites)},
+            projected=cfg.sensor.projection is not None,
+            unprojected=(cfg.sensor.projection is not None
+                         and cfg.sensor.projection.method == "supervised"),
+            bases={}, dictionaries={})
+        # projected CLS payloads: what was fitted and uplinked (Uplink), by version: the
+        # ingest rules read the same mappings
+        self.bases: dict[int, Basis] = self.rules.bases  # type: ignore[assignment]
+        self.dictionaries: dict[int, Any] = self.rules.dictionaries  # type: ignore[assignment]
+        self.fitted: Fitted | None = None
+        self._uplink_lock = threading.Lock()
         # Every registration is stored. After a restart a node's enrollment holds (its role,
         # its satellites: their samples are accepted, no other node takes them), but its
         # address is listed (nodes: ListNodes, trainers for Prepare) only once it registered
@@ -439,7 +453,8 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         first = self.stream is None
         try:
             stream = yield from _as_progress(prepare_stream(
-                self.cfg, self.store, self.test_data, request.upto_s, self.stream))
+                self.cfg, self.store, self.test_data, request.upto_s, self.stream,
+                self._projection(context)))
         except NotReady as e:
             abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except EncodingFailed as e:
@@ -483,7 +498,8 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         self._trainer_nodes(context)  # fail early, before the long encoding
         try:
             prepared = yield from _as_progress(prepare(self.cfg, self.store, self.test_data,
-                                                       self.rules.n_train))
+                                                       self.rules.n_train,
+                                                       self._projection(context)))
         except NotReady as e:
             abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except EncodingFailed as e:
@@ -568,6 +584,43 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
         )
 
+    def _projection(self, context: grpc.ServicerContext) -> Projection | None:
+        """(bases, the final one) for the encoder stage; None without a projection.
+        FAILED_PRECONDITION when the scenario projects and no basis was fitted yet."""
+        if self.cfg.sensor.projection is None:
+            return None
+        if self.fitted is None:
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                  "no basis was fitted (Uplink): projected tokens cannot be read yet")
+        return dict(self.bases), self.fitted.basis
+
+    def Uplink(self, request: pb.UplinkRequest,
+               context: grpc.ServicerContext) -> pb.UplinkReply:
+        """The basis (and zstd dictionary) satellites are to be uplinked: fitted on the first
+        call that can (uplink.fit), the same one after."""
+        if self.cfg.sensor.projection is None:
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                  "this scenario's payload has no projection: nothing to uplink")
+        with self._uplink_lock:
+            if self.fitted is None:
+                try:
+                    encoder = build_encoder(self.cfg)
+                    fitted = uplink.fit(self.cfg, self.store, encoder)
+                except (uplink.NotFitted, NotReady) as e:
+                    abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
+                except ValueError as e:
+                    abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"basis: {e}")
+                self.bases[fitted.basis.version] = fitted.basis
+                if fitted.dictionary is not None:
+                    self.dictionaries[fitted.dictionary.dict_id()] = fitted.dictionary
+                self.fitted = fitted
+                log.info("basis %d fitted (%s, D=%d, %s) on %d tokens in %.1f s",
+                         fitted.basis.version, fitted.basis.method, fitted.basis.dim,
+                         fitted.basis.quantizer, fitted.fit_tokens, fitted.fit_s)
+            f = self.fitted
+        return gs_serde.uplink_reply(f.basis.to_pb(), f.dictionary.as_bytes()
+                                     if f.dictionary is not None else b"", f.fit_tokens, f.fit_s)
+
     def Describe(self, request: pb.DescribeRequest,
                  context: grpc.ServicerContext) -> pb.MissionInfo:
         """The mission this ground station runs (its scenario's keys, flattened), so that mission
@@ -594,7 +647,7 @@ def sensor_setup(rules: IngestRules, images: dict[str, np.ndarray]) -> SensorSet
         cls_dtype=rules.cls_dtype if cls else None,
         tile_rows=tuple(tile_edges(shape[0], rules.grid).tolist()) if shape else (),
         tile_cols=tuple(tile_edges(shape[1], rules.grid).tolist()) if shape else (),
-        images=images)
+        images=images, projected=rules.projected, send_unprojected=rules.unprojected)
 
 
 def _check_sizes(request: pb.RegisterRequest, context: grpc.ServicerContext) -> None:

@@ -40,8 +40,9 @@ class Row(NamedTuple):
     height: int  # patches; 0 for CLS tokens
     width: int
     channels: int
-    scale: float  # int8 CLS tokens
+    scale: float  # int8 CLS tokens; int8 / int4 codes of projected ones
     data: bytes
+    basis: int = 0  # projected CLS tokens: the Basis.version of their codes
 
 
 class NodeRecord(NamedTuple):
@@ -82,6 +83,8 @@ class SampleStore:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS nodes (node_id TEXT PRIMARY KEY, role INTEGER NOT NULL, "
             "address TEXT NOT NULL, satellites TEXT NOT NULL, device TEXT NOT NULL)")
+        if "basis" not in {r[1] for r in self._db.execute("PRAGMA table_info(payloads)")}:
+            self._db.execute("ALTER TABLE payloads ADD COLUMN basis INTEGER NOT NULL DEFAULT 0")
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(batches)")}
         if "transmit_id" not in columns:  # a store from before streaming missions
             self._db.execute("ALTER TABLE batches ADD COLUMN transmit_id INTEGER NOT NULL "
@@ -125,14 +128,14 @@ class SampleStore:
         never reported on the air)."""
         with self._lock:
             # a sample's content: everything but its sender (an int8 token's scale included)
-            stored: dict[int, tuple[int, bool, int, int, int, float, bytes]] = {}
+            stored: dict[int, tuple[int, bool, int, int, int, float, bytes, int]] = {}
             row_ids = [r.id for r in rows]
             for start in range(0, len(row_ids), 500):
                 part = row_ids[start : start + 500]
-                stored.update((i, (label, bool(runs), h, w, c, scale, bytes(data)))
-                              for i, label, runs, h, w, c, scale, data in self._db.execute(
-                    f"SELECT id, label, runs, height, width, channels, scale, data FROM payloads "
-                    f"WHERE id IN ({','.join('?' * len(part))})", part))
+                stored.update((i, (label, bool(runs), h, w, c, scale, bytes(data), basis))
+                              for i, label, runs, h, w, c, scale, data, basis in self._db.execute(
+                    f"SELECT id, label, runs, height, width, channels, scale, data, basis FROM "
+                    f"payloads WHERE id IN ({','.join('?' * len(part))})", part))
             duplicates, conflicts, new = [], [], []
             seen: set[int] = set()
             for k, r in enumerate(rows):
@@ -141,12 +144,12 @@ class SampleStore:
                     new.append(r)
                     seen.add(r.id)
                 elif old is not None and old == (r.label, r.runs, r.height, r.width, r.channels,
-                                                 r.scale, r.data):
+                                                 r.scale, r.data, r.basis):
                     duplicates.append(k)
                 else:
                     conflicts.append(k)
             try:  # all of the batch or none of it
-                self._db.executemany("INSERT INTO payloads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                self._db.executemany("INSERT INTO payloads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                      new)
                 seq = self._db.execute(
                     "INSERT INTO batches (satellite, named, ids, wire_bytes, transmit_id) "
@@ -203,8 +206,8 @@ class SampleStore:
                 found = {r[0]: r for r in self._db.execute(
                     f"SELECT * FROM payloads WHERE id IN ({','.join('?' * len(part))})", part)}
             for i in part:
-                i_, s, y, r, h, w, c, sc, d = found[i]
-                yield Row(i_, s, y, bool(r), h, w, c, sc, bytes(d))
+                i_, s, y, r, h, w, c, sc, d, b = found[i]
+                yield Row(i_, s, y, bool(r), h, w, c, sc, bytes(d), b)
 
     def save_node(self, node: NodeRecord) -> None:
         """Insert or replace one node's registration, committed before Register answers."""
@@ -257,12 +260,14 @@ class SampleStore:
         n, top = 0, -1
         db = sqlite3.connect(self.path)
         try:
-            cur = db.execute("SELECT id, label, runs, height, width, channels, scale, data "
-                             "FROM payloads ORDER BY id")
+            cur = db.execute("SELECT id, label, runs, height, width, channels, scale, data, "
+                             "basis FROM payloads ORDER BY id")
             while part := cur.fetchmany(4096):
-                for i, label, runs, height, width, channels, scale, data in part:
+                for i, label, runs, height, width, channels, scale, data, basis in part:
                     h.update(_ROW.pack(i, label, runs, height, width, channels, scale,
                                        len(data)))
+                    if basis:  # projected tokens (digests of other samples as before)
+                        h.update(basis.to_bytes(4, "little"))
                     h.update(data)
                 n += len(part)
                 top = part[-1][0]
@@ -282,8 +287,8 @@ class SampleStore:
                     (last, top, chunk)).fetchall()
             if not part:
                 return
-            yield [Row(i, s, y, bool(r), h, w, c, sc, bytes(d))
-                   for i, s, y, r, h, w, c, sc, d in part]
+            yield [Row(i, s, y, bool(r), h, w, c, sc, bytes(d), b)
+                   for i, s, y, r, h, w, c, sc, d, b in part]
             last = part[-1][0]
 
     def close(self) -> None:

@@ -122,7 +122,7 @@ def test_pack_closes_a_batch_at_the_most_samples_a_batch_may_hold(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(downlink, "MAX_BATCH_SAMPLES", 3)
     payloads = [downlink.Payload(i + 1, 0, b"\x01" * 8) for i in range(7)]
-    batches = downlink.pack(iter(payloads), lambda first: downlink.BatchBuilder(
+    batches = downlink.pack(iter(payloads), lambda first, _basis: downlink.BatchBuilder(
         "sat-0" if first else ""), 1 << 20, 1 << 20)
     assert [len(b.items) for b in batches] == [3, 3, 1]
 

@@ -679,7 +679,7 @@ def test_pack_fills_batches_within_batch_bytes_and_budget() -> None:
                 for k in range(40)]
     made: list[bool] = []
 
-    def new_batch(first: bool) -> BatchBuilder:
+    def new_batch(first: bool, _basis: int) -> BatchBuilder:
         made.append(first)
         return BatchBuilder("sat-0" if first else "")
 
@@ -708,7 +708,7 @@ def test_pack_sends_a_payload_too_big_for_a_batch_alone() -> None:
     payloads = [Payload(1, 0, b"a" * 100), Payload(2, 0, b"b" * 5000), Payload(3, 0, b"c" * 100)]
 
     # Execute
-    batches = downlink.pack(iter(payloads), lambda first: BatchBuilder("s"), 1 << 20, 1000)
+    batches = downlink.pack(iter(payloads), lambda first, _basis: BatchBuilder("s"), 1 << 20, 1000)
 
     # Assert
     assert [[p.id for p in b.items] for b in batches] == [[1], [2], [3]]

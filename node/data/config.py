@@ -20,6 +20,50 @@ from sparsat.node.data.masking import MaskSpec
 
 PayloadKind = Literal["patches", "cls"]
 
+# projected CLS tokens (sparsat.node.wire.basis)
+QUANTIZERS = ("int8", "int4", "sign", "pq")
+SCALES = ("float32", "float16", "fixed")  # int8 / int4: how a token's scale travels
+METHODS = ("pca", "supervised")
+MAX_DIM = 4096  # E and D bound what a basis from the wire may size
+MAX_PQ_BITS = 8
+
+
+@dataclass(frozen=True)
+class ProjectionSpec:
+    """How a CLS payload is projected and quantized (scenario `sensors.payload.projection`)."""
+
+    dim: int = 32  # D
+    quantizer: str = "int4"
+    scale: str = "float16"  # int8 / int4 only
+    method: str = "pca"  # pca: fitted on unlabelled images; supervised: on labelled samples
+    pq_subspaces: int = 8  # pq: M (divides D)
+    pq_bits: int = 8  # pq: 2^bits centroids a subspace
+    fit_images: int = 5000  # pca: unlabelled training-split images outside the scenario's
+    fit_samples: int = 1000  # supervised: labelled samples downlinked first (int8 CLS)
+    # entropy-coded batches: zstd at this level with a dictionary of zstd_dict_bytes trained
+    # on the ground (on the fit tokens' codes) and uplinked; 0: off
+    zstd_level: int = 0
+    zstd_dict_bytes: int = 4096
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 1 <= self.dim <= MAX_DIM:
+            problems.append(f"dim {self.dim} out of 1..{MAX_DIM}")
+        if self.quantizer not in QUANTIZERS:
+            problems.append(f"quantizer {self.quantizer!r} not one of {QUANTIZERS}")
+        if self.scale not in SCALES:
+            problems.append(f"scale {self.scale!r} not one of {SCALES}")
+        if self.method not in METHODS:
+            problems.append(f"method {self.method!r} not one of {METHODS}")
+        if self.quantizer == "pq" and (self.pq_subspaces < 1 or self.dim % self.pq_subspaces):
+            problems.append(f"pq_subspaces {self.pq_subspaces} does not divide dim {self.dim}")
+        if not 1 <= self.pq_bits <= MAX_PQ_BITS:
+            problems.append(f"pq_bits {self.pq_bits} out of 1..{MAX_PQ_BITS}")
+        if self.fit_images < 2 or self.fit_samples < 2:
+            problems.append("fit_images and fit_samples must be at least 2")
+        if problems:
+            raise ValueError("projection: " + "; ".join(problems))
+
 
 @dataclass(frozen=True)
 class SensorConfig:
@@ -44,12 +88,13 @@ class SensorConfig:
     # which satellite holds which training image (sparsat.node.data.sharding.assign):
     # None: IID; a number: Dirichlet(alpha) label skew per class
     placement_alpha: float | None = None
+    projection: ProjectionSpec | None = None  # CLS payloads: projected and quantized tokens
 
     def to_json(self) -> str:
         raw = asdict(self)
         if raw["encoder_precision"] == "float32":  # the default: stores bound before it was
             del raw["encoder_precision"]            # a key still bind (from_json restores it)
-        for key in ("capture", "placement_alpha"):  # likewise
+        for key in ("capture", "placement_alpha", "projection"):  # likewise
             if raw[key] is None:
                 del raw[key]
         return json.dumps(raw)
@@ -61,6 +106,8 @@ class SensorConfig:
         raw["mask"] = MaskSpec(**raw["mask"])
         if raw.get("capture") is not None:
             raw["capture"] = CaptureSpec(**raw["capture"])
+        if raw.get("projection") is not None:
+            raw["projection"] = ProjectionSpec(**raw["projection"])
         return cls(**raw)
 
 
@@ -80,3 +127,7 @@ class SensorSetup:
     tile_cols: tuple[int, ...]
     # satellite -> its training indices in capture order (strictly increasing), int64
     images: dict[str, np.ndarray] = field(default_factory=dict)
+    # CLS payloads with a projection: codes of an uplinked basis; until a satellite has one it
+    # waits, or with send_unprojected sends cls_dtype tokens (SensorSetup.projected)
+    projected: bool = False
+    send_unprojected: bool = False

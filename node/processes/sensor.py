@@ -31,7 +31,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -43,6 +43,7 @@ from sparsat.node.data.masking import capture, copy_id
 from sparsat.node.data.sharding import sample_id
 from sparsat.node.models import encoders
 from sparsat.node.processes.rejoin import Rejoin
+from sparsat.node.wire import basis as bases
 from sparsat.node.wire import control, downlink, security
 from sparsat.node.wire.codec import (
     CodecError,
@@ -53,7 +54,6 @@ from sparsat.node.wire.codec import (
 )
 from sparsat.node.wire.rpc import (
     INSTANCE,
-    MAX_CONTROL_BYTES,
     ByteCounter,
     Outbox,
     abort,
@@ -82,6 +82,7 @@ MAX_REJECTIONS = 16  # reasons reported per Transmit
 # the largest ack of the largest batch: a bigger message is not parsed
 MAX_ACK_WIRE_BYTES = downlink.max_ack_bytes(downlink.MAX_BATCH_SAMPLES)
 SEND_METHOD = "/sparsat.v1.Downlink/Send"
+MAX_UPLINK_BYTES = 1 << 20  # the largest TransmitRequest: a basis (D x E float16), codebooks
 
 
 Key = tuple[int, int | None]  # (image index, copy): copy None unless masks are random
@@ -110,6 +111,11 @@ class Satellite:
         self.unusable: list[str] = []  # why images could not be encoded, not yet reported
         self.encode_flops = 0  # on-board encoding not yet reported
         self.encode_s = 0.0
+        # projected CLS payloads: the basis uplinked last (None: none yet), every one
+        # uplinked (a batch sent with an older one may be resent), the zstd dictionary
+        self.basis: bases.Basis | None = None
+        self.bases: dict[int, bases.Basis] = {}
+        self.zstd: tuple[Any, int] | None = None  # (ZstdCompressor, dictionary id)
         self.lock = threading.Lock()
 
 
@@ -252,10 +258,20 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             sat.encode_s += time.perf_counter() - t0
             sat.encode_flops += sum(encoders.encode_flops(self.encoder.cfg, len(c.visible))
                                     for c in caps)
-            for (key, _, _), i, y, tok in zip(scenes, ids, labels, tokens, strict=True):
-                data, scale = quantize_token(tok, self.cfg.cls_dtype)
-                sat.built[key] = downlink.cls_payload(
-                    i, y, downlink.ClsData(data, self.cfg.cls_dtype, len(tok), scale))
+            b = sat.basis
+            if b is not None:  # projected on board: codes of the uplinked basis
+                t0 = time.perf_counter()
+                codes, scales = b.encode(np.asarray(tokens))
+                sat.encode_s += time.perf_counter() - t0
+                sat.encode_flops += b.flops() * len(caps)
+                for (key, _, _), i, y, c, sc in zip(scenes, ids, labels, codes, scales.tolist(),
+                                                    strict=True):
+                    sat.built[key] = downlink.projected_payload(i, y, c.tobytes(), sc, b.version)
+            else:
+                for (key, _, _), i, y, tok in zip(scenes, ids, labels, tokens, strict=True):
+                    data, scale = quantize_token(tok, self.cfg.cls_dtype)
+                    sat.built[key] = downlink.cls_payload(
+                        i, y, downlink.ClsData(data, self.cfg.cls_dtype, len(tok), scale))
         if self.cfg.capture is not None:  # stored as its payload from now on
             for key, _, _ in scenes:
                 size = stored_bytes(sat.built[key])
@@ -297,8 +313,13 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
                           f"last call's {sat.clock_s}")
                 sat.clock_s = t
                 self._capture(sat, self.cfg.capture, t)
-            self._send(sat, request, report)
-            head = self._message(sat, 0)
+            self._uplinked(sat, request, context)
+            report.basis_version = sat.basis.version if sat.basis is not None else 0
+            if self.setup.projected and sat.basis is None and not self.setup.send_unprojected:
+                report.waiting_basis = True  # nothing leaves before the basis comes
+            else:
+                self._send(sat, request, report)
+            head = self._message(sat, 0) if not report.waiting_basis else None
             report.remaining = len(sat.pending)
             report.next_bytes = (self._alone(sat, head, bool(request.transmit_id))
                                  if head is not None else 0)
@@ -317,6 +338,47 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
                                          if len(sat.shard) else -1.0)
                 sat.captured, sat.dropped = 0, 0
             return report
+
+    def _uplinked(self, sat: Satellite, request: pb.TransmitRequest,
+                  context: grpc.ServicerContext) -> None:
+        """Take what this contact uplinked: a basis (from now on every sample not yet sent
+        is made with it: those built with another are made again), a zstd dictionary."""
+        if request.HasField("basis"):
+            if not self.setup.projected:
+                abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                      f"{sat.sat_id}: a basis was uplinked, but this scenario's payloads are "
+                      "not projected")
+            assert self.encoder is not None
+            try:
+                b = bases.from_pb(request.basis, self.encoder.dim)
+            except CodecError as e:
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{sat.sat_id}: {e}")
+            if sat.basis is None or b.version != sat.basis.version:
+                sat.basis = sat.bases[b.version] = b
+                for key in [k for k, p in sat.built.items()
+                            if p.basis != b.version and k not in sat.unacked]:
+                    del sat.built[key]
+                    if self.cfg.capture is not None:  # waits raw again for the encoder
+                        sat.onboard_bytes += (self.dataset.image(key[0]).nbytes
+                                              - sat.sizes.get(key, 0))
+                        sat.sizes[key] = self.dataset.image(key[0]).nbytes
+        if request.dictionary:
+            import zstandard
+
+            try:
+                zdict = zstandard.ZstdCompressionDict(request.dictionary)
+                dict_id = zdict.dict_id()
+                level = self.cfg.projection.zstd_level if self.cfg.projection else 3
+                compressor = zstandard.ZstdCompressor(level=level or 3, dict_data=zdict,
+                                                      write_content_size=True,
+                                                      write_checksum=False)
+            except zstandard.ZstdError as e:
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                      f"{sat.sat_id}: zstd dictionary: {e}")
+            if not dict_id:
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                      f"{sat.sat_id}: zstd dictionary has no id (raw content)")
+            sat.zstd = (compressor, dict_id)
 
     def _capture(self, sat: Satellite, spec: CaptureSpec, t: float) -> None:
         """Every capture due by mission time `t`, into storage under the policy."""
@@ -361,18 +423,20 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             sat.onboard_bytes -= sat.sizes.pop(victim, 0)
             sat.dropped += 1
 
-    def _builder(self, sat: Satellite, first: bool, transmit_id: int = 0
+    def _builder(self, sat: Satellite, first: bool, transmit_id: int = 0, basis: int = 0
                  ) -> downlink.BatchBuilder:
         cls = self.cfg.payload == "cls"
+        scale_bytes = sat.bases[basis].scale_bytes if basis else None
         return downlink.BatchBuilder(sat.sat_id if first else "", cls,
-                                     cls and self.cfg.cls_dtype == "int8",
-                                     transmit_id if first else 0)
+                                     cls and self.cfg.cls_dtype == "int8" and not basis,
+                                     transmit_id if first else 0, basis, scale_bytes,
+                                     sat.zstd if cls else None)
 
     def _alone(self, sat: Satellite, p: downlink.Payload, streaming: bool = False) -> int:
         """Link bytes of a stream carrying only `p`, and its ack (and its credentials; and,
         streaming, the largest transmit_id's bytes)."""
         tid = (1 << 62) - 1 if streaming else 0  # mission control's ids: below 2^62
-        return (self.credential_bytes + self._builder(sat, True, tid).wire_size(p)
+        return (self.credential_bytes + self._builder(sat, True, tid, p.basis).wire_size(p)
                 + downlink.max_ack_bytes(1))
 
     def _send(self, sat: Satellite, request: pb.TransmitRequest,
@@ -382,7 +446,7 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         queued = (self._message(sat, k) for k in itertools.count())
         packer = downlink.Packer(
             itertools.takewhile(lambda p: p is not None, queued),  # type: ignore
-            lambda first: self._builder(sat, first, request.transmit_id),
+            lambda first, basis: self._builder(sat, first, request.transmit_id, basis),
             request.batch_bytes or BATCH_BYTES, request.max_samples)
         if request.max_bytes <= self.credential_bytes:
             return  # not even the stream's credentials fit
@@ -473,7 +537,8 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
 
 
 def stored_bytes(p: downlink.Payload) -> int:
-    """What a built payload takes in on-board storage: its data, and an int8 token's scale."""
+    """What a built payload takes in on-board storage: its data, and a token's scale (float32
+    for int8 tokens and projected ones alike: an upper bound)."""
     return len(p.data) + (4 if p.scale else 0)
 
 
@@ -510,7 +575,8 @@ def serve(listen: str, ground_station: str, satellite_ids: list[str],
           node_id: str | None = None, advertise: str | None = None) -> None:
     """Run a sensor host until interrupted: bind, register, then answer Transmit calls."""
     node_id = node_id or f"sensors-{satellite_ids[0]}"
-    server = make_server(max_request_bytes=MAX_CONTROL_BYTES)  # Transmit and Health: small
+    # Transmit and Health: small, but a Transmit may carry the uplink (basis, dictionary)
+    server = make_server(max_request_bytes=MAX_UPLINK_BYTES)
     address = bind(server, listen, advertise, toward=ground_station)
     # Register first: the ground station answers with the scenario's sensor configuration
     # and each satellite's images.

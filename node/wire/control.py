@@ -84,14 +84,17 @@ def transmit_report(satellite_id: str) -> pb.TransmitReport:
 
 def transmit_request(satellite_id: str, max_bytes: int, max_samples: int,
                      batch_bytes: int, mission_time_s: float = 0.0,
-                     transmit_id: int = 0) -> pb.TransmitRequest:
+                     transmit_id: int = 0, basis: pb.Basis | None = None,
+                     dictionary: bytes = b"") -> pb.TransmitRequest:
     """Mission control's Transmit: send from `satellite_id`'s queue at most `max_bytes` of
     wire bytes and `max_samples` samples, in batches of about `batch_bytes` (captures over
     time: first capture what is due by `mission_time_s`; streaming missions: `transmit_id`
-    goes into the stream's first batch)."""
+    goes into the stream's first batch; projected payloads: the `basis` and zstd
+    `dictionary` this contact uplinked)."""
     return pb.TransmitRequest(satellite_id=satellite_id, max_bytes=max_bytes,
                               max_samples=max_samples, batch_bytes=batch_bytes,
-                              mission_time_s=mission_time_s, transmit_id=transmit_id)
+                              mission_time_s=mission_time_s, transmit_id=transmit_id,
+                              basis=basis, dictionary=dictionary)
 
 
 # the Sensor service's Transmit as a client calls it without the generated stub (its reply

@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -33,8 +34,9 @@ class Payload:
     # patches: visible-token code + pixels (sparsat.node.wire.codec.patch_record); CLS: token
     data: bytes
     runs: bool = False  # patches: the code is runs, not a bitmap
-    scale: float = 0.0  # int8 CLS tokens
+    scale: float = 0.0  # int8 CLS tokens; int8 / int4 codes of a projected token
     shape: tuple[int, int, int] | None = None  # only datasets whose images differ in size
+    basis: int = 0  # projected CLS tokens: the Basis.version they were made with
 
 
 def patch_payload(sample_id: int, label: int, data: PatchData, with_shape: bool) -> Payload:
@@ -45,6 +47,18 @@ def patch_payload(sample_id: int, label: int, data: PatchData, with_shape: bool)
 
 def cls_payload(sample_id: int, label: int, token: ClsData) -> Payload:
     return Payload(sample_id, label, token.data, scale=token.scale)
+
+
+def projected_payload(sample_id: int, label: int, codes: bytes, scale: float,
+                      version: int) -> Payload:
+    return Payload(sample_id, label, codes, scale=scale, basis=version)
+
+
+def zstd_bound(n: int) -> int:
+    """The most bytes a zstd frame of n bytes of content takes: ZSTD_COMPRESSBOUND, and its
+    header (magic, descriptor, a 4-byte dictionary id, an 8-byte content size)."""
+    small = (128 << 10) - n >> 11 if n < (128 << 10) else 0
+    return n + (n >> 8) + small + 18
 
 
 def _varint_len(n: int) -> int:
@@ -66,9 +80,17 @@ class BatchBuilder:
     protobuf encoding is arithmetic; tests check it against ByteSize()). Ids must increase."""
 
     def __init__(self, satellite_id: str, cls: bool = False, int8: bool = False,
-                 transmit_id: int = 0) -> None:
+                 transmit_id: int = 0, basis: int = 0, scale_bytes: int | None = None,
+                 zstd: tuple[Any, int] | None = None) -> None:
         self.satellite_id, self.cls, self.int8 = satellite_id, cls, int8
         self.transmit_id = transmit_id  # streaming missions: the first batch of a stream
+        # projected CLS tokens: every sample's Basis.version, and its scale's bytes (float32
+        # 4, float16 2, none 0); unprojected: 4 for int8 tokens, else 0
+        self.basis = basis
+        self.scale_bytes = scale_bytes if scale_bytes is not None else 4 if int8 else 0
+        # entropy-coded batches: (zstandard.ZstdCompressor with the uplinked dictionary, its
+        # id); the size is planned at the frame's bound (zstd_bound), sent as compressed
+        self.zstd = zstd
         self.items: list[Payload] = []
         # bytes inside: packed ids, labels, shapes; patch fields; tokens; scales; rle bitmap
         self._sizes = (0, 0, 0, 0, 0, 0, 0)
@@ -76,13 +98,15 @@ class BatchBuilder:
     def _grown(self, p: Payload) -> tuple[int, int, int, int, int, int, int]:
         if self.items and p.id <= self.items[-1].id:
             raise ValueError(f"batch ids must increase: {p.id} after {self.items[-1].id}")
+        if p.basis != self.basis:
+            raise ValueError(f"a batch of basis {self.basis} cannot hold a token of {p.basis}")
         ids, labels, shapes, patches, tokens, scales, rle = self._sizes
         return (ids + _varint_len(p.id - (self.items[-1].id if self.items else 0)),
                 labels + _varint_len(p.label),
                 shapes + (sum(_varint_len(v) for v in p.shape) if p.shape else 0),
                 patches + (0 if self.cls else 1 + _varint_len(len(p.data)) + len(p.data)),
                 tokens + (len(p.data) if self.cls else 0),
-                scales + (4 if self.int8 else 0),
+                scales + self.scale_bytes,
                 len(self.items) // 8 + 1 if p.runs else rle)
 
     def wire_size(self, adding: Payload | None = None) -> int:
@@ -90,9 +114,13 @@ class BatchBuilder:
         ids, labels, shapes, patches, tokens, scales, rle = (
             self._grown(adding) if adding is not None else self._sizes)
         last = adding.id if adding is not None else self.items[-1].id if self.items else 0
+        if self.zstd is not None and tokens + scales:
+            tokens, scales = zstd_bound(tokens + scales), 0
         return (_field(len(self.satellite_id.encode())) + _field(ids) + _field(labels)
                 + _field(shapes) + patches + _field(rle) + _field(tokens) + _field(scales)
-                + _varint_field(last) + _varint_field(self.transmit_id) + GRPC_FRAME_BYTES)
+                + (_varint_field(self.zstd[1]) if self.zstd is not None and tokens else 0)
+                + _varint_field(last) + _varint_field(self.transmit_id)
+                + _varint_field(self.basis) + GRPC_FRAME_BYTES)
 
     def add(self, p: Payload) -> None:
         self._sizes = self._grown(p)
@@ -105,11 +133,16 @@ class BatchBuilder:
             ids=[p.id - (items[i - 1].id if i else 0) for i, p in enumerate(items)],
             labels=[p.label for p in items],
             shapes=[v for p in items if p.shape for v in p.shape],
-            last_id=items[-1].id if items else 0, transmit_id=self.transmit_id)
+            last_id=items[-1].id if items else 0, transmit_id=self.transmit_id,
+            basis=self.basis)
         if self.cls:
             msg.tokens = b"".join(p.data for p in items)
-            if self.int8:
-                msg.scales = np.array([p.scale for p in items], "<f4").tobytes()
+            if self.scale_bytes:
+                msg.scales = np.array([p.scale for p in items],
+                                      "<f4" if self.scale_bytes == 4 else "<f2").tobytes()
+            if self.zstd is not None and items:
+                msg.tokens = self.zstd[0].compress(msg.tokens + msg.scales)
+                msg.scales, msg.dictionary = b"", self.zstd[1]
         else:
             msg.patches.extend(p.data for p in items)
             flags = np.array([p.runs for p in items], dtype=np.uint8)
@@ -121,10 +154,12 @@ class Packer:
     """Cuts a stream of payloads into batches, one at a time, each filled to at most
     `batch_bytes` (its wire size and its ack's worst case, max_ack_bytes) and to the room the
     caller gives it (a sample too big for a batch goes alone when the room allows);
-    `new_batch(first)` starts one (the first of a stream names the satellite). Payloads are
+    `new_batch(first, basis)` starts one (the first of a stream names the satellite; a batch
+    holds the tokens of one basis version, a change of version closes it). Payloads are
     taken from the iterator as needed; one a batch left out stays for the next."""
 
-    def __init__(self, payloads: Iterator[Payload], new_batch: Callable[[bool], BatchBuilder],
+    def __init__(self, payloads: Iterator[Payload],
+                 new_batch: Callable[[bool, int], BatchBuilder],
                  batch_bytes: int, max_samples: int = 0) -> None:
         self._payloads, self._new = payloads, new_batch
         self.batch_bytes, self.max_samples = batch_bytes, max_samples
@@ -151,11 +186,13 @@ class Packer:
             if p is None:
                 return cur, False
             if cur is None:
-                cur = self._new(self.batches == 0)
+                cur = self._new(self.batches == 0, p.basis)
                 size = cur.wire_size(p) + max_ack_bytes(1)
                 if size > room:
                     return None, True
             elif len(cur.items) >= MAX_BATCH_SAMPLES:  # the most a ground station takes
+                return cur, False
+            elif p.basis != cur.basis:  # a batch holds tokens of one basis
                 return cur, False
             else:
                 size = cur.wire_size(p) + max_ack_bytes(len(cur.items) + 1)
@@ -172,7 +209,7 @@ class Packer:
         self.batches += 1
 
 
-def pack(payloads: Iterator[Payload], new_batch: Callable[[bool], BatchBuilder],
+def pack(payloads: Iterator[Payload], new_batch: Callable[[bool, int], BatchBuilder],
          budget: int, batch_bytes: int, max_samples: int = 0) -> list[BatchBuilder]:
     """Batches whose wire sizes and worst-case acks together fit `budget` (see Packer): what a
     sender that waits for no ack may send."""
@@ -202,6 +239,8 @@ class BatchData:
     scales: bytes
     last_id: int = 0  # what the batch says its last id is (DownlinkBatch.last_id)
     id_sum: int = 0  # what its deltas sum to
+    basis: int = 0  # DownlinkBatch.basis: projected tokens' basis version
+    dictionary: int = 0  # DownlinkBatch.dictionary: tokens are one zstd frame
 
 
 # What one DownlinkBatch may hold, checked before anything is sized from it: a batch never
@@ -306,7 +345,8 @@ def pb_to_batch(msg: pb.DownlinkBatch, max_id: int) -> BatchData:
         labels=np.array(msg.labels, dtype=np.int64), patches=list(msg.patches),
         runs=np.pad(runs, (0, n_patches - len(runs))).astype(bool),
         shapes=np.array(msg.shapes, dtype=np.int64), tokens=msg.tokens, scales=msg.scales,
-        last_id=int(msg.last_id), id_sum=id_sum)
+        last_id=int(msg.last_id), id_sum=id_sum, basis=int(msg.basis),
+        dictionary=int(msg.dictionary))
 
 
 class RejectCause(enum.IntEnum):
@@ -327,6 +367,7 @@ class RejectCause(enum.IntEnum):
     BAD_TOKEN = 11
     BAD_SCALE = 12
     CONFLICT = 13
+    BAD_BASIS = 14
 
 
 MAX_REASON_BYTES = 48  # Rejected.reason: UTF-8 bytes at most, cut on a character boundary

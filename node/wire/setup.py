@@ -25,7 +25,8 @@ def setup_to_pb(setup: SensorSetup) -> pb.SensorSetup:
     msg = pb.SensorSetup(
         n_train=setup.n_train, grid=setup.grid, copies=setup.copies,
         payload=_PAYLOAD_KINDS[setup.payload], cls_dim=setup.cls_dim,
-        tile_rows=list(setup.tile_rows), tile_cols=list(setup.tile_cols))
+        tile_rows=list(setup.tile_rows), tile_cols=list(setup.tile_cols),
+        projected=setup.projected, send_unprojected=setup.send_unprojected)
     if setup.cls_dtype is not None:
         msg.cls_dtype = CLS_DTYPE_NAMES[setup.cls_dtype]
     for sat, indices in setup.images.items():
@@ -57,6 +58,8 @@ def pb_to_setup(msg: pb.SensorSetup) -> SensorSetup:
                          f"and {msg.cls_dim}")
     if payload == "patches":
         cls_dtype = None
+        if msg.projected or msg.send_unprojected:
+            raise CodecError("sensor setup: patch payloads are never projected")
     edges = []
     for name, values in (("tile_rows", msg.tile_rows), ("tile_cols", msg.tile_cols)):
         if len(values) not in (0, msg.grid + 1):
@@ -85,4 +88,5 @@ def pb_to_setup(msg: pb.SensorSetup) -> SensorSetup:
     return SensorSetup(n_train=msg.n_train, grid=msg.grid, copies=msg.copies,
                        payload=payload, cls_dim=msg.cls_dim if payload == "cls" else 0,
                        cls_dtype=cls_dtype, tile_rows=edges[0], tile_cols=edges[1],
-                       images=images)
+                       images=images, projected=msg.projected,
+                       send_unprojected=msg.projected and msg.send_unprojected)

@@ -45,6 +45,7 @@ from sparsat.sim.mission.ground_client import (
 from sparsat.sim.mission.hosts import SensorHosts
 from sparsat.sim.mission.satellite import Contacts, Downlink, Passes, RangeRate, fixed_rate
 from sparsat.sim.mission.tally import Tally
+from sparsat.sim.mission.uplink import Uplink
 from sparsat.sim.scenario.configs import capture_spec, capturing_satellites, mask_spec
 from sparsat.sim.scenario.schema import Scenario
 from sparsat.sim.space import orbits
@@ -455,6 +456,10 @@ class MissionControl:
         bar = tqdm(total=s.dataset.train_subset and s.dataset.train_subset * copies,
                    desc="downlink", unit="sample", disable=not self.show_progress)
         sats = []  # resuming, the downlink is done
+        if s.sensors.payload.projection is not None and not self.resume:
+            self.downlink.uplink = Uplink(self.env, s, self.tally, self.gs)
+            if s.sensors.payload.projection.method == "pca":
+                self.downlink.uplink.fetch()  # fitted on the ground before the mission
         if not self.resume:
             sats = (self._orbital_processes(dlinks, bar) if s.orbits is not None
                     else self._passes_processes(dlinks, bar))

@@ -258,6 +258,22 @@ class GroundStationClient:
                 "start again from scratch")
         return out
 
+    def uplink(self) -> pb.UplinkReply | None:
+        """Projected payloads: the basis (and zstd dictionary) to uplink, fitted on the first
+        call that can; None while the ground station cannot fit it yet (FAILED_PRECONDITION:
+        too few labelled samples for a supervised basis)."""
+        try:
+            return self.mission.Uplink(gs_serde.uplink_request(),  # type: ignore[no-any-return]
+                                       timeout=self.d.prepare_s)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION and (
+                    self.scenario.sensors.payload.projection is not None
+                    and self.scenario.sensors.payload.projection.method == "supervised"):
+                log.info("basis not fitted yet: %s", e.details())
+                return None
+            raise MissionError(f"ground station {self.address}: Uplink failed: "
+                               f"{e.code().name}: {e.details()}") from e
+
     def arrived(self, satellite_id: str, transmit_id: int, ends_s: list[float]) -> int:
         """Streaming: stamp a Transmit's batches with their end on the air; samples stamped."""
         return int(self.call("Arrived", lambda: self.mission.Arrived(

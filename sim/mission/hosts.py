@@ -138,6 +138,11 @@ class SensorHosts:
         # streaming missions: each Transmit's id (copied into its stream's first batch, then
         # named when its batches are stamped), the satellite's last
         self.transmit_ids: dict[str, int] = {}
+        # projected payloads: what the next Transmit of a satellite carries up (basis,
+        # dictionary; kept until a Transmit is answered), and a cap on the samples it sends
+        # (a supervised basis's share of plain tokens)
+        self.uplink_next: dict[str, tuple[Any, bytes]] = {}
+        self.max_samples: dict[str, int] = {}
         self._next_transmit = 0
         self._transmit_key = secrets.token_bytes(16)  # ids no host can guess ahead
 
@@ -165,11 +170,14 @@ class SensorHosts:
             self._next_transmit += 1
             transmit_id = self.transmit_ids[sat_id] = transmit_id_of(self._transmit_key,
                                                                      self._next_transmit)
+        basis, dictionary = self.uplink_next.get(sat_id, (None, b""))
         request = control.transmit_request(
-            sat_id, max_bytes=budget, max_samples=TRANSMIT_MAX_SAMPLES,
+            sat_id, max_bytes=budget,
+            max_samples=min(TRANSMIT_MAX_SAMPLES,
+                            self.max_samples.get(sat_id, TRANSMIT_MAX_SAMPLES)),
             batch_bytes=self.s.links.downlink.batch_size(),
             mission_time_s=self.env.now if self.s.sensors.capture is not None else 0.0,
-            transmit_id=transmit_id)
+            transmit_id=transmit_id, basis=basis, dictionary=dictionary)
         try:
             answer = self.stubs[host.node_id].Transmit(request, timeout=timeout)
         except grpc.RpcError as e:
@@ -189,6 +197,7 @@ class SensorHosts:
         if wrong:
             raise MissionError(f"{sat_id}: sensor host {host.node_id} at {host.address} sent a "
                                f"TransmitReport that cannot be true: {wrong}")
+        self.uplink_next.pop(sat_id, None)  # the host has it
         return report
 
     def await_host(self, sat_id: str, next_chance: Callable[[], float]

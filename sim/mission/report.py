@@ -60,7 +60,12 @@ def assemble(o: Outcome) -> dict[str, Any]:
                            else "none (the last model)"),
         # downlink: batches and the call credentials of their streams (downlink_credentials)
         "bytes": {"downlink": t.downlink_bytes, "downlink_credentials": t.credential_bytes,
-                  "uplink": t.uplink_bytes,
+                  # ground station -> satellites: acks, and what projected payloads need
+                  # (uplink_breakdown); without a projection, the acks alone as before
+                  "uplink": t.uplink_bytes + sum(t.uplink_content.values()),
+                  "uplink_breakdown": {"acks": t.uplink_bytes,
+                                       **{k: t.uplink_content.get(k, 0)
+                                          for k in ("bases", "codebooks", "dictionaries")}},
                   "retransmitted": t.retransmitted_bytes,
                   # the radio's framing (links.downlink.framing) on batches and acks alike,
                   # resent frames' included: gRPC bytes + retransmitted + framing is the air's
@@ -121,6 +126,12 @@ def assemble(o: Outcome) -> dict[str, Any]:
                             if now else 0.0} for name, v in t.stations.items()},
         # adaptive modulation: per MODCOD, seconds and bytes on the air and transfers, with
         # its share of the air time; None without links.downlink.budget.modcod
+        # projected CLS payloads: the basis (how it was fitted, on how many tokens, when),
+        # its uplinks (count, air seconds) and the waits for it (by why: fit, window);
+        # None without a projection
+        "projection": {"basis": t.basis, "uplinks": t.uplinks,
+                       "uplink_s": round(t.uplink_s, 3), "basis_waits": t.basis_waits}
+        if s.sensors.payload.projection is not None else None,
         "modcods": _modcods(t.modcods) if s.links.downlink.budget is not None
         and s.links.downlink.budget.modcod is not None else None,
         "node_bytes": {k: {"sent": v["sent"] + v["base_sent"],
@@ -336,7 +347,7 @@ def summary(results: dict[str, Any]) -> str:
         f"bytes sent      {b['total']:,}  (downlink {b['downlink']:,}"
         + (f" of which call credentials {b['downlink_credentials']:,}"
            if b.get("downlink_credentials") else "")
-        + f", acks {b['uplink']:,},"
+        + f", uplink {b['uplink']:,},"
         + (f" resent {b['retransmitted']:,}," if b.get("retransmitted") else "")
         + (f" radio framing {b['framing']:,}," if b.get("framing") else "")
         + f" trainer links {b['trainer']:,})",
@@ -353,12 +364,29 @@ def summary(results: dict[str, Any]) -> str:
         *([_horizon_line(results)] if results.get("horizon_h") is not None else []),
         *([_captures_line(results["captures"])] if results.get("captures") else []),
         *([_modcods_line(results["modcods"])] if results.get("modcods") else []),
+        *([_projection_line(results)] if results.get("projection") else []),
         *([_target_line(results)] if results.get("target_accuracy") else []),
         f"wall time       {results['wall_time_s']:.1f} s",
         *([f"not delivered   {_shortfall(results)}"] if results.get("shortfall") else []),
         *([f"trainer faults  {len(results['trainer_failures'])} failed calls (see "
            "results.json trainer_failures)"] if results.get("trainer_failures") else []),
     ])
+
+
+def _projection_line(results: dict[str, Any]) -> str:
+    p, up = results["projection"], results["bytes"]["uplink_breakdown"]
+    b = p["basis"]
+    stored = results["samples"]["stored"] or 1
+    down = results["bytes"]["downlink"]
+    fitted = (f"basis {b['method']} D={b['dim']} {b['quantizer']}"
+              + (f"/{b['scale']}" if b["quantizer"] in ("int8", "int4") else "")
+              + f" fitted on {b['fit_tokens']:,} tokens" if b else "no basis fitted")
+    waits = ", ".join(f"{k} {v}" for k, v in p["basis_waits"].items()) or "none"
+    return (f"projection      {fitted}; downlink {down / stored:.1f} B/image, uplink "
+            f"{up['bases']:,} B bases + {up['codebooks']:,} codebooks + "
+            f"{up['dictionaries']:,} dictionaries in {p['uplinks']} uplinks "
+            f"({(up['bases'] + up['codebooks'] + up['dictionaries']) / stored:.2f} B/image); "
+            f"waits for the basis: {waits}")
 
 
 def _horizon_line(results: dict[str, Any]) -> str:

@@ -44,6 +44,7 @@ from tqdm import tqdm
 from sparsat.sim.mission.ground_client import Deadlines, GroundStationClient, MissionError
 from sparsat.sim.mission.hosts import HostDown, SensorHosts
 from sparsat.sim.mission.tally import Tally
+from sparsat.sim.mission.uplink import Uplink
 from sparsat.sim.scenario.configs import capture_spec
 from sparsat.sim.scenario.schema import WINDOW_SEARCH_H, Scenario
 from sparsat.sim.space import orbits
@@ -170,6 +171,7 @@ class Downlink:
         self.replan_s = (b.modcod.replan_s if b is not None and b.modcod is not None
                          and scenario.orbits is not None else None)
         self._brought: set[str] = set()  # satellites that sent in the window they are in
+        self.uplink: Uplink | None = None  # projected payloads: the bases (mission control's)
 
     def fly(self, sat_id: str, windows: Passes | Contacts, rate: RateFn, link: Link, bar: tqdm
             ) -> Generator[simpy.Event, Any, None]:
@@ -226,6 +228,13 @@ class Downlink:
                     if budget <= 0:
                         windows.leave()
                         continue
+                if self.uplink is not None and self.uplink.needs(sat_id):
+                    step = yield from self._basis(sat_id, w, until, latency, passes)
+                    if step == "again":
+                        continue
+                    if step == "leave":
+                        windows.leave()
+                        continue
                 asked = env.now  # the host makes the captures due by then
                 try:
                     report = self.transmit(sat_id, budget)
@@ -243,6 +252,10 @@ class Downlink:
                 sent = self._count(sat_id, report, bar)
                 if sent:
                     stretch_s = 0.0
+                if self.uplink is not None and self.uplink.basis is None and report.acked:
+                    up = self.uplink  # plain tokens for a supervised basis: the share spent
+                    up.share[sat_id] -= report.acked - report.duplicates - report.rejected
+                    up.fetch()  # fitted once the ground station holds enough
                 yield from self._onboard(sat_id, report)
                 sizes = [self._on_air(size, rng) for size in _on_link(report)]
                 if self.s.training.streaming and report.batch_bytes:
@@ -312,6 +325,46 @@ class Downlink:
             self._release(inside, held)
             self.hosts.active.discard(sat_id)
             self.hosts.waiting.discard(sat_id)
+
+    def _basis(self, sat_id: str, w: Window, until: float, latency: float,
+               passes: Passes | None) -> Generator[simpy.Event, Any, str]:
+        """A satellite without the ground's current basis, in a window: uplink it when the
+        ground has one ("again": the window's room is planned anew after it); without one,
+        a supervised projection lets the satellite send its share of plain tokens ("send",
+        at most that many), then it waits for the fit. "leave": the window cannot serve (the
+        uplink does not fit in it, or the wait outlasted it)."""
+        env, up = self.env, self.uplink
+        assert up is not None
+        if up.basis is None and not up.fetch():  # supervised, not fitted yet
+            if up.share[sat_id] > 0:
+                self.hosts.max_samples[sat_id] = up.share[sat_id]
+                return "send"
+            up.waited(sat_id, "fit")
+            end = w.end_s if passes is None else min(w.end_s, passes.next_start(env.now))
+            if end > env.now:
+                yield up.ready | env.timeout(end - env.now)
+            if up.ready.triggered and env.now < w.end_s:
+                return "again"
+            if passes is not None:
+                return "again"  # the pass is over: Passes gives the next one
+            return "leave"
+        propagation = max(0.0, latency - self.s.links.downlink.latency_s)
+        seconds = up.seconds(propagation)
+        if passes is not None and seconds > passes.duration_s:
+            raise MissionError(f"{sat_id}: the uplink ({sum(up.sizes().values())} bytes, "
+                               f"{seconds:.1f} s) never fits a {passes.duration_s:g}-s pass: "
+                               "raise links.uplink.rate_bps or lower the projection's dim")
+        if env.now + seconds > w.end_s:  # the uplink does not fit what is left of the window
+            up.waited(sat_id, "window")
+            if passes is not None:
+                yield env.timeout(max(0.0, w.end_s - env.now))
+                return "again"
+            return "leave"
+        yield env.timeout(seconds)
+        self.tally.uplink_s += seconds
+        self.hosts.uplink_next[sat_id] = up.charge(sat_id)
+        self.hosts.max_samples.pop(sat_id, None)
+        return "again"
 
     def _left_window(self, sat_id: str) -> None:
         """The satellite left a window: a pass that brought data down ends (per_pass)."""

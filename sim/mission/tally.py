@@ -21,7 +21,15 @@ class Tally:
     history: list[dict[str, Any]] = field(default_factory=list)
     per_link: dict[str, int] = field(default_factory=dict)
     downlink_done_s: float = 0.0
-    uplink_bytes: int = 0  # SampleAcks, ground station -> satellites
+    uplink_bytes: int = 0  # BatchAcks, ground station -> satellites
+    # projected payloads: what else went up (bases, codebooks, dictionaries: bytes), the
+    # uplinks made, the windows (or slices) satellites let go by waiting for their basis, by
+    # why, and the basis fitted
+    uplink_content: dict[str, int] = field(default_factory=dict)
+    uplinks: int = 0
+    uplink_s: float = 0.0
+    basis_waits: dict[str, int] = field(default_factory=dict)
+    basis: dict[str, Any] = field(default_factory=dict)
     downlink_failures: int = 0
     trainer_failures: list[dict[str, Any]] = field(default_factory=list)
     local_sgd_round_bytes: int = 0  # what a local-SGD round of the same model would move
@@ -61,6 +69,7 @@ class Tally:
 
     @property
     def total_bytes(self) -> int:
-        return (self.downlink_bytes + self.uplink_bytes + self.retransmitted_bytes
+        return (self.downlink_bytes + self.uplink_bytes + sum(self.uplink_content.values())
+                + self.retransmitted_bytes
                 + self.framing_bytes
                 + self.trainer_bytes)

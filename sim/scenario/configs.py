@@ -8,7 +8,7 @@ import numpy as np
 
 from sparsat.ground_station.config import GroundStationConfig, TrainingConfig
 from sparsat.node.data.capture import CaptureSpec
-from sparsat.node.data.config import SensorConfig
+from sparsat.node.data.config import ProjectionSpec, SensorConfig
 from sparsat.node.data.datasets import DatasetSpec
 from sparsat.node.data.masking import MaskSpec
 from sparsat.sim.scenario.schema import Scenario
@@ -52,7 +52,13 @@ def sensor_config(s: Scenario) -> SensorConfig:
         train_subset=d.train_subset,
         capture=capture_spec(s),
         placement_alpha=d.alpha if d.placement == "dirichlet" else None,
+        projection=projection_spec(s),
     )
+
+
+def projection_spec(s: Scenario) -> ProjectionSpec | None:
+    p = s.sensors.payload.projection
+    return None if p is None else ProjectionSpec(**p.model_dump())
 
 
 def satellite_images(s: Scenario) -> dict[str, np.ndarray]:

@@ -111,14 +111,52 @@ class MaskCfg(Model):
         return replace(base, **update)
 
 
+class ProjectionCfg(Model):
+    """CLS tokens projected to `dim` values and quantized on board, with a basis fitted on the
+    ground and uplinked (sparsat.node.wire.basis)."""
+
+    dim: int = Field(32, ge=1, le=4096)
+    quantizer: Literal["int8", "int4", "sign", "pq"] = "int4"
+    # int8 / int4: each token's scale as float32 or float16 on the wire, or one fixed scale
+    # in the basis (no bytes; values past it are clipped)
+    scale: Literal["float32", "float16", "fixed"] = "float16"
+    # pca: fitted on unlabelled training images no satellite holds, before the mission;
+    # supervised: on the first fit_samples labelled samples, which the satellites send as
+    # cls_dtype tokens before the basis (their downlink counted)
+    method: Literal["pca", "supervised"] = "pca"
+    pq_subspaces: int = Field(8, ge=1)  # pq: M bytes a token
+    pq_bits: int = Field(8, ge=1, le=8)
+    fit_images: int = Field(5000, ge=2)
+    fit_samples: int = Field(1000, ge=2)
+    zstd_level: int = Field(0, ge=0, le=22)  # entropy-coded batches; 0: off
+    zstd_dict_bytes: int = Field(4096, ge=256, le=1 << 20)
+
+    @model_validator(mode="after")
+    def _fits(self) -> ProjectionCfg:
+        if self.quantizer == "pq" and self.dim % self.pq_subspaces:
+            raise ValueError(f"pq_subspaces {self.pq_subspaces} does not divide dim {self.dim}")
+        if self.quantizer not in ("int8", "int4") and self.changed("scale"):
+            raise ValueError(f"scale has no effect with quantizer {self.quantizer}")
+        if self.quantizer != "pq" and self.changed("pq_subspaces", "pq_bits"):
+            raise ValueError("pq_subspaces and pq_bits have no effect without quantizer: pq")
+        if self.method == "pca" and self.changed("fit_samples"):
+            raise ValueError("fit_samples has no effect with method: pca (fit_images)")
+        if self.method == "supervised" and self.changed("fit_images"):
+            raise ValueError("fit_images has no effect with method: supervised (fit_samples)")
+        return self
+
+
 class PayloadCfg(Model):
     kind: Literal["patches", "cls"] = "patches"
     cls_dtype: Literal["float32", "float16", "int8"] = "float16"
+    projection: ProjectionCfg | None = None
 
     @model_validator(mode="after")
     def _dtype(self) -> PayloadCfg:
         if self.kind == "patches" and self.changed("cls_dtype"):
             raise ValueError("cls_dtype has no effect with kind: patches")
+        if self.kind == "patches" and self.projection is not None:
+            raise ValueError("projection needs kind: cls (it projects CLS tokens)")
         return self
 
 
@@ -314,8 +352,18 @@ class TrainerLinkCfg(Model):
     latency_s: float = Field(0.0, ge=0)
 
 
+class UplinkCfg(Model):
+    """Ground station -> satellite: what the ground uplinks (bases, codebooks, dictionaries)
+    is charged on it, inside the satellite's windows, before the contact's downlink."""
+
+    rate_bps: float = Field(gt=0)
+    latency_s: float = Field(0.0, ge=0)  # with orbits: processing only, + slant range / c
+
+
 class LinksCfg(Model):
     downlink: LinkCfg = LinkCfg(rate_bps=1_000_000, latency_s=0.01)
+    # None: the downlink's rate and latency (acks are counted in bytes, not timed, as before)
+    uplink: UplinkCfg | None = None
     trainer: TrainerLinkCfg = TrainerLinkCfg(rate_bps=1_000_000_000, latency_s=0.001)
 
 
@@ -472,6 +520,14 @@ class Scenario(Model):
             raise ValueError("mask kind random means a new mask every epoch, which has no "
                              "meaning in a streaming schedule without captures; with "
                              "sensors.capture every capture (revisits too) gets a fresh mask")
+        proj = self.sensors.payload.projection
+        if proj is not None and proj.method == "supervised" and t.streaming:
+            raise ValueError("a supervised projection is fitted mid-mission, and a streaming "
+                             "schedule's test split is read before that: use method pca, or "
+                             "schedule after_downlink")
+        if proj is not None and proj.method == "pca" and self.dataset.train_subset is None:
+            raise ValueError("a pca projection is fitted on training images no satellite "
+                             "holds: set dataset.train_subset")
         return self
 
     @model_validator(mode="after")

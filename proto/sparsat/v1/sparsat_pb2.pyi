@@ -33,6 +33,7 @@ class RejectCause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BAD_TOKEN: _ClassVar[RejectCause]
     BAD_SCALE: _ClassVar[RejectCause]
     CONFLICT: _ClassVar[RejectCause]
+    BAD_BASIS: _ClassVar[RejectCause]
 
 class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -67,6 +68,7 @@ BAD_PIXELS: RejectCause
 BAD_TOKEN: RejectCause
 BAD_SCALE: RejectCause
 CONFLICT: RejectCause
+BAD_BASIS: RejectCause
 ROLE_UNSPECIFIED: Role
 SENSOR: Role
 TRAINER: Role
@@ -88,7 +90,7 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ..., scale: _Optional[float] = ...) -> None: ...
 
 class DownlinkBatch(_message.Message):
-    __slots__ = ("satellite_id", "ids", "labels", "patches", "rle", "shapes", "tokens", "scales", "last_id", "transmit_id")
+    __slots__ = ("satellite_id", "ids", "labels", "patches", "rle", "shapes", "tokens", "scales", "last_id", "transmit_id", "basis", "dictionary")
     SATELLITE_ID_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +101,8 @@ class DownlinkBatch(_message.Message):
     SCALES_FIELD_NUMBER: _ClassVar[int]
     LAST_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSMIT_ID_FIELD_NUMBER: _ClassVar[int]
+    BASIS_FIELD_NUMBER: _ClassVar[int]
+    DICTIONARY_FIELD_NUMBER: _ClassVar[int]
     satellite_id: str
     ids: _containers.RepeatedScalarFieldContainer[int]
     labels: _containers.RepeatedScalarFieldContainer[int]
@@ -109,7 +113,9 @@ class DownlinkBatch(_message.Message):
     scales: bytes
     last_id: int
     transmit_id: int
-    def __init__(self, satellite_id: _Optional[str] = ..., ids: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[int]] = ..., patches: _Optional[_Iterable[bytes]] = ..., rle: _Optional[bytes] = ..., shapes: _Optional[_Iterable[int]] = ..., tokens: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., last_id: _Optional[int] = ..., transmit_id: _Optional[int] = ...) -> None: ...
+    basis: int
+    dictionary: int
+    def __init__(self, satellite_id: _Optional[str] = ..., ids: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[int]] = ..., patches: _Optional[_Iterable[bytes]] = ..., rle: _Optional[bytes] = ..., shapes: _Optional[_Iterable[int]] = ..., tokens: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., last_id: _Optional[int] = ..., transmit_id: _Optional[int] = ..., basis: _Optional[int] = ..., dictionary: _Optional[int] = ...) -> None: ...
 
 class Rejected(_message.Message):
     __slots__ = ("position", "code", "reason", "cause")
@@ -168,7 +174,7 @@ class SatelliteImages(_message.Message):
     def __init__(self, satellite_id: _Optional[str] = ..., index_deltas: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SensorSetup(_message.Message):
-    __slots__ = ("n_train", "grid", "copies", "payload", "cls_dim", "cls_dtype", "tile_rows", "tile_cols", "satellites")
+    __slots__ = ("n_train", "grid", "copies", "payload", "cls_dim", "cls_dtype", "tile_rows", "tile_cols", "satellites", "projected", "send_unprojected")
     N_TRAIN_FIELD_NUMBER: _ClassVar[int]
     GRID_FIELD_NUMBER: _ClassVar[int]
     COPIES_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +184,8 @@ class SensorSetup(_message.Message):
     TILE_ROWS_FIELD_NUMBER: _ClassVar[int]
     TILE_COLS_FIELD_NUMBER: _ClassVar[int]
     SATELLITES_FIELD_NUMBER: _ClassVar[int]
+    PROJECTED_FIELD_NUMBER: _ClassVar[int]
+    SEND_UNPROJECTED_FIELD_NUMBER: _ClassVar[int]
     n_train: int
     grid: int
     copies: int
@@ -187,7 +195,9 @@ class SensorSetup(_message.Message):
     tile_rows: _containers.RepeatedScalarFieldContainer[int]
     tile_cols: _containers.RepeatedScalarFieldContainer[int]
     satellites: _containers.RepeatedCompositeFieldContainer[SatelliteImages]
-    def __init__(self, n_train: _Optional[int] = ..., grid: _Optional[int] = ..., copies: _Optional[int] = ..., payload: _Optional[_Union[PayloadKind, str]] = ..., cls_dim: _Optional[int] = ..., cls_dtype: _Optional[_Union[DType, str]] = ..., tile_rows: _Optional[_Iterable[int]] = ..., tile_cols: _Optional[_Iterable[int]] = ..., satellites: _Optional[_Iterable[_Union[SatelliteImages, _Mapping]]] = ...) -> None: ...
+    projected: bool
+    send_unprojected: bool
+    def __init__(self, n_train: _Optional[int] = ..., grid: _Optional[int] = ..., copies: _Optional[int] = ..., payload: _Optional[_Union[PayloadKind, str]] = ..., cls_dim: _Optional[int] = ..., cls_dtype: _Optional[_Union[DType, str]] = ..., tile_rows: _Optional[_Iterable[int]] = ..., tile_cols: _Optional[_Iterable[int]] = ..., satellites: _Optional[_Iterable[_Union[SatelliteImages, _Mapping]]] = ..., projected: _Optional[bool] = ..., send_unprojected: _Optional[bool] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("node_id", "role", "address", "satellite_ids", "device")
@@ -234,23 +244,57 @@ class HealthReply(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., ready: _Optional[bool] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class TransmitRequest(_message.Message):
-    __slots__ = ("satellite_id", "max_bytes", "max_samples", "batch_bytes", "mission_time_s", "transmit_id")
+    __slots__ = ("satellite_id", "max_bytes", "max_samples", "batch_bytes", "mission_time_s", "transmit_id", "basis", "dictionary")
     SATELLITE_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     BATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
     MISSION_TIME_S_FIELD_NUMBER: _ClassVar[int]
     TRANSMIT_ID_FIELD_NUMBER: _ClassVar[int]
+    BASIS_FIELD_NUMBER: _ClassVar[int]
+    DICTIONARY_FIELD_NUMBER: _ClassVar[int]
     satellite_id: str
     max_bytes: int
     max_samples: int
     batch_bytes: int
     mission_time_s: float
     transmit_id: int
-    def __init__(self, satellite_id: _Optional[str] = ..., max_bytes: _Optional[int] = ..., max_samples: _Optional[int] = ..., batch_bytes: _Optional[int] = ..., mission_time_s: _Optional[float] = ..., transmit_id: _Optional[int] = ...) -> None: ...
+    basis: Basis
+    dictionary: bytes
+    def __init__(self, satellite_id: _Optional[str] = ..., max_bytes: _Optional[int] = ..., max_samples: _Optional[int] = ..., batch_bytes: _Optional[int] = ..., mission_time_s: _Optional[float] = ..., transmit_id: _Optional[int] = ..., basis: _Optional[_Union[Basis, _Mapping]] = ..., dictionary: _Optional[bytes] = ...) -> None: ...
+
+class Basis(_message.Message):
+    __slots__ = ("version", "quantizer", "scale", "method", "embed_dim", "dim", "mean", "components", "fixed_scale", "levels", "pq_subspaces", "pq_bits", "codebooks")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZER_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    EMBED_DIM_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    FIXED_SCALE_FIELD_NUMBER: _ClassVar[int]
+    LEVELS_FIELD_NUMBER: _ClassVar[int]
+    PQ_SUBSPACES_FIELD_NUMBER: _ClassVar[int]
+    PQ_BITS_FIELD_NUMBER: _ClassVar[int]
+    CODEBOOKS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    quantizer: str
+    scale: str
+    method: str
+    embed_dim: int
+    dim: int
+    mean: bytes
+    components: bytes
+    fixed_scale: float
+    levels: bytes
+    pq_subspaces: int
+    pq_bits: int
+    codebooks: bytes
+    def __init__(self, version: _Optional[int] = ..., quantizer: _Optional[str] = ..., scale: _Optional[str] = ..., method: _Optional[str] = ..., embed_dim: _Optional[int] = ..., dim: _Optional[int] = ..., mean: _Optional[bytes] = ..., components: _Optional[bytes] = ..., fixed_scale: _Optional[float] = ..., levels: _Optional[bytes] = ..., pq_subspaces: _Optional[int] = ..., pq_bits: _Optional[int] = ..., codebooks: _Optional[bytes] = ...) -> None: ...
 
 class TransmitReport(_message.Message):
-    __slots__ = ("satellite_id", "batch_bytes", "acked", "duplicates", "remaining", "next_bytes", "ack_bytes", "error_code", "error", "encode_flops", "encode_s", "skipped", "sent", "rejected", "rejections", "credential_bytes", "encoder_precision", "captured", "dropped", "onboard_bytes", "next_capture_s")
+    __slots__ = ("satellite_id", "batch_bytes", "acked", "duplicates", "remaining", "next_bytes", "ack_bytes", "error_code", "error", "encode_flops", "encode_s", "skipped", "sent", "rejected", "rejections", "credential_bytes", "encoder_precision", "captured", "dropped", "onboard_bytes", "next_capture_s", "basis_version", "waiting_basis")
     SATELLITE_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
     ACKED_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +316,8 @@ class TransmitReport(_message.Message):
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     ONBOARD_BYTES_FIELD_NUMBER: _ClassVar[int]
     NEXT_CAPTURE_S_FIELD_NUMBER: _ClassVar[int]
+    BASIS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WAITING_BASIS_FIELD_NUMBER: _ClassVar[int]
     satellite_id: str
     batch_bytes: _containers.RepeatedScalarFieldContainer[int]
     acked: int
@@ -293,7 +339,9 @@ class TransmitReport(_message.Message):
     dropped: int
     onboard_bytes: int
     next_capture_s: float
-    def __init__(self, satellite_id: _Optional[str] = ..., batch_bytes: _Optional[_Iterable[int]] = ..., acked: _Optional[int] = ..., duplicates: _Optional[int] = ..., remaining: _Optional[int] = ..., next_bytes: _Optional[int] = ..., ack_bytes: _Optional[_Iterable[int]] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ..., encode_flops: _Optional[int] = ..., encode_s: _Optional[float] = ..., skipped: _Optional[int] = ..., sent: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[str]] = ..., credential_bytes: _Optional[int] = ..., encoder_precision: _Optional[str] = ..., captured: _Optional[int] = ..., dropped: _Optional[int] = ..., onboard_bytes: _Optional[int] = ..., next_capture_s: _Optional[float] = ...) -> None: ...
+    basis_version: int
+    waiting_basis: bool
+    def __init__(self, satellite_id: _Optional[str] = ..., batch_bytes: _Optional[_Iterable[int]] = ..., acked: _Optional[int] = ..., duplicates: _Optional[int] = ..., remaining: _Optional[int] = ..., next_bytes: _Optional[int] = ..., ack_bytes: _Optional[_Iterable[int]] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ..., encode_flops: _Optional[int] = ..., encode_s: _Optional[float] = ..., skipped: _Optional[int] = ..., sent: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[str]] = ..., credential_bytes: _Optional[int] = ..., encoder_precision: _Optional[str] = ..., captured: _Optional[int] = ..., dropped: _Optional[int] = ..., onboard_bytes: _Optional[int] = ..., next_capture_s: _Optional[float] = ..., basis_version: _Optional[int] = ..., waiting_basis: _Optional[bool] = ...) -> None: ...
 
 class DatasetChunk(_message.Message):
     __slots__ = ("dataset_id", "total_rows", "features", "labels", "base_id", "base_rows")
@@ -558,3 +606,19 @@ class MissionInfo(_message.Message):
     rounds_done: int
     instance: str
     def __init__(self, config_json: _Optional[str] = ..., fingerprint: _Optional[str] = ..., prepared: _Optional[bool] = ..., rounds_done: _Optional[int] = ..., instance: _Optional[str] = ...) -> None: ...
+
+class UplinkRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UplinkReply(_message.Message):
+    __slots__ = ("basis", "dictionary", "fit_tokens", "fit_s")
+    BASIS_FIELD_NUMBER: _ClassVar[int]
+    DICTIONARY_FIELD_NUMBER: _ClassVar[int]
+    FIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FIT_S_FIELD_NUMBER: _ClassVar[int]
+    basis: Basis
+    dictionary: bytes
+    fit_tokens: int
+    fit_s: float
+    def __init__(self, basis: _Optional[_Union[Basis, _Mapping]] = ..., dictionary: _Optional[bytes] = ..., fit_tokens: _Optional[int] = ..., fit_s: _Optional[float] = ...) -> None: ...

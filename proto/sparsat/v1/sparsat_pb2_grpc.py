@@ -509,6 +509,11 @@ class MissionStub:
                 request_serializer=sparsat_dot_v1_dot_sparsat__pb2.ArrivedRequest.SerializeToString,
                 response_deserializer=sparsat_dot_v1_dot_sparsat__pb2.ArrivedReply.FromString,
                 _registered_method=True)
+        self.Uplink = channel.unary_unary(
+                '/sparsat.v1.Mission/Uplink',
+                request_serializer=sparsat_dot_v1_dot_sparsat__pb2.UplinkRequest.SerializeToString,
+                response_deserializer=sparsat_dot_v1_dot_sparsat__pb2.UplinkReply.FromString,
+                _registered_method=True)
 
 
 class MissionServicer:
@@ -544,6 +549,16 @@ class MissionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Uplink(self, request, context):
+        """Projected CLS payloads: what the satellites are to be uplinked. The first call fits the
+        basis (pca: on unlabelled images; supervised: FAILED_PRECONDITION until enough labelled
+        samples are stored, then on them); later calls return it. Without a projection:
+        FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MissionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -571,6 +586,11 @@ def add_MissionServicer_to_server(servicer, server):
                     servicer.Arrived,
                     request_deserializer=sparsat_dot_v1_dot_sparsat__pb2.ArrivedRequest.FromString,
                     response_serializer=sparsat_dot_v1_dot_sparsat__pb2.ArrivedReply.SerializeToString,
+            ),
+            'Uplink': grpc.unary_unary_rpc_method_handler(
+                    servicer.Uplink,
+                    request_deserializer=sparsat_dot_v1_dot_sparsat__pb2.UplinkRequest.FromString,
+                    response_serializer=sparsat_dot_v1_dot_sparsat__pb2.UplinkReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -708,6 +728,33 @@ class Mission:
             '/sparsat.v1.Mission/Arrived',
             sparsat_dot_v1_dot_sparsat__pb2.ArrivedRequest.SerializeToString,
             sparsat_dot_v1_dot_sparsat__pb2.ArrivedReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Uplink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sparsat.v1.Mission/Uplink',
+            sparsat_dot_v1_dot_sparsat__pb2.UplinkRequest.SerializeToString,
+            sparsat_dot_v1_dot_sparsat__pb2.UplinkReply.FromString,
             options,
             channel_credentials,
             insecure,

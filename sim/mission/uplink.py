@@ -1,0 +1,113 @@
+"""The uplink of projected CLS payloads: the basis (with its PQ codebooks) and the zstd
+dictionary the ground station fitted, charged on links.uplink inside a satellite's window,
+before that contact's downlink, and handed to the satellite's host with its next Transmit.
+
+A PCA basis is fitted before the mission starts; a supervised one once the ground station
+holds `fit_samples` labelled samples, which satellites without a basis send as plain tokens
+(each at most its share); a satellite that has sent its share waits for the fit. Every wait
+and every uplink is counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import simpy
+
+from sparsat.sim.mission.ground_client import GroundStationClient
+from sparsat.sim.mission.tally import Tally
+from sparsat.sim.scenario.configs import capturing_satellites
+from sparsat.sim.scenario.schema import Scenario
+
+log = logging.getLogger("sparsat.mission")
+
+GRPC_FRAME_BYTES = 5
+
+
+def _field(n: int) -> int:
+    """A length-delimited field (tag < 16) of n bytes."""
+    return 1 + max(1, (n.bit_length() + 6) // 7) + n if n else 0
+
+
+class Uplink:
+    def __init__(self, env: simpy.Environment, scenario: Scenario, tally: Tally,
+                 gs: GroundStationClient) -> None:
+        self.env, self.s, self.tally, self.gs = env, scenario, tally, gs
+        self.projection = scenario.sensors.payload.projection
+        down, up = scenario.links.downlink, scenario.links.uplink
+        self.rate_bps = up.rate_bps if up is not None else down.rate_bps
+        self.latency_s = up.latency_s if up is not None else down.latency_s
+        self.basis: Any = None  # pb.Basis once fitted
+        self.dictionary = b""
+        self.held: dict[str, int] = {}  # satellite -> the basis version it was uplinked
+        self.ready = env.event()  # the basis is fitted
+        share = 0
+        if self.projection is not None and self.projection.method == "supervised":
+            share = math.ceil(self.projection.fit_samples / capturing_satellites(scenario))
+        self.share: dict[str, int] = dict.fromkeys(scenario.sensors.ids(), share)
+        self._waiting: set[str] = set()
+
+    @property
+    def active(self) -> bool:
+        return self.projection is not None
+
+    def needs(self, sat_id: str) -> bool:
+        """The satellite does not hold the ground's current basis (or there is none yet)."""
+        return self.active and (self.basis is None or self.held.get(sat_id) != self.basis.version)
+
+    def fetch(self) -> bool:
+        """Ask the ground station for the basis (it fits it on the first call that can);
+        True once there is one."""
+        if self.basis is not None:
+            return True
+        t0 = time.monotonic()
+        reply = self.gs.uplink()
+        self.tally.stage_wall_s["fit"] = self.tally.stage_wall_s.get("fit", 0.0) + (
+            time.monotonic() - t0)
+        if reply is None:
+            return False
+        self.basis, self.dictionary = reply.basis, bytes(reply.dictionary)
+        self.tally.basis = {"version": int(reply.basis.version),
+                            "method": reply.basis.method, "dim": int(reply.basis.dim),
+                            "quantizer": reply.basis.quantizer, "scale": reply.basis.scale,
+                            "fit_tokens": int(reply.fit_tokens),
+                            "fit_wall_s": round(float(reply.fit_s), 3),
+                            "fitted_at_s": round(self.env.now, 3)}
+        log.info("basis %d (%s) fitted on %d tokens at mission time %.0f s",
+                 reply.basis.version, reply.basis.method, reply.fit_tokens, self.env.now)
+        if not self.ready.triggered:
+            self.ready.succeed()
+        return True
+
+    def sizes(self) -> dict[str, int]:
+        """What uplinking the current basis and dictionary puts on the link, by kind: the
+        TransmitRequest fields (tag, length, content) and a gRPC frame; the PQ codebooks'
+        field apart from the rest of the basis."""
+        assert self.basis is not None
+        books = _field(len(self.basis.codebooks))
+        return {"bases": _field(self.basis.ByteSize()) - books + GRPC_FRAME_BYTES,
+                "codebooks": books, "dictionaries": _field(len(self.dictionary))}
+
+    def seconds(self, propagation_s: float) -> float:
+        """Air time of the uplink: the link's latency (and the slant range's), then its bytes."""
+        return propagation_s + self.latency_s + 8 * sum(self.sizes().values()) / self.rate_bps
+
+    def charge(self, sat_id: str) -> tuple[Any, bytes]:
+        """The satellite was uplinked the current basis: counted; what its host is handed."""
+        assert self.basis is not None
+        for kind, n in self.sizes().items():
+            self.tally.uplink_content[kind] = self.tally.uplink_content.get(kind, 0) + n
+        self.tally.uplinks += 1
+        self.held[sat_id] = int(self.basis.version)
+        return self.basis, self.dictionary
+
+    def waited(self, sat_id: str, reason: str) -> None:
+        """The satellite let a window (or part of one) go by for want of its basis."""
+        w = self.tally.basis_waits
+        w[reason] = w.get(reason, 0) + 1
+        if sat_id not in self._waiting:
+            self._waiting.add(sat_id)
+            log.info("%s waits for its basis (%s)", sat_id, reason)
