@@ -36,7 +36,7 @@ class ProjectionSpec:
     quantizer: str = "int4"
     scale: str = "float16"  # int8 / int4 only
     method: str = "pca"  # pca: fitted on unlabelled images; supervised: on labelled samples
-    pq_subspaces: int = 8  # pq: M (divides D)
+    pq_subspaces: int = 0  # pq: M (divides D); 0: D / 4 where 4 divides D, else D
     pq_bits: int = 8  # pq: 2^bits centroids a subspace
     fit_images: int = 5000  # pca: unlabelled training-split images outside the scenario's
     fit_samples: int = 1000  # supervised: labelled samples downlinked first (int8 CLS)
@@ -55,7 +55,7 @@ class ProjectionSpec:
             problems.append(f"scale {self.scale!r} not one of {SCALES}")
         if self.method not in METHODS:
             problems.append(f"method {self.method!r} not one of {METHODS}")
-        if self.quantizer == "pq" and (self.pq_subspaces < 1 or self.dim % self.pq_subspaces):
+        if self.quantizer == "pq" and (self.subspaces < 1 or self.dim % self.subspaces):
             problems.append(f"pq_subspaces {self.pq_subspaces} does not divide dim {self.dim}")
         if not 1 <= self.pq_bits <= MAX_PQ_BITS:
             problems.append(f"pq_bits {self.pq_bits} out of 1..{MAX_PQ_BITS}")
@@ -63,6 +63,13 @@ class ProjectionSpec:
             problems.append("fit_images and fit_samples must be at least 2")
         if problems:
             raise ValueError("projection: " + "; ".join(problems))
+
+    @property
+    def subspaces(self) -> int:
+        """PQ's M: pq_subspaces, or by default one subspace per 4 dimensions."""
+        if self.pq_subspaces:
+            return self.pq_subspaces
+        return self.dim // 4 if self.dim % 4 == 0 else self.dim
 
 
 @dataclass(frozen=True)

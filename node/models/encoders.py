@@ -9,6 +9,8 @@ positional embedding), blocks, final norm, read CLS.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import os
 import threading
@@ -409,3 +411,19 @@ def load_state(encoder: Encoder, state: dict[str, torch.Tensor], source: str) ->
         raise EncoderWeightsError(
             f"{source} does not fit {encoder.cfg}: missing keys {missing[:5]}, unexpected "
             f"keys {unexpected[:5]}")
+
+
+def weights_digest(encoder: Encoder) -> str:
+    """What an encoder's output depends on besides its input: this module's code, torch (its
+    build included), the architecture, pooling, precision, device kind and every weight's
+    bytes. The on-board token cache's key (sparsat.node.processes.sensor)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(Path(__file__).read_bytes())
+    h.update(json.dumps([torch.__version__, str(encoder.cfg), encoder.pooling,
+                         encoder.precision, encoder.mean.device.type]).encode())
+    for name, tensor in encoder.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        h.update(t.float().numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes())
+    return h.hexdigest()
+

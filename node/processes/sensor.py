@@ -24,13 +24,17 @@ stream.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import math
+import os
+import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -176,12 +180,15 @@ class Grant:
 
 class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
     def __init__(self, node_id: str, cfg: SensorConfig, setup: SensorSetup,
-                 ground_station: str) -> None:
+                 ground_station: str, token_cache: Path | None = None) -> None:
         """A host for the satellites of `setup` (what the ground station told it, see
         from_reply), each queueing the images it was told, in that order."""
         self.node_id = node_id
         self.cfg = cfg
         self.setup = setup
+        # on-board tokens of batches encoded before (simulations that repeat a mission)
+        self.token_cache = token_cache
+        self._encoder_key: str | None = None
         self.bytes = ByteCounter()
         self.dataset: ImageDataset = load_dataset(cfg.dataset, "train")
         self.grid = setup.grid
@@ -202,7 +209,7 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
 
     @classmethod
     def from_reply(cls, node_id: str, satellite_ids: list[str], reply: pb.RegisterReply,
-                   ground_station: str) -> SensorServicer:
+                   ground_station: str, token_cache: Path | None = None) -> SensorServicer:
         """The host a registration reply describes; ValueError (CodecError) when the reply
         does not give every satellite in `satellite_ids` its images, or is malformed."""
         if not reply.HasField("sensor"):
@@ -214,7 +221,8 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         if missing or extra:
             raise CodecError(f"the ground station's setup gives images to {list(setup.images)[:8]}"
                              f", not to the satellites registered {satellite_ids[:8]}")
-        return cls(node_id, SensorConfig.from_json(reply.config_json), setup, ground_station)
+        return cls(node_id, SensorConfig.from_json(reply.config_json), setup, ground_station,
+                   token_cache)
 
     # ---- payloads -------------------------------------------------------------------------
 
@@ -254,7 +262,7 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             assert self.encoder is not None
             t0 = time.perf_counter()
             canvases = [masked_canvas(c.image, grid, c.visible) for c in caps]
-            tokens = self.encoder.encode_canvases(canvases, [c.visible for c in caps])
+            tokens = self._encode(canvases, [c.visible for c in caps])
             sat.encode_s += time.perf_counter() - t0
             sat.encode_flops += sum(encoders.encode_flops(self.encoder.cfg, len(c.visible))
                                     for c in caps)
@@ -277,6 +285,39 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
                 size = stored_bytes(sat.built[key])
                 sat.onboard_bytes += size - sat.sizes.get(key, 0)
                 sat.sizes[key] = size
+
+    def _encode(self, canvases: list[np.ndarray], visible: list[np.ndarray]) -> np.ndarray:
+        """The on-board encoder's tokens of one batch; with a token cache (simulation speed
+        only: what a batch encodes to depends on its canvases, their visible tokens and the
+        encoder, all in the key) read from it when this batch was encoded before."""
+        assert self.encoder is not None
+        if self.token_cache is None:
+            return self.encoder.encode_canvases(canvases, visible)
+        if self._encoder_key is None:
+            self._encoder_key = encoders.weights_digest(self.encoder)
+        h = hashlib.blake2b(self._encoder_key.encode(), digest_size=16)
+        for c, v in zip(canvases, visible, strict=True):
+            h.update(np.asarray(c.shape, np.int64).tobytes())
+            h.update(np.ascontiguousarray(c).tobytes())
+            h.update(np.asarray(v, np.int64).tobytes())
+        path = self.token_cache / f"onboard-{h.hexdigest()}.npy"
+        try:
+            cached = np.load(path, allow_pickle=False)
+            if cached.shape == (len(canvases), self.encoder.dim):
+                return cached  # type: ignore[no-any-return]
+        except (OSError, ValueError):
+            pass
+        tokens = self.encoder.encode_canvases(canvases, visible)
+        self.token_cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.token_cache, prefix=".onboard-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, tokens)
+            os.replace(tmp, path)  # atomic: a reader never sees half a file
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return tokens
 
     def _message(self, sat: Satellite, pos: int) -> downlink.Payload | None:
         """The payload at queue position `pos`, built when needed; None past the end."""
@@ -572,7 +613,8 @@ def check_setup(setup: SensorSetup, cfg: SensorConfig, dataset: ImageDataset,
 
 
 def serve(listen: str, ground_station: str, satellite_ids: list[str],
-          node_id: str | None = None, advertise: str | None = None) -> None:
+          node_id: str | None = None, advertise: str | None = None,
+          token_cache: Path | None = None) -> None:
     """Run a sensor host until interrupted: bind, register, then answer Transmit calls."""
     node_id = node_id or f"sensors-{satellite_ids[0]}"
     # Transmit and Health: small, but a Transmit may carry the uplink (basis, dictionary)
@@ -589,7 +631,8 @@ def serve(listen: str, ground_station: str, satellite_ids: list[str],
     # reply's instance is the process this registration is with
     Rejoin(node_id, ground_station, lambda wait_s: register(ground_station, request, wait_s),
            reply.instance).start()
-    servicer = SensorServicer.from_reply(node_id, satellite_ids, reply, ground_station)
+    servicer = SensorServicer.from_reply(node_id, satellite_ids, reply, ground_station,
+                                         token_cache)
     pb_grpc.add_SensorServicer_to_server(servicer, server)
     pb_grpc.add_HealthServicer_to_server(servicer, server)
     add_standard_services(server, ["sparsat.v1.Sensor", "sparsat.v1.Health"])

@@ -319,7 +319,7 @@ def _finish(spec: ProjectionSpec, mean: np.ndarray, directions: np.ndarray, x: n
     elif spec.quantizer == "sign":
         levels = np.abs(u).mean(axis=0).astype(np.float32)
     else:
-        books = fit_pq(u, spec.pq_subspaces, spec.pq_bits, seed)
+        books = fit_pq(u, spec.subspaces, spec.pq_bits, seed)
     basis = Basis(0, spec.quantizer, spec.scale, mean.astype(np.float32), comps, fixed,
                   levels, books, spec.method)
     return as_sent(basis)

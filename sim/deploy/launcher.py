@@ -291,7 +291,9 @@ class LocalCluster:
             ids = [a for sat in sats[start : start + per] for a in ("--id", sat)]
             self._spawn(f"sensors-{h}", [
                 "node", "sensor", "--listen", "127.0.0.1:0", "--ground-station", self.address,
-                "--node-id", f"sensors-{h}", *ids, *self._security_args(f"sensors-{h}")])
+                "--node-id", f"sensors-{h}", *ids,
+                *(["--token-cache", str(self.token_cache)] if self.token_cache else []),
+                *self._security_args(f"sensors-{h}")])
         return self.address
 
     def spawn_trainer(self, node_id: str, name: str | None = None) -> Proc:

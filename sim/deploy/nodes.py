@@ -128,7 +128,11 @@ def cmd_sensor(args: argparse.Namespace) -> int:
             raise ValueError(f"{name}'s credentials do not cover satellites {stray[:8]} (they "
                              f"cover {list(creds.identity.satellites)[:8]})")
 
-    serve(args.listen, args.ground_station, args.id, args.node_id, args.advertise)
+    import os
+
+    cache = args.token_cache or os.environ.get("SPARSAT_TOKEN_CACHE")
+    serve(args.listen, args.ground_station, args.id, args.node_id, args.advertise,
+          Path(cache).expanduser() if cache else None)
     return 0
 
 
@@ -173,6 +177,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                              "0.0.0.0, this machine's address toward the ground station)")
     sensor.add_argument("--register-wait", type=float, default=60.0, metavar="S",
                         help="how long to wait for the ground station at start (default 60)")
+    sensor.add_argument("--token-cache", metavar="DIR",
+                        help="on-board tokens of batches encoded before, shared with other "
+                        "runs (simulation speed only; default $SPARSAT_TOKEN_CACHE, else none)")
     add_security(sensor, "the sensor host")
     sensor.set_defaults(func=cmd_sensor)
     trainer = kinds.add_parser("trainer", help="train MLP subnets sent by the ground station")

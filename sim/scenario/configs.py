@@ -58,7 +58,11 @@ def sensor_config(s: Scenario) -> SensorConfig:
 
 def projection_spec(s: Scenario) -> ProjectionSpec | None:
     p = s.sensors.payload.projection
-    return None if p is None else ProjectionSpec(**p.model_dump())
+    if p is None:
+        return None
+    fields = p.model_dump()
+    fields["pq_subspaces"] = fields["pq_subspaces"] or 0
+    return ProjectionSpec(**fields)
 
 
 def satellite_images(s: Scenario) -> dict[str, np.ndarray]:

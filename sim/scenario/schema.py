@@ -124,7 +124,7 @@ class ProjectionCfg(Model):
     # supervised: on the first fit_samples labelled samples, which the satellites send as
     # cls_dtype tokens before the basis (their downlink counted)
     method: Literal["pca", "supervised"] = "pca"
-    pq_subspaces: int = Field(8, ge=1)  # pq: M bytes a token
+    pq_subspaces: int | None = Field(None, ge=1)  # pq: M bytes a token; None: dim / 4
     pq_bits: int = Field(8, ge=1, le=8)
     fit_images: int = Field(5000, ge=2)
     fit_samples: int = Field(1000, ge=2)
@@ -133,7 +133,7 @@ class ProjectionCfg(Model):
 
     @model_validator(mode="after")
     def _fits(self) -> ProjectionCfg:
-        if self.quantizer == "pq" and self.dim % self.pq_subspaces:
+        if self.quantizer == "pq" and self.pq_subspaces and self.dim % self.pq_subspaces:
             raise ValueError(f"pq_subspaces {self.pq_subspaces} does not divide dim {self.dim}")
         if self.quantizer not in ("int8", "int4") and self.changed("scale"):
             raise ValueError(f"scale has no effect with quantizer {self.quantizer}")
