@@ -121,10 +121,15 @@ def train_dictionary(basis: bases.Basis, x: np.ndarray, size: int) -> Any:
 
     codes, scales = basis.encode(x)
     samples: list[bytes | bytearray | memoryview] = []
-    for start in range(0, len(codes), DICT_SAMPLE_TOKENS):
-        part = slice(start, start + DICT_SAMPLE_TOKENS)
+    per = DICT_SAMPLE_TOKENS if len(codes) >= 100 * DICT_SAMPLE_TOKENS else 1  # few: one a token
+    for start in range(0, len(codes), per):
+        part = slice(start, start + per)
         raw = codes[part].tobytes()
         if basis.scale_bytes:
             raw += scales[part].astype("<f4" if basis.scale_bytes == 4 else "<f2").tobytes()
         samples.append(raw)
-    return zstandard.train_dictionary(size, samples, dict_id=dictionary_id(basis), threads=1)
+    try:
+        return zstandard.train_dictionary(size, samples, dict_id=dictionary_id(basis), threads=1)
+    except zstandard.ZstdError as e:
+        raise ValueError(f"a zstd dictionary of {size} bytes cannot be trained on {len(x)} fit "
+                         f"tokens ({e}): lower zstd_dict_bytes or fit on more") from e
