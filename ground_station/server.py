@@ -608,8 +608,8 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                     fitted = uplink.fit(self.cfg, self.store, encoder)
                 except (uplink.NotFitted, NotReady) as e:
                     abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
-                except ValueError as e:
-                    abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"basis: {e}")
+                except ValueError as e:  # the scenario's projection cannot be fitted at all
+                    abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"basis: {e}")
                 self.bases[fitted.basis.version] = fitted.basis
                 if fitted.dictionary is not None:
                     self.dictionaries[fitted.dictionary.dict_id()] = fitted.dictionary

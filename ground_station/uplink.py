@@ -36,7 +36,9 @@ DICT_SAMPLE_TOKENS = 16  # tokens per sample the zstd dictionary is trained on
 
 
 class NotFitted(RuntimeError):
-    """The basis cannot be fitted yet (FAILED_PRECONDITION): too few labelled samples."""
+    """The basis cannot be fitted yet (FAILED_PRECONDITION): too few labelled samples, or
+    no images outside the scenario's subset to fit on. (A fit that fails on its data is a
+    ValueError: INVALID_ARGUMENT.)"""
 
 
 @dataclass(frozen=True)

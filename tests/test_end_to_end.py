@@ -41,7 +41,7 @@ def _write(tmp_path: Path, scenario: dict[str, Any]) -> Path:
     return path
 
 
-def _stored_wire_bytes(store: Path) -> tuple[int, int]:
+def _stored_wire_bytes(store: Path, scale_bytes: int | None = None) -> tuple[int, int]:
     """(samples stored, downlink bytes): every batch the ground station recorded, rebuilt
     from its stored samples with the sensors' own builder, must have the wire size recorded
     (ByteSize + 5 of the message that arrived); their sum is the downlink."""
@@ -53,9 +53,11 @@ def _stored_wire_bytes(store: Path) -> tuple[int, int]:
     for satellite, named, ids, wire in batches:
         samples = [rows[i] for i in np.frombuffer(ids, "<i8").tolist()]
         cls = samples[0].height == 0
-        batch = BatchBuilder(satellite if named else "", cls, cls and samples[0].scale != 0)
+        basis = samples[0].basis  # projected tokens: their codes' basis, `scale_bytes` a token
+        batch = BatchBuilder(satellite if named else "", cls, cls and samples[0].scale != 0,
+                             basis=basis, scale_bytes=scale_bytes if basis else None)
         for r in samples:
-            batch.add(Payload(r.id, r.label, r.data, bool(r.runs), r.scale))
+            batch.add(Payload(r.id, r.label, r.data, bool(r.runs), r.scale, basis=r.basis))
         assert batch.wire_size() == wire == batch.to_pb().ByteSize() + GRPC_FRAME_BYTES
         total += wire
     return len(rows), total
@@ -554,3 +556,42 @@ def test_orbital_downlink_uses_only_contact_windows_and_queues_for_antennas(
     else:
         assert station["queued_s"] == 0
     assert results["time_to_accuracy_s"] == results["history"][0]["sim_time_s"]
+
+
+@pytest.mark.parametrize("projection", [
+    {"dim": 16, "quantizer": "int4", "fit_images": 300},
+    {"dim": 8, "quantizer": "pq", "pq_bits": 4, "method": "supervised", "fit_samples": 60,
+     "zstd_level": 19, "zstd_dict_bytes": 256},
+], ids=["pca-int4", "supervised-pq-zstd"])
+def test_projected_tokens_go_up_as_a_basis_and_down_as_codes(
+        tmp_path: Path, projection: dict[str, Any]) -> None:
+    scenario = {**TINY, "name": "tokens",
+                "sensors": {**TINY["sensors"], "mask": {"kind": "none"},
+                            "payload": {"kind": "cls", "cls_dtype": "int8",
+                                        "projection": projection}},
+                "links": {**TINY["links"], "uplink": {"rate_bps": 4800, "latency_s": 0.05}}}
+    out = tmp_path / "out"
+
+    assert main(["run", str(_write(tmp_path, scenario)), "--out", str(out), "--quiet"]) == 0
+
+    results = json.loads((out / "results.json").read_text())
+    _check_common(results, scenario)  # the sensors' received bytes: acks and the uplink
+    b, p = results["bytes"], results["projection"]
+    up = b["uplink_breakdown"]
+    assert b["uplink"] == up["acks"] + up["bases"] + up["codebooks"] + up["dictionaries"]
+    assert p["uplinks"] == 3 and p["uplink_s"] > 3 * 8 * up["bases"] / 3 / 4800
+    assert (up["codebooks"] > 0) == (projection["quantizer"] == "pq")
+    assert (up["dictionaries"] > 0) == ("zstd_level" in projection)
+    assert p["basis"]["method"] == projection.get("method", "pca")
+    with sqlite3.connect(out / "store" / "samples.sqlite") as db:
+        versions = dict(db.execute("SELECT basis, COUNT(*) FROM payloads GROUP BY basis"))
+    n = scenario["dataset"]["train_subset"]
+    if projection.get("method") == "supervised":  # each satellite's share went plain first
+        assert versions == {0: 60, p["basis"]["version"]: n - 60}
+        assert p["basis"]["fit_tokens"] == 60 and p["basis_waits"].get("fit", 0) >= 1
+    else:
+        assert versions == {p["basis"]["version"]: n}
+        count, wire = _stored_wire_bytes(out / "store", scale_bytes=2)
+        assert wire + b["downlink_credentials"] == b["downlink"]
+        # 8 int4 bytes and a float16 scale a token, ids and labels: ~13 B an image
+        assert (b["downlink"] - b["downlink_credentials"]) / n < 14

@@ -350,7 +350,8 @@ class MissionControl:
 
     def _per_link(self, links: list[Link]) -> dict[str, int]:
         """Bytes per link: links of earlier, interrupted runs, updated by this run's."""
-        return {**self.saved_links, **{link.name: link.bytes for link in links}}
+        return {**self.saved_links, **{link.name: link.bytes for link in links},
+                **self.tally.uplink_links}
 
     def _load_state(self) -> float:
         if self.state_file is None or not self.state_file.exists():

@@ -27,6 +27,7 @@ class Tally:
     # why, and the basis fitted
     uplink_content: dict[str, int] = field(default_factory=dict)
     uplinks: int = 0
+    uplink_links: dict[str, int] = field(default_factory=dict)  # "uplink:SAT" -> bytes
     uplink_s: float = 0.0
     basis_waits: dict[str, int] = field(default_factory=dict)
     basis: dict[str, Any] = field(default_factory=dict)

@@ -100,6 +100,9 @@ class Uplink:
         assert self.basis is not None
         for kind, n in self.sizes().items():
             self.tally.uplink_content[kind] = self.tally.uplink_content.get(kind, 0) + n
+        link = f"uplink:{sat_id}"  # results.json per_link_bytes
+        self.tally.uplink_links[link] = (self.tally.uplink_links.get(link, 0)
+                                         + sum(self.sizes().values()))
         self.tally.uplinks += 1
         self.held[sat_id] = int(self.basis.version)
         return self.basis, self.dictionary

@@ -139,6 +139,11 @@ class ProjectionCfg(Model):
             raise ValueError(f"scale has no effect with quantizer {self.quantizer}")
         if self.quantizer != "pq" and self.changed("pq_subspaces", "pq_bits"):
             raise ValueError("pq_subspaces and pq_bits have no effect without quantizer: pq")
+        fit = self.fit_images if self.method == "pca" else self.fit_samples
+        if self.quantizer == "pq" and fit < 2 ** self.pq_bits:
+            raise ValueError(f"product quantization with {2 ** self.pq_bits} centroids needs "
+                             f"at least as many fit tokens: raise fit_images / fit_samples "
+                             f"({fit}) or lower pq_bits")
         if self.method == "pca" and self.changed("fit_samples"):
             raise ValueError("fit_samples has no effect with method: pca (fit_images)")
         if self.method == "supervised" and self.changed("fit_images"):
