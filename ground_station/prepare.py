@@ -293,7 +293,7 @@ def _validation(cfg: GroundStationConfig, encoder: encoders.Encoder,
                 stage: Callable[[str, dict[str, object], Callable[[], TokenSet]], TokenSet],
                 enc: str, progress: Callable[[str], Callable[[int, int], None]]) -> TokenSet:
     """The validation split, kept on the ground: training images no satellite holds, under
-    the training data's masks and payload path (CLS: requantized like the satellites')."""
+    the training data's masks (the caller passes it through the payload's path, _as_sent)."""
     s = cfg.sensor
     train_data = load_dataset(s.dataset, "train")
     if s.train_subset is None:
@@ -305,9 +305,7 @@ def _validation(cfg: GroundStationConfig, encoder: encoders.Encoder,
         s.train_indices_seed, (s.train_subset, cfg.validation_subset)), lambda: encode_split(
             train_data, "train", s.dataset.name, s.mask, encoder, cfg.encode_batch,
             progress=progress("encode validation"), indices=indices))
-    if s.payload == "cls":
-        tokens = replace(tokens, features=requantize(tokens.features, s.cls_dtype))
-    return tokens
+    return tokens  # _as_sent then reads it as the satellites' payloads arrive
 
 
 def per_copy(train: TokenSet, copies: int, n_train: int

@@ -58,16 +58,20 @@ def fit_tokens(cfg: GroundStationConfig, encoder: encoders.Encoder) -> TokenSet:
     if s.train_subset is None:
         raise NotFitted("a PCA basis is fitted on training images no satellite holds: set "
                         "dataset.train_subset")
-    try:
-        indices = validation_indices(len(train_data), s.train_subset, s.projection.fit_images,
-                                     s.train_indices_seed + 1)
-    except ValueError as e:
-        raise NotFitted(f"projection.fit_images: {e}") from e
+    # the seeded permutation the satellites' subset and the validation split are cut from:
+    # the fit images come after both, so no satellite holds one and none is validated on
+    before = s.train_subset + cfg.validation_subset
+    if before + s.projection.fit_images > len(train_data):
+        raise NotFitted(f"projection.fit_images {s.projection.fit_images}: the training split "
+                        f"has {len(train_data)} images, {len(train_data) - before} left after "
+                        f"the satellites' subset and the validation split")
+    indices = validation_indices(len(train_data), before, s.projection.fit_images,
+                                 s.train_indices_seed)
     cache = TokenCache(Path(cfg.token_cache) if cfg.token_cache is not None
                        else Path(cfg.store_dir) / "tokens")
     key = eval_key(encoder_digest(encoder, cfg.encode_batch), s.dataset, files_digest(train_data),
-                   s.mask, len(train_data), None, s.train_indices_seed + 1,
-                   (s.train_subset, s.projection.fit_images))
+                   s.mask, len(train_data), None, s.train_indices_seed,
+                   (before, s.projection.fit_images))
     key["stage"] = "fit"
     tokens = cache.get(key)
     if tokens is None:

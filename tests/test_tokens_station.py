@@ -301,3 +301,33 @@ def test_a_sensor_host_waits_for_its_basis_then_sends_codes_compressed(tmp_path:
         assert sent.encode_flops > 0
     finally:
         st.close()
+
+
+def test_pca_fit_images_are_on_no_satellite_and_not_validated_on() -> None:
+    from sparsat.ground_station import uplink
+    from sparsat.node.data.sharding import validation_indices
+
+    calls: list[np.ndarray] = []
+
+    class Stop(Exception):
+        pass
+
+    def encode_split(*args: object, indices: np.ndarray, **kw: object) -> None:
+        calls.append(indices)
+        raise Stop
+
+    cfg = _config(Path("/nonexistent/store"), fit_images=5000)
+    cfg = GroundStationConfig(sensor=cfg.sensor, store_dir=Path("/nonexistent/store"),
+                              device="cpu", validation_subset=700, token_cache=None)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(uplink, "encode_split", encode_split)
+    mp.setattr(uplink.TokenCache, "get", lambda self, key: None)
+    try:
+        with pytest.raises(Stop):
+            uplink.fit_tokens(cfg, encoders.create("vit_tiny_d8_patch4_28"))
+    finally:
+        mp.undo()
+    fit = set(calls[0].tolist())
+    held = set(train_subset(60_000, SUBSET, 0).tolist())
+    validated = set(validation_indices(60_000, SUBSET, 700, 0).tolist())
+    assert len(fit) == 5000 and not fit & held and not fit & validated
