@@ -91,10 +91,10 @@ def check_batch(batch: BatchData, satellite: str, rules: IngestRules,
             reasons.setdefault(pos, (cause, why if isinstance(why, str) else why[k]))
 
     everything = np.ones(n, dtype=bool)
-    batch, unknown = _inflate(batch, n, rules)
+    batch, unknown, frame = _inflate(batch, n, rules)
     if unknown:
         refuse(everything, RejectCause.BAD_BASIS, unknown)
-    structure = _structure(batch, n, rules) if not unknown else "unknown basis"
+    structure = frame or (_structure(batch, n, rules) if not unknown else "unknown basis")
 
     if structure:
         refuse(everything, RejectCause.BAD_STRUCTURE, f"batch: {structure}")
@@ -209,23 +209,23 @@ def _patch_rows(batch: BatchData, satellite: str, rules: IngestRules, refuse: _R
     return rows
 
 
-def _inflate(batch: BatchData, n: int, rules: IngestRules) -> tuple[BatchData, str]:
-    """The batch with a zstd frame's tokens and scales in place, and why every sample is
-    refused as of an unknown basis ('' when none is): a basis or dictionary the ground
-    station never uplinked, or a projection the scenario does not have. A frame that does
-    not declare exactly what its samples need is never inflated (its tokens are dropped:
-    the structure check then refuses the batch)."""
+def _inflate(batch: BatchData, n: int, rules: IngestRules) -> tuple[BatchData, str, str]:
+    """The batch with a zstd frame's tokens and scales in place; why every sample is refused
+    as of an unknown basis ('' when none is: a basis or dictionary the ground station never
+    uplinked, or a projection the scenario does not have); and what is wrong with its frame
+    ('' when nothing: every sample is then refused as BAD_STRUCTURE). A frame that does not
+    declare exactly what its samples need is never inflated."""
     if batch.basis and not rules.projected:
-        return batch, f"basis {batch.basis}: this scenario's tokens are not projected"
+        return batch, f"basis {batch.basis}: this scenario's tokens are not projected", ""
     if batch.basis and batch.basis not in rules.bases:
-        return batch, f"basis {batch.basis} was never uplinked"
+        return batch, f"basis {batch.basis} was never uplinked", ""
     if not batch.basis and rules.projected and not rules.unprojected and rules.payload == "cls":
-        return batch, "tokens without a basis: this scenario's satellites wait for theirs"
+        return batch, "tokens without a basis: this scenario's satellites wait for theirs", ""
     if not batch.dictionary:
-        return batch, ""
+        return batch, "", ""
     zdict = rules.dictionaries.get(batch.dictionary)
     if zdict is None:
-        return batch, f"zstd dictionary {batch.dictionary} was never uplinked"
+        return batch, f"zstd dictionary {batch.dictionary} was never uplinked", ""
     if batch.basis:
         b = rules.bases[batch.basis]
         code, scale = b.code_bytes, b.scale_bytes
@@ -239,16 +239,19 @@ def _inflate(batch: BatchData, n: int, rules: IngestRules) -> tuple[BatchData, s
         declared = zstandard.get_frame_parameters(batch.tokens).content_size
     except zstandard.ZstdError:
         declared = -1
-    if declared != want or batch.scales:  # unknown (-1), or not what n samples need
-        return replace(batch, tokens=b"\x00", scales=b""), ""
+    if batch.scales:
+        return batch, "", "a zstd batch carries its scales inside the frame, not in scales"
+    if declared != want:  # unknown (-1), or not what n samples need: never inflated
+        return batch, "", (f"zstd frame declares {declared} bytes, its {n} samples need "
+                           f"{want}")
     try:
         raw = zstandard.ZstdDecompressor(dict_data=zdict).decompress(  # type: ignore[arg-type]
             batch.tokens, max_output_size=want)
-    except zstandard.ZstdError:
-        return replace(batch, tokens=b"\x00", scales=b""), ""
+    except zstandard.ZstdError as e:
+        return batch, "", f"zstd frame does not inflate: {str(e)[:80]}"
     if len(raw) != want:
-        return replace(batch, tokens=b"\x00", scales=b""), ""
-    return replace(batch, tokens=raw[: n * code], scales=raw[n * code :]), ""
+        return batch, "", f"zstd frame inflates to {len(raw)} bytes, not the {want} declared"
+    return replace(batch, tokens=raw[: n * code], scales=raw[n * code :]), "", ""
 
 
 def _projected_rows(batch: BatchData, satellite: str, rules: IngestRules, refuse: _Refuse
@@ -262,7 +265,9 @@ def _projected_rows(batch: BatchData, satellite: str, rules: IngestRules, refuse
                                ).astype(np.float32)
     else:
         scales = np.zeros(n, np.float32)
-    _, bad = b.decode(codes, scales)
+    u, bad = b.decode(codes, scales)
+    with np.errstate(over="ignore", invalid="ignore"):  # a huge finite scale: Inf, refused
+        bad |= ~np.isfinite(b.reconstruct(u)).all(axis=1)
     refuse(bad, RejectCause.BAD_TOKEN, f"codes or scale that basis {batch.basis} never writes")
     ids, labels, s = batch.ids.tolist(), batch.labels.tolist(), scales.tolist()
     return [Row(ids[k], satellite, labels[k], False, 0, 0, 0, s[k],

@@ -45,7 +45,7 @@ from sparsat.node.data.sharding import owners, satellite_images, validation_indi
 from sparsat.node.data.tiles import tile_edges
 from sparsat.node.models import encoders
 from sparsat.node.wire import control, downlink, security
-from sparsat.node.wire.basis import Basis
+from sparsat.node.wire.basis import Basis, from_pb, pb_basis
 from sparsat.node.wire.codec import CodecError
 from sparsat.node.wire.rpc import (
     INSTANCE,
@@ -214,6 +214,9 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
         self.dictionaries: dict[int, Any] = self.rules.dictionaries  # type: ignore[assignment]
         self.fitted: Fitted | None = None
         self._uplink_lock = threading.Lock()
+        for _, basis, dictionary, fit_tokens, fit_s in self.store.uplinked():  # a restart
+            self._adopt(Fitted(from_pb(pb_basis(basis), enc.embed_dim),
+                               uplink.load_dictionary(dictionary), fit_tokens, fit_s))
         # Every registration is stored. After a restart a node's enrollment holds (its role,
         # its satellites: their samples are accepted, no other node takes them), but its
         # address is listed (nodes: ListNodes, trainers for Prepare) only once it registered
@@ -594,6 +597,13 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                   "no basis was fitted (Uplink): projected tokens cannot be read yet")
         return dict(self.bases), self.fitted.basis
 
+    def _adopt(self, fitted: Fitted) -> None:
+        """A basis (and dictionary) uplinked: its codes are read from now on."""
+        self.bases[fitted.basis.version] = fitted.basis
+        if fitted.dictionary is not None:
+            self.dictionaries[fitted.dictionary.dict_id()] = fitted.dictionary
+        self.fitted = fitted
+
     def Uplink(self, request: pb.UplinkRequest,
                context: grpc.ServicerContext) -> pb.UplinkReply:
         """The basis (and zstd dictionary) satellites are to be uplinked: fitted on the first
@@ -610,14 +620,16 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                     abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
                 except ValueError as e:  # the scenario's projection cannot be fitted at all
                     abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"basis: {e}")
-                self.bases[fitted.basis.version] = fitted.basis
-                if fitted.dictionary is not None:
-                    self.dictionaries[fitted.dictionary.dict_id()] = fitted.dictionary
-                self.fitted = fitted
+                self.store.save_uplinked(
+                    fitted.basis.version, fitted.basis.to_pb().SerializeToString(),
+                    fitted.dictionary.as_bytes() if fitted.dictionary is not None else b"",
+                    fitted.fit_tokens, fitted.fit_s)
+                self._adopt(fitted)
                 log.info("basis %d fitted (%s, D=%d, %s) on %d tokens in %.1f s",
                          fitted.basis.version, fitted.basis.method, fitted.basis.dim,
                          fitted.basis.quantizer, fitted.fit_tokens, fitted.fit_s)
             f = self.fitted
+            assert f is not None
         return gs_serde.uplink_reply(f.basis.to_pb(), f.dictionary.as_bytes()
                                      if f.dictionary is not None else b"", f.fit_tokens, f.fit_s)
 

@@ -98,6 +98,11 @@ class SampleStore:
         self._db.execute("CREATE INDEX IF NOT EXISTS batches_transmit ON batches "
                          "(satellite, transmit_id)")
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        # projected payloads: every basis (serialized sparsat.v1.Basis) and zstd dictionary
+        # uplinked, so a restarted ground station still reads the codes made with them
+        self._db.execute("CREATE TABLE IF NOT EXISTS uplinked (version INTEGER PRIMARY KEY, "
+                         "basis BLOB NOT NULL, dictionary BLOB NOT NULL, fit_tokens INTEGER "
+                         "NOT NULL, fit_s REAL NOT NULL, seq INTEGER NOT NULL)")
         self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value "
                          "INTEGER NOT NULL)")
         self._db.commit()
@@ -223,6 +228,23 @@ class SampleStore:
             found = self._db.execute("SELECT node_id, role, address, satellites, device FROM "
                                      "nodes ORDER BY node_id").fetchall()
         return [NodeRecord(n, r, a, tuple(json.loads(s)), d) for n, r, a, s, d in found]
+
+    def save_uplinked(self, version: int, basis: bytes, dictionary: bytes, fit_tokens: int,
+                      fit_s: float) -> None:
+        """Record a basis (its serialized message) and dictionary, committed before they are
+        handed out."""
+        with self._lock:
+            seq = self._db.execute("SELECT COUNT(*) FROM uplinked").fetchone()[0]
+            self._db.execute("INSERT OR IGNORE INTO uplinked VALUES (?, ?, ?, ?, ?, ?)",
+                             (version, basis, dictionary, fit_tokens, fit_s, seq))
+            self._db.commit()
+
+    def uplinked(self) -> list[tuple[int, bytes, bytes, int, float]]:
+        """Every basis recorded, oldest first: (version, basis, dictionary, fit_tokens, fit_s)."""
+        with self._lock:
+            return [(int(v), bytes(b), bytes(d), int(n), float(t)) for v, b, d, n, t in
+                    self._db.execute("SELECT version, basis, dictionary, fit_tokens, fit_s "
+                                     "FROM uplinked ORDER BY seq")]
 
     def count(self, **deltas: int) -> None:
         """Add to named counters (e.g. rejected=1, received_bytes=n), committed at once."""

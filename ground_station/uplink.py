@@ -139,3 +139,13 @@ def train_dictionary(basis: bases.Basis, x: np.ndarray, size: int) -> Any:
     except zstandard.ZstdError as e:
         raise ValueError(f"a zstd dictionary of {size} bytes cannot be trained on {len(x)} fit "
                          f"tokens ({e}): lower zstd_dict_bytes or fit on more") from e
+
+
+def load_dictionary(raw: bytes) -> Any:
+    """A zstd dictionary from its bytes (None for none)."""
+    if not raw:
+        return None
+    import zstandard
+
+    return zstandard.ZstdCompressionDict(raw)
+

@@ -331,3 +331,52 @@ def test_pca_fit_images_are_on_no_satellite_and_not_validated_on() -> None:
     held = set(train_subset(60_000, SUBSET, 0).tolist())
     validated = set(validation_indices(60_000, SUBSET, 700, 0).tolist())
     assert len(fit) == 5000 and not fit & held and not fit & validated
+
+
+def test_a_restarted_station_still_reads_the_codes_of_its_bases(tmp_path: Path) -> None:
+    cfg = _config(tmp_path / "store")
+    st = Station(cfg)
+    try:
+        up = st.mission.Uplink(pb.UplinkRequest(), timeout=300)
+        basis = B.from_pb(up.basis, DIM)
+        assert st.send(_batch(basis, _ids("sat-0")[:3])[0]).stored == 3
+    finally:
+        st.close()
+    again = Station(cfg)  # the same store: the bases it uplinked are in it
+    try:
+        assert again.send(_batch(basis, _ids("sat-0")[3:6])[0]).stored == 3
+        assert again.mission.Uplink(pb.UplinkRequest(), timeout=60).basis.version == \
+            basis.version  # not fitted again
+    finally:
+        again.close()
+
+
+def test_a_bad_frame_of_one_one_byte_sample_is_refused(tmp_path: Path) -> None:
+    st = Station(_config(tmp_path / "store", dim=8, quantizer="sign", zstd_level=3,
+                         zstd_dict_bytes=256))
+    try:
+        up = st.mission.Uplink(pb.UplinkRequest(), timeout=300)
+        basis = B.from_pb(up.basis, DIM)
+        assert basis.sample_bytes == 1
+        msg, _, _ = _batch(basis, _ids("sat-0")[:1])
+        zdict = zstandard.ZstdCompressionDict(up.dictionary)
+        msg.dictionary = zdict.dict_id()
+        for frame in (b"", b"\x00", zstandard.ZstdCompressor(dict_data=zdict).compress(b"ab")):
+            msg.tokens = frame
+            ack = st.send(msg)
+            assert ack.stored == 0 and _causes(ack) == [C.BAD_STRUCTURE]
+    finally:
+        st.close()
+
+
+def test_a_finite_scale_that_overflows_is_refused(station: Station,
+                                                  uplinked: pb.UplinkReply) -> None:
+    basis = B.from_pb(uplinked.basis, DIM)
+    msg, _, _ = _batch(basis, _ids("sat-1")[20:23], satellite="sat-1")
+    scales = np.frombuffer(msg.scales, "<f2").copy()
+    scales[1] = 60000.0  # finite float16, and 7 x 60000 x the basis's back-projection: Inf?
+    msg.scales = scales.astype("<f2").tobytes()
+    ack = station.send(msg)
+    u, bad = basis.decode(np.frombuffer(msg.tokens, np.uint8).reshape(3, -1), scales)
+    finite = np.isfinite(basis.reconstruct(u)).all(axis=1)
+    assert ack.stored == int((~bad & finite).sum())

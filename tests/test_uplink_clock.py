@@ -182,3 +182,49 @@ def test_satellites_send_their_share_of_plain_tokens_then_wait_for_the_fit() -> 
     assert later and later[0][1] == pytest.approx(300.0 + _uplink_s())
     assert mc.tally.stored == 60 and mc.tally.uplinks == 2
     assert mc.tally.basis["fit_tokens"] == 200 and mc.tally.basis["fitted_at_s"] >= 100.0
+
+
+def test_a_host_that_lost_its_basis_is_uplinked_again() -> None:
+    mc = _mission(horizon_h=1.0)
+    windows = {"sat-0": Contacts([Contact("sat-0", "gs", 0.0, 10.0, 45.0),
+                                  Contact("sat-0", "gs", 100.0, 200.0, 45.0)])}
+    calls: list[tuple[str, float, int, int]] = []
+    up = mc.downlink.uplink = Uplink(mc.env, mc.s, mc.tally, Ground(mc))  # type: ignore
+    up.fetch()
+    host = Sensor(mc.env, 400, calls)  # more than the first window takes
+    real = host.Transmit
+
+    def restarting(request: pb.TransmitRequest, **kw: Any) -> pb.TransmitReport:
+        report = real(request, **kw)
+        if len(calls) == 1:
+            host.basis = 0  # restarted after its first call: the basis is gone
+            report.basis_version = 0
+        return report
+
+    host.Transmit = restarting  # type: ignore[method-assign]
+    mc.use_sensors({"sat-0": pb.NodeInfo(node_id="sat-0")}, {"sat-0": host})
+    link = Link(mc.env, "downlink:sat-0", RATE, 0.0)
+    mc.env.run(until=mc.env.process(mc.downlink.fly("sat-0", windows["sat-0"],
+                                                    fixed_rate(link), link, tqdm(disable=True))))
+    mc.gs_channel.close()
+    assert [c[3] for c in calls if c[3]] == [BASIS.version, BASIS.version]
+    assert calls[-1][1] >= 100.0  # again in the next window, charged again
+    assert mc.tally.uplinks == 2 and mc.tally.stored == 400
+
+
+def test_a_fit_the_others_cannot_complete_takes_more_from_who_can() -> None:
+    mc = _mission(sats=2, method="supervised", fit_samples=20)
+    windows = {"sat-0": Passes(PeriodicPasses(200, 50, 0)),
+               "sat-1": Passes(PeriodicPasses(200, 50, 100))}
+    calls: list[tuple[str, float, int, int]] = []
+    up = mc.downlink.uplink = Uplink(mc.env, mc.s, mc.tally, Ground(mc, fit_after=20))  # type: ignore
+    sensors = {"sat-0": Sensor(mc.env, 30, calls, wait=False),
+               "sat-1": Sensor(mc.env, 4, calls, wait=False)}  # fewer images than its share
+    mc.use_sensors({s: pb.NodeInfo(node_id=s) for s in windows}, sensors)
+    links = {s: Link(mc.env, f"downlink:{s}", RATE, 0.0) for s in windows}
+    procs = [mc.env.process(mc.downlink.fly(s, w, fixed_rate(links[s]), links[s],
+                                            tqdm(disable=True))) for s, w in windows.items()]
+    mc.env.run(until=mc.env.any_of([mc.env.all_of(procs), mc.env.timeout(10_000)]))
+    mc.gs_channel.close()
+    assert up.basis is not None and mc.tally.stored == 34  # fitted, everything delivered
+    assert mc.env.now < 10_000

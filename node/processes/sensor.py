@@ -391,26 +391,12 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             _field_bytes(len(request.dictionary)) if request.dictionary else 0)
         if up:
             self.bytes.add(received=up + GRPC_FRAME_BYTES)
-        if request.HasField("basis"):
-            if not self.setup.projected:
-                abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                      f"{sat.sat_id}: a basis was uplinked, but this scenario's payloads are "
-                      "not projected")
-            assert self.encoder is not None
-            try:
-                b = bases.from_pb(request.basis, self.encoder.dim)
-            except CodecError as e:
-                abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{sat.sat_id}: {e}")
-            if sat.basis is None or b.version != sat.basis.version:
-                sat.basis = sat.bases[b.version] = b
-                for key in [k for k, p in sat.built.items()
-                            if p.basis != b.version and k not in sat.unacked]:
-                    del sat.built[key]
-                    if self.cfg.capture is not None:  # waits raw again for the encoder
-                        sat.onboard_bytes += (self.dataset.image(key[0]).nbytes
-                                              - sat.sizes.get(key, 0))
-                        sat.sizes[key] = self.dataset.image(key[0]).nbytes
-        if request.dictionary:
+        if (request.HasField("basis") or request.dictionary) and not self.setup.projected:
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                  f"{sat.sat_id}: a basis was uplinked, but this scenario's payloads are not "
+                  "projected")
+        zstd = None
+        if request.dictionary:  # checked whole before anything changes
             import zstandard
 
             try:
@@ -420,13 +406,30 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
                 compressor = zstandard.ZstdCompressor(level=level or 3, dict_data=zdict,
                                                       write_content_size=True,
                                                       write_checksum=False)
+                compressor.compress(b"\0" * 64)  # a dictionary that loads but cannot code
             except zstandard.ZstdError as e:
                 abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                       f"{sat.sat_id}: zstd dictionary: {e}")
             if not dict_id:
                 abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                       f"{sat.sat_id}: zstd dictionary has no id (raw content)")
-            sat.zstd = (compressor, dict_id)
+            zstd = (compressor, dict_id)
+        if request.HasField("basis"):
+            assert self.encoder is not None
+            try:
+                b = bases.from_pb(request.basis, self.encoder.dim)
+            except CodecError as e:
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{sat.sat_id}: {e}")
+            if sat.basis is None or b.version != sat.basis.version:
+                sat.basis = sat.bases[b.version] = b
+                if self.cfg.capture is None:  # the scene is still there: made again with it
+                    for key in [k for k, p in sat.built.items()
+                                if p.basis != b.version and k not in sat.unacked]:
+                        del sat.built[key]
+                # with captures a stored token stays as it is (its scene is gone): it goes
+                # with its own basis, or plain, which the ground station reads alike
+        if zstd is not None:
+            sat.zstd = zstd
 
     def _capture(self, sat: Satellite, spec: CaptureSpec, t: float) -> None:
         """Every capture due by mission time `t`, into storage under the policy."""

@@ -186,7 +186,9 @@ class Basis:
             bad |= (codes >= k).any(axis=1)
             idx = np.where(codes >= k, 0, codes).astype(np.int64)
             u = self.codebooks[np.arange(m)[None, :], idx].reshape(n, d)
-        u = np.where(bad[:, None], 0.0, u).astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            bad |= ~np.isfinite(u).all(axis=1)  # a finite scale times 127 may overflow
+            u = np.where(bad[:, None], 0.0, u).astype(np.float32)
         return u, bad
 
     def reconstruct(self, u: np.ndarray) -> np.ndarray:
@@ -281,6 +283,11 @@ def from_pb(msg: pb.Basis, embed_dim: int | None = None) -> Basis:
                          f"({version_of(msg)})")
     return Basis(int(msg.version), msg.quantizer, msg.scale, mean, comps,
                  float(msg.fixed_scale), levels, books, msg.method)
+
+
+def pb_basis(raw: bytes) -> pb.Basis:
+    """A serialized Basis message (as a store keeps it) parsed."""
+    return pb.Basis.FromString(raw)
 
 
 def version_of(msg: pb.Basis) -> int:

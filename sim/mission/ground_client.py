@@ -262,17 +262,18 @@ class GroundStationClient:
         """Projected payloads: the basis (and zstd dictionary) to uplink, fitted on the first
         call that can; None while the ground station cannot fit it yet (FAILED_PRECONDITION:
         too few labelled samples for a supervised basis)."""
-        try:
-            return self.mission.Uplink(gs_serde.uplink_request(),  # type: ignore[no-any-return]
-                                       timeout=self.d.prepare_s)
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.FAILED_PRECONDITION and (
-                    self.scenario.sensors.payload.projection is not None
-                    and self.scenario.sensors.payload.projection.method == "supervised"):
-                log.info("basis not fitted yet: %s", e.details())
+        try:  # retried while the ground station restarts (UNAVAILABLE)
+            return self.call("Uplink", lambda: self.mission.Uplink(  # type: ignore[no-any-return]
+                gs_serde.uplink_request(), timeout=self.d.prepare_s))
+        except MissionError as e:
+            cause = e.__cause__
+            p = self.scenario.sensors.payload.projection
+            if (isinstance(cause, grpc.RpcError)
+                    and cause.code() == grpc.StatusCode.FAILED_PRECONDITION
+                    and p is not None and p.method == "supervised"):
+                log.info("basis not fitted yet: %s", cause.details())
                 return None
-            raise MissionError(f"ground station {self.address}: Uplink failed: "
-                               f"{e.code().name}: {e.details()}") from e
+            raise
 
     def arrived(self, satellite_id: str, transmit_id: int, ends_s: list[float]) -> int:
         """Streaming: stamp a Transmit's batches with their end on the air; samples stamped."""

@@ -240,6 +240,8 @@ class Downlink:
                     report = self.transmit(sat_id, budget)
                 except HostDown as e:
                     log.warning("%s: %s; the other satellites go on", sat_id, e)
+                    if self.uplink is not None:  # a host that comes back may have restarted
+                        self.uplink.held.pop(sat_id, None)
                     if passes is not None:
                         back = yield from self.hosts.await_host(
                             sat_id, lambda: passes.next_start(env.now))
@@ -252,10 +254,15 @@ class Downlink:
                 sent = self._count(sat_id, report, bar)
                 if sent:
                     stretch_s = 0.0
-                if self.uplink is not None and self.uplink.basis is None and report.acked:
-                    up = self.uplink  # plain tokens for a supervised basis: the share spent
-                    up.share[sat_id] -= report.acked - report.duplicates - report.rejected
-                    up.fetch()  # fitted once the ground station holds enough
+                up = self.uplink
+                if up is not None and up.active and not report.error_code:
+                    if up.basis is None and report.acked:  # plain tokens for a supervised fit
+                        up.spent(sat_id, report.acked - report.duplicates - report.rejected)
+                        up.fetch()  # fitted once the ground station holds enough
+                    elif up.basis is not None and sat_id in up.held:
+                        up.lost(sat_id, report.basis_version)  # a restarted host: again
+                    if report.waiting_basis and up.needs(sat_id):
+                        continue  # uplinked now, in what is left of the window
                 yield from self._onboard(sat_id, report)
                 sizes = [self._on_air(size, rng) for size in _on_link(report)]
                 if self.s.training.streaming and report.batch_bytes:
@@ -336,18 +343,15 @@ class Downlink:
         env, up = self.env, self.uplink
         assert up is not None
         if up.basis is None and not up.fetch():  # supervised, not fitted yet
-            if up.share[sat_id] > 0:
+            if up.share[sat_id] > 0 or up.more_share(sat_id, self.hosts.active):
                 self.hosts.max_samples[sat_id] = up.share[sat_id]
                 return "send"
             up.waited(sat_id, "fit")
-            end = w.end_s if passes is None else min(w.end_s, passes.next_start(env.now))
-            if end > env.now:
-                yield up.ready | env.timeout(end - env.now)
-            if up.ready.triggered and env.now < w.end_s:
-                return "again"
-            if passes is not None:
-                return "again"  # the pass is over: Passes gives the next one
-            return "leave"
+            if passes is None:  # a contact window: its antenna goes to a satellite with share
+                return "leave"
+            if w.end_s > env.now:
+                yield up.ready | env.timeout(w.end_s - env.now)
+            return "again"  # fitted meanwhile, or the pass is over (Passes gives the next)
         propagation = max(0.0, latency - self.s.links.downlink.latency_s)
         seconds = up.seconds(propagation)
         if passes is not None and seconds > passes.duration_s:

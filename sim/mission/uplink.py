@@ -48,6 +48,7 @@ class Uplink:
         if self.projection is not None and self.projection.method == "supervised":
             share = math.ceil(self.projection.fit_samples / capturing_satellites(scenario))
         self.share: dict[str, int] = dict.fromkeys(scenario.sensors.ids(), share)
+        self.plain_stored = 0  # plain tokens stored for the supervised fit so far
         self._waiting: set[str] = set()
 
     @property
@@ -106,6 +107,32 @@ class Uplink:
         self.tally.uplinks += 1
         self.held[sat_id] = int(self.basis.version)
         return self.basis, self.dictionary
+
+    def spent(self, sat_id: str, stored: int) -> None:
+        """`stored` plain tokens of the satellite's share were stored."""
+        self.share[sat_id] -= stored
+        self.plain_stored += stored
+
+    def more_share(self, sat_id: str, flying: set[str]) -> bool:
+        """A satellite has spent its share and the fit still lacks samples: when no other
+        satellite still flying has share left (the others finished or hold fewer images than
+        their share), it takes what the fit lacks. False when it must wait for the others."""
+        assert self.projection is not None
+        if any(self.share.get(s, 0) > 0 for s in flying - {sat_id}):
+            return False
+        lacking = self.projection.fit_samples - self.plain_stored
+        if lacking <= 0:
+            return False  # enough stored: the fit waits on the ground station, not on us
+        self.share[sat_id] = lacking
+        return True
+
+    def lost(self, sat_id: str, version: int) -> None:
+        """The satellite's host reports another basis than it was uplinked (it restarted):
+        it is uplinked again in its next window."""
+        if self.held.get(sat_id, 0) != version:
+            log.warning("%s holds basis %d, not the %d it was uplinked: uplinking again",
+                        sat_id, version, self.held.get(sat_id, 0))
+            self.held.pop(sat_id, None)
 
     def waited(self, sat_id: str, reason: str) -> None:
         """The satellite let a window (or part of one) go by for want of its basis."""
