@@ -31,7 +31,8 @@ def _config(r: dict[str, Any], cfg: dict[str, Any]) -> tuple[str, str, str]:
     method = p.get("method", "pca")
     zstd = " + zstd" if p.get("zstd_level") else ""
     label = (f"{'supervised' if method == 'supervised' else 'PCA'} D={p.get('dim', 32)} {q}"
-             + (f"/{scale}" if scale else "") + zstd)
+             + (f"/{scale}" if scale else "") + zstd
+             + (f" ({p.get('fit_samples', 1000)} labelled)" if method == "supervised" else ""))
     return label, f"{ratio:g}", q if method == "pca" else "supervised"
 
 
