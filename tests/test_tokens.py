@@ -226,3 +226,70 @@ def test_a_batch_holds_the_tokens_of_one_basis() -> None:
     assert [(x.basis, len(x.items)) for x in batches] == [(a.version, 3), (b.version, 1)]
     with pytest.raises(ValueError, match="basis"):
         batches[0].add(downlink.projected_payload(2000, 1, b"\x00" * 12, 1.0, b.version))
+
+
+# ---- docs/tokens.md, implemented again from the page alone ------------------------------------
+
+
+def _doc_encode(msg: pb.Basis, x: np.ndarray) -> tuple[bytes, bytes]:
+    """A token's code and scale bytes from the Basis message, as docs/tokens.md says."""
+    e, d = msg.embed_dim, msg.dim
+    mean = np.frombuffer(msg.mean, "<f4")
+    comps = np.frombuffer(msg.components, "<f2").astype(np.float32).reshape(d, e)
+    u = (x.astype(np.float32) - mean) @ comps.T
+    if msg.quantizer in ("int8", "int4"):
+        qmax = 127 if msg.quantizer == "int8" else 7
+        if msg.scale == "fixed":
+            step, scale_bytes = np.float32(msg.fixed_scale), b""
+        else:
+            peak = np.abs(u).max()
+            step = np.float32(peak / qmax if peak > 0 else 1.0)
+            if msg.scale == "float16":
+                step = np.float32(np.float16(min(max(step, 2.0 ** -14), 65504.0)))
+                scale_bytes = np.float16(step).tobytes()
+            else:
+                scale_bytes = np.float32(step).tobytes()
+        q = np.clip(np.rint(u / step), -qmax, qmax).astype(np.int64)
+        if msg.quantizer == "int8":
+            return bytes(int(v) & 0xFF for v in q), scale_bytes
+        nib = [int(v) & 0xF for v in q] + ([0] if d % 2 else [])
+        return bytes(nib[k] | nib[k + 1] << 4 for k in range(0, len(nib), 2)), scale_bytes
+    if msg.quantizer == "sign":
+        out = bytearray((d + 7) // 8)
+        for i in range(d):
+            if u[i] > 0:
+                out[i // 8] |= 1 << (i % 8)
+        return bytes(out), b""
+    m, k = msg.pq_subspaces, 1 << msg.pq_bits
+    books = np.frombuffer(msg.codebooks, "<f2").astype(np.float32).reshape(m, k, d // m)
+    parts = u.reshape(m, d // m)
+    return bytes(int(((books[j] - parts[j]) ** 2).sum(axis=1).argmin()) for j in range(m)), b""
+
+
+def test_an_encoder_written_from_the_docs_makes_the_same_bytes(fitted: tuple[str, B.Basis]
+                                                               ) -> None:
+    import hashlib
+
+    _, basis = fitted
+    msg = basis.to_pb()
+    body = pb.Basis()
+    body.CopyFrom(msg)
+    body.version = 0
+    digest = hashlib.blake2b(body.SerializeToString(), digest_size=4).digest()
+    assert msg.version == (int.from_bytes(digest, "little") & 0x7FFFFFFF or 1)
+    codes, scales = basis.encode(HELD_OUT[:50])
+    same = 0
+    for k in range(50):  # float sums in another order (a batch, one token) move the last bit
+        code, scale = _doc_encode(msg, HELD_OUT[k])
+        wire = "<f4" if basis.scale_bytes == 4 else "<f2"
+        if basis.scale_bytes:
+            assert np.frombuffer(scale, wire)[0] == pytest.approx(scales[k], rel=1e-5)
+        mine = np.frombuffer(scale, wire) if basis.scale_bytes else scales[k:k + 1]
+        u_doc, bad = basis.decode(np.frombuffer(code, np.uint8)[None], mine)
+        u_lib, _ = basis.decode(codes[k:k + 1], scales[k:k + 1])
+        assert not bad.any()
+        step = float(mine[0]) if basis.scale_bytes else basis.fixed_scale
+        if basis.quantizer in ("int8", "int4"):  # at most one step apart, where it rounded
+            assert np.abs(u_doc - u_lib).max() <= step * 1.001
+        same += code == codes[k].tobytes()
+    assert same >= 48  # the same bytes but for a rounding tie or two

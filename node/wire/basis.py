@@ -126,8 +126,9 @@ class Basis:
             if self.scale == "fixed":
                 step = np.full(n, self.fixed_scale, np.float32)
             else:
-                peak = np.abs(u).max(axis=1) if u.size else np.zeros(n, np.float32)
-                step = np.where(peak > 0, peak / qmax, 1.0).astype(np.float32)
+                peak = (np.abs(u).max(axis=1) if u.size else np.zeros(n)).astype(np.float32)
+                step = np.where(peak > 0, peak / np.float32(qmax), np.float32(1.0)).astype(
+                    np.float32)  # in float32, as docs/tokens.md says
                 if self.scale == "float16":
                     step = np.clip(step, F16_MIN, F16_MAX).astype(np.float16).astype(np.float32)
                 scales = step
