@@ -595,3 +595,44 @@ def test_projected_tokens_go_up_as_a_basis_and_down_as_codes(
         assert wire + b["downlink_credentials"] == b["downlink"]
         # 8 int4 bytes and a float16 scale a token, ids and labels: ~13 B an image
         assert (b["downlink"] - b["downlink_credentials"]) / n < 14
+
+
+def test_projected_tokens_with_orbits_uplink_inside_contact_windows(tmp_path: Path) -> None:
+    from sparsat.sim.scenario.schema import load
+    from sparsat.sim.space import orbits
+
+    _twin_tle(tmp_path / "twins.tle")
+    scenario = {
+        **{k: v for k, v in TINY.items() if k != "passes"},
+        "name": "orbital_tokens", "dataset": {**TINY["dataset"], "train_subset": 240},
+        "sensors": {**TINY["sensors"], "count": 2, "mask": {"kind": "none"},
+                    "payload": {"kind": "cls", "cls_dtype": "int8", "projection": {
+                        "dim": 16, "quantizer": "int4", "fit_images": 300}}},
+        "mission": {"horizon_h": 24},
+        "orbits": {"epoch": "2026-01-01T00:00:00Z", "tle": "twins.tle",
+                   "stations": [{"name": "svalbard", "lat_deg": 78.23, "lon_deg": 15.39,
+                                 "min_elevation_deg": 5, "antennas": 1}]},
+        "links": {"downlink": {"rate_bps": 9600, "latency_s": 0.05},
+                  "uplink": {"rate_bps": 1200, "latency_s": 0.05},
+                  "trainer": TINY["links"]["trainer"]},
+        "training": {**TINY["training"], "strategy": "centralized", "workers": 1, "epochs": 1},
+    }
+    path = _write(tmp_path, scenario)
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+
+    b, p = results["bytes"], results["projection"]
+    up = b["uplink_breakdown"]
+    assert p["uplinks"] == 2 and results["samples"]["stored"] == 240
+    # each uplink: the slant range / c and the link's latency, then its bytes at 1.2 kbit/s
+    per = up["bases"] / 2
+    assert p["uplink_s"] > 2 * (0.05 + 8 * per / 1200 + 500 / 299_792.458)
+    station = results["stations"]["svalbard"]  # the uplink is on the antenna too
+    assert station["bytes"] == b["downlink"] + b["uplink"]
+    assert sum(results["per_link_bytes"].values()) == b["total"]
+    s = load(path)
+    windows = orbits.contact_windows(orbits.constellation(s), orbits.stations(s),
+                                     s.orbits.epoch, 24 * 3600.0)
+    first = min(c.start_s for c in windows)
+    assert results["downlink_done_s"] > first + 8 * per / 1200  # nothing before the uplink

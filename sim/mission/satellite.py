@@ -367,6 +367,10 @@ class Downlink:
         yield env.timeout(seconds)
         self.tally.uplink_s += seconds
         self.hosts.uplink_next[sat_id] = up.charge(sat_id)
+        if w.station is not None:  # on the station's antenna too (half duplex)
+            st = self.tally.stations[w.station]
+            st["bytes"] += sum(up.sizes().values())
+            st["busy_s"] += seconds
         self.hosts.max_samples.pop(sat_id, None)
         return "again"
 
