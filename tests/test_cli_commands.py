@@ -32,7 +32,7 @@ COMMANDS = {
                               "--scenario", "--store", "--token-cache", *SECURITY]),
     "node": [],
     "node sensor": sorted(["--advertise", "--ground-station", "--id", "--listen", "--node-id",
-                           "--register-wait", *SECURITY]),
+                           "--register-wait", "--token-cache", *SECURITY]),
     "node trainer": sorted(["--advertise", "--device", "--ground-station", "--id", "--listen",
                             "--register-wait", "--threads", *SECURITY]),
 }
