@@ -57,6 +57,11 @@ def _points(roots: list[Path]) -> dict[tuple[str, str, str], list[dict[str, floa
     return out
 
 
+def _beats(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    """(bytes, accuracy) a is at least as small and as accurate as b, and better in one."""
+    return a[0] <= b[0] and a[1] >= b[1] and (a[0] < b[0] or a[1] > b[1])
+
+
 def _ms(xs: list[float], f: str = "{:.4f}") -> str:
     return f.format(st.mean(xs)) + (" ± " + f.format(st.stdev(xs)) if len(xs) > 1 else "")
 
@@ -79,8 +84,7 @@ def main(out: Path, roots: list[Path]) -> None:
         mine = [k for k in keys if k[1] == ratio]
         pts = {k: (st.mean(x["down"] for x in rows[k]), st.mean(x["acc"] for x in rows[k]))
                for k in mine}
-        front = [k for k in mine if not any(
-            o != k and pts[o][0] <= pts[k][0] and pts[o][1] > pts[k][1] for o in mine)]
+        front = [k for k in mine if not any(o != k and _beats(pts[o], pts[k]) for o in mine)]
         lines.append("")
         lines.append(f"Frontier at r = {ratio}: " + "; ".join(
             f"{k[0]} ({pts[k][0]:.1f} B, {pts[k][1]:.4f})"
@@ -111,8 +115,7 @@ def _figure(path: Path, rows: dict[tuple[str, str, str], list[dict[str, float]]]
             ax.errorbar(x, y, yerr=sd, fmt="s" if zstd else "o", color=colours[k[2]],
                         mfc="none" if "fixed" in k[0] else colours[k[2]], ms=6, capsize=2)
         front = sorted((k for k in mine if not any(
-            o != k and pts[o][0] <= pts[k][0] and pts[o][1] > pts[k][1] for o in mine)),
-            key=lambda k: pts[k][0])
+            o != k and _beats(pts[o][:2], pts[k][:2]) for o in mine)), key=lambda k: pts[k][0])
         ax.plot([pts[k][0] for k in front], [pts[k][1] for k in front], "k--", lw=0.8)
         for k in front:
             ax.annotate(k[0].replace("PCA ", ""), (pts[k][0], pts[k][1]), fontsize=7,
