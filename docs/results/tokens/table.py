@@ -126,7 +126,7 @@ def _figure(path: Path, rows: dict[tuple[str, str, str], list[dict[str, float]]]
         ax.set_xlabel("downlink bytes per image (all protocol included)")
         ax.set_title(f"r = {ratio}")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("final test accuracy (mean ± sd, 3 seeds)")
+    axes[0].set_ylabel("final test accuracy (mean ± sd over seeds)")
     handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=q)
                for q, c in colours.items()]
     handles += [plt.Line2D([], [], marker="o", ls="", mfc="none", color="grey",
