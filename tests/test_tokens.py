@@ -102,9 +102,13 @@ def test_the_basis_travels_whole_and_its_version_is_its_content(
                  (back.levels, basis.levels), (back.codebooks, basis.codebooks)):
         assert np.array_equal(a, b)
     assert np.array_equal(back.encode(HELD_OUT)[0], basis.encode(HELD_OUT)[0])
-    bases_bytes, books = basis.uplink_bytes()
-    assert bases_bytes + books == msg.ByteSize() + GRPC_FRAME_BYTES
-    assert (books > 0) == (basis.quantizer == "pq")
+    # the uplink's sizes are what a TransmitRequest carrying them takes, and its frame
+    dictionary = b"\x07" * 300
+    sizes = B.uplink_sizes(msg, dictionary)
+    carried = pb.TransmitRequest(basis=msg, dictionary=dictionary).ByteSize()
+    assert sum(sizes.values()) == carried + GRPC_FRAME_BYTES
+    assert sizes["dictionaries"] == 1 + 2 + 300
+    assert (sizes["codebooks"] > 0) == (basis.quantizer == "pq")
 
 
 def test_a_basis_whose_version_is_not_its_content_is_refused() -> None:

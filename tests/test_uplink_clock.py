@@ -108,10 +108,9 @@ def _fly(mc: MissionControl, windows: dict[str, Passes | Contacts], left: int,
 
 
 def _uplink_s() -> float:
-    sizes = BASIS.uplink_bytes()
     msg_bytes = BASIS.to_pb().ByteSize()
     field = 1 + (msg_bytes.bit_length() + 6) // 7 + msg_bytes  # TransmitRequest.basis
-    assert sizes[0] + sizes[1] == msg_bytes + 5  # a gRPC frame on the message
+    assert sum(B.uplink_sizes(BASIS.to_pb()).values()) == field + 5  # and a gRPC frame
     return 0.5 + 8 * (field + 5) / UP_RATE
 
 

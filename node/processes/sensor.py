@@ -57,7 +57,6 @@ from sparsat.node.wire.codec import (
     tile_edges,
 )
 from sparsat.node.wire.rpc import (
-    GRPC_FRAME_BYTES,
     INSTANCE,
     ByteCounter,
     Outbox,
@@ -387,10 +386,9 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         is made with it: those built with another are made again), a zstd dictionary."""
         # the uplink is data, counted as received like the acks (mission control charges the
         # same: each field with its tag and length, and a gRPC frame)
-        up = (_field_bytes(request.basis.ByteSize()) if request.HasField("basis") else 0) + (
-            _field_bytes(len(request.dictionary)) if request.dictionary else 0)
-        if up:
-            self.bytes.add(received=up + GRPC_FRAME_BYTES)
+        if request.HasField("basis") or request.dictionary:
+            self.bytes.add(received=sum(bases.uplink_sizes(request.basis,
+                                                           request.dictionary).values()))
         if (request.HasField("basis") or request.dictionary) and not self.setup.projected:
             abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                   f"{sat.sat_id}: a basis was uplinked, but this scenario's payloads are not "
@@ -585,11 +583,6 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
     def Check(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         return control.health_reply(self.node_id, control.SENSOR, self.bytes.received,
                                     self.bytes.sent, INSTANCE)
-
-
-def _field_bytes(n: int) -> int:
-    """A length-delimited field (tag < 16) of n bytes."""
-    return 1 + max(1, (n.bit_length() + 6) // 7) + n
 
 
 def stored_bytes(p: downlink.Payload) -> int:

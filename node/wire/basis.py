@@ -37,6 +37,8 @@ from sparsat.node.data.config import (
     ProjectionSpec,
 )
 from sparsat.node.wire.codec import CodecError
+from sparsat.node.wire.downlink import field_bytes
+from sparsat.node.wire.rpc import GRPC_FRAME_BYTES
 from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 
 QMAX = {"int8": 127, "int4": 7}
@@ -218,20 +220,14 @@ class Basis:
             msg.codebooks = self.codebooks.astype("<f2").tobytes()
         return msg
 
-    def uplink_bytes(self) -> tuple[int, int]:
-        """(bases, codebooks): the wire bytes of this basis as uplinked (Basis.ByteSize and
-        its gRPC frame), the PQ codebooks' field apart."""
-        msg = self.to_pb()
-        total = msg.ByteSize() + 5
-        if not msg.codebooks:
-            return total, 0
-        books = len(msg.codebooks)
-        field_bytes = 1 + _varint_len(books) + books
-        return total - field_bytes, field_bytes
 
-
-def _varint_len(n: int) -> int:
-    return max(1, (n.bit_length() + 6) // 7)
+def uplink_sizes(msg: pb.Basis, dictionary: bytes = b"") -> dict[str, int]:
+    """What a TransmitRequest carrying basis `msg` and zstd `dictionary` puts on the uplink,
+    by kind: each field (tag, length, content), the request's gRPC frame counted with the
+    bases, the PQ codebooks' field apart from the rest of the basis."""
+    books = field_bytes(len(msg.codebooks))
+    return {"bases": field_bytes(msg.ByteSize()) - books + GRPC_FRAME_BYTES,
+            "codebooks": books, "dictionaries": field_bytes(len(dictionary))}
 
 
 def from_pb(msg: pb.Basis, embed_dim: int | None = None) -> Basis:

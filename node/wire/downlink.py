@@ -65,7 +65,7 @@ def _varint_len(n: int) -> int:
     return max(1, (n.bit_length() + 6) // 7)
 
 
-def _field(n: int) -> int:
+def field_bytes(n: int) -> int:
     """Bytes of a length-delimited field (tag < 16) holding n bytes; 0 when empty."""
     return 1 + _varint_len(n) + n if n else 0
 
@@ -116,8 +116,9 @@ class BatchBuilder:
         last = adding.id if adding is not None else self.items[-1].id if self.items else 0
         if self.zstd is not None and tokens + scales:
             tokens, scales = zstd_bound(tokens + scales), 0
-        return (_field(len(self.satellite_id.encode())) + _field(ids) + _field(labels)
-                + _field(shapes) + patches + _field(rle) + _field(tokens) + _field(scales)
+        return (field_bytes(len(self.satellite_id.encode())) + field_bytes(ids)
+                + field_bytes(labels) + field_bytes(shapes) + patches + field_bytes(rle)
+                + field_bytes(tokens) + field_bytes(scales)
                 + (_varint_field(self.zstd[1]) if self.zstd is not None and tokens else 0)
                 + _varint_field(last) + _varint_field(self.transmit_id)
                 + _varint_field(self.basis) + GRPC_FRAME_BYTES)

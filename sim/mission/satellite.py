@@ -229,7 +229,7 @@ class Downlink:
                         windows.leave()
                         continue
                 if self.uplink is not None and self.uplink.needs(sat_id):
-                    step = yield from self._basis(sat_id, w, until, latency, passes)
+                    step = yield from self._basis(sat_id, w, latency, passes)
                     if step == "again":
                         continue
                     if step == "leave":
@@ -255,7 +255,7 @@ class Downlink:
                 if sent:
                     stretch_s = 0.0
                 up = self.uplink
-                if up is not None and up.active and not report.error_code:
+                if up is not None and not report.error_code:
                     if up.basis is None and report.acked:  # plain tokens for a supervised fit
                         up.spent(sat_id, report.acked - report.duplicates - report.rejected)
                         up.fetch()  # fitted once the ground station holds enough
@@ -333,8 +333,8 @@ class Downlink:
             self.hosts.active.discard(sat_id)
             self.hosts.waiting.discard(sat_id)
 
-    def _basis(self, sat_id: str, w: Window, until: float, latency: float,
-               passes: Passes | None) -> Generator[simpy.Event, Any, str]:
+    def _basis(self, sat_id: str, w: Window, latency: float, passes: Passes | None
+               ) -> Generator[simpy.Event, Any, str]:
         """A satellite without the ground's current basis, in a window: uplink it when the
         ground has one ("again": the window's room is planned anew after it); without one,
         a supervised projection lets the satellite send its share of plain tokens ("send",
@@ -355,7 +355,7 @@ class Downlink:
         propagation = max(0.0, latency - self.s.links.downlink.latency_s)
         seconds = up.seconds(propagation)
         if passes is not None and seconds > passes.duration_s:
-            raise MissionError(f"{sat_id}: the uplink ({sum(up.sizes().values())} bytes, "
+            raise MissionError(f"{sat_id}: the uplink ({sum(up.sizes.values())} bytes, "
                                f"{seconds:.1f} s) never fits a {passes.duration_s:g}-s pass: "
                                "raise links.uplink.rate_bps or lower the projection's dim")
         if env.now + seconds > w.end_s:  # the uplink does not fit what is left of the window
@@ -365,12 +365,7 @@ class Downlink:
                 return "again"
             return "leave"
         yield env.timeout(seconds)
-        self.tally.uplink_s += seconds
-        self.hosts.uplink_next[sat_id] = up.charge(sat_id)
-        if w.station is not None:  # on the station's antenna too (half duplex)
-            st = self.tally.stations[w.station]
-            st["bytes"] += sum(up.sizes().values())
-            st["busy_s"] += seconds
+        self.hosts.uplink_next[sat_id] = up.charge(sat_id, seconds, w.station)
         self.hosts.max_samples.pop(sat_id, None)
         return "again"
 

@@ -17,19 +17,13 @@ from typing import Any
 
 import simpy
 
+from sparsat.node.wire.basis import uplink_sizes
 from sparsat.sim.mission.ground_client import GroundStationClient
 from sparsat.sim.mission.tally import Tally
 from sparsat.sim.scenario.configs import capturing_satellites
 from sparsat.sim.scenario.schema import Scenario
 
 log = logging.getLogger("sparsat.mission")
-
-GRPC_FRAME_BYTES = 5
-
-
-def _field(n: int) -> int:
-    """A length-delimited field (tag < 16) of n bytes."""
-    return 1 + max(1, (n.bit_length() + 6) // 7) + n if n else 0
 
 
 class Uplink:
@@ -42,6 +36,8 @@ class Uplink:
         self.latency_s = up.latency_s if up is not None else down.latency_s
         self.basis: Any = None  # pb.Basis once fitted
         self.dictionary = b""
+        # what uplinking them puts on the link, by kind (bases, codebooks, dictionaries)
+        self.sizes: dict[str, int] = {}
         self.held: dict[str, int] = {}  # satellite -> the basis version it was uplinked
         self.ready = env.event()  # the basis is fitted
         share = 0
@@ -51,13 +47,9 @@ class Uplink:
         self.plain_stored = 0  # plain tokens stored for the supervised fit so far
         self._waiting: set[str] = set()
 
-    @property
-    def active(self) -> bool:
-        return self.projection is not None
-
     def needs(self, sat_id: str) -> bool:
         """The satellite does not hold the ground's current basis (or there is none yet)."""
-        return self.active and (self.basis is None or self.held.get(sat_id) != self.basis.version)
+        return self.basis is None or self.held.get(sat_id) != self.basis.version
 
     def fetch(self) -> bool:
         """Ask the ground station for the basis (it fits it on the first call that can);
@@ -71,6 +63,7 @@ class Uplink:
         if reply is None:
             return False
         self.basis, self.dictionary = reply.basis, bytes(reply.dictionary)
+        self.sizes = uplink_sizes(self.basis, self.dictionary)
         self.tally.basis = {"version": int(reply.basis.version),
                             "method": reply.basis.method, "dim": int(reply.basis.dim),
                             "quantizer": reply.basis.quantizer, "scale": reply.basis.scale,
@@ -83,28 +76,24 @@ class Uplink:
             self.ready.succeed()
         return True
 
-    def sizes(self) -> dict[str, int]:
-        """What uplinking the current basis and dictionary puts on the link, by kind: the
-        TransmitRequest fields (tag, length, content) and a gRPC frame; the PQ codebooks'
-        field apart from the rest of the basis."""
-        assert self.basis is not None
-        books = _field(len(self.basis.codebooks))
-        return {"bases": _field(self.basis.ByteSize()) - books + GRPC_FRAME_BYTES,
-                "codebooks": books, "dictionaries": _field(len(self.dictionary))}
-
     def seconds(self, propagation_s: float) -> float:
         """Air time of the uplink: the link's latency (and the slant range's), then its bytes."""
-        return propagation_s + self.latency_s + 8 * sum(self.sizes().values()) / self.rate_bps
+        return propagation_s + self.latency_s + 8 * sum(self.sizes.values()) / self.rate_bps
 
-    def charge(self, sat_id: str) -> tuple[Any, bytes]:
-        """The satellite was uplinked the current basis: counted; what its host is handed."""
+    def charge(self, sat_id: str, seconds: float, station: str | None) -> tuple[Any, bytes]:
+        """The satellite was uplinked the current basis in `seconds` (over `station`'s
+        antenna, with orbits): counted; what its host is handed."""
         assert self.basis is not None
-        for kind, n in self.sizes().items():
-            self.tally.uplink_content[kind] = self.tally.uplink_content.get(kind, 0) + n
+        t, total = self.tally, sum(self.sizes.values())
+        for kind, n in self.sizes.items():
+            t.uplink_content[kind] = t.uplink_content.get(kind, 0) + n
         link = f"uplink:{sat_id}"  # results.json per_link_bytes
-        self.tally.uplink_links[link] = (self.tally.uplink_links.get(link, 0)
-                                         + sum(self.sizes().values()))
-        self.tally.uplinks += 1
+        t.uplink_links[link] = t.uplink_links.get(link, 0) + total
+        t.uplinks += 1
+        t.uplink_s += seconds
+        if station is not None:  # on the station's antenna too (half duplex)
+            t.stations[station]["bytes"] += total
+            t.stations[station]["busy_s"] += seconds
         self.held[sat_id] = int(self.basis.version)
         return self.basis, self.dictionary
 
