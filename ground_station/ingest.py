@@ -28,7 +28,7 @@ from sparsat.node.wire.codec import (
     decode_visible,
     tile_sizes,
 )
-from sparsat.node.wire.downlink import BatchData, RejectCause
+from sparsat.node.wire.downlink import SCALE_WIRE, BatchData, RejectCause
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]
@@ -143,23 +143,30 @@ def _structure(batch: BatchData, n: int, rules: IngestRules) -> str:
     else:
         if batch.patches:
             return "patch payloads, but this scenario's sensors send CLS tokens"
+        size, scale = _sample_bytes(batch, rules)
         if batch.basis:
-            b = rules.bases[batch.basis]
-            if len(batch.tokens) != n * b.code_bytes:
+            if len(batch.tokens) != n * size:
                 return (f"tokens are {len(batch.tokens)} bytes, {n} codes of basis "
-                        f"{batch.basis} need {n * b.code_bytes}")
-            if len(batch.scales) != n * b.scale_bytes or batch.shapes.size:
+                        f"{batch.basis} need {n * size}")
+            if len(batch.scales) != n * scale or batch.shapes.size:
                 return (f"scales are {len(batch.scales)} bytes, basis {batch.basis} needs "
-                        f"{n * b.scale_bytes}; no shapes")
+                        f"{n * scale}; no shapes")
             return ""
-        size = rules.dim * CLS_ITEMSIZE[rules.cls_dtype]
         if len(batch.tokens) != n * size:
             return (f"tokens are {len(batch.tokens)} bytes, {n} {rules.cls_dtype} tokens of "
                     f"dim {rules.dim} need {n * size}")
-        scales = 4 * n if rules.cls_dtype == "int8" else 0
-        if len(batch.scales) != scales or batch.shapes.size:
-            return f"scales are {len(batch.scales)} bytes, expected {scales}; no shapes"
+        if len(batch.scales) != n * scale or batch.shapes.size:
+            return f"scales are {len(batch.scales)} bytes, expected {n * scale}; no shapes"
     return ""
+
+
+def _sample_bytes(batch: BatchData, rules: IngestRules) -> tuple[int, int]:
+    """(token, scale) bytes of each sample of a CLS batch: codes of its basis (known), or a
+    plain cls_dtype token and, for int8, a float32 scale."""
+    if batch.basis:
+        b = rules.bases[batch.basis]
+        return b.code_bytes, b.scale_bytes
+    return rules.dim * CLS_ITEMSIZE[rules.cls_dtype], 4 if rules.cls_dtype == "int8" else 0
 
 
 def _patch_rows(batch: BatchData, satellite: str, rules: IngestRules, refuse: _Refuse
@@ -226,12 +233,7 @@ def _inflate(batch: BatchData, n: int, rules: IngestRules) -> tuple[BatchData, s
     zdict = rules.dictionaries.get(batch.dictionary)
     if zdict is None:
         return batch, f"zstd dictionary {batch.dictionary} was never uplinked", ""
-    if batch.basis:
-        b = rules.bases[batch.basis]
-        code, scale = b.code_bytes, b.scale_bytes
-    else:
-        code = rules.dim * CLS_ITEMSIZE[rules.cls_dtype]
-        scale = 4 if rules.cls_dtype == "int8" else 0
+    code, scale = _sample_bytes(batch, rules)
     want = n * (code + scale)
     import zstandard
 
@@ -261,8 +263,7 @@ def _projected_rows(batch: BatchData, satellite: str, rules: IngestRules, refuse
     n, size = len(batch.ids), b.code_bytes
     codes = np.frombuffer(batch.tokens, np.uint8).reshape(n, size)
     if b.scale_bytes:
-        scales = np.frombuffer(batch.scales, "<f4" if b.scale_bytes == 4 else "<f2"
-                               ).astype(np.float32)
+        scales = np.frombuffer(batch.scales, SCALE_WIRE[b.scale_bytes]).astype(np.float32)
     else:
         scales = np.zeros(n, np.float32)
     u, bad = b.decode(codes, scales)

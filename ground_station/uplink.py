@@ -31,6 +31,7 @@ from sparsat.node.data.sharding import validation_indices
 from sparsat.node.models import encoders
 from sparsat.node.wire import basis as bases
 from sparsat.node.wire.codec import dequantize_token
+from sparsat.node.wire.downlink import SCALE_WIRE
 
 DICT_SAMPLE_TOKENS = 16  # tokens per sample the zstd dictionary is trained on
 
@@ -132,7 +133,7 @@ def train_dictionary(basis: bases.Basis, x: np.ndarray, size: int) -> Any:
         part = slice(start, start + per)
         raw = codes[part].tobytes()
         if basis.scale_bytes:
-            raw += scales[part].astype("<f4" if basis.scale_bytes == 4 else "<f2").tobytes()
+            raw += scales[part].astype(SCALE_WIRE[basis.scale_bytes]).tobytes()
         samples.append(raw)
     try:
         return zstandard.train_dictionary(size, samples, dict_id=dictionary_id(basis), threads=1)

@@ -49,6 +49,11 @@ def cls_payload(sample_id: int, label: int, token: ClsData) -> Payload:
     return Payload(sample_id, label, token.data, scale=token.scale)
 
 
+# a CLS token's scale in DownlinkBatch.scales, by its bytes: float32 (int8 tokens, projected
+# ones with a float32 scale) or float16
+SCALE_WIRE = {4: "<f4", 2: "<f2"}
+
+
 def projected_payload(sample_id: int, label: int, codes: bytes, scale: float,
                       version: int) -> Payload:
     return Payload(sample_id, label, codes, scale=scale, basis=version)
@@ -140,7 +145,7 @@ class BatchBuilder:
             msg.tokens = b"".join(p.data for p in items)
             if self.scale_bytes:
                 msg.scales = np.array([p.scale for p in items],
-                                      "<f4" if self.scale_bytes == 4 else "<f2").tobytes()
+                                      SCALE_WIRE[self.scale_bytes]).tobytes()
             if self.zstd is not None and items:
                 msg.tokens = self.zstd[0].compress(msg.tokens + msg.scales)
                 msg.scales, msg.dictionary = b"", self.zstd[1]
