@@ -31,7 +31,7 @@ from sparsat.node.data.datasets import DatasetSpec, ImageDataset, default_root
 from sparsat.node.data.masking import MaskSpec, capture
 from sparsat.node.data.sharding import sample_id as make_sample_id
 from sparsat.node.data.sharding import train_subset
-from sparsat.node.models.encoders import Encoder, encode_flops
+from sparsat.node.models.encoders import Encoder, encode_flops, hash_weights
 from sparsat.node.wire.basis import Basis
 from sparsat.node.wire.codec import (
     decode_patches,
@@ -285,10 +285,7 @@ def encoder_digest(encoder: Encoder, batch_size: int) -> str:
                     encoder.mean.device.type, batch_size]).encode())
     if encoder.precision != "float32":  # the precision computed in (float32 keys unchanged)
         h.update(_json(["precision", encoder.precision]).encode())
-    for name, tensor in encoder.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        h.update(_json([name, str(t.dtype), list(t.shape)]).encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    hash_weights(h, encoder)
     return h.hexdigest()
 
 

@@ -413,6 +413,16 @@ def load_state(encoder: Encoder, state: dict[str, torch.Tensor], source: str) ->
             f"keys {unexpected[:5]}")
 
 
+def hash_weights(h: hashlib.blake2b, encoder: Encoder) -> None:
+    """Every weight of `encoder` into `h`: its name, dtype and shape, then its bytes (bfloat16
+    as float32). Part of both token caches' keys (this module's weights_digest, and the
+    ground station's encoder_digest)."""
+    for name, tensor in encoder.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)], separators=(",", ":")).encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+
+
 def weights_digest(encoder: Encoder) -> str:
     """What an encoder's output depends on besides its input: this module's code, torch (its
     build included), the architecture, pooling, precision, device kind and every weight's
@@ -421,9 +431,6 @@ def weights_digest(encoder: Encoder) -> str:
     h.update(Path(__file__).read_bytes())
     h.update(json.dumps([torch.__version__, str(encoder.cfg), encoder.pooling,
                          encoder.precision, encoder.mean.device.type]).encode())
-    for name, tensor in encoder.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
-        h.update(t.float().numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes())
+    hash_weights(h, encoder)
     return h.hexdigest()
 
