@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from sparsat.ground_station.store import Row
+from sparsat.node.data.config import ImageCodecSpec
 from sparsat.node.data.datasets import DatasetSpec, ImageDataset, default_root
 from sparsat.node.data.masking import MaskSpec, capture
 from sparsat.node.data.sharding import sample_id as make_sample_id
@@ -40,6 +41,7 @@ from sparsat.node.wire.codec import (
     parse_patch_record,
     quantize_token,
 )
+from sparsat.node.wire.images import as_sent, codec_version, parse_coded_record
 
 Progress = Callable[[int, int], None]
 Projection = tuple[Mapping[int, Basis], Basis]  # projected CLS payloads: bases, the final one
@@ -63,7 +65,8 @@ class TokenSet:
 
 def encode_rows(rows: Iterable[Row], total: int, encoder: Encoder, batch_size: int,
                 cls_dtype: str, progress: Progress | None = None,
-                projection: Projection | None = None) -> TokenSet:
+                projection: Projection | None = None,
+                codec: ImageCodecSpec | None = None) -> TokenSet:
     """Encode `total` stored samples (patches through the encoder, CLS tokens dequantized;
     projected ones decoded with their basis and, like plain tokens sent before a basis, recoded
     through the final one: `projection` = (bases by version, final))."""
@@ -96,6 +99,11 @@ def encode_rows(rows: Iterable[Row], total: int, encoder: Encoder, batch_size: i
         elif not row.height:  # a CLS token
             features[k] = dequantize_token(row.data, cls_dtype, encoder.dim, row.scale)
             recode[k] = final is not None
+        elif codec is not None and codec.coded:  # a coded image: decoded, hidden tiles zero
+            canvas, visible = parse_coded_record(
+                row.data, row.runs, (row.height, row.width, row.channels), encoder.grid, codec)
+            pending.append((k, canvas, visible))
+            flops += encode_flops(encoder.cfg, len(visible))
         else:
             data = parse_patch_record(row.data, row.runs, (row.height, row.width, row.channels),
                                       encoder.grid)
@@ -123,8 +131,11 @@ def encode_rows(rows: Iterable[Row], total: int, encoder: Encoder, batch_size: i
 def encode_split(dataset: ImageDataset, split: str, name: str, mask: MaskSpec,
                  encoder: Encoder, batch_size: int, subset: int | None = None, seed: int = 0,
                  progress: Progress | None = None,
-                 indices: np.ndarray | None = None) -> TokenSet:
-    """Encode a split held at the ground station (the test set) under the scenario's mask.
+                 indices: np.ndarray | None = None,
+                 codec: ImageCodecSpec | None = None) -> TokenSet:
+    """Encode a split held at the ground station (the test set) under the scenario's mask,
+    and through the patch payloads' image codec when given (coded, decoded, hidden tiles
+    zero: what a satellite's coded sample becomes at the ground station).
 
     Clouds: every image gets its own clouds (its id seeds them, so other seeds than the
     training images'); an image with no usable token is left out and counted, and the groups
@@ -151,7 +162,8 @@ def encode_split(dataset: ImageDataset, split: str, name: str, mask: MaskSpec,
         kept[used] = True
         if use:
             features[used] = encoder.encode_canvases(
-                [masked_canvas(c.image, grid, c.visible) for _, c in use],
+                [as_sent(c.image, grid, c.visible, codec) if codec is not None
+                 else masked_canvas(c.image, grid, c.visible) for _, c in use],
                 [c.visible for _, c in use], batch_size)
             flops += sum(encode_flops(encoder.cfg, len(c.visible)) for _, c in use)
         if progress:
@@ -299,7 +311,8 @@ def train_key(encoder: str, store_digest: str, cls_dtype: str | None) -> dict[st
 
 def eval_key(encoder: str, dataset: DatasetSpec, files: str, mask: MaskSpec, n_test: int,
              subset: int | None, seed: int,
-             validation: tuple[int, int] | None = None) -> dict[str, object]:
+             validation: tuple[int, int] | None = None,
+             codec: ImageCodecSpec | None = None) -> dict[str, object]:
     """The test split's key: the encoder, the dataset (its spec, the root resolved, and
     `files`: sparsat.node.data.datasets.files_digest of the split as loaded), the mask as
     encode_split
@@ -316,11 +329,15 @@ def eval_key(encoder: str, dataset: DatasetSpec, files: str, mask: MaskSpec, n_t
     ds["root"] = str(Path(dataset.root).expanduser().resolve() if dataset.root
                      else default_root().resolve())
     picked: object = "all" if subset is None or subset >= n_test else [subset, seed]
+    # a coded patch payload's pixels: the codec, its quality and the library that codes them
+    # (a raw payload's keys are as before the codecs came)
+    coded = ({"codec": [codec.name, codec.quality, codec_version()]}
+             if codec is not None and codec.coded else {})
     if validation is not None:  # (train_subset, validation_subset) of the training split
         return {"stage": "validation", "encoder": encoder, "dataset": ds, "files": files,
-                "mask": m, "images": [*validation, seed]}
+                "mask": m, "images": [*validation, seed], **coded}
     return {"stage": "test", "encoder": encoder, "dataset": ds, "files": files, "mask": m,
-            "images": picked}
+            "images": picked, **coded}
 
 
 class TokenCache:

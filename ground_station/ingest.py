@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 
 from sparsat.ground_station.store import Row
+from sparsat.node.data.config import ImageCodecSpec
 from sparsat.node.wire.basis import Basis
 from sparsat.node.wire.codec import (
     BIT_TABLE,
@@ -25,10 +26,12 @@ from sparsat.node.wire.codec import (
     PatchData,
     bitmap_bytes,
     check_patches,
+    check_tiles,
     decode_visible,
     tile_sizes,
 )
 from sparsat.node.wire.downlink import SCALE_WIRE, BatchData, RejectCause
+from sparsat.node.wire.images import decode_image
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]
@@ -67,6 +70,7 @@ class IngestRules:
     unprojected: bool = False
     bases: Mapping[int, Basis] = field(default_factory=dict)
     dictionaries: Mapping[int, object] = field(default_factory=dict)  # id -> ZstdCompressionDict
+    codec: ImageCodecSpec = field(default_factory=ImageCodecSpec)  # patches: the pixels' coding
 
     @property
     def max_id(self) -> int:
@@ -178,6 +182,20 @@ def _patch_rows(batch: BatchData, satellite: str, rules: IngestRules, refuse: _R
     ids, labels, sh = batch.ids.tolist(), batch.labels.tolist(), shapes.tolist()
     rows = [Row(ids[k], satellite, labels[k], bool(batch.runs[k]), sh[k][0], sh[k][1],
                 sh[k][2], 0.0, records[k]) for k in range(n)]
+    if rules.codec.coded:  # every coded image is decoded once here: what is stored decodes
+        for k in range(n):
+            shape = (sh[k][0], sh[k][1], sh[k][2])
+            try:
+                visible, used = decode_visible(records[k], bool(batch.runs[k]), g)
+                check_tiles(*shape, g, visible)
+            except CodecError as e:
+                refuse(_at(n, np.array([k])), RejectCause.BAD_CODE, str(e))
+                continue
+            try:
+                decode_image(records[k][used:], rules.codec, shape)
+            except CodecError as e:
+                refuse(_at(n, np.array([k])), RejectCause.BAD_PIXELS, str(e))
+        return rows
     fast = ~batch.runs if rules.image_shape else np.zeros(n, dtype=bool)
     if fast.any():  # bitmaps on one image shape: numpy, the whole batch at once
         h, w, c = rules.image_shape  # type: ignore[misc]

@@ -205,7 +205,8 @@ def _encode(cfg: GroundStationConfig, store: SampleStore, test_data: ImageDatase
         "encode train", train_key(enc, content, _read_as(cfg, projection)),
         lambda: encode_rows(
             (r for chunk in store.rows(upto=top) for r in chunk), n, encoder,
-            cfg.encode_batch, cfg.sensor.cls_dtype, progress("encode train"), projection))
+            cfg.encode_batch, cfg.sensor.cls_dtype, progress("encode train"), projection,
+            cfg.sensor.codec))
     _evaluation_sets(cfg, test_data, encoder, stage, progress, enc, result, projection)
 
 
@@ -217,10 +218,11 @@ def _evaluation_sets(cfg: GroundStationConfig, test_data: ImageDataset,
     payload path, into `result`."""
     test = stage("encode test", eval_key(
         enc, cfg.sensor.dataset, files_digest(test_data), cfg.sensor.mask, len(test_data),
-        cfg.test_subset, cfg.sensor.train_indices_seed), lambda: encode_split(
+        cfg.test_subset, cfg.sensor.train_indices_seed, codec=cfg.sensor.codec),
+        lambda: encode_split(
             test_data, "test", cfg.sensor.dataset.name, cfg.sensor.mask, encoder,
             cfg.encode_batch, cfg.test_subset, cfg.sensor.train_indices_seed,
-            progress("encode test")))
+            progress("encode test"), codec=cfg.sensor.codec))
     # train tokens were quantized (and projected) on the satellites: evaluate like for like
     result["test"] = _as_sent(cfg, test, projection)
     if cfg.validation_subset:
@@ -269,7 +271,8 @@ def prepare_stream(cfg: GroundStationConfig, store: SampleStore, test_data: Imag
     def encode(updates: list[Update], result: dict[str, TokenSet]) -> None:
         result["train"] = encode_rows(
             store.rows_of(new), len(new), s.encoder, cfg.encode_batch, cfg.sensor.cls_dtype,
-            lambda done, n: updates.append(Update("encode train", done, n)), projection)
+            lambda done, n: updates.append(Update("encode train", done, n)), projection,
+            cfg.sensor.codec)
 
     tokens = (yield from _in_thread(encode))["train"] if new else None
     stream.added = len(new)
@@ -302,9 +305,10 @@ def _validation(cfg: GroundStationConfig, encoder: encoders.Encoder,
                                  s.train_indices_seed)
     tokens = stage("encode validation", eval_key(
         enc, s.dataset, files_digest(train_data), s.mask, len(train_data), None,
-        s.train_indices_seed, (s.train_subset, cfg.validation_subset)), lambda: encode_split(
+        s.train_indices_seed, (s.train_subset, cfg.validation_subset), codec=s.codec),
+        lambda: encode_split(
             train_data, "train", s.dataset.name, s.mask, encoder, cfg.encode_batch,
-            progress=progress("encode validation"), indices=indices))
+            progress=progress("encode validation"), indices=indices, codec=s.codec))
     return tokens  # _as_sent then reads it as the satellites' payloads arrive
 
 

@@ -207,7 +207,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             projected=cfg.sensor.projection is not None,
             unprojected=(cfg.sensor.projection is not None
                          and cfg.sensor.projection.method == "supervised"),
-            bases={}, dictionaries={})
+            bases={}, dictionaries={}, codec=cfg.sensor.codec)
         # projected CLS payloads: what was fitted and uplinked (Uplink), by version: the
         # ingest rules read the same mappings
         self.bases: dict[int, Basis] = self.rules.bases  # type: ignore[assignment]
@@ -659,7 +659,8 @@ def sensor_setup(rules: IngestRules, images: dict[str, np.ndarray]) -> SensorSet
         cls_dtype=rules.cls_dtype if cls else None,
         tile_rows=tuple(tile_edges(shape[0], rules.grid).tolist()) if shape else (),
         tile_cols=tuple(tile_edges(shape[1], rules.grid).tolist()) if shape else (),
-        images=images, projected=rules.projected, send_unprojected=rules.unprojected)
+        images=images, projected=rules.projected, send_unprojected=rules.unprojected,
+        codec=rules.codec)
 
 
 def _check_sizes(request: pb.RegisterRequest, context: grpc.ServicerContext) -> None:

@@ -20,6 +20,38 @@ from sparsat.node.data.masking import MaskSpec
 
 PayloadKind = Literal["patches", "cls"]
 
+# patch payloads' image codecs (sparsat.node.wire.images codes and decodes)
+CODECS = ("raw", "png", "webp", "jpeg", "jpeg2k", "jpegxl")
+LOSSY = ("webp", "jpeg", "jpeg2k", "jpegxl")
+QUALITY_RANGE = {"webp": (1, 100), "jpeg": (1, 100), "jpegxl": (1, 100), "jpeg2k": (10, 80)}
+
+
+@dataclass(frozen=True)
+class ImageCodecSpec:
+    """How a patch payload's pixels are coded (scenario `sensors.payload.codec`)."""
+
+    name: str = "raw"
+    quality: int = 0  # lossy codecs only; 0 for raw and png
+
+    def __post_init__(self) -> None:
+        if self.name not in CODECS:
+            raise ValueError(f"image codec must be one of {', '.join(CODECS)}, got {self.name!r}")
+        if self.name in LOSSY:
+            lo, hi = QUALITY_RANGE[self.name]
+            if not lo <= self.quality <= hi:
+                raise ValueError(f"{self.name} quality must be in {lo}..{hi}, got {self.quality}")
+        elif self.quality:
+            raise ValueError(f"{self.name} takes no quality (it is lossless), got {self.quality}")
+
+    @property
+    def coded(self) -> bool:
+        return self.name != "raw"
+
+    @property
+    def label(self) -> str:
+        return self.name if self.name not in LOSSY else f"{self.name} q{self.quality}"
+
+
 # projected CLS tokens (sparsat.node.wire.basis)
 QUANTIZERS = ("int8", "int4", "sign", "pq")
 SCALES = ("float32", "float16", "fixed")  # int8 / int4: how a token's scale travels
@@ -96,6 +128,8 @@ class SensorConfig:
     # None: IID; a number: Dirichlet(alpha) label skew per class
     placement_alpha: float | None = None
     projection: ProjectionSpec | None = None  # CLS payloads: projected and quantized tokens
+    # patch payloads: how the visible tiles' pixels are coded (sparsat.node.wire.images)
+    codec: ImageCodecSpec = field(default_factory=ImageCodecSpec)
 
     def to_json(self) -> str:
         raw = asdict(self)
@@ -104,6 +138,8 @@ class SensorConfig:
         for key in ("capture", "placement_alpha", "projection"):  # likewise
             if raw[key] is None:
                 del raw[key]
+        if raw["codec"]["name"] == "raw":  # likewise
+            del raw["codec"]
         return json.dumps(raw)
 
     @classmethod
@@ -115,6 +151,8 @@ class SensorConfig:
             raw["capture"] = CaptureSpec(**raw["capture"])
         if raw.get("projection") is not None:
             raw["projection"] = ProjectionSpec(**raw["projection"])
+        if raw.get("codec") is not None:
+            raw["codec"] = ImageCodecSpec(**raw["codec"])
         return cls(**raw)
 
 
@@ -138,3 +176,5 @@ class SensorSetup:
     # waits, or with send_unprojected sends cls_dtype tokens (SensorSetup.projected)
     projected: bool = False
     send_unprojected: bool = False
+    # patch payloads: the image codec of the pixels (SensorSetup.codec, codec_quality)
+    codec: ImageCodecSpec = field(default_factory=ImageCodecSpec)

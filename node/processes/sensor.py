@@ -48,7 +48,7 @@ from sparsat.node.data.sharding import sample_id
 from sparsat.node.models import encoders
 from sparsat.node.processes.rejoin import Rejoin
 from sparsat.node.wire import basis as bases
-from sparsat.node.wire import control, downlink, security
+from sparsat.node.wire import control, downlink, images, security
 from sparsat.node.wire.codec import (
     CodecError,
     encode_patches,
@@ -115,6 +115,8 @@ class Satellite:
         self.unusable: list[str] = []  # why images could not be encoded, not yet reported
         self.encode_flops = 0  # on-board encoding not yet reported
         self.encode_s = 0.0
+        self.code_s = 0.0  # image coding (patch payloads with a codec) not yet reported
+        self.coded_pixels = 0
         # projected CLS payloads: the basis uplinked last (None: none yet), every one
         # uplinked (a batch sent with an older one may be resent), the zstd dictionary
         self.basis: bases.Basis | None = None
@@ -136,6 +138,7 @@ class Grant:
         self.owed: deque[int] = deque()  # worst-case bytes of the acks still owed, in order
         self.sent: list[tuple[downlink.BatchBuilder, pb.DownlinkBatch]] = []  # handed to gRPC
         self.closed = False
+        self.code_s = 0.0  # zstd-coded batches: the wall time their compression took
         self._cond = threading.Condition()
 
     def next(self, packer: downlink.Packer) -> pb.DownlinkBatch | None:
@@ -150,7 +153,10 @@ class Grant:
                         return None
                     packer.take(batch)
                     worst = downlink.max_ack_bytes(len(batch.items))
+                    t0 = time.perf_counter()
                     msg = batch.to_pb()
+                    if batch.zstd is not None:
+                        self.code_s += time.perf_counter() - t0
                     self.left -= wire_size(msg) + worst
                     self.owed.append(worst)
                     self.sent.append((batch, msg))
@@ -253,7 +259,16 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         caps = [cap for _, _, cap in scenes]
         ids = [key[0] + (key[1] or 0) * len(self.dataset) for key, _, _ in scenes]
         labels = [self.dataset.label(key[0]) for key, _, _ in scenes]
-        if self.cfg.payload == "patches":
+        if self.cfg.payload == "patches" and self.cfg.codec.coded:
+            with_shape = self.dataset.image_shape is None
+            t0 = time.perf_counter()
+            for key, i, y, c in zip([k for k, _, _ in scenes], ids, labels, caps, strict=True):
+                record, runs = images.coded_record(c.image, grid, c.visible, self.cfg.codec)
+                sat.built[key] = downlink.Payload(
+                    i, y, record, runs, shape=c.image.shape if with_shape else None)
+            sat.code_s += time.perf_counter() - t0
+            sat.coded_pixels += sum(c.image.size for c in caps)
+        elif self.cfg.payload == "patches":
             with_shape = self.dataset.image_shape is None
             for key, i, y, c in zip([k for k, _, _ in scenes], ids, labels, caps, strict=True):
                 sat.built[key] = downlink.patch_payload(
@@ -368,6 +383,8 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             if report.sent:  # encoding is reported with the first samples it lets leave
                 report.encode_flops, report.encode_s = sat.encode_flops, sat.encode_s
                 sat.encode_flops, sat.encode_s = 0, 0.0
+                report.code_s, report.coded_pixels = sat.code_s, sat.coded_pixels
+                sat.code_s, sat.coded_pixels = 0.0, 0
             if self.encoder is not None:
                 report.encoder_precision = self.encoder.precision
             report.rejections.extend(sat.unusable[: MAX_REJECTIONS - len(report.rejections)])
@@ -536,6 +553,7 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
                         len(acks), len(grant.sent), e.details())
         finally:
             grant.close()  # the request stream builds no more, whatever gRPC's thread does
+            sat.code_s += grant.code_s
         batches = [b for b, _ in grant.sent]
         # what went out: the batches whose write completed, and any acked (an ack proves it,
         # one not read too)
@@ -601,6 +619,9 @@ def check_setup(setup: SensorSetup, cfg: SensorConfig, dataset: ImageDataset,
                         f"station's N is {setup.n_train}")
     if setup.payload != cfg.payload:
         problems.append(f"payload {setup.payload} in the setup, {cfg.payload} in the config")
+    if setup.payload == "patches" and setup.codec != cfg.codec:
+        problems.append(f"codec {setup.codec.label} in the setup, {cfg.codec.label} in the "
+                        "config")
     if setup.payload == "cls" and setup.cls_dtype != cfg.cls_dtype:
         problems.append(f"cls_dtype {setup.cls_dtype} in the setup, {cfg.cls_dtype} in the "
                         "config")

@@ -57,25 +57,31 @@ def encode_patches(image: np.ndarray, grid: int, visible_idx: np.ndarray) -> Pat
 
 def check_patches(data: PatchData, max_side: int = 8192) -> None:
     """Raise CodecError naming the first field that is wrong."""
-    if not (1 <= data.height <= max_side and 1 <= data.width <= max_side):
-        raise CodecError(f"image size {data.height}x{data.width} out of range 1..{max_side}")
-    if data.channels not in (1, 3):
-        raise CodecError(f"channels must be 1 or 3, got {data.channels}")
-    if not 1 <= data.grid <= min(data.height, data.width):
-        raise CodecError(f"grid {data.grid} does not fit a {data.height}x{data.width} image")
-    idx = data.visible_idx
-    n_tokens = data.grid * data.grid
+    check_tiles(data.height, data.width, data.channels, data.grid, data.visible_idx, max_side)
+    expected = int(tile_sizes(data.height, data.width, data.grid)[data.visible_idx].sum()
+                   ) * data.channels
+    if len(data.pixels) != expected:
+        raise CodecError(f"pixels: {len(data.pixels)} bytes, the visible tiles need {expected}")
+
+
+def check_tiles(height: int, width: int, channels: int, grid: int, idx: np.ndarray,
+                max_side: int = 8192) -> None:
+    """The shape, grid and visible indices of a patch payload (CodecError: the first wrong)."""
+    if not (1 <= height <= max_side and 1 <= width <= max_side):
+        raise CodecError(f"image size {height}x{width} out of range 1..{max_side}")
+    if channels not in (1, 3):
+        raise CodecError(f"channels must be 1 or 3, got {channels}")
+    if not 1 <= grid <= min(height, width):
+        raise CodecError(f"grid {grid} does not fit a {height}x{width} image")
+    n_tokens = grid * grid
     if idx.size == 0:
         raise CodecError("no visible tokens")
     if idx.size > n_tokens:
         raise CodecError(f"{idx.size} visible tokens on a grid of {n_tokens}")
     if int(idx.max()) >= n_tokens:
-        raise CodecError(f"visible index {int(idx.max())} out of range for grid {data.grid}")
+        raise CodecError(f"visible index {int(idx.max())} out of range for grid {grid}")
     if idx.size > 1 and not bool(np.all(np.diff(idx.astype(np.int64)) > 0)):
         raise CodecError("visible indices must be sorted and unique")
-    expected = int(tile_sizes(data.height, data.width, data.grid)[idx].sum()) * data.channels
-    if len(data.pixels) != expected:
-        raise CodecError(f"pixels: {len(data.pixels)} bytes, the visible tiles need {expected}")
 
 
 def decode_patches(data: PatchData) -> np.ndarray:

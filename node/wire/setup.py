@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sparsat.node.data.config import PayloadKind, SensorSetup
+from sparsat.node.data.config import ImageCodecSpec, PayloadKind, SensorSetup
 from sparsat.node.wire.codec import CodecError
 from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
 
@@ -19,6 +19,10 @@ MAX_CLS_DIM = 65_536
 _PAYLOAD_KINDS: dict[PayloadKind, pb.PayloadKind] = {
     "patches": pb.PAYLOAD_PATCHES, "cls": pb.PAYLOAD_CLS}
 _PAYLOAD_NAME_OF = {v: k for k, v in _PAYLOAD_KINDS.items()}
+IMAGE_CODECS = {"raw": pb.IMAGE_CODEC_RAW, "png": pb.IMAGE_CODEC_PNG, "webp": pb.IMAGE_CODEC_WEBP,
+                "jpeg": pb.IMAGE_CODEC_JPEG, "jpeg2k": pb.IMAGE_CODEC_JPEG2K,
+                "jpegxl": pb.IMAGE_CODEC_JPEGXL}
+_CODEC_NAME_OF = {v: k for k, v in IMAGE_CODECS.items()}
 
 
 def setup_to_pb(setup: SensorSetup) -> pb.SensorSetup:
@@ -26,7 +30,8 @@ def setup_to_pb(setup: SensorSetup) -> pb.SensorSetup:
         n_train=setup.n_train, grid=setup.grid, copies=setup.copies,
         payload=_PAYLOAD_KINDS[setup.payload], cls_dim=setup.cls_dim,
         tile_rows=list(setup.tile_rows), tile_cols=list(setup.tile_cols),
-        projected=setup.projected, send_unprojected=setup.send_unprojected)
+        projected=setup.projected, send_unprojected=setup.send_unprojected,
+        codec=IMAGE_CODECS[setup.codec.name], codec_quality=setup.codec.quality)
     if setup.cls_dtype is not None:
         msg.cls_dtype = CLS_DTYPE_NAMES[setup.cls_dtype]
     for sat, indices in setup.images.items():
@@ -60,6 +65,14 @@ def pb_to_setup(msg: pb.SensorSetup) -> SensorSetup:
         cls_dtype = None
         if msg.projected or msg.send_unprojected:
             raise CodecError("sensor setup: patch payloads are never projected")
+    name = _CODEC_NAME_OF.get(msg.codec)
+    if name is None or (payload == "cls" and (msg.codec or msg.codec_quality)):
+        raise CodecError(f"sensor setup: codec {msg.codec} is not a known ImageCodec, or is "
+                         "set for CLS payloads")
+    try:
+        codec = ImageCodecSpec(name, msg.codec_quality)
+    except ValueError as err:
+        raise CodecError(f"sensor setup: {err}") from err
     edges = []
     for name, values in (("tile_rows", msg.tile_rows), ("tile_cols", msg.tile_cols)):
         if len(values) not in (0, msg.grid + 1):
@@ -89,4 +102,4 @@ def pb_to_setup(msg: pb.SensorSetup) -> SensorSetup:
                        payload=payload, cls_dim=msg.cls_dim if payload == "cls" else 0,
                        cls_dtype=cls_dtype, tile_rows=edges[0], tile_cols=edges[1],
                        images=images, projected=msg.projected,
-                       send_unprojected=msg.projected and msg.send_unprojected)
+                       send_unprojected=msg.projected and msg.send_unprojected, codec=codec)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -155,7 +156,29 @@ def assemble(o: Outcome) -> dict[str, Any]:
         "captures": _captures(s, t),
         "placement": _placement(s),
         "timeline": timeline(t.history, s.mission.horizon_s, t, _captured_total(s)),
+        "energy": energy(s, t, o.links, int(stats.samples_stored)),
     }
+
+
+def energy(s: Scenario, t: Tally, links: Sequence[Link], stored: int) -> dict[str, Any]:
+    """On-board energy (sensors.energy), in joules: the encoder's FLOPs and the other
+    on-board FLOPs (tile choice, cloud detection) at joules_per_flop; image coding (and
+    zstd) as timed on the sensor hosts, times coding_slowdown, at coding_watts; the radio at
+    radio_watts for each downlink's busy seconds (its batches and their acks: a half-duplex
+    radio keyed for the exchange). Per image: over the samples stored at the ground station."""
+    e = s.sensors.energy
+    radio_s = sum(link.busy_s for link in links if link.name.startswith("downlink:"))
+    parts = {"encoder": t.compute["onboard_encoder"]["flops"] * e.joules_per_flop,
+             "choice_and_detector": t.onboard_other_flops * e.joules_per_flop,
+             "coding": t.coding_wall_s * e.coding_slowdown * e.coding_watts,
+             "radio": radio_s * e.radio_watts}
+    total = sum(parts.values())
+    return {"total_j": total, "per_image_j": total / stored if stored else None,
+            "j": parts,
+            "per_image": {k: v / stored if stored else None for k, v in parts.items()},
+            "radio_s": radio_s, "coding_wall_s": t.coding_wall_s,
+            "coded_pixels": t.coded_pixels,
+            "onboard_other_flops": t.onboard_other_flops, "settings": e.model_dump()}
 
 
 def _captured_total(s: Scenario) -> int | None:

@@ -475,7 +475,11 @@ class Downlink:
     def _onboard(self, sat_id: str, report: pb.TransmitReport
                  ) -> Generator[simpy.Event, Any, None]:
         """On-board encoding (CLS payloads) runs back to back from the start of the mission:
-        what this call sent cannot leave before the satellite has encoded it."""
+        what this call sent cannot leave before the satellite has encoded it. Image coding,
+        tile choice and cloud detection are counted for their energy only."""
+        self.tally.coding_wall_s += report.code_s
+        self.tally.coded_pixels += report.coded_pixels
+        self.tally.onboard_other_flops += report.onboard_flops
         if not report.encode_flops:
             return
         c = self.tally.compute["onboard_encoder"]

@@ -49,6 +49,11 @@ class Tally:
     compute: dict[str, dict[str, float]] = field(default_factory=lambda: {
         k: {"flops": 0, "sim_s": 0.0, "wall_s": 0.0}
         for k in ("onboard_encoder", "ground_encoder", "trainers")})
+    # on-board work besides the encoder (energy): image coding (and zstd) measured on the
+    # sensor hosts, the pixels coded, and the FLOPs of tile choice and cloud detection
+    coding_wall_s: float = 0.0
+    coded_pixels: int = 0
+    onboard_other_flops: int = 0
     node_bytes: dict[str, dict[str, Any]] = field(default_factory=dict)  # at the last save
     # measured wall seconds of each stage (contacts: finding the contact windows)
     stage_wall_s: dict[str, float] = field(default_factory=lambda: {

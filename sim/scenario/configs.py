@@ -8,7 +8,7 @@ import numpy as np
 
 from sparsat.ground_station.config import GroundStationConfig, TrainingConfig
 from sparsat.node.data.capture import CaptureSpec
-from sparsat.node.data.config import ProjectionSpec, SensorConfig
+from sparsat.node.data.config import ImageCodecSpec, ProjectionSpec, SensorConfig
 from sparsat.node.data.datasets import DatasetSpec
 from sparsat.node.data.masking import MaskSpec
 from sparsat.sim.scenario.schema import Scenario
@@ -53,7 +53,13 @@ def sensor_config(s: Scenario) -> SensorConfig:
         capture=capture_spec(s),
         placement_alpha=d.alpha if d.placement == "dirichlet" else None,
         projection=projection_spec(s),
+        codec=codec_spec(s),
     )
+
+
+def codec_spec(s: Scenario) -> ImageCodecSpec:
+    c = s.sensors.payload.codec
+    return ImageCodecSpec() if c is None else ImageCodecSpec(c.name, c.quality or 0)
 
 
 def projection_spec(s: Scenario) -> ProjectionSpec | None:

@@ -11,6 +11,7 @@ import yaml
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sparsat.node.data.clouds import PRESETS, CloudSpec
+from sparsat.node.data.config import LOSSY, ImageCodecSpec
 from sparsat.node.models.encoders import DEFAULT_ENCODER, ENCODERS
 
 
@@ -151,10 +152,30 @@ class ProjectionCfg(Model):
         return self
 
 
+class CodecCfg(Model):
+    """How patch payloads code their pixels (docs/pixels.md): `raw` (the visible tiles'
+    uint8 pixels), `png` (lossless), or a lossy codec at `quality`: webp, jpeg and jpegxl
+    1..100, jpeg2k a target PSNR in dB (10..80)."""
+
+    name: Literal["raw", "png", "webp", "jpeg", "jpeg2k", "jpegxl"] = "raw"
+    quality: int | None = None
+
+    @model_validator(mode="after")
+    def _quality(self) -> CodecCfg:
+        lossy = self.name in LOSSY
+        if lossy and self.quality is None:
+            raise ValueError(f"codec {self.name} needs a quality")
+        if not lossy and self.quality is not None:
+            raise ValueError(f"codec {self.name} takes no quality (it is lossless)")
+        ImageCodecSpec(self.name, self.quality or 0)  # the range, named
+        return self
+
+
 class PayloadCfg(Model):
     kind: Literal["patches", "cls"] = "patches"
     cls_dtype: Literal["float32", "float16", "int8"] = "float16"
     projection: ProjectionCfg | None = None
+    codec: CodecCfg | None = None  # patches only; None: raw
 
     @model_validator(mode="after")
     def _dtype(self) -> PayloadCfg:
@@ -162,6 +183,8 @@ class PayloadCfg(Model):
             raise ValueError("cls_dtype has no effect with kind: patches")
         if self.kind == "patches" and self.projection is not None:
             raise ValueError("projection needs kind: cls (it projects CLS tokens)")
+        if self.kind == "cls" and self.codec is not None:
+            raise ValueError("codec needs kind: patches (it codes the visible tiles' pixels)")
         return self
 
 
@@ -188,6 +211,19 @@ class CaptureCfg(Model):
         return self
 
 
+class EnergyCfg(Model):
+    """On-board energy per image (docs/pixels.md): the encoder's and the other on-board
+    FLOPs (tile choice, cloud detection) at joules_per_flop; image coding (and zstd) as timed
+    on the sensor hosts, times coding_slowdown (a satellite's payload computer against the
+    host's core), at coding_watts; the radio at radio_watts for every second on the air."""
+
+    # 10 pJ/FLOP: an edge GPU of the Jetson class, ~10 W at the 1 TFLOP/s of onboard_flops
+    joules_per_flop: float = Field(1.0e-11, gt=0)
+    coding_watts: float = Field(2.0, gt=0)  # one core of a payload computer, busy
+    coding_slowdown: float = Field(10.0, gt=0)  # its coding time over the host's (measured)
+    radio_watts: float = Field(5.0, gt=0)  # a small S-band transmitter's DC draw on the air
+
+
 class SensorsCfg(Model):
     count: int = Field(4, ge=1)
     prefix: str = "sat-"
@@ -198,6 +234,7 @@ class SensorsCfg(Model):
     # (order 1 TFLOP/s fp32); puts the satellites' encoding on the mission clock
     onboard_flops: float = Field(1.0e12, gt=0)
     capture: CaptureCfg | None = None  # None: every satellite holds its shard at t = 0
+    energy: EnergyCfg = EnergyCfg()
 
     def ids(self) -> list[str]:
         return [f"{self.prefix}{i}" for i in range(self.count)]

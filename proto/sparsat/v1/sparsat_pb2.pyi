@@ -47,6 +47,15 @@ class PayloadKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PAYLOAD_UNSPECIFIED: _ClassVar[PayloadKind]
     PAYLOAD_PATCHES: _ClassVar[PayloadKind]
     PAYLOAD_CLS: _ClassVar[PayloadKind]
+
+class ImageCodec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    IMAGE_CODEC_RAW: _ClassVar[ImageCodec]
+    IMAGE_CODEC_PNG: _ClassVar[ImageCodec]
+    IMAGE_CODEC_WEBP: _ClassVar[ImageCodec]
+    IMAGE_CODEC_JPEG: _ClassVar[ImageCodec]
+    IMAGE_CODEC_JPEG2K: _ClassVar[ImageCodec]
+    IMAGE_CODEC_JPEGXL: _ClassVar[ImageCodec]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
@@ -76,6 +85,12 @@ GROUND_STATION: Role
 PAYLOAD_UNSPECIFIED: PayloadKind
 PAYLOAD_PATCHES: PayloadKind
 PAYLOAD_CLS: PayloadKind
+IMAGE_CODEC_RAW: ImageCodec
+IMAGE_CODEC_PNG: ImageCodec
+IMAGE_CODEC_WEBP: ImageCodec
+IMAGE_CODEC_JPEG: ImageCodec
+IMAGE_CODEC_JPEG2K: ImageCodec
+IMAGE_CODEC_JPEGXL: ImageCodec
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "dtype", "data", "scale")
@@ -174,7 +189,7 @@ class SatelliteImages(_message.Message):
     def __init__(self, satellite_id: _Optional[str] = ..., index_deltas: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SensorSetup(_message.Message):
-    __slots__ = ("n_train", "grid", "copies", "payload", "cls_dim", "cls_dtype", "tile_rows", "tile_cols", "satellites", "projected", "send_unprojected")
+    __slots__ = ("n_train", "grid", "copies", "payload", "cls_dim", "cls_dtype", "tile_rows", "tile_cols", "satellites", "projected", "send_unprojected", "codec", "codec_quality")
     N_TRAIN_FIELD_NUMBER: _ClassVar[int]
     GRID_FIELD_NUMBER: _ClassVar[int]
     COPIES_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +201,8 @@ class SensorSetup(_message.Message):
     SATELLITES_FIELD_NUMBER: _ClassVar[int]
     PROJECTED_FIELD_NUMBER: _ClassVar[int]
     SEND_UNPROJECTED_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    CODEC_QUALITY_FIELD_NUMBER: _ClassVar[int]
     n_train: int
     grid: int
     copies: int
@@ -197,7 +214,9 @@ class SensorSetup(_message.Message):
     satellites: _containers.RepeatedCompositeFieldContainer[SatelliteImages]
     projected: bool
     send_unprojected: bool
-    def __init__(self, n_train: _Optional[int] = ..., grid: _Optional[int] = ..., copies: _Optional[int] = ..., payload: _Optional[_Union[PayloadKind, str]] = ..., cls_dim: _Optional[int] = ..., cls_dtype: _Optional[_Union[DType, str]] = ..., tile_rows: _Optional[_Iterable[int]] = ..., tile_cols: _Optional[_Iterable[int]] = ..., satellites: _Optional[_Iterable[_Union[SatelliteImages, _Mapping]]] = ..., projected: _Optional[bool] = ..., send_unprojected: _Optional[bool] = ...) -> None: ...
+    codec: ImageCodec
+    codec_quality: int
+    def __init__(self, n_train: _Optional[int] = ..., grid: _Optional[int] = ..., copies: _Optional[int] = ..., payload: _Optional[_Union[PayloadKind, str]] = ..., cls_dim: _Optional[int] = ..., cls_dtype: _Optional[_Union[DType, str]] = ..., tile_rows: _Optional[_Iterable[int]] = ..., tile_cols: _Optional[_Iterable[int]] = ..., satellites: _Optional[_Iterable[_Union[SatelliteImages, _Mapping]]] = ..., projected: _Optional[bool] = ..., send_unprojected: _Optional[bool] = ..., codec: _Optional[_Union[ImageCodec, str]] = ..., codec_quality: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("node_id", "role", "address", "satellite_ids", "device")
@@ -294,7 +313,7 @@ class Basis(_message.Message):
     def __init__(self, version: _Optional[int] = ..., quantizer: _Optional[str] = ..., scale: _Optional[str] = ..., method: _Optional[str] = ..., embed_dim: _Optional[int] = ..., dim: _Optional[int] = ..., mean: _Optional[bytes] = ..., components: _Optional[bytes] = ..., fixed_scale: _Optional[float] = ..., levels: _Optional[bytes] = ..., pq_subspaces: _Optional[int] = ..., pq_bits: _Optional[int] = ..., codebooks: _Optional[bytes] = ...) -> None: ...
 
 class TransmitReport(_message.Message):
-    __slots__ = ("satellite_id", "batch_bytes", "acked", "duplicates", "remaining", "next_bytes", "ack_bytes", "error_code", "error", "encode_flops", "encode_s", "skipped", "sent", "rejected", "rejections", "credential_bytes", "encoder_precision", "captured", "dropped", "onboard_bytes", "next_capture_s", "basis_version", "waiting_basis")
+    __slots__ = ("satellite_id", "batch_bytes", "acked", "duplicates", "remaining", "next_bytes", "ack_bytes", "error_code", "error", "encode_flops", "encode_s", "skipped", "sent", "rejected", "rejections", "credential_bytes", "encoder_precision", "captured", "dropped", "onboard_bytes", "next_capture_s", "basis_version", "waiting_basis", "code_s", "coded_pixels", "onboard_flops")
     SATELLITE_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
     ACKED_FIELD_NUMBER: _ClassVar[int]
@@ -318,6 +337,9 @@ class TransmitReport(_message.Message):
     NEXT_CAPTURE_S_FIELD_NUMBER: _ClassVar[int]
     BASIS_VERSION_FIELD_NUMBER: _ClassVar[int]
     WAITING_BASIS_FIELD_NUMBER: _ClassVar[int]
+    CODE_S_FIELD_NUMBER: _ClassVar[int]
+    CODED_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    ONBOARD_FLOPS_FIELD_NUMBER: _ClassVar[int]
     satellite_id: str
     batch_bytes: _containers.RepeatedScalarFieldContainer[int]
     acked: int
@@ -341,7 +363,10 @@ class TransmitReport(_message.Message):
     next_capture_s: float
     basis_version: int
     waiting_basis: bool
-    def __init__(self, satellite_id: _Optional[str] = ..., batch_bytes: _Optional[_Iterable[int]] = ..., acked: _Optional[int] = ..., duplicates: _Optional[int] = ..., remaining: _Optional[int] = ..., next_bytes: _Optional[int] = ..., ack_bytes: _Optional[_Iterable[int]] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ..., encode_flops: _Optional[int] = ..., encode_s: _Optional[float] = ..., skipped: _Optional[int] = ..., sent: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[str]] = ..., credential_bytes: _Optional[int] = ..., encoder_precision: _Optional[str] = ..., captured: _Optional[int] = ..., dropped: _Optional[int] = ..., onboard_bytes: _Optional[int] = ..., next_capture_s: _Optional[float] = ..., basis_version: _Optional[int] = ..., waiting_basis: _Optional[bool] = ...) -> None: ...
+    code_s: float
+    coded_pixels: int
+    onboard_flops: int
+    def __init__(self, satellite_id: _Optional[str] = ..., batch_bytes: _Optional[_Iterable[int]] = ..., acked: _Optional[int] = ..., duplicates: _Optional[int] = ..., remaining: _Optional[int] = ..., next_bytes: _Optional[int] = ..., ack_bytes: _Optional[_Iterable[int]] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ..., encode_flops: _Optional[int] = ..., encode_s: _Optional[float] = ..., skipped: _Optional[int] = ..., sent: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[str]] = ..., credential_bytes: _Optional[int] = ..., encoder_precision: _Optional[str] = ..., captured: _Optional[int] = ..., dropped: _Optional[int] = ..., onboard_bytes: _Optional[int] = ..., next_capture_s: _Optional[float] = ..., basis_version: _Optional[int] = ..., waiting_basis: _Optional[bool] = ..., code_s: _Optional[float] = ..., coded_pixels: _Optional[int] = ..., onboard_flops: _Optional[int] = ...) -> None: ...
 
 class DatasetChunk(_message.Message):
     __slots__ = ("dataset_id", "total_rows", "features", "labels", "base_id", "base_rows")
