@@ -1,0 +1,390 @@
+"""Patch payloads through image codecs (issue 26): each codec's round trip and exact bytes,
+bounded decoding of hostile streams, the setup and scenario fields, ingest, the energy
+figures, and a mission whose lossless PNG payloads train exactly as raw ones do."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from sparsat.node.data.config import ImageCodecSpec
+from sparsat.node.wire import downlink
+from sparsat.node.wire import images as im
+from sparsat.node.wire.codec import CodecError, encode_visible, masked_canvas
+from sparsat.node.wire.rpc import GRPC_FRAME_BYTES
+from sparsat.node.wire.setup import pb_to_setup, setup_to_pb
+
+GRID = 7
+LOSSY = [("webp", 30), ("webp", 75), ("jpeg", 50), ("jpegxl", 30), ("jpegxl", 60),
+         ("jpeg2k", 25), ("jpeg2k", 35)]
+ALL = [("png", 0), *LOSSY]
+
+
+def _image(seed: int = 0, shape: tuple[int, int, int] = (28, 28, 1)) -> np.ndarray:
+    """A garment-like test image: a bright smooth blob with texture on a black background."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[: shape[0], : shape[1]]
+    blob = 200 * np.exp(-(((y - shape[0] / 2) / 8) ** 2 + ((x - shape[1] / 2) / 6) ** 2))
+    img = np.clip(blob[..., None] + rng.normal(0, 12, shape) * (blob[..., None] > 20), 0, 255)
+    return img.astype(np.uint8)
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b) ** 2))
+    return 10 * np.log10(255.0**2 / mse) if mse else float("inf")
+
+
+@pytest.mark.parametrize("name,quality", ALL)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_each_codec_round_trips_the_canvas(name: str, quality: int, channels: int) -> None:
+    spec = ImageCodecSpec(name, quality)
+    img = _image(1, (28, 28, channels))
+    visible = np.arange(0, 49, 2, dtype=np.uint16)
+    canvas = masked_canvas(img, GRID, visible)
+    data = im.encode_image(canvas, spec)
+    assert im.declared_shape(data, name)[:2] == (28, 28)
+    out = im.decode_image(data, spec, canvas.shape)
+    assert out.shape == canvas.shape and out.dtype == np.uint8
+    if name == "png":
+        assert np.array_equal(out, canvas)  # lossless
+    else:
+        assert _psnr(out, canvas) > 20, _psnr(out, canvas)
+    # a coded record is the visible code, then the image; its parse zeroes hidden tiles
+    record, runs = im.coded_record(img, GRID, visible, spec)
+    code, _ = encode_visible(visible, GRID)
+    assert record == code + data
+    rebuilt, vis = im.parse_coded_record(record, runs, canvas.shape, GRID, spec)
+    assert np.array_equal(vis, visible)
+    assert np.array_equal(rebuilt, masked_canvas(out, GRID, visible))
+    assert np.array_equal(im.as_sent(img, GRID, visible, spec), rebuilt)
+
+
+def test_higher_quality_costs_more_bytes_and_gives_a_closer_image() -> None:
+    img = _image(2)
+    for name, lo, hi in (("webp", 30, 75), ("jpegxl", 30, 60), ("jpeg2k", 25, 35)):
+        a, b = (im.encode_image(img, ImageCodecSpec(name, q)) for q in (lo, hi))
+        assert len(a) < len(b), name
+        da, db = (im.decode_image(d, ImageCodecSpec(name, q), img.shape)
+                  for d, q in ((a, lo), (b, hi)))
+        assert _psnr(da, img) < _psnr(db, img), name
+
+
+# Exact bytes of _image(7) (imagecodecs 2026.3.6 is pinned in pyproject.toml: the libraries
+# it bundles fix every coded byte): a change of library shows here first
+EXACT = {("png", 0): 572, ("webp", 30): 128, ("webp", 75): 190, ("jpeg", 50): 420,
+         ("jpegxl", 30): 101, ("jpegxl", 60): 129, ("jpeg2k", 25): 152, ("jpeg2k", 35): 270}
+
+
+@pytest.mark.parametrize("name,quality", ALL)
+def test_each_codec_makes_the_bytes_it_made_before(name: str, quality: int) -> None:
+    assert len(im.encode_image(_image(7), ImageCodecSpec(name, quality))) == EXACT[
+        (name, quality)]
+
+
+@pytest.mark.parametrize("name,quality", ALL)
+def test_a_coded_batch_is_charged_its_exact_wire_size(name: str, quality: int) -> None:
+    spec = ImageCodecSpec(name, quality)
+    batch = downlink.BatchBuilder("sat-0")
+    for k in range(6):
+        img = _image(10 + k)
+        visible = np.sort(np.random.default_rng(k).permutation(49)[: 10 + 5 * k]).astype(
+            np.uint16)
+        record, runs = im.coded_record(img, GRID, visible, spec)
+        p = downlink.Payload(100 + 7 * k, k % 10, record, runs)
+        before = batch.wire_size(p)
+        batch.add(p)
+        assert batch.wire_size() == before
+    msg = batch.to_pb()
+    assert batch.wire_size() == msg.ByteSize() + GRPC_FRAME_BYTES
+    assert [len(r) for r in msg.patches] == [len(p.data) for p in batch.items]
+    # coding is deterministic: the same canvas makes the same bytes
+    assert im.encode_image(_image(10), spec) == im.encode_image(_image(10), spec)
+
+
+def test_coded_images_are_smaller_than_raw_tiles_on_a_garment() -> None:
+    img = _image(3)
+    raw = img.size  # all 49 tiles, uint8
+    sizes = {f"{n}{q}": len(im.encode_image(img, ImageCodecSpec(n, q))) for n, q in ALL}
+    assert all(v < raw for k, v in sizes.items() if k != "jpeg50"), sizes  # JPEG's tables
+    assert sizes["jpeg50"] > 300  # ~600 B of tables: per-image headers dominate small tiles
+
+
+# ---- hostile streams: refused before a decoder allocates ----------------------------------
+
+
+def _png_declaring(h: int, w: int) -> bytes:
+    good = im.encode_image(_image(4), ImageCodecSpec("png"))
+    return good[:16] + struct.pack(">II", w, h) + good[24:]
+
+
+def _jpeg_declaring(h: int, w: int) -> bytes:
+    good = bytearray(im.encode_image(_image(4), ImageCodecSpec("jpeg", 50)))
+    at = good.index(b"\xff\xc0")
+    good[at + 5 : at + 9] = struct.pack(">HH", h, w)
+    return bytes(good)
+
+
+def _webp_declaring(h: int, w: int) -> bytes:
+    good = bytearray(im.encode_image(_image(4), ImageCodecSpec("webp", 50)))
+    good[26:30] = struct.pack("<HH", w, h)
+    return bytes(good)
+
+
+def _j2k_declaring(h: int, w: int) -> bytes:
+    good = bytearray(im.encode_image(_image(4), ImageCodecSpec("jpeg2k", 30)))
+    good[8:16] = struct.pack(">II", w, h)
+    good[24:32] = struct.pack(">II", w, h)
+    return bytes(good)
+
+
+def _jxl_declaring(h: int, w: int) -> bytes:
+    # SizeHeader: small = 0, ysize - 1 in U32 selector 3 (30 bits), ratio 0, xsize likewise
+    bits = [0, 1, 1] + [(h - 1) >> k & 1 for k in range(30)] + [0, 0, 0] + [1, 1] + [
+        (w - 1) >> k & 1 for k in range(30)]
+    packed = bytearray((len(bits) + 7) // 8)
+    for k, b in enumerate(bits):
+        packed[k >> 3] |= b << (k & 7)
+    good = im.encode_image(_image(4), ImageCodecSpec("jpegxl", 60))
+    return b"\xff\x0a" + bytes(packed) + good[2 + len(packed):]
+
+
+DECLARING = {"png": _png_declaring, "jpeg": _jpeg_declaring, "webp": _webp_declaring,
+             "jpeg2k": _j2k_declaring, "jpegxl": _jxl_declaring}
+QUALITY = {"png": 0, "jpeg": 50, "webp": 50, "jpeg2k": 30, "jpegxl": 60}
+
+
+@pytest.mark.parametrize("name", list(DECLARING))
+def test_a_stream_declaring_a_huge_image_is_refused_before_decoding(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = ImageCodecSpec(name, QUALITY[name])
+    bomb = DECLARING[name](16_000, 16_000)
+    assert im.declared_shape(bomb, name)[:2] == (16_000, 16_000)  # the parser reads it right
+    ic = im._imagecodecs()
+    for f in ("png_decode", "jpeg8_decode", "webp_decode", "jpeg2k_decode", "jpegxl_decode"):
+        monkeypatch.setattr(ic, f, lambda *a, **k: pytest.fail("a decoder ran"))
+    with pytest.raises(CodecError, match="declares 16000x16000"):
+        im.decode_image(bomb, spec, (28, 28, 1))
+
+
+@pytest.mark.parametrize("name", list(DECLARING))
+def test_the_header_parsers_read_what_the_encoders_write(name: str) -> None:
+    for shape in ((28, 28, 1), (20, 36, 3), (64, 9, 1)):
+        data = im.encode_image(_image(5, shape), ImageCodecSpec(name, QUALITY[name]))
+        h, w, c = im.declared_shape(data, name)
+        assert (h, w) == shape[:2]
+        assert c in (0, 3 if name == "webp" else shape[2])
+
+
+@pytest.mark.parametrize("name", list(DECLARING))
+def test_garbage_truncated_and_oversized_streams_are_codec_errors(name: str) -> None:
+    spec = ImageCodecSpec(name, QUALITY[name])
+    good = im.encode_image(_image(6), spec)
+    rng = np.random.default_rng(0)
+    cases = [b"", good[:10], good[: len(good) // 2], rng.bytes(len(good)),
+             good[:40] + rng.bytes(len(good) - 40), good + b"\0" * im.max_coded_bytes(
+                 (28, 28, 1))]
+    for bad in cases:
+        try:
+            out = im.decode_image(bad, spec, (28, 28, 1))
+        except CodecError:
+            continue
+        assert out.shape == (28, 28, 1)  # a decoder may tolerate a damaged body: bounded
+    with pytest.raises(CodecError, match="more than"):
+        im.decode_image(good + b"\0" * im.max_coded_bytes((28, 28, 1)), spec, (28, 28, 1))
+
+
+def test_extended_webp_and_jpeg_xl_containers_are_refused() -> None:
+    vp8x = b"RIFF" + struct.pack("<I", 34) + b"WEBPVP8X" + b"\0" * 26
+    with pytest.raises(CodecError, match="VP8X"):
+        im.decode_image(vp8x, ImageCodecSpec("webp", 50), (28, 28, 1))
+    box = b"\0\0\0\x0cJXL \r\n\x87\n" + b"\0" * 40
+    with pytest.raises(CodecError, match="container"):
+        im.decode_image(box, ImageCodecSpec("jpegxl", 60), (28, 28, 1))
+
+
+def test_a_tiled_jpeg2000_stream_is_refused() -> None:
+    good = bytearray(im.encode_image(_image(4), ImageCodecSpec("jpeg2k", 30)))
+    good[24:32] = struct.pack(">II", 1, 1)  # 1 x 1 tiles: 784 of them
+    with pytest.raises(CodecError, match="one tile"):
+        im.decode_image(bytes(good), ImageCodecSpec("jpeg2k", 30), (28, 28, 1))
+
+
+def test_a_stream_of_another_codec_is_refused() -> None:
+    png = im.encode_image(_image(4), ImageCodecSpec("png"))
+    for name in ("webp", "jpeg", "jpeg2k", "jpegxl"):
+        with pytest.raises(CodecError, match="not a"):
+            im.decode_image(png, ImageCodecSpec(name, QUALITY[name]), (28, 28, 1))
+
+
+# ---- settings -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,quality,match", [
+    ("bmp", 0, "one of"), ("webp", 0, "quality must be"), ("png", 50, "takes no quality"),
+    ("jpeg2k", 99, "quality must be")])
+def test_a_bad_codec_spec_names_what_is_wrong(name: str, quality: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ImageCodecSpec(name, quality)
+
+
+def _setup(codec: ImageCodecSpec) -> Any:
+    from sparsat.node.data.config import SensorSetup
+
+    return SensorSetup(n_train=10, grid=7, copies=1, payload="patches", cls_dim=0,
+                       cls_dtype=None, tile_rows=(), tile_cols=(),
+                       images={"sat-0": np.arange(3)}, codec=codec)
+
+
+def test_the_setup_carries_the_codec_and_refuses_a_bad_one() -> None:
+    for name, q in ALL:
+        msg = setup_to_pb(_setup(ImageCodecSpec(name, q)))
+        assert pb_to_setup(msg).codec == ImageCodecSpec(name, q)
+    assert pb_to_setup(setup_to_pb(_setup(ImageCodecSpec()))).codec == ImageCodecSpec()
+    msg = setup_to_pb(_setup(ImageCodecSpec("webp", 50)))
+    msg.codec_quality = 0
+    with pytest.raises(CodecError, match="webp quality"):
+        pb_to_setup(msg)
+    msg.codec = 99
+    with pytest.raises(CodecError, match="not a known ImageCodec"):
+        pb_to_setup(msg)
+
+
+def test_the_scenario_validates_the_codec() -> None:
+    from sparsat.sim.scenario.schema import Scenario
+
+    def load(payload: dict[str, Any]) -> Scenario:
+        return Scenario.model_validate({"name": "t", "sensors": {"payload": payload}})
+
+    assert load({"kind": "patches", "codec": {"name": "webp", "quality": 30}})
+    for payload, match in [({"kind": "patches", "codec": {"name": "webp"}}, "needs a quality"),
+                           ({"kind": "patches", "codec": {"name": "png", "quality": 9}},
+                            "takes no quality"),
+                           ({"kind": "cls", "codec": {"name": "png"}}, "codec needs kind")]:
+        with pytest.raises(ValueError, match=match):
+            load(payload)
+
+
+def test_the_sensor_config_travels_with_its_codec() -> None:
+    from sparsat.node.data.config import SensorConfig
+    from sparsat.node.data.datasets import DatasetSpec
+    from sparsat.node.data.masking import MaskSpec
+
+    cfg = SensorConfig(DatasetSpec("fashion_mnist"), MaskSpec(), codec=ImageCodecSpec("jpegxl", 60))
+    assert SensorConfig.from_json(cfg.to_json()) == cfg
+    raw = SensorConfig(DatasetSpec("fashion_mnist"), MaskSpec())
+    assert "codec" not in json.loads(raw.to_json())  # raw: the JSON of before
+    assert SensorConfig.from_json(raw.to_json()) == raw
+
+
+# ---- ingest ---------------------------------------------------------------------------------
+
+
+def test_ingest_refuses_a_bad_coded_image_alone() -> None:
+    from sparsat.ground_station.ingest import IngestRules, check_batch
+
+    spec = ImageCodecSpec("webp", 50)
+    rules = IngestRules(payload="patches", grid=GRID, dim=192, num_classes=10,
+                        image_shape=(28, 28, 1), n_train=100, codec=spec)
+    builder = downlink.BatchBuilder("sat-0")
+    records = []
+    for k in range(5):
+        visible = np.arange(k, 49, 2, dtype=np.uint16)
+        record, runs = im.coded_record(_image(20 + k), GRID, visible, spec)
+        if k == 1:  # declares a 16000 x 16000 image
+            code, _ = encode_visible(visible, GRID)
+            record = code + _webp_declaring(16_000, 16_000)
+        if k == 3:  # a PNG where the scenario codes WebP
+            record = record[:7] + im.encode_image(_image(0), ImageCodecSpec("png"))
+        if k == 4:  # a bitmap that sets no token
+            record = bytes(7) + record[7:]
+        records.append(record)
+        builder.add(downlink.Payload(10 + k, k, record, runs))
+    checked = check_batch(downlink.pb_to_batch(builder.to_pb(), rules.max_id), "sat-0",
+                          rules, {"sat-0"})
+    assert checked.positions == [0, 2]
+    assert [r.data for r in checked.rows] == [records[0], records[2]]  # stored as sent
+    causes = {pos: (cause, reason) for pos, _, cause, reason in checked.rejected}
+    assert causes[1][0] == downlink.RejectCause.BAD_PIXELS and "16000x16000" in causes[1][1]
+    assert causes[3][0] == downlink.RejectCause.BAD_PIXELS and "not a WebP" in causes[3][1]
+    assert causes[4][0] == downlink.RejectCause.BAD_CODE
+
+
+# ---- energy ---------------------------------------------------------------------------------
+
+
+def test_energy_is_each_part_at_its_stated_rate() -> None:
+    from sparsat.sim.mission.report import energy
+    from sparsat.sim.mission.tally import Tally
+    from sparsat.sim.scenario.schema import Scenario
+
+    s = Scenario.model_validate({"name": "t", "sensors": {"energy": {
+        "joules_per_flop": 2e-11, "coding_watts": 3.0, "coding_slowdown": 4.0,
+        "radio_watts": 6.0}}})
+    t = Tally()
+    t.compute["onboard_encoder"]["flops"] = 5e9
+    t.onboard_other_flops, t.coding_wall_s, t.coded_pixels = 10**9, 0.5, 784
+    links = [SimpleNamespace(name="downlink:sat-0", busy_s=10.0),
+             SimpleNamespace(name="downlink:sat-1", busy_s=2.5),
+             SimpleNamespace(name="trainer:t0", busy_s=99.0)]  # not the satellites' radio
+    e = energy(s, t, links, 100)  # type: ignore[arg-type]
+    assert e["j"] == pytest.approx({"encoder": 0.1, "choice_and_detector": 0.02,
+                                    "coding": 6.0, "radio": 75.0})
+    assert e["total_j"] == pytest.approx(81.12)
+    assert e["per_image_j"] == pytest.approx(0.8112)
+    assert e["radio_s"] == 12.5 and e["coded_pixels"] == 784
+    assert energy(s, t, links, 0)["per_image_j"] is None  # type: ignore[arg-type]
+
+
+# ---- a mission ------------------------------------------------------------------------------
+
+TINY = {
+    "name": "tiny-pixels",
+    "seed": 3,
+    "dataset": {"name": "fashion_mnist", "train_subset": 480, "test_subset": 300},
+    "sensors": {"count": 2, "per_process": 2, "mask": {"kind": "fixed", "ratio": 0.5},
+                "payload": {"kind": "patches"}},
+    "passes": {"period_s": 600, "duration_s": 60},
+    "links": {"downlink": {"rate_bps": 9600, "latency_s": 0.05},
+              "trainer": {"rate_bps": 1.0e8, "latency_s": 0.001}},
+    "training": {"strategy": "ist", "workers": 2, "local_steps": 3, "epochs": 2,
+                 "batch_size": 32, "hidden": [64, 48]},
+}
+
+
+def _run(tmp_path: Path, name: str, codec: dict[str, Any] | None) -> dict[str, Any]:
+    from sparsat.sim.cli import main
+
+    scenario = json.loads(json.dumps(TINY))
+    if codec is not None:
+        scenario["sensors"]["payload"]["codec"] = codec
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(scenario))
+    out = tmp_path / name
+    assert main(["run", str(path), "--out", str(out), "--quiet"]) == 0
+    return json.loads((out / "results.json").read_text())  # type: ignore[no-any-return]
+
+
+@pytest.mark.slow
+def test_png_trains_exactly_as_raw_and_webp_sends_fewer_bytes(tmp_path: Path) -> None:
+    raw = _run(tmp_path, "raw", None)
+    png = _run(tmp_path, "png", {"name": "png"})
+    webp = _run(tmp_path, "webp", {"name": "webp", "quality": 30})
+    # lossless: the same pixels reach the encoder, for the training and the test split
+    assert [h["accuracy"] for h in png["history"]] == [h["accuracy"] for h in raw["history"]]
+    for r in (png, webp):
+        assert r["samples"]["stored"] == r["samples"]["sent"] == 480
+        assert r["ground_station"]["downlink_bytes_received"] == r["bytes"]["downlink"]
+        e = r["energy"]
+        assert e["coded_pixels"] == 480 * 784 and e["coding_wall_s"] > 0
+        assert e["j"]["coding"] > 0 and e["j"]["encoder"] == 0  # no encoder on board
+    assert webp["bytes"]["downlink"] < 0.6 * raw["bytes"]["downlink"]
+    assert raw["energy"]["coded_pixels"] == 0 and raw["energy"]["j"]["coding"] == 0
+    # the radio's energy follows the air time, which follows the bytes
+    assert webp["energy"]["radio_s"] < raw["energy"]["radio_s"]
