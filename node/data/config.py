@@ -104,6 +104,8 @@ class SensorConfig:
         for key in ("capture", "placement_alpha", "projection"):  # likewise
             if raw[key] is None:
                 del raw[key]
+        if raw["mask"]["choice"] == "random":  # likewise (MaskSpec restores it)
+            del raw["mask"]["choice"]
         return json.dumps(raw)
 
     @classmethod
