@@ -325,6 +325,8 @@ def eval_key(encoder: str, dataset: DatasetSpec, files: str, mask: MaskSpec, n_t
         m = {"kind": "none"}  # every token
     else:  # random masks are evaluated as fixed ones (encode_split)
         m = {"kind": "fixed", "ratio": mask.ratio, "seed": mask.seed}
+    if mask.choice != "random" and m["kind"] != "none":  # chosen by content: by the image
+        m["choice"] = mask.choice
     ds = {k: v for k, v in asdict(dataset).items() if k != "download"}
     ds["root"] = str(Path(dataset.root).expanduser().resolve() if dataset.root
                      else default_root().resolve())

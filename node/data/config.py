@@ -140,6 +140,8 @@ class SensorConfig:
                 del raw[key]
         if raw["codec"]["name"] == "raw":  # likewise
             del raw["codec"]
+        if raw["mask"]["choice"] == "random":  # likewise (MaskSpec restores it)
+            del raw["mask"]["choice"]
         return json.dumps(raw)
 
     @classmethod

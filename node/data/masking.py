@@ -16,6 +16,17 @@ Kinds:
   is more
   than `max_cloud` cloudy is dropped, then `ratio` of the clear tokens is dropped on purpose.
   A scene with no usable token is not sent at all.
+
+Which tokens survive a ratio (`choice`):
+- `random`: a seeded random draw, a pure function of (seed, sample_id).
+- `content`: the num_visible(L, r) tokens (fixed: of all; clouds: of the usable ones) whose
+  tile has the highest on-board score, the variance of its pixel values over its pixels and
+  channels (tile_scores); ties go by a seeded order of the candidates (stable_seed(seed,
+  "content", sample_id)), so the mask is a pure function of (image, seed, sample_id), and no
+  longer of (seed, sample_id) alone: the image must be at hand (capture()). Scoring costs
+  SCORE_FLOPS_PER_VALUE FLOPs per value of the tiles scored and SCORE_FLOPS_PER_TILE per
+  tile (Capture.onboard_flops); with kind `random` (a fresh mask each copy) or `none` it has
+  no effect and is refused.
 """
 
 from __future__ import annotations
@@ -27,9 +38,17 @@ from typing import Literal, get_args
 import numpy as np
 
 from sparsat.node.data.clouds import PRESETS, CloudSpec, scene_clouds, token_cover
+from sparsat.node.data.tiles import tile_edges
 
 MaskKind = Literal["none", "fixed", "random", "clouds"]
 KINDS: tuple[str, ...] = get_args(MaskKind)
+MaskChoice = Literal["random", "content"]
+CHOICES: tuple[str, ...] = get_args(MaskChoice)
+# tile_scores' work: a value's add into its tile's sum, and its square's multiply and add into
+# the sum of squares; a tile's mean, mean square and their difference (2 divides, 1 multiply,
+# 1 subtract). Sorting the scores is comparisons, not counted.
+SCORE_FLOPS_PER_VALUE = 3
+SCORE_FLOPS_PER_TILE = 4
 CLOUD_VALUE = 255  # cloud tops are bright: what the sensor records under a cloud
 COPY_SEP = "#"
 
@@ -42,6 +61,7 @@ class MaskSpec:
     copies: int = 1  # random: copies of each image downlinked, one per epoch
     clouds: CloudSpec = field(default_factory=lambda: PRESETS["global"])
     max_cloud: float = 0.25  # clouds: a token more cloudy than this is dropped
+    choice: MaskChoice = "random"  # which tokens survive the ratio: seeded draw | top score
 
     def __post_init__(self) -> None:
         # from JSON (sparsat.node.data.config.SensorConfig.from_json)
@@ -56,6 +76,12 @@ class MaskSpec:
                              f"(kind {self.kind!r}, copies {self.copies})")
         if not 0.0 <= self.max_cloud < 1.0:
             raise ValueError(f"max_cloud must be in [0, 1), got {self.max_cloud}")
+        if self.choice not in CHOICES:
+            raise ValueError(f"mask choice must be one of {', '.join(CHOICES)}, "
+                             f"got {self.choice!r}")
+        if self.choice == "content" and self.kind in ("none", "random"):
+            raise ValueError(f"choice content has no effect with kind {self.kind} (kinds "
+                             "fixed and clouds)")
 
 
 @dataclass(frozen=True)
@@ -66,6 +92,9 @@ class Capture:
     image: np.ndarray  # (H, W, C) uint8
     visible: np.ndarray  # (L,) uint16, sorted; empty: nothing usable, the scene is not sent
     cover: float = 0.0
+    # on-board work of choosing the tokens (content choice: scoring tiles), FLOPs; 0 for a
+    # seeded random draw and the cloud oracle (the simulation's truth, not on-board work)
+    onboard_flops: int = 0
 
 
 def num_visible(num_tokens: int, ratio: float) -> int:
@@ -106,6 +135,50 @@ def fixed_mask(num_tokens: int, ratio: float, seed: int, sample_id: str) -> np.n
     return _keep(np.arange(num_tokens), ratio, np.random.default_rng(stable_seed(seed, sample_id)))
 
 
+def tile_scores(image: np.ndarray, grid: int) -> np.ndarray:
+    """(grid*grid,) float64: each token's tile's variance of its pixel values (over its
+    pixels and channels), row-major on the codec's tiling. Sums are exact integers, so the
+    scores are the same on every machine."""
+    height, width = image.shape[:2]
+    if not 1 <= grid <= min(height, width):
+        raise ValueError(f"grid {grid} does not fit a {height}x{width} image")
+    x = image.reshape(height, width, -1).astype(np.int64)  # (H, W, C)
+    ys, xs = tile_edges(height, grid), tile_edges(width, grid)
+
+    def per_tile(v: np.ndarray) -> np.ndarray:
+        rows = np.add.reduceat(v.sum(axis=2), ys[:-1], axis=0)  # (g, W)
+        return np.add.reduceat(rows, xs[:-1], axis=1).reshape(-1)  # (g*g,)
+
+    n = (np.outer(np.diff(ys), np.diff(xs)) * x.shape[2]).reshape(-1)  # (g*g,) values a tile
+    mean = per_tile(x) / n
+    return per_tile(x * x) / n - mean * mean  # type: ignore[no-any-return]
+
+
+def score_flops(image: np.ndarray, grid: int, tokens: np.ndarray) -> int:
+    """FLOPs of scoring the tiles of `tokens` on board (SCORE_FLOPS_PER_VALUE a value,
+    SCORE_FLOPS_PER_TILE a tile)."""
+    height, width = image.shape[:2]
+    channels = image.size // (height * width)
+    sizes = np.outer(np.diff(tile_edges(height, grid)), np.diff(tile_edges(width, grid)))
+    values = int(sizes.reshape(-1)[tokens].sum()) * channels
+    return SCORE_FLOPS_PER_VALUE * values + SCORE_FLOPS_PER_TILE * len(tokens)
+
+
+def content_keep(image: np.ndarray, grid: int, candidates: np.ndarray, ratio: float,
+                 seed: int, sample_id: str) -> tuple[np.ndarray, int]:
+    """(kept tokens (sorted, uint16), on-board FLOPs): the num_visible(len, ratio) candidates
+    of highest tile score, ties by a seeded order of the candidates."""
+    keep = num_visible(len(candidates), ratio)
+    if keep >= len(candidates):  # every candidate survives: nothing to score
+        return candidates.astype(np.uint16), 0
+    score = tile_scores(image, grid)[candidates]
+    tie = np.random.default_rng(stable_seed(seed, "content", sample_id)).permutation(
+        len(candidates))
+    order = np.lexsort((tie, -score))  # by score, highest first; then the seeded order
+    kept = np.sort(candidates[order[:keep]]).astype(np.uint16)
+    return kept, score_flops(image, grid, candidates)
+
+
 def visible_indices(spec: MaskSpec, num_tokens: int, sample_id: str) -> np.ndarray:
     """The visible token indices of one image under an intentional mask (sorted, uint16).
     A random mask is drawn from the sample id, which names the copy: each copy its own."""
@@ -113,6 +186,8 @@ def visible_indices(spec: MaskSpec, num_tokens: int, sample_id: str) -> np.ndarr
         raise ValueError(f"{num_tokens} tokens do not fit uint16 indices")
     if spec.kind == "clouds":
         raise ValueError("cloud masks depend on the image: use capture()")
+    if spec.choice == "content" and spec.ratio > 0.0:
+        raise ValueError("content-chosen masks depend on the image: use capture()")
     if spec.kind == "none" or spec.ratio == 0.0:
         return np.arange(num_tokens, dtype=np.uint16)
     if spec.kind == "fixed":
@@ -122,8 +197,13 @@ def visible_indices(spec: MaskSpec, num_tokens: int, sample_id: str) -> np.ndarr
 
 def capture(spec: MaskSpec, image: np.ndarray, grid: int, sample_id: str) -> Capture:
     """One image as the sensor sends it under `spec`: (H, W, C) uint8 in, Capture out."""
-    if spec.kind != "clouds":
+    content = spec.choice == "content" and spec.ratio > 0.0
+    if spec.kind != "clouds" and not content:
         return Capture(image, visible_indices(spec, grid * grid, sample_id))
+    if spec.kind != "clouds":
+        kept, flops = content_keep(image, grid, np.arange(grid * grid), spec.ratio, spec.seed,
+                                   sample_id)
+        return Capture(image, kept, onboard_flops=flops)
     height, width = image.shape[:2]
     # the scene's clouds and kept tokens follow the image; a revisit (a copy, which only
     # captures over time make for cloud masks) is another scene with its own clouds
@@ -137,5 +217,8 @@ def capture(spec: MaskSpec, image: np.ndarray, grid: int, sample_id: str) -> Cap
         return Capture(image, np.empty(0, dtype=np.uint16), cover)
     if spec.ratio == 0.0:
         return Capture(image, usable.astype(np.uint16), cover)
+    if content:  # scored on the image as recorded, clouds drawn in
+        kept, flops = content_keep(image, grid, usable, spec.ratio, spec.seed, base)
+        return Capture(image, kept, cover, flops)
     rng = np.random.default_rng(stable_seed(spec.seed, base))
     return Capture(image, _keep(usable, spec.ratio, rng), cover)

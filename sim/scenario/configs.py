@@ -21,7 +21,7 @@ def mask_spec(s: Scenario) -> MaskSpec:
     per_epoch = m.kind == "random" and s.sensors.capture is None
     return MaskSpec(kind=m.kind, ratio=m.ratio, seed=s.seed,
                     copies=s.training.epochs if per_epoch else 1,
-                    clouds=m.cloud_spec(), max_cloud=m.max_cloud)
+                    clouds=m.cloud_spec(), max_cloud=m.max_cloud, choice=m.choice)
 
 
 def capture_spec(s: Scenario) -> CaptureSpec | None:

@@ -91,6 +91,9 @@ class MaskCfg(Model):
     overcast_share: float | None = Field(None, ge=0, lt=1)  # scenes fully covered
     roughness: float | None = Field(None, ge=0, le=1)  # edge roughness (0.45: D = 1.33)
     max_cloud: float = Field(0.25, ge=0, lt=1)  # a token more cloudy than this is dropped
+    # which tokens survive `ratio`: a seeded random draw, or (content) those whose tile's
+    # pixel variance is highest, scored on board (fixed and clouds; docs/masks.md)
+    choice: Literal["random", "content"] = "random"
 
     @model_validator(mode="after")
     def _clouds(self) -> MaskCfg:
@@ -103,6 +106,14 @@ class MaskCfg(Model):
             raise ValueError("ratio has no effect with kind: none (use kind: fixed)")
         if self.kind == "clouds":
             self.cloud_spec()  # an infeasible climatology fails here, naming the numbers
+        if self.choice == "content" and self.kind in ("none", "random"):
+            why = ("every token is kept" if self.kind == "none" else
+                   "a random mask is a fresh draw for every epoch's copy; content would send "
+                   "the same tiles every epoch (use kind: fixed)")
+            raise ValueError(f"choice: content has no effect with kind: {self.kind} ({why})")
+        if self.choice == "content" and self.ratio == 0.0:
+            raise ValueError("choice: content has no effect with ratio 0 (no token is dropped "
+                             "on purpose, so none is chosen)")
         return self
 
     def cloud_spec(self) -> CloudSpec:
