@@ -117,6 +117,7 @@ class Satellite:
         self.encode_s = 0.0
         self.code_s = 0.0  # image coding (patch payloads with a codec) not yet reported
         self.coded_pixels = 0
+        self.onboard_flops = 0  # tile choice and cloud detection, not yet reported
         # projected CLS payloads: the basis uplinked last (None: none yet), every one
         # uplinked (a batch sent with an older one may be resent), the zstd dictionary
         self.basis: bases.Basis | None = None
@@ -239,6 +240,7 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             sid = copy_id(sample_id(self.cfg.dataset.name, "train", key[0]), key[1])
             try:  # an image the codec cannot tile (smaller than the grid...) is dropped alone
                 cap = capture(self.cfg.mask, self.dataset.image(key[0]), grid, sid)
+                sat.onboard_flops += cap.onboard_flops  # tile choice, cloud detection
                 if len(cap.visible) and self.cfg.payload == "patches":
                     encode_patches(cap.image, grid, cap.visible)
                 elif len(cap.visible):
@@ -384,7 +386,8 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
                 report.encode_flops, report.encode_s = sat.encode_flops, sat.encode_s
                 sat.encode_flops, sat.encode_s = 0, 0.0
                 report.code_s, report.coded_pixels = sat.code_s, sat.coded_pixels
-                sat.code_s, sat.coded_pixels = 0.0, 0
+                report.onboard_flops = sat.onboard_flops
+                sat.code_s, sat.coded_pixels, sat.onboard_flops = 0.0, 0, 0
             if self.encoder is not None:
                 report.encoder_precision = self.encoder.precision
             report.rejections.extend(sat.unusable[: MAX_REJECTIONS - len(report.rejections)])
