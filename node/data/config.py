@@ -104,8 +104,10 @@ class SensorConfig:
         for key in ("capture", "placement_alpha", "projection"):  # likewise
             if raw[key] is None:
                 del raw[key]
-        if raw["mask"]["choice"] == "random":  # likewise (MaskSpec restores it)
-            del raw["mask"]["choice"]
+        for key, default in (("choice", "random"), ("detector", "oracle"),
+                             ("detector_params", "")):  # likewise (MaskSpec restores them)
+            if raw["mask"][key] == default:
+                del raw["mask"][key]
         return json.dumps(raw)
 
     @classmethod
