@@ -292,3 +292,46 @@ def test_a_detector_needs_clouds_in_the_mask_spec() -> None:
                  detector_params=ThresholdDetector().to_hex())
     with pytest.raises(ValueError, match="need detector threshold"):
         MaskSpec("clouds", 0.5, detector_params=ThresholdDetector().to_hex())
+
+
+@pytest.mark.slow
+def test_a_mission_with_a_threshold_detector_reports_its_bytes_and_rates(tmp_path: Path) -> None:
+    # Prepare: a tiny cloudy mission
+    import json
+
+    import yaml
+
+    from sparsat.sim.cli import main
+
+    scenario = {
+        "name": "detector", "seed": 3,
+        "dataset": {"name": "fashion_mnist", "train_subset": 240, "test_subset": 200},
+        "sensors": {"count": 2, "per_process": 2, "payload": {"kind": "patches"},
+                    "mask": {"kind": "clouds", "ratio": 0.5, "detector": "threshold",
+                             "detector_fit_images": 300}},
+        "passes": {"period_s": 600, "duration_s": 60},
+        "links": {"downlink": {"rate_bps": 9600, "latency_s": 0.05},
+                  "trainer": {"rate_bps": 1.0e8, "latency_s": 0.001}},
+        "training": {"strategy": "centralized", "epochs": 1, "batch_size": 32,
+                     "hidden": [32, 32]},
+    }
+    path = tmp_path / "scenario.yaml"
+    path.write_text(yaml.safe_dump(scenario))
+    out = tmp_path / "out"
+
+    # Execute
+    assert main(["run", str(path), "--out", str(out), "--quiet"]) == 0
+
+    # Assert
+    r = json.loads((out / "results.json").read_text())
+    d, b = r["detector"], r["bytes"]
+    assert d["kind"] == "threshold" and d["bytes"] == 2 * DETECTOR_BYTES
+    assert ThresholdDetector.from_hex(d["params"]["hex"]).level == d["params"]["level"]
+    assert d["fit"]["images"] == 300 and d["flops_per_image"] == 5 * 784 + 8 * 49
+    assert d["tokens"] == d["truly_usable"] + d["truly_cloudy"] == 200 * 49
+    assert d["false_positive_rate"] == d["false_positives"] / d["truly_usable"]
+    assert d["false_negative_rate"] == d["false_negatives"] / d["truly_cloudy"]
+    assert b["uplink_breakdown"]["detector"] == 2 * DETECTOR_BYTES
+    assert b["uplink"] == b["uplink_breakdown"]["acks"] + 2 * DETECTOR_BYTES
+    assert sum(r["per_link_bytes"].values()) == b["total"]
+    assert r["samples"]["test"] + r["samples"]["test_cloudy_skipped"] == 200
