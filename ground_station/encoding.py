@@ -58,6 +58,10 @@ class TokenSet:
     wall_s: float = 0.0
     groups: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (N,) bool
     skipped: int = 0  # images with no usable token (clouds): not in the set
+    # clouds: (tokens truly usable, truly cloudy, false positives, false negatives) of the
+    # sensors' cloud detector on every image of the split (usable: cover <= max_cloud);
+    # the oracle's errors are 0
+    detector: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     def subset(self, rows: np.ndarray) -> TokenSet:
         return TokenSet(self.features[rows], self.labels[rows], self.ids[rows])
@@ -152,11 +156,15 @@ def encode_split(dataset: ImageDataset, split: str, name: str, mask: MaskSpec,
     covers = np.zeros(len(indices))
     kept = np.zeros(len(indices), dtype=bool)
     flops = 0
+    cloudy, fp, fn = 0, 0, 0  # the detector's tokens truly cloudy, and its errors
     for start in range(0, len(indices), batch_size):
         rows = range(start, min(start + batch_size, len(indices)))
         caps = [capture(eval_mask, dataset.image(int(indices[r])), grid, names[r])
                 for r in rows]
         covers[start : rows.stop] = [c.cover for c in caps]
+        cloudy += sum(c.cloudy_tokens for c in caps)
+        fp += sum(c.false_positives for c in caps)
+        fn += sum(c.false_negatives for c in caps)
         use = [(r, c) for r, c in zip(rows, caps, strict=True) if len(c.visible)]
         used = [r for r, _ in use]
         kept[used] = True
@@ -172,6 +180,7 @@ def encode_split(dataset: ImageDataset, split: str, name: str, mask: MaskSpec,
     out.flops, out.wall_s, out.skipped = flops, time.perf_counter() - t0, int((~kept).sum())
     if mask.kind == "clouds":
         out.groups = {"clear": covers[kept] == 0, "cloudy": covers[kept] > 0}
+        out.detector = (len(indices) * grid * grid - cloudy, cloudy, fp, fn)
     return out
 
 
@@ -327,6 +336,9 @@ def eval_key(encoder: str, dataset: DatasetSpec, files: str, mask: MaskSpec, n_t
         m = {"kind": "fixed", "ratio": mask.ratio, "seed": mask.seed}
     if mask.choice != "random" and m["kind"] != "none":  # chosen by content: by the image
         m["choice"] = mask.choice
+    if mask.detector != "oracle":  # clouds as an on-board detector calls them
+        m["detector"] = mask.detector
+        m["detector_params"] = mask.detector_params
     ds = {k: v for k, v in asdict(dataset).items() if k != "download"}
     ds["root"] = str(Path(dataset.root).expanduser().resolve() if dataset.root
                      else default_root().resolve())
@@ -368,6 +380,11 @@ class TokenCache:
                 groups = {k[len("group_"):]: z[k] for k in z.files if k.startswith("group_")}
                 out = TokenSet(z["features"], z["labels"], z["ids"], int(z["flops"]),
                                float(z["wall_s"]), groups, int(z["skipped"]))
+                if "detector" in z.files:
+                    d = [int(v) for v in z["detector"]]
+                    if len(d) != 4:
+                        raise ValueError("a detector entry of another length")
+                    out.detector = (d[0], d[1], d[2], d[3])
             n = len(out.labels)
             if (out.features.ndim != 2 or len(out.features) != n or len(out.ids) != n
                     or any(len(g) != n for g in groups.values())):
@@ -383,7 +400,8 @@ class TokenCache:
         arrays: dict[str, Any] = {
             "key": np.array(_json(key)), "features": tokens.features, "labels": tokens.labels,
             "ids": tokens.ids, "flops": tokens.flops, "wall_s": tokens.wall_s,
-            "skipped": tokens.skipped, **{f"group_{k}": v for k, v in tokens.groups.items()}}
+            "skipped": tokens.skipped, "detector": np.array(tokens.detector, np.int64),
+            **{f"group_{k}": v for k, v in tokens.groups.items()}}
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{path.stem}-", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:

@@ -55,7 +55,8 @@ def stats_reply(*, samples_stored: int, samples_received: int, duplicates: int, 
                 downlink_bytes_received: int, train_tokens: int, test_tokens: int,
                 test_skipped: int, test_encode_flops: int, peak_rss_bytes: int,
                 downlink_credential_bytes_received: int = 0, encoder_precision: str = "",
-                encoder_precision_note: str = "", samples_arrived: int = 0) -> pb.StatsReply:
+                encoder_precision_note: str = "", samples_arrived: int = 0,
+                detector: tuple[int, int, int, int] = (0, 0, 0, 0)) -> pb.StatsReply:
     return pb.StatsReply(
         samples_stored=samples_stored, samples_received=samples_received,
         duplicates=duplicates, rejected=rejected,
@@ -64,7 +65,9 @@ def stats_reply(*, samples_stored: int, samples_received: int, duplicates: int, 
         test_encode_flops=test_encode_flops, peak_rss_bytes=peak_rss_bytes,
         downlink_credential_bytes_received=downlink_credential_bytes_received,
         encoder_precision=encoder_precision, encoder_precision_note=encoder_precision_note,
-        samples_arrived=samples_arrived)
+        samples_arrived=samples_arrived, detector_usable_tokens=detector[0],
+        detector_cloudy_tokens=detector[1], detector_false_positives=detector[2],
+        detector_false_negatives=detector[3])
 
 
 def arrived_reply(stamped: int) -> pb.ArrivedReply:

@@ -585,6 +585,7 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
             test_skipped=self.test_tokens.skipped if self.test_tokens else 0,
             test_encode_flops=self.test_tokens.flops if self.test_tokens else 0,
             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+            detector=self.test_tokens.detector if self.test_tokens else (0, 0, 0, 0),
         )
 
     def _projection(self, context: grpc.ServicerContext) -> Projection | None:

@@ -140,8 +140,10 @@ class SensorConfig:
                 del raw[key]
         if raw["codec"]["name"] == "raw":  # likewise
             del raw["codec"]
-        if raw["mask"]["choice"] == "random":  # likewise (MaskSpec restores it)
-            del raw["mask"]["choice"]
+        for key, default in (("choice", "random"), ("detector", "oracle"),
+                             ("detector_params", "")):  # likewise (MaskSpec restores them)
+            if raw["mask"][key] == default:
+                del raw["mask"][key]
         return json.dumps(raw)
 
     @classmethod

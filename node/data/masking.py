@@ -15,7 +15,9 @@ Kinds:
   resolution (sparsat.node.data.clouds); cloudy pixels are white in the image, a token whose tile
   is more
   than `max_cloud` cloudy is dropped, then `ratio` of the clear tokens is dropped on purpose.
-  A scene with no usable token is not sent at all.
+  A scene with no usable token is not sent at all. Which tokens are unusable: the truth
+  (`detector: oracle`), or what an on-board threshold detector fitted on the ground calls
+  cloudy (`detector: threshold`, sparsat.node.data.detector), which can be wrong.
 
 Which tokens survive a ratio (`choice`):
 - `random`: a seeded random draw, a pure function of (seed, sample_id).
@@ -31,6 +33,7 @@ Which tokens survive a ratio (`choice`):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from typing import Literal, get_args
@@ -38,12 +41,15 @@ from typing import Literal, get_args
 import numpy as np
 
 from sparsat.node.data.clouds import PRESETS, CloudSpec, scene_clouds, token_cover
+from sparsat.node.data.detector import ThresholdDetector, detector_flops
 from sparsat.node.data.tiles import tile_edges
 
 MaskKind = Literal["none", "fixed", "random", "clouds"]
 KINDS: tuple[str, ...] = get_args(MaskKind)
 MaskChoice = Literal["random", "content"]
 CHOICES: tuple[str, ...] = get_args(MaskChoice)
+MaskDetector = Literal["oracle", "threshold"]
+DETECTORS: tuple[str, ...] = get_args(MaskDetector)
 # tile_scores' work: a value's add into its tile's sum, and its square's multiply and add into
 # the sum of squares; a tile's mean, mean square and their difference (2 divides, 1 multiply,
 # 1 subtract). Sorting the scores is comparisons, not counted.
@@ -62,6 +68,11 @@ class MaskSpec:
     clouds: CloudSpec = field(default_factory=lambda: PRESETS["global"])
     max_cloud: float = 0.25  # clouds: a token more cloudy than this is dropped
     choice: MaskChoice = "random"  # which tokens survive the ratio: seeded draw | top score
+    # clouds: which tokens are unusable: the true cloud field (oracle), or an on-board
+    # threshold detector (sparsat.node.data.detector) fitted on the ground, its parameters
+    # as hex (ThresholdDetector.to_hex)
+    detector: MaskDetector = "oracle"
+    detector_params: str = ""
 
     def __post_init__(self) -> None:
         # from JSON (sparsat.node.data.config.SensorConfig.from_json)
@@ -79,6 +90,15 @@ class MaskSpec:
         if self.choice not in CHOICES:
             raise ValueError(f"mask choice must be one of {', '.join(CHOICES)}, "
                              f"got {self.choice!r}")
+        if self.detector not in DETECTORS:
+            raise ValueError(f"mask detector must be one of {', '.join(DETECTORS)}, "
+                             f"got {self.detector!r}")
+        if self.detector != "oracle" and self.kind != "clouds":
+            raise ValueError(f"a cloud detector needs kind clouds, got {self.kind!r}")
+        if self.detector == "oracle" and self.detector_params:
+            raise ValueError("detector parameters need detector threshold")
+        if self.detector == "threshold":
+            ThresholdDetector.from_hex(self.detector_params)  # bounded; ValueError if bad
         if self.choice == "content" and self.kind in ("none", "random"):
             raise ValueError(f"choice content has no effect with kind {self.kind} (kinds "
                              "fixed and clouds)")
@@ -94,7 +114,13 @@ class Capture:
     cover: float = 0.0
     # on-board work of choosing the tokens (content choice: scoring tiles), FLOPs; 0 for a
     # seeded random draw and the cloud oracle (the simulation's truth, not on-board work)
-    onboard_flops: int = 0
+    onboard_flops: int = 0  # + the threshold detector's, when it decides (clouds)
+    # a threshold detector's token errors against the true cloud field: called cloudy though
+    # usable (cover <= max_cloud), called clear though not; the simulation's measurement, not
+    # known on board
+    false_positives: int = 0
+    false_negatives: int = 0
+    cloudy_tokens: int = 0  # clouds: tokens unusable in truth (cover > max_cloud)
 
 
 def num_visible(num_tokens: int, ratio: float) -> int:
@@ -204,21 +230,45 @@ def capture(spec: MaskSpec, image: np.ndarray, grid: int, sample_id: str) -> Cap
         kept, flops = content_keep(image, grid, np.arange(grid * grid), spec.ratio, spec.seed,
                                    sample_id)
         return Capture(image, kept, onboard_flops=flops)
+    image, clouds, cover = cloudy_scene(spec, image, sample_id)
+    truth = token_cover(clouds, grid) > spec.max_cloud  # (L,) unusable in truth
+    flops, errors = 0, (0, 0)
+    if spec.detector == "threshold":  # the satellite's own decision, which can be wrong
+        called = detector_of(spec).cloudy(image, grid)
+        flops = detector_flops(image, grid)
+        errors = (int((called & ~truth).sum()), int((truth & ~called).sum()))
+    else:
+        called = truth
+    usable = np.flatnonzero(~called)
+    n_cloudy = int(np.count_nonzero(truth))
+    if len(usable) == 0 or spec.ratio == 0.0:
+        return Capture(image, usable.astype(np.uint16), cover, flops, *errors, n_cloudy)
+    if content:  # scored on the image as recorded, clouds drawn in
+        kept, score = content_keep(image, grid, usable, spec.ratio, spec.seed, sample_id)
+        return Capture(image, kept, cover, flops + score, *errors, n_cloudy)
+    rng = np.random.default_rng(stable_seed(spec.seed, sample_id))
+    return Capture(image, _keep(usable, spec.ratio, rng), cover, flops, *errors, n_cloudy)
+
+
+def cloudy_scene(spec: MaskSpec, image: np.ndarray, sample_id: str
+                 ) -> tuple[np.ndarray, np.ndarray, float]:
+    """(image as recorded, clouds drawn in; cloud mask (H, W) bool; cover) of one capture.
+    The scene's clouds follow the sample id: a revisit (a copy, which only captures over
+    time make for cloud masks) is another scene with its own clouds."""
     height, width = image.shape[:2]
-    # the scene's clouds and kept tokens follow the image; a revisit (a copy, which only
-    # captures over time make for cloud masks) is another scene with its own clouds
-    base = sample_id
-    clouds, cover = scene_clouds(spec.clouds, height, width, stable_seed(spec.seed, "clouds", base))
+    clouds, cover = scene_clouds(spec.clouds, height, width,
+                                 stable_seed(spec.seed, "clouds", sample_id))
     if cover > 0:
         image = image.copy()
         image[clouds] = CLOUD_VALUE
-    usable = np.flatnonzero(token_cover(clouds, grid) <= spec.max_cloud)
-    if len(usable) == 0:
-        return Capture(image, np.empty(0, dtype=np.uint16), cover)
-    if spec.ratio == 0.0:
-        return Capture(image, usable.astype(np.uint16), cover)
-    if content:  # scored on the image as recorded, clouds drawn in
-        kept, flops = content_keep(image, grid, usable, spec.ratio, spec.seed, base)
-        return Capture(image, kept, cover, flops)
-    rng = np.random.default_rng(stable_seed(spec.seed, base))
-    return Capture(image, _keep(usable, spec.ratio, rng), cover)
+    return image, clouds, cover
+
+
+@functools.cache
+def _detector(params: str) -> ThresholdDetector:
+    return ThresholdDetector.from_hex(params)
+
+
+def detector_of(spec: MaskSpec) -> ThresholdDetector:
+    """The threshold detector a mask's parameters describe."""
+    return _detector(spec.detector_params)

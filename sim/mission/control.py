@@ -34,7 +34,7 @@ from tqdm import tqdm
 from sparsat.ground_station.serde import pb_to_epoch
 from sparsat.node.wire.control import SENSOR
 from sparsat.node.wire.rpc import wait_ready
-from sparsat.sim.mission import report
+from sparsat.sim.mission import detector, report
 from sparsat.sim.mission.ground_client import (
     Deadlines,
     GroundStationClient,
@@ -462,6 +462,7 @@ class MissionControl:
             if s.sensors.payload.projection.method == "pca":
                 self.downlink.uplink.fetch()  # fitted on the ground before the mission
         if not self.resume:
+            detector.charge(s, self.tally)  # uplinked before the mission, with the config
             sats = (self._orbital_processes(dlinks, bar) if s.orbits is not None
                     else self._passes_processes(dlinks, bar))
         self._downlink_wall0 = time.monotonic()

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sparsat.node.wire.control import TRAINER
+from sparsat.sim.mission import detector
 from sparsat.sim.scenario.schema import Scenario, dump
 from sparsat.sim.space.links import Link
 
@@ -66,7 +67,8 @@ def assemble(o: Outcome) -> dict[str, Any]:
                   "uplink": t.uplink_bytes + sum(t.uplink_content.values()),
                   "uplink_breakdown": {"acks": t.uplink_bytes,
                                        **{k: t.uplink_content.get(k, 0)
-                                          for k in ("bases", "codebooks", "dictionaries")}},
+                                          for k in ("bases", "codebooks", "dictionaries",
+                                                    "detector")}},
                   "retransmitted": t.retransmitted_bytes,
                   # the radio's framing (links.downlink.framing) on batches and acks alike,
                   # resent frames' included: gRPC bytes + retransmitted + framing is the air's
@@ -133,6 +135,9 @@ def assemble(o: Outcome) -> dict[str, Any]:
         "projection": {"basis": t.basis, "uplinks": t.uplinks,
                        "uplink_s": round(t.uplink_s, 3), "basis_waits": t.basis_waits}
         if s.sensors.payload.projection is not None else None,
+        # clouds: the on-board cloud detector (oracle or threshold), its uplinked bytes and
+        # its token error rates on the test split (sparsat.sim.mission.detector)
+        "detector": detector.results(s, stats),
         "modcods": _modcods(t.modcods) if s.links.downlink.budget is not None
         and s.links.downlink.budget.modcod is not None else None,
         "node_bytes": {k: {"sent": v["sent"] + v["base_sent"],

@@ -2,26 +2,66 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 
 from sparsat.ground_station.config import GroundStationConfig, TrainingConfig
+from sparsat.ground_station.detector import DetectorFit, fit_detector
 from sparsat.node.data.capture import CaptureSpec
 from sparsat.node.data.config import ImageCodecSpec, ProjectionSpec, SensorConfig
 from sparsat.node.data.datasets import DatasetSpec
 from sparsat.node.data.masking import MaskSpec
+from sparsat.node.data.sharding import validation_indices
+from sparsat.node.models.encoders import ENCODERS
 from sparsat.sim.scenario.schema import Scenario
 
 
 def mask_spec(s: Scenario) -> MaskSpec:
     """The sensors' masks; with captures over time a random mask is drawn per capture (its
-    sample id names the revisit), so there are no per-epoch copies."""
+    sample id names the revisit), so there are no per-epoch copies. A threshold cloud
+    detector is fitted here (detector_fit), its parameters in the mask."""
     m = s.sensors.mask
     per_epoch = m.kind == "random" and s.sensors.capture is None
+    fit = detector_fit(s)
     return MaskSpec(kind=m.kind, ratio=m.ratio, seed=s.seed,
                     copies=s.training.epochs if per_epoch else 1,
-                    clouds=m.cloud_spec(), max_cloud=m.max_cloud, choice=m.choice)
+                    clouds=m.cloud_spec(), max_cloud=m.max_cloud, choice=m.choice,
+                    detector=m.detector,
+                    detector_params=fit.detector.to_hex() if fit is not None else "")
+
+
+def detector_fit(s: Scenario) -> DetectorFit | None:
+    """The threshold cloud detector the scenario's satellites run, fitted on the ground on
+    `detector_fit_images` training images no satellite holds (after the satellites' subset
+    and the validation split of the seeded permutation); None for the oracle. A pure
+    function of the scenario, so mission control and a deployed ground station fit the same
+    one (this machine needs the training split); fitted once a process."""
+    m, d = s.sensors.mask, s.dataset
+    if m.detector == "oracle":
+        return None
+    assert d.train_subset is not None  # the schema asks for it
+    truth = MaskSpec(kind="clouds", ratio=0.0, seed=s.seed, clouds=m.cloud_spec(),
+                     max_cloud=m.max_cloud)
+    return _fit(DatasetSpec(name=d.name, root=d.root, download=d.download,
+                            split_seed=d.split_seed),
+                d.train_subset + d.validation_subset, m.detector_fit_images, s.seed, truth,
+                ENCODERS[s.encoder.name].grid)
+
+
+@functools.cache
+def _fit(dataset: DatasetSpec, before: int, n: int, seed: int, truth: MaskSpec,
+         grid: int) -> DetectorFit:
+    from sparsat.node.data.datasets import load_dataset
+
+    train = load_dataset(dataset, "train")
+    if before + n > len(train):
+        raise ValueError(f"sensors.mask.detector_fit_images {n}: the training split has "
+                         f"{len(train)} images, {len(train) - before} left after the "
+                         f"satellites' subset and the validation split")
+    return fit_detector(train, validation_indices(len(train), before, n, seed), truth, grid,
+                        dataset.name)
 
 
 def capture_spec(s: Scenario) -> CaptureSpec | None:

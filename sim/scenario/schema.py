@@ -94,11 +94,16 @@ class MaskCfg(Model):
     # which tokens survive `ratio`: a seeded random draw, or (content) those whose tile's
     # pixel variance is highest, scored on board (fixed and clouds; docs/masks.md)
     choice: Literal["random", "content"] = "random"
+    # clouds: which tokens are unusable: the true cloud field (oracle), or what an on-board
+    # threshold detector fitted on the ground calls cloudy (it errs; docs/masks.md), fitted
+    # on detector_fit_images training images no satellite holds
+    detector: Literal["oracle", "threshold"] = "oracle"
+    detector_fit_images: int = Field(1000, ge=1)
 
     @model_validator(mode="after")
     def _clouds(self) -> MaskCfg:
         cloud_keys = self.changed("preset", "cover_mean", "clear_share", "overcast_share",
-                                  "roughness", "max_cloud")
+                                  "roughness", "max_cloud", "detector")
         if self.kind != "clouds" and cloud_keys:
             raise ValueError(f"{', '.join(sorted(cloud_keys))} only apply to kind: clouds "
                              f"(kind is {self.kind})")
@@ -106,6 +111,8 @@ class MaskCfg(Model):
             raise ValueError("ratio has no effect with kind: none (use kind: fixed)")
         if self.kind == "clouds":
             self.cloud_spec()  # an infeasible climatology fails here, naming the numbers
+        if self.detector == "oracle" and self.changed("detector_fit_images"):
+            raise ValueError("detector_fit_images has no effect with detector: oracle")
         if self.choice == "content" and self.kind in ("none", "random"):
             why = ("every token is kept" if self.kind == "none" else
                    "a random mask is a fresh draw for every epoch's copy; content would send "
@@ -578,6 +585,9 @@ class Scenario(Model):
             raise ValueError("a supervised projection is fitted mid-mission, and a streaming "
                              "schedule's test split is read before that: use method pca, or "
                              "schedule after_downlink")
+        if self.sensors.mask.detector != "oracle" and self.dataset.train_subset is None:
+            raise ValueError("a cloud detector is fitted on training images no satellite "
+                             "holds: set dataset.train_subset")
         if proj is not None and proj.method == "pca" and self.dataset.train_subset is None:
             raise ValueError("a pca projection is fitted on training images no satellite "
                              "holds: set dataset.train_subset")

@@ -583,7 +583,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("samples_stored", "samples_received", "duplicates", "rejected", "downlink_bytes_received", "train_tokens", "test_tokens", "test_skipped", "test_encode_flops", "peak_rss_bytes", "downlink_credential_bytes_received", "encoder_precision", "encoder_precision_note", "samples_arrived")
+    __slots__ = ("samples_stored", "samples_received", "duplicates", "rejected", "downlink_bytes_received", "train_tokens", "test_tokens", "test_skipped", "test_encode_flops", "peak_rss_bytes", "downlink_credential_bytes_received", "encoder_precision", "encoder_precision_note", "samples_arrived", "detector_usable_tokens", "detector_cloudy_tokens", "detector_false_positives", "detector_false_negatives")
     SAMPLES_STORED_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
@@ -598,6 +598,10 @@ class StatsReply(_message.Message):
     ENCODER_PRECISION_FIELD_NUMBER: _ClassVar[int]
     ENCODER_PRECISION_NOTE_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_ARRIVED_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_USABLE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_CLOUDY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_FALSE_POSITIVES_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_FALSE_NEGATIVES_FIELD_NUMBER: _ClassVar[int]
     samples_stored: int
     samples_received: int
     duplicates: int
@@ -612,7 +616,11 @@ class StatsReply(_message.Message):
     encoder_precision: str
     encoder_precision_note: str
     samples_arrived: int
-    def __init__(self, samples_stored: _Optional[int] = ..., samples_received: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ..., downlink_bytes_received: _Optional[int] = ..., train_tokens: _Optional[int] = ..., test_tokens: _Optional[int] = ..., test_skipped: _Optional[int] = ..., test_encode_flops: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., downlink_credential_bytes_received: _Optional[int] = ..., encoder_precision: _Optional[str] = ..., encoder_precision_note: _Optional[str] = ..., samples_arrived: _Optional[int] = ...) -> None: ...
+    detector_usable_tokens: int
+    detector_cloudy_tokens: int
+    detector_false_positives: int
+    detector_false_negatives: int
+    def __init__(self, samples_stored: _Optional[int] = ..., samples_received: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ..., downlink_bytes_received: _Optional[int] = ..., train_tokens: _Optional[int] = ..., test_tokens: _Optional[int] = ..., test_skipped: _Optional[int] = ..., test_encode_flops: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., downlink_credential_bytes_received: _Optional[int] = ..., encoder_precision: _Optional[str] = ..., encoder_precision_note: _Optional[str] = ..., samples_arrived: _Optional[int] = ..., detector_usable_tokens: _Optional[int] = ..., detector_cloudy_tokens: _Optional[int] = ..., detector_false_positives: _Optional[int] = ..., detector_false_negatives: _Optional[int] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ()
