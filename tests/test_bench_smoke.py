@@ -315,3 +315,28 @@ def test_call_credentials_bench_smoke(capsys: pytest.CaptureFixture[str]) -> Non
     assert set(f["credential_bytes"]) >= {"ground-station", "operator", "sensors-0"}
     assert all(n > len("authorization") + len("sparsat-call") + 123
                for n in f["credential_bytes"].values())
+
+
+def test_codecs_bench_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "codecs.md"
+    f, _ = run_main("codecs", ["--smoke", "--out", str(out)], capsys)
+
+    assert (f["images"], f["train_images"], f["mosaics"]) == (32, 64, [4, 16, 64])
+    rows = {(r["codec"], r["ratio"]): r for r in f["rows"]}
+    codecs = ["png", "webp q30", "webp q50", "webp q75", "jpeg q30", "jpeg q50", "jpegxl q30",
+              "jpegxl q60", "jpeg2k 25dB", "jpeg2k 35dB"]
+    assert set(rows) == {(c, r) for c in codecs for r in (0.0, 0.5, 0.75)}
+    for (codec, ratio), row in rows.items():
+        assert row["raw_bytes"] == 16 * num_visible(49, ratio)  # 4 x 4 tiles of one byte
+        assert 0 < row["dict_size"] <= 4096 and row["dict_bytes"] > 0
+        psnrs = [row["psnr_db"], *(row[f"mosaic{g}_psnr_db"] for g in (4, 16, 64))]
+        if codec == "png":  # lossless: no PSNR at all (None), not an infinity JSON cannot hold
+            assert psnrs == [None] * 4
+        else:
+            assert all(15 < p < 60 for p in psnrs), (codec, ratio, psnrs)
+    # one image's header and warm-up, shared by 16: the point of a mosaic
+    for ratio in (0.0, 0.5, 0.75):
+        webp = rows[("webp q50", ratio)]
+        assert webp["mosaic16_bytes"] < webp["bytes"]
+    table = out.read_text().splitlines()
+    assert sum(line.startswith("| jpeg2k 35dB | ") for line in table) == 3

@@ -72,7 +72,7 @@ def test_grid_zip_and_exclude_expand_in_order(tmp_path: Path) -> None:
     # overrides and `set` reach the resolved scenario; null leaves the default
     cls = next(p for p in spec.points if p.overrides["sensors.payload.kind"] == "cls")
     assert cls.resolved["sensors"]["payload"] == {"kind": "cls", "cls_dtype": "int8",
-                                                  "projection": None}
+                                                  "projection": None, "codec": None}
     assert first.resolved["sensors"]["payload"]["cls_dtype"] == "float16"
     assert first.resolved["training"]["epochs"] == 2
     assert first.resolved["name"] == first.name == (

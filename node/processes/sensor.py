@@ -385,9 +385,10 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
             if report.sent:  # encoding is reported with the first samples it lets leave
                 report.encode_flops, report.encode_s = sat.encode_flops, sat.encode_s
                 sat.encode_flops, sat.encode_s = 0, 0.0
-                report.code_s, report.coded_pixels = sat.code_s, sat.coded_pixels
-                report.onboard_flops = sat.onboard_flops
-                sat.code_s, sat.coded_pixels, sat.onboard_flops = 0.0, 0, 0
+            # energy only (not on the mission clock): everything done since the last report
+            report.code_s, report.coded_pixels = sat.code_s, sat.coded_pixels
+            report.onboard_flops = sat.onboard_flops
+            sat.code_s, sat.coded_pixels, sat.onboard_flops = 0.0, 0, 0
             if self.encoder is not None:
                 report.encoder_precision = self.encoder.precision
             report.rejections.extend(sat.unusable[: MAX_REJECTIONS - len(report.rejections)])

@@ -475,11 +475,7 @@ class Downlink:
     def _onboard(self, sat_id: str, report: pb.TransmitReport
                  ) -> Generator[simpy.Event, Any, None]:
         """On-board encoding (CLS payloads) runs back to back from the start of the mission:
-        what this call sent cannot leave before the satellite has encoded it. Image coding,
-        tile choice and cloud detection are counted for their energy only."""
-        self.tally.coding_wall_s += report.code_s
-        self.tally.coded_pixels += report.coded_pixels
-        self.tally.onboard_other_flops += report.onboard_flops
+        what this call sent cannot leave before the satellite has encoded it."""
         if not report.encode_flops:
             return
         c = self.tally.compute["onboard_encoder"]
@@ -497,6 +493,10 @@ class Downlink:
 
     def _count(self, sat_id: str, report: pb.TransmitReport, bar: tqdm) -> int:
         t = self.tally
+        # image coding, tile choice and cloud detection: counted for their energy only
+        t.coding_wall_s += report.code_s
+        t.coded_pixels += report.coded_pixels
+        t.onboard_other_flops += report.onboard_flops
         if not report.error_code:
             self.hosts.remaining[sat_id] = report.remaining
         t.cloudy_skipped += report.skipped

@@ -44,6 +44,10 @@ METRIC_COLUMNS = (
     "measured_over_paper",
     "samples_sent",
     "rejected",
+    # on board, per image (over the distinct images stored): the encoder's and the other
+    # on-board FLOPs (tile choice, cloud detection), and the energy (results.json energy)
+    "onboard_flops_per_image",
+    "energy_per_image_j",
 )
 
 # image height and width of each dataset (imagefolder: any size, so no paper formula)
@@ -147,6 +151,11 @@ def point_row(name: str, overrides: dict[str, object], scenario: dict[str, Any],
         "measured_over_paper": _div(per_image, paper),
         "samples_sent": s.get("sent"),
         "rejected": s.get("rejected", 0) if results is not None else None,
+        "onboard_flops_per_image": _div(
+            (r.get("compute", {}).get("onboard_encoder", {}).get("flops", 0)
+             + (r.get("energy") or {}).get("onboard_other_flops", 0)) if results else None,
+            images),
+        "energy_per_image_j": _div((r.get("energy") or {}).get("total_j"), images),
     })
     # not a sweep.csv column: the point's timeline (mission time, accuracy, downlink bytes
     # after each update) for timelines.png
