@@ -319,7 +319,7 @@ def test_call_credentials_bench_smoke(capsys: pytest.CaptureFixture[str]) -> Non
 
 def test_codecs_bench_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "codecs.md"
-    f, _ = run_main("codecs", ["--smoke", "--out", str(out)], capsys)
+    f, _ = run_main("pixel_codecs", ["--smoke", "--out", str(out)], capsys)
 
     assert (f["images"], f["train_images"], f["mosaics"]) == (32, 64, [4, 16, 64])
     rows = {(r["codec"], r["ratio"]): r for r in f["rows"]}

@@ -1,6 +1,6 @@
 """Image codec benchmark: what coding a batch's canvases together would save (issue 26, item 1).
 
-Run from the repo root: .venv/bin/python bench/codecs.py [--images N] [--train-images M]
+Run from the repo root: .venv/bin/python bench/pixel_codecs.py [--images N] [--train-images M]
     [--repeat R] [--out FILE.md] [--smoke]
 For each codec setting and masking ratio r, on N Fashion-MNIST test images with fixed masks on
 the 7x7 grid (visible_indices(MaskSpec("fixed", r), 49, "fashion_mnist/test/i"), as sparsat
@@ -226,7 +226,7 @@ def line(values: Sequence[str]) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], figures: dict[str, Any], argv: Sequence[str]) -> str:
-    cmd = " ".join(["python bench/codecs.py", *argv])
+    cmd = " ".join(["python bench/pixel_codecs.py", *argv])
     head = [f"`{cmd}`: {figures['images']} {figures['dataset']} test images, dictionaries from "
             f"{figures['train_images']} training images; imagecodecs {figures['imagecodecs']}, "
             f"zstandard {figures['zstandard']}, {figures['date']}.", "",
