@@ -31,7 +31,7 @@ from sparsat.node.wire.codec import (
     tile_sizes,
 )
 from sparsat.node.wire.downlink import SCALE_WIRE, BatchData, RejectCause
-from sparsat.node.wire.images import decode_image
+from sparsat.node.wire.images import decode_sent
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]
@@ -192,7 +192,7 @@ def _patch_rows(batch: BatchData, satellite: str, rules: IngestRules, refuse: _R
                 refuse(_at(n, np.array([k])), RejectCause.BAD_CODE, str(e))
                 continue
             try:
-                decode_image(records[k][used:], rules.codec, shape)
+                decode_sent(records[k][used:], rules.codec, shape)
             except CodecError as e:
                 refuse(_at(n, np.array([k])), RejectCause.BAD_PIXELS, str(e))
         return rows

@@ -24,6 +24,10 @@ PayloadKind = Literal["patches", "cls"]
 CODECS = ("raw", "png", "webp", "jpeg", "jpeg2k", "jpegxl")
 LOSSY = ("webp", "jpeg", "jpeg2k", "jpegxl")
 QUALITY_RANGE = {"webp": (1, 100), "jpeg": (1, 100), "jpegxl": (1, 100), "jpeg2k": (10, 80)}
+HEADERS = ("inline", "shared")
+# codecs whose header is whole bytes the shape and settings fix (JPEG XL's is bit-packed
+# with the image's own metadata: it stays inline)
+SHARED_HEADER = ("png", "webp", "jpeg", "jpeg2k")
 
 
 @dataclass(frozen=True)
@@ -32,10 +36,19 @@ class ImageCodecSpec:
 
     name: str = "raw"
     quality: int = 0  # lossy codecs only; 0 for raw and png
+    # "shared": the stream's header (container, tables, sizes), which the sample's shape and
+    # the codec's settings fix, is left off each sample and made again on the ground
+    # (sparsat.node.wire.images.strip_header); "inline": every sample's stream whole
+    header: str = "inline"
 
     def __post_init__(self) -> None:
         if self.name not in CODECS:
             raise ValueError(f"image codec must be one of {', '.join(CODECS)}, got {self.name!r}")
+        if self.header not in HEADERS:
+            raise ValueError(f"header must be one of {', '.join(HEADERS)}, got {self.header!r}")
+        if self.header == "shared" and self.name not in SHARED_HEADER:
+            raise ValueError(f"{self.name} has no header to share (shared headers: "
+                             f"{', '.join(SHARED_HEADER)})")
         if self.name in LOSSY:
             lo, hi = QUALITY_RANGE[self.name]
             if not lo <= self.quality <= hi:
@@ -49,7 +62,8 @@ class ImageCodecSpec:
 
     @property
     def label(self) -> str:
-        return self.name if self.name not in LOSSY else f"{self.name} q{self.quality}"
+        label = self.name if self.name not in LOSSY else f"{self.name} q{self.quality}"
+        return label + (", shared header" if self.header == "shared" else "")
 
 
 # projected CLS tokens (sparsat.node.wire.basis)

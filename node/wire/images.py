@@ -258,6 +258,132 @@ def decode_image(data: bytes, spec: ImageCodecSpec, shape: tuple[int, int, int])
     return out
 
 
+# ---- shared headers: what the shape and the settings fix, left off every sample ------------
+# Each codec's stream is its header, a body, and a trailer. With `header: shared` a sample
+# carries only the body: the header and trailer are made again on the ground from the
+# sample's shape and the codec's settings (PNG's signature, IHDR and IEND, and its IDAT
+# chunk's framing; WebP's RIFF and VP8 chunk headers, start code and size; JPEG's markers
+# and tables through the scan header, and EOI; JPEG 2000's main header, its tile-part's SOT
+# and SOD markers, and EOC). The satellite checks that its stream has exactly that header
+# before it strips it, so what the ground rebuilds is, byte for byte, the stream coded.
+
+_JPEG_EOI = b"\xff\xd9"
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import zlib
+
+    return (len(data).to_bytes(4, "big") + kind + data
+            + zlib.crc32(kind + data).to_bytes(4, "big"))
+
+
+def _png_head(shape: tuple[int, int, int]) -> bytes:
+    ihdr = (shape[1].to_bytes(4, "big") + shape[0].to_bytes(4, "big")
+            + bytes([8, 0 if shape[2] == 1 else 2, 0, 0, 0]))
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
+
+
+def _webp_head(shape: tuple[int, int, int]) -> bytes:
+    """The VP8 key frame's start code and size (after the 3-byte frame tag)."""
+    return b"\x9d\x01\x2a" + shape[1].to_bytes(2, "little") + shape[0].to_bytes(2, "little")
+
+
+_REFERENCE: dict[tuple[str, int, tuple[int, int, int]], bytes] = {}
+
+
+def _reference_head(spec: ImageCodecSpec, shape: tuple[int, int, int]) -> bytes:
+    """JPEG through its scan header, JPEG 2000's main header: what the encoder writes for
+    every canvas of this shape at these settings (a blank canvas's, made once)."""
+    key = (spec.name, spec.quality, shape)
+    if key not in _REFERENCE:
+        ref = encode_image(np.zeros(shape, np.uint8), spec)
+        if spec.name == "jpeg":
+            at = ref.index(b"\xff\xda")
+            _REFERENCE[key] = ref[: at + 2 + _u16be(ref, at + 2)]
+        else:
+            _REFERENCE[key] = ref[: ref.index(b"\xff\x90")]
+    return _REFERENCE[key]
+
+
+def strip_header(stream: bytes, spec: ImageCodecSpec, shape: tuple[int, int, int]) -> bytes:
+    """The body of a coded canvas, its header and trailer left off (CodecError when the
+    stream's header is not the one the ground would make: nothing is then left off)."""
+    name = spec.name
+    if name == "png":
+        head = _png_head(shape)
+        if not stream.startswith(head) or not stream.endswith(_png_chunk(b"IEND", b"")):
+            raise CodecError("png: the stream's header is not the shared one")
+        body, pos, end = [], len(head), len(stream) - 12
+        while pos < end:
+            n = int.from_bytes(stream[pos : pos + 4], "big")
+            if stream[pos + 4 : pos + 8] != b"IDAT" or pos + 12 + n > end:
+                raise CodecError("png: a chunk other than IDAT between IHDR and IEND")
+            body.append(stream[pos + 8 : pos + 8 + n])
+            pos += 12 + n
+        return b"".join(body)
+    if name == "webp":
+        n = int.from_bytes(stream[16:20], "little")
+        if (stream[:4] != b"RIFF" or stream[8:16] != b"WEBPVP8 " or stream[23:30] != _webp_head(
+                shape) or 20 + n + (n & 1) != len(stream)):
+            raise CodecError("webp: the stream's header is not the shared one")
+        return stream[20:23] + stream[30 : 20 + n]
+    if name == "jpeg":
+        head = _reference_head(spec, shape)
+        if not stream.startswith(head) or not stream.endswith(_JPEG_EOI):
+            raise CodecError("jpeg: the stream's tables or frame are not the shared ones")
+        return stream[len(head) : -2]
+    if name == "jpeg2k":
+        head = _reference_head(spec, shape)
+        sot = len(head)
+        if (not stream.startswith(head) or stream[sot : sot + 6] != b"\xff\x90\x00\x0a\x00\x00"
+                or _u32be(stream, sot + 6) != len(stream) - sot - 2
+                or stream[sot + 10 : sot + 14] != b"\x00\x01\xff\x93"
+                or not stream.endswith(_JPEG_EOI)):
+            raise CodecError("jpeg2k: the stream's main header or tile-part is not the shared one")
+        return stream[sot + 14 : -2]
+    raise CodecError(f"{name} has no shared header")
+
+
+def join_header(body: bytes, spec: ImageCodecSpec, shape: tuple[int, int, int]) -> bytes:
+    """The whole stream of a body sent with a shared header."""
+    name = spec.name
+    if name == "png":
+        return _png_head(shape) + _png_chunk(b"IDAT", body) + _png_chunk(b"IEND", b"")
+    if name == "webp":
+        if len(body) < 3:
+            raise CodecError("webp: a body shorter than its frame tag")
+        vp8 = body[:3] + _webp_head(shape) + body[3:]
+        pad = b"\0" if len(vp8) & 1 else b""
+        return (b"RIFF" + (12 + len(vp8) + len(pad)).to_bytes(4, "little") + b"WEBPVP8 "
+                + len(vp8).to_bytes(4, "little") + vp8 + pad)
+    if name == "jpeg":
+        return _reference_head(spec, shape) + body + _JPEG_EOI
+    if name == "jpeg2k":
+        head = _reference_head(spec, shape)
+        return (head + b"\xff\x90\x00\x0a\x00\x00" + (14 + len(body)).to_bytes(4, "big")
+                + b"\x00\x01\xff\x93" + body + _JPEG_EOI)
+    raise CodecError(f"{name} has no shared header")
+
+
+def encode_sent(canvas: np.ndarray, spec: ImageCodecSpec) -> bytes:
+    """What a sample's coded canvas puts on the wire: the stream, or its body."""
+    stream = encode_image(canvas, spec)
+    shape = (canvas.shape[0], canvas.shape[1], canvas.shape[2])
+    return strip_header(stream, spec, shape) if spec.header == "shared" else stream
+
+
+def decode_sent(data: bytes, spec: ImageCodecSpec, shape: tuple[int, int, int]) -> np.ndarray:
+    """The canvas of what a sample put on the wire (decode_image's bounds: a body longer
+    than max_coded_bytes is refused before its header is made)."""
+    if spec.header == "shared":
+        if len(data) > max_coded_bytes(shape):
+            raise CodecError(f"{spec.name}: {len(data)} bytes, more than the "
+                             f"{max_coded_bytes(shape)} a {shape[0]}x{shape[1]}x{shape[2]} "
+                             "image may take")
+        data = join_header(data, spec, shape)
+    return decode_image(data, spec, shape)
+
+
 # ---- coded patch records: the visible-token code, then the coded canvas -------------------
 
 
@@ -266,7 +392,7 @@ def coded_record(image: np.ndarray, grid: int, visible: np.ndarray,
     """(record, is_runs) of one sample: its visible-token code, then its canvas (the visible
     tiles of `image`, hidden ones zero) coded by `spec`."""
     code, runs = encode_visible(visible, grid)
-    return code + encode_image(masked_canvas(image, grid, visible), spec), runs
+    return code + encode_sent(masked_canvas(image, grid, visible), spec), runs
 
 
 def parse_coded_record(record: bytes, runs: bool, shape: tuple[int, int, int], grid: int,
@@ -277,7 +403,7 @@ def parse_coded_record(record: bytes, runs: bool, shape: tuple[int, int, int], g
     if not len(visible):
         raise CodecError("no visible tokens")
     check_tiles(shape[0], shape[1], shape[2], grid, visible)
-    canvas = decode_image(record[n:], spec, shape)
+    canvas = decode_sent(record[n:], spec, shape)
     return masked_canvas(canvas, grid, visible), visible
 
 

@@ -31,7 +31,8 @@ def setup_to_pb(setup: SensorSetup) -> pb.SensorSetup:
         payload=_PAYLOAD_KINDS[setup.payload], cls_dim=setup.cls_dim,
         tile_rows=list(setup.tile_rows), tile_cols=list(setup.tile_cols),
         projected=setup.projected, send_unprojected=setup.send_unprojected,
-        codec=IMAGE_CODECS[setup.codec.name], codec_quality=setup.codec.quality)
+        codec=IMAGE_CODECS[setup.codec.name], codec_quality=setup.codec.quality,
+        codec_header_shared=setup.codec.header == "shared")
     if setup.cls_dtype is not None:
         msg.cls_dtype = CLS_DTYPE_NAMES[setup.cls_dtype]
     for sat, indices in setup.images.items():
@@ -70,7 +71,8 @@ def pb_to_setup(msg: pb.SensorSetup) -> SensorSetup:
         raise CodecError(f"sensor setup: codec {msg.codec} is not a known ImageCodec, or is "
                          "set for CLS payloads")
     try:
-        codec = ImageCodecSpec(name, msg.codec_quality)
+        codec = ImageCodecSpec(name, msg.codec_quality,
+                               "shared" if msg.codec_header_shared else "inline")
     except ValueError as err:
         raise CodecError(f"sensor setup: {err}") from err
     edges = []

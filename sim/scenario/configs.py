@@ -99,7 +99,7 @@ def sensor_config(s: Scenario) -> SensorConfig:
 
 def codec_spec(s: Scenario) -> ImageCodecSpec:
     c = s.sensors.payload.codec
-    return ImageCodecSpec() if c is None else ImageCodecSpec(c.name, c.quality or 0)
+    return ImageCodecSpec() if c is None else ImageCodecSpec(c.name, c.quality or 0, c.header)
 
 
 def projection_spec(s: Scenario) -> ProjectionSpec | None:

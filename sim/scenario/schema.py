@@ -177,6 +177,9 @@ class CodecCfg(Model):
 
     name: Literal["raw", "png", "webp", "jpeg", "jpeg2k", "jpegxl"] = "raw"
     quality: int | None = None
+    # shared: each sample's stream goes without the header its shape and the settings fix
+    # (made again on the ground; the same pixels arrive); png, webp, jpeg, jpeg2k
+    header: Literal["inline", "shared"] = "inline"
 
     @model_validator(mode="after")
     def _quality(self) -> CodecCfg:
@@ -185,7 +188,7 @@ class CodecCfg(Model):
             raise ValueError(f"codec {self.name} needs a quality")
         if not lossy and self.quality is not None:
             raise ValueError(f"codec {self.name} takes no quality (it is lossless)")
-        ImageCodecSpec(self.name, self.quality or 0)  # the range, named
+        ImageCodecSpec(self.name, self.quality or 0, self.header)  # ranges, named
         return self
 
 
