@@ -464,3 +464,67 @@ def test_png_trains_exactly_as_raw_and_webp_sends_fewer_bytes(tmp_path: Path) ->
     assert raw["energy"]["coded_pixels"] == 0 and raw["energy"]["j"]["coding"] == 0
     # the radio's energy follows the air time, which follows the bytes
     assert webp["energy"]["radio_s"] < raw["energy"]["radio_s"]
+
+
+# ---- a sensor host against a real ground station ------------------------------------------
+
+
+def test_a_sensor_host_sends_coded_samples_the_station_stores_and_reports_unusable_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlite3
+
+    import grpc
+
+    from sparsat.ground_station.config import GroundStationConfig
+    from sparsat.ground_station.server import GroundStation, build_server
+    from sparsat.node.data.config import SensorConfig
+    from sparsat.node.data.datasets import DatasetSpec
+    from sparsat.node.data.masking import MaskSpec
+    from sparsat.node.processes.sensor import SensorServicer
+    from sparsat.node.wire.rpc import channel
+    from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+    from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+
+    class Ctx:
+        def abort(self, code: grpc.StatusCode, message: str) -> None:
+            raise RuntimeError(f"{code}: {message}")
+
+    spec = ImageCodecSpec("webp", 30, "shared")
+    sensor_cfg = SensorConfig(dataset=DatasetSpec("fashion_mnist", download=False),
+                              mask=MaskSpec("fixed", 0.5), payload="patches",
+                              satellites=["sat-0"], train_subset=12, codec=spec)
+    cfg = GroundStationConfig(sensor=sensor_cfg, store_dir=tmp_path / "store")
+    server, address = build_server(GroundStation(cfg), "127.0.0.1:0")
+    server.start()
+    try:
+        with channel(address) as ch:
+            reply = pb_grpc.RegistryStub(ch).Register(pb.RegisterRequest(
+                node_id="host", role=pb.SENSOR, address="127.0.0.1:1",
+                satellite_ids=["sat-0"]), wait_for_ready=True, timeout=30)
+        assert reply.sensor.codec == pb.IMAGE_CODEC_WEBP and reply.sensor.codec_header_shared
+        host = SensorServicer.from_reply("host", ["sat-0"], reply, address)
+        first = host.Transmit(pb.TransmitRequest(satellite_id="sat-0", max_bytes=10**6,
+                                                 max_samples=8), Ctx())
+        # a library that made another header: the scene is refused on board, not sent
+        real = im.strip_header
+        calls = iter(range(100))
+
+        def odd(stream: bytes, s: ImageCodecSpec, shape: tuple[int, int, int]) -> bytes:
+            if next(calls) == 0:
+                raise CodecError("webp: the stream's header is not the shared one")
+            return real(stream, s, shape)
+
+        monkeypatch.setattr(im, "strip_header", odd)
+        rest = host.Transmit(pb.TransmitRequest(satellite_id="sat-0", max_bytes=10**6),
+                             Ctx())
+    finally:
+        server.stop(None)
+    assert (first.acked, first.rejected, first.remaining) == (8, 0, 4)
+    assert first.coded_pixels >= 8 * 784 and first.code_s > 0
+    assert (rest.acked, rest.rejected, rest.remaining) == (3, 0, 0)
+    assert any("unusable on board" in r and "not the shared one" in r for r in rest.rejections)
+    with sqlite3.connect(cfg.store_dir / "samples.sqlite") as db:
+        rows = db.execute("SELECT data, runs FROM payloads").fetchall()
+    assert len(rows) == 11
+    for data, runs in rows:  # what is stored decodes under the shared header
+        im.parse_coded_record(bytes(data), bool(runs), (28, 28, 1), GRID, spec)

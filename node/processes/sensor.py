@@ -236,12 +236,19 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
     def _build(self, sat: Satellite, keys: list[Key]) -> None:
         grid = self.grid
         scenes = []  # (key, sample id, capture) of the scenes with something to send
+        coded: dict[Key, tuple[bytes, bool]] = {}  # coded patch records, by scene
+        t_code = 0.0
         for key in keys:
             sid = copy_id(sample_id(self.cfg.dataset.name, "train", key[0]), key[1])
             try:  # an image the codec cannot tile (smaller than the grid...) is dropped alone
                 cap = capture(self.cfg.mask, self.dataset.image(key[0]), grid, sid)
                 sat.onboard_flops += cap.onboard_flops  # tile choice, cloud detection
-                if len(cap.visible) and self.cfg.payload == "patches":
+                if len(cap.visible) and self.cfg.payload == "patches" and self.cfg.codec.coded:
+                    t0 = time.perf_counter()
+                    coded[key] = images.coded_record(cap.image, grid, cap.visible,
+                                                     self.cfg.codec)
+                    t_code += time.perf_counter() - t0
+                elif len(cap.visible) and self.cfg.payload == "patches":
                     encode_patches(cap.image, grid, cap.visible)
                 elif len(cap.visible):
                     masked_canvas(cap.image, grid, cap.visible)
@@ -263,12 +270,11 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         labels = [self.dataset.label(key[0]) for key, _, _ in scenes]
         if self.cfg.payload == "patches" and self.cfg.codec.coded:
             with_shape = self.dataset.image_shape is None
-            t0 = time.perf_counter()
             for key, i, y, c in zip([k for k, _, _ in scenes], ids, labels, caps, strict=True):
-                record, runs = images.coded_record(c.image, grid, c.visible, self.cfg.codec)
+                record, runs = coded[key]
                 sat.built[key] = downlink.Payload(
                     i, y, record, runs, shape=c.image.shape if with_shape else None)
-            sat.code_s += time.perf_counter() - t0
+            sat.code_s += t_code
             sat.coded_pixels += sum(c.image.size for c in caps)
         elif self.cfg.payload == "patches":
             with_shape = self.dataset.image_shape is None

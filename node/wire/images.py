@@ -65,6 +65,15 @@ def encode_image(canvas: np.ndarray, spec: ImageCodecSpec) -> bytes:
     if canvas.dtype != np.uint8 or canvas.ndim != 3 or canvas.shape[2] not in (1, 3):
         raise CodecError(f"a canvas must be uint8 (H, W, 1 or 3), got {canvas.dtype} "
                          f"{canvas.shape}")
+    try:
+        return _encode(canvas, spec)
+    except CodecError:
+        raise
+    except Exception as e:  # each codec raises its own error class
+        raise CodecError(f"{spec.name}: the canvas does not code: {str(e)[:120]}") from e
+
+
+def _encode(canvas: np.ndarray, spec: ImageCodecSpec) -> bytes:
     ic = _imagecodecs()
     grey = canvas.shape[2] == 1
     a = np.ascontiguousarray(canvas[:, :, 0] if grey else canvas)
