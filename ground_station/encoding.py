@@ -310,12 +310,18 @@ def encoder_digest(encoder: Encoder, batch_size: int) -> str:
     return h.hexdigest()
 
 
-def train_key(encoder: str, store_digest: str, cls_dtype: str | None) -> dict[str, object]:
+def train_key(encoder: str, store_digest: str, cls_dtype: str | None,
+              codec: ImageCodecSpec | None = None) -> dict[str, object]:
     """The training split's key: the encoder, and the stored samples themselves (every id and
     its content in id order: SampleStore.content_digest), plus how CLS payloads are read
     (`cls_dtype`; None for patch payloads). Which satellites sent them, the subset and seed
     that picked them, the mask that made them: all in the content, nothing else read."""
-    return {"stage": "train", "encoder": encoder, "store": store_digest, "cls_dtype": cls_dtype}
+    # coded patch payloads: how the stored bytes decode (the codec, its settings, whether a
+    # header is joined, and the library: lossy streams decode per library version)
+    coded = ({"codec": [codec.name, codec.quality, codec.header, codec_version()]}
+             if codec is not None and codec.coded else {})
+    return {"stage": "train", "encoder": encoder, "store": store_digest,
+            "cls_dtype": cls_dtype, **coded}
 
 
 def eval_key(encoder: str, dataset: DatasetSpec, files: str, mask: MaskSpec, n_test: int,
@@ -380,6 +386,10 @@ class TokenCache:
                 groups = {k[len("group_"):]: z[k] for k in z.files if k.startswith("group_")}
                 out = TokenSet(z["features"], z["labels"], z["ids"], int(z["flops"]),
                                float(z["wall_s"]), groups, int(z["skipped"]))
+                mask = key.get("mask")
+                if (isinstance(mask, dict) and mask.get("kind") == "clouds"
+                        and "detector" not in z.files):  # written before detectors counted
+                    raise ValueError("a cloud split without its detector counts")
                 if "detector" in z.files:
                     d = [int(v) for v in z["detector"]]
                     if len(d) != 4:

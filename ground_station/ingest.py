@@ -183,6 +183,8 @@ def _patch_rows(batch: BatchData, satellite: str, rules: IngestRules, refuse: _R
     rows = [Row(ids[k], satellite, labels[k], bool(batch.runs[k]), sh[k][0], sh[k][1],
                 sh[k][2], 0.0, records[k]) for k in range(n)]
     if rules.codec.coded:  # every coded image is decoded once here: what is stored decodes
+        if rules.image_shape is None:  # the station refuses such a scenario: never here
+            raise ValueError("image codecs need a dataset of one image shape")
         for k in range(n):
             shape = (sh[k][0], sh[k][1], sh[k][2])
             try:

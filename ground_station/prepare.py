@@ -202,7 +202,7 @@ def _encode(cfg: GroundStationConfig, store: SampleStore, test_data: ImageDatase
     # a snapshot: samples may still arrive (encode_rows fails if one lands below top)
     n, top, content = store.content_digest()
     result["train"] = stage(
-        "encode train", train_key(enc, content, _read_as(cfg, projection)),
+        "encode train", train_key(enc, content, _read_as(cfg, projection), cfg.sensor.codec),
         lambda: encode_rows(
             (r for chunk in store.rows(upto=top) for r in chunk), n, encoder,
             cfg.encode_batch, cfg.sensor.cls_dtype, progress("encode train"), projection,

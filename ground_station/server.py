@@ -47,6 +47,7 @@ from sparsat.node.models import encoders
 from sparsat.node.wire import control, downlink, security
 from sparsat.node.wire.basis import Basis, from_pb, pb_basis
 from sparsat.node.wire.codec import CodecError
+from sparsat.node.wire.images import shared_head
 from sparsat.node.wire.rpc import (
     INSTANCE,
     MAX_CONTROL_BYTES,
@@ -198,6 +199,10 @@ class GroundStation(pb_grpc.DownlinkServicer, pb_grpc.RegistryServicer,
                 raise ValueError(f"sensors.capture makes {cfg.sensor.capture.max_captures} "
                                  f"captures per satellite, {copies} visits of each image: "
                                  f"more sample ids than {MAX_N_TRAIN}; lower the rate")
+        if cfg.sensor.codec.coded and self.test_data.image_shape is None:
+            raise ValueError(f"sensors.payload.codec {cfg.sensor.codec.name}: image codecs "
+                             "need a dataset whose images have one shape (a coded image's "
+                             "size would come from the wire alone); use codec raw")
         self.rules = IngestRules(
             payload=cfg.sensor.payload, grid=enc.grid, dim=enc.embed_dim,
             num_classes=self.test_data.num_classes, image_shape=self.test_data.image_shape,
@@ -661,7 +666,8 @@ def sensor_setup(rules: IngestRules, images: dict[str, np.ndarray]) -> SensorSet
         tile_rows=tuple(tile_edges(shape[0], rules.grid).tolist()) if shape else (),
         tile_cols=tuple(tile_edges(shape[1], rules.grid).tolist()) if shape else (),
         images=images, projected=rules.projected, send_unprojected=rules.unprojected,
-        codec=rules.codec)
+        codec=rules.codec,
+        codec_header=shared_head(rules.codec, shape) if shape is not None else b"")
 
 
 def _check_sizes(request: pb.RegisterRequest, context: grpc.ServicerContext) -> None:

@@ -196,3 +196,5 @@ class SensorSetup:
     send_unprojected: bool = False
     # patch payloads: the image codec of the pixels (SensorSetup.codec, codec_quality)
     codec: ImageCodecSpec = field(default_factory=ImageCodecSpec)
+    # a shared JPEG / JPEG 2000 header: its bytes, as the ground station makes them
+    codec_header: bytes = b""

@@ -121,6 +121,10 @@ def _jpeg_size(b: bytes) -> tuple[int, int, int]:
         if b[pos] != 0xFF:
             raise CodecError(f"JPEG: no marker at byte {pos}")
         marker, length = b[pos + 1], _u16be(b, pos + 2)
+        # markers without a length (TEM, RSTn, SOI, EOI) and fill bytes before the frame
+        # header: a decoder would read past them where this parser would not
+        if marker in (0x00, 0x01, 0xFF) or 0xD0 <= marker <= 0xD9:
+            raise CodecError(f"JPEG: marker 0x{marker:02X} before the frame header")
         if marker in (0xC0, 0xC1, 0xC2):  # baseline, extended, progressive Huffman
             if pos + 10 > len(b) or length < 8:
                 raise CodecError("JPEG: frame header cut short")
@@ -241,17 +245,21 @@ def decode_image(data: bytes, spec: ImageCodecSpec, shape: tuple[int, int, int])
         raise CodecError(f"{spec.name}: the stream declares {dh}x{dw}x{dc}, the sample is "
                          f"{height}x{width}x{channels}")
     ic = _imagecodecs()
+    # decoded into an array of the sample's own shape: a decoder that reads another size
+    # than the header parsed here refuses to write it (imagecodecs checks `out` before it
+    # allocates), so what the wire says never sizes the decoder's output
+    buf = np.empty((height, width, 3) if want_c == 3 else (height, width), np.uint8)
     try:
         if spec.name == "png":
-            out = ic.png_decode(data)
+            out = ic.png_decode(data, out=buf)
         elif spec.name == "webp":
-            out = ic.webp_decode(data, hasalpha=False)
+            out = ic.webp_decode(data, hasalpha=False, out=buf)
         elif spec.name == "jpeg":
-            out = ic.jpeg8_decode(data)
+            out = ic.jpeg8_decode(data, out=buf)
         elif spec.name == "jpeg2k":
-            out = ic.jpeg2k_decode(data)
+            out = ic.jpeg2k_decode(data, out=buf)
         else:
-            out = ic.jpegxl_decode(data, index=0)
+            out = ic.jpegxl_decode(data, index=0, out=buf)
     except Exception as e:  # each codec raises its own error class: all are bad payloads
         raise CodecError(f"{spec.name}: the stream does not decode: {str(e)[:120]}") from e
     out = np.asarray(out)
@@ -312,6 +320,14 @@ def _reference_head(spec: ImageCodecSpec, shape: tuple[int, int, int]) -> bytes:
         else:
             _REFERENCE[key] = ref[: ref.index(b"\xff\x90")]
     return _REFERENCE[key]
+
+
+def shared_head(spec: ImageCodecSpec, shape: tuple[int, int, int]) -> bytes:
+    """The header bytes a shared JPEG / JPEG 2000 header puts before every body
+    (SensorSetup.codec_header); b"" for the codecs whose shared header is the shape's."""
+    if spec.header != "shared" or spec.name not in ("jpeg", "jpeg2k"):
+        return b""
+    return _reference_head(spec, shape)
 
 
 def strip_header(stream: bytes, spec: ImageCodecSpec, shape: tuple[int, int, int]) -> bytes:

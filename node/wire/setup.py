@@ -23,6 +23,8 @@ IMAGE_CODECS = {"raw": pb.IMAGE_CODEC_RAW, "png": pb.IMAGE_CODEC_PNG, "webp": pb
                 "jpeg": pb.IMAGE_CODEC_JPEG, "jpeg2k": pb.IMAGE_CODEC_JPEG2K,
                 "jpegxl": pb.IMAGE_CODEC_JPEGXL}
 _CODEC_NAME_OF = {v: k for k, v in IMAGE_CODECS.items()}
+HEADER_CODECS = ("jpeg", "jpeg2k")  # a shared header the setup carries (PNG, WebP: the shape)
+MAX_CODEC_HEADER = 4096
 
 
 def setup_to_pb(setup: SensorSetup) -> pb.SensorSetup:
@@ -32,7 +34,7 @@ def setup_to_pb(setup: SensorSetup) -> pb.SensorSetup:
         tile_rows=list(setup.tile_rows), tile_cols=list(setup.tile_cols),
         projected=setup.projected, send_unprojected=setup.send_unprojected,
         codec=IMAGE_CODECS[setup.codec.name], codec_quality=setup.codec.quality,
-        codec_header_shared=setup.codec.header == "shared")
+        codec_header_shared=setup.codec.header == "shared", codec_header=setup.codec_header)
     if setup.cls_dtype is not None:
         msg.cls_dtype = CLS_DTYPE_NAMES[setup.cls_dtype]
     for sat, indices in setup.images.items():
@@ -86,6 +88,15 @@ def pb_to_setup(msg: pb.SensorSetup) -> SensorSetup:
         edges.append(tuple(e.tolist()))
     if bool(edges[0]) != bool(edges[1]):
         raise CodecError("sensor setup: tile_rows and tile_cols are both set or both empty")
+    head = bytes(msg.codec_header)
+    needs_head = codec.header == "shared" and codec.name in HEADER_CODECS
+    if bool(head) != needs_head or len(head) > MAX_CODEC_HEADER:
+        raise CodecError(f"sensor setup: codec_header of {len(head)} bytes; a shared JPEG or "
+                         f"JPEG 2000 header needs one (at most {MAX_CODEC_HEADER}), nothing "
+                         "else takes one")
+    if codec.coded and not edges[0]:
+        raise CodecError("sensor setup: image codecs need a dataset of one image shape (its "
+                         "tile edges): a coded image's size would come from the wire alone")
     if sum(len(sat.index_deltas) for sat in msg.satellites) > msg.n_train:
         raise CodecError(f"sensor setup: more indices than N = {msg.n_train} (satellites hold "
                          "disjoint images)")
@@ -104,4 +115,5 @@ def pb_to_setup(msg: pb.SensorSetup) -> SensorSetup:
                        payload=payload, cls_dim=msg.cls_dim if payload == "cls" else 0,
                        cls_dtype=cls_dtype, tile_rows=edges[0], tile_cols=edges[1],
                        images=images, projected=msg.projected,
-                       send_unprojected=msg.projected and msg.send_unprojected, codec=codec)
+                       send_unprojected=msg.projected and msg.send_unprojected, codec=codec,
+                       codec_header=head)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from sparsat.ground_station.serde import pb_to_epoch
 from sparsat.node.wire.control import SENSOR
 from sparsat.node.wire.rpc import wait_ready
-from sparsat.sim.mission import detector, report
+from sparsat.sim.mission import detector, pixels, report
 from sparsat.sim.mission.ground_client import (
     Deadlines,
     GroundStationClient,
@@ -463,6 +463,7 @@ class MissionControl:
                 self.downlink.uplink.fetch()  # fitted on the ground before the mission
         if not self.resume:
             detector.charge(s, self.tally)  # uplinked before the mission, with the config
+            pixels.charge(s, self.tally)  # a shared JPEG / JPEG 2000 header, with the setup
             sats = (self._orbital_processes(dlinks, bar) if s.orbits is not None
                     else self._passes_processes(dlinks, bar))
         self._downlink_wall0 = time.monotonic()

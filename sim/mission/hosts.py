@@ -45,6 +45,11 @@ MAX_REPORT_BYTES = 1 << 20
 MAX_CREDENTIAL_BYTES = 16384  # one stream's call credentials (a token is 8,192 chars at most)
 MAX_SAMPLE_FLOPS = 10**12  # on-board encoding of one sample, at most (ViT-B/16: ~1.8e10)
 MAX_CAPTURES_PER_REPORT = 10**7  # captures (or drops) one report may count
+# energy-only counts of one report (image coding, tile choice, cloud detection): a host
+# builds at most its shard's scenes between two reports, each at most 8192 x 8192 x 3
+MAX_CODED_PIXELS_PER_REPORT = MAX_CAPTURES_PER_REPORT * 8192 * 8192 * 3
+MAX_ONBOARD_FLOPS_PER_REPORT = MAX_CODED_PIXELS_PER_REPORT * 16
+MAX_CODE_S_PER_REPORT = 86_400.0 * 365
 
 
 def report_error(report: pb.TransmitReport, request: pb.TransmitRequest) -> str:
@@ -89,6 +94,12 @@ def report_error(report: pb.TransmitReport, request: pb.TransmitRequest) -> str:
          f"{report.encode_flops} FLOPs of on-board encoding for {report.sent} samples"),
         (not (math.isfinite(report.encode_s) and report.encode_s >= 0),
          f"on-board encoding took {report.encode_s} s"),
+        (not (math.isfinite(report.code_s) and 0 <= report.code_s <= MAX_CODE_S_PER_REPORT),
+         f"image coding took {report.code_s} s"),
+        (report.coded_pixels > MAX_CODED_PIXELS_PER_REPORT,
+         f"{report.coded_pixels} pixel values coded in one report"),
+        (report.onboard_flops > MAX_ONBOARD_FLOPS_PER_REPORT,
+         f"{report.onboard_flops} on-board FLOPs besides the encoder in one report"),
     ]
     return next((why for bad, why in checks if bad), "")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,7 +67,7 @@ def assemble(o: Outcome) -> dict[str, Any]:
                   "uplink_breakdown": {"acks": t.uplink_bytes,
                                        **{k: t.uplink_content.get(k, 0)
                                           for k in ("bases", "codebooks", "dictionaries",
-                                                    "detector")}},
+                                                    "detector", "codec_header")}},
                   "retransmitted": t.retransmitted_bytes,
                   # the radio's framing (links.downlink.framing) on batches and acks alike,
                   # resent frames' included: gRPC bytes + retransmitted + framing is the air's
@@ -161,18 +160,19 @@ def assemble(o: Outcome) -> dict[str, Any]:
         "captures": _captures(s, t),
         "placement": _placement(s),
         "timeline": timeline(t.history, s.mission.horizon_s, t, _captured_total(s)),
-        "energy": energy(s, t, o.links, int(stats.samples_stored)),
+        "energy": energy(s, t, int(stats.samples_stored)),
     }
 
 
-def energy(s: Scenario, t: Tally, links: Sequence[Link], stored: int) -> dict[str, Any]:
+def energy(s: Scenario, t: Tally, stored: int) -> dict[str, Any]:
     """On-board energy (sensors.energy), in joules: the encoder's FLOPs and the other
     on-board FLOPs (tile choice, cloud detection) at joules_per_flop; image coding (and
-    zstd) as timed on the sensor hosts, times coding_slowdown, at coding_watts; the radio at
-    radio_watts for each downlink's busy seconds (its batches and their acks: a half-duplex
-    radio keyed for the exchange). Per image: over the samples stored at the ground station."""
+    zstd) as timed on the sensor hosts, times coding_slowdown, at coding_watts; the
+    transmitter at radio_watts while the satellites' batches are on the air (their bits at
+    the link's rate, resent frames and framing included; receiving acks is not counted).
+    Per image: over the samples stored at the ground station."""
     e = s.sensors.energy
-    radio_s = sum(link.busy_s for link in links if link.name.startswith("downlink:"))
+    radio_s = t.radio_tx_s
     parts = {"encoder": t.compute["onboard_encoder"]["flops"] * e.joules_per_flop,
              "choice_and_detector": t.onboard_other_flops * e.joules_per_flop,
              "coding": t.coding_wall_s * e.coding_slowdown * e.coding_watts,

@@ -265,6 +265,11 @@ class Downlink:
                         continue  # uplinked now, in what is left of the window
                 yield from self._onboard(sat_id, report)
                 sizes = [self._on_air(size, rng) for size in _on_link(report)]
+                # the satellite's transmitter is on for its batches' bits (energy), not for
+                # the acks it receives
+                self.tally.radio_tx_s += 8.0 * sum(
+                    s for s, mine in zip(sizes, _sent_by_satellite(report), strict=True)
+                    if mine) / r
                 if self.s.training.streaming and report.batch_bytes:
                     self._stamp(sat_id, report, sizes, r, latency)
                 yield from self.charge(link, w.station, sizes, r, latency, mode)
@@ -539,6 +544,16 @@ class Downlink:
                 or failures > MAX_DOWNLINK_FAILURES:
             raise MissionError(f"{sat_id}: downlink failed: {report.error}")
         return failures
+
+
+def _sent_by_satellite(report: pb.TransmitReport) -> list[bool]:
+    """For each of _on_link's sizes: a batch (the satellite transmits it), or an ack."""
+    flags: list[bool] = []
+    for k in range(len(report.batch_bytes)):
+        flags.append(True)
+        if k < len(report.ack_bytes):
+            flags.append(False)
+    return flags
 
 
 def _on_link(report: pb.TransmitReport) -> list[int]:

@@ -54,6 +54,7 @@ class Tally:
     coding_wall_s: float = 0.0
     coded_pixels: int = 0
     onboard_other_flops: int = 0
+    radio_tx_s: float = 0.0  # the satellites' transmitters on the air: their batches' bits
     node_bytes: dict[str, dict[str, Any]] = field(default_factory=dict)  # at the last save
     # measured wall seconds of each stage (contacts: finding the contact windows)
     stage_wall_s: dict[str, float] = field(default_factory=lambda: {

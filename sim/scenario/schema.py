@@ -558,6 +558,17 @@ class Scenario(Model):
         if self.sensors.payload.kind != "cls" and self.sensors.changed("onboard_flops"):
             raise ValueError("sensors.onboard_flops has no effect with patch payloads (the "
                              "satellites do not encode)")
+        sensors, pay = self.sensors, self.sensors.payload
+        coding = ((pay.kind == "patches" and pay.codec is not None and pay.codec.name != "raw")
+                  or (pay.projection is not None and pay.projection.zstd_level > 0))
+        if not coding and sensors.energy.changed("coding_watts", "coding_slowdown"):
+            raise ValueError("sensors.energy coding_watts and coding_slowdown have no effect: "
+                             "nothing is coded on board (no payload.codec, no zstd batches)")
+        flops = (pay.kind == "cls" or sensors.mask.choice == "content"
+                 or sensors.mask.detector != "oracle")
+        if not flops and sensors.energy.changed("joules_per_flop"):
+            raise ValueError("sensors.energy joules_per_flop has no effect: nothing computes "
+                             "on board (patch payloads, random tiles, no cloud detector)")
         e = self.encoder
         if e.weights != "random" and e.changed("seed"):
             raise ValueError("encoder.seed only seeds random weights (weights: random)")

@@ -189,7 +189,7 @@ class SatelliteImages(_message.Message):
     def __init__(self, satellite_id: _Optional[str] = ..., index_deltas: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SensorSetup(_message.Message):
-    __slots__ = ("n_train", "grid", "copies", "payload", "cls_dim", "cls_dtype", "tile_rows", "tile_cols", "satellites", "projected", "send_unprojected", "codec", "codec_quality", "codec_header_shared")
+    __slots__ = ("n_train", "grid", "copies", "payload", "cls_dim", "cls_dtype", "tile_rows", "tile_cols", "satellites", "projected", "send_unprojected", "codec", "codec_quality", "codec_header_shared", "codec_header")
     N_TRAIN_FIELD_NUMBER: _ClassVar[int]
     GRID_FIELD_NUMBER: _ClassVar[int]
     COPIES_FIELD_NUMBER: _ClassVar[int]
@@ -204,6 +204,7 @@ class SensorSetup(_message.Message):
     CODEC_FIELD_NUMBER: _ClassVar[int]
     CODEC_QUALITY_FIELD_NUMBER: _ClassVar[int]
     CODEC_HEADER_SHARED_FIELD_NUMBER: _ClassVar[int]
+    CODEC_HEADER_FIELD_NUMBER: _ClassVar[int]
     n_train: int
     grid: int
     copies: int
@@ -218,7 +219,8 @@ class SensorSetup(_message.Message):
     codec: ImageCodec
     codec_quality: int
     codec_header_shared: bool
-    def __init__(self, n_train: _Optional[int] = ..., grid: _Optional[int] = ..., copies: _Optional[int] = ..., payload: _Optional[_Union[PayloadKind, str]] = ..., cls_dim: _Optional[int] = ..., cls_dtype: _Optional[_Union[DType, str]] = ..., tile_rows: _Optional[_Iterable[int]] = ..., tile_cols: _Optional[_Iterable[int]] = ..., satellites: _Optional[_Iterable[_Union[SatelliteImages, _Mapping]]] = ..., projected: _Optional[bool] = ..., send_unprojected: _Optional[bool] = ..., codec: _Optional[_Union[ImageCodec, str]] = ..., codec_quality: _Optional[int] = ..., codec_header_shared: _Optional[bool] = ...) -> None: ...
+    codec_header: bytes
+    def __init__(self, n_train: _Optional[int] = ..., grid: _Optional[int] = ..., copies: _Optional[int] = ..., payload: _Optional[_Union[PayloadKind, str]] = ..., cls_dim: _Optional[int] = ..., cls_dtype: _Optional[_Union[DType, str]] = ..., tile_rows: _Optional[_Iterable[int]] = ..., tile_cols: _Optional[_Iterable[int]] = ..., satellites: _Optional[_Iterable[_Union[SatelliteImages, _Mapping]]] = ..., projected: _Optional[bool] = ..., send_unprojected: _Optional[bool] = ..., codec: _Optional[_Union[ImageCodec, str]] = ..., codec_quality: _Optional[int] = ..., codec_header_shared: _Optional[bool] = ..., codec_header: _Optional[bytes] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("node_id", "role", "address", "satellite_ids", "device")
