@@ -533,6 +533,31 @@ def test_png_trains_exactly_as_raw_and_webp_sends_fewer_bytes(tmp_path: Path) ->
     assert webp["energy"]["radio_s"] < raw["energy"]["radio_s"]
 
 
+def _station(tmp_path: Path, spec: ImageCodecSpec, n: int) -> tuple[Any, Any, str, Any]:
+    """(config, started server, address, registration reply) of a ground station whose one
+    satellite sends n patch samples through `spec`."""
+    from sparsat.ground_station.config import GroundStationConfig
+    from sparsat.ground_station.server import GroundStation, build_server
+    from sparsat.node.data.config import SensorConfig
+    from sparsat.node.data.datasets import DatasetSpec
+    from sparsat.node.data.masking import MaskSpec
+    from sparsat.node.wire.rpc import channel
+    from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
+    from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
+
+    cfg = GroundStationConfig(sensor=SensorConfig(
+        dataset=DatasetSpec("fashion_mnist", download=False), mask=MaskSpec("fixed", 0.5),
+        payload="patches", satellites=["sat-0"], train_subset=n, codec=spec),
+        store_dir=tmp_path / "store")
+    server, address = build_server(GroundStation(cfg), "127.0.0.1:0")
+    server.start()
+    with channel(address) as ch:
+        reply = pb_grpc.RegistryStub(ch).Register(pb.RegisterRequest(
+            node_id="host", role=pb.SENSOR, address="127.0.0.1:1", satellite_ids=["sat-0"]),
+            wait_for_ready=True, timeout=30)
+    return cfg, server, address, reply
+
+
 # ---- a sensor host against a real ground station ------------------------------------------
 
 
@@ -542,32 +567,16 @@ def test_a_sensor_host_sends_coded_samples_the_station_stores_and_reports_unusab
 
     import grpc
 
-    from sparsat.ground_station.config import GroundStationConfig
-    from sparsat.ground_station.server import GroundStation, build_server
-    from sparsat.node.data.config import SensorConfig
-    from sparsat.node.data.datasets import DatasetSpec
-    from sparsat.node.data.masking import MaskSpec
     from sparsat.node.processes.sensor import SensorServicer
-    from sparsat.node.wire.rpc import channel
     from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
-    from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
     class Ctx:
         def abort(self, code: grpc.StatusCode, message: str) -> None:
             raise RuntimeError(f"{code}: {message}")
 
     spec = ImageCodecSpec("webp", 30, "shared")
-    sensor_cfg = SensorConfig(dataset=DatasetSpec("fashion_mnist", download=False),
-                              mask=MaskSpec("fixed", 0.5), payload="patches",
-                              satellites=["sat-0"], train_subset=12, codec=spec)
-    cfg = GroundStationConfig(sensor=sensor_cfg, store_dir=tmp_path / "store")
-    server, address = build_server(GroundStation(cfg), "127.0.0.1:0")
-    server.start()
+    cfg, server, address, reply = _station(tmp_path, spec, 12)
     try:
-        with channel(address) as ch:
-            reply = pb_grpc.RegistryStub(ch).Register(pb.RegisterRequest(
-                node_id="host", role=pb.SENSOR, address="127.0.0.1:1",
-                satellite_ids=["sat-0"]), wait_for_ready=True, timeout=30)
         assert reply.sensor.codec == pb.IMAGE_CODEC_WEBP and reply.sensor.codec_header_shared
         assert not reply.sensor.codec_header  # WebP's follows from the shape
         host = SensorServicer.from_reply("host", ["sat-0"], reply, address)
@@ -600,30 +609,11 @@ def test_a_sensor_host_sends_coded_samples_the_station_stores_and_reports_unusab
 
 def test_a_host_whose_encoder_writes_another_shared_header_refuses_the_setup(
         tmp_path: Path) -> None:
-    from sparsat.ground_station.config import GroundStationConfig
-    from sparsat.ground_station.server import GroundStation, build_server
-    from sparsat.node.data.config import SensorConfig
-    from sparsat.node.data.datasets import DatasetSpec
-    from sparsat.node.data.masking import MaskSpec
     from sparsat.node.processes.sensor import SensorServicer
-    from sparsat.node.wire.rpc import channel
-    from sparsat.proto.sparsat.v1 import sparsat_pb2 as pb
-    from sparsat.proto.sparsat.v1 import sparsat_pb2_grpc as pb_grpc
 
     spec = ImageCodecSpec("jpeg", 50, "shared")
-    cfg = GroundStationConfig(sensor=SensorConfig(
-        dataset=DatasetSpec("fashion_mnist", download=False), mask=MaskSpec("fixed", 0.5),
-        payload="patches", satellites=["sat-0"], train_subset=4, codec=spec),
-        store_dir=tmp_path / "store")
-    server, address = build_server(GroundStation(cfg), "127.0.0.1:0")
-    server.start()
-    try:
-        with channel(address) as ch:
-            reply = pb_grpc.RegistryStub(ch).Register(pb.RegisterRequest(
-                node_id="host", role=pb.SENSOR, address="127.0.0.1:1",
-                satellite_ids=["sat-0"]), wait_for_ready=True, timeout=30)
-    finally:
-        server.stop(None)
+    _, server, address, reply = _station(tmp_path, spec, 4)
+    server.stop(None)
     head = reply.sensor.codec_header
     assert head == im.shared_head(spec, (28, 28, 1)) and head.startswith(b"\xff\xd8")
     SensorServicer.from_reply("host", ["sat-0"], reply, address)  # the same library: fine

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sparsat.node.data.tiles import tile_edges
+from sparsat.node.data.tiles import tile_totals, tile_value_counts
 
 DETECTOR_VERSION = 1
 DETECTOR_BYTES = 5  # version, level, share16, min_mean, max_std
@@ -47,16 +47,11 @@ def tile_features(image: np.ndarray, grid: int, level: int) -> TileFeatures:
     if not 1 <= grid <= min(height, width):
         raise ValueError(f"grid {grid} does not fit a {height}x{width} image")
     x = image.reshape(height, width, -1).astype(np.int64)  # (H, W, C)
-    ys, xs = tile_edges(height, grid), tile_edges(width, grid)
-
-    def per_tile(v: np.ndarray) -> np.ndarray:
-        rows = np.add.reduceat(v.sum(axis=2), ys[:-1], axis=0)  # (g, W)
-        return np.add.reduceat(rows, xs[:-1], axis=1).reshape(-1)  # (g*g,)
-
-    n = (np.outer(np.diff(ys), np.diff(xs)) * x.shape[2]).reshape(-1)  # (L,)
-    mean = per_tile(x) / n
-    var = np.maximum(per_tile(x * x) / n - mean * mean, 0.0)
-    return TileFeatures(n, per_tile((x >= level).astype(np.int64)), mean, np.sqrt(var))
+    n = tile_value_counts(height, width, x.shape[2], grid)  # (L,)
+    mean = tile_totals(x, grid) / n
+    var = np.maximum(tile_totals(x * x, grid) / n - mean * mean, 0.0)
+    return TileFeatures(n, tile_totals((x >= level).astype(np.int64), grid), mean,
+                        np.sqrt(var))
 
 
 def decide_on(f: TileFeatures, share16: int, min_mean: int, max_std: int) -> np.ndarray:

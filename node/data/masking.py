@@ -42,7 +42,7 @@ import numpy as np
 
 from sparsat.node.data.clouds import PRESETS, CloudSpec, scene_clouds, token_cover
 from sparsat.node.data.detector import ThresholdDetector, detector_flops
-from sparsat.node.data.tiles import tile_edges
+from sparsat.node.data.tiles import tile_totals, tile_value_counts
 
 MaskKind = Literal["none", "fixed", "random", "clouds"]
 KINDS: tuple[str, ...] = get_args(MaskKind)
@@ -169,15 +169,9 @@ def tile_scores(image: np.ndarray, grid: int) -> np.ndarray:
     if not 1 <= grid <= min(height, width):
         raise ValueError(f"grid {grid} does not fit a {height}x{width} image")
     x = image.reshape(height, width, -1).astype(np.int64)  # (H, W, C)
-    ys, xs = tile_edges(height, grid), tile_edges(width, grid)
-
-    def per_tile(v: np.ndarray) -> np.ndarray:
-        rows = np.add.reduceat(v.sum(axis=2), ys[:-1], axis=0)  # (g, W)
-        return np.add.reduceat(rows, xs[:-1], axis=1).reshape(-1)  # (g*g,)
-
-    n = (np.outer(np.diff(ys), np.diff(xs)) * x.shape[2]).reshape(-1)  # (g*g,) values a tile
-    mean = per_tile(x) / n
-    return per_tile(x * x) / n - mean * mean  # type: ignore[no-any-return]
+    n = tile_value_counts(height, width, x.shape[2], grid)
+    mean = tile_totals(x, grid) / n
+    return tile_totals(x * x, grid) / n - mean * mean  # type: ignore[no-any-return]
 
 
 def score_flops(image: np.ndarray, grid: int, tokens: np.ndarray) -> int:
@@ -185,8 +179,7 @@ def score_flops(image: np.ndarray, grid: int, tokens: np.ndarray) -> int:
     SCORE_FLOPS_PER_TILE a tile)."""
     height, width = image.shape[:2]
     channels = image.size // (height * width)
-    sizes = np.outer(np.diff(tile_edges(height, grid)), np.diff(tile_edges(width, grid)))
-    values = int(sizes.reshape(-1)[tokens].sum()) * channels
+    values = int(tile_value_counts(height, width, channels, grid)[tokens].sum())
     return SCORE_FLOPS_PER_VALUE * values + SCORE_FLOPS_PER_TILE * len(tokens)
 
 
