@@ -76,27 +76,36 @@ def _runs(root: Path) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     return out
 
 
-def _measure(r: dict[str, Any]) -> dict[str, float]:
+def _measure(r: dict[str, Any], cfg: dict[str, Any]) -> dict[str, float]:
+    """One point's figures per image. The radio's energy is the satellites' downlink bits at
+    the link's rate (`radio_watts` while they are on the air): what results.json books since
+    the radio counts transmit time only; runs made before that booked the downlinks' busy
+    seconds (acks and latencies too), so it is made again here from the bytes, exact on the
+    quickstart's lossless, unframed 100 kbit/s passes."""
     b, n = r["bytes"], r["samples"]["stored"]
     e = r.get("energy") or {}
+    j = e.get("j", {})
     other = e.get("onboard_other_flops", 0)
+    watts = cfg.get("sensors", {}).get("energy", {}).get("radio_watts", 5.0)
+    rate = cfg.get("links", {}).get("downlink", {}).get("rate_bps")
+    radio = 8 * b["downlink"] / rate * watts if rate else float("nan")
+    missing = 0.0 if e else float("nan")  # no energy at all: a run from before it
+    parts = [j.get(k, missing) for k in ("coding", "encoder", "choice_and_detector")]
     return dict(acc=r["final_accuracy"], down=b["downlink"] / n, up=b["uplink"] / n,
                 flops=(r["compute"]["onboard_encoder"]["flops"] + other) / n,
-                energy=e.get("total_j", float("nan")) / n,
-                radio=e.get("j", {}).get("radio", float("nan")) / n,
-                coding=e.get("j", {}).get("coding", float("nan")) / n,
-                encoder=e.get("j", {}).get("encoder", float("nan")) / n)
+                energy=(radio + sum(parts)) / n, radio=radio / n, coding=parts[0] / n,
+                encoder=parts[1] / n)
 
 
 def collect(runs: Path) -> dict[Key, list[dict[str, float]]]:
     rows: dict[Key, list[dict[str, float]]] = {}
     for name in ("pixels", "pixels_content", "pixels_shared"):
         for r, cfg in _runs(runs / name):
-            rows.setdefault(_pixel_key(cfg), []).append(_measure(r))
+            rows.setdefault(_pixel_key(cfg), []).append(_measure(r, cfg))
     energy: dict[Key, dict[str, float]] = {}
     for r, cfg in _runs(runs / "tokens_energy"):
         s = cfg["sensors"]
-        energy[_token_key(s["payload"].get("projection"), _ratio(s["mask"]))] = _measure(r)
+        energy[_token_key(s["payload"].get("projection"), _ratio(s["mask"]))] = _measure(r, cfg)
     for name in TOKEN_CSVS:
         path = HERE.parent / name / "sweep.csv"
         if not path.exists():
