@@ -59,7 +59,7 @@ def test_the_table_groups_seeds_marks_both_frontiers_and_checks_the_target(
             line.startswith("| PCA")}
     webp_row = rows["patches, WebP q30"]
     # the radio: 195 B an image at 100 kbit/s, 5 W on the air: 78 mJ; coding 10 mJ
-    assert "| 2 | 0.8550 ± 0.0071 | 195.0 | 2.00 | 0.00 | 88.0 (78.0, 10.00, 0.00) |" in webp_row
+    assert "| 2 | 0.8550 ± 0.0071 | 195.0 | 2.00 | 0.001 | 88.0 (78.0, 10.00, 0.00) |" in webp_row
     assert "**pixels**" in webp_row
     assert "**pixels**" not in rows["patches, PNG"]
     assert "**pixels**" in rows["patches, raw"]  # the most accurate pixel payload

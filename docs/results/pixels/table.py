@@ -177,7 +177,7 @@ def main(out: Path, runs: Path) -> None:
         mean = {f: st.mean(x[f] for x in v) for f in v[0]}
         lines.append(
             f"| {k[0]} | {k[1]} | {len(v)} | {_ms([x['acc'] for x in v])} | {mean['down']:.1f} "
-            f"| {mean['up']:.2f} | {_num(mean['flops'] / 1e6, '{:.2f}')} "
+            f"| {mean['up']:.2f} | {_num(mean['flops'] / 1e6, '{:.3g}')} "
             f"| {_num(mean['energy'] * 1e3, '{:.1f}')} ({_num(mean['radio'] * 1e3, '{:.1f}')}, "
             f"{_num(mean['coding'] * 1e3, '{:.2f}')}, {_num(mean['encoder'] * 1e3, '{:.2f}')}) "
             f"| {_fronts(k, front, pixels)} |")
