@@ -666,3 +666,13 @@ def test_a_report_with_impossible_energy_counts_is_refused() -> None:
     for bad in (dict(code_s=float("nan")), dict(code_s=-1.0), dict(coded_pixels=2**63),
                 dict(onboard_flops=2**64 - 1)):
         assert report_error(pb.TransmitReport(satellite_id="sat-0", **bad), req), bad
+
+
+def test_the_run_summary_prints_the_energy_an_image() -> None:
+    from sparsat.sim.mission.report import _energy_line
+
+    line = _energy_line({"per_image_j": 0.0875, "per_image": {
+        "encoder": 0.0, "choice_and_detector": 2.5e-8, "coding": 0.0148, "radio": 0.0726}})
+    assert line == ("energy on board 87.5 mJ/image  (choice and detector 2.5e-05, "
+                    "coding 14.8, radio 72.6)")
+    assert _energy_line({"per_image_j": None, "per_image": {}}) == "energy on board none stored"

@@ -394,11 +394,22 @@ def summary(results: dict[str, Any]) -> str:
         *([_modcods_line(results["modcods"])] if results.get("modcods") else []),
         *([_projection_line(results)] if results.get("projection") else []),
         *([_target_line(results)] if results.get("target_accuracy") else []),
+        *([_energy_line(results["energy"])] if results.get("energy") else []),
         f"wall time       {results['wall_time_s']:.1f} s",
         *([f"not delivered   {_shortfall(results)}"] if results.get("shortfall") else []),
         *([f"trainer faults  {len(results['trainer_failures'])} failed calls (see "
            "results.json trainer_failures)"] if results.get("trainer_failures") else []),
     ])
+
+
+def _energy_line(e: dict[str, Any]) -> str:
+    """On-board energy an image, and its parts (sensors.energy; docs/pixels.md)."""
+    if e.get("per_image_j") is None:
+        return "energy on board none stored"
+    parts = ", ".join(f"{k.replace('_', ' ')} {v * 1e3:.3g}" for k, v in e["per_image"].items()
+                      if v)
+    return f"energy on board {e['per_image_j'] * 1e3:.3g} mJ/image" + (f"  ({parts})" if parts
+                                                                     else "")
 
 
 def _projection_line(results: dict[str, Any]) -> str:
