@@ -3,7 +3,7 @@ Pareto figure (frontier.png), from `sparsat sweep` runs of sweeps/pixels.yaml,
 pixels_content.yaml, pixels_shared.yaml and tokens_energy.yaml in RUNS (each in RUNS/<name>),
 and the token sweeps' committed sweep.csv (docs/results/tokens*/):
 
-    python3 docs/results/pixels/table.py OUT RUNS
+    .venv/bin/python docs/results/pixels/table.py OUT RUNS
 
 Per configuration, over its seeds: final test accuracy (mean ± sd), downlink bytes per image
 (everything the satellites sent over the images stored), uplink bytes per image (acks, and a
