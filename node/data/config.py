@@ -28,6 +28,9 @@ HEADERS = ("inline", "shared")
 # codecs whose header is whole bytes the shape and settings fix (JPEG XL's is bit-packed
 # with the image's own metadata: it stays inline)
 SHARED_HEADER = ("png", "webp", "jpeg", "jpeg2k")
+# of those, the ones whose shared header is the ground station's library's bytes, sent in the
+# setup (SensorSetup.codec_header); PNG's and WebP's follow from the shape alone
+SETUP_HEADER = ("jpeg", "jpeg2k")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,11 @@ class ImageCodecSpec:
     @property
     def coded(self) -> bool:
         return self.name != "raw"
+
+    @property
+    def header_in_setup(self) -> bool:
+        """A shared header whose bytes travel in the sensor setup (JPEG, JPEG 2000)."""
+        return self.header == "shared" and self.name in SETUP_HEADER
 
     @property
     def label(self) -> str:

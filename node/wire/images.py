@@ -325,7 +325,7 @@ def _reference_head(spec: ImageCodecSpec, shape: tuple[int, int, int]) -> bytes:
 def shared_head(spec: ImageCodecSpec, shape: tuple[int, int, int]) -> bytes:
     """The header bytes a shared JPEG / JPEG 2000 header puts before every body
     (SensorSetup.codec_header); b"" for the codecs whose shared header is the shape's."""
-    if spec.header != "shared" or spec.name not in ("jpeg", "jpeg2k"):
+    if not spec.header_in_setup:
         return b""
     return _reference_head(spec, shape)
 

@@ -23,7 +23,6 @@ IMAGE_CODECS = {"raw": pb.IMAGE_CODEC_RAW, "png": pb.IMAGE_CODEC_PNG, "webp": pb
                 "jpeg": pb.IMAGE_CODEC_JPEG, "jpeg2k": pb.IMAGE_CODEC_JPEG2K,
                 "jpegxl": pb.IMAGE_CODEC_JPEGXL}
 _CODEC_NAME_OF = {v: k for k, v in IMAGE_CODECS.items()}
-HEADER_CODECS = ("jpeg", "jpeg2k")  # a shared header the setup carries (PNG, WebP: the shape)
 MAX_CODEC_HEADER = 4096
 
 
@@ -89,8 +88,7 @@ def pb_to_setup(msg: pb.SensorSetup) -> SensorSetup:
     if bool(edges[0]) != bool(edges[1]):
         raise CodecError("sensor setup: tile_rows and tile_cols are both set or both empty")
     head = bytes(msg.codec_header)
-    needs_head = codec.header == "shared" and codec.name in HEADER_CODECS
-    if bool(head) != needs_head or len(head) > MAX_CODEC_HEADER:
+    if bool(head) != codec.header_in_setup or len(head) > MAX_CODEC_HEADER:
         raise CodecError(f"sensor setup: codec_header of {len(head)} bytes; a shared JPEG or "
                          f"JPEG 2000 header needs one (at most {MAX_CODEC_HEADER}), nothing "
                          "else takes one")

@@ -19,8 +19,8 @@ from sparsat.sim.scenario.schema import Scenario
 def header_bytes(s: Scenario) -> int:
     """The shared header's bytes a satellite is sent (0: none travels)."""
     cfg = sensor_config(s)
-    if cfg.codec.header != "shared" or cfg.codec.name not in ("jpeg", "jpeg2k"):
-        return 0
+    if not cfg.codec.header_in_setup:
+        return 0  # no dataset loaded
     shape = load_dataset(cfg.dataset, "test").image_shape
     return len(shared_head(cfg.codec, shape)) if shape is not None else 0
 
