@@ -23,10 +23,7 @@ def charge(s: Scenario, tally: Tally) -> None:
     if s.sensors.mask.detector == "oracle":
         return
     for sat in s.sensors.ids():
-        tally.uplink_content["detector"] = tally.uplink_content.get("detector", 0) + \
-            DETECTOR_BYTES
-        link = f"uplink:{sat}"
-        tally.uplink_links[link] = tally.uplink_links.get(link, 0) + DETECTOR_BYTES
+        tally.book_uplink(sat, {"detector": DETECTOR_BYTES})
 
 
 def results(s: Scenario, stats: Any) -> dict[str, Any] | None:

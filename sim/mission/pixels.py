@@ -31,6 +31,4 @@ def charge(s: Scenario, tally: Tally) -> None:
     if not n:
         return
     for sat in s.sensors.ids():
-        tally.uplink_content["codec_header"] = tally.uplink_content.get("codec_header", 0) + n
-        link = f"uplink:{sat}"
-        tally.uplink_links[link] = tally.uplink_links.get(link, 0) + n
+        tally.book_uplink(sat, {"codec_header": n})

@@ -74,6 +74,14 @@ class Tally:
     arrived: int = 0  # streaming: samples stamped with their arrival on the mission clock
     updates: int = 0  # streaming: model updates made
 
+    def book_uplink(self, sat_id: str, sizes: dict[str, int]) -> None:
+        """What the ground uplinked to one satellite, by kind (bases, dictionaries, the
+        detector, a codec header...): in uplink_content and on its `uplink:SAT` link."""
+        for kind, n in sizes.items():
+            self.uplink_content[kind] = self.uplink_content.get(kind, 0) + n
+        link = f"uplink:{sat_id}"  # results.json per_link_bytes
+        self.uplink_links[link] = self.uplink_links.get(link, 0) + sum(sizes.values())
+
     @property
     def total_bytes(self) -> int:
         return (self.downlink_bytes + self.uplink_bytes + sum(self.uplink_content.values())

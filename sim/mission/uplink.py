@@ -85,10 +85,7 @@ class Uplink:
         antenna, with orbits): counted; what its host is handed."""
         assert self.basis is not None
         t, total = self.tally, sum(self.sizes.values())
-        for kind, n in self.sizes.items():
-            t.uplink_content[kind] = t.uplink_content.get(kind, 0) + n
-        link = f"uplink:{sat_id}"  # results.json per_link_bytes
-        t.uplink_links[link] = t.uplink_links.get(link, 0) + total
+        t.book_uplink(sat_id, self.sizes)
         t.uplinks += 1
         t.uplink_s += seconds
         if station is not None:  # on the station's antenna too (half duplex)
