@@ -269,19 +269,19 @@ class SensorServicer(pb_grpc.SensorServicer, pb_grpc.HealthServicer):
         caps = [cap for _, _, cap in scenes]
         ids = [key[0] + (key[1] or 0) * len(self.dataset) for key, _, _ in scenes]
         labels = [self.dataset.label(key[0]) for key, _, _ in scenes]
-        if self.cfg.payload == "patches" and self.cfg.codec.coded:
+        if self.cfg.payload == "patches":
             with_shape = self.dataset.image_shape is None
             for key, i, y, c in zip([k for k, _, _ in scenes], ids, labels, caps, strict=True):
-                record, runs = coded[key]
-                sat.built[key] = downlink.Payload(
-                    i, y, record, runs, shape=c.image.shape if with_shape else None)
-            sat.code_s += t_code
-            sat.coded_pixels += sum(c.image.size for c in caps)
-        elif self.cfg.payload == "patches":
-            with_shape = self.dataset.image_shape is None
-            for key, i, y, c in zip([k for k, _, _ in scenes], ids, labels, caps, strict=True):
-                sat.built[key] = downlink.patch_payload(
-                    i, y, encode_patches(c.image, grid, c.visible), with_shape)
+                if key in coded:  # an image codec: the record coded above
+                    record, runs = coded[key]
+                    sat.built[key] = downlink.Payload(
+                        i, y, record, runs, shape=c.image.shape if with_shape else None)
+                else:
+                    sat.built[key] = downlink.patch_payload(
+                        i, y, encode_patches(c.image, grid, c.visible), with_shape)
+            if coded:
+                sat.code_s += t_code
+                sat.coded_pixels += sum(c.image.size for c in caps)
         else:
             assert self.encoder is not None
             t0 = time.perf_counter()

@@ -264,12 +264,11 @@ class Downlink:
                     if report.waiting_basis and up.needs(sat_id):
                         continue  # uplinked now, in what is left of the window
                 yield from self._onboard(sat_id, report)
-                sizes = [self._on_air(size, rng) for size in _on_link(report)]
+                transfers = [(self._on_air(size, rng), mine) for size, mine in _on_link(report)]
+                sizes = [size for size, _ in transfers]
                 # the satellite's transmitter is on for its batches' bits (energy), not for
                 # the acks it receives
-                self.tally.radio_tx_s += 8.0 * sum(
-                    s for s, mine in zip(sizes, _sent_by_satellite(report), strict=True)
-                    if mine) / r
+                self.tally.radio_tx_s += 8.0 * sum(size for size, mine in transfers if mine) / r
                 if self.s.training.streaming and report.batch_bytes:
                     self._stamp(sat_id, report, sizes, r, latency)
                 yield from self.charge(link, w.station, sizes, r, latency, mode)
@@ -546,22 +545,13 @@ class Downlink:
         return failures
 
 
-def _sent_by_satellite(report: pb.TransmitReport) -> list[bool]:
-    """For each of _on_link's sizes: a batch (the satellite transmits it), or an ack."""
-    flags: list[bool] = []
-    for k in range(len(report.batch_bytes)):
-        flags.append(True)
-        if k < len(report.ack_bytes):
-            flags.append(False)
-    return flags
-
-
-def _on_link(report: pb.TransmitReport) -> list[int]:
+def _on_link(report: pb.TransmitReport) -> list[tuple[int, bool]]:
     """The sizes a Transmit put on the radio, in order: each batch, then its ack; the
-    stream's call credentials go with its first batch."""
-    sizes: list[int] = []
+    stream's call credentials go with its first batch. With each, whether the satellite
+    sent it (a batch) or received it (an ack)."""
+    sizes: list[tuple[int, bool]] = []
     for k, batch in enumerate(report.batch_bytes):
-        sizes.append(batch + (report.credential_bytes if k == 0 else 0))
+        sizes.append((batch + (report.credential_bytes if k == 0 else 0), True))
         if k < len(report.ack_bytes):
-            sizes.append(report.ack_bytes[k])
+            sizes.append((report.ack_bytes[k], False))
     return sizes
