@@ -37,12 +37,12 @@ from sparsat.node.wire.basis import Basis
 from sparsat.node.wire.codec import (
     decode_patches,
     dequantize_token,
-    masked_canvas,
     parse_patch_record,
     quantize_token,
 )
 from sparsat.node.wire.images import as_sent, codec_version, parse_coded_record
 
+RAW = ImageCodecSpec()  # patches as their tiles' pixels
 Progress = Callable[[int, int], None]
 Projection = tuple[Mapping[int, Basis], Basis]  # projected CLS payloads: bases, the final one
 log = logging.getLogger("sparsat.ground_station")
@@ -170,8 +170,7 @@ def encode_split(dataset: ImageDataset, split: str, name: str, mask: MaskSpec,
         kept[used] = True
         if use:
             features[used] = encoder.encode_canvases(
-                [as_sent(c.image, grid, c.visible, codec) if codec is not None
-                 else masked_canvas(c.image, grid, c.visible) for _, c in use],
+                [as_sent(c.image, grid, c.visible, codec or RAW) for _, c in use],
                 [c.visible for _, c in use], batch_size)
             flops += sum(encode_flops(encoder.cfg, len(c.visible)) for _, c in use)
         if progress:

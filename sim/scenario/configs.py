@@ -44,10 +44,8 @@ def detector_fit(s: Scenario) -> DetectorFit | None:
     assert d.train_subset is not None  # the schema asks for it
     truth = MaskSpec(kind="clouds", ratio=0.0, seed=s.seed, clouds=m.cloud_spec(),
                      max_cloud=m.max_cloud)
-    return _fit(DatasetSpec(name=d.name, root=d.root, download=d.download,
-                            split_seed=d.split_seed),
-                d.train_subset + d.validation_subset, m.detector_fit_images, s.seed, truth,
-                ENCODERS[s.encoder.name].grid)
+    return _fit(dataset_spec(s), d.train_subset + d.validation_subset, m.detector_fit_images,
+                s.seed, truth, ENCODERS[s.encoder.name].grid)
 
 
 @functools.cache
@@ -74,11 +72,15 @@ def capture_spec(s: Scenario) -> CaptureSpec | None:
                        duty_on_s=c.duty_on_s, duty_period_s=c.duty_period_s)
 
 
+def dataset_spec(s: Scenario) -> DatasetSpec:
+    d = s.dataset
+    return DatasetSpec(name=d.name, root=d.root, download=d.download, split_seed=d.split_seed)
+
+
 def sensor_config(s: Scenario) -> SensorConfig:
     d = s.dataset
     return SensorConfig(
-        dataset=DatasetSpec(name=d.name, root=d.root, download=d.download,
-                            split_seed=d.split_seed),
+        dataset=dataset_spec(s),
         mask=mask_spec(s),
         payload=s.sensors.payload.kind,
         cls_dtype=s.sensors.payload.cls_dtype,
